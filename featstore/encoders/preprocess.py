@@ -1,0 +1,163 @@
+"""Image -> [3, H, W] float32 in [0, 1], identical to the official `load_and_preprocess_images`.
+
+Re-implemented from the official behaviour (vggt/utils/load_fn.py @ 44b3afb), with the target
+size a parameter (518 official; 644 in the JanusVLN family) and an optional extra resize. The
+result is a pure function of the image bytes and the `PreprocessSpec`:
+
+- RGBA images are alpha-composited on white, then everything is converted to RGB. As in the
+  official code, only mode "RGBA" is composited: "LA" or palette images with transparency are
+  converted by PIL directly (their transparent pixels do not become white), and EXIF orientation
+  is NOT applied.
+- crop: width -> T, height -> round(h * T / w / 14) * 14, PIL bicubic; centre-crop the height
+  to T if larger. 640x480 -> 518x392 (W x H) at T=518.
+- pad: longest side -> T, other side rounded to a multiple of 14, bicubic, then padded with white
+  (1.0) to T x T, centred (odd remainder at the bottom/right).
+- uint8 -> float32 / 255 (torchvision ToTensor semantics).
+- extra_resize (H', W'): torch bicubic with antialias on the [0, 1] tensor, clamped to [0, 1].
+
+Shapes: tensors are [3, H, W] (channels first); `stack_frames` returns [S, 3, H, W].
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featstore.errors import ImageDecodeError
+
+from .spec import PreprocessSpec
+
+__all__ = ["preprocess_image", "read_image_bytes", "stack_frames", "output_size", "MIN_SOURCE_SIDE"]
+
+# Images whose shorter side is below one patch are rejected: the upscale would invent all the
+# content, and in datasets such files are almost always placeholders or broken thumbnails.
+MIN_SOURCE_SIDE = 14
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+
+def read_image_bytes(path: Union[str, os.PathLike]) -> bytes:
+    """The file's bytes; ImageDecodeError naming the file if it cannot be read or is empty."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read image file {os.fspath(path)!r}: {e}") from e
+    if not data:
+        raise ImageDecodeError(f"image file {os.fspath(path)!r} is empty (0 bytes)")
+    return data
+
+
+def output_size(width: int, height: int, mode: str, target_size: int, patch: int = 14):
+    """(resized_w, resized_h) of the bicubic resize, before crop/pad, as the official code rounds it."""
+    if mode == "pad" and height > width:
+        new_h = target_size
+        new_w = round(width * (new_h / height) / patch) * patch
+    else:  # crop, or pad with a landscape/square image: width drives
+        new_w = target_size
+        new_h = round(height * (new_w / width) / patch) * patch
+    return new_w, new_h
+
+
+def preprocess_image(
+    source: Source,
+    spec: Optional[PreprocessSpec] = None,
+    *,
+    patch_size: int = 14,
+    name: Optional[str] = None,
+) -> torch.Tensor:
+    """Decode and preprocess one image.
+
+    Args:
+        source: a path, or the image bytes.
+        spec: the preprocessing (default: official crop at 518).
+        patch_size: side of a patch in pixels; every output side is a multiple of it.
+        name: how errors name the image when `source` is bytes (default: the path).
+
+    Returns:
+        float32 tensor [3, H, W] in [0, 1].
+
+    Raises:
+        ImageDecodeError: empty, truncated or unreadable file, or shorter side < MIN_SOURCE_SIDE.
+
+    Example:
+        >>> x = preprocess_image("frame_000.jpg", PreprocessSpec(mode="crop", target_size=518))
+        >>> x.shape  # a 640x480 photo
+        torch.Size([3, 392, 518])
+    """
+    spec = spec or PreprocessSpec()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, label = bytes(source), name or "<bytes>"
+        if not data:
+            raise ImageDecodeError(f"image {label!r} is empty (0 bytes)")
+    else:
+        data, label = read_image_bytes(source), name or os.fspath(source)
+    img = _decode(data, label)
+    w, h = img.size
+    if min(w, h) < MIN_SOURCE_SIDE:
+        raise ImageDecodeError(
+            f"image {label!r} is {w}x{h} pixels; featstore rejects images whose shorter side is below "
+            f"{MIN_SOURCE_SIDE} px (less than one {patch_size}-px patch: almost always a placeholder "
+            f"or broken file). Remove it from the data or the annotations."
+        )
+    t = spec.target_size
+    new_w, new_h = output_size(w, h, spec.mode, t, patch_size)
+    if new_w < patch_size or new_h < patch_size:
+        raise ImageDecodeError(
+            f"image {label!r} ({w}x{h}) is too elongated for {spec.mode} mode at {t}: it would be resized "
+            f"to {new_w}x{new_h}, less than one {patch_size}-px patch"
+        )
+    from PIL import Image
+
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    if spec.mode == "crop" and new_h > t:
+        top = (new_h - t) // 2
+        x = x[:, top:top + t, :]
+    elif spec.mode == "pad":
+        x = _pad_white(x, t, t)
+    if spec.extra_resize is not None:
+        x = F.interpolate(x[None], size=spec.extra_resize, mode="bicubic", antialias=True,
+                          align_corners=False)[0].clamp_(0.0, 1.0)
+    return x.contiguous()
+
+
+def stack_frames(frames: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[3, H_i, W_i] x S -> [S, 3, H, W]; frames of other sizes padded with white to the largest,
+    centred, as the official loader does for one call of mixed sizes."""
+    if not frames:
+        raise ValueError("stack_frames needs at least one frame")
+    hh = max(f.shape[1] for f in frames)
+    ww = max(f.shape[2] for f in frames)
+    return torch.stack([_pad_white(f, hh, ww) for f in frames])
+
+
+def _pad_white(x: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
+    dh, dw = hh - x.shape[1], ww - x.shape[2]
+    if dh <= 0 and dw <= 0:
+        return x
+    dh, dw = max(dh, 0), max(dw, 0)
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=1.0)
+
+
+def _decode(data: bytes, label: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decode now: truncation surfaces here, not inside resize
+        if img.mode == "RGBA":
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, img)
+        return img.convert("RGB")
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(f"cannot identify image file {label!r} (not an image, or an unsupported format)") from e
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image {label!r} exceeds PIL's decompression-bomb pixel limit: {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"cannot decode image {label!r} (truncated or corrupt?): {e}") from e

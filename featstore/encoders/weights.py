@@ -1,0 +1,229 @@
+"""Load VGGT aggregator weights (model.safetensors / model.pt / hub id) strictly, and hash them.
+
+The official `VGGT.from_pretrained` and `load_state_dict(strict=False)` fill missing keys
+silently with random init. Here every aggregator key the model expects must be in the file and
+the file may hold no aggregator key the model lacks; other heads' keys (camera_head., depth_head.,
+point_head., track_head.) are ignored. The sha256 of the file enters the encoder fingerprint; it
+is streamed (files are ~5 GB) and cached by (real path, size, mtime_ns) in a small JSON file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from featstore.errors import WeightsError
+
+__all__ = ["resolve_weights", "load_aggregator_state", "load_into", "sha256_file", "hash_cache_path",
+           "HUB_FILENAME"]
+
+PREFIX = "aggregator."
+HUB_FILENAME = "model.safetensors"
+_CACHE_ENV = "FEATSTORE_CACHE_DIR"
+
+
+# ---- locating the file ------------------------------------------------------------------
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return (len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
+            and not s.endswith((".pt", ".pth", ".safetensors", ".bin")))
+
+
+def resolve_weights(weights: str | os.PathLike) -> Path:
+    """A local weights file for `weights`: an existing path, or a hub id ("facebook/VGGT-1B").
+
+    A directory is searched for model.safetensors, then model.pt. A hub id is fetched with
+    huggingface_hub (optional dependency; uses its cache, so a second run is offline).
+    """
+    p = Path(os.path.expanduser(os.fspath(weights)))
+    if p.is_dir():
+        for name in ("model.safetensors", "model.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise WeightsError(f"weights directory {str(p)!r} holds neither model.safetensors nor model.pt")
+    if p.is_file():
+        return p
+    s = os.fspath(weights)
+    if not _looks_like_hub_id(s):
+        raise WeightsError(
+            f"weights file {s!r} does not exist. Pass a path to model.safetensors / model.pt, "
+            f"or a hub id such as 'facebook/VGGT-1B'."
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise WeightsError(
+            f"weights {s!r} looks like a Hugging Face hub id, but huggingface_hub is not installed. "
+            f"`pip install huggingface_hub` (or featstore[hub]), or download {HUB_FILENAME} and pass its path."
+        ) from e
+    try:
+        return Path(hf_hub_download(repo_id=s, filename=HUB_FILENAME))
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        raise WeightsError(
+            f"cannot fetch {HUB_FILENAME} of hub repo {s!r}: {type(e).__name__}: {e}. Offline? Download "
+            f"it on a machine with internet and pass the local path (--weights /path/model.safetensors)."
+        ) from e
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+
+def load_aggregator_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """The aggregator's tensors from a checkpoint, keys without the `aggregator.` prefix.
+
+    A file with no `aggregator.`-prefixed key is taken as a bare aggregator state_dict.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            # safe_open reads only the aggregator's tensors out of the ~5 GB file.
+            with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                wanted = [k for k in keys if k.startswith(PREFIX)] or keys
+                raw = {k: f.get_tensor(k) for k in wanted}
+        else:
+            # weights_only: never unpickle arbitrary objects; mmap: don't read the heads' bytes.
+            try:
+                obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be mmapped
+                obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+            raw = _unwrap_state_dict(obj, path)
+    except WeightsError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}") from e
+    if any(k.startswith(PREFIX) for k in raw):
+        return {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)}
+    return dict(raw)
+
+
+def _unwrap_state_dict(obj, path: Path) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for wrapper in ("model", "state_dict"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, Mapping) and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise WeightsError(
+        f"weights file {str(path)!r} is not a state_dict (expected a mapping of names to tensors, "
+        f"possibly under 'model' or 'state_dict')"
+    )
+
+
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state, strict=True)` with errors that name keys and the file."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected key(s) {_few(unexpected)}")
+        raise WeightsError(
+            f"weights {source!r} do not match the encoder config: " + "; ".join(parts)
+            + ". Check the encoder preset / config (depth, patch_embed, qk_norm, registers) against "
+            "the checkpoint, or re-download a complete file."
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise WeightsError(
+                f"weights {source!r}: key {PREFIX}{k} has shape {tuple(v.shape)}, the encoder config "
+                f"expects {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def _few(keys, n=8):
+    # Named as in the official checkpoint (with the `aggregator.` prefix) so they can be grepped.
+    shown = ", ".join(PREFIX + k for k in keys[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
+
+
+# ---- hashing ----------------------------------------------------------------------------
+
+
+def hash_cache_path() -> Path:
+    """$FEATSTORE_CACHE_DIR/sha256.json, else $XDG_CACHE_HOME (or ~/.cache)/featstore/sha256.json."""
+    base = os.environ.get(_CACHE_ENV)
+    if not base:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featstore")
+    return Path(base) / "sha256.json"
+
+
+def sha256_file(path: str | os.PathLike, *, use_cache: bool = True, chunk: int = 8 << 20) -> str:
+    """sha256 hex of a file, streamed in 8 MiB chunks; cached by (real path, size, mtime_ns).
+
+    The cache is advisory: an unreadable or corrupt cache file is ignored and rewritten; a failed
+    write only costs a re-hash next time. A file replaced in place with the same size and mtime
+    would be missed (as with make); touch it to force a re-hash.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+        real = os.path.realpath(p)
+    except OSError as e:
+        raise WeightsError(f"cannot stat weights file {str(p)!r}: {e}") from e
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_file = hash_cache_path()
+    cache = _read_cache(cache_file) if use_cache else {}
+    hit = cache.get(real)
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    h = hashlib.sha256()
+    try:
+        with open(p, "rb") as f:
+            while True:
+                b = f.read(chunk)
+                if not b:
+                    break
+                h.update(b)
+    except OSError as e:
+        raise WeightsError(f"cannot read weights file {str(p)!r}: {e}") from e
+    digest = h.hexdigest()
+    if use_cache:
+        cache = _read_cache(cache_file)  # re-read: another process may have added entries
+        cache[real] = {"stamp": stamp, "sha256": digest}
+        _write_cache(cache_file, cache)
+    return digest
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    # Atomic replace so a concurrent reader never sees half a file.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(cache, f, sort_keys=True, indent=0)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        warnings.warn(f"featstore: could not write the weights hash cache {str(path)!r}: {e}", stacklevel=3)

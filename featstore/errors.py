@@ -1,0 +1,67 @@
+"""Exceptions featstore raises: one class per failure a caller can handle."""
+
+__all__ = [
+    "FeatstoreError",
+    "CorruptEntryError",
+    "InvalidKeyError",
+    "MissingKeyError",
+    "FingerprintMismatchError",
+    "StoreNotFoundError",
+    "ManifestError",
+    "StoreFullError",
+    "EncoderError",
+    "WeightsError",
+    "ImageDecodeError",
+    "PlanError",
+]
+
+
+class FeatstoreError(Exception):
+    """Base class of every error featstore raises on purpose."""
+
+
+class CorruptEntryError(FeatstoreError):
+    """A stored blob does not decode, or its bytes do not match their checksum."""
+
+
+class InvalidKeyError(FeatstoreError, ValueError):
+    """A key is not a clean relative path, or is longer than LMDB's 511-byte key limit."""
+
+
+class MissingKeyError(FeatstoreError, KeyError):
+    """The key is not in the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class FingerprintMismatchError(FeatstoreError):
+    """The store was built with an encoder spec that differs from the one asked for."""
+
+
+class StoreNotFoundError(FeatstoreError, FileNotFoundError):
+    """No featstore database exists at the given path."""
+
+
+class ManifestError(FeatstoreError):
+    """The store's manifest is missing, unparsable, or of an unsupported format version."""
+
+
+class StoreFullError(FeatstoreError, OSError):
+    """The disk holding the store is full; everything committed before is kept."""
+
+
+class EncoderError(FeatstoreError):
+    """An encoder cannot be built or run as configured."""
+
+
+class WeightsError(EncoderError):
+    """A weights file is missing, unreadable, or lacks / adds parameters."""
+
+
+class ImageDecodeError(FeatstoreError):
+    """An image file cannot be read or is unusable (truncated, zero bytes, too small)."""
+
+
+class PlanError(FeatstoreError):
+    """The units to build cannot be planned (bad annotations, key collisions)."""

@@ -1,0 +1,268 @@
+"""Encode and decode one store value: a safetensors blob whose tensor data is 64-byte aligned.
+
+Layout of a value (standard safetensors, so `safetensors.torch.load` reads it too):
+
+    [u64 little-endian N][N bytes of JSON header, space-padded][tensor data]
+
+The header is padded so that, once LMDB stores the value on overflow pages (16 bytes past a
+4096-byte page boundary on 64-bit builds), the tensor data starts on a 64-byte boundary of the
+map. Tensors are written largest itemsize first, so each one stays aligned to its itemsize.
+`__metadata__` (all strings) carries the frame list, source fingerprints, the patch grid and a
+CRC-32 of the tensor bytes, because LMDB stores no checksum of values.
+
+Every value is untrusted input when decoding: header length is bounded, the JSON must have the
+safetensors shape, dtypes come from a whitelist, offsets must tile the data exactly, and
+shape x itemsize must equal the byte count. Each defect raises CorruptEntryError with its own
+message. Shapes: features are `[frames_kept, tokens, channels]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from featstore.errors import CorruptEntryError
+
+__all__ = [
+    "ALIGNMENT",
+    "LMDB_VALUE_OFFSET",
+    "MAX_HEADER_BYTES",
+    "DTYPES",
+    "Entry",
+    "encode_entry",
+    "decode_entry",
+    "tensor_checksum",
+]
+
+ALIGNMENT = 64  # cache line; also what SIMD copies and future torch alignment checks want
+LMDB_VALUE_OFFSET = 16  # a large LMDB value starts this far past a page boundary (64-bit build)
+MAX_HEADER_BYTES = 1 << 20  # our headers are < 4 KiB; a bigger claim is corruption, not data
+
+# safetensors dtype names -> torch dtypes; anything else is refused when decoding.
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_CHECKSUM_KEY = "checksum"
+
+
+@dataclass
+class Entry:
+    """A decoded value: named tensors (views into the value unless copied) and metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The main tensor, `[frames_kept, tokens, channels]`."""
+        return self.tensors["features"]
+
+    @property
+    def frames(self) -> list[str]:
+        """The ordered frame keys of the encoder call this entry came from."""
+        return json.loads(self.metadata.get("frames", "[]"))
+
+
+def tensor_checksum(data) -> str:
+    """Checksum string of a bytes-like object: ``"crc32:xxxxxxxx"`` (zlib CRC-32, ~2.5 GB/s)."""
+    return "crc32:%08x" % (zlib.crc32(data) & 0xFFFFFFFF)
+
+
+def _as_bytes_view(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+
+
+def encode_entry(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    value_offset: int = LMDB_VALUE_OFFSET,
+) -> bytes:
+    """Serialise `tensors` and string `metadata` into one safetensors blob.
+
+    Args:
+        tensors: name -> tensor (any device; copied to CPU). Dtypes from `DTYPES` only.
+        metadata: extra string metadata; the key ``"checksum"`` is reserved and filled here.
+        value_offset: where the value will start relative to a 64-byte boundary in the map;
+            the default matches LMDB's overflow pages.
+
+    Returns:
+        The blob, ready for `txn.put`.
+
+    Example:
+        >>> blob = encode_entry({"features": torch.zeros(1, 4, 8, dtype=torch.bfloat16)})
+        >>> decode_entry(blob).features.shape
+        torch.Size([1, 4, 8])
+    """
+    if not tensors:
+        raise ValueError("encode_entry needs at least one tensor")
+    meta = {}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata {k!r}: keys and values must be str (safetensors rule)")
+        meta[k] = v
+    # Largest itemsize first keeps every tensor aligned to its own itemsize.
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, object] = {}
+    chunks = []
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} is not storable; use one of {sorted(DTYPES)}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        chunks.append(t)
+        offset += nbytes
+    data = bytearray(offset)
+    if offset:
+        out = torch.frombuffer(data, dtype=torch.uint8)
+        pos = 0
+        for t in chunks:
+            src = _as_bytes_view(t)
+            out[pos : pos + src.numel()].copy_(src)
+            pos += src.numel()
+    meta[_CHECKSUM_KEY] = tensor_checksum(data)
+    header["__metadata__"] = meta
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # Pad with spaces (as safetensors does) so that value_offset + 8 + len(header) is aligned.
+    pad = (-(value_offset + 8 + len(text))) % ALIGNMENT
+    text += b" " * pad
+    return struct.pack("<Q", len(text)) + text + bytes(data)
+
+
+def _fail(key: str | None, message: str) -> CorruptEntryError:
+    where = f"entry {key!r}" if key is not None else "blob"
+    return CorruptEntryError(f"{where}: {message}")
+
+
+def _parse_header(view: memoryview, key: str | None) -> tuple[dict, int]:
+    if len(view) < 8:
+        raise _fail(key, f"truncated: {len(view)} bytes, less than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", view, 0)
+    if n > MAX_HEADER_BYTES:
+        raise _fail(key, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > len(view):
+        raise _fail(key, f"truncated: header claims {n} bytes but only {len(view) - 8} follow")
+    try:
+        header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(key, f"header is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(key, f"header is a JSON {type(header).__name__}, not an object")
+    return header, 8 + n
+
+
+def _check_tensor_specs(header: dict, data_len: int, key: str | None) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    specs = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _fail(key, f"tensor {name!r}: header entry must have exactly dtype, shape, data_offsets")
+        dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise _fail(key, f"tensor {name!r}: unknown dtype {info['dtype']!r} (allowed: {sorted(DTYPES)})")
+        shape, offs = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(key, f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
+            raise _fail(key, f"tensor {name!r}: data_offsets {offs!r} is not a pair of ints")
+        start, end = offs
+        if not 0 <= start <= end <= data_len:
+            raise _fail(key, f"tensor {name!r}: data_offsets {offs} lie outside the {data_len} data bytes")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if math.prod(shape) * itemsize != end - start:
+            raise _fail(key, f"tensor {name!r}: shape {shape} x {itemsize} bytes != {end - start} bytes at {offs}")
+        specs.append((name, dtype, shape, start, end))
+    specs.sort(key=lambda s: (s[3], s[4]))
+    cursor = 0
+    for name, _, _, start, end in specs:
+        if start < cursor:
+            raise _fail(key, f"tensor {name!r}: data_offsets [{start}, {end}] overlap the previous tensor")
+        if start > cursor:
+            raise _fail(key, f"tensor {name!r}: gap of {start - cursor} bytes before it")
+        cursor = end
+    if cursor != data_len:
+        raise _fail(key, f"{data_len - cursor} trailing bytes after the last tensor")
+    return specs
+
+
+def decode_entry(
+    value,
+    *,
+    key: str | None = None,
+    verify: bool = False,
+    copy: bool = False,
+) -> Entry:
+    """Decode a blob into tensors that view `value` (zero-copy) unless `copy=True`.
+
+    Args:
+        value: bytes, bytearray or memoryview (e.g. from an LMDB ``buffers=True`` transaction).
+        key: the store key, named in error messages.
+        verify: recompute the CRC-32 of the tensor bytes and compare with the stored one.
+        copy: return tensors that own their memory (safe after the transaction ends).
+
+    Returns:
+        An `Entry`. Not guaranteed: views over an LMDB map are valid only while the read
+        transaction that produced `value` is open and the environment is open; they are
+        read-only memory, so writing into them crashes the process. Misaligned values (small
+        values on LMDB leaf pages) are copied rather than viewed.
+
+    Raises:
+        CorruptEntryError: the blob is malformed or its checksum does not match; the message
+            names `key` and the defect.
+    """
+    view = memoryview(value)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    header, data_start = _parse_header(view, key)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _fail(key, "__metadata__ must map strings to strings")
+    data_len = len(view) - data_start
+    specs = _check_tensor_specs(header, data_len, key)
+    if not specs:
+        raise _fail(key, "holds no tensor")
+    if verify:
+        stored = meta.get(_CHECKSUM_KEY)
+        if stored is None:
+            raise _fail(key, "has no checksum in its metadata; cannot verify it")
+        actual = tensor_checksum(view[data_start:])
+        if actual != stored:
+            raise _fail(key, f"checksum mismatch (stored {stored}, computed {actual}): the value is corrupt")
+    with warnings.catch_warnings():
+        # The map is read-only by design; torch warns once per buffer about that. Only this warning.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        base = torch.frombuffer(view, dtype=torch.uint8)
+    tensors = {}
+    for name, dtype, shape, start, end in specs:
+        raw = base[data_start + start : data_start + end]
+        itemsize = raw.new_empty((), dtype=dtype).element_size()
+        if copy or raw.data_ptr() % itemsize != 0 or dtype == torch.bool:
+            raw = raw.clone()
+        t = raw.view(torch.uint8 if dtype == torch.bool else dtype)
+        if dtype == torch.bool:
+            t = t.to(torch.bool)
+        tensors[name] = t.view(shape)
+    return Entry(tensors=tensors, metadata=dict(meta))

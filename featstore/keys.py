@@ -1,0 +1,85 @@
+"""Store keys: UTF-8, NFC-normalised, POSIX relative paths of at most 511 bytes.
+
+A key names one unit: the image's path relative to the data root (or a sample id). The same
+file must always give the same key, whatever form the caller spelled it in, so every key that
+enters or leaves the store goes through `normalize_key`.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+
+from featstore.errors import InvalidKeyError
+
+__all__ = ["MAX_KEY_BYTES", "normalize_key", "key_to_bytes", "relative_key"]
+
+# LMDB's compile-time key limit (MDB_MAXKEYSIZE); a longer key raises BadValsizeError deep
+# inside a write transaction, so it is checked here, before any work starts.
+MAX_KEY_BYTES = 511
+
+
+def normalize_key(key: str | os.PathLike) -> str:
+    """Return the canonical form of a store key.
+
+    Args:
+        key: a relative path such as ``"scene1/rgb/000.jpg"`` or ``"./scene1//rgb/000.jpg"``.
+
+    Returns:
+        The NFC-normalised path with ``/`` separators, no ``.`` parts and no empty parts.
+
+    Raises:
+        InvalidKeyError: the key is empty, absolute, leaves the root (``..``), holds a NUL
+            byte, or is longer than 511 bytes in UTF-8.
+
+    Example:
+        >>> normalize_key("./a//b/c.jpg")
+        'a/b/c.jpg'
+    """
+    if isinstance(key, bytes):
+        raise InvalidKeyError(f"key {key!r} is bytes; pass a str path relative to the data root")
+    text = os.fspath(key)
+    if os.sep != "/":
+        text = text.replace(os.sep, "/")
+    text = unicodedata.normalize("NFC", text)
+    if not text:
+        raise InvalidKeyError("empty key: a key is an image path relative to the data root")
+    if "\x00" in text:
+        raise InvalidKeyError(f"key {text!r} contains a NUL character")
+    if text.startswith("/"):
+        raise InvalidKeyError(
+            f"key {text!r} is an absolute path; keys are paths relative to the data root "
+            "(use relative_key(path, data_root))"
+        )
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidKeyError(f"key {text!r} contains '..'; keys must stay inside the data root")
+    if not parts:
+        raise InvalidKeyError(f"key {text!r} names no file")
+    canonical = "/".join(parts)
+    size = len(canonical.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        raise InvalidKeyError(
+            f"key {canonical[:80]!r}... is {size} bytes in UTF-8; LMDB limits keys to "
+            f"{MAX_KEY_BYTES} bytes. Shorten the path, or give the sample an explicit short id."
+        )
+    return canonical
+
+
+def key_to_bytes(key: str | os.PathLike) -> bytes:
+    """Normalise `key` and encode it as the UTF-8 bytes LMDB stores."""
+    return normalize_key(key).encode("utf-8")
+
+
+def relative_key(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """Key of file `path` under data root `root` (both may be absolute or relative to cwd).
+
+    Symlinks inside the root are not resolved: the key is the path the data names, so a
+    linked file and its target are two units (the link's key is what training will ask for).
+    """
+    abs_path = os.path.abspath(os.fspath(path))
+    abs_root = os.path.abspath(os.fspath(root))
+    rel = os.path.relpath(abs_path, abs_root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise InvalidKeyError(f"{abs_path} is not inside the data root {abs_root}")
+    return normalize_key(rel)

@@ -1,0 +1,161 @@
+"""The on-disk layout of a store: one LMDB environment directory with named sub-databases.
+
+    <data-root>/vggt_features.lmdb/      LMDB environment (data.mdb, lock.mdb)
+        sub-db "features"  key (UTF-8 relative path) -> safetensors blob (featstore.format)
+        sub-db "meta"      b"manifest" -> JSON manifest; b"last_build" -> JSON build report
+
+The manifest is rewritten in the same transaction as every batch of entries, so its entry
+count and bytes always describe exactly what is committed. See docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from typing import Any
+
+import lmdb
+
+from featstore import __version__
+from featstore.errors import FeatstoreError, FingerprintMismatchError, ManifestError, StoreNotFoundError
+
+__all__ = [
+    "DEFAULT_STORE_NAME",
+    "FORMAT_VERSION",
+    "FEATURES_DB",
+    "META_DB",
+    "resolve_store_path",
+    "is_store",
+    "open_env",
+    "read_manifest",
+    "new_manifest",
+    "check_fingerprint",
+    "utc_now",
+]
+
+DEFAULT_STORE_NAME = "vggt_features.lmdb"
+FORMAT_VERSION = 1
+FEATURES_DB = b"features"
+META_DB = b"meta"
+MANIFEST_KEY = b"manifest"
+LAST_BUILD_KEY = b"last_build"
+MAX_DBS = 8  # room for more sub-databases (frame index, journal) without a format change
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """True when `path` is an LMDB environment directory (holds data.mdb)."""
+    return os.path.isfile(os.path.join(os.fspath(path), "data.mdb"))
+
+
+def resolve_store_path(path: str | os.PathLike) -> str:
+    """Return the store directory for `path`: the store itself, or a data root holding
+    ``vggt_features.lmdb``. Raises StoreNotFoundError naming both places looked at."""
+    path = os.fspath(path)
+    if is_store(path):
+        return path
+    beside = os.path.join(path, DEFAULT_STORE_NAME)
+    if is_store(beside):
+        return beside
+    raise StoreNotFoundError(
+        f"no featstore database at {path} (nor at {beside}); build one with "
+        f"`featstore build --data-root DATA_ROOT`"
+    )
+
+
+def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = True,
+             map_size: int | None = None, max_readers: int = 126) -> lmdb.Environment:
+    """Open the LMDB environment of a store with featstore's settings.
+
+    `readonly=True` never creates anything. `lock=False` is only safe when no process writes
+    the store (a published store): then readers need no slot in the lock table and ranks x
+    workers are unlimited.
+    """
+    kwargs: dict[str, Any] = dict(subdir=True, max_dbs=MAX_DBS, readonly=readonly, lock=lock,
+                                  readahead=readahead, max_readers=max_readers, create=not readonly,
+                                  meminit=False)
+    if map_size is not None:
+        kwargs["map_size"] = map_size
+    try:
+        return lmdb.open(path, **kwargs)
+    except lmdb.Error as e:
+        if "already open in this process" in str(e):
+            raise FeatstoreError(
+                f"{path}: the store is already open in this process (a StoreWriter or another "
+                "handle); close it first, or share the open FeatureStore"
+            ) from None
+        if readonly and not is_store(path):
+            raise StoreNotFoundError(f"no featstore database at {path}") from None
+        raise ManifestError(f"{path}: LMDB cannot open it ({e}); is it a featstore database? "
+                            f"Run `featstore verify {path}`") from None
+
+
+def new_manifest(encoder: dict | None = None, fingerprint: str | None = None,
+                 storage_dtype: str | None = None) -> dict:
+    return {
+        "format": "featstore",
+        "format_version": FORMAT_VERSION,
+        "featstore_version": __version__,
+        "created": utc_now(),
+        "encoder": encoder or {},
+        "fingerprint": fingerprint,
+        "storage_dtype": storage_dtype,
+        "entries": 0,
+        "bytes": 0,
+        "build": {"state": "in_progress", "updated": utc_now()},
+    }
+
+
+def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *, path: str = "") -> dict:
+    """Read and check the manifest of an open store. Raises ManifestError naming `path`."""
+    try:
+        meta_db = env.open_db(META_DB, txn=txn, create=False)
+    except lmdb.NotFoundError:
+        raise ManifestError(f"{path}: not a featstore database (no '{META_DB.decode()}' sub-database)") from None
+    if txn is None:
+        with env.begin(db=meta_db) as t:
+            raw = t.get(MANIFEST_KEY)
+            raw = bytes(raw) if raw is not None else None
+    else:
+        raw = txn.get(MANIFEST_KEY, db=meta_db)
+        raw = bytes(raw) if raw is not None else None
+    if raw is None:
+        raise ManifestError(f"{path}: the store has no manifest")
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: the manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "featstore":
+        raise ManifestError(f"{path}: the manifest is not a featstore manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: store format version {version!r} is not supported by featstore {__version__} "
+            f"(supports {FORMAT_VERSION}); rebuild the store or install a matching featstore"
+        )
+    return manifest
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def check_fingerprint(manifest: dict, expected_encoder: dict, *, path: str = "") -> None:
+    """Raise FingerprintMismatchError naming every encoder-spec field whose value differs."""
+    have, want = _flatten(manifest.get("encoder", {})), _flatten(expected_encoder)
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if differ:
+        details = "; ".join(f"{k}: store has {have.get(k)!r}, expected {want.get(k)!r}" for k in differ[:8])
+        raise FingerprintMismatchError(
+            f"{path}: the store was built with a different encoder spec ({details}). "
+            "Rebuild the store with the spec training uses, or point training at the matching store."
+        )

@@ -1,0 +1,232 @@
+"""`StoreWriter`: the single process that writes a store.
+
+Entries are buffered and committed in batches (by count and by bytes), each batch in one LMDB
+write transaction together with the updated manifest, so a crash at any instant loses at most
+the open batch and the manifest always describes exactly what is committed. The map grows on
+MapFullError; a full disk stops with StoreFullError and keeps every committed batch.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+from typing import Mapping
+
+import lmdb
+import torch
+
+from featstore.errors import StoreFullError
+from featstore.format import decode_entry, encode_entry
+from featstore.keys import key_to_bytes
+from featstore.store import (FEATURES_DB, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, check_fingerprint,
+                             new_manifest, open_env, read_manifest, utc_now)
+
+__all__ = ["StoreWriter", "BuildInterrupted"]
+
+DEFAULT_MAP_SIZE = 1 << 30  # grown by doubling on demand; a big map is free (sparse file)
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """SIGTERM arrived; raised in the main thread so that the open batch is committed."""
+
+
+class StoreWriter:
+    """Write entries into a store (created if absent).
+
+    Args:
+        path: the store directory (created).
+        encoder: the encoder spec dict recorded in the manifest. An existing store built with
+            another spec raises FingerprintMismatchError naming the fields, unless `reset`.
+        fingerprint: the spec's fingerprint string, recorded in the manifest.
+        storage_dtype: the dtype name of stored features, recorded in the manifest.
+        batch_entries / batch_bytes: commit when either is reached. Larger batches commit less
+            often (faster); a crash loses at most one open batch.
+        map_size: initial LMDB map size; doubled whenever it fills.
+        reset: drop all entries of an existing store first (e.g. the encoder spec changed).
+        handle_signals: in the main thread, turn SIGTERM into BuildInterrupted so that
+            ``with StoreWriter(...)`` commits what is done (SIGINT already raises
+            KeyboardInterrupt).
+
+    Example:
+        >>> with StoreWriter("data/vggt_features.lmdb", encoder=spec) as w:
+        ...     w.put("a.jpg", {"features": feats}, {"frames": '["a.jpg"]'})
+        ...     w.finish(report={"failed": []})
+    """
+
+    def __init__(self, path: str | os.PathLike, *, encoder: dict | None = None, fingerprint: str | None = None,
+                 storage_dtype: str | None = None, batch_entries: int = 64, batch_bytes: int = 256 << 20,
+                 map_size: int | None = None, reset: bool = False, handle_signals: bool = True):
+        self.path = os.fspath(path)
+        self.batch_entries = batch_entries
+        self.batch_bytes = batch_bytes
+        os.makedirs(self.path, exist_ok=True)
+        existing = os.path.join(self.path, "data.mdb")
+        size = map_size or max(DEFAULT_MAP_SIZE, os.path.getsize(existing) if os.path.exists(existing) else 0)
+        self.env = open_env(self.path, readonly=False, lock=True, map_size=size, max_readers=2048)
+        self._features = self.env.open_db(FEATURES_DB)
+        self._meta = self.env.open_db(META_DB)
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending_bytes = 0
+        self.committed = 0  # entries written by this writer
+        self.skipped = 0  # puts skipped because an identical entry was already committed
+        self.manifest = self._load_or_create_manifest(encoder, fingerprint, storage_dtype, reset)
+        self._old_sigterm = None
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # -- setup -------------------------------------------------------------------------------
+    def _load_or_create_manifest(self, encoder, fingerprint, storage_dtype, reset) -> dict:
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(MANIFEST_KEY, db=self._meta)
+            if raw is None:
+                manifest = new_manifest(encoder, fingerprint, storage_dtype)
+            else:
+                manifest = read_manifest(self.env, txn, path=self.path)
+                if encoder is not None and manifest.get("encoder") != encoder:
+                    if not reset:
+                        check_fingerprint(manifest, encoder, path=self.path)
+                if reset:
+                    txn.drop(self._features, delete=False)
+                    manifest.update(entries=0, bytes=0)
+                if encoder is not None:
+                    manifest.update(encoder=encoder, fingerprint=fingerprint, storage_dtype=storage_dtype)
+                manifest["build"] = {"state": "in_progress", "updated": utc_now()}
+            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+        return manifest
+
+    def _on_sigterm(self, signum, frame):
+        raise BuildInterrupted(f"signal {signum}")
+
+    # -- writing -----------------------------------------------------------------------------
+    def existing_metadata(self, key) -> dict[str, str] | None:
+        """The metadata of the committed entry under `key`, or None (for freshness checks)."""
+        with self.env.begin(db=self._features, buffers=True) as txn:
+            value = txn.get(key_to_bytes(key))
+            return None if value is None else decode_entry(value, key=str(key)).metadata
+
+    def put(self, key, tensors: Mapping[str, torch.Tensor] | bytes, metadata: Mapping[str, str] | None = None) -> None:
+        """Queue one entry (tensors + string metadata, or an already encoded blob)."""
+        kb = key_to_bytes(key)
+        blob = tensors if isinstance(tensors, (bytes, bytearray)) else encode_entry(tensors, metadata)
+        self._pending.append((kb, bytes(blob)))
+        self._pending_bytes += len(blob)
+        if len(self._pending) >= self.batch_entries or self._pending_bytes >= self.batch_bytes:
+            self.commit()
+
+    def commit(self) -> int:
+        """Commit the open batch (with the manifest) in one transaction; return entries written."""
+        if not self._pending:
+            return 0
+        batch = sorted(dict(self._pending).items())  # last put of a key wins; LMDB likes key order
+        while True:
+            try:
+                written = self._commit_once(batch)
+                break
+            except lmdb.MapFullError:
+                # No transaction is open here (the failed one was aborted): safe to grow the map.
+                self.env.set_mapsize(self.env.info()["map_size"] * 2 + 2 * self._pending_bytes)
+            except (lmdb.DiskError, lmdb.Error, OSError) as e:
+                if _is_disk_full(e):
+                    raise StoreFullError(
+                        f"{self.path}: the disk is full; {self.manifest['entries']} entries committed "
+                        f"before are kept. Free space (or move the store) and rerun to resume."
+                    ) from e
+                raise
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.committed += written
+        return written
+
+    def _commit_once(self, batch: list[tuple[bytes, bytes]]) -> int:
+        written = skipped = 0
+        with self.env.begin(write=True) as txn:
+            # Read the manifest and the last key inside the transaction: other processes
+            # (ranks of a multi-GPU build) may have committed since our last batch.
+            manifest = read_manifest(self.env, txn, path=self.path)
+            cur = txn.cursor(db=self._features)
+            last_key = bytes(cur.key()) if cur.last() else None
+            append = last_key is None or batch[0][0] > last_key
+            for kb, blob in batch:
+                if not append:
+                    old = txn.get(kb, db=self._features)
+                    if old is not None:
+                        if bytes(old) == blob:
+                            skipped += 1
+                            continue
+                        manifest["bytes"] -= len(old)
+                txn.put(kb, blob, db=self._features, append=append)
+                manifest["bytes"] += len(blob)
+                written += 1
+            manifest["entries"] = txn.stat(self._features)["entries"]
+            manifest["build"] = dict(manifest.get("build", {}), updated=utc_now())
+            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+        self.manifest = manifest
+        self.skipped += skipped
+        return written
+
+    def delete(self, keys) -> int:
+        """Delete entries (commits the open batch first); return how many existed."""
+        self.commit()
+        removed = 0
+        with self.env.begin(write=True) as txn:
+            manifest = read_manifest(self.env, txn, path=self.path)
+            for key in keys:
+                kb = key_to_bytes(key)
+                old = txn.get(kb, db=self._features)
+                if old is not None:
+                    manifest["bytes"] -= len(old)
+                    txn.delete(kb, db=self._features)
+                    removed += 1
+            manifest["entries"] = txn.stat(self._features)["entries"]
+            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+        self.manifest = manifest
+        return removed
+
+    def finish(self, report: dict | None = None, *, complete: bool = True) -> None:
+        """Commit, record the build report, and mark the build complete (or still in progress)."""
+        self.commit()
+        with self.env.begin(write=True) as txn:
+            manifest = read_manifest(self.env, txn, path=self.path)
+            manifest["build"] = {"state": "complete" if complete else "in_progress", "updated": utc_now()}
+            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+            if report is not None:
+                txn.put(LAST_BUILD_KEY, json.dumps(report, sort_keys=True).encode(), db=self._meta)
+        self.manifest = manifest
+        self.env.sync(True)
+
+    def close(self) -> None:
+        """Commit the open batch and close. The build stays 'in_progress' unless `finish` ran."""
+        if self.env is None:
+            return
+        try:
+            self.commit()
+            self.env.sync(True)
+        finally:
+            self.env.close()
+            self.env = None
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+                self._old_sigterm = None
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On an exception (Ctrl-C, SIGTERM, a failed unit) the open batch is still committed:
+        # everything queued was complete, valid entries. A full disk cannot take it; just close.
+        try:
+            self.close()
+        except StoreFullError:
+            if exc is None:
+                raise
+            self.env = None
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "No space left" in text or "ENOSPC" in text
