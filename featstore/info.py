@@ -80,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"build        {m.get('build', {}).get('state')} (updated {m.get('build', {}).get('updated')})")
     print(f"entries      {info['entries']}")
     print(f"bytes        {human_bytes(m.get('bytes', 0))} in values, {human_bytes(info['file_bytes'])} on disk")
-    print(f"encoder      {enc.get('name', '?')}  fingerprint {str(m.get('fingerprint'))[:16]}")
+    print(f"encoder      {enc.get('encoder', '?')}  fingerprint {str(m.get('fingerprint'))[:16]}")
     print(f"storage      {m.get('storage_dtype')}")
     for key in ("layer", "attention", "frames_kept", "preprocess"):
         if key in enc:
-            print(f"  {key:<11}{enc[key]}")
+            print(f"  {key:<12} {enc[key]}")
     scanned = info["scanned"]
     suffix = "" if scanned >= info["entries"] else f" (first {scanned} entries)"
     print(f"tensors{suffix}:")

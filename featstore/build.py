@@ -1,0 +1,558 @@
+"""Compute encoder features for every unit of a data root and commit them into the store.
+
+Pipeline (one process per GPU; see docs/BUILD.md):
+  1. plan     units from a scan of the data root, or from training's annotation files
+              (featstore.plan: the same code training uses to ask for features)
+  2. split    fresh / missing / stale against the store; only missing and stale are computed
+  3. decode   DataLoader workers read each frame once (sha256 + decode + preprocess)
+  4. batch    units are grouped by (S, H, W) and stacked into [B, S, 3, H, W]
+  5. encode   one forward per batch on the GPU (autocast per the spec), cast to the storage
+              dtype on the GPU, copied to pinned host memory without blocking the GPU
+  6. commit   a writer thread waits for the copy, serialises blobs and commits in batches
+
+Examples:
+  featstore build --data-root data/ --weights /ckpt/VGGT-1B/model.safetensors
+  featstore build --data-root data/ --annotations data/train.json --attention causal --frames-kept last
+  torchrun --nproc-per-node 8 -m featstore build --data-root data/ --weights facebook/VGGT-1B
+  featstore build --data-root data/ --shard 0/4 --store /local/shard0.lmdb   # host 0 of 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
+from featstore.format import decode_entry, encode_entry
+from featstore.plan import Unit, plan_units
+from featstore.store import DEFAULT_STORE_NAME, FEATURES_DB, is_store, open_env, read_manifest, utc_now
+
+__all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "compute_unit", "encoder_for_manifest",
+           "unit_metadata", "configure_parser", "run"]
+
+_STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_HEADER_ESTIMATE = 1024  # bytes of safetensors header + metadata per entry, for size estimates
+
+
+@dataclass
+class BuildOptions:
+    """Everything one build needs; the CLI fills it from its flags."""
+
+    data_root: str
+    annotations: list[str] = field(default_factory=list)
+    store: str | None = None
+    encoder: str = "vggt-1b"
+    weights: str | None = None
+    device: str = "auto"
+    spec_overrides: dict = field(default_factory=dict)
+    force: bool = False
+    dry_run: bool = False
+    workers: int = min(4, os.cpu_count() or 1)
+    batch_frames: int = 16  # frames per forward; batching amortises kernel launches
+    shard: tuple[int, int] = (0, 1)  # (index, count) for multi-host builds
+    commit_entries: int = 64
+    commit_bytes: int = 512 << 20
+    progress: bool = True
+
+    def store_path(self) -> str:
+        if self.store:
+            return self.store
+        name = DEFAULT_STORE_NAME
+        if self.shard[1] > 1:
+            name = f"vggt_features.shard-{self.shard[0]}-of-{self.shard[1]}.lmdb"
+        return os.path.join(self.data_root, name)
+
+
+@dataclass
+class BuildReport:
+    planned: int = 0
+    fresh: int = 0
+    missing: int = 0
+    stale: int = 0
+    computed: int = 0
+    frames: int = 0
+    bytes: int = 0
+    failed: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# -- encoder helpers ------------------------------------------------------------------------
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def encoder_for_manifest(manifest: dict, *, weights: str | None = None, device: str = "cpu"):
+    """Rebuild the encoder a store was built with (for verify --recompute and resumed builds).
+
+    Raises FingerprintMismatchError naming the fields when the rebuilt spec differs (e.g. other
+    weights were given)."""
+    from featstore.encoders import EncoderSpec, get_encoder
+    from featstore.store import check_fingerprint
+
+    spec = EncoderSpec.from_dict(manifest["encoder"])
+    overrides = dict(layer=spec.layer, attention=spec.attention, frames_kept=spec.frames_kept,
+                     compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype,
+                     preprocess=spec.preprocess)
+    if spec.implementation == "official":
+        overrides["backend"] = "official"
+    encoder = get_encoder(spec.encoder, weights=weights, device=device, **overrides)
+    check_fingerprint(manifest, encoder.spec.to_dict())
+    return encoder
+
+
+def _read_frame(data_root: str, key: str, spec, patch: int) -> tuple[torch.Tensor, dict]:
+    """Read one frame file once: its identity (size, mtime, sha256) and its preprocessed tensor."""
+    from featstore.encoders.preprocess import preprocess_image
+
+    path = os.path.join(data_root, key)
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as e:
+        raise ImageDecodeError(f"image {path!r}: {e.strerror}") from None
+    source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+    return preprocess_image(data, spec.preprocess, patch_size=patch, name=path), source
+
+
+def unit_metadata(unit: Unit, sources: list[dict], grid: tuple[int, int], spec) -> dict[str, str]:
+    """The `__metadata__` of a stored entry (see docs/FORMAT.md)."""
+    return {
+        "frames": json.dumps(list(unit.frames), ensure_ascii=False),
+        "sources": json.dumps(sources, sort_keys=True),
+        "grid": json.dumps(list(grid)),
+        "fingerprint": spec.fingerprint(),
+        "encoder": spec.encoder,
+    }
+
+
+def compute_unit(encoder, data_root: str, unit: Unit) -> tuple[torch.Tensor, dict[str, str]]:
+    """Encode one unit directly: (features [F, N, C] in the storage dtype on CPU, metadata)."""
+    frames, sources = zip(*(_read_frame(data_root, f, encoder.spec, encoder.patch_size) for f in unit.frames))
+    x = torch.stack(frames)[None]
+    feats = encoder.encode(x)[0].to(_STORAGE_DTYPES[encoder.spec.storage_dtype]).cpu()
+    grid = encoder.patch_grid(*x.shape[-2:])
+    return feats, unit_metadata(unit, list(sources), grid, encoder.spec)
+
+
+# -- planning: what to compute ----------------------------------------------------------------
+
+def _entry_state(value, unit: Unit, data_root: str, fingerprint: str) -> str:
+    """'fresh' or 'stale' for a stored value of `unit`."""
+    try:
+        meta = decode_entry(value, key=unit.key).metadata
+        frames = json.loads(meta.get("frames", "null"))
+        sources = json.loads(meta.get("sources", "null"))
+    except (FeatstoreError, ValueError):
+        return "stale"  # undecodable: recompute it
+    if meta.get("fingerprint") != fingerprint or frames != list(unit.frames):
+        return "stale"
+    if not isinstance(sources, list) or len(sources) != len(unit.frames):
+        return "stale"
+    for frame, src in zip(unit.frames, sources):
+        try:
+            st = os.stat(os.path.join(data_root, frame))
+        except OSError:
+            return "stale"
+        if not isinstance(src, dict) or src.get("size") != st.st_size or src.get("mtime_ns") != st.st_mtime_ns:
+            return "stale"
+    return "fresh"
+
+
+def split_plan(units: list[Unit], store_path: str, data_root: str, fingerprint: str) -> dict[str, list[Unit]]:
+    """Split `units` into fresh / missing / stale against the store at `store_path`."""
+    split: dict[str, list[Unit]] = {"fresh": [], "missing": [], "stale": []}
+    if not is_store(store_path):
+        split["missing"] = list(units)
+        return split
+    env = open_env(store_path, readonly=True, lock=False)
+    try:
+        db = env.open_db(FEATURES_DB, create=False)
+        with env.begin(db=db, buffers=True) as txn:
+            for unit in units:
+                value = txn.get(unit.key.encode("utf-8"))
+                state = "missing" if value is None else _entry_state(value, unit, data_root, fingerprint)
+                split[state].append(unit)
+    finally:
+        env.close()
+    return split
+
+
+def _estimate_entry_bytes(encoder, units: list[Unit], data_root: str) -> int:
+    """Bytes of one entry, from the first readable image's size (headers only, no decode)."""
+    from PIL import Image
+
+    from featstore.encoders.preprocess import output_size
+
+    spec = encoder.spec
+    channels = 2 * int(spec.config["embed_dim"])
+    itemsize = _STORAGE_DTYPES[spec.storage_dtype].itemsize
+    for unit in units[:32]:
+        try:
+            with Image.open(os.path.join(data_root, unit.frames[0])) as im:
+                w, h = im.size
+        except OSError:
+            continue
+        pre = spec.preprocess
+        if pre.extra_resize is not None:
+            h, w = pre.extra_resize
+        else:
+            w, h = output_size(w, h, pre.mode, pre.target_size, encoder.patch_size)
+            if pre.mode == "pad":
+                w = h = pre.target_size
+            h = min(h, pre.target_size)
+        kept = 1 if spec.frames_kept == "last" else unit.num_frames
+        return kept * (h // encoder.patch_size) * (w // encoder.patch_size) * channels * itemsize + _HEADER_ESTIMATE
+    return _HEADER_ESTIMATE
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+
+class _UnitDataset(torch.utils.data.Dataset):
+    """Decodes the frames of one unit per item, in a DataLoader worker."""
+
+    def __init__(self, units: list[Unit], data_root: str, spec, patch: int):
+        self.units, self.data_root, self.spec, self.patch = units, data_root, spec, patch
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int):
+        unit = self.units[i]
+        try:
+            frames, sources = zip(*(_read_frame(self.data_root, f, self.spec, self.patch) for f in unit.frames))
+            shapes = {tuple(t.shape) for t in frames}
+            if len(shapes) != 1:
+                raise ImageDecodeError(f"unit {unit.key!r}: frames preprocess to different sizes {sorted(shapes)}; "
+                                       "one encoder call needs frames of one size (use pad mode or extra_resize)")
+            return i, torch.stack(frames), list(sources), None
+        except ImageDecodeError as e:
+            return i, None, None, str(e)
+        except Exception as e:  # a decoder bug must not kill a long build: record the unit as failed
+            return i, None, None, f"{type(e).__name__}: {e}"
+
+
+class _Committer(threading.Thread):
+    """Waits for each batch's device->host copy, serialises the entries, and commits them.
+
+    Runs beside the GPU loop so that serialisation and disk writes overlap the next forward.
+    The writer is used from this thread only until `join`."""
+
+    def __init__(self, writer, spec, report: BuildReport, bar):
+        super().__init__(name="featstore-committer", daemon=True)
+        self.writer, self.spec, self.report, self.bar = writer, spec, report, bar
+        self.jobs: queue.Queue = queue.Queue(maxsize=4)  # bounds pinned memory in flight
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain without writing after a failure
+            try:
+                self._commit(*job)
+            except BaseException as e:  # surfaced in the main thread
+                self.error = e
+
+    def _commit(self, units, sources, host, done, grid) -> None:
+        if done is not None:
+            done.synchronize()  # the copy into pinned memory has landed
+        for unit, src, feats in zip(units, sources, host):
+            blob = encode_entry({"features": feats}, unit_metadata(unit, src, grid, self.spec))
+            self.writer.put(unit.key, blob)
+            self.report.computed += 1
+            self.report.frames += unit.num_frames
+            self.report.bytes += len(blob)
+        if self.bar is not None:
+            self.bar.update(len(units))
+            elapsed = max(time.perf_counter() - self.bar.featstore_t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.report.frames / elapsed:.1f} frames/s, "
+                                     f"{self.report.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+
+def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool) -> None:
+    from tqdm import tqdm
+
+    spec = encoder.spec
+    device = encoder.device
+    storage = _STORAGE_DTYPES[spec.storage_dtype]
+    on_cuda = device.type == "cuda"
+    dataset = _UnitDataset(todo, opts.data_root, spec, encoder.patch_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=opts.workers,
+        prefetch_factor=8 if opts.workers else None, persistent_workers=False,
+        collate_fn=lambda item: item)
+    bar = tqdm(total=len(todo), unit="unit", disable=not show, dynamic_ncols=True, smoothing=0.05)
+    bar.featstore_t0 = time.perf_counter()
+    committer = _Committer(writer, spec, report, bar)
+    committer.start()
+    buckets: dict[tuple, list] = {}
+
+    def flush(shape) -> None:
+        items = buckets.pop(shape)
+        units = [todo[i] for i, _, _ in items]
+        x = torch.stack([frames for _, frames, _ in items])  # [B, S, 3, H, W]
+        if on_cuda:
+            x = x.pin_memory().to(device, non_blocking=True)
+        feats = encoder.encode(x).to(storage)  # [B, F, N, C], cast on the device
+        done = None
+        if on_cuda:
+            host = torch.empty(feats.shape, dtype=storage, pin_memory=True)
+            host.copy_(feats, non_blocking=True)  # the GPU goes on with the next batch
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = feats.cpu()
+        grid = encoder.patch_grid(*x.shape[-2:])
+        committer.jobs.put((units, [src for _, _, src in items], host, done, grid))
+
+    try:
+        for i, frames, sources, error in loader:
+            if committer.error is not None:
+                raise committer.error
+            if error is not None:
+                report.failed.append({"key": todo[i].key, "frames": list(todo[i].frames), "error": error})
+                bar.update(1)
+                continue
+            shape = tuple(frames.shape)
+            buckets.setdefault(shape, []).append((i, frames, sources))
+            if len(buckets[shape]) * shape[0] >= opts.batch_frames:
+                flush(shape)
+        for shape in list(buckets):
+            flush(shape)
+    finally:
+        committer.jobs.put(None)
+        committer.join()
+        bar.close()
+    if committer.error is not None:
+        raise committer.error
+
+
+def _dist_setup():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather_reports(report: BuildReport, world: int) -> BuildReport:
+    if world <= 1:
+        return report
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, report.to_dict())
+    total = BuildReport()
+    for p in parts:
+        for k in ("computed", "frames", "bytes", "fresh", "missing", "stale", "planned"):
+            setattr(total, k, getattr(total, k) + p[k])
+        total.failed.extend(p["failed"])
+        total.interrupted |= p["interrupted"]
+    total.elapsed_s = report.elapsed_s
+    return total
+
+
+def build(opts: BuildOptions, *, out=sys.stderr) -> BuildReport:
+    """Run one build (one rank of it under torchrun). Returns the (gathered) report."""
+    from featstore.encoders import get_encoder
+    from featstore.writer import BuildInterrupted, StoreWriter
+
+    t0 = time.perf_counter()
+    rank, world = _dist_setup()
+    show = opts.progress and rank == 0
+    log = (lambda msg: print(msg, file=out, flush=True)) if rank == 0 else (lambda msg: None)
+    encoder = get_encoder(opts.encoder, weights=opts.weights, device=_resolve_device(opts.device),
+                          **opts.spec_overrides)
+    spec = encoder.spec
+    fingerprint = spec.fingerprint()
+    store_path = opts.store_path()
+    units = plan_units(opts.data_root, opts.annotations)
+    index, count = opts.shard
+    units = units[index::count]
+    report = BuildReport(planned=len(units))
+
+    if is_store(store_path) and not opts.force:
+        env = open_env(store_path, readonly=True, lock=False)
+        try:
+            manifest = read_manifest(env, path=store_path)
+        finally:
+            env.close()
+        from featstore.store import check_fingerprint
+
+        if manifest.get("fingerprint") != fingerprint:
+            check_fingerprint(manifest, spec.to_dict(), path=store_path)
+    if opts.force:
+        split = {"fresh": [], "missing": [], "stale": list(units)}
+    else:
+        split = split_plan(units, store_path, opts.data_root, fingerprint)
+    todo = sorted(split["missing"] + split["stale"], key=lambda u: u.key)
+    report.fresh, report.missing, report.stale = (len(split[k]) for k in ("fresh", "missing", "stale"))
+
+    entry_bytes = _estimate_entry_bytes(encoder, todo or units, opts.data_root)
+    need = entry_bytes * len(todo)
+    parent = store_path if os.path.isdir(store_path) else (os.path.dirname(os.path.abspath(store_path)) or ".")
+    free = shutil.disk_usage(parent).free
+    log(f"featstore build: {len(units)} units planned ({world} rank(s), shard {index}/{count}) -> {store_path}\n"
+        f"  fresh {report.fresh}, missing {report.missing}, stale {report.stale}; to compute {len(todo)}\n"
+        f"  encoder {spec.encoder} fingerprint {fingerprint[:16]} on {encoder.device}; "
+        f"~{entry_bytes / 1e6:.2f} MB per entry, ~{need / 1e9:.3f} GB to add, {free / 1e9:.1f} GB free")
+    if need * world > free:
+        raise StoreFullError(f"{store_path}: the build needs about {need * world / 1e9:.2f} GB but only "
+                             f"{free / 1e9:.2f} GB are free; free space or build into another --store")
+    if opts.dry_run:
+        report.elapsed_s = time.perf_counter() - t0
+        return report
+
+    writer_kw = dict(encoder=spec.to_dict(), fingerprint=fingerprint, storage_dtype=spec.storage_dtype,
+                     batch_entries=opts.commit_entries, batch_bytes=opts.commit_bytes)
+    # Rank 0 creates (or resets, with --force) the store before the other ranks open it.
+    writer = StoreWriter(store_path, reset=opts.force, **writer_kw) if rank == 0 else None
+    _barrier(world)
+    if writer is None:
+        writer = StoreWriter(store_path, **writer_kw)
+    mine = todo[rank::world]
+    try:
+        try:
+            _run_pipeline(encoder, mine, opts, writer, report, show)
+        except (KeyboardInterrupt, BuildInterrupted):
+            report.interrupted = True
+        writer.commit()
+        report.elapsed_s = time.perf_counter() - t0
+        if report.interrupted:
+            log(f"interrupted: {report.computed} units committed; rerun the same command to resume")
+            return report
+        _barrier(world)
+        total = _gather_reports(report, world)
+        if rank == 0:
+            total.elapsed_s = time.perf_counter() - t0
+            summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
+                           shard=f"{index}/{count}", ranks=world)
+            writer.finish(summary, complete=True)
+        _barrier(world)
+        return total
+    finally:
+        writer.close()
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", required=True, help="folder of the images; keys are paths relative to it")
+    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
+                   help="training's LLaVA/Qwen JSON/JSONL files: one unit per sample (its ordered frame list). "
+                   "Without: every image under the data root is its own unit")
+    p.add_argument("--store", help=f"store path (default: DATA_ROOT/{DEFAULT_STORE_NAME})")
+    g = p.add_argument_group("encoder (every choice enters the fingerprint)")
+    g.add_argument("--encoder", default="vggt-1b", help="registered encoder: vggt-1b (default, needs --weights), "
+                   "vggt-tiny (random weights, for tests/demos), vggt-official (the installed vggt package)")
+    g.add_argument("--weights", help="model.safetensors / model.pt path, a folder holding one, or a hub id "
+                   "(facebook/VGGT-1B, needs internet)")
+    g.add_argument("--layer", type=int, help="aggregator layer to keep (default -2, i.e. 22 of VGGT-1B)")
+    g.add_argument("--attention", choices=["full", "causal"], help="global attention across the frames of a "
+                   "unit: full (official) or causal (streaming navigation models)")
+    g.add_argument("--frames-kept", choices=["all", "last"], help="store every frame's tokens or only the last's")
+    g.add_argument("--target-size", type=int, help="preprocessing width/longest side (518; JanusVLN uses 644)")
+    g.add_argument("--preprocess-mode", choices=["crop", "pad"], help="official crop (default) or pad mode")
+    g.add_argument("--storage-dtype", choices=sorted(_STORAGE_DTYPES), help="dtype of stored features (bfloat16)")
+    g.add_argument("--compute-dtype", choices=sorted(_STORAGE_DTYPES), help="autocast dtype on GPU (bfloat16)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu (default: the local rank's GPU, else CPU)")
+    r = p.add_argument_group("run")
+    r.add_argument("--force", action="store_true", help="recompute every unit (drops all entries first)")
+    r.add_argument("--dry-run", action="store_true", help="print the fresh/missing/stale split, the bytes to "
+                   "add and the free disk space, then stop")
+    r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding DataLoader workers (default: min(4, CPU count))")
+    r.add_argument("--batch-frames", type=int, default=16, help="frames per forward (default 16)")
+    r.add_argument("--shard", default="0/1", metavar="I/N", help="build only part I of N (one host of N); "
+                   "merge the parts with `featstore merge`")
+    r.add_argument("--commit-every", type=int, default=64, metavar="N", help="entries per LMDB commit (default 64); "
+                   "a crash loses at most one open batch")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise FeatstoreError(f"--shard must look like I/N (e.g. 0/4). Found {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise FeatstoreError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
+    overrides = {}
+    for flag, key in (("layer", "layer"), ("attention", "attention"), ("frames_kept", "frames_kept"),
+                      ("target_size", "target_size"), ("preprocess_mode", "preprocess_mode"),
+                      ("storage_dtype", "storage_dtype"), ("compute_dtype", "compute_dtype")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    if not os.path.isdir(args.data_root):
+        raise FeatstoreError(f"--data-root {args.data_root} is not a directory")
+    for a in args.annotations:
+        if not os.path.isfile(a):
+            raise FeatstoreError(f"--annotations {a}: no such file")
+    if args.workers < 0 or args.batch_frames < 1 or args.commit_every < 1:
+        raise FeatstoreError("--workers must be >= 0, --batch-frames and --commit-every >= 1")
+    return BuildOptions(
+        data_root=args.data_root, annotations=args.annotations, store=args.store, encoder=args.encoder,
+        weights=args.weights, device=args.device, spec_overrides=overrides, force=args.force,
+        dry_run=args.dry_run, workers=args.workers, batch_frames=args.batch_frames,
+        shard=_parse_shard(args.shard), commit_entries=args.commit_every, progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = build(options_from_args(args))
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            rate = report.frames / report.elapsed_s if report.elapsed_s else 0.0
+            print(f"featstore build: {report.computed} computed ({report.frames} frames, "
+                  f"{report.bytes / 1e6:.1f} MB, {rate:.1f} frames/s), {report.fresh} already fresh, "
+                  f"{len(report.failed)} failed, {report.elapsed_s:.1f} s", file=sys.stderr)
+            for f in report.failed[:20]:
+                print(f"  failed {f['key']}: {f['error']}", file=sys.stderr)
+            if len(report.failed) > 20:
+                print(f"  ... and {len(report.failed) - 20} more (see `featstore info --json`)", file=sys.stderr)
+    if report.interrupted:
+        return 130
+    return 1 if report.failed else 0

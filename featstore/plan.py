@@ -1,0 +1,189 @@
+"""Unit planning: which encoder calls a store holds, shared by `featstore build` and training.
+
+A unit is ONE encoder call: an ordered list of frames (paths relative to the data root). VGGT's
+global attention mixes all frames of a call, so a frame's features depend on the whole list and
+on its order; build and training must enumerate units with this same code (DESIGN.md section 1).
+
+Keys:
+  - a single-frame unit: the image's own relative path (shared by every sample that uses it);
+  - a multi-frame unit: the sample's "id" when it has one, else its anchor frame (the last,
+    i.e. current, frame).
+Two samples that map to one key with different frame lists are a PlanError, never an overwrite.
+
+Without annotations every image under the data root is its own unit (S=1): files whose
+extension is in IMAGE_EXTENSIONS, skipping hidden files and folders (names starting with '.')
+and any LMDB store directory. Symlinks to files are followed and keyed by the link's own path
+(the path the data names); symlinked directories are not entered, so a link loop cannot hang
+the scan and a linked tree is not planned twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from featstore.errors import InvalidKeyError, PlanError
+from featstore.keys import normalize_key, relative_key
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Unit",
+    "scan_images",
+    "load_annotations",
+    "sample_frames",
+    "sample_unit",
+    "units_from_annotations",
+    "plan_units",
+    "source_fingerprint",
+    "file_sha256",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_IMAGE_FIELDS = ("images", "image")  # LLaVA/Qwen conversation JSON: a list, or one path
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One encoder call: `frames` (keys, in call order) stored under `key`."""
+
+    key: str
+    frames: tuple[str, ...]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+
+def scan_images(data_root: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Keys of every image under `data_root`, sorted (see module docstring for the rules)."""
+    root = os.fspath(data_root)
+    if not os.path.isdir(root):
+        raise PlanError(f"data root {root} is not a directory")
+    exts = tuple(e.lower() for e in extensions)
+    keys = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        # Prune in place: hidden folders, LMDB environments (ours or any other), never entered.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not os.path.isfile(os.path.join(dirpath, d, "data.mdb")))
+        for name in filenames:
+            if name.startswith(".") or not name.lower().endswith(exts):
+                continue
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and not os.path.isfile(path):
+                continue  # dangling link: nothing to encode
+            keys.append(relative_key(path, root))
+    return sorted(keys)
+
+
+def load_annotations(path: str | os.PathLike) -> list[dict]:
+    """Read a LLaVA/Qwen annotation file: a JSON list of samples, or JSONL (one per line)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise PlanError(f"cannot read annotations {path}: {e.strerror}") from None
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            samples = json.loads(text)
+        else:
+            samples = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise PlanError(f"annotations {path}: not valid JSON or JSONL ({e})") from None
+    for i, s in enumerate(samples):
+        if not isinstance(s, dict):
+            raise PlanError(f"annotations {path}: sample {i} is a {type(s).__name__}, not an object")
+    return samples
+
+
+def sample_frames(sample: dict, data_root: str | os.PathLike, *, where: str = "sample") -> tuple[str, ...]:
+    """The ordered frame keys of one annotation sample ("images" list or "image" path)."""
+    for field in _IMAGE_FIELDS:
+        if field in sample:
+            value = sample[field]
+            paths = [value] if isinstance(value, str) else value
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise PlanError(f"{where}: '{field}' must be a path or a list of paths, found {value!r}")
+            break
+    else:
+        return ()
+    frames = []
+    for p in paths:
+        try:
+            frames.append(relative_key(p, data_root) if os.path.isabs(p) else normalize_key(p))
+        except InvalidKeyError as e:
+            raise PlanError(f"{where}: image {p!r}: {e}") from None
+    return tuple(frames)
+
+
+def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sample") -> Unit | None:
+    """The unit one annotation sample asks for, or None when it has no image.
+
+    Training calls this per sample to know which key to read and which frame list to expect.
+    """
+    frames = sample_frames(sample, data_root, where=where)
+    if not frames:
+        return None
+    if len(frames) == 1:
+        return Unit(frames[0], frames)
+    sample_id = sample.get("id")
+    if sample_id is not None and str(sample_id) != "":
+        try:
+            key = normalize_key(str(sample_id))
+        except InvalidKeyError as e:
+            raise PlanError(f"{where}: id {sample_id!r} is not usable as a key: {e}") from None
+    else:
+        key = frames[-1]
+    return Unit(key, frames)
+
+
+def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_root: str | os.PathLike) -> list[Unit]:
+    """One unit per sample with images, deduplicated, sorted by key.
+
+    Raises:
+        PlanError: two samples map to one key with different frame lists (both are named).
+    """
+    by_key: dict[str, tuple[Unit, str]] = {}
+    for path in annotation_files:
+        for i, sample in enumerate(load_annotations(path)):
+            where = f"{os.fspath(path)} sample {i}" + (f" (id {sample['id']!r})" if "id" in sample else "")
+            unit = sample_unit(sample, data_root, where=where)
+            if unit is None:
+                continue
+            seen = by_key.get(unit.key)
+            if seen is None:
+                by_key[unit.key] = (unit, where)
+            elif seen[0].frames != unit.frames:
+                raise PlanError(
+                    f"key collision: {where} and {seen[1]} both map to key {unit.key!r} with different "
+                    f"frame lists ({list(unit.frames)} vs {list(seen[0].frames)}). Give the samples "
+                    "distinct 'id' fields: one key must name one encoder call."
+                )
+    return [by_key[k][0] for k in sorted(by_key)]
+
+
+def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.PathLike] | None = None) -> list[Unit]:
+    """All units of a data root: one per annotated sample, or one per image (S=1) without
+    annotations. Sorted by key."""
+    if annotations:
+        return units_from_annotations(annotations, data_root)
+    return [Unit(k, (k,)) for k in scan_images(data_root)]
+
+
+def source_fingerprint(path: str | os.PathLike) -> dict:
+    """Cheap identity of a source file: size and mtime (ns). A change means stale features."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content, streamed (for `verify --deep`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
