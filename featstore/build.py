@@ -84,6 +84,7 @@ class BuildReport:
     bytes: int = 0
     failed: list[dict] = field(default_factory=list)
     elapsed_s: float = 0.0
+    pipeline_s: float = 0.0  # decode + encode + commit, without model loading and planning
     interrupted: bool = False
 
     def to_dict(self) -> dict:
@@ -387,8 +388,23 @@ def _gather_reports(report: BuildReport, world: int) -> BuildReport:
     return total
 
 
-def build(opts: BuildOptions, *, out=sys.stderr) -> BuildReport:
-    """Run one build (one rank of it under torchrun). Returns the (gathered) report."""
+def _existing_ancestor(path: str) -> str:
+    """The nearest existing folder at or above `path` (the store and its parents may not exist yet)."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
+    """Run one build (one rank of it under torchrun). Returns the (gathered) report.
+
+    Args:
+        opts: what to build.
+        encoder: an already built encoder to use instead of `opts.encoder`/`opts.weights`
+            (saves loading the model twice in one process).
+        out: where the plan summary goes (rank 0 only).
+    """
     from featstore.encoders import get_encoder
     from featstore.writer import BuildInterrupted, StoreWriter
 
@@ -396,8 +412,9 @@ def build(opts: BuildOptions, *, out=sys.stderr) -> BuildReport:
     rank, world = _dist_setup()
     show = opts.progress and rank == 0
     log = (lambda msg: print(msg, file=out, flush=True)) if rank == 0 else (lambda msg: None)
-    encoder = get_encoder(opts.encoder, weights=opts.weights, device=_resolve_device(opts.device),
-                          **opts.spec_overrides)
+    if encoder is None:
+        encoder = get_encoder(opts.encoder, weights=opts.weights, device=_resolve_device(opts.device),
+                              **opts.spec_overrides)
     spec = encoder.spec
     fingerprint = spec.fingerprint()
     store_path = opts.store_path()
@@ -425,8 +442,7 @@ def build(opts: BuildOptions, *, out=sys.stderr) -> BuildReport:
 
     entry_bytes = _estimate_entry_bytes(encoder, todo or units, opts.data_root)
     need = entry_bytes * len(todo)
-    parent = store_path if os.path.isdir(store_path) else (os.path.dirname(os.path.abspath(store_path)) or ".")
-    free = shutil.disk_usage(parent).free
+    free = shutil.disk_usage(_existing_ancestor(store_path)).free
     log(f"featstore build: {len(units)} units planned ({world} rank(s), shard {index}/{count}) -> {store_path}\n"
         f"  fresh {report.fresh}, missing {report.missing}, stale {report.stale}; to compute {len(todo)}\n"
         f"  encoder {spec.encoder} fingerprint {fingerprint[:16]} on {encoder.device}; "
@@ -447,11 +463,13 @@ def build(opts: BuildOptions, *, out=sys.stderr) -> BuildReport:
         writer = StoreWriter(store_path, **writer_kw)
     mine = todo[rank::world]
     try:
+        t_pipe = time.perf_counter()
         try:
             _run_pipeline(encoder, mine, opts, writer, report, show)
         except (KeyboardInterrupt, BuildInterrupted):
             report.interrupted = True
         writer.commit()
+        report.pipeline_s = time.perf_counter() - t_pipe
         report.elapsed_s = time.perf_counter() - t0
         if report.interrupted:
             log(f"interrupted: {report.computed} units committed; rerun the same command to resume")
@@ -539,7 +557,14 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = build(options_from_args(args))
+    try:
+        report = build(options_from_args(args))
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         if args.json:

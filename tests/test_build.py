@@ -1,0 +1,242 @@
+"""featstore build on CPU with the tiny random encoder: content, resume, bad input, planning,
+several processes, shards and merge."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featstore import FeatureStore
+from featstore.build import BuildOptions, build, compute_unit
+from featstore.encoders import get_encoder
+from featstore.errors import FingerprintMismatchError, PlanError
+from featstore.merge import MergeConflictError, merge_stores
+from featstore.plan import plan_units
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "sample_data")
+ANNOTATIONS = "annotations.json"
+
+
+def featstore_cli(*args, check=None, timeout=180, env=None):
+    proc = subprocess.run([sys.executable, "-m", "featstore", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check is not None:
+        assert proc.returncode == check, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(SAMPLE, root, ignore=shutil.ignore_patterns("*.lmdb"))
+    return str(root)
+
+
+def options(root, **kw):
+    kw.setdefault("encoder", "vggt-tiny")
+    kw.setdefault("workers", 0)
+    kw.setdefault("progress", False)
+    return BuildOptions(data_root=root, **kw)
+
+
+def store_contents(path):
+    with FeatureStore(path) as s:
+        return {k: (s.get(k, copy=True).features, s.get(k).frames) for k in s.keys()}
+
+
+def assert_same_contents(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k][0], b[k][0]), k
+        assert a[k][1] == b[k][1], k
+
+
+@pytest.mark.parametrize("mode", [
+    dict(),
+    dict(annotations=[ANNOTATIONS]),
+    dict(annotations=[ANNOTATIONS], spec_overrides=dict(attention="causal", frames_kept="last")),
+])
+def test_stored_features_equal_a_direct_encoder_call(data_root, mode):
+    if "annotations" in mode:
+        mode = dict(mode, annotations=[os.path.join(data_root, a) for a in mode["annotations"]])
+    report = build(options(data_root, **mode))
+    assert not report.failed
+    encoder = get_encoder("vggt-tiny", **mode.get("spec_overrides", {}))
+    units = plan_units(data_root, mode.get("annotations"))
+    assert report.computed == len(units) > 0
+    with FeatureStore(data_root) as store:
+        assert len(store) == len(units)
+        assert store.manifest["fingerprint"] == encoder.spec.fingerprint()
+        for unit in units:
+            expected, meta = compute_unit(encoder, data_root, unit)
+            entry = store.get(unit.key, frames=unit.frames)
+            assert entry.features.dtype == torch.bfloat16
+            assert torch.equal(entry.features, expected), unit.key
+            kept = 1 if mode.get("spec_overrides", {}).get("frames_kept") == "last" else unit.num_frames
+            assert entry.features.shape[0] == kept
+            assert json.loads(entry.metadata["sources"]) == json.loads(meta["sources"])
+
+
+def test_multi_frame_units_differ_from_single_image_features(data_root):
+    """The cached unit is one encoder call: frame 0 inside a 4-frame call != frame 0 alone."""
+    build(options(data_root, annotations=[os.path.join(data_root, ANNOTATIONS)]))
+    encoder = get_encoder("vggt-tiny")
+    with FeatureStore(data_root) as store:
+        seq = store.get("scene_a_step3", copy=True).features
+        assert seq.shape[0] == 4
+    alone, _ = compute_unit(encoder, data_root, plan_units(data_root)[2])  # scene_a/000.jpg by itself
+    assert not torch.equal(seq[0], alone[0])
+
+
+def test_rerun_computes_only_missing_and_changed_units(data_root):
+    ann = [os.path.join(data_root, ANNOTATIONS)]
+    first = build(options(data_root, annotations=ann))
+    assert first.computed == 5
+    again = build(options(data_root, annotations=ann))
+    assert (again.computed, again.fresh) == (0, 5)
+    # Change one frame: exactly the two samples that contain it are recomputed.
+    path = os.path.join(data_root, "scene_a/001.jpg")
+    Image.fromarray(np.full((72, 96, 3), 200, np.uint8)).save(path)
+    after = build(options(data_root, annotations=ann))
+    assert (after.stale, after.computed, after.fresh) == (2, 2, 3)
+    encoder = get_encoder("vggt-tiny")
+    with FeatureStore(data_root) as store:
+        for unit in plan_units(data_root, ann):
+            assert torch.equal(store.get(unit.key).features, compute_unit(encoder, data_root, unit)[0])
+
+
+def test_corrupt_and_empty_images_are_reported_and_skipped(data_root):
+    bad = os.path.join(data_root, "bad")
+    os.makedirs(bad)
+    open(os.path.join(bad, "empty.jpg"), "wb").close()
+    with open(os.path.join(data_root, "scene_a/000.jpg"), "rb") as f:
+        jpeg = f.read()
+    with open(os.path.join(bad, "truncated.jpg"), "wb") as f:
+        f.write(jpeg[: len(jpeg) // 3])
+    with open(os.path.join(bad, "garbage.png"), "wb") as f:
+        f.write(b"not an image at all" * 10)
+    proc = featstore_cli("build", "--data-root", data_root, "--encoder", "vggt-tiny", "--no-progress",
+                         "--workers", "1", check=1)
+    for name in ("bad/empty.jpg", "bad/truncated.jpg", "bad/garbage.png"):
+        assert f"failed {name}:" in proc.stderr
+    with FeatureStore(data_root) as store:
+        assert len(store) == 10 and "bad/empty.jpg" not in store
+    info = json.loads(featstore_cli("info", data_root, "--json", check=0).stdout)
+    assert sorted(f["key"] for f in info["last_build"]["failed"]) == ["bad/empty.jpg", "bad/garbage.png",
+                                                                      "bad/truncated.jpg"]
+    assert info["manifest"]["build"]["state"] == "complete"
+
+
+def test_key_collision_between_samples_is_a_planning_error(data_root):
+    samples = [{"id": "ep1", "images": ["scene_a/000.jpg", "scene_a/001.jpg"]},
+               {"id": "ep1", "images": ["scene_b/000.jpg", "scene_b/001.jpg"]}]
+    ann = os.path.join(data_root, "clash.json")
+    with open(ann, "w") as f:
+        json.dump(samples, f)
+    with pytest.raises(PlanError, match="key collision: .*sample 1 .*sample 0 .*'ep1'"):
+        plan_units(data_root, [ann])
+    proc = featstore_cli("build", "--data-root", data_root, "--annotations", ann, "--encoder", "vggt-tiny", check=2)
+    assert "key collision" in proc.stderr and "distinct 'id'" in proc.stderr
+    assert not os.path.exists(os.path.join(data_root, "vggt_features.lmdb"))
+
+
+def test_dry_run_prints_the_split_and_writes_nothing(data_root):
+    proc = featstore_cli("build", "--data-root", data_root, "--encoder", "vggt-tiny", "--dry-run", check=0)
+    assert "fresh 0, missing 10, stale 0; to compute 10" in proc.stderr
+    assert "GB free" in proc.stderr
+    assert not os.path.exists(os.path.join(data_root, "vggt_features.lmdb"))
+
+
+def test_another_encoder_spec_is_refused_unless_forced(data_root):
+    build(options(data_root))
+    with pytest.raises(FingerprintMismatchError, match="preprocess.target_size: store has 112, expected 56"):
+        build(options(data_root, spec_overrides=dict(target_size=56)))
+    report = build(options(data_root, spec_overrides=dict(target_size=56), force=True))
+    assert report.computed == 10
+    with FeatureStore(data_root) as store:
+        assert store.manifest["encoder"]["preprocess"]["target_size"] == 56 and len(store) == 10
+
+
+def test_two_process_build_equals_one_process_build(data_root, tmp_path):
+    single = str(tmp_path / "single.lmdb")
+    build(options(data_root, store=single))
+    multi = str(tmp_path / "multi.lmdb")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+         str(random.randint(20000, 40000)), "-m", "featstore", "build", "--data-root", data_root,
+         "--encoder", "vggt-tiny", "--store", multi, "--workers", "0", "--no-progress"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 rank(s)" in proc.stderr
+    assert_same_contents(store_contents(single), store_contents(multi))
+    with FeatureStore(multi) as s:
+        assert s.manifest["build"]["state"] == "complete"
+        assert s.manifest["entries"] == 10
+        with FeatureStore(single) as one:
+            assert s.manifest["bytes"] == one.manifest["bytes"]
+
+
+def test_shards_of_two_hosts_merge_into_the_single_build(data_root, tmp_path):
+    single = str(tmp_path / "single.lmdb")
+    build(options(data_root, store=single, annotations=[os.path.join(data_root, ANNOTATIONS)]))
+    shards = []
+    for i in range(2):
+        shards.append(str(tmp_path / f"host{i}" / "shard.lmdb"))
+        report = build(options(data_root, store=shards[-1], shard=(i, 2),
+                               annotations=[os.path.join(data_root, ANNOTATIONS)]))
+        assert report.computed in (2, 3)
+    merged = str(tmp_path / "merged.lmdb")
+    merge_stores(merged, shards, progress=False)
+    assert_same_contents(store_contents(single), store_contents(merged))
+    # A shard built from other sources conflicts on the same key.
+    Image.fromarray(np.zeros((72, 96, 3), np.uint8)).save(os.path.join(data_root, "scene_a/000.jpg"))
+    other = str(tmp_path / "other.lmdb")
+    build(options(data_root, store=other, annotations=[os.path.join(data_root, ANNOTATIONS)]))
+    with pytest.raises(MergeConflictError, match="key 'scene_a_step1' differs between shards"):
+        merge_stores(str(tmp_path / "bad.lmdb"), [shards[0], shards[1], other], progress=False)
+    assert not os.path.exists(str(tmp_path / "bad.lmdb"))
+
+
+def make_images(root, n, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = os.path.join(root, f"seq{i // 10}")
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(os.path.join(d, f"{i:03d}.png"))
+
+
+def test_sigkill_mid_build_then_rerun_equals_an_uninterrupted_build(tmp_path):
+    root = str(tmp_path / "imgs")
+    make_images(root, 80)
+    reference = str(tmp_path / "ref.lmdb")
+    build(options(root, store=reference))
+    store = str(tmp_path / "killed.lmdb")
+    args = [sys.executable, "-m", "featstore", "build", "--data-root", root, "--encoder", "vggt-tiny",
+            "--store", store, "--workers", "0", "--no-progress", "--commit-every", "3", "--batch-frames", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill once the first batches are committed (the store exists and grows).
+    deadline = time.time() + 60
+    while time.time() < deadline and not os.path.exists(os.path.join(store, "data.mdb")):
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.2, 0.8))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with FeatureStore(store) as s:
+        survived = len(s)
+        assert s.manifest["entries"] == survived
+        assert s.manifest["build"]["state"] == "in_progress"
+    assert survived < 80, "the build finished before the kill; make it slower"
+    rerun = build(options(root, store=store))
+    assert rerun.computed == 80 - survived and rerun.fresh == survived
+    assert_same_contents(store_contents(reference), store_contents(store))
