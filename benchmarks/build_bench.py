@@ -69,16 +69,19 @@ def disk_write_gbps(directory: str, total: int = 1 << 30) -> float:
     return total / dt / 1e9
 
 
-def bare_forward(encoder, n_frames: int, batch: int) -> float:
-    x = torch.rand(batch, 1, 3, 392, 518, device=encoder.device)
+def bare_forward(encoder, n_frames: int, batch: int, sync) -> float:
+    """Frames/s of the forward alone, at the size the build's images preprocess to."""
+    size = encoder.spec.preprocess.target_size
+    h = round(480 * size / 640 / 14) * 14
+    x = torch.rand(batch, 1, 3, h, size, device=encoder.device)
     for _ in range(3):
         encoder.encode(x)
-    torch.cuda.synchronize()
+    sync()
     steps = max(1, n_frames // batch)
     t = time.perf_counter()
     for _ in range(steps):
         y = encoder.encode(x).to(torch.bfloat16)
-    torch.cuda.synchronize()
+    sync()
     del y
     return steps * batch / (time.perf_counter() - t)
 
@@ -94,6 +97,35 @@ def naive_build(encoder, root: str, out_dir: str, n: int) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
+def rank_worker(args) -> None:
+    """One rank of a multi-GPU build (launched by torchrun from `--multi-gpu`)."""
+    opts = BuildOptions(data_root=args.images_dir, store=args.store, encoder="vggt-1b-random", device="auto",
+                        workers=args.workers, batch_frames=args.batch_frames, progress=False)
+    report = build(opts)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(args.result, "w") as f:
+            json.dump(report.to_dict(), f)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def multi_gpu_build(args, root: str, work: str, ranks: int) -> dict:
+    import subprocess
+
+    store = os.path.join(work, f"store{ranks}.lmdb")
+    result = os.path.join(work, f"result{ranks}.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           os.path.abspath(__file__), "--rank-worker", "--images-dir", root, "--store", store,
+           "--result", result, "--workers", str(args.workers), "--batch-frames", str(args.batch_frames)]
+    subprocess.run(cmd, check=True)
+    with open(result) as f:
+        report = json.load(f)
+    shutil.rmtree(store, ignore_errors=True)
+    return {"ranks": ranks, "frames": report["frames"], "pipeline_s": report["pipeline_s"],
+            "frames_per_s": report["frames"] / report["pipeline_s"], "failed": len(report["failed"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -102,11 +134,22 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where images and stores go (default: a temp dir)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--batch-frames", type=int, default=16)
+    ap.add_argument("--multi-gpu", type=int, default=0, help="also build with 1 and N ranks (torchrun) and compare")
+    ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--images-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke test of this script: vggt-tiny, few images")
     args = ap.parse_args()
+    if args.rank_worker:
+        return rank_worker(args)
+    device = "cpu" if args.smoke else "cuda"
+    encoder_name = "vggt-tiny" if args.smoke else "vggt-1b-random"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     os.makedirs(args.out, exist_ok=True)
     work = args.workdir or tempfile.mkdtemp(prefix="featstore-bench-")
     root = os.path.join(work, "images")
-    results: dict = {"card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+    results: dict = {"card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
                      "images": args.images, "torch": torch.__version__, "cpus": os.cpu_count()}
     t = time.perf_counter()
     make_images(root, args.images)
@@ -115,15 +158,13 @@ def main() -> None:
 
     from featstore.encoders import get_encoder
 
-    encoder = get_encoder("vggt-1b-random", device="cuda")
-    frame_bytes = 28 * 37 * 2048 * 2
-    results["bytes_per_frame"] = frame_bytes
-    results["bare_frames_per_s"] = bare_forward(encoder, 512, args.batch_frames)
+    encoder = get_encoder(encoder_name, device=device)
+    results["bare_frames_per_s"] = bare_forward(encoder, 512 if device == "cuda" else 32, args.batch_frames, sync)
     results["naive_frames_per_s"] = naive_build(encoder, root, os.path.join(work, "naive"), args.naive_images)
     shutil.rmtree(os.path.join(work, "naive"), ignore_errors=True)
 
     store = os.path.join(work, "store.lmdb")
-    opts = BuildOptions(data_root=root, store=store, encoder="vggt-1b-random", device="cuda",
+    opts = BuildOptions(data_root=root, store=store, encoder=encoder_name, device=device,
                         workers=args.workers, batch_frames=args.batch_frames, progress=False)
     report = build(opts, encoder=encoder)  # model loading excluded: the encoder is passed in
     results["featstore_build"] = report.to_dict()
@@ -133,6 +174,8 @@ def main() -> None:
     report2 = build(opts, encoder=encoder)
     results["featstore_frames_per_s_second_run"] = report2.frames / report2.pipeline_s
     results["featstore_second_run_elapsed_s"] = report2.elapsed_s
+    frame_bytes = report.bytes / max(report.frames, 1)
+    results["bytes_per_frame"] = frame_bytes
     disk_ceiling = results["disk_write_GBps"] * 1e9 / frame_bytes
     ceiling = min(results["bare_frames_per_s"], disk_ceiling)
     results["disk_ceiling_frames_per_s"] = disk_ceiling
@@ -141,6 +184,12 @@ def main() -> None:
     results["featstore_vs_ceiling"] = best / ceiling
     results["featstore_vs_naive"] = best / results["naive_frames_per_s"]
     results["featstore_vs_bare"] = best / results["bare_frames_per_s"]
+    del encoder
+    if args.multi_gpu > 1:
+        torch.cuda.empty_cache()
+        one = multi_gpu_build(args, root, work, 1)
+        many = multi_gpu_build(args, root, work, args.multi_gpu)
+        results["multi_gpu"] = {"one": one, "many": many, "speedup": many["frames_per_s"] / one["frames_per_s"]}
     shutil.rmtree(work, ignore_errors=True)
 
     with open(os.path.join(args.out, "build_bench.json"), "w") as f:
@@ -157,6 +206,11 @@ def main() -> None:
     lines.append("")
     lines.append(f"disk write {results['disk_write_GBps']:.2f} GB/s; featstore/naive = {results['featstore_vs_naive']:.2f}x; "
                  f"featstore/bare = {results['featstore_vs_bare']:.2f}")
+    if "multi_gpu" in results:
+        m = results["multi_gpu"]
+        lines.append(f"torchrun, same images: 1 rank {m['one']['frames_per_s']:.1f} frames/s, "
+                     f"{m['many']['ranks']} ranks {m['many']['frames_per_s']:.1f} frames/s "
+                     f"(x{m['speedup']:.2f}); all ranks commit into one LMDB")
     with open(os.path.join(args.out, "build_bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

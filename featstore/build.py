@@ -384,6 +384,7 @@ def _gather_reports(report: BuildReport, world: int) -> BuildReport:
             setattr(total, k, getattr(total, k) + p[k])
         total.failed.extend(p["failed"])
         total.interrupted |= p["interrupted"]
+        total.pipeline_s = max(total.pipeline_s, p["pipeline_s"])  # the slowest rank decides
     total.elapsed_s = report.elapsed_s
     return total
 
