@@ -99,7 +99,8 @@ def naive_build(encoder, root: str, out_dir: str, n: int) -> float:
 
 def rank_worker(args) -> None:
     """One rank of a multi-GPU build (launched by torchrun from `--multi-gpu`)."""
-    opts = BuildOptions(data_root=args.images_dir, store=args.store, encoder="vggt-1b-random", device="auto",
+    opts = BuildOptions(data_root=args.images_dir, store=args.store,
+                        encoder="vggt-tiny" if args.smoke else "vggt-1b-random", device="auto",
                         workers=args.workers, batch_frames=args.batch_frames, progress=False)
     report = build(opts)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -107,7 +108,8 @@ def rank_worker(args) -> None:
             json.dump(report.to_dict(), f)
     import torch.distributed as dist
 
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def multi_gpu_build(args, root: str, work: str, ranks: int) -> dict:
@@ -117,7 +119,7 @@ def multi_gpu_build(args, root: str, work: str, ranks: int) -> dict:
     result = os.path.join(work, f"result{ranks}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            os.path.abspath(__file__), "--rank-worker", "--images-dir", root, "--store", store,
-           "--result", result, "--workers", str(args.workers), "--batch-frames", str(args.batch_frames)]
+           "--result", result, "--workers", str(args.workers), "--batch-frames", str(args.batch_frames)] + (["--smoke"] if args.smoke else [])
     subprocess.run(cmd, check=True)
     with open(result) as f:
         report = json.load(f)
@@ -186,7 +188,8 @@ def main() -> None:
     results["featstore_vs_bare"] = best / results["bare_frames_per_s"]
     del encoder
     if args.multi_gpu > 1:
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         one = multi_gpu_build(args, root, work, 1)
         many = multi_gpu_build(args, root, work, args.multi_gpu)
         results["multi_gpu"] = {"one": one, "many": many, "speedup": many["frames_per_s"] / one["frames_per_s"]}
