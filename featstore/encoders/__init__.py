@@ -123,37 +123,45 @@ def _make_vggt(*, name: str, config: Dict[str, Any], weights, device, random_see
             f"the hub id 'facebook/VGGT-1B' on a machine with internet (CLI: --weights). For a weightless "
             f"smoke test use the 'vggt-tiny' encoder."
         )
-    # Build on CPU; load; then move (a 5 GB checkpoint never sits twice on the GPU).
-    ours = V.VGGTAggregator(**config)
-    if weights is None:
-        V.init_random_(ours, random_seed)
-        state, source, digest = ours.state_dict(), f"random-seed-{random_seed}", f"random-seed-{random_seed}"
-    else:
-        path = resolve_weights(weights)
-        state, source = load_aggregator_state(path), str(path)
-        digest = sha256_file(path)
+    # Check every argument before any work (building VGGT-1B on CPU takes seconds and 3.6 GB).
+    path = resolve_weights(weights) if weights is not None else None
+    spec = EncoderSpec(encoder=name, implementation=backend, code_version="?", config=config,
+                       weights_sha256="?", preprocess=PreprocessSpec(target_size=default_target))
+    spec = _apply_overrides(spec, overrides)
     if backend == "official":
+        if spec.attention != "full":
+            raise EncoderError("the official vggt package has no causal mode; use backend='featstore' "
+                               "for attention='causal'")
+        if compile:
+            raise EncoderError("compile=True is only supported with backend='featstore'")
         try:
             from vggt.models.aggregator import Aggregator
         except ImportError as e:
-            raise EncoderError(f"backend='official' needs the official `vggt` package ({e}). {OFFICIAL_INSTALL_HINT}") from e
-        model = Aggregator(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()})
-        implementation, code_version = "official", _official_version()
+            raise EncoderError(f"backend='official' needs the official `vggt` package ({e}). "
+                               f"{OFFICIAL_INSTALL_HINT}") from e
+
+    # Build on CPU, load, then move: a 5 GB checkpoint never sits twice on the GPU.
+    if path is None:
+        # Random weights come from our aggregator's seeded init, whichever backend runs them.
+        ours = V.init_random_(V.VGGTAggregator(**config), random_seed)
+        state, source = ours.state_dict(), f"random-seed-{random_seed}"
+        digest = source
     else:
-        model = ours
-        implementation, code_version = "featstore", V.CODE_VERSION
+        ours, state, source = None, load_aggregator_state(path), str(path)
+    if backend == "official":
+        model = Aggregator(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()})
+        code_version = _official_version()
+    else:
+        model = ours if ours is not None else V.VGGTAggregator(**config)
+        code_version = V.CODE_VERSION
+    del ours
     load_into(model, state, source)
     del state
-    spec = EncoderSpec(encoder=name, implementation=implementation, code_version=code_version,
-                       config=config, weights_sha256=digest,
-                       preprocess=PreprocessSpec(target_size=default_target))
-    spec = _apply_overrides(spec, overrides)
-    if backend == "official" and spec.attention != "full":
-        raise EncoderError("the official vggt package has no causal mode; use backend='featstore' for attention='causal'")
+    if path is not None:
+        digest = sha256_file(path)  # after the strict load: a wrong file fails fast, unhashed
+    spec = spec.replace(code_version=code_version, weights_sha256=digest)
     model = model.to(device).eval().requires_grad_(False)
     if compile:
-        if backend != "featstore":
-            raise EncoderError("compile=True is only supported with backend='featstore'")
         model.compile_blocks()
     return V.VGGTEncoder(spec, model, device, backend=backend)
 
