@@ -101,7 +101,8 @@ def rank_worker(args) -> None:
     """One rank of a multi-GPU build (launched by torchrun from `--multi-gpu`)."""
     opts = BuildOptions(data_root=args.images_dir, store=args.store,
                         encoder="vggt-tiny" if args.smoke else "vggt-1b-random", device="auto",
-                        workers=args.workers, batch_frames=args.batch_frames, progress=False)
+                        workers=args.workers, batch_frames=args.batch_frames, progress=False,
+                        compile=args.compile)
     report = build(opts)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.result, "w") as f:
@@ -119,7 +120,8 @@ def multi_gpu_build(args, root: str, work: str, ranks: int) -> dict:
     result = os.path.join(work, f"result{ranks}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            os.path.abspath(__file__), "--rank-worker", "--images-dir", root, "--store", store,
-           "--result", result, "--workers", str(args.workers), "--batch-frames", str(args.batch_frames)] + (["--smoke"] if args.smoke else [])
+           "--result", result, "--workers", str(args.workers), "--batch-frames", str(args.batch_frames)] + (["--smoke"] if args.smoke else []) \
+        + (["--compile"] if args.compile else [])
     subprocess.run(cmd, check=True)
     with open(result) as f:
         report = json.load(f)
@@ -136,6 +138,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where images and stores go (default: a temp dir)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--batch-frames", type=int, default=16)
+    ap.add_argument("--compile", action="store_true", help="also measure bare forward and build with torch.compile'd blocks")
     ap.add_argument("--multi-gpu", type=int, default=0, help="also build with 1 and N ranks (torchrun) and compare")
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--images-dir", help=argparse.SUPPRESS)
@@ -176,6 +179,7 @@ def main() -> None:
     report2 = build(opts, encoder=encoder)
     results["featstore_frames_per_s_second_run"] = report2.frames / report2.pipeline_s
     results["featstore_second_run_elapsed_s"] = report2.elapsed_s
+    shutil.rmtree(store)
     frame_bytes = report.bytes / max(report.frames, 1)
     results["bytes_per_frame"] = frame_bytes
     disk_ceiling = results["disk_write_GBps"] * 1e9 / frame_bytes
@@ -187,6 +191,23 @@ def main() -> None:
     results["featstore_vs_naive"] = best / results["naive_frames_per_s"]
     results["featstore_vs_bare"] = best / results["bare_frames_per_s"]
     del encoder
+    if args.compile:
+        encoder = get_encoder(encoder_name, device=device, compile=True)
+        t = time.perf_counter()
+        bare_forward(encoder, 64, args.batch_frames, sync)  # compile + warm-up, not timed below
+        results["compile_warmup_s"] = time.perf_counter() - t
+        results["bare_compiled_frames_per_s"] = bare_forward(encoder, 512 if device == "cuda" else 32,
+                                                             args.batch_frames, sync)
+        import dataclasses
+
+        report3 = build(dataclasses.replace(opts, compile=True), encoder=encoder)
+        results["featstore_compiled_frames_per_s"] = report3.frames / report3.pipeline_s
+        shutil.rmtree(store, ignore_errors=True)
+        ceiling_c = min(results["bare_compiled_frames_per_s"], disk_ceiling)
+        results["compiled_ceiling_frames_per_s"] = ceiling_c
+        results["featstore_compiled_vs_ceiling"] = results["featstore_compiled_frames_per_s"] / ceiling_c
+        results["featstore_compiled_vs_naive"] = results["featstore_compiled_frames_per_s"] / results["naive_frames_per_s"]
+        del encoder
     if args.multi_gpu > 1:
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -209,6 +230,11 @@ def main() -> None:
     lines.append("")
     lines.append(f"disk write {results['disk_write_GBps']:.2f} GB/s; featstore/naive = {results['featstore_vs_naive']:.2f}x; "
                  f"featstore/bare = {results['featstore_vs_bare']:.2f}")
+    if "bare_compiled_frames_per_s" in results:
+        lines.append(f"torch.compile'd blocks: bare {results['bare_compiled_frames_per_s']:.1f} frames/s, featstore build "
+                     f"{results['featstore_compiled_frames_per_s']:.1f} frames/s = {results['featstore_compiled_vs_ceiling']:.2f} "
+                     f"of min(bare, disk) and {results['featstore_compiled_vs_naive']:.2f}x naive "
+                     f"(compile + warm-up {results['compile_warmup_s']:.0f} s, not counted)")
     if "multi_gpu" in results:
         m = results["multi_gpu"]
         lines.append(f"torchrun, same images: 1 rank {m['one']['frames_per_s']:.1f} frames/s, "
