@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from featstore.errors import CorruptEntryError
@@ -38,6 +39,7 @@ __all__ = [
     "Entry",
     "encode_entry",
     "decode_entry",
+    "align_blob",
     "tensor_checksum",
 ]
 
@@ -78,8 +80,19 @@ class Entry:
 
     @property
     def frames(self) -> list[str]:
-        """The ordered frame keys of the encoder call this entry came from."""
-        return json.loads(self.metadata.get("frames", "[]"))
+        """The ordered frame keys of the encoder call this entry came from (``[]`` if unrecorded).
+
+        Raises:
+            CorruptEntryError: the ``frames`` metadata is not a JSON list of strings.
+        """
+        raw = self.metadata.get("frames", "[]")
+        try:
+            frames = json.loads(raw)
+        except json.JSONDecodeError:
+            frames = None
+        if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
+            raise CorruptEntryError(f"metadata 'frames' is not a JSON list of strings: {raw[:200]!r}")
+        return frames
 
 
 def tensor_checksum(data) -> str:
@@ -116,6 +129,11 @@ def encode_entry(
     """
     if not tensors:
         raise ValueError("encode_entry needs at least one tensor")
+    if not isinstance(value_offset, int) or value_offset < 0:
+        raise ValueError(f"value_offset must be a non-negative int. Found {value_offset!r}")
+    for name in tensors:
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(f"tensor name {name!r} is not allowed (a non-empty str other than '__metadata__')")
     meta = {}
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -145,10 +163,35 @@ def encode_entry(
     meta[_CHECKSUM_KEY] = tensor_checksum(data)
     header["__metadata__"] = meta
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    # Pad with spaces (as safetensors does) so that value_offset + 8 + len(header) is aligned.
+    # One copy of the tensor bytes here (join); `bytes(data) + ...` would make two.
+    return b"".join((_padded_prefix(text, value_offset), data))
+
+
+def _padded_prefix(text: bytes, value_offset: int) -> bytes:
+    """`[u64 N][header padded with spaces]` such that value_offset + 8 + N is 64-byte aligned.
+
+    Spaces are what safetensors itself pads with, so stock readers accept the padding.
+    """
     pad = (-(value_offset + 8 + len(text))) % ALIGNMENT
-    text += b" " * pad
-    return struct.pack("<Q", len(text)) + text + bytes(data)
+    return struct.pack("<Q", len(text) + pad) + text + b" " * pad
+
+
+def align_blob(blob, value_offset: int) -> bytes:
+    """Re-pad the header of an encoded blob for a store whose values start `value_offset`
+    bytes past a 64-byte boundary (`featstore.store.lmdb_value_offset(env)`).
+
+    Returns `blob` itself when it is already aligned for that offset (the common case, no
+    copy); otherwise a new blob with the same header JSON and tensor bytes (one copy).
+
+    Raises:
+        CorruptEntryError: `blob` does not start with a well-formed header.
+    """
+    view = memoryview(blob).cast("B") if not isinstance(blob, bytes) else memoryview(blob)
+    _, data_start = _parse_header(view, None)
+    if (value_offset + data_start) % ALIGNMENT == 0:
+        return blob if isinstance(blob, bytes) else bytes(blob)
+    text = bytes(view[8:data_start]).rstrip(b" ")
+    return b"".join((_padded_prefix(text, value_offset), view[data_start:]))
 
 
 def _fail(key: str | None, message: str) -> CorruptEntryError:
@@ -156,24 +199,53 @@ def _fail(key: str | None, message: str) -> CorruptEntryError:
     return CorruptEntryError(f"{where}: {message}")
 
 
+class _DuplicateName(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    # json.loads keeps the last of duplicate names silently; a duplicated tensor name would
+    # hide one tensor's bytes, so it is refused.
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateName(k)
+        out[k] = v
+    return out
+
+
 def _parse_header(view: memoryview, key: str | None) -> tuple[dict, int]:
+    """Return (header dict, offset of the data section). Bounds first, then JSON."""
     if len(view) < 8:
         raise _fail(key, f"truncated: {len(view)} bytes, less than the 8-byte header length")
     (n,) = struct.unpack_from("<Q", view, 0)
     if n > MAX_HEADER_BYTES:
-        raise _fail(key, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raise _fail(key, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit "
+                         "(featstore headers are a few KiB; this is corruption)")
     if 8 + n > len(view):
         raise _fail(key, f"truncated: header claims {n} bytes but only {len(view) - 8} follow")
+    text = bytes(view[8 : 8 + n])
     try:
-        header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(text.decode("utf-8"))
+        # json.loads keeps the last of duplicate names silently. Checking every object with an
+        # object_pairs_hook costs ~25% of a small read, so count first and only re-parse with
+        # the hook when the count of tensor entries does not add up.
+        if isinstance(header, dict) and text.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
+            json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateName as e:
+        raise _fail(key, f"header names {e.args[0]!r} twice") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise _fail(key, f"header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise _fail(key, f"header is a JSON {type(header).__name__}, not an object")
     return header, 8 + n
 
 
-def _check_tensor_specs(header: dict, data_len: int, key: str | None) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+_Spec = tuple  # (name, dtype, shape, start, end)
+
+
+def _check_tensor_specs(header: dict, data_len: int, key: str | None) -> list[_Spec]:
+    """Validate each tensor's header entry, then that the tensors tile the data exactly."""
     specs = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -189,13 +261,27 @@ def _check_tensor_specs(header: dict, data_len: int, key: str | None) -> list[tu
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
             raise _fail(key, f"tensor {name!r}: data_offsets {offs!r} is not a pair of ints")
         start, end = offs
-        if not 0 <= start <= end <= data_len:
-            raise _fail(key, f"tensor {name!r}: data_offsets {offs} lie outside the {data_len} data bytes")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end:
+            raise _fail(key, f"tensor {name!r}: data_offsets {offs} are not 0 <= begin <= end")
+        itemsize = dtype.itemsize
         if math.prod(shape) * itemsize != end - start:
             raise _fail(key, f"tensor {name!r}: shape {shape} x {itemsize} bytes != {end - start} bytes at {offs}")
+        if start % itemsize:
+            # We write the largest itemsize first, so this never happens to our own blobs.
+            raise _fail(key, f"tensor {name!r}: data offset {start} is not a multiple of its "
+                             f"{itemsize}-byte itemsize (misaligned)")
         specs.append((name, dtype, shape, start, end))
     specs.sort(key=lambda s: (s[3], s[4]))
+    # A blob cut short still tiles its (claimed) data contiguously: report that as truncation,
+    # before the per-tensor range check would report it as a bad offset.
+    tiled = all(a[4] == b[3] for a, b in zip(specs, specs[1:])) and (not specs or specs[0][3] == 0)
+    if tiled and specs and specs[-1][4] > data_len:
+        raise _fail(key, f"truncated: the tensors need {specs[-1][4]} data bytes but only "
+                         f"{data_len} follow the header")
+    for name, _, _, start, end in specs:
+        if end > data_len:
+            raise _fail(key, f"tensor {name!r}: data_offsets [{start}, {end}] lie outside the "
+                             f"{data_len} data bytes")
     cursor = 0
     for name, _, _, start, end in specs:
         if start < cursor:
@@ -206,6 +292,28 @@ def _check_tensor_specs(header: dict, data_len: int, key: str | None) -> list[tu
     if cursor != data_len:
         raise _fail(key, f"{data_len - cursor} trailing bytes after the last tensor")
     return specs
+
+
+_readonly_warning_swallowed = False
+
+
+def _frombuffer_quiet(view: memoryview, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+    """`torch.frombuffer` without its warning about read-only buffers (the map is read-only by
+    design). torch emits that warning once per process, so only the first read-only buffer
+    needs the (not thread-safe, ~µs) `catch_warnings`; every other warning is left alone."""
+    global _readonly_warning_swallowed
+    if _readonly_warning_swallowed or not view.readonly:
+        return torch.frombuffer(view, dtype=dtype, count=count, offset=offset)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        t = torch.frombuffer(view, dtype=dtype, count=count, offset=offset)
+    _readonly_warning_swallowed = True
+    return t
+
+
+def _address(view: memoryview) -> int:
+    """Address of the first byte of `view` (numpy reads read-only buffers without copying)."""
+    return np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data if len(view) else 0
 
 
 def decode_entry(
@@ -251,18 +359,19 @@ def decode_entry(
         actual = tensor_checksum(view[data_start:])
         if actual != stored:
             raise _fail(key, f"checksum mismatch (stored {stored}, computed {actual}): the value is corrupt")
-    with warnings.catch_warnings():
-        # The map is read-only by design; torch warns once per buffer about that. Only this warning.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        base = torch.frombuffer(view, dtype=torch.uint8)
+    base_addr = _address(view)
     tensors = {}
     for name, dtype, shape, start, end in specs:
-        raw = base[data_start + start : data_start + end]
-        itemsize = raw.new_empty((), dtype=dtype).element_size()
-        if copy or raw.data_ptr() % itemsize != 0 or dtype == torch.bool:
-            raw = raw.clone()
-        t = raw.view(torch.uint8 if dtype == torch.bool else dtype)
-        if dtype == torch.bool:
-            t = t.to(torch.bool)
+        offset = data_start + start
+        if end == start:  # torch.frombuffer refuses empty buffers
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        # A value at an address that is not a multiple of the itemsize (small values sit at
+        # odd addresses on LMDB leaf pages) cannot be viewed as `dtype`: copy it instead.
+        if copy or (base_addr + offset) % dtype.itemsize or dtype == torch.bool:
+            raw = _frombuffer_quiet(view, torch.uint8, end - start, offset).clone()
+            t = raw.ne(0) if dtype == torch.bool else raw.view(dtype)
+        else:
+            t = _frombuffer_quiet(view, dtype, (end - start) // dtype.itemsize, offset)
         tensors[name] = t.view(shape)
     return Entry(tensors=tensors, metadata=dict(meta))

@@ -12,6 +12,7 @@ import collections
 import json
 import os
 
+from featstore.errors import CorruptEntryError
 from featstore.format import decode_entry
 from featstore.reader import FeatureStore
 from featstore.store import LAST_BUILD_KEY, META_DB
@@ -35,12 +36,19 @@ def store_info(path: str, *, max_scan: int = 10000) -> dict:
         manifest = store.manifest
         env = store._environment()
         shapes: collections.Counter = collections.Counter()
+        corrupt: list[str] = []
         scanned = 0
         with env.begin(db=store._db, buffers=True) as txn:
             for key, value in txn.cursor():
                 if scanned >= max_scan:
                     break
-                entry = decode_entry(value, key=bytes(key).decode())
+                try:
+                    entry = decode_entry(value, key=bytes(key).decode())
+                except CorruptEntryError as e:
+                    # Summarise, don't stop: `featstore verify` is the tool that judges a store.
+                    corrupt.append(str(e))
+                    scanned += 1
+                    continue
                 for name, t in entry.tensors.items():
                     shapes[f"{name} {str(t.dtype).replace('torch.', '')} {list(t.shape)}"] += 1
                 scanned += 1
@@ -54,6 +62,7 @@ def store_info(path: str, *, max_scan: int = 10000) -> dict:
             "file_bytes": os.path.getsize(os.path.join(store.path, "data.mdb")),
             "scanned": scanned,
             "shapes": dict(shapes.most_common()),
+            "corrupt": corrupt,
             "last_build": json.loads(raw) if raw else None,
         }
     finally:
@@ -90,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"tensors{suffix}:")
     for shape, count in info["shapes"].items():
         print(f"  {count:>8} x {shape}")
+    if info["corrupt"]:
+        print(f"corrupt      {len(info['corrupt'])} scanned entries do not decode; run `featstore verify`:")
+        for message in info["corrupt"][:5]:
+            print(f"  {message}")
     report = info["last_build"]
     if report:
         failed = report.get("failed") or []

@@ -38,7 +38,13 @@ def normalize_key(key: str | os.PathLike) -> str:
     """
     if isinstance(key, bytes):
         raise InvalidKeyError(f"key {key!r} is bytes; pass a str path relative to the data root")
-    text = os.fspath(key)
+    try:
+        text = os.fspath(key)
+    except TypeError:
+        raise InvalidKeyError(f"key {key!r} is a {type(key).__name__}; pass a str path relative "
+                              "to the data root") from None
+    if isinstance(text, bytes):  # a PathLike that returns bytes
+        raise InvalidKeyError(f"key {key!r} is bytes; pass a str path relative to the data root")
     if os.sep != "/":
         text = text.replace(os.sep, "/")
     text = unicodedata.normalize("NFC", text)
@@ -57,7 +63,14 @@ def normalize_key(key: str | os.PathLike) -> str:
     if not parts:
         raise InvalidKeyError(f"key {text!r} names no file")
     canonical = "/".join(parts)
-    size = len(canonical.encode("utf-8"))
+    try:
+        size = len(canonical.encode("utf-8"))
+    except UnicodeEncodeError:
+        # Lone surrogates: os.fsdecode() of a file name whose bytes are not UTF-8.
+        raise InvalidKeyError(
+            f"key {canonical!r} is not valid Unicode (a file name that is not UTF-8?); "
+            "rename the file to a UTF-8 name"
+        ) from None
     if size > MAX_KEY_BYTES:
         raise InvalidKeyError(
             f"key {canonical[:80]!r}... is {size} bytes in UTF-8; LMDB limits keys to "

@@ -12,49 +12,120 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 import lmdb
+import numpy as np
 import torch
 
 from featstore.errors import FeatstoreError, MissingKeyError
 from featstore.format import Entry, decode_entry
-from featstore.keys import key_to_bytes
+from featstore.keys import key_to_bytes, normalize_key
 from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path
 
 __all__ = ["FeatureStore"]
 
-# One environment per store file per process, shared by every FeatureStore on it: py-lmdb
-# refuses to open the same environment twice in one process. realpath -> _OpenEnv.
-_OPEN_ENVS: dict[str, "_OpenEnv"] = {}
+# One environment per store per process, shared by every FeatureStore on it: py-lmdb refuses to
+# open the same environment twice in one process. Keyed like py-lmdb's own guard, by the data
+# file's (st_dev, st_ino): a store deleted and rebuilt at the same path is a different store.
+_OPEN_ENVS: dict[tuple, "_OpenEnv"] = {}
 # Environments inherited through fork whose lock table the parent still uses: closing them in
 # the child would clear the parent's reader slots (mdb_env_close clears slots by the opener's
 # pid), so they are kept referenced and never touched.
 _INHERITED_LOCKED_ENVS: list = []
 
 
+def _store_id(path: str) -> tuple:
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+        return ("ino", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
 class _OpenEnv:
-    def __init__(self, env: lmdb.Environment, locked: bool):
-        self.env, self.locked, self.pid, self.refs = env, locked, os.getpid(), 0
+    """One process's open environment of a store, plus what reads need besides it."""
+
+    def __init__(self, ident: tuple, path: str, env: lmdb.Environment, locked: bool):
+        self.ident, self.env, self.locked, self.pid, self.refs = ident, env, locked, os.getpid(), 0
+        self.fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # For prefetching exact value pages with posix_fadvise: a value's file offset is its
+        # address minus the map's base address. (env.info()["map_addr"] is 0 unless LMDB was
+        # opened with MDB_FIXEDMAP, so the base comes from /proc/self/maps; None elsewhere.)
+        self.map_addr, self.map_end = _map_range(self.fd) or (None, None)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.env.close()
 
 
-def _release(real: str, rec: "_OpenEnv") -> None:
+def _map_range(fd: int) -> tuple[int, int] | None:
+    """[start, end) of this process's mapping of the file open as `fd` (offset 0), or None."""
+    st = os.fstat(fd)
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        # "7f7c6e800000-7f7c7be1c000 r--s 00000000 fe:00 2146723   /path/data.mdb"
+        parts = line.split(None, 5)
+        if len(parts) < 5 or int(parts[2], 16) != 0 or int(parts[4]) != st.st_ino:
+            continue
+        major, minor = (int(x, 16) for x in parts[3].split(":"))
+        if os.makedev(major, minor) != st.st_dev:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if found is None or end - start > found[1] - found[0]:
+            found = (start, end)
+    return found
+
+
+def _release(rec: "_OpenEnv") -> None:
     rec.refs -= 1
-    if rec.refs <= 0 and _OPEN_ENVS.get(real) is rec:
-        del _OPEN_ENVS[real]
-        rec.env.close()
+    if rec.refs <= 0 and _OPEN_ENVS.get(rec.ident) is rec:
+        del _OPEN_ENVS[rec.ident]
+        rec.close()
 
 
-def _forget_inherited(real: str, rec: "_OpenEnv") -> None:
+def _forget_inherited(path: str, rec: "_OpenEnv") -> None:
     """Drop an environment this process inherited through fork, so it can be opened afresh."""
-    del _OPEN_ENVS[real]
+    del _OPEN_ENVS[rec.ident]
     if rec.locked:
-        _INHERITED_LOCKED_ENVS.append(rec.env)
+        _INHERITED_LOCKED_ENVS.append(rec)
         raise FeatstoreError(
-            f"{real}: this store was opened with locking (its build is in progress) before the "
+            f"{path}: this store was opened with locking (its build is in progress) before the "
             "process forked, and LMDB cannot reopen it in the child. Open it only inside the "
             "workers, use the 'spawn' start method, or wait for the build to complete."
         )
-    # No lock table: closing only unmaps this child's copy and frees py-lmdb's "already open"
-    # registration. Views the child inherited from the parent become invalid.
-    rec.env.close()
+    # No lock table: closing only unmaps this child's copy of the map, closes its copies of the
+    # fds and frees py-lmdb's "already open" registration. Views the child inherited from the
+    # parent become invalid (they must not be used across fork anyway).
+    rec.close()
+
+
+# Read-path defaults, chosen by benchmarks/read_bench.py (docs/BENCHMARKS.md, "Read path").
+READAHEAD_DEFAULT = True
+PREFETCH_DEFAULT = False
+
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
+
+
+def _prefetch(rec: _OpenEnv, values: Sequence[memoryview]) -> None:
+    """Ask the kernel to read exactly the pages of `values` now, asynchronously.
+
+    One posix_fadvise(WILLNEED) per value queues all of a batch's reads at once (the disk sees
+    them in parallel) and reads no page outside them; the copy then finds them in the page
+    cache. On cached pages it costs a few microseconds per value.
+    """
+    if _WILLNEED is None or rec.map_addr is None:
+        return
+    for v in values:
+        if len(v) < 8192:  # a page or two: the fault reads it anyway
+            continue
+        offset = np.frombuffer(v, dtype=np.uint8).ctypes.data - rec.map_addr
+        if not 0 <= offset < rec.map_end - rec.map_addr:  # not in the map we know: skip, never guess
+            continue
+        start = offset & ~4095
+        os.posix_fadvise(rec.fd, start, offset + len(v) - start, _WILLNEED)
 
 
 class FeatureStore:
@@ -64,28 +135,54 @@ class FeatureStore:
         path: the store directory, or a data root that holds ``vggt_features.lmdb``.
         lock: LMDB locking. ``None`` (default) decides per open: off for a store whose build
             is complete (no reader slots needed, any number of ranks x workers), on while a
-            build is in progress (readers then never see pages a writer reuses).
-        readahead: OS readahead on the map. On by default: cold reads of feature-sized values
-            are several times faster with it (docs/BENCHMARKS.md); the common ``False`` recipe
-            is tuned for tiny values.
+            build is in progress (readers then never see pages a writer reuses, and `get`
+            returns copies).
+        readahead: OS readahead on the map (``False`` sets MADV_RANDOM: a cold fault then
+            reads only its own 4 KiB page). Default READAHEAD_DEFAULT; see below.
+        prefetch: before copying values out (`get`, `read_into`, `get_many`), ask the kernel
+            (posix_fadvise WILLNEED) to read exactly each value's pages, all of a batch at
+            once. Default PREFETCH_DEFAULT; see below.
         verify_checksums: recompute each value's CRC-32 on read and refuse a mismatch
             (about 2.5 GB/s per core; off by default, `featstore verify` checks whole stores).
         expected_encoder: an encoder spec dict; opening fails with FingerprintMismatchError
             naming each field that differs from the store's manifest.
         max_readers: reader slots when locking is on.
 
+    Why these defaults (benchmarks/read_bench.py, docs/BENCHMARKS.md "Read path"):
+    ``readahead=True``: a feature value is one contiguous run of pages (5.6 MB for a VGGT-1B
+    frame, >= 128 KiB for small ones), read whole. With ``False`` (MADV_RANDOM) every 4 KiB page
+    of a cold value is its own synchronous read: measured 10-14x slower than ``True`` cold, and
+    slower than one ``.pt`` file per entry, for both sizes; warm, the two are equal. The common
+    ``readahead=False`` recipe is tuned for values of a few hundred bytes in a database
+    larger than RAM, where readahead only evicts useful pages.
+    ``prefetch=False``: with readahead on, issuing WILLNEED per value gave no measurable cold
+    gain on the benchmark disk and costs a few percent warm; it stays available for disks
+    with deep queues (NVMe, network block devices), where a batch's reads then overlap.
+
+    Not guaranteed: tensors from ``get(copy=False)`` are views into the map, valid only while
+    this FeatureStore (and every other one on the same store in this process) stays open, and
+    only while nobody writes the store; they are read-only memory: writing into them kills the
+    process with SIGSEGV. `read_into`, `get_many` and ``get(copy=True)`` return tensors that
+    own their memory.
+
     Example:
         >>> store = FeatureStore("data/")                     # finds data/vggt_features.lmdb
         >>> feats = store.get("scene1/000.jpg").features      # [frames, tokens, channels], zero-copy
-        >>> batch = store.read_into(["a.jpg", "b.jpg"])      # one copy out of the map
+        >>> batch = store.read_into(["a.jpg", "b.jpg"])      # [2, frames, tokens, channels], one copy
     """
 
-    def __init__(self, path: str | os.PathLike, *, lock: bool | None = None, readahead: bool = True,
+    def __init__(self, path: str | os.PathLike, *, lock: bool | None = None,
+                 readahead: bool | None = None, prefetch: bool | None = None,
                  verify_checksums: bool = False, expected_encoder: dict | None = None,
                  max_readers: int = 2048):
+        if lock not in (None, True, False):
+            raise ValueError(f"lock must be None, True or False. Found {lock!r}")
+        if not isinstance(max_readers, int) or max_readers < 1:
+            raise ValueError(f"max_readers must be a positive int. Found {max_readers!r}")
         self.path = resolve_store_path(path)
         self.lock = lock
-        self.readahead = readahead
+        self.readahead = READAHEAD_DEFAULT if readahead is None else bool(readahead)
+        self.prefetch = PREFETCH_DEFAULT if prefetch is None else bool(prefetch)
         self.verify_checksums = verify_checksums
         self.expected_encoder = expected_encoder
         self.max_readers = max_readers
@@ -99,8 +196,8 @@ class FeatureStore:
     # -- pickling: path and options only ------------------------------------------------------
     def __getstate__(self) -> dict:
         return {"path": self.path, "lock": self.lock, "readahead": self.readahead,
-                "verify_checksums": self.verify_checksums, "expected_encoder": self.expected_encoder,
-                "max_readers": self.max_readers}
+                "prefetch": self.prefetch, "verify_checksums": self.verify_checksums,
+                "expected_encoder": self.expected_encoder, "max_readers": self.max_readers}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -117,15 +214,21 @@ class FeatureStore:
         pid = os.getpid()
         if self._env is not None and self._pid == pid:
             return self._env
+        # First use in this process (or first after a fork): never touch an inherited env.
         self._env = self._db = self._rec = None
-        real = os.path.realpath(self.path)
-        rec = _OPEN_ENVS.get(real)
+        ident = _store_id(self.path)
+        rec = _OPEN_ENVS.get(ident)
         if rec is not None and rec.pid != pid:
-            _forget_inherited(real, rec)
+            _forget_inherited(self.path, rec)
             rec = None
         if rec is None:
-            rec = _OpenEnv(*self._open_new())
-            _OPEN_ENVS[real] = rec
+            env, locked = self._open_new()
+            try:
+                rec = _OpenEnv(ident, self.path, env, locked)
+            except BaseException:
+                env.close()
+                raise
+            _OPEN_ENVS[ident] = rec
         rec.refs += 1
         try:
             env = rec.env
@@ -134,7 +237,7 @@ class FeatureStore:
                 check_fingerprint(self._manifest, self.expected_encoder, path=self.path)
             self._db = env.open_db(FEATURES_DB, create=False)
         except BaseException:
-            _release(real, rec)
+            _release(rec)
             raise
         self._env, self._pid, self._locked, self._rec = env, pid, rec.locked, rec
         return env
@@ -160,7 +263,7 @@ class FeatureStore:
         """Release the environment in this process (closed when no other FeatureStore on the
         same store uses it). Views returned by `get` become invalid once it closes."""
         if self._rec is not None and self._pid == os.getpid():
-            _release(os.path.realpath(self.path), self._rec)
+            _release(self._rec)
         self._env = self._db = self._pid = self._rec = None
 
     def __enter__(self) -> "FeatureStore":
@@ -221,16 +324,24 @@ class FeatureStore:
             frames: the ordered frame list the caller wants; a stored entry computed on another
                 frame list is a miss (MissingKeyError), never a wrong answer.
 
+        Raises:
+            MissingKeyError: `key` is not in the store (or was computed on other `frames`).
+            CorruptEntryError: the stored value does not decode (or fails its checksum).
+
         Not guaranteed: zero-copy views (``copy=False``) stay valid only while this store stays
         open in this process and nobody writes to it; they are read-only memory (writing into
-        them crashes the process). ``copy=True`` or `read_into` give tensors valid forever.
+        them crashes the process). Values under about 2 KiB, and every value while the build is
+        in progress, are returned as copies. ``copy=True`` or `read_into` give tensors valid
+        forever.
         """
-        env = self._environment()
         kb = key_to_bytes(key)
+        env = self._environment()
         with env.begin(db=self._db, buffers=True) as txn:
             value = txn.get(kb)
             if value is None:
                 raise self._missing(key)
+            if self.prefetch:
+                _prefetch(self._rec, (value,))
             entry = decode_entry(value, key=kb.decode(), verify=self.verify_checksums,
                                  copy=copy or self._locked)
         if frames is not None:
@@ -238,14 +349,23 @@ class FeatureStore:
         return entry
 
     def _check_frames(self, key: str, entry: Entry, frames: Sequence[str]) -> None:
-        from featstore.keys import normalize_key
-
         wanted = [normalize_key(f) for f in frames]
         if entry.frames != wanted:
             raise MissingKeyError(
                 f"key {key!r} in {self.path} was computed on frames {entry.frames}, but {wanted} "
                 "were asked for: the cached context differs (a miss). Rebuild with the same annotations."
             )
+
+    def _values(self, txn, kbs: list[bytes], keys: list) -> list[memoryview]:
+        values = []
+        for kb, key in zip(kbs, keys):
+            value = txn.get(kb)
+            if value is None:
+                raise self._missing(key)
+            values.append(value)
+        if self.prefetch:
+            _prefetch(self._rec, values)
+        return values
 
     def read_into(self, keys: Iterable, out: torch.Tensor | None = None, *, tensor: str = "features",
                   frames: Sequence[Sequence[str]] | None = None, pin_memory: bool = False) -> torch.Tensor:
@@ -255,54 +375,66 @@ class FeatureStore:
         ``pin_memory=True``) and it goes straight to the GPU from there.
 
         Args:
-            keys: the keys of one sample or batch.
+            keys: the keys of one sample or batch (at least one).
             out: a tensor of shape ``[len(keys), *entry_shape]`` and the stored dtype; allocated
                 when None.
-            tensor: which tensor of each entry to copy.
+            tensor: which tensor of each entry to copy (default ``"features"``).
             frames: optional per-key frame lists to check (see `get`).
-            pin_memory: allocate `out` in pinned memory when `out` is None.
+            pin_memory: allocate `out` in pinned memory when `out` is None (needs CUDA).
 
         Returns:
-            `out`.
+            `out`, filled.
+
+        Raises:
+            MissingKeyError: a key is not in the store, or its entry has no `tensor`.
+            ValueError: `out` does not fit (rows, shape or dtype); nothing is guaranteed about
+                the rows of `out` already written when an error is raised.
+
+        Example:
+            >>> out = torch.empty(8, 1, 1369, 2048, dtype=torch.bfloat16).share_memory_()
+            >>> store.read_into(batch_keys, out)
         """
         keys = list(keys)
+        if not keys:
+            raise ValueError("read_into needs at least one key")
+        if frames is not None and len(frames) != len(keys):
+            raise ValueError(f"frames has {len(frames)} lists for {len(keys)} keys")
+        if out is not None and (out.dim() < 1 or out.shape[0] != len(keys)):
+            raise ValueError(f"out has shape {tuple(out.shape)}: it needs one row per key ({len(keys)} keys)")
+        kbs = [key_to_bytes(k) for k in keys]  # every key checked before any read
         env = self._environment()
         with env.begin(db=self._db, buffers=True) as txn:
-            for i, key in enumerate(keys):
-                kb = key_to_bytes(key)
-                value = txn.get(kb)
-                if value is None:
-                    raise self._missing(key)
-                entry = decode_entry(value, key=kb.decode(), verify=self.verify_checksums)
+            values = self._values(txn, kbs, keys)
+            for i, (kb, value) in enumerate(zip(kbs, values)):
+                name = kb.decode()
+                entry = decode_entry(value, key=name, verify=self.verify_checksums)
                 if frames is not None:
-                    self._check_frames(kb.decode(), entry, frames[i])
+                    self._check_frames(name, entry, frames[i])
                 src = entry.tensors.get(tensor)
                 if src is None:
-                    raise MissingKeyError(f"entry {kb.decode()!r} in {self.path} has no tensor {tensor!r}")
+                    raise MissingKeyError(f"entry {name!r} in {self.path} has no tensor {tensor!r} "
+                                          f"(it has {sorted(entry.tensors)})")
                 if out is None:
                     out = torch.empty((len(keys), *src.shape), dtype=src.dtype, pin_memory=pin_memory)
                 if out.shape[1:] != src.shape or out.dtype != src.dtype:
                     raise ValueError(
-                        f"entry {kb.decode()!r} holds {tuple(src.shape)} {src.dtype} but the output slot "
+                        f"entry {name!r} holds {tuple(src.shape)} {src.dtype} but the output slot "
                         f"is {tuple(out.shape[1:])} {out.dtype}; batch only entries of one shape"
                     )
-                out[i].copy_(src)
-        if out is None:
-            raise ValueError("read_into needs at least one key")
+                out[i].copy_(src)  # the one copy out of the map (the txn keeps `src` valid)
         return out
 
     def get_many(self, keys: Iterable) -> list[Entry]:
-        """Copies of the entries of `keys`, read in one transaction (entries may differ in shape)."""
+        """Copies of the entries of `keys`, read in one transaction (entries may differ in shape).
+
+        Raises MissingKeyError naming the first missing key; nothing is returned then."""
+        keys = list(keys)
+        kbs = [key_to_bytes(k) for k in keys]
         env = self._environment()
-        out = []
         with env.begin(db=self._db, buffers=True) as txn:
-            for key in keys:
-                kb = key_to_bytes(key)
-                value = txn.get(kb)
-                if value is None:
-                    raise self._missing(key)
-                out.append(decode_entry(value, key=kb.decode(), verify=self.verify_checksums, copy=True))
-        return out
+            values = self._values(txn, kbs, keys)
+            return [decode_entry(v, key=kb.decode(), verify=self.verify_checksums, copy=True)
+                    for kb, v in zip(kbs, values)]
 
     def raw_items(self, start: str | None = None) -> Iterator[tuple[str, bytes]]:
         """Iterate (key, value bytes) in key order, copying each value (for verify and merge)."""

@@ -25,12 +25,15 @@ __all__ = [
     "FORMAT_VERSION",
     "FEATURES_DB",
     "META_DB",
+    "MANIFEST_KEY",
+    "LAST_BUILD_KEY",
     "resolve_store_path",
     "is_store",
     "open_env",
     "read_manifest",
     "new_manifest",
     "check_fingerprint",
+    "lmdb_value_offset",
     "utc_now",
 ]
 
@@ -41,6 +44,17 @@ META_DB = b"meta"
 MANIFEST_KEY = b"manifest"
 LAST_BUILD_KEY = b"last_build"
 MAX_DBS = 8  # room for more sub-databases (frame index, journal) without a format change
+
+
+def lmdb_value_offset(env: lmdb.Environment) -> int:
+    """How far past a page boundary LMDB puts a large value (one on overflow pages) in `env`.
+
+    The page header is 16 bytes in LMDB 0.9 (data format v1, py-lmdb's default) and 24 bytes in
+    LMDB 1.0 (format v3: pages also carry a txnid), so a blob padded for one engine is off by 8
+    in the other. Values smaller than about 2 KiB sit on leaf pages at arbitrary addresses.
+    """
+    version = env.lib_version() if hasattr(env, "lib_version") else lmdb.version()
+    return 16 if version[0] == 0 else 24
 
 
 def utc_now() -> str:
@@ -149,10 +163,26 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def check_fingerprint(manifest: dict, expected_encoder: dict, *, path: str = "") -> None:
-    """Raise FingerprintMismatchError naming every encoder-spec field whose value differs."""
+def check_fingerprint(manifest: dict, expected_encoder: dict, *, path: str = "",
+                      fingerprint: str | None = None) -> None:
+    """Raise FingerprintMismatchError naming every encoder-spec field whose value differs.
+
+    Args:
+        manifest: the store's manifest.
+        expected_encoder: the encoder spec dict the caller needs.
+        path: the store path, named in the error.
+        fingerprint: when given (and the store records one), it must match too: it covers
+            what the spec dict may not spell out (e.g. the weights' sha256).
+    """
     have, want = _flatten(manifest.get("encoder", {})), _flatten(expected_encoder)
     differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    stored_fp = manifest.get("fingerprint")
+    if not differ and fingerprint is not None and stored_fp is not None and stored_fp != fingerprint:
+        raise FingerprintMismatchError(
+            f"{path}: the store's fingerprint {stored_fp!r} differs from the expected {fingerprint!r} "
+            "although the encoder spec fields match (weights or code version changed?). "
+            "Rebuild the store, or point training at the matching store."
+        )
     if differ:
         details = "; ".join(f"{k}: store has {have.get(k)!r}, expected {want.get(k)!r}" for k in differ[:8])
         raise FingerprintMismatchError(

@@ -19,10 +19,10 @@ import lmdb
 import torch
 
 from featstore.errors import StoreFullError
-from featstore.format import decode_entry, encode_entry
+from featstore.format import align_blob, decode_entry, encode_entry
 from featstore.keys import key_to_bytes
 from featstore.store import (FEATURES_DB, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, check_fingerprint,
-                             new_manifest, open_env, read_manifest, utc_now)
+                             lmdb_value_offset, new_manifest, open_env, read_manifest, utc_now)
 
 __all__ = ["StoreWriter", "BuildInterrupted"]
 
@@ -50,6 +50,12 @@ class StoreWriter:
             ``with StoreWriter(...)`` commits what is done (SIGINT already raises
             KeyboardInterrupt).
 
+    Attributes:
+        value_offset: where this LMDB engine puts large values past a page boundary (16 for
+            LMDB 0.9, 24 for 1.0); blobs are padded for it. Pass it to `encode_entry` when
+            encoding in other threads/processes, or `put` re-pads (one extra copy per blob).
+        committed / skipped: entries written / skipped as byte-identical by this writer.
+
     Example:
         >>> with StoreWriter("data/vggt_features.lmdb", encoder=spec) as w:
         ...     w.put("a.jpg", {"features": feats}, {"frames": '["a.jpg"]'})
@@ -60,20 +66,42 @@ class StoreWriter:
                  storage_dtype: str | None = None, batch_entries: int = 64, batch_bytes: int = 256 << 20,
                  map_size: int | None = None, reset: bool = False, handle_signals: bool = True):
         self.path = os.fspath(path)
+        if not isinstance(batch_entries, int) or batch_entries < 1:
+            raise ValueError(f"batch_entries must be a positive int. Found {batch_entries!r}")
+        if not isinstance(batch_bytes, int) or batch_bytes < 1:
+            raise ValueError(f"batch_bytes must be a positive int. Found {batch_bytes!r}")
+        if map_size is not None and (not isinstance(map_size, int) or map_size < 1):
+            raise ValueError(f"map_size must be a positive int (bytes) or None. Found {map_size!r}")
         self.batch_entries = batch_entries
         self.batch_bytes = batch_bytes
         os.makedirs(self.path, exist_ok=True)
         existing = os.path.join(self.path, "data.mdb")
         size = map_size or max(DEFAULT_MAP_SIZE, os.path.getsize(existing) if os.path.exists(existing) else 0)
         self.env = open_env(self.path, readonly=False, lock=True, map_size=size, max_readers=2048)
+        # Where this environment's engine puts large values: blobs are padded for it so that
+        # tensor data lands 64-byte aligned in the map (pass it to encode_entry when encoding
+        # elsewhere, or `put` re-pads, which costs one copy of the blob).
+        self.value_offset = lmdb_value_offset(self.env)
         self._features = self.env.open_db(FEATURES_DB)
         self._meta = self.env.open_db(META_DB)
         self._pending: list[tuple[bytes, bytes]] = []
         self._pending_bytes = 0
         self.committed = 0  # entries written by this writer
         self.skipped = 0  # puts skipped because an identical entry was already committed
-        self.manifest = self._load_or_create_manifest(encoder, fingerprint, storage_dtype, reset)
+        try:
+            self.manifest = self._load_or_create_manifest(encoder, fingerprint, storage_dtype, reset)
+        except BaseException:
+            # e.g. a fingerprint mismatch: do not leave the environment open, or the next
+            # open of this store in this process fails with "already open".
+            self.env.close()
+            raise
         self._old_sigterm = None
+        # SIGTERM handling: raised as BuildInterrupted, except while a commit runs on the main
+        # thread (then it is raised right after the commit) or while closing (then ignored:
+        # close is already committing what is done).
+        self._committing_main = False
+        self._deferred_signal: int | None = None
+        self._closing = False
         if handle_signals and threading.current_thread() is threading.main_thread():
             self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -85,9 +113,8 @@ class StoreWriter:
                 manifest = new_manifest(encoder, fingerprint, storage_dtype)
             else:
                 manifest = read_manifest(self.env, txn, path=self.path)
-                if encoder is not None and manifest.get("encoder") != encoder:
-                    if not reset:
-                        check_fingerprint(manifest, encoder, path=self.path)
+                if encoder is not None and not reset:
+                    check_fingerprint(manifest, encoder, path=self.path, fingerprint=fingerprint)
                 if reset:
                     txn.drop(self._features, delete=False)
                     manifest.update(entries=0, bytes=0)
@@ -98,7 +125,12 @@ class StoreWriter:
         return manifest
 
     def _on_sigterm(self, signum, frame):
-        raise BuildInterrupted(f"signal {signum}")
+        if self._closing:
+            return
+        if self._committing_main:
+            self._deferred_signal = signum
+            return
+        raise BuildInterrupted(f"signal {signum}: committing what is done")
 
     # -- writing -----------------------------------------------------------------------------
     def existing_metadata(self, key) -> dict[str, str] | None:
@@ -108,10 +140,26 @@ class StoreWriter:
             return None if value is None else decode_entry(value, key=str(key)).metadata
 
     def put(self, key, tensors: Mapping[str, torch.Tensor] | bytes, metadata: Mapping[str, str] | None = None) -> None:
-        """Queue one entry (tensors + string metadata, or an already encoded blob)."""
+        """Queue one entry; commit the batch when it is full.
+
+        Args:
+            key: the unit's key (normalised; InvalidKeyError before anything is queued).
+            tensors: name -> tensor, or a blob already made by `encode_entry` (then `metadata`
+                must be None). A blob is checked (header, offsets; not the checksum) so that a
+                malformed one is refused here rather than served later, and re-padded if it
+                was encoded for another `value_offset`.
+            metadata: string metadata (frames, sources, grid, ...) when passing tensors.
+        """
         kb = key_to_bytes(key)
-        blob = tensors if isinstance(tensors, (bytes, bytearray)) else encode_entry(tensors, metadata)
-        self._pending.append((kb, bytes(blob)))
+        if isinstance(tensors, (bytes, bytearray, memoryview)):
+            if metadata is not None:
+                raise ValueError(f"put({key!r}): metadata must be None when passing an encoded blob "
+                                 "(it is inside the blob)")
+            decode_entry(tensors, key=kb.decode())
+            blob = align_blob(tensors, self.value_offset)
+        else:
+            blob = encode_entry(tensors, metadata, value_offset=self.value_offset)
+        self._pending.append((kb, blob))
         self._pending_bytes += len(blob)
         if len(self._pending) >= self.batch_entries or self._pending_bytes >= self.batch_bytes:
             self.commit()
@@ -121,23 +169,35 @@ class StoreWriter:
         if not self._pending:
             return 0
         batch = sorted(dict(self._pending).items())  # last put of a key wins; LMDB likes key order
-        while True:
-            try:
-                written = self._commit_once(batch)
-                break
-            except lmdb.MapFullError:
-                # No transaction is open here (the failed one was aborted): safe to grow the map.
-                self.env.set_mapsize(self.env.info()["map_size"] * 2 + 2 * self._pending_bytes)
-            except (lmdb.DiskError, lmdb.Error, OSError) as e:
-                if _is_disk_full(e):
-                    raise StoreFullError(
-                        f"{self.path}: the disk is full; {self.manifest['entries']} entries committed "
-                        f"before are kept. Free space (or move the store) and rerun to resume."
-                    ) from e
-                raise
-        self._pending.clear()
-        self._pending_bytes = 0
-        self.committed += written
+        main = threading.current_thread() is threading.main_thread()
+        self._committing_main = main
+        try:
+            while True:
+                try:
+                    written = self._commit_once(batch)
+                    break
+                except lmdb.MapFullError:
+                    # No transaction is open here (the failed one was aborted): safe to grow the map.
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2 + 2 * self._pending_bytes)
+                except lmdb.MapResizedError:
+                    # Another process (a rank writing the same store) grew the map: adopt its size.
+                    self.env.set_mapsize(0)
+                except (lmdb.Error, OSError) as e:
+                    if _is_disk_full(e):
+                        raise StoreFullError(
+                            f"{self.path}: the disk is full; {self.manifest['entries']} entries committed "
+                            f"before are kept. Free space (or move the store) and rerun to resume."
+                        ) from e
+                    raise
+            self._pending.clear()
+            self._pending_bytes = 0
+            self.committed += written
+        finally:
+            if main:
+                self._committing_main = False
+        if self._deferred_signal is not None and not self._closing:
+            signum, self._deferred_signal = self._deferred_signal, None
+            raise BuildInterrupted(f"signal {signum}: committing what is done")
         return written
 
     def _commit_once(self, batch: list[tuple[bytes, bytes]]) -> int:
@@ -201,12 +261,14 @@ class StoreWriter:
         """Commit the open batch and close. The build stays 'in_progress' unless `finish` ran."""
         if self.env is None:
             return
+        self._closing = True
         try:
             self.commit()
             self.env.sync(True)
         finally:
             self.env.close()
             self.env = None
+            self._closing = False
             if self._old_sigterm is not None:
                 signal.signal(signal.SIGTERM, self._old_sigterm)
                 self._old_sigterm = None

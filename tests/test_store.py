@@ -1,0 +1,320 @@
+"""Store layout, FeatureStore (zero-copy reads, batch reads, errors), StoreWriter (batches, map
+growth, resume), and `featstore info`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+
+import lmdb
+import pytest
+import torch
+
+from featstore.cli import main as cli_main
+from featstore.errors import (CorruptEntryError, FeatstoreError, FingerprintMismatchError, InvalidKeyError,
+                              MissingKeyError, StoreNotFoundError)
+from featstore.format import ALIGNMENT, decode_entry, encode_entry
+from featstore.reader import FeatureStore
+from featstore.store import FEATURES_DB, FORMAT_VERSION, MANIFEST_KEY, META_DB, open_env
+from featstore.writer import StoreWriter
+
+LARGE = (1, 64, 64)  # 8 KiB in bf16: an overflow-page value, like every real feature
+
+
+def _entries(core_features, n, tokens=64):
+    return {f"scene/{i:03d}.jpg": core_features(i, tokens=tokens) for i in range(n)}
+
+
+# -- zero-copy reads ------------------------------------------------------------------------------
+def test_get_returns_views_inside_the_map_64_byte_aligned(core_make_store, core_features, core_map_range):
+    entries = {k: {"features": v, "conf": v[0, :, 0].float(), "ids": torch.arange(3)}
+               for k, v in _entries(core_features, 5).items()}
+    path = core_make_store(entries)
+    with FeatureStore(path) as store:
+        assert store.readahead is True  # the benchmarked default (docs/BENCHMARKS.md)
+        for key, tensors in entries.items():
+            entry = store.get(key)
+            lo, hi = core_map_range(path)
+            for name, t in entry.tensors.items():
+                assert torch.equal(t, tensors[name]), (key, name)
+                ptr = t.data_ptr()
+                assert lo <= ptr and ptr + t.numel() * t.element_size() <= hi, f"{key}/{name} was copied"
+            assert entry.tensors["ids"].data_ptr() % ALIGNMENT == 0  # first tensor of the data section
+            assert entry.frames == [key]
+        copied = store.get("scene/000.jpg", copy=True).features
+        assert not lo <= copied.data_ptr() < hi
+
+
+def test_read_into_is_one_copy_out_of_the_map(core_make_store, core_features, core_map_range):
+    entries = _entries(core_features, 6)
+    path = core_make_store(entries)
+    store = FeatureStore(path)
+    keys = ["scene/004.jpg", "scene/001.jpg", "scene/004.jpg"]
+    out = torch.empty((3, *LARGE), dtype=torch.bfloat16).share_memory_()
+    assert store.read_into(keys, out) is out
+    for i, k in enumerate(keys):
+        assert torch.equal(out[i], entries[k])
+    lo, hi = core_map_range(path)
+    assert not lo <= out.data_ptr() < hi
+    fresh = store.read_into(keys[:2])
+    assert fresh.shape == (2, *LARGE) and torch.equal(fresh[1], entries["scene/001.jpg"])
+    assert [e.features.shape for e in store.get_many(keys)] == [LARGE] * 3
+    store.close()
+
+
+def test_read_into_checks_arguments_before_reading(core_make_store, core_features):
+    store = FeatureStore(core_make_store(_entries(core_features, 2)))
+    with pytest.raises(ValueError, match="read_into needs at least one key"):
+        store.read_into([])
+    with pytest.raises(ValueError, match=re.escape(f"out has shape (1, {', '.join(map(str, LARGE))}): it needs one row per key (2 keys)")):
+        store.read_into(["scene/000.jpg", "scene/001.jpg"], torch.empty((1, *LARGE), dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=re.escape("entry 'scene/000.jpg' holds (1, 64, 64) torch.bfloat16 but the "
+                                                   "output slot is (1, 64, 64) torch.float32; batch only entries of one shape")):
+        store.read_into(["scene/000.jpg"], torch.empty((1, *LARGE)))
+    with pytest.raises(InvalidKeyError):
+        store.read_into(["scene/000.jpg", "../x"])
+    with pytest.raises(MissingKeyError, match=re.escape("entry 'scene/000.jpg' in ")):
+        store.read_into(["scene/000.jpg"], tensor="nope")
+
+
+def test_small_values_are_copied_not_misviewed(core_make_store):
+    # Values under ~2 KiB live on LMDB leaf pages at arbitrary addresses: still correct.
+    entries = {f"k{i}": torch.arange(i + 1, dtype=torch.float64) for i in range(20)}
+    with FeatureStore(core_make_store(entries)) as store:
+        for k, v in entries.items():
+            assert torch.equal(store.get(k).features, v)
+
+
+def test_lmdb_1_0_page_header_is_aligned_too(tmp_path):
+    # LMDB 1.0 (data format v3) puts large values 24 bytes past a page boundary, not 16.
+    code = textwrap.dedent(f"""
+        import torch, json, os
+        from featstore.writer import StoreWriter
+        from featstore.reader import FeatureStore
+        p = {str(tmp_path / 's')!r}
+        with StoreWriter(p, handle_signals=False) as w:
+            assert w.value_offset == 24, w.value_offset
+            w.put("a", {{"features": torch.ones(1, 64, 64, dtype=torch.bfloat16)}})
+            w.put("b", encode(torch.ones(2, 64, 64, dtype=torch.bfloat16)))  # encoded for 16: re-padded
+            w.finish()
+        s = FeatureStore(p)
+        assert s._environment().lib_version()[0] == 1
+        print(json.dumps([s.get(k).features.data_ptr() % 64 for k in "ab"]))
+    """).replace("encode(", "__import__('featstore.format').format.encode_entry({'features': ").replace(
+        "torch.bfloat16)))", "torch.bfloat16)}))")
+    env = dict(os.environ, LMDB_DEFAULT_LIB_VERSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [0, 0]
+
+
+# -- the store's public face -------------------------------------------------------------------
+def test_len_contains_keys_manifest_raw_items(core_make_store, core_features):
+    entries = _entries(core_features, 3)
+    path = core_make_store(entries, fingerprint="fp1", storage_dtype="bfloat16")
+    store = FeatureStore(os.path.dirname(path))  # a data root finds vggt_features.lmdb
+    assert store.path == path
+    assert len(store) == 3
+    assert "scene/001.jpg" in store and "./scene//001.jpg" in store and "scene/9.jpg" not in store
+    assert list(store.keys()) == sorted(entries) == list(store)
+    m = store.manifest
+    assert m["format"] == "featstore" and m["format_version"] == FORMAT_VERSION
+    assert m["entries"] == 3 and m["fingerprint"] == "fp1" and m["build"]["state"] == "complete"
+    assert m["bytes"] == sum(len(v) for _, v in store.raw_items())
+    assert [k for k, _ in store.raw_items(start="scene/001.jpg")] == ["scene/001.jpg", "scene/002.jpg"]
+
+
+def test_missing_key_error_names_key_and_store(core_make_store, core_features):
+    path = core_make_store(_entries(core_features, 1))
+    store = FeatureStore(path)
+    with pytest.raises(KeyError) as e:
+        store.get("scene/nope.jpg")
+    assert str(e.value) == f"key 'scene/nope.jpg' is not in the store {path}"
+
+
+def test_frames_mismatch_is_a_miss(core_make_store, core_features):
+    store = FeatureStore(core_make_store(_entries(core_features, 1)))
+    assert store.get("scene/000.jpg", frames=["./scene/000.jpg"]).frames == ["scene/000.jpg"]
+    with pytest.raises(MissingKeyError, match=re.escape("was computed on frames ['scene/000.jpg'], but "
+                                                        "['a.jpg', 'scene/000.jpg'] were asked for")):
+        store.get("scene/000.jpg", frames=["a.jpg", "scene/000.jpg"])
+
+
+def test_store_not_found(tmp_path):
+    with pytest.raises(StoreNotFoundError, match=re.escape(f"no featstore database at {tmp_path} (nor at "
+                                                           f"{tmp_path}/vggt_features.lmdb)")):
+        FeatureStore(tmp_path)
+
+
+def test_expected_encoder_mismatch_names_the_field(core_make_store, core_features):
+    path = core_make_store(_entries(core_features, 1))
+    with pytest.raises(FingerprintMismatchError, match=re.escape("layer: store has 23, expected 22")):
+        FeatureStore(path, expected_encoder={"encoder": "test", "layer": 22}).get("scene/000.jpg")
+    assert FeatureStore(path, expected_encoder={"encoder": "test", "layer": 23}).get("scene/000.jpg")
+
+
+def test_pickles_as_path_and_options(core_make_store, core_features):
+    store = FeatureStore(core_make_store(_entries(core_features, 1)), readahead=False, verify_checksums=True)
+    store.get("scene/000.jpg")  # opened: the env must not travel
+    state = store.__getstate__()
+    assert set(state) == {"path", "lock", "readahead", "prefetch", "verify_checksums", "expected_encoder", "max_readers"}
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._env is None and clone.readahead is False and clone.verify_checksums
+    assert torch.equal(clone.get("scene/000.jpg").features, store.get("scene/000.jpg").features)
+
+
+def test_in_progress_store_is_read_with_locks_and_copies(core_make_store, core_features, core_map_range):
+    path = core_make_store(_entries(core_features, 2), complete=False)
+    store = FeatureStore(path)
+    t = store.get("scene/000.jpg").features  # a writer may reuse pages: never a view
+    assert store._locked
+    lo, hi = core_map_range(path)
+    assert not lo <= t.data_ptr() < hi
+    store.close()
+
+
+def test_corrupt_value_named_on_read(core_make_store, core_features):
+    path = core_make_store(_entries(core_features, 1))
+    env = open_env(path, readonly=False)
+    with env.begin(write=True) as txn:
+        db = env.open_db(FEATURES_DB, txn=txn)
+        value = bytearray(txn.get(b"scene/000.jpg", db=db))
+        value[-1] ^= 1
+        txn.put(b"scene/000.jpg", bytes(value), db=db)
+    env.close()
+    FeatureStore(path).get("scene/000.jpg")  # unverified: served (LMDB has no value checksums)
+    with pytest.raises(CorruptEntryError, match=re.escape("entry 'scene/000.jpg': checksum mismatch")):
+        FeatureStore(path, verify_checksums=True).get("scene/000.jpg")
+
+
+def test_two_handles_share_one_environment(core_make_store, core_features):
+    path = core_make_store(_entries(core_features, 1))
+    a, b = FeatureStore(path), FeatureStore(path)
+    view = a.get("scene/000.jpg").features
+    assert a._env is b._environment()
+    b.close()
+    assert torch.equal(view, core_features(0, tokens=64))  # a still holds the env open
+    a.close()
+
+
+# -- writer -----------------------------------------------------------------------------------
+def test_map_grows_from_a_tiny_initial_size(core_make_store, core_features):
+    entries = _entries(core_features, 40, tokens=1024)  # 40 x 128 KiB into a 64 KiB map
+    path = core_make_store(entries, map_size=64 << 10, batch_entries=7)
+    store = FeatureStore(path, verify_checksums=True)
+    assert len(store) == 40 and store.manifest["entries"] == 40
+    for k, v in entries.items():
+        assert torch.equal(store.get(k).features, v)
+
+
+def test_batches_commit_by_count_and_bytes(tmp_path, core_features):
+    path = str(tmp_path / "s")
+    with StoreWriter(path, batch_entries=3, batch_bytes=1 << 40, handle_signals=False) as w:
+        for i in range(7):
+            w.put(f"k{i}", {"features": core_features(i)})
+        assert w.committed == 6 and w.manifest["entries"] == 6
+    with StoreWriter(path, batch_entries=100, batch_bytes=1, handle_signals=False) as w:  # every put
+        w.put("z", {"features": core_features(9)})
+        assert w.committed == 1
+    assert len(FeatureStore(path)) == 8
+
+
+def test_resume_skips_identical_entries_and_last_put_wins(tmp_path, core_features):
+    path = str(tmp_path / "s")
+    with StoreWriter(path, handle_signals=False) as w:
+        w.put("a", {"features": core_features(1)})
+        w.put("a", {"features": core_features(2)})  # same batch: the last one is written
+        w.put("b", {"features": core_features(3)})
+    with StoreWriter(path, handle_signals=False) as w:
+        w.put("a", {"features": core_features(2)})
+        w.put("b", {"features": core_features(4)})
+        w.commit()
+        assert (w.committed, w.skipped) == (1, 1)
+        assert w.manifest["bytes"] == sum(len(v) for v in _raw(path, w).values())
+        assert w.existing_metadata("a")["checksum"].startswith("crc32:")
+        assert w.existing_metadata("missing") is None
+        assert w.delete(["a", "nope"]) == 1
+        w.finish()
+    store = FeatureStore(path)
+    assert list(store) == ["b"] and torch.equal(store.get("b").features, core_features(4))
+    assert store.manifest["entries"] == 1
+
+
+def _raw(path, w):
+    with w.env.begin() as txn:
+        return dict(txn.cursor(db=w.env.open_db(FEATURES_DB, txn=txn)))
+
+
+def test_writer_refuses_bad_input_before_writing(tmp_path, core_features):
+    path = str(tmp_path / "s")
+    with pytest.raises(ValueError, match=re.escape("batch_entries must be a positive int. Found 0")):
+        StoreWriter(path, batch_entries=0)
+    with StoreWriter(path, handle_signals=False) as w:
+        with pytest.raises(CorruptEntryError, match=re.escape("entry 'a': truncated")):
+            w.put("a", encode_entry({"features": core_features(0)})[:-2])
+        with pytest.raises(ValueError, match=re.escape("put('a'): metadata must be None when passing an encoded blob")):
+            w.put("a", encode_entry({"features": core_features(0)}), {"frames": "[]"})
+        with pytest.raises(InvalidKeyError):
+            w.put("/abs.jpg", {"features": core_features(0)})
+        assert w._pending == []
+
+
+def test_reopen_with_another_encoder_names_the_field(tmp_path, core_features):
+    path = str(tmp_path / "s")
+    with StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 23}, fingerprint="f1", handle_signals=False) as w:
+        w.put("a", {"features": core_features(0)})
+    with pytest.raises(FingerprintMismatchError, match=re.escape("layer: store has 23, expected 4")):
+        StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 4}, handle_signals=False)
+    with pytest.raises(FingerprintMismatchError, match=re.escape("the store's fingerprint 'f1' differs from the expected 'f2'")):
+        StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 23}, fingerprint="f2", handle_signals=False)
+    # The failed opens closed their environment: the store opens again in this process.
+    with StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 4}, reset=True, handle_signals=False) as w:
+        assert w.manifest["entries"] == 0
+    assert len(FeatureStore(path)) == 0
+
+
+def test_writer_and_reader_in_one_process_get_a_clear_error(core_make_store, core_features):
+    path = core_make_store(_entries(core_features, 1))
+    store = FeatureStore(path)
+    store.get("scene/000.jpg")
+    with pytest.raises(FeatstoreError, match="the store is already open in this process"):
+        StoreWriter(path, handle_signals=False)
+    store.close()
+
+
+# -- featstore info -----------------------------------------------------------------------------
+def test_info_text_and_json(core_make_store, core_features, capsys):
+    entries = _entries(core_features, 3)
+    entries["multi.jpg"] = {"features": core_features(7, tokens=64), "conf": torch.zeros(4)}
+    path = core_make_store(entries, fingerprint="0123456789abcdef0123", storage_dtype="bfloat16",
+                           encoder={"encoder": "vggt-1b", "layer": 23, "attention": "full"})
+    assert cli_main(["info", os.path.dirname(path)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0] == f"store        {path}"
+    assert lines[1] == f"format       featstore v{FORMAT_VERSION} (written by featstore 0.1.0)"
+    assert lines[2].startswith("build        complete (updated ")
+    assert lines[3] == "entries      4"
+    assert lines[5] == "encoder      vggt-1b  fingerprint 0123456789abcdef"
+    assert lines[6] == "storage      bfloat16"
+    assert "  layer        23" in lines and "  attention    full" in lines
+    assert "tensors:" in lines
+    assert "         4 x features bfloat16 [1, 64, 64]" in lines
+    assert "         1 x conf float32 [4]" in lines
+
+    assert cli_main(["info", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entries"] == 4 and info["scanned"] == 4 and info["path"] == path
+    assert info["shapes"] == {"features bfloat16 [1, 64, 64]": 4, "conf float32 [4]": 1}
+    assert info["manifest"]["fingerprint"] == "0123456789abcdef0123"
+    assert info["manifest"]["bytes"] > 4 * 64 * 64 * 2
+
+
+def test_info_on_a_missing_store_fails_cleanly(tmp_path, capsys):
+    assert cli_main(["info", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"featstore info: error: no featstore database at {tmp_path}")
