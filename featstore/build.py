@@ -35,7 +35,8 @@ import torch
 from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
 from featstore.format import decode_entry, encode_entry
 from featstore.plan import Unit, plan_units
-from featstore.store import DEFAULT_STORE_NAME, FEATURES_DB, is_store, open_env, read_manifest, utc_now
+from featstore.store import (DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env,
+                             utc_now)
 
 __all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "compute_unit", "encoder_for_manifest",
            "unit_metadata", "configure_parser", "run"]
@@ -183,7 +184,7 @@ def _entry_state(value, unit: Unit, data_root: str, fingerprint: str) -> str:
 def split_plan(units: list[Unit], store_path: str, data_root: str, fingerprint: str) -> dict[str, list[Unit]]:
     """Split `units` into fresh / missing / stale against the store at `store_path`."""
     split: dict[str, list[Unit]] = {"fresh": [], "missing": [], "stale": []}
-    if not is_store(store_path):
+    if existing_manifest(store_path) is None:
         split["missing"] = list(units)
         return split
     env = open_env(store_path, readonly=True, lock=False)
@@ -430,17 +431,12 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
     units = units[index::count]
     report = BuildReport(planned=len(units))
 
-    if is_store(store_path) and not opts.force:
-        env = open_env(store_path, readonly=True, lock=False)
-        try:
-            manifest = read_manifest(env, path=store_path)
-        finally:
-            env.close()
-        from featstore.store import check_fingerprint
-
-        if manifest.get("fingerprint") != fingerprint:
-            check_fingerprint(manifest, spec.to_dict(), path=store_path)
-    if opts.force:
+    manifest = existing_manifest(store_path)
+    if manifest is not None and not opts.force and manifest.get("fingerprint") != fingerprint:
+        check_fingerprint(manifest, spec.to_dict(), path=store_path, fingerprint=fingerprint)
+    if manifest is None:
+        split = {"fresh": [], "missing": list(units), "stale": []}
+    elif opts.force:
         split = {"fresh": [], "missing": [], "stale": list(units)}
     else:
         split = split_plan(units, store_path, opts.data_root, fingerprint)

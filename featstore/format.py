@@ -8,7 +8,8 @@ The header is padded so that, once LMDB stores the value on overflow pages (16 b
 4096-byte page boundary on 64-bit builds), the tensor data starts on a 64-byte boundary of the
 map. Tensors are written largest itemsize first, so each one stays aligned to its itemsize.
 `__metadata__` (all strings) carries the frame list, source fingerprints, the patch grid and a
-CRC-32 of the tensor bytes, because LMDB stores no checksum of values.
+CRC-32 of the whole entry (canonical header, then tensor bytes), because LMDB stores no
+checksum of values.
 
 Every value is untrusted input when decoding: header length is bounded, the JSON must have the
 safetensors shape, dtypes come from a whitelist, offsets must tile the data exactly, and
@@ -41,6 +42,7 @@ __all__ = [
     "decode_entry",
     "align_blob",
     "tensor_checksum",
+    "entry_checksum",
 ]
 
 ALIGNMENT = 64  # cache line; also what SIMD copies and future torch alignment checks want
@@ -100,6 +102,21 @@ def tensor_checksum(data) -> str:
     return "crc32:%08x" % (zlib.crc32(data) & 0xFFFFFFFF)
 
 
+def _header_checksum_text(header: Mapping) -> bytes:
+    """The canonical bytes of a header, its checksum left out, that the checksum covers."""
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != _CHECKSUM_KEY}
+    canonical = dict(header, __metadata__=meta)
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def entry_checksum(header: Mapping, data) -> str:
+    """Checksum of a whole entry: CRC-32 over the canonical header JSON (checksum left out)
+    and then the tensor bytes, so that a flipped byte in the metadata (frames, sources) is
+    caught as surely as one in the features."""
+    crc = zlib.crc32(_header_checksum_text(header))
+    return "crc32:%08x" % (zlib.crc32(data, crc) & 0xFFFFFFFF)
+
+
 def _as_bytes_view(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
@@ -115,7 +132,8 @@ def encode_entry(
 
     Args:
         tensors: name -> tensor (any device; copied to CPU). Dtypes from `DTYPES` only.
-        metadata: extra string metadata; the key ``"checksum"`` is reserved and filled here.
+        metadata: extra string metadata; the key ``"checksum"`` is reserved and filled here
+            (CRC-32 of the canonical header and the tensor bytes, see `entry_checksum`).
         value_offset: where the value will start relative to a 64-byte boundary in the map;
             the default matches LMDB's overflow pages.
 
@@ -160,8 +178,8 @@ def encode_entry(
             src = _as_bytes_view(t)
             out[pos : pos + src.numel()].copy_(src)
             pos += src.numel()
-    meta[_CHECKSUM_KEY] = tensor_checksum(data)
     header["__metadata__"] = meta
+    meta[_CHECKSUM_KEY] = entry_checksum(header, data)
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     # One copy of the tensor bytes here (join); `bytes(data) + ...` would make two.
     return b"".join((_padded_prefix(text, value_offset), data))
@@ -356,7 +374,7 @@ def decode_entry(
         stored = meta.get(_CHECKSUM_KEY)
         if stored is None:
             raise _fail(key, "has no checksum in its metadata; cannot verify it")
-        actual = tensor_checksum(view[data_start:])
+        actual = entry_checksum(header, view[data_start:])
         if actual != stored:
             raise _fail(key, f"checksum mismatch (stored {stored}, computed {actual}): the value is corrupt")
     base_addr = _address(view)

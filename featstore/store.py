@@ -31,6 +31,7 @@ __all__ = [
     "is_store",
     "open_env",
     "read_manifest",
+    "existing_manifest",
     "new_manifest",
     "check_fingerprint",
     "lmdb_value_offset",
@@ -106,6 +107,32 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
             raise StoreNotFoundError(f"no featstore database at {path}") from None
         raise ManifestError(f"{path}: LMDB cannot open it ({e}); is it a featstore database? "
                             f"Run `featstore verify {path}`") from None
+
+
+def existing_manifest(path: str) -> dict | None:
+    """The manifest of the store at `path`, or None when there is no store yet: no data.mdb,
+    or an empty environment (a first build killed before its first commit)."""
+    if not is_store(path):
+        return None
+    env = open_env(path, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            if is_uninitialised(env, txn):
+                return None
+        return read_manifest(env, path=path)
+    finally:
+        env.close()
+
+
+def is_uninitialised(env: lmdb.Environment, txn: lmdb.Transaction) -> bool:
+    """True for an environment that holds no featstore data yet: no sub-database other than
+    ours, no manifest and no entries (what a build killed before its first commit leaves)."""
+    names = [bytes(k) for k, _ in txn.cursor()]
+    if not set(names) <= {FEATURES_DB, META_DB}:
+        return False
+    if META_DB in names and txn.get(MANIFEST_KEY, db=env.open_db(META_DB, txn=txn, create=False)) is not None:
+        return False
+    return FEATURES_DB not in names or txn.stat(env.open_db(FEATURES_DB, txn=txn, create=False))["entries"] == 0
 
 
 def new_manifest(encoder: dict | None = None, fingerprint: str | None = None,

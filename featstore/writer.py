@@ -18,10 +18,10 @@ from typing import Mapping
 import lmdb
 import torch
 
-from featstore.errors import StoreFullError
+from featstore.errors import ManifestError, StoreFullError
 from featstore.format import align_blob, decode_entry, encode_entry
 from featstore.keys import key_to_bytes
-from featstore.store import (FEATURES_DB, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, check_fingerprint,
+from featstore.store import (FEATURES_DB, is_uninitialised, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, check_fingerprint,
                              lmdb_value_offset, new_manifest, open_env, read_manifest, utc_now)
 
 __all__ = ["StoreWriter", "BuildInterrupted"]
@@ -82,8 +82,6 @@ class StoreWriter:
         # tensor data lands 64-byte aligned in the map (pass it to encode_entry when encoding
         # elsewhere, or `put` re-pads, which costs one copy of the blob).
         self.value_offset = lmdb_value_offset(self.env)
-        self._features = self.env.open_db(FEATURES_DB)
-        self._meta = self.env.open_db(META_DB)
         self._pending: list[tuple[bytes, bytes]] = []
         self._pending_bytes = 0
         self.committed = 0  # entries written by this writer
@@ -107,9 +105,19 @@ class StoreWriter:
 
     # -- setup -------------------------------------------------------------------------------
     def _load_or_create_manifest(self, encoder, fingerprint, storage_dtype, reset) -> dict:
+        # The sub-databases and the first manifest are created in ONE transaction: a kill at any
+        # instant leaves either an empty environment (treated as new) or a complete store.
         with self.env.begin(write=True) as txn:
+            fresh_env = is_uninitialised(self.env, txn)
+            self._features = self.env.open_db(FEATURES_DB, txn=txn)
+            self._meta = self.env.open_db(META_DB, txn=txn)
             raw = txn.get(MANIFEST_KEY, db=self._meta)
             if raw is None:
+                if not fresh_env:
+                    raise ManifestError(
+                        f"{self.path}: this LMDB environment holds data but no featstore manifest; "
+                        "it is not a featstore store. Choose another --store path."
+                    )
                 manifest = new_manifest(encoder, fingerprint, storage_dtype)
             else:
                 manifest = read_manifest(self.env, txn, path=self.path)
