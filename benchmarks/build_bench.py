@@ -120,8 +120,7 @@ def multi_gpu_build(args, root: str, work: str, ranks: int) -> dict:
     result = os.path.join(work, f"result{ranks}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            os.path.abspath(__file__), "--rank-worker", "--images-dir", root, "--store", store,
-           "--result", result, "--workers", str(args.workers), "--batch-frames", str(args.batch_frames)] + (["--smoke"] if args.smoke else []) \
-        + (["--compile"] if args.compile else [])
+           "--result", result, "--workers", str(args.workers), "--batch-frames", str(args.batch_frames)] + (["--smoke"] if args.smoke else [])
     subprocess.run(cmd, check=True)
     with open(result) as f:
         report = json.load(f)
@@ -139,7 +138,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--batch-frames", type=int, default=16)
     ap.add_argument("--compile", action="store_true", help="also measure bare forward and build with torch.compile'd blocks")
-    ap.add_argument("--multi-gpu", type=int, default=0, help="also build with 1 and N ranks (torchrun) and compare")
+    ap.add_argument("--multi-gpu", type=int, default=0,
+                    help="also build with 1 and N ranks (torchrun, eager encoder) and compare")
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--images-dir", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
