@@ -254,44 +254,57 @@ class _UnitDataset(torch.utils.data.Dataset):
             return i, None, None, f"{type(e).__name__}: {e}"
 
 
-class _Committer(threading.Thread):
-    """Waits for each batch's device->host copy, serialises the entries, and commits them.
+class _Stage(threading.Thread):
+    """A worker thread fed through a bounded queue, passing its results to the next stage.
 
-    Runs beside the GPU loop so that serialisation and disk writes overlap the next forward.
-    The writer is used from this thread only until `join`."""
+    The first exception stops the stage's work (it keeps draining its queue so that nobody
+    blocks on it) and is surfaced by the main thread. `None` ends the stage and the next one."""
 
-    def __init__(self, writer, spec, report: BuildReport, bar):
-        super().__init__(name="featstore-committer", daemon=True)
-        self.writer, self.spec, self.report, self.bar = writer, spec, report, bar
-        self.jobs: queue.Queue = queue.Queue(maxsize=4)  # bounds pinned memory in flight
+    def __init__(self, name: str, handle, *, maxsize: int, downstream: "_Stage | None" = None):
+        super().__init__(name=name, daemon=True)
+        self.handle, self.downstream = handle, downstream
+        self.jobs: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
 
     def run(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
+                if self.downstream is not None:
+                    self.downstream.jobs.put(None)
                 return
             if self.error is not None:
-                continue  # drain without writing after a failure
+                continue
             try:
-                self._commit(*job)
+                result = self.handle(*job)
+                if self.downstream is not None:
+                    self.downstream.jobs.put(result)
             except BaseException as e:  # surfaced in the main thread
                 self.error = e
 
-    def _commit(self, units, sources, host, done, grid) -> None:
-        if done is not None:
-            done.synchronize()  # the copy into pinned memory has landed
-        for unit, src, feats in zip(units, sources, host):
-            blob = encode_entry({"features": feats}, unit_metadata(unit, src, grid, self.spec))
-            self.writer.put(unit.key, blob)
-            self.report.computed += 1
-            self.report.frames += unit.num_frames
-            self.report.bytes += len(blob)
-        if self.bar is not None:
-            self.bar.update(len(units))
-            elapsed = max(time.perf_counter() - self.bar.featstore_t0, 1e-9)
-            self.bar.set_postfix_str(f"{self.report.frames / elapsed:.1f} frames/s, "
-                                     f"{self.report.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+def _serialise(spec, units, sources, host, done, grid):
+    """Wait for a batch's device->host copy, then make each unit's blob (one copy + CRC-32;
+    both release the GIL, so this overlaps the writer's commits)."""
+    if done is not None:
+        done.synchronize()
+    blobs = [encode_entry({"features": feats}, unit_metadata(unit, src, grid, spec))
+             for unit, src, feats in zip(units, sources, host)]
+    return units, blobs
+
+
+def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
+    """Hand blobs to the single writer (which commits every N entries) and count progress."""
+    for unit, blob in zip(units, blobs):
+        writer.put(unit.key, blob)
+        report.computed += 1
+        report.frames += unit.num_frames
+        report.bytes += len(blob)
+    if bar is not None:
+        bar.update(len(units))
+        elapsed = max(time.perf_counter() - bar.featstore_t0, 1e-9)
+        bar.set_postfix_str(f"{report.frames / elapsed:.1f} frames/s, {report.bytes / elapsed / 1e6:.1f} MB/s",
+                            refresh=False)
 
 
 def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool) -> None:
@@ -308,8 +321,13 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         collate_fn=lambda item: item)
     bar = tqdm(total=len(todo), unit="unit", disable=not show, dynamic_ncols=True, smoothing=0.05)
     bar.featstore_t0 = time.perf_counter()
-    committer = _Committer(writer, spec, report, bar)
+    # GPU loop (this thread) -> serialiser thread -> writer thread. The serialiser's queue bounds
+    # the pinned batches in flight; the writer's bounds the encoded blobs waiting for the disk.
+    committer = _Stage("featstore-writer", lambda u, b: _commit(writer, report, bar, u, b), maxsize=2)
+    serialiser = _Stage("featstore-serialiser", lambda *job: _serialise(spec, *job), maxsize=4,
+                        downstream=committer)
     committer.start()
+    serialiser.start()
     buckets: dict[tuple, list] = {}
 
     def flush(shape) -> None:
@@ -333,12 +351,13 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         else:
             host = feats.cpu()
         grid = encoder.patch_grid(*x.shape[-2:])
-        committer.jobs.put((units, [src for _, _, src in items], host, done, grid))
+        serialiser.jobs.put((units, [src for _, _, src in items], host, done, grid))
 
     try:
         for i, frames, sources, error in loader:
-            if committer.error is not None:
-                raise committer.error
+            for stage in (serialiser, committer):
+                if stage.error is not None:
+                    raise stage.error
             if error is not None:
                 report.failed.append({"key": todo[i].key, "frames": list(todo[i].frames), "error": error})
                 bar.update(1)
@@ -350,11 +369,13 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         for shape in list(buckets):
             flush(shape)
     finally:
-        committer.jobs.put(None)
+        serialiser.jobs.put(None)  # ends the serialiser, which then ends the writer stage
+        serialiser.join()
         committer.join()
         bar.close()
-    if committer.error is not None:
-        raise committer.error
+    for stage in (serialiser, committer):
+        if stage.error is not None:
+            raise stage.error
 
 
 def _dist_setup():

@@ -127,7 +127,7 @@ def encode_entry(
     metadata: Mapping[str, str] | None = None,
     *,
     value_offset: int = LMDB_VALUE_OFFSET,
-) -> bytes:
+) -> bytearray:
     """Serialise `tensors` and string `metadata` into one safetensors blob.
 
     Args:
@@ -138,7 +138,7 @@ def encode_entry(
             the default matches LMDB's overflow pages.
 
     Returns:
-        The blob, ready for `txn.put`.
+        The blob (a bytearray: one copy of the tensor bytes, none more), ready for `txn.put`.
 
     Example:
         >>> blob = encode_entry({"features": torch.zeros(1, 4, 8, dtype=torch.bfloat16)})
@@ -170,19 +170,27 @@ def encode_entry(
         header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         chunks.append(t)
         offset += nbytes
-    data = bytearray(offset)
+    # The checksum string has a fixed length, so the header's size is known before the
+    # checksum is: lay out the whole blob once and copy the tensor bytes into it exactly once.
+    header["__metadata__"] = meta
+    meta[_CHECKSUM_KEY] = "crc32:00000000"
+    prefix_len = len(_padded_prefix(_header_text(header), value_offset))
+    blob = bytearray(prefix_len + offset)
+    data = memoryview(blob)[prefix_len:]
     if offset:
-        out = torch.frombuffer(data, dtype=torch.uint8)
+        out = torch.frombuffer(blob, dtype=torch.uint8)[prefix_len:]
         pos = 0
         for t in chunks:
             src = _as_bytes_view(t)
             out[pos : pos + src.numel()].copy_(src)
             pos += src.numel()
-    header["__metadata__"] = meta
     meta[_CHECKSUM_KEY] = entry_checksum(header, data)
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    # One copy of the tensor bytes here (join); `bytes(data) + ...` would make two.
-    return b"".join((_padded_prefix(text, value_offset), data))
+    blob[:prefix_len] = _padded_prefix(_header_text(header), value_offset)
+    return blob
+
+
+def _header_text(header: Mapping) -> bytes:
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _padded_prefix(text: bytes, value_offset: int) -> bytes:
@@ -194,7 +202,7 @@ def _padded_prefix(text: bytes, value_offset: int) -> bytes:
     return struct.pack("<Q", len(text) + pad) + text + b" " * pad
 
 
-def align_blob(blob, value_offset: int) -> bytes:
+def align_blob(blob, value_offset: int) -> bytes | bytearray:
     """Re-pad the header of an encoded blob for a store whose values start `value_offset`
     bytes past a 64-byte boundary (`featstore.store.lmdb_value_offset(env)`).
 
@@ -207,7 +215,7 @@ def align_blob(blob, value_offset: int) -> bytes:
     view = memoryview(blob).cast("B") if not isinstance(blob, bytes) else memoryview(blob)
     _, data_start = _parse_header(view, None)
     if (value_offset + data_start) % ALIGNMENT == 0:
-        return blob if isinstance(blob, bytes) else bytes(blob)
+        return blob if isinstance(blob, (bytes, bytearray)) else bytes(blob)
     text = bytes(view[8:data_start]).rstrip(b" ")
     return b"".join((_padded_prefix(text, value_offset), view[data_start:]))
 

@@ -128,7 +128,7 @@ def test_golden_bytes():
 def test_stock_safetensors_reads_our_blobs():
     tensors = {"features": _sample(torch.bfloat16, (1, 9, 8)), "ids": _sample(torch.int32, (4,))}
     blob = encode_entry(tensors, {"frames": '["x.png"]', "grid": "[3, 3]"})
-    loaded = safetensors.torch.load(blob)
+    loaded = safetensors.torch.load(bytes(blob))  # load() takes bytes only, as LMDB returns them
     assert set(loaded) == set(tensors)
     for k in tensors:
         assert torch.equal(loaded[k], tensors[k])
