@@ -43,6 +43,7 @@ __all__ = [
     "align_blob",
     "tensor_checksum",
     "entry_checksum",
+    "decode_tensor",
 ]
 
 ALIGNMENT = 64  # cache line; also what SIMD copies and future torch alignment checks want
@@ -342,6 +343,91 @@ def _address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data if len(view) else 0
 
 
+def _byte_view(value) -> memoryview:
+    view = memoryview(value)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _validated_layout(view: memoryview, key: str | None) -> tuple[dict, int, list]:
+    """Full validation of a blob's header: (header, data start, tensor specs sorted by offset)."""
+    header, data_start = _parse_header(view, key)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _fail(key, "__metadata__ must map strings to strings")
+    specs = _check_tensor_specs(header, len(view) - data_start, key)
+    if not specs:
+        raise _fail(key, "holds no tensor")
+    return header, data_start, specs
+
+
+def _tensors(view: memoryview, data_start: int, specs, *, copy: bool) -> dict[str, torch.Tensor]:
+    base_addr = _address(view)
+    tensors = {}
+    for name, dtype, shape, start, end in specs:
+        offset = data_start + start
+        if end == start:  # torch.frombuffer refuses empty buffers
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        # A value at an address that is not a multiple of the itemsize (small values sit at
+        # odd addresses on LMDB leaf pages) cannot be viewed as `dtype`: copy it instead.
+        if copy or (base_addr + offset) % dtype.itemsize or dtype == torch.bool:
+            raw = _frombuffer_quiet(view, torch.uint8, end - start, offset).clone()
+            t = raw.ne(0) if dtype == torch.bool else raw.view(dtype)
+        else:
+            t = _frombuffer_quiet(view, dtype, (end - start) // dtype.itemsize, offset)
+        tensors[name] = t.view(shape)
+    return tensors
+
+
+# Tensor layouts of headers already validated in full, keyed by the header's tensor part (the
+# bytes before `,"__metadata__":`, where featstore's encoder puts it) and the data length.
+# Entries of one store share a handful of layouts; a hit skips JSON parsing and the checks,
+# which dominate the read of small entries. Everything served on a hit is determined by the
+# key (dtypes, shapes, offsets tiling exactly the data length), so it is as checked as a miss.
+_LAYOUTS: dict[tuple[bytes, int], list] = {}
+_MAX_LAYOUTS = 1024
+_METADATA_MARK = b',"__metadata__":'
+
+
+def _layout_key(view: memoryview) -> tuple[tuple[bytes, int] | None, int]:
+    """(cache key or None, data start) from the length prefix, without parsing JSON."""
+    if len(view) < 8:
+        return None, 0
+    (n,) = struct.unpack_from("<Q", view, 0)
+    if n > MAX_HEADER_BYTES or 8 + n > len(view):
+        return None, 0
+    head = bytes(view[8 : 8 + n])
+    cut = head.find(_METADATA_MARK)
+    # A tensor described after the metadata would escape the prefix: never cache that shape.
+    if cut <= 0 or b'"data_offsets"' in head[cut:]:
+        return None, 0
+    return (head[:cut], len(view) - 8 - n), 8 + n
+
+
+def decode_tensor(value, name: str = "features", *, key: str | None = None) -> torch.Tensor:
+    """Zero-copy view of one tensor of a blob: the hot path of `FeatureStore.read_into`.
+
+    Same guarantees as `decode_entry` for the tensor returned (dtype whitelist, offsets inside
+    the value and tiling it, shape x itemsize == bytes, alignment), with the metadata left
+    unparsed; a header layout seen before is not re-validated (see `_LAYOUTS`).
+
+    Raises:
+        CorruptEntryError: the blob is malformed (names `key` and the defect).
+        KeyError: the blob has no tensor `name`.
+    """
+    view = _byte_view(value)
+    cache_key, data_start = _layout_key(view)
+    specs = _LAYOUTS.get(cache_key) if cache_key is not None else None
+    if specs is None:
+        _, data_start, specs = _validated_layout(view, key)
+        if cache_key is not None and len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[cache_key] = specs
+    for spec in specs:
+        if spec[0] == name:
+            return _tensors(view, data_start, [spec], copy=False)[name]
+    raise KeyError(name)
+
+
 def decode_entry(
     value,
     *,
@@ -367,17 +453,9 @@ def decode_entry(
         CorruptEntryError: the blob is malformed or its checksum does not match; the message
             names `key` and the defect.
     """
-    view = memoryview(value)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    header, data_start = _parse_header(view, key)
+    view = _byte_view(value)
+    header, data_start, specs = _validated_layout(view, key)
     meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise _fail(key, "__metadata__ must map strings to strings")
-    data_len = len(view) - data_start
-    specs = _check_tensor_specs(header, data_len, key)
-    if not specs:
-        raise _fail(key, "holds no tensor")
     if verify:
         stored = meta.get(_CHECKSUM_KEY)
         if stored is None:
@@ -385,19 +463,5 @@ def decode_entry(
         actual = entry_checksum(header, view[data_start:])
         if actual != stored:
             raise _fail(key, f"checksum mismatch (stored {stored}, computed {actual}): the value is corrupt")
-    base_addr = _address(view)
-    tensors = {}
-    for name, dtype, shape, start, end in specs:
-        offset = data_start + start
-        if end == start:  # torch.frombuffer refuses empty buffers
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        # A value at an address that is not a multiple of the itemsize (small values sit at
-        # odd addresses on LMDB leaf pages) cannot be viewed as `dtype`: copy it instead.
-        if copy or (base_addr + offset) % dtype.itemsize or dtype == torch.bool:
-            raw = _frombuffer_quiet(view, torch.uint8, end - start, offset).clone()
-            t = raw.ne(0) if dtype == torch.bool else raw.view(dtype)
-        else:
-            t = _frombuffer_quiet(view, dtype, (end - start) // dtype.itemsize, offset)
-        tensors[name] = t.view(shape)
+    tensors = _tensors(view, data_start, specs, copy=copy)
     return Entry(tensors=tensors, metadata=dict(meta))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from featstore.errors import FeatstoreError, MissingKeyError
-from featstore.format import Entry, decode_entry
+from featstore.format import Entry, decode_entry, decode_tensor
 from featstore.keys import key_to_bytes, normalize_key
 from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path
 
@@ -407,13 +407,20 @@ class FeatureStore:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
                 name = kb.decode()
-                entry = decode_entry(value, key=name, verify=self.verify_checksums)
-                if frames is not None:
-                    self._check_frames(name, entry, frames[i])
-                src = entry.tensors.get(tensor)
+                if frames is None and not self.verify_checksums:
+                    # Hot path: the metadata is not needed, so it is not parsed.
+                    try:
+                        src = decode_tensor(value, tensor, key=name)
+                    except KeyError:
+                        src = None
+                else:
+                    entry = decode_entry(value, key=name, verify=self.verify_checksums)
+                    if frames is not None:
+                        self._check_frames(name, entry, frames[i])
+                    src = entry.tensors.get(tensor)
                 if src is None:
                     raise MissingKeyError(f"entry {name!r} in {self.path} has no tensor {tensor!r} "
-                                          f"(it has {sorted(entry.tensors)})")
+                                          f"(it has {sorted(decode_entry(value, key=name).tensors)})")
                 if out is None:
                     out = torch.empty((len(keys), *src.shape), dtype=src.dtype, pin_memory=pin_memory)
                 if out.shape[1:] != src.shape or out.dtype != src.dtype:

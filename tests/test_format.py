@@ -10,6 +10,8 @@ import struct
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import safetensors.torch
 import torch
 
@@ -272,3 +274,46 @@ def test_encode_refuses_bad_input():
         encode_entry({})
     with pytest.raises(ValueError, match=re.escape("tensor name '__metadata__' is not allowed")):
         encode_entry({"__metadata__": torch.zeros(1)})
+
+
+# -- the hot path: decode_tensor ---------------------------------------------------------------
+def test_decode_tensor_equals_decode_entry_and_caches_only_validated_layouts():
+    import featstore.format as fmt
+
+    fmt._LAYOUTS.clear()
+    blobs = [encode_entry({"features": _sample(torch.bfloat16, (1, 3, 8)), "grid": torch.tensor([1, 3])},
+                          {"frames": f'["{i}.jpg"]'}) for i in range(5)]
+    for blob in blobs:
+        assert torch.equal(fmt.decode_tensor(blob), decode_entry(blob).features)
+        assert torch.equal(fmt.decode_tensor(blob, "grid"), decode_entry(blob).tensors["grid"])
+    assert len(fmt._LAYOUTS) == 1  # one layout for all five entries
+    with pytest.raises(KeyError):
+        fmt.decode_tensor(blobs[0], "nope")
+    # Same tensor part, other data length (truncated): a miss, fully validated, rejected.
+    with pytest.raises(CorruptEntryError, match="bytes"):
+        fmt.decode_tensor(bytes(blobs[0])[:-2])
+    # A tensor described after the metadata is never served from the cache.
+    text = b'{"features":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"__metadata__":{},' \
+           b'"x":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}'
+    evil = struct.pack("<Q", len(text)) + text + b"\x01\x02"
+    with pytest.raises(CorruptEntryError, match="overlap"):
+        fmt.decode_tensor(evil)
+    assert all(b'"x"' not in k[0] for k in fmt._LAYOUTS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_decode_tensor_fuzzed_raises_only_its_own_errors(data):
+    import featstore.format as fmt
+
+    blob = bytearray(encode_entry({"features": torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)},
+                                  {"frames": '["a.jpg"]'}))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        blob[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    try:
+        t = fmt.decode_tensor(bytes(blob[:cut]) if data.draw(st.booleans()) else bytes(blob))
+    except (CorruptEntryError, KeyError):
+        return
+    assert t.numel() * t.element_size() <= len(blob)
