@@ -1,0 +1,148 @@
+"""Copy a finished store, compacted, to another path (e.g. node-local NVMe before training).
+
+The copy is written by LMDB itself (`env.copy(compact=True)`: a consistent snapshot from one
+read transaction, free pages dropped, pages renumbered), first into a hidden temporary folder
+beside DST and renamed to DST only once it is complete and opens with the same manifest and
+entry count, so an interrupted copy never leaves a DST that looks like a store.
+
+It refuses to overwrite: DST must not exist, or be an empty folder. Network file systems are
+fine as a source; training should read the copy on local disk (docs/OPERATIONS.md).
+
+Examples:
+  featstore copy /nfs/data/ /nvme/vggt_features.lmdb      # SRC may be the data root
+  featstore copy data/vggt_features.lmdb /nvme/feats.lmdb --verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from featstore.errors import FeatstoreError, StoreFullError
+
+__all__ = ["copy_store", "configure_parser", "run"]
+
+
+def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False) -> dict:
+    """Write a compacted copy of store `src` at `dst` and check that it opens.
+
+    Args:
+        src: the store, or a data root holding ``vggt_features.lmdb``.
+        dst: the new store directory; must not exist (or be an empty folder).
+        allow_incomplete: copy a store whose build is in progress (a consistent snapshot of
+            what is committed; the copy says "in_progress" too).
+        verify: run `featstore verify` (checksums of every entry) on the copy.
+
+    Returns:
+        dict with src, dst, entries, src_bytes / dst_bytes (data.mdb sizes), seconds and, with
+        `verify`, the copy's verify report.
+
+    Raises:
+        FeatstoreError: DST exists and is not empty, SRC is not a store or its build is in
+            progress, the disk is too small (StoreFullError), or the copy does not match.
+
+    Example:
+        >>> copy_store("data/", "/nvme/vggt_features.lmdb")["entries"]
+        1200
+    """
+    import lmdb
+
+    from featstore.reader import FeatureStore
+    from featstore.store import resolve_store_path
+
+    t0 = time.perf_counter()
+    src = resolve_store_path(src)
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)):
+        raise FeatstoreError(f"{dst} already exists and is not an empty folder; copy refuses to overwrite. "
+                             "Remove it first or choose another destination")
+    if os.path.realpath(dst).startswith(os.path.realpath(src) + os.sep):
+        raise FeatstoreError(f"{dst} is inside the source store {src}; choose a destination outside it")
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise FeatstoreError(f"{parent} (the folder of {dst}) does not exist; create it first")
+    store = FeatureStore(src)
+    try:
+        manifest = store.manifest
+        state = (manifest.get("build") or {}).get("state")
+        if state != "complete" and not allow_incomplete:
+            raise FeatstoreError(f"{src}: its build is {state!r}; finish it (rerun `featstore build`) before "
+                                 "copying, or pass --allow-incomplete to copy what is committed")
+        entries = len(store)
+        src_bytes = os.path.getsize(os.path.join(src, "data.mdb"))
+        # A compacted copy holds the values plus B-tree pages: ~ the manifest's bytes rounded up
+        # to pages, never more than the source file.
+        need = min(src_bytes, int(manifest.get("bytes", 0) * 1.05) + (1 << 20))
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise StoreFullError(f"{dst}: the copy needs about {need / 1e9:.2f} GB but {parent} has "
+                                 f"{free / 1e9:.2f} GB free; free space or copy elsewhere")
+        tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            env = store._environment()
+            try:
+                env.copy(tmp, compact=True)
+            except lmdb.Error as e:
+                if "No space" in str(e) or "ENOSPC" in str(e) or "Input/output" in str(e):
+                    raise StoreFullError(f"{dst}: copy failed, the disk of {parent} is full or failing ({e}); "
+                                         "nothing was written to the destination") from None
+                raise FeatstoreError(f"{dst}: LMDB could not copy {src} ({e}); nothing was written to "
+                                     "the destination") from None
+            _check_copy(tmp, manifest, entries)
+            if os.path.isdir(dst):
+                os.rmdir(dst)  # the empty folder the caller made
+            os.rename(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        store.close()
+    result = {"src": src, "dst": dst, "entries": entries, "src_bytes": src_bytes,
+              "dst_bytes": os.path.getsize(os.path.join(dst, "data.mdb")),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if verify:
+        from featstore.verify import verify_store
+
+        report = verify_store(dst)
+        result["verify"] = report.to_dict()
+        if not report.ok and set(report.counts()) - {"build"}:
+            raise FeatstoreError(f"{dst}: the copy does not verify ({report.counts()}); it was left in place "
+                                 "for inspection:\n" + report.summary())
+    return result
+
+
+def _check_copy(path: str, manifest: dict, entries: int) -> None:
+    """The copy opens, holds the same manifest, and the same number of entries."""
+    from featstore.reader import FeatureStore
+
+    with FeatureStore(path) as copy:
+        got = copy.manifest
+        n = len(copy)
+    if got != manifest or n != entries:
+        raise FeatstoreError(f"{path}: the copy does not match its source (entries {n} vs {entries}, "
+                             f"manifest equal: {got == manifest}); the destination was not created")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="the store, or a data root holding vggt_features.lmdb")
+    p.add_argument("dst", help="the new store directory (must not exist, or be empty)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="copy even while the build is in progress (a snapshot of what is committed)")
+    p.add_argument("--verify", action="store_true", help="verify every entry's checksum in the copy")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = copy_store(args.src, args.dst, allow_incomplete=args.allow_incomplete, verify=args.verify)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"featstore copy: {result['entries']} entries {result['src']} -> {result['dst']} "
+              f"({result['src_bytes'] / 1e6:.1f} MB -> {result['dst_bytes'] / 1e6:.1f} MB compacted, "
+              f"{result['seconds']:.1f} s)" + (", verified" if args.verify else ""))
+    return 0

@@ -1,0 +1,143 @@
+"""Remove entries that can never be served correctly: orphans, stale and corrupt entries.
+
+`featstore gc` runs the same checks as `featstore verify` (no recompute), then deletes:
+  orphan   a source frame is gone from the data root
+  stale    a source frame changed since the entry was computed (size/mtime; sha256 with --deep)
+  corrupt  the value does not decode or fails its checksum (`featstore build` skips a present
+           entry without reading its tensor bytes, so it would never recompute this one)
+and, with --unplanned, entries that the plan (scan or --annotations) does not ask for.
+
+LMDB reuses freed pages but never shrinks data.mdb: `featstore copy` writes a compacted copy.
+Run gc while no build writes the store (it refuses an in-progress store unless --force).
+
+Examples:
+  featstore gc data/ --dry-run                  # list what would go
+  featstore gc data/                            # remove orphans, stale and corrupt entries
+  featstore gc /nvme/vggt_features.lmdb --data-root data/ --annotations train.json --unplanned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+
+from featstore.errors import FeatstoreError
+from featstore.verify import Report, verify_store
+
+__all__ = ["GcResult", "collect_garbage", "configure_parser", "run"]
+
+_REMOVABLE = ("orphan", "stale", "corrupt")
+
+
+@dataclass
+class GcResult:
+    """What gc found (`keys` by reason) and did (`removed`, `bytes_freed`)."""
+
+    path: str
+    keys: dict[str, list[str]] = field(default_factory=dict)
+    removed: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+    report: Report | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "dry_run": self.dry_run, "removed": self.removed,
+                "bytes_freed": self.bytes_freed, "keys": self.keys,
+                "remaining_problems": self.report.counts() if self.report else {}}
+
+
+def collect_garbage(store, *, data_root=None, annotations=None, deep: bool = False, unplanned: bool = False,
+                    dry_run: bool = False, force: bool = False, workers: int | None = None) -> GcResult:
+    """Find and (unless `dry_run`) delete orphan, stale and corrupt entries of a store.
+
+    Args:
+        store: the store, or a data root holding ``vggt_features.lmdb`` (then also the data root).
+        data_root / annotations / deep / workers: as for `featstore.verify.verify_store`.
+        unplanned: also delete entries the plan does not ask for.
+        dry_run: only report what would be deleted.
+        force: run even when the store's build is in progress (the build may write again what
+            gc deletes; harmless, but usually you want the build to finish first).
+
+    Returns:
+        A `GcResult`.
+
+    Raises:
+        FeatstoreError: no data root (orphans and staleness need the images), the store is
+            damaged (structure problems: restore or rebuild instead), or a build is in progress.
+
+    Example:
+        >>> collect_garbage("data/", dry_run=True).keys
+        {'orphan': ['old/scene/000.jpg'], 'stale': [], 'corrupt': []}
+    """
+    report = verify_store(store, data_root=data_root, annotations=annotations, deep=deep, workers=workers)
+    result = GcResult(path=report.path, dry_run=dry_run, report=report)
+    if report.data_root is None:
+        raise FeatstoreError(f"{report.path}: gc needs the data root to tell orphans and stale entries: "
+                             "pass --data-root DIR")
+    if "structure" in report.counts():
+        raise FeatstoreError(f"{report.path}: data.mdb is damaged (`featstore verify` lists how); gc cannot "
+                             "repair it: restore a copy or rebuild")
+    if report.counts().get("build") and not force:
+        raise FeatstoreError(f"{report.path}: its build is in progress (or was killed); let `featstore build` "
+                             "finish first, or pass --force")
+    reasons = _REMOVABLE + (("unplanned",) if unplanned else ())
+    result.keys = {r: report.keys_with(r) for r in _REMOVABLE}
+    if unplanned:
+        result.keys["unplanned"] = list(report.unplanned)
+    doomed = sorted({k for r in reasons for k in result.keys[r]})
+    if dry_run or not doomed:
+        return result
+    from featstore.writer import StoreWriter
+
+    was_complete = (report.manifest or {}).get("build", {}).get("state") == "complete"
+    writer = StoreWriter(report.path, handle_signals=False)  # no encoder: the manifest spec stays
+    try:
+        before = writer.manifest.get("bytes", 0)
+        result.removed = writer.delete(doomed)
+        result.bytes_freed = before - writer.manifest.get("bytes", 0)
+        # Opening a writer marks the build in progress; gc removes entries, it does not build.
+        writer.finish(complete=was_complete)
+    finally:
+        writer.close()
+    return result
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", nargs="?", default=".", help="store directory, or a data root holding "
+                   "vggt_features.lmdb (then also the data root; default: current directory)")
+    p.add_argument("--data-root", help="the images' folder (needed unless STORE is the data root)")
+    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
+                   help="training's annotation files: the plan for --unplanned (as for build)")
+    p.add_argument("--deep", action="store_true", help="stale also when the content hash changed")
+    p.add_argument("--unplanned", action="store_true", help="also remove entries the plan does not ask for")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
+    p.add_argument("--force", action="store_true", help="run even while the store's build is in progress")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = collect_garbage(args.store, data_root=args.data_root, annotations=args.annotations,
+                             deep=args.deep, unplanned=args.unplanned, dry_run=args.dry_run, force=args.force)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    total = sum(len(v) for v in result.keys.values())
+    verb = "would remove" if result.dry_run else "removed"
+    for reason, keys in result.keys.items():
+        for k in keys[:50]:
+            print(f"  {reason:<9} {k}")
+        if len(keys) > 50:
+            print(f"  {reason:<9} ... and {len(keys) - 50} more (--json lists all)")
+    counts = ", ".join(f"{len(v)} {r}" for r, v in result.keys.items())
+    if result.dry_run:
+        print(f"featstore gc: {verb} {total} entries ({counts}) from {result.path}")
+    else:
+        print(f"featstore gc: {verb} {result.removed} entries ({counts}), {result.bytes_freed / 1e6:.1f} MB of "
+              f"values from {result.path}. data.mdb keeps its size (LMDB reuses the pages); "
+              "`featstore copy` writes a compacted copy.", file=sys.stdout)
+    rest = {k: v for k, v in (result.report.counts() if result.report else {}).items() if k not in _REMOVABLE}
+    if rest:
+        print(f"featstore gc: other findings remain ({rest}); run `featstore verify` for details")
+    return 0

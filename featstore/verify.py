@@ -1,0 +1,732 @@
+"""Check a store: file structure, manifest, every blob's checksum, plan coverage, source freshness.
+
+Optionally (--recompute N) also compares stored features with features recomputed on the encoder.
+
+Exit status: 0 clean, 1 problems found (each names its key and what to do), 2 cannot run (no
+store, not an LMDB file, unreadable manifest, bad arguments).
+
+Checks, in order (docs/OPERATIONS.md says what each finding means and what to do):
+  1. structure   data.mdb is not truncated and passes LMDB's offline structural audit
+                 (`lmdb.verify`, py-lmdb >= 3.0), *before* the file is mapped: a truncated
+                 map is a SIGBUS, not an exception, once a page past the end is touched
+  2. manifest    format version, fingerprint == spec, entry count and bytes == what is stored,
+                 build state complete, no failed units in the last build
+  3. entries     every value decodes and its CRC-32 matches; dtype == storage dtype; shape
+                 [frames_kept, grid rows*cols, 2*embed_dim]; entry fingerprint == manifest's
+                 (read in parallel threads: zlib's CRC-32 releases the GIL, so this is bound
+                 by disk and checksum speed)
+  4. sources     with a data root: orphans (a frame file is gone), stale (size/mtime changed;
+                 with --deep, content sha256 changed)
+  5. plan        with a data root: every unit of the plan is present, with the planned frames
+  6. recompute   --recompute N: N random fresh units re-encoded and compared with the stored
+                 features (max abs error relative to the tensor's scale, cosine similarity)
+
+Not checked: the CRC-32 covers tensor bytes only, so a flipped byte inside the JSON header
+either fails to parse (reported) or changes metadata silently; the plan check catches a changed
+frame list, nothing catches a changed source mtime.
+
+Examples:
+  featstore verify data/                          # store beside the data: all checks
+  featstore verify /nvme/vggt_features.lmdb --data-root data/ --annotations data/train.json
+  featstore verify data/ --deep --recompute 16 --weights /ckpt/model.safetensors --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import random
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import lmdb
+
+from featstore.errors import CorruptEntryError, FeatstoreError, InvalidKeyError, ManifestError
+from featstore.keys import normalize_key
+from featstore.store import DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolve_store_path
+
+__all__ = ["Finding", "Report", "verify_store", "compare_features", "RECOMPUTE_TOLERANCES", "COMPUTE_TOLERANCES",
+           "PROBLEM_KINDS",
+           "configure_parser", "run"]
+
+# kind -> what it means and what to do; the human summary prints the advice once per kind.
+PROBLEM_KINDS: dict[str, str] = {
+    "structure": "data.mdb is damaged (truncated, or pages overwritten): nothing in it can be trusted. "
+                 "Restore a copy or rebuild (`featstore build --force`)",
+    "manifest": "the manifest disagrees with the stored entries (counts, bytes or fingerprint): "
+                "rebuild, or `featstore copy` a good replica",
+    "build": "the last build did not complete (killed or interrupted): rerun the same "
+             "`featstore build` command to resume",
+    "failed": "a unit failed in the last build (unreadable image?): fix or remove the source, rerun build",
+    "key": "a stored key is not a canonical relative path (NFC, '/', no '..'): the store was not "
+           "written by featstore; rebuild",
+    "corrupt": "the value does not decode or its checksum does not match (a flipped bit on disk): "
+               "`featstore gc` removes it, then `featstore build` recomputes it",
+    "dtype": "the entry's dtype differs from the manifest's storage dtype: rebuild with --force",
+    "shape": "the entry's shape does not match its frames, grid or the encoder's channels: rebuild with --force",
+    "fingerprint": "the entry was computed by another encoder spec than the manifest's: rebuild with --force",
+    "metadata": "the entry lacks the frames/sources metadata that freshness checks need: rebuild it",
+    "orphan": "a source frame of the entry is gone from the data root: `featstore gc` removes it",
+    "stale": "a source frame changed since the entry was computed: `featstore build` recomputes it "
+             "(or `featstore gc` removes it)",
+    "missing": "a unit of the plan has no entry: run `featstore build` (training would miss it)",
+    "frames": "the entry was computed on another frame list than the plan asks for (training would "
+              "miss it): `featstore build` with the same --annotations recomputes it",
+    "recompute": "features recomputed on the encoder differ from the stored ones beyond the storage "
+                 "dtype's tolerance: check weights/code version; rebuild with --force",
+}
+
+# dtype -> (max |stored - recomputed| / max |stored|, min cosine similarity); the loosest of the
+# storage dtype's row and the compute dtype's row applies.
+# Storage rounding costs at most half an ulp of a value, i.e. of the tensor's max: bf16 2^-9,
+# fp16 2^-12, fp32 2^-25 (rows below leave ~5x headroom).
+RECOMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float32": (1e-4, 0.999999),
+    "float16": (2e-3, 0.99999),
+    "bfloat16": (1e-2, 0.9999),
+}
+# A CUDA build computes under autocast(compute_dtype); a CPU recompute runs float32, so errors
+# compound through the network. Measured on vggt-tiny (4 blocks), sample_data, autocast vs fp32:
+# bf16 0.6% of max |x|, cosine 0.99999; fp16 0.08%, cosine 0.9999998. VGGT-1B has 24 blocks, not
+# measured here: the rows leave ~8x (bf16) and ~12x (fp16) headroom. A wrong layer, weights or
+# frame order gives cosine far below (tests/test_verify.py::test_recompute_catches_wrong_features).
+COMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float16": (1e-2, 0.9999),
+    "bfloat16": (5e-2, 0.999),
+}
+
+_DEFAULT_WORKERS = min(16, 2 * (os.cpu_count() or 1))  # > cores: threads also wait on cold page faults
+_CHUNK_ENTRIES = 64  # keys per task: large enough to amortise a transaction, small enough to balance
+_MAX_LISTED = 20  # findings per kind in the human summary (JSON lists all)
+
+
+@dataclass
+class Finding:
+    """One problem: its kind (a key of PROBLEM_KINDS), the key it concerns, and a message."""
+
+    kind: str
+    message: str
+    key: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "message": self.message}
+
+
+@dataclass
+class Report:
+    """What `verify_store` found. `exit_code` is 0 when `problems` is empty, else 1."""
+
+    path: str
+    data_root: str | None = None
+    manifest: dict | None = None
+    checks: list[str] = field(default_factory=list)
+    entries: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    workers: int = 0
+    problems: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    recomputed: list[dict] = field(default_factory=list)
+    unplanned: list[str] = field(default_factory=list)
+    """Keys the plan does not ask for (not a problem; `featstore gc --unplanned` removes them)."""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    @property
+    def gb_per_s(self) -> float:
+        """Entry-pass throughput: value bytes decoded and checksummed per second (1e9 bytes)."""
+        return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds > 0 else 0.0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.problems:
+            out[f.kind] = out.get(f.kind, 0) + 1
+        return out
+
+    def keys_with(self, *kinds: str) -> list[str]:
+        """Sorted distinct keys of the findings of `kinds` (e.g. what gc removes)."""
+        return sorted({f.key for f in self.problems if f.kind in kinds and f.key is not None})
+
+    def add(self, kind: str, message: str, key: str | None = None) -> None:
+        assert kind in PROBLEM_KINDS, kind
+        self.problems.append(Finding(kind, message, key))
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path, "data_root": self.data_root, "ok": self.ok, "exit_code": self.exit_code,
+            "checks": self.checks, "entries": self.entries, "bytes_read": self.bytes_read,
+            "read_seconds": round(self.read_seconds, 4), "gb_per_s": round(self.gb_per_s, 3),
+            "workers": self.workers, "seconds": round(self.seconds, 3), "counts": self.counts(),
+            "problems": [f.to_dict() for f in self.problems], "notes": self.notes,
+            "recomputed": self.recomputed, "unplanned": len(self.unplanned),
+            "fingerprint": (self.manifest or {}).get("fingerprint"),
+            "build_state": (self.manifest or {}).get("build", {}).get("state"),
+        }
+
+    def summary(self) -> str:
+        """A readable multi-line summary: what was checked, then problems grouped by kind."""
+        lines = [f"store      {self.path}",
+                 f"checked    {', '.join(self.checks)}",
+                 f"entries    {self.entries} ({self.bytes_read / 1e9:.3f} GB read in {self.read_seconds:.2f} s, "
+                 f"{self.gb_per_s:.2f} GB/s, {self.workers} threads)"]
+        for r in self.recomputed:
+            lines.append(f"recompute  {r['key']}: max abs err {r.get('max_abs_error', float('nan')):.3g} "
+                         f"(rel {r.get('rel_error', float('nan')):.3g}), cosine {r.get('cosine', float('nan')):.6f} "
+                         f"{'ok' if r.get('ok') else 'FAIL'}")
+        for n in self.notes:
+            lines.append(f"note       {n}")
+        if self.ok:
+            lines.append("result     OK: no problems found")
+            return "\n".join(lines)
+        counts = self.counts()
+        lines.append("result     PROBLEMS: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        for kind in counts:
+            found = [f for f in self.problems if f.kind == kind]
+            lines.append(f"[{kind}] {PROBLEM_KINDS[kind]}")
+            for f in found[:_MAX_LISTED]:
+                lines.append(f"  {f.message}")
+            if len(found) > _MAX_LISTED:
+                lines.append(f"  ... and {len(found) - _MAX_LISTED} more (--json lists all)")
+        return "\n".join(lines)
+
+
+# -- 1. structure ---------------------------------------------------------------------------
+
+def _check_structure(path: str, report: Report, *, full: bool) -> bool:
+    """Return True when data.mdb may be mapped. Reads the file with read(), never mmap."""
+    data = os.path.join(path, "data.mdb")
+    audit = None
+    if full:
+        try:
+            from lmdb import verify as audit  # py-lmdb >= 3.0: a pure-Python byte walker
+        except ImportError:
+            report.notes.append("structure: py-lmdb < 3.0 has no lmdb.verify; only the file size was checked")
+    if audit is not None:
+        try:
+            errors = audit.verify(path, subdir=True)
+        except audit.VerifyError as e:
+            raise ManifestError(f"{data}: not a usable LMDB data file ({e}); restore or rebuild the store") from None
+        except OSError as e:
+            raise ManifestError(f"{data}: cannot read it ({e.strerror})") from None
+        report.checks.append("structure")
+        for err in errors[:_MAX_LISTED]:
+            report.add("structure", f"{data}: {err}")
+        if len(errors) > _MAX_LISTED:
+            report.add("structure", f"{data}: ... and {len(errors) - _MAX_LISTED} more structural problems")
+        return not errors
+    report.checks.append("file size")
+    return True
+
+
+def _last_page_bytes(data: str) -> int | None:
+    """Bytes that the committed meta page says data.mdb holds, read with read() (no mmap), or
+    None when the meta pages do not parse (LMDB's open then refuses the file by itself).
+
+    64-bit LMDB meta page: 16-byte page header, then magic u32, version u32, address, mapsize,
+    two 48-byte MDB_db records (the first one's md_pad is the page size), last_pgno, txnid."""
+    try:
+        with open(data, "rb") as f:
+            head = f.read(2 * 65536)
+    except OSError:
+        return None
+    metas = []
+    for psize_guess in (4096, 8192, 16384, 32768, 65536):
+        for i in (0, 1):
+            base = i * psize_guess
+            if len(head) < base + 152:
+                continue
+            magic, = struct.unpack_from("<I", head, base + 16)
+            if magic != 0xBEEFC0DE:
+                continue
+            psize, = struct.unpack_from("<I", head, base + 40)
+            last_pgno, txnid = struct.unpack_from("<QQ", head, base + 136)
+            if psize == psize_guess or i == 0:
+                metas.append((txnid, last_pgno, psize))
+        if len(metas) == 2:
+            break
+    if not metas:
+        return None
+    _, last_pgno, psize = max(metas)
+    return (last_pgno + 1) * psize
+
+
+def _check_size(path: str, report: Report) -> bool:
+    """A data.mdb shorter than its last page is a truncated copy: touching the missing pages
+    through the map raises SIGBUS in this process, so refuse before LMDB maps the file."""
+    data = os.path.join(path, "data.mdb")
+    need = _last_page_bytes(data)
+    have = os.path.getsize(data)
+    if need is not None and have < need:
+        report.add("structure", f"{data}: truncated: {have} bytes on disk, but its pages need {need} "
+                                "(an interrupted copy?)")
+        return False
+    return True
+
+
+# -- 3. entries -----------------------------------------------------------------------------
+
+@dataclass
+class _Record:
+    """What the later checks need from one decoded entry (no tensor data is kept)."""
+
+    key: str
+    frames: list | None
+    sources: list | None
+
+
+def _check_chunk(env, db, keys: list[bytes], expect: dict) -> tuple[list[_Record], list[Finding], int]:
+    """Decode and checksum the values of `keys` inside one read transaction (a worker thread)."""
+    from featstore.format import decode_entry
+
+    records, findings, nbytes = [], [], 0
+    with env.begin(db=db, buffers=True) as txn:
+        for kb in keys:
+            key = kb.decode("utf-8", "backslashreplace")
+            value = txn.get(kb)
+            if value is None:  # deleted since the key listing (a writer is running)
+                continue
+            nbytes += len(value)
+            try:
+                entry = decode_entry(value, key=key, verify=True)
+                findings += _check_entry(key, entry, expect)
+                meta = entry.metadata
+                records.append(_Record(key, _json_list(meta.get("frames")), _json_list(meta.get("sources"))))
+            except CorruptEntryError as e:
+                findings.append(Finding("corrupt", str(e), key))
+            del value  # a view into the map: never used after the transaction ends
+    return records, findings, nbytes
+
+
+def _json_list(text: str | None) -> list | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) else None
+
+
+def _check_entry(key: str, entry, expect: dict) -> list[Finding]:
+    out = []
+    feats = entry.tensors.get("features")
+    if feats is None:
+        return [Finding("shape", f"entry {key!r}: no 'features' tensor (has {sorted(entry.tensors)})", key)]
+    dtype = str(feats.dtype).removeprefix("torch.")
+    if expect["dtype"] and dtype != expect["dtype"]:
+        out.append(Finding("dtype", f"entry {key!r}: features are {dtype}, the manifest says {expect['dtype']}", key))
+    shape = list(feats.shape)
+    meta = entry.metadata
+    want = [None, None, expect["channels"]]
+    frames = _json_list(meta.get("frames"))
+    if frames is not None:
+        want[0] = 1 if expect["frames_kept"] == "last" else len(frames)
+    grid = _json_list(meta.get("grid"))
+    if grid is not None and len(grid) == 2 and all(isinstance(g, int) for g in grid):
+        want[1] = grid[0] * grid[1]
+    if len(shape) != 3 or any(w is not None and w != s for w, s in zip(want, shape)):
+        wanted = "[" + ", ".join("?" if w is None else str(w) for w in want) + "]"
+        out.append(Finding("shape", f"entry {key!r}: features shape {shape}, expected {wanted} "
+                                    f"([frames_kept, grid rows*cols, 2*embed_dim])", key))
+    fp = meta.get("fingerprint")
+    if expect["fingerprint"] and fp is not None and fp != expect["fingerprint"]:
+        out.append(Finding("fingerprint", f"entry {key!r}: computed with encoder fingerprint {fp[:16]}, "
+                                          f"the manifest says {expect['fingerprint'][:16]}", key))
+    try:
+        if normalize_key(key) != key:
+            out.append(Finding("key", f"key {key!r} is not canonical (normalises to {normalize_key(key)!r})", key))
+    except InvalidKeyError as e:
+        out.append(Finding("key", f"key {key!r}: {e}", key))
+    return out
+
+
+def _list_keys(env, db) -> list[bytes]:
+    # Keys only: iterating without values never touches the overflow pages of big values.
+    with env.begin(db=db) as txn:
+        return list(txn.cursor().iternext(keys=True, values=False))
+
+
+def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+# -- 4./5. sources and plan -----------------------------------------------------------------
+
+def _check_sources(records: list[_Record], data_root: str, deep: bool, pool, report: Report) -> set[str]:
+    """Orphans and stale entries; returns the keys whose sources are fresh."""
+    from featstore.plan import file_sha256
+
+    wanted: dict[str, None] = {}
+    for r in records:
+        for f in r.frames or []:
+            wanted.setdefault(f, None)
+
+    def probe(frame: str):
+        path = os.path.join(data_root, frame)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return {"error": e.strerror}
+        out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if deep:
+            try:
+                out["sha256"] = file_sha256(path)
+            except OSError as e:
+                out["error"] = e.strerror
+        return out
+
+    current = dict(zip(wanted, pool.map(probe, wanted)))
+    fresh, touched = set(), 0
+    for r in records:
+        if r.frames is None or r.sources is None or len(r.sources) != len(r.frames):
+            report.add("metadata", f"entry {r.key!r}: no usable 'frames'/'sources' metadata, so its "
+                                   "sources cannot be checked", r.key)
+            continue
+        gone = [f for f in r.frames if current[f] is None]
+        if gone:
+            report.add("orphan", f"entry {r.key!r}: source {gone[0]!r} is gone from {data_root}"
+                                 + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""), r.key)
+            continue
+        changed = []
+        for frame, src in zip(r.frames, r.sources):
+            now = current[frame]
+            src = src if isinstance(src, dict) else {}
+            if "error" in now:
+                changed.append(f"{frame!r} unreadable ({now['error']})")
+            elif src.get("size") != now["size"]:
+                changed.append(f"{frame!r} size {src.get('size')} -> {now['size']}")
+            elif deep and src.get("sha256") and src.get("sha256") != now["sha256"]:
+                changed.append(f"{frame!r} content sha256 changed")
+            elif src.get("mtime_ns") != now["mtime_ns"]:
+                if deep and src.get("sha256") == now["sha256"]:
+                    touched += 1  # same bytes, new mtime (a copy without -p): not stale
+                else:
+                    changed.append(f"{frame!r} mtime changed")
+        if changed:
+            report.add("stale", f"entry {r.key!r}: source {changed[0]}"
+                                + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""), r.key)
+        else:
+            fresh.add(r.key)
+    if touched:
+        report.notes.append(f"{touched} source file(s) have a new mtime but the same content (--deep): "
+                            "not stale, but `featstore build` will recompute them (it compares size/mtime)")
+    return fresh
+
+
+def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, annotations,
+                report: Report) -> None:
+    from featstore.plan import plan_units
+
+    units = plan_units(data_root, annotations)
+    planned = set()
+    for unit in units:
+        planned.add(unit.key)
+        rec = records.get(unit.key)
+        if rec is None and unit.key in present:
+            continue  # stored but undecodable: already reported as corrupt
+        if rec is None:
+            report.add("missing", f"unit {unit.key!r} ({len(unit.frames)} frame(s)) has no entry", unit.key)
+        elif rec.frames is not None and rec.frames != list(unit.frames):
+            report.add("frames", f"entry {unit.key!r}: stored for frames {rec.frames}, the plan asks "
+                                 f"for {list(unit.frames)}", unit.key)
+    extra = sorted(k for k in records if k not in planned)
+    report.unplanned = extra
+    how = "annotations" if annotations else "a scan of the data root (pass --annotations if built from them)"
+    report.notes.append(f"plan: {len(units)} units from {how}")
+    if extra:
+        report.notes.append(f"{len(extra)} entries are not in the plan (e.g. {extra[0]!r}); harmless, "
+                            "`featstore gc --unplanned` removes them")
+
+
+# -- 6. recompute ---------------------------------------------------------------------------
+
+def compare_features(stored, recomputed, storage_dtype: str, compute_dtype: str | None = None) -> dict:
+    """Compare two feature tensors within the tolerance of the storage (and compute) dtype.
+
+    Returns:
+        dict with max_abs_error, rel_error (max abs error / max |stored|), cosine, the
+        tolerances used, and ok.
+    """
+    import torch
+
+    a = stored.detach().to(torch.float64).reshape(-1)
+    b = recomputed.detach().to(torch.float64).reshape(-1)
+    rows = [RECOMPUTE_TOLERANCES.get(storage_dtype, RECOMPUTE_TOLERANCES["bfloat16"])]
+    if compute_dtype in COMPUTE_TOLERANCES:
+        rows.append(COMPUTE_TOLERANCES[compute_dtype])
+    rel_tol = max(r[0] for r in rows)
+    cos_tol = min(r[1] for r in rows)
+    if a.shape != b.shape:
+        return {"ok": False, "error": f"shape {list(stored.shape)} != recomputed {list(recomputed.shape)}",
+                "rel_tolerance": rel_tol, "cosine_tolerance": cos_tol}
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    na, nb = float(a.norm()), float(b.norm())
+    cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    ok = math.isfinite(err) and rel <= rel_tol and cos >= cos_tol
+    return {"ok": ok, "max_abs_error": err, "rel_error": rel, "cosine": cos,
+            "rel_tolerance": rel_tol, "cosine_tolerance": cos_tol}
+
+
+def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: str, n: int, seed: int,
+               weights, device: str, report: Report) -> None:
+    from featstore.build import compute_unit, encoder_for_manifest
+    from featstore.plan import Unit
+
+    manifest = store.manifest
+    spec = manifest.get("encoder") or {}
+    chosen = random.Random(seed).sample(sorted(keys), min(n, len(keys)))
+    report.notes.append(f"recompute: {len(chosen)} of {len(keys)} fresh entries (seed {seed}) on {device}")
+    if not chosen:
+        return
+    encoder = encoder_for_manifest(manifest, weights=weights, device=device)
+    for key in chosen:
+        unit = Unit(key, tuple(records[key].frames))
+        stored = store.get(key, copy=True).features
+        try:
+            feats, _ = compute_unit(encoder, data_root, unit)
+        except FeatstoreError as e:
+            report.add("recompute", f"entry {key!r}: cannot recompute ({e})", key)
+            continue
+        result = dict(key=key, **compare_features(stored, feats, manifest.get("storage_dtype") or "bfloat16",
+                                                  spec.get("compute_dtype")))
+        report.recomputed.append(result)
+        if not result["ok"]:
+            detail = result.get("error") or (
+                f"max abs error {result['max_abs_error']:.4g} = {result['rel_error']:.3g} of max |x| "
+                f"(tolerance {result['rel_tolerance']:g}), cosine {result['cosine']:.6f} "
+                f"(tolerance {result['cosine_tolerance']})")
+            report.add("recompute", f"entry {key!r}: {detail}", key)
+
+
+# -- the whole run --------------------------------------------------------------------------
+
+def _default_data_root(given: str, resolved: str) -> str | None:
+    """The data root implied by STORE: a folder holding vggt_features.lmdb is one."""
+    if os.path.realpath(given) != os.path.realpath(resolved) and os.path.basename(resolved) == DEFAULT_STORE_NAME:
+        return given
+    return None
+
+
+def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
+                 annotations: Sequence[str] | None = None, deep: bool = False, recompute: int = 0,
+                 seed: int | None = None, weights: str | None = None, device: str = "cpu",
+                 workers: int | None = None, structure: bool = True, progress: bool = False) -> Report:
+    """Check a store; see the module docstring for the checks.
+
+    Args:
+        store: the store directory, or a data root holding ``vggt_features.lmdb`` (then it is
+            also the data root unless `data_root` is given).
+        data_root: the images' folder; enables the source and plan checks. Default: none, or
+            `store` when it is a data root.
+        annotations: training's annotation files; the plan is one unit per sample (default: one
+            unit per image found under `data_root`).
+        deep: also compare each source's sha256 with the one recorded at build time.
+        recompute: re-encode this many random fresh units and compare (needs a data root).
+        seed: for choosing the recomputed units (default: random; the report notes it).
+        weights / device: for the recompute encoder (`featstore.build.encoder_for_manifest`).
+        workers: reader threads (default min(16, 2 x CPUs)).
+        structure: run LMDB's full structural audit first (py-lmdb >= 3.0; reads every page
+            header once). With False only the file size is checked.
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        A `Report`; ``report.exit_code`` is 0 when clean, else 1.
+
+    Raises:
+        FeatstoreError: verification cannot run (no store, not LMDB, unreadable manifest,
+            bad arguments); the message names the path and the fix.
+
+    Example:
+        >>> report = verify_store("data/", deep=True)
+        >>> report.ok, report.counts()
+        (True, {})
+    """
+    from featstore.reader import FeatureStore
+
+    t0 = time.perf_counter()
+    given = os.fspath(store)
+    path = resolve_store_path(given)
+    if data_root is None:
+        data_root = _default_data_root(given, path)
+    data_root = os.fspath(data_root) if data_root is not None else None
+    if recompute < 0:
+        raise FeatstoreError(f"--recompute must be >= 0. Found {recompute}")
+    if data_root is None and (annotations or recompute or deep):
+        raise FeatstoreError("--annotations, --deep and --recompute need the data root: pass --data-root DIR "
+                             f"(the folder whose images {path} was built from)")
+    if data_root is not None and not os.path.isdir(data_root):
+        raise FeatstoreError(f"--data-root {data_root} is not a directory")
+    for a in annotations or []:
+        if not os.path.isfile(a):
+            raise FeatstoreError(f"--annotations {a}: no such file")
+    workers = workers or _DEFAULT_WORKERS
+    report = Report(path=path, data_root=data_root, workers=workers)
+
+    if not _check_structure(path, report, full=structure) or not _check_size(path, report):
+        report.notes.append("entries not read: mapping a damaged data.mdb can crash the reading process")
+        report.seconds = time.perf_counter() - t0
+        return report
+    fs = FeatureStore(path)
+    try:
+        try:
+            manifest = fs.manifest
+            env, db = fs._environment(), fs._db
+        except lmdb.Error as e:
+            raise ManifestError(f"{path}: LMDB cannot read it ({e}); restore or rebuild the store") from None
+        report.manifest = manifest
+        _check_manifest(manifest, env, report)
+        records = _read_entries(env, db, manifest, workers, progress, report)
+        with cf.ThreadPoolExecutor(workers) as pool:
+            fresh = set(records)
+            if data_root is not None:
+                report.checks.append("sources (size, mtime" + (", sha256)" if deep else ")"))
+                fresh = _check_sources(list(records.values()), data_root, deep, pool, report)
+                report.checks.append("plan coverage")
+                _check_plan(records, set(report.keys_with("corrupt")) | set(records), data_root, annotations,
+                            report)
+            else:
+                report.notes.append("no data root: coverage, orphans and staleness not checked "
+                                    "(pass --data-root)")
+        if recompute:
+            report.checks.append(f"recompute {recompute}")
+            if seed is None:
+                seed = random.SystemRandom().randrange(1 << 31)
+            bad = set(report.keys_with("corrupt", "dtype", "shape", "fingerprint", "frames"))
+            candidates = [k for k in fresh if k not in bad and records[k].frames]
+            _recompute(fs, candidates, records, data_root, recompute, seed, weights, device, report)
+    finally:
+        fs.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_manifest(manifest: dict, env, report: Report) -> None:
+    report.checks.append("manifest")
+    enc = manifest.get("encoder") or {}
+    if enc:
+        try:
+            from featstore.encoders import EncoderSpec
+
+            fp = EncoderSpec.from_dict(enc).fingerprint()
+        except FeatstoreError as e:
+            report.add("manifest", f"manifest: the encoder spec does not parse ({e})")
+        else:
+            if fp != manifest.get("fingerprint"):
+                report.add("manifest", f"manifest: fingerprint {str(manifest.get('fingerprint'))[:16]} is not "
+                                       f"the fingerprint of its encoder spec ({fp[:16]})")
+    state = (manifest.get("build") or {}).get("state")
+    if state != "complete":
+        report.add("build", f"build state is {state!r} (last update {(manifest.get('build') or {}).get('updated')}); "
+                            "rerun `featstore build` with the same arguments to resume")
+    meta_db = env.open_db(META_DB, create=False)
+    with env.begin(db=meta_db) as txn:
+        raw = txn.get(LAST_BUILD_KEY)
+    if raw is not None:
+        try:
+            last = json.loads(bytes(raw))
+        except ValueError:
+            report.add("manifest", "the last build report is not valid JSON")
+            return
+        for f in (last.get("failed") or []) if isinstance(last, dict) else []:
+            if isinstance(f, dict):
+                report.add("failed", f"unit {f.get('key')!r} failed in the last build: {f.get('error')}", f.get("key"))
+
+
+def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report: Report) -> dict[str, _Record]:
+    from tqdm import tqdm
+
+    report.checks.append("entries (decode, crc32, dtype, shape)")
+    enc = manifest.get("encoder") or {}
+    embed = (enc.get("config") or {}).get("embed_dim")
+    expect = {"dtype": manifest.get("storage_dtype"), "fingerprint": manifest.get("fingerprint"),
+              "frames_kept": enc.get("frames_kept", "all"),
+              "channels": 2 * embed if isinstance(embed, int) else None}
+    keys = _list_keys(env, db)
+    records: dict[str, _Record] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=manifest.get("bytes") or None, unit="B", unit_scale=True, unit_divisor=1024,
+               desc="verify", disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True, file=sys.stderr)
+    try:
+        with cf.ThreadPoolExecutor(workers, thread_name_prefix="featstore-verify") as pool:
+            futures = [pool.submit(_check_chunk, env, db, chunk, expect) for chunk in _chunks(keys, _CHUNK_ENTRIES)]
+            for fut in cf.as_completed(futures):
+                recs, findings, nbytes = fut.result()
+                for r in recs:
+                    records[r.key] = r
+                report.problems.extend(findings)
+                report.bytes_read += nbytes
+                bar.update(nbytes)
+    finally:
+        bar.close()
+    report.read_seconds = time.perf_counter() - t0
+    report.entries = len(keys)
+    report.problems.sort(key=lambda f: (f.kind, f.key or ""))  # threads finish in any order
+    if manifest.get("entries") != len(keys):
+        report.add("manifest", f"manifest: says {manifest.get('entries')} entries, the store holds {len(keys)}")
+    if manifest.get("bytes") != report.bytes_read:
+        report.add("manifest", f"manifest: says {manifest.get('bytes')} value bytes, the store holds {report.bytes_read}")
+    return records
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", nargs="?", default=".", help="store directory, or a data root holding "
+                   f"{DEFAULT_STORE_NAME} (then also the data root; default: current directory)")
+    p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks")
+    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
+                   help="training's annotation files: the plan is one unit per sample (as for build)")
+    p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find "
+                   "content changes that kept size and mtime")
+    p.add_argument("--recompute", type=int, default=0, metavar="N",
+                   help="re-encode N random fresh units and compare with the stored features")
+    p.add_argument("--seed", type=int, help="seed for choosing the recomputed units (default: random)")
+    p.add_argument("--weights", help="weights for --recompute (as given to build)")
+    p.add_argument("--device", default="cpu", help="device for --recompute (default cpu)")
+    p.add_argument("--workers", type=int, default=_DEFAULT_WORKERS,
+                   help=f"reader threads (default {_DEFAULT_WORKERS})")
+    p.add_argument("--no-structure", action="store_true", help="skip LMDB's structural audit of data.mdb "
+                   "(only its size is checked then)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (also when it cannot run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise FeatstoreError(f"--workers must be >= 1. Found {args.workers}")
+    try:
+        report = verify_store(args.store, data_root=args.data_root, annotations=args.annotations,
+                              deep=args.deep, recompute=args.recompute, seed=args.seed, weights=args.weights,
+                              device=args.device, workers=args.workers, structure=not args.no_structure,
+                              progress=not args.no_progress and not args.json)
+    except (FeatstoreError, lmdb.Error) as e:
+        if not args.json:
+            if isinstance(e, FeatstoreError):
+                raise
+            raise FeatstoreError(f"{args.store}: LMDB error ({e})") from None
+        print(json.dumps({"path": args.store, "ok": False, "exit_code": 2, "error": str(e)}, indent=2))
+        print(f"featstore verify: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.summary())
+    return report.exit_code

@@ -1,0 +1,153 @@
+"""Helpers shared by the verify/gc/copy and reliability tests: small synthetic stores whose
+every value is derivable from its index, tiny image data roots, and byte-level damage."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEATSTORE = [sys.executable, "-m", "featstore"]
+GRID = (6, 8)  # vggt-tiny on a 4:3 image: 112x84 -> 8x6 patches
+SHAPE = (1, GRID[0] * GRID[1], 128)  # [frames, tokens, channels]: 2 x embed_dim 64
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_spec() -> dict:
+    """The vggt-tiny encoder spec dict, as `featstore build --encoder vggt-tiny` records it."""
+    from featstore.encoders import get_encoder
+
+    return get_encoder("vggt-tiny").spec.to_dict()
+
+
+def tiny_fingerprint() -> str:
+    from featstore.encoders import EncoderSpec
+
+    return EncoderSpec.from_dict(tiny_spec()).fingerprint()
+
+
+def features_for(i: int, shape=SHAPE, dtype=torch.bfloat16) -> torch.Tensor:
+    """The features stored for entry `i`: random but reproducible from `i` alone."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def write_source(data_root: str, key: str, i: int, size: int = 300) -> dict:
+    """Write a small fake image file (random bytes; verify never decodes it) and return its
+    source fingerprint as build records it."""
+    path = os.path.join(data_root, key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(data)
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def entry_metadata(frames, sources, grid=GRID, fingerprint=None) -> dict[str, str]:
+    return {"frames": json.dumps(list(frames), ensure_ascii=False), "sources": json.dumps(sources, sort_keys=True),
+            "grid": json.dumps(list(grid)), "fingerprint": fingerprint or tiny_fingerprint(), "encoder": "vggt-tiny"}
+
+
+def key_of(i: int) -> str:
+    return f"scene{i // 10:02d}/{i % 10:03d}.jpg"
+
+
+def make_store(data_root: str, n: int = 20, *, finish: bool = True, batch_entries: int = 8,
+               store: str | None = None) -> str:
+    """A store of `n` single-frame entries at DATA_ROOT/vggt_features.lmdb (or `store`), with a
+    source file per entry under `data_root`, consistent with the vggt-tiny spec. Returns its path."""
+    from featstore.encoders import EncoderSpec
+    from featstore.writer import StoreWriter
+
+    store = store or os.path.join(data_root, "vggt_features.lmdb")
+    spec = tiny_spec()
+    with StoreWriter(store, encoder=spec, fingerprint=EncoderSpec.from_dict(spec).fingerprint(),
+                     storage_dtype=spec["storage_dtype"], batch_entries=batch_entries, handle_signals=False) as w:
+        for i in range(n):
+            key = key_of(i)
+            src = write_source(data_root, key, i)
+            w.put(key, {"features": features_for(i)}, entry_metadata([key], [src]))
+        if finish:
+            w.finish(report={"failed": [], "computed": n})
+    return store
+
+
+def value_bytes(store: str, key: str) -> bytes:
+    """The raw stored value of `key` (read with plain py-lmdb in a throwaway environment)."""
+    import lmdb
+
+    env = lmdb.open(store, readonly=True, lock=False, max_dbs=8, subdir=True)
+    try:
+        db = env.open_db(b"features", create=False)
+        with env.begin(db=db) as txn:
+            v = txn.get(key.encode("utf-8"))
+            return bytes(v) if v is not None else None
+    finally:
+        env.close()
+
+
+def flip_byte_in_value(store: str, key: str, where: str = "data", offset_in_part: int = 100) -> int:
+    """Flip one bit of `key`'s value directly in data.mdb (as a disk error would) and return
+    the file offset. `where`: "data" (tensor bytes) or "header" (the JSON header)."""
+    value = value_bytes(store, key)
+    n = int.from_bytes(value[:8], "little")
+    rel = 8 + n + offset_in_part if where == "data" else 8 + offset_in_part
+    path = os.path.join(store, "data.mdb")
+    with open(path, "r+b") as f:
+        content = f.read()
+        pos = content.find(value)
+        assert pos >= 0 and content.find(value, pos + 1) < 0, "value must occur once in data.mdb"
+        f.seek(pos + rel)
+        byte = content[pos + rel]
+        f.write(bytes([byte ^ 0x10]))
+        f.flush()
+        os.fsync(f.fileno())
+    return pos + rel
+
+
+def run_cli(*args, timeout: float = 120, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m featstore ARGS` in a subprocess (so a crash cannot take the test run down)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([*FEATSTORE, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or REPO)
+
+
+def died_of_signal(returncode: int) -> bool:
+    """True when a subprocess was killed by a signal (SIGSEGV, SIGBUS, ...), not exited."""
+    return returncode < 0
+
+
+def signal_name(returncode: int) -> str:
+    return signal.Signals(-returncode).name if returncode < 0 else f"exit {returncode}"
+
+
+def make_images(data_root: str, keys, size=(64, 48), seed: int = 0) -> None:
+    """Small real images (PNG) for real builds with the tiny encoder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for key in keys:
+        path = os.path.join(data_root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def read_store(store: str) -> dict[str, tuple[torch.Tensor, dict]]:
+    """key -> (features copy, metadata) of every entry, with checksums verified."""
+    from featstore.reader import FeatureStore
+
+    out = {}
+    with FeatureStore(store, verify_checksums=True) as fs:
+        for key in fs.keys():
+            e = fs.get(key, copy=True)
+            out[key] = (e.features, {k: v for k, v in e.metadata.items()})
+    return out
