@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ import torch
 
 from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
 from featstore.format import decode_entry, encode_entry
-from featstore.plan import Unit, plan_units
+from featstore.plan import Unit, plan_units, source_path
 from featstore.store import (DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env,
                              utc_now)
 
@@ -126,7 +127,7 @@ def _read_frame(data_root: str, key: str, spec, patch: int) -> tuple[torch.Tenso
     """Read one frame file once: its identity (size, mtime, sha256) and its preprocessed tensor."""
     from featstore.encoders.preprocess import preprocess_image
 
-    path = os.path.join(data_root, key)
+    path = source_path(data_root, key)
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -173,7 +174,7 @@ def _entry_state(value, unit: Unit, data_root: str, fingerprint: str) -> str:
         return "stale"
     for frame, src in zip(unit.frames, sources):
         try:
-            st = os.stat(os.path.join(data_root, frame))
+            st = os.stat(source_path(data_root, frame))
         except OSError:
             return "stale"
         if not isinstance(src, dict) or src.get("size") != st.st_size or src.get("mtime_ns") != st.st_mtime_ns:
@@ -211,7 +212,7 @@ def _estimate_entry_bytes(encoder, units: list[Unit], data_root: str) -> int:
     itemsize = _STORAGE_DTYPES[spec.storage_dtype].itemsize
     for unit in units[:32]:
         try:
-            with Image.open(os.path.join(data_root, unit.frames[0])) as im:
+            with Image.open(source_path(data_root, unit.frames[0])) as im:
                 w, h = im.size
         except OSError:
             continue
@@ -252,6 +253,20 @@ class _UnitDataset(torch.utils.data.Dataset):
             return i, None, None, str(e)
         except Exception as e:  # a decoder bug must not kill a long build: record the unit as failed
             return i, None, None, f"{type(e).__name__}: {e}"
+
+
+def _die_with_parent(_worker_id: int) -> None:
+    """Decode workers die with the build: a build killed just after forking a worker can
+    otherwise leave it running, holding the store and the terminal (torch's own parent check
+    starts too late to see that). Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl: nothing will signal us
+            os._exit(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Stage(threading.Thread):
@@ -318,7 +333,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=opts.workers,
         prefetch_factor=8 if opts.workers else None, persistent_workers=False,
-        collate_fn=lambda item: item)
+        collate_fn=lambda item: item, worker_init_fn=_die_with_parent)
     bar = tqdm(total=len(todo), unit="unit", disable=not show, dynamic_ncols=True, smoothing=0.05)
     bar.featstore_t0 = time.perf_counter()
     # GPU loop (this thread) -> serialiser thread -> writer thread. The serialiser's queue bounds

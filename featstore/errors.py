@@ -8,6 +8,7 @@ __all__ = [
     "FingerprintMismatchError",
     "StoreNotFoundError",
     "ManifestError",
+    "CorruptStoreError",
     "StoreFullError",
     "EncoderError",
     "WeightsError",
@@ -45,6 +46,10 @@ class StoreNotFoundError(FeatstoreError, FileNotFoundError):
 
 class ManifestError(FeatstoreError):
     """The store's manifest is missing, unparsable, or of an unsupported format version."""
+
+
+class CorruptStoreError(FeatstoreError):
+    """The LMDB files of a store are damaged (truncated, overwritten, or not LMDB at all)."""
 
 
 class StoreFullError(FeatstoreError, OSError):

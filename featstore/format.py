@@ -261,6 +261,8 @@ def _parse_header(view: memoryview, key: str | None) -> tuple[dict, int]:
             json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateName as e:
         raise _fail(key, f"header names {e.args[0]!r} twice") from None
+    except RecursionError:
+        raise _fail(key, "header JSON is nested too deeply to be a safetensors header") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise _fail(key, f"header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):

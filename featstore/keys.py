@@ -73,10 +73,15 @@ def normalize_key(key: str | os.PathLike) -> str:
         ) from None
     if size > MAX_KEY_BYTES:
         raise InvalidKeyError(
-            f"key {canonical[:80]!r}... is {size} bytes in UTF-8; LMDB limits keys to "
+            f"key {_abbreviate(canonical)!r} is {size} bytes in UTF-8; LMDB limits keys to "
             f"{MAX_KEY_BYTES} bytes. Shorten the path, or give the sample an explicit short id."
         )
     return canonical
+
+
+def _abbreviate(key: str) -> str:
+    """A long key shortened in its middle, so that the file name at its end stays visible."""
+    return key if len(key) <= 120 else f"{key[:40]}...{key[-77:]}"
 
 
 def key_to_bytes(key: str | os.PathLike) -> bytes:

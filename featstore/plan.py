@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -37,6 +38,7 @@ __all__ = [
     "sample_unit",
     "units_from_annotations",
     "plan_units",
+    "source_path",
     "source_fingerprint",
     "file_sha256",
 ]
@@ -172,6 +174,30 @@ def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.Path
     if annotations:
         return units_from_annotations(annotations, data_root)
     return [Unit(k, (k,)) for k in scan_images(data_root)]
+
+
+def source_path(data_root: str | os.PathLike, key: str) -> str:
+    """The file a frame key names. Keys are NFC; a file whose name is stored in another Unicode
+    form (NFD from macOS, say) is found by comparing each path component in NFC. Returns the
+    plain join when nothing matches, so that opening it gives the usual "no such file"."""
+    root = os.fspath(data_root)
+    direct = os.path.join(root, key)
+    if os.path.lexists(direct) or key.isascii():
+        return direct
+    path = root
+    for part in key.split("/"):
+        candidate = os.path.join(path, part)
+        if not os.path.lexists(candidate):
+            try:
+                names = os.listdir(path)
+            except OSError:
+                return direct
+            match = [n for n in names if unicodedata.normalize("NFC", n) == part]
+            if not match:
+                return direct
+            candidate = os.path.join(path, match[0])
+        path = candidate
+    return path
 
 
 def source_fingerprint(path: str | os.PathLike) -> dict:

@@ -18,7 +18,7 @@ from typing import Any
 import lmdb
 
 from featstore import __version__
-from featstore.errors import FeatstoreError, FingerprintMismatchError, ManifestError, StoreNotFoundError
+from featstore.errors import CorruptStoreError, FeatstoreError, FingerprintMismatchError, ManifestError, StoreNotFoundError
 
 __all__ = [
     "DEFAULT_STORE_NAME",
@@ -96,7 +96,7 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
     if map_size is not None:
         kwargs["map_size"] = map_size
     try:
-        return lmdb.open(path, **kwargs)
+        env = lmdb.open(path, **kwargs)
     except lmdb.Error as e:
         if "already open in this process" in str(e):
             raise FeatstoreError(
@@ -105,8 +105,27 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
             ) from None
         if readonly and not is_store(path):
             raise StoreNotFoundError(f"no featstore database at {path}") from None
-        raise ManifestError(f"{path}: LMDB cannot open it ({e}); is it a featstore database? "
-                            f"Run `featstore verify {path}`") from None
+        raise CorruptStoreError(f"{path}/data.mdb: LMDB cannot open it ({e}); is it a featstore database? "
+                                f"Run `featstore verify {path}`") from None
+    _refuse_truncated(env, path)
+    return env
+
+
+def _refuse_truncated(env: lmdb.Environment, path: str) -> None:
+    """A data.mdb shorter than its last used page would be mapped anyway, and reading a value
+    past the end of the file kills the process with SIGBUS: refuse it at open instead."""
+    data = os.path.join(path, "data.mdb")
+    try:
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        have = os.path.getsize(data)
+    except (lmdb.Error, OSError):
+        return
+    if have < need:
+        env.close()
+        raise CorruptStoreError(
+            f"{data} is truncated: {have} bytes, but its pages run to {need} bytes. The store is damaged "
+            "(a copy cut short, a full disk in a copy): restore it from a good copy or rebuild it."
+        )
 
 
 def existing_manifest(path: str) -> dict | None:

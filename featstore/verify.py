@@ -49,6 +49,7 @@ import lmdb
 
 from featstore.errors import CorruptEntryError, FeatstoreError, InvalidKeyError, ManifestError
 from featstore.keys import normalize_key
+from featstore.plan import source_path
 from featstore.store import DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolve_store_path
 
 __all__ = ["Finding", "Report", "verify_store", "compare_features", "RECOMPUTE_TOLERANCES", "COMPUTE_TOLERANCES",
@@ -376,7 +377,7 @@ def _check_sources(records: list[_Record], data_root: str, deep: bool, pool, rep
             wanted.setdefault(f, None)
 
     def probe(frame: str):
-        path = os.path.join(data_root, frame)
+        path = source_path(data_root, frame)
         try:
             st = os.stat(path)
         except FileNotFoundError:

@@ -9,6 +9,7 @@ MapFullError; a full disk stops with StoreFullError and keeps every committed ba
 from __future__ import annotations
 
 import errno
+import shutil
 import json
 import os
 import signal
@@ -191,7 +192,7 @@ class StoreWriter:
                     # Another process (a rank writing the same store) grew the map: adopt its size.
                     self.env.set_mapsize(0)
                 except (lmdb.Error, OSError) as e:
-                    if _is_disk_full(e):
+                    if _is_disk_full(e, self.path):
                         raise StoreFullError(
                             f"{self.path}: the disk is full; {self.manifest['entries']} entries committed "
                             f"before are kept. Free space (or move the store) and rerun to resume."
@@ -295,8 +296,17 @@ class StoreWriter:
             self.env = None
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+def _is_disk_full(e: BaseException, path: str) -> bool:
+    """Whether a failed commit ran out of room. LMDB reports a short write on a full tmpfs as
+    EIO and a file-size limit as EFBIG, so the free space is looked at too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return True
     text = str(e)
-    return "No space left" in text or "ENOSPC" in text
+    if any(s in text for s in ("No space left", "ENOSPC", "File too large", "Disk quota exceeded")):
+        return True
+    if "Input/output error" in text:
+        try:
+            return shutil.disk_usage(path).free < (64 << 20)
+        except OSError:
+            return False
+    return False

@@ -62,7 +62,7 @@ def test_lmdb_key_limit_is_checked_in_utf8_bytes():
     with pytest.raises(InvalidKeyError) as e:
         normalize_key(too_long)
     assert str(e.value) == (
-        f"key {too_long[:80]!r}... is 512 bytes in UTF-8; LMDB limits keys to 511 bytes. "
+        f"key {too_long[:40] + '...' + too_long[-77:]!r} is 512 bytes in UTF-8; LMDB limits keys to 511 bytes. "
         "Shorten the path, or give the sample an explicit short id."
     )
     assert isinstance(e.value, ValueError)  # callers may catch it as a ValueError too

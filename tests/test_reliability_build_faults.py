@@ -132,11 +132,6 @@ def test_disk_full_stops_the_build_and_keeps_every_commit(images, reference, sma
     _assert_same(read_store(big), reference)
 
 
-@pytest.mark.xfail(strict=True, reason="writer.py: on a full tmpfs LMDB's commit fails with EIO "
-                   "('mdb_txn_commit: Input/output error': a short pwrite), and under RLIMIT_FSIZE with EFBIG; "
-                   "_is_disk_full only recognises ENOSPC, so the build ends with a raw lmdb.Error traceback "
-                   "instead of StoreFullError's 'the disk is full ... rerun to resume'. Fix: on a failed "
-                   "commit check shutil.disk_usage(path).free (and EFBIG) before re-raising.")
 def test_disk_full_message_is_clear(images, small_disk):
     mnt, preexec, _ = small_disk
     r = _build_on_small_disk(images, os.path.join(mnt, "feats.lmdb"), preexec)

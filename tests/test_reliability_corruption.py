@@ -100,10 +100,6 @@ def test_truncated_data_file_is_reported_never_a_crash(root, size):
             assert "data.mdb" in out and ("truncated" in out or "EOF" in out or "not a usable" in out), out
 
 
-@pytest.mark.xfail(strict=True, reason="reader.py/store.py: FeatureStore maps a truncated data.mdb without "
-                   "comparing the file size with the last page in the meta page; reading a value past the "
-                   "end of the file then kills the process with SIGBUS. Fix: at open, refuse when "
-                   "getsize(data.mdb) < (info()['last_pgno'] + 1) * stat()['psize'] (verify does this).")
 def test_reader_on_a_truncated_data_file_raises_instead_of_sigbus(root):
     path = os.path.join(_store(root), "data.mdb")
     os.truncate(path, os.path.getsize(path) // 2)

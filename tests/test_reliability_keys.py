@@ -96,10 +96,6 @@ def test_build_and_verify_with_awkward_file_names(tmp_path):
                                                "emoji/🙂.png", NFC.replace(".jpg", ".png")])
 
 
-@pytest.mark.xfail(strict=True, reason="build.py/keys.py: a file named in NFD on disk (e.g. copied from macOS) gets "
-                   "the NFC key, and build opens data_root/<NFC key>, which does not exist on Linux (names are "
-                   "bytes): the unit fails with 'No such file or directory' (and verify would call it an orphan). "
-                   "Fix: keep the on-disk relative path beside the key in the plan and read from that.")
 def test_build_with_an_nfd_file_name(tmp_path):
     _build_and_verify(str(tmp_path / "data"), ["plain/a.png", NFD.replace(".jpg", ".png")])
 
@@ -119,9 +115,6 @@ def test_build_with_a_path_over_511_bytes_is_a_clear_refusal(tmp_path):
     assert "511 bytes" in r.stderr and "Shorten the path" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="keys.py/plan.py: the refusal cuts the key to its first 80 characters, so "
-                   "with long folder names it never shows which file is meant ('key 'dddd...'... is 557 "
-                   "bytes'); it should name the file (its last path components or the full path).")
 def test_build_refusal_names_the_file_with_the_long_path(tmp_path):
     root = _data_root_with_a_too_long_path(tmp_path)
     r = run_cli("build", "--data-root", root, "--encoder", "vggt-tiny", "--workers", "0", "--no-progress")
