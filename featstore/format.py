@@ -27,7 +27,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import numpy as np
 import torch
 
 from featstore.errors import CorruptEntryError
@@ -340,11 +339,6 @@ def _frombuffer_quiet(view: memoryview, dtype: torch.dtype, count: int, offset: 
     return t
 
 
-def _address(view: memoryview) -> int:
-    """Address of the first byte of `view` (numpy reads read-only buffers without copying)."""
-    return np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data if len(view) else 0
-
-
 def _byte_view(value) -> memoryview:
     view = memoryview(value)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
@@ -363,20 +357,22 @@ def _validated_layout(view: memoryview, key: str | None) -> tuple[dict, int, lis
 
 
 def _tensors(view: memoryview, data_start: int, specs, *, copy: bool) -> dict[str, torch.Tensor]:
-    base_addr = _address(view)
     tensors = {}
     for name, dtype, shape, start, end in specs:
         offset = data_start + start
         if end == start:  # torch.frombuffer refuses empty buffers
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue
-        # A value at an address that is not a multiple of the itemsize (small values sit at
-        # odd addresses on LMDB leaf pages) cannot be viewed as `dtype`: copy it instead.
-        if copy or (base_addr + offset) % dtype.itemsize or dtype == torch.bool:
+        t = None
+        if not copy and dtype != torch.bool:
+            t = _frombuffer_quiet(view, dtype, (end - start) // dtype.itemsize, offset)
+            # A value at an address that is not a multiple of the itemsize (small values sit
+            # at odd addresses on LMDB leaf pages) must not be used as `dtype`: copy it instead.
+            if t.data_ptr() % dtype.itemsize:
+                t = None
+        if t is None:
             raw = _frombuffer_quiet(view, torch.uint8, end - start, offset).clone()
             t = raw.ne(0) if dtype == torch.bool else raw.view(dtype)
-        else:
-            t = _frombuffer_quiet(view, dtype, (end - start) // dtype.itemsize, offset)
         tensors[name] = t.view(shape)
     return tensors
 

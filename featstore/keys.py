@@ -8,6 +8,7 @@ enters or leaves the store goes through `normalize_key`.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 
 from featstore.errors import InvalidKeyError
@@ -17,6 +18,9 @@ __all__ = ["MAX_KEY_BYTES", "normalize_key", "key_to_bytes", "relative_key"]
 # LMDB's compile-time key limit (MDB_MAXKEYSIZE); a longer key raises BadValsizeError deep
 # inside a write transaction, so it is checked here, before any work starts.
 MAX_KEY_BYTES = 511
+# ASCII keys that are already canonical: relative, no empty, '.' or '..' parts, no NUL
+# (NFC leaves ASCII unchanged). Anything else takes the full path below.
+_CANONICAL_ASCII = re.compile(r"(?!\.\.?(?:/|$))[\x01-\x2e\x30-\x7f]+(?:/(?!\.\.?(?:/|$))[\x01-\x2e\x30-\x7f]+)*")
 
 
 def normalize_key(key: str | os.PathLike) -> str:
@@ -36,6 +40,8 @@ def normalize_key(key: str | os.PathLike) -> str:
         >>> normalize_key("./a//b/c.jpg")
         'a/b/c.jpg'
     """
+    if type(key) is str and len(key) <= MAX_KEY_BYTES and os.sep == "/" and _CANONICAL_ASCII.fullmatch(key):
+        return key  # already canonical: the common case on every read, ~10x cheaper
     if isinstance(key, bytes):
         raise InvalidKeyError(f"key {key!r} is bytes; pass a str path relative to the data root")
     try:
