@@ -26,19 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from featstore.build import BuildOptions, build  # noqa: E402
-from featstore.encoders import _make_vggt, register_encoder  # noqa: E402
-from featstore.encoders.vggt import VGGT_1B_CONFIG  # noqa: E402
-
-
-def _vggt_1b_random(*, weights=None, device="cpu", **kw):
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in VGGT_1B_CONFIG.items()}
-    return _make_vggt(name="vggt-1b-random", config=cfg, weights=None, device=device, random_seed=0,
-                      default_target=518, **kw)
-
-
-register_encoder("vggt-1b-random", _vggt_1b_random, overwrite=True)
+import _vggt_random  # noqa: E402,F401  (registers vggt-1b-random)
 
 
 def make_images(root: str, n: int) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "tensor_checksum",
     "entry_checksum",
     "decode_tensor",
+    "tensor_span",
 ]
 
 ALIGNMENT = 64  # cache line; also what SIMD copies and future torch alignment checks want
@@ -402,12 +403,13 @@ def _layout_key(view: memoryview) -> tuple[tuple[bytes, int] | None, int]:
     return (head[:cut], len(view) - 8 - n), 8 + n
 
 
-def decode_tensor(value, name: str = "features", *, key: str | None = None) -> torch.Tensor:
-    """Zero-copy view of one tensor of a blob: the hot path of `FeatureStore.read_into`.
+def tensor_span(value, name: str = "features", *, key: str | None = None) -> tuple[torch.dtype, tuple, int, int]:
+    """Where one tensor of a blob lies: (dtype, shape, byte offset in the value, byte count).
 
-    Same guarantees as `decode_entry` for the tensor returned (dtype whitelist, offsets inside
-    the value and tiling it, shape x itemsize == bytes, alignment), with the metadata left
-    unparsed; a header layout seen before is not re-validated (see `_LAYOUTS`).
+    The hot path of `FeatureStore.read_into`, which then copies exactly those bytes. Same
+    guarantees as `decode_entry` for that tensor (dtype whitelist, offsets inside the value and
+    tiling it exactly, shape x itemsize == bytes), with the metadata left unparsed; a header
+    layout validated before is recognised by its bytes and not parsed again (see `_LAYOUTS`).
 
     Raises:
         CorruptEntryError: the blob is malformed (names `key` and the defect).
@@ -420,10 +422,17 @@ def decode_tensor(value, name: str = "features", *, key: str | None = None) -> t
         _, data_start, specs = _validated_layout(view, key)
         if cache_key is not None and len(_LAYOUTS) < _MAX_LAYOUTS:
             _LAYOUTS[cache_key] = specs
-    for spec in specs:
-        if spec[0] == name:
-            return _tensors(view, data_start, [spec], copy=False)[name]
+    for spec_name, dtype, shape, start, end in specs:
+        if spec_name == name:
+            return dtype, tuple(shape), data_start + start, end - start
     raise KeyError(name)
+
+
+def decode_tensor(value, name: str = "features", *, key: str | None = None) -> torch.Tensor:
+    """Zero-copy view of one tensor of a blob (see `tensor_span` for what is checked)."""
+    dtype, shape, offset, nbytes = tensor_span(value, name, key=key)
+    spec = (name, dtype, list(shape), offset, offset + nbytes)
+    return _tensors(_byte_view(value), 0, [spec], copy=False)[name]
 
 
 def decode_entry(

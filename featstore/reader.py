@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from featstore.errors import FeatstoreError, MissingKeyError
-from featstore.format import Entry, decode_entry, decode_tensor
+from featstore.format import Entry, decode_entry, tensor_span
 from featstore.keys import key_to_bytes, normalize_key
 from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path
 
@@ -100,6 +100,14 @@ def _forget_inherited(path: str, rec: "_OpenEnv") -> None:
     # fds and frees py-lmdb's "already open" registration. Views the child inherited from the
     # parent become invalid (they must not be used across fork anyway).
     rec.close()
+
+
+def _byte_rows(out: torch.Tensor | None):
+    """`out` as a writable [rows, bytes] uint8 numpy array sharing its memory, or None when
+    that view does not exist (no out yet, not on the CPU, not contiguous)."""
+    if out is None or out.device.type != "cpu" or not out.is_contiguous() or out.dim() < 1 or out.requires_grad:
+        return None
+    return out.reshape(out.shape[0], -1).view(torch.uint8).numpy()
 
 
 # Read-path defaults, chosen by benchmarks/read_bench.py (docs/BENCHMARKS.md, "Read path").
@@ -356,6 +364,17 @@ class FeatureStore:
                 "were asked for: the cached context differs (a miss). Rebuild with the same annotations."
             )
 
+    def _no_tensor(self, kb: bytes, value, tensor: str) -> MissingKeyError:
+        return MissingKeyError(f"entry {kb.decode()!r} in {self.path} has no tensor {tensor!r} "
+                               f"(it has {sorted(decode_entry(value, key=kb.decode()).tensors)})")
+
+    @staticmethod
+    def _wrong_slot(kb: bytes, shape: tuple, dtype: torch.dtype, out: torch.Tensor) -> ValueError:
+        return ValueError(
+            f"entry {kb.decode()!r} holds {shape} {dtype} but the output slot is "
+            f"{tuple(out.shape[1:])} {out.dtype}; batch only entries of one shape"
+        )
+
     def _values(self, txn, kbs: list[bytes], keys: list) -> list[memoryview]:
         values = []
         for kb, key in zip(kbs, keys):
@@ -403,31 +422,35 @@ class FeatureStore:
             raise ValueError(f"out has shape {tuple(out.shape)}: it needs one row per key ({len(keys)} keys)")
         kbs = [key_to_bytes(k) for k in keys]  # every key checked before any read
         env = self._environment()
+        rows = _byte_rows(out)
         with env.begin(db=self._db, buffers=True) as txn:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
-                name = kb.decode()
-                if frames is None and not self.verify_checksums:
-                    # Hot path: the metadata is not needed, so it is not parsed.
+                if frames is None and not self.verify_checksums and (out is None or rows is not None):
+                    # Hot path: locate the tensor's bytes (metadata unparsed, known header
+                    # layouts not parsed again) and copy exactly those bytes into row i.
                     try:
-                        src = decode_tensor(value, tensor, key=name)
+                        dtype, shape, offset, nbytes = tensor_span(value, tensor, key=kb.decode())
                     except KeyError:
-                        src = None
-                else:
-                    entry = decode_entry(value, key=name, verify=self.verify_checksums)
-                    if frames is not None:
-                        self._check_frames(name, entry, frames[i])
-                    src = entry.tensors.get(tensor)
+                        raise self._no_tensor(kb, value, tensor) from None
+                    if out is None:
+                        out = torch.empty((len(keys), *shape), dtype=dtype, pin_memory=pin_memory)
+                        rows = _byte_rows(out)
+                    if dtype != out.dtype or shape != tuple(out.shape[1:]):
+                        raise self._wrong_slot(kb, shape, dtype, out)
+                    np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))
+                    continue
+                name = kb.decode()
+                entry = decode_entry(value, key=name, verify=self.verify_checksums)
+                if frames is not None:
+                    self._check_frames(name, entry, frames[i])
+                src = entry.tensors.get(tensor)
                 if src is None:
-                    raise MissingKeyError(f"entry {name!r} in {self.path} has no tensor {tensor!r} "
-                                          f"(it has {sorted(decode_entry(value, key=name).tensors)})")
+                    raise self._no_tensor(kb, value, tensor)
                 if out is None:
                     out = torch.empty((len(keys), *src.shape), dtype=src.dtype, pin_memory=pin_memory)
                 if out.shape[1:] != src.shape or out.dtype != src.dtype:
-                    raise ValueError(
-                        f"entry {name!r} holds {tuple(src.shape)} {src.dtype} but the output slot "
-                        f"is {tuple(out.shape[1:])} {out.dtype}; batch only entries of one shape"
-                    )
+                    raise self._wrong_slot(kb, tuple(src.shape), src.dtype, out)
                 out[i].copy_(src)  # the one copy out of the map (the txn keeps `src` valid)
         return out
 

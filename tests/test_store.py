@@ -318,3 +318,25 @@ def test_info_text_and_json(core_make_store, core_features, capsys):
 def test_info_on_a_missing_store_fails_cleanly(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"featstore info: error: no featstore database at {tmp_path}")
+
+
+def test_read_into_hot_and_general_paths_agree(core_make_store, core_features):
+    """The byte-copy hot path (contiguous CPU out, no frame check) and the general path
+    (non-contiguous out, frame lists, checksums) fill the batch identically."""
+    entries = {f"k/{i}.jpg": core_features(i) for i in range(6)}
+    path = core_make_store(entries)
+    keys = list(entries)
+    expected = torch.stack([entries[k] for k in keys])
+    with FeatureStore(path) as store:
+        assert torch.equal(store.read_into(keys), expected)
+        contiguous = torch.empty_like(expected)
+        assert torch.equal(store.read_into(keys, contiguous), expected)
+        strided = torch.empty(1, 37, 64, len(keys), dtype=torch.bfloat16).permute(3, 0, 1, 2)
+        assert not strided.is_contiguous()
+        assert torch.equal(store.read_into(keys, strided), expected)
+        assert torch.equal(store.read_into(keys, frames=[[k] for k in keys]), expected)
+        wrong = torch.empty(len(keys), 1, 37, 64, dtype=torch.float16)
+        with pytest.raises(ValueError, match=r"holds \(1, 37, 64\) torch.bfloat16 but the output slot is"):
+            store.read_into(keys, wrong)
+    with FeatureStore(path, verify_checksums=True) as store:
+        assert torch.equal(store.read_into(keys), expected)
