@@ -23,16 +23,7 @@ import torch
 
 from featstore.verify import verify_store
 from featstore.writer import StoreWriter
-
-
-def _drop_cache(path: str) -> None:
-    # Clean pages only: the store was synced by the writer. No root needed (unlike drop_caches).
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+from read_bench import _fadvise_dontneed  # same folder: scripts run from benchmarks/ on sys.path
 
 
 def _sequential_read(path: str) -> float:
@@ -73,13 +64,13 @@ def main() -> None:
         t = time.perf_counter()
         zlib.crc32(blob)
         crc_one_core = len(blob) / (time.perf_counter() - t) / 1e9
-        _drop_cache(data)
+        _fadvise_dontneed([data])
         seq_cold = _sequential_read(data)
         results = []
         for threads in args.threads:
             for state in ("cold", "warm"):
                 if state == "cold":
-                    _drop_cache(data)
+                    _fadvise_dontneed([data])
                 else:
                     _sequential_read(data)  # make sure every page is cached
                 r = verify_store(path, workers=threads, structure=False)

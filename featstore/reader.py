@@ -423,6 +423,7 @@ class FeatureStore:
         kbs = [key_to_bytes(k) for k in keys]  # every key checked before any read
         env = self._environment()
         rows = _byte_rows(out)
+        slot = None
         with env.begin(db=self._db, buffers=True) as txn:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
@@ -436,7 +437,9 @@ class FeatureStore:
                     if out is None:
                         out = torch.empty((len(keys), *shape), dtype=dtype, pin_memory=pin_memory)
                         rows = _byte_rows(out)
-                    if dtype != out.dtype or shape != tuple(out.shape[1:]):
+                    if slot is None:
+                        slot = (out.dtype, tuple(out.shape[1:]))  # once per batch, not per entry
+                    if (dtype, shape) != slot:
                         raise self._wrong_slot(kb, shape, dtype, out)
                     np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))
                     continue

@@ -61,6 +61,14 @@ def key_of(i: int) -> str:
     return f"scene{i // 10:02d}/{i % 10:03d}.jpg"
 
 
+def make_data_root(tmp_path, n: int) -> str:
+    """tmp_path/data holding `n` sources and their store (see `make_store`). Returns the data root."""
+    data = tmp_path / "data"
+    data.mkdir()
+    make_store(str(data), n=n)
+    return str(data)
+
+
 def make_store(data_root: str, n: int = 20, *, finish: bool = True, batch_entries: int = 8,
                store: str | None = None) -> str:
     """A store of `n` single-frame entries at DATA_ROOT/vggt_features.lmdb (or `store`), with a

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from _featstore_helpers import features_for, flip_byte_in_value, key_of, make_store, read_store, run_cli
+from _featstore_helpers import make_data_root, features_for, flip_byte_in_value, key_of, make_store, read_store, run_cli
 from featstore.copy import copy_store
 from featstore.errors import FeatstoreError, StoreFullError
 from featstore.gc import collect_garbage
@@ -20,10 +20,7 @@ from featstore.verify import verify_store
 
 @pytest.fixture
 def root(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    make_store(str(data), n=30)
-    return str(data)
+    return make_data_root(tmp_path, n=30)
 
 
 def _damage(root: str) -> None:

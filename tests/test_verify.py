@@ -10,7 +10,7 @@ import lmdb
 import pytest
 import torch
 
-from _featstore_helpers import (features_for, flip_byte_in_value, key_of, make_images, make_store, run_cli,
+from _featstore_helpers import (features_for, make_data_root, flip_byte_in_value, key_of, make_images, make_store, run_cli,
                                 tiny_spec, write_source, entry_metadata, died_of_signal)
 from featstore.errors import CorruptEntryError, FeatstoreError
 from featstore.reader import FeatureStore
@@ -21,10 +21,7 @@ from featstore.writer import StoreWriter
 
 @pytest.fixture
 def root(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    make_store(str(data), n=20)
-    return str(data)
+    return make_data_root(tmp_path, n=20)
 
 
 def store_of(root: str) -> str:
