@@ -1,11 +1,13 @@
 """Aggregator throughput and parity: featstore's VGGTAggregator vs the official code, one GPU, one run.
 
-    OUT=bench_out python benchmarks/encoder_bench.py [--quick] [--no-compile] [--budget-s 330]
+    python benchmarks/encoder_bench.py [--out DIR] [--quick] [--no-compile] [--budget-s 330]
 
 Needs the official package vendored at .vendor/vggt_official (see docs/ENCODER.md) or importable.
 No downloads: VGGT-1B config with random weights (the official constructor's init, shared by both
 implementations through one state_dict). Everything runs under bf16 autocast with fp32 weights,
-as the official recipe. Writes $OUT/encoder_bench.json and $OUT/encoder_bench.md.
+as the official recipe. Writes DIR/encoder_bench.json and DIR/encoder_bench.md (DIR: --out, else
+$OUT, else ./bench_out). Exits 1 when any measurement reported an error (a missing official
+package is a skip, listed as such: parity and the official timings are then absent).
 
 Variants timed per shape (B x S frames at 518x392 and 518x518):
     official       official Aggregator, eager (24 layers, all 24 outputs concatenated)
@@ -143,8 +145,10 @@ def main():
     ap.add_argument("--smoke-compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="stop starting new measurements after this many seconds (default 330)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "./bench_out"),
+                    help="folder for encoder_bench.json and encoder_bench.md (default: $OUT, else ./bench_out)")
     args = ap.parse_args()
-    out_dir = Path(os.environ.get("OUT", "./bench_out"))
+    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     global DEV, CONFIG, RESOLUTIONS, LAYER
     if args.smoke:
@@ -171,6 +175,7 @@ def main():
         "timings": [],
         "parity": {},
         "errors": [],
+        "skipped": [],
     }
     resolutions = {"518x392": RESOLUTIONS["518x392"]} if args.quick else RESOLUTIONS
     shapes = [(1, 1), (1, 8)] if args.quick else SHAPES
@@ -203,6 +208,10 @@ def main():
         torch.manual_seed(0)
         official = Aggregator(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in CONFIG.items()})
         official = official.to(DEV).eval()
+    except ImportError as e:
+        res["skipped"].append(f"official Aggregator not importable ({e}): vendor it at .vendor/vggt_official; "
+                              "parity and the official timings are skipped")
+        log(f"SKIPPED {res['skipped'][-1]}")
     except Exception as e:
         record_error("build official Aggregator (vendor it at .vendor/vggt_official)", e)
     ours = VGGTAggregator(**CONFIG)
@@ -304,6 +313,9 @@ def main():
     save()
     log(f"done; wrote {out_dir / 'encoder_bench.json'} and encoder_bench.md")
     print(markdown(res))
+    if res["errors"]:
+        log(f"{len(res['errors'])} measurement(s) failed: " + "; ".join(e["what"] for e in res["errors"]))
+        sys.exit(1)
 
 
 def markdown(res) -> str:
@@ -332,6 +344,8 @@ def markdown(res) -> str:
         for k, m in d.items():
             lines.append(f"| {case} | {k} | {m['max_abs']:.3e} | {m['rel_l2']:.3e} | {m['cosine']:.6f} | "
                          f"{m['min_token_cosine']:.6f} |")
+    if res.get("skipped"):
+        lines += ["", "Skipped:", ""] + [f"- {s}" for s in res["skipped"]]
     if res["errors"]:
         lines += ["", "Errors:", ""] + [f"- {e['what']}: {e['error']}" for e in res["errors"]]
     return "\n".join(lines) + "\n"
