@@ -13,7 +13,7 @@ import json
 import os
 
 from featstore.errors import CorruptEntryError
-from featstore.store import LAST_BUILD_KEY, META_DB
+from featstore.store import LAST_BUILD_KEY, META_DB, storage_dtype_of
 
 __all__ = ["store_info", "configure_parser", "run"]
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"entries      {info['entries']}")
     print(f"bytes        {human_bytes(m.get('bytes', 0))} in values, {human_bytes(info['file_bytes'])} on disk")
     print(f"encoder      {enc.get('encoder', '?')}  fingerprint {str(m.get('fingerprint'))[:16]}")
-    print(f"storage      {m.get('storage_dtype')}")
+    print(f"storage      {storage_dtype_of(m)}")
     for key in ("layer", "attention", "frames_kept", "preprocess"):
         if key in enc:
             print(f"  {key:<12} {enc[key]}")

@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 from featstore.dtypes import DTYPE_NAMES
 from featstore.errors import EncoderError
 
-__all__ = ["EncoderSpec", "PreprocessSpec", "SPEC_VERSION", "spec_diff", "spec_mismatch_details"]
+__all__ = ["EncoderSpec", "PreprocessSpec", "SPEC_VERSION", "spec_diff", "spec_mismatch_details", "field_choices",
+           "field_default"]
 
 # Bump when the meaning of a field changes (old fingerprints then stop matching on purpose).
 SPEC_VERSION = 1
@@ -138,6 +140,11 @@ class EncoderSpec:
         unknown = sorted(set(d) - names)
         if unknown:
             raise EncoderError(f"Unknown encoder spec key(s): {unknown}. Known: {sorted(names)}")
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise EncoderError(f"encoder spec lacks the key(s) {missing}; a spec dict comes from EncoderSpec.to_dict()")
         return cls(**dict(d))
 
     def fingerprint(self) -> str:
@@ -172,6 +179,18 @@ class EncoderSpec:
 
     def __hash__(self) -> int:  # config is a dict: hash the canonical form instead
         return hash(self.canonical_json())
+
+
+def field_choices(cls, name: str) -> Tuple[Any, ...]:
+    """The closed choices of a `Literal[...]` field of EncoderSpec / PreprocessSpec (the CLI's
+    `choices=`), e.g. field_choices(EncoderSpec, "attention") == ("full", "causal")."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def field_default(cls, name: str) -> Any:
+    """The default of a field of a spec or options dataclass (the CLI's `default=` and help)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _as_dict(spec) -> Dict[str, Any]:
