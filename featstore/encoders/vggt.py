@@ -278,6 +278,8 @@ class VGGTAggregator(nn.Module):
         `block_fn` is not taken. `patch_embed` is "conv" or one of `DINOV2_VARIANTS`.
 
     Example:
+        >>> import torch
+        >>> from featstore.encoders.vggt import VGGTAggregator
         >>> agg = VGGTAggregator(embed_dim=64, depth=2, num_heads=4, patch_embed="conv")
         >>> outs, psi = agg(torch.rand(1, 2, 3, 28, 42), attention="causal")
         >>> outs[-1].shape, psi
@@ -429,6 +431,31 @@ class VGGTAggregator(nn.Module):
         tokens = torch.cat([special, patches], dim=1)  # promotes to fp32 like the official cat
         return tokens, hh // self.patch_size, ww // self.patch_size
 
+    def _alternate(self, tokens: Tensor, last: int, keep: set, *, frame_step, global_step, output
+                   ) -> List[Optional[Tensor]]:
+        """The alternating layer loop that `forward` and `stream_step` share.
+
+        Per group of aa_block_size layers, run the frame blocks and the global blocks in
+        aa_order (`frame_step(i, tokens)` / `global_step(i, tokens)` -> tokens), stopping after
+        layer `last`; layer i's output is `output(frame_out_i, global_out_i)` when i is in
+        `keep`, else None (not materialised).
+        """
+        outputs: List[Optional[Tensor]] = []
+        layer = 0
+        for _ in range(self.depth // self.aa_block_size):
+            inter: Dict[str, List[Tensor]] = {"frame": [], "global": []}
+            for kind in self.aa_order:
+                step = frame_step if kind == "frame" else global_step
+                for i in range(layer, min(layer + self.aa_block_size, last + 1)):
+                    tokens = step(i, tokens)
+                    inter[kind].append(tokens)
+            for j in range(len(inter["global"])):
+                outputs.append(output(inter["frame"][j], inter["global"][j]) if layer + j in keep else None)
+            layer += self.aa_block_size
+            if layer > last:
+                break
+        return outputs
+
     # ---- forward ------------------------------------------------------------------------
 
     def forward(
@@ -462,30 +489,11 @@ class VGGTAggregator(nn.Module):
         rope = self._rope_tables(h, w, images.device)
         mask = self._causal_mask(s, p, images.device) if (attention == "causal" and s > 1) else None
 
-        outputs: List[Optional[Tensor]] = []
-        layer = 0
-        for _ in range(self.depth // self.aa_block_size):
-            inter: Dict[str, List[Tensor]] = {"frame": [], "global": []}
-            for kind in self.aa_order:
-                for j in range(self.aa_block_size):
-                    i = layer + j
-                    if i > last:
-                        break
-                    if kind == "frame":
-                        tokens = self.frame_blocks[i](tokens.reshape(b * s, p, c), rope, p)
-                    else:
-                        tokens = self.global_blocks[i](tokens.reshape(b, s * p, c), rope, p, mask)
-                    inter[kind].append(tokens)
-            for j in range(len(inter["global"])):
-                i = layer + j
-                if i in keep:
-                    outputs.append(torch.cat([inter["frame"][j].reshape(b, s, p, c),
-                                              inter["global"][j].reshape(b, s, p, c)], dim=-1))
-                else:
-                    outputs.append(None)
-            layer += self.aa_block_size
-            if layer > last:
-                break
+        outputs = self._alternate(
+            tokens, last, keep,
+            frame_step=lambda i, t: self.frame_blocks[i](t.reshape(b * s, p, c), rope, p),
+            global_step=lambda i, t: self.global_blocks[i](t.reshape(b, s * p, c), rope, p, mask),
+            output=lambda f, g: torch.cat([f.reshape(b, s, p, c), g.reshape(b, s, p, c)], dim=-1))
         return outputs, self.patch_start_idx
 
     def new_stream(self) -> StreamState:
@@ -529,27 +537,15 @@ class VGGTAggregator(nn.Module):
         tokens, h, w = self._embed(frame, first_index=0 if state.frames == 0 else 1)
         p = tokens.shape[1]
         rope = self._rope_tables(h, w, frame.device)
-        outputs: List[Optional[Tensor]] = []
-        layer = 0
-        for _ in range(self.depth // self.aa_block_size):
-            inter: Dict[str, List[Tensor]] = {"frame": [], "global": []}
-            for kind in self.aa_order:
-                for j in range(self.aa_block_size):
-                    i = layer + j
-                    if i > last:
-                        break
-                    if kind == "frame":
-                        tokens = self.frame_blocks[i](tokens, rope, p)
-                    else:
-                        tokens, state.kv[i] = self.global_blocks[i].forward_cached(tokens, rope, p, state.kv[i])
-                    inter[kind].append(tokens)
-            for j in range(len(inter["global"])):
-                i = layer + j
-                outputs.append(torch.cat([inter["frame"][j], inter["global"][j]], -1).unsqueeze(1)
-                               if i in keep else None)
-            layer += self.aa_block_size
-            if layer > last:
-                break
+        def global_step(i: int, t: Tensor) -> Tensor:
+            t, state.kv[i] = self.global_blocks[i].forward_cached(t, rope, p, state.kv[i])
+            return t
+
+        outputs = self._alternate(
+            tokens, last, keep,
+            frame_step=lambda i, t: self.frame_blocks[i](t, rope, p),
+            global_step=global_step,
+            output=lambda f, g: torch.cat([f, g], dim=-1).unsqueeze(1))
         state.frames += 1
         state.grid, state.batch = grid, b
         return outputs, self.patch_start_idx
