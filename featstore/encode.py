@@ -11,8 +11,8 @@ Example:
     >>> from featstore.encoders import get_encoder
     >>> from featstore.plan import plan_units
     >>> encoder = get_encoder("vggt-tiny")
-    >>> unit = plan_units("sample_data")[0]
-    >>> features, metadata = encode_unit(encoder, "sample_data", unit)
+    >>> unit = plan_units("data")[0]                      # misc/portrait.png, a unit of one frame
+    >>> features, metadata = encode_unit(encoder, "data", unit)
     >>> features.dtype, features.shape[0], sorted(metadata)
     (torch.bfloat16, 1, ['encoder', 'fingerprint', 'frames', 'grid', 'sources'])
 """
