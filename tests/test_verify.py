@@ -333,3 +333,21 @@ def test_recompute_needs_a_data_root(root, tmp_path):
     shutil.copytree(store_of(root), copy)
     with pytest.raises(FeatstoreError, match="--data-root"):
         verify_store(copy, recompute=1)
+
+
+def test_recompute_with_other_weights_lists_every_differing_field(built, tmp_path):
+    from safetensors.torch import save_file
+
+    from featstore.encoders import get_encoder
+    from featstore.errors import FingerprintMismatchError
+
+    weights = str(tmp_path / "other.safetensors")
+    save_file(get_encoder("vggt-tiny").model.state_dict(), weights)
+    with pytest.raises(FingerprintMismatchError) as e:
+        verify_store(built, recompute=1, seed=0, weights=weights)
+    from featstore.encoders.weights import sha256_file
+
+    assert str(e.value) == (
+        "the rebuilt encoder differs from the spec: weights_sha256: store has 'random-seed-0', expected "
+        f"'{sha256_file(weights)}'. Pass the --weights the store was built with (and the featstore version it "
+        "was built with)")
