@@ -1,12 +1,15 @@
 """Compute encoder features for every unit of a data root and commit them into the store.
 
 Pipeline (one process per GPU; see docs/BUILD.md):
+  0. spec     the EncoderSpec from --encoder/--weights/flags (resolve_spec: no model yet); a
+              store of another spec is refused here, every differing field named
   1. plan     units from a scan of the data root, or from training's annotation files
               (featstore.plan: the same code training uses to ask for features)
   2. split    fresh / missing / stale against the store; only missing and stale are computed
-  3. decode   DataLoader workers read each frame once (sha256 + decode + preprocess)
+              (--dry-run stops here, having built no model)
+  3. decode   DataLoader workers read each frame once (featstore.encode.read_unit_frames)
   4. batch    units are grouped by (S, H, W) and stacked into [B, S, 3, H, W]
-  5. encode   one forward per batch on the GPU (autocast per the spec), cast to the storage
+  5. encode   featstore.encode.encode_frames: one forward per batch (autocast per the spec), cast to the storage
               dtype on the GPU, copied to pinned host memory without blocking the GPU
   6. commit   a writer thread waits for the copy, serialises blobs and commits in batches
 

@@ -36,7 +36,6 @@ __all__ = [
     "existing_manifest",
     "new_manifest",
     "check_fingerprint",
-    "manifest_spec",
     "storage_dtype_of",
     "lmdb_value_offset",
     "truncated_size",
@@ -290,20 +289,6 @@ def check_fingerprint(manifest: dict, expected, *, path: str = "", advice: str =
         raise FingerprintMismatchError(
             f"{path}: the store's fingerprint {stored_fp!r} differs from the expected {want_fp!r} "
             f"although the encoder spec fields match (a manifest edited by hand?). {advice}")
-
-
-def manifest_spec(manifest: dict):
-    """The store's EncoderSpec (from the manifest's `encoder`), or None for a store written
-    without one. Raises ManifestError when the recorded spec does not parse."""
-    from featstore.encoders.spec import EncoderSpec
-
-    recorded = manifest.get("encoder") or {}
-    if not recorded:
-        return None
-    try:
-        return EncoderSpec.from_dict(recorded)
-    except FeatstoreError as e:
-        raise ManifestError(f"the manifest's encoder spec does not parse ({e})") from None
 
 
 def storage_dtype_of(manifest: dict) -> str | None:
