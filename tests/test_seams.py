@@ -217,6 +217,7 @@ def test_layering_cache_mode_imports_neither_the_build_nor_the_model():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["build", "--help"], ["verify", "--help"], ["info", "--help"],
+                                  ["gc", "--help"], ["copy", "--help"],
                                   ["merge", "--help"]])
 def test_cli_help_runs_without_torch(argv):
     r = _python("import sys\n"
