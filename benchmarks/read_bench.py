@@ -144,7 +144,7 @@ def make_data(root: str, size: str, n: int, seed: int) -> dict:
     tensors = []
     t0 = time.perf_counter()
     store = os.path.join(d, "vggt_features.lmdb")
-    with StoreWriter(store, encoder={"encoder": "bench"}, batch_entries=32, handle_signals=False) as w:
+    with StoreWriter(store, batch_entries=32, handle_signals=False) as w:
         for i, key in enumerate(keys):
             t = torch.randn(shape, generator=gen).to(torch.bfloat16)
             tensors.append(t)

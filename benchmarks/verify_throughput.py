@@ -51,7 +51,7 @@ def main() -> None:
         entry_bytes = base.numel() * 2
         n = max(1, int(args.gb * 1e9 / entry_bytes))
         t0 = time.perf_counter()
-        with StoreWriter(path, storage_dtype="bfloat16", batch_entries=32) as w:
+        with StoreWriter(path, batch_entries=32) as w:
             for i in range(n):
                 feats = base.clone()
                 feats.view(-1)[i % feats.numel()] = float(i)  # distinct values, same cost to write

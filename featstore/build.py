@@ -1,12 +1,15 @@
 """Compute encoder features for every unit of a data root and commit them into the store.
 
 Pipeline (one process per GPU; see docs/BUILD.md):
+  0. spec     the EncoderSpec from --encoder/--weights/flags (resolve_spec: no model yet); a
+              store of another spec is refused here, every differing field named
   1. plan     units from a scan of the data root, or from training's annotation files
               (featstore.plan: the same code training uses to ask for features)
   2. split    fresh / missing / stale against the store; only missing and stale are computed
-  3. decode   DataLoader workers read each frame once (sha256 + decode + preprocess)
+              (--dry-run stops here, having built no model)
+  3. decode   DataLoader workers read each frame once (featstore.encode.read_unit_frames)
   4. batch    units are grouped by (S, H, W) and stacked into [B, S, 3, H, W]
-  5. encode   one forward per batch on the GPU (autocast per the spec), cast to the storage
+  5. encode   featstore.encode.encode_frames: one forward per batch (autocast per the spec), cast to the storage
               dtype on the GPU, copied to pinned host memory without blocking the GPU
   6. commit   a writer thread waits for the copy, serialises blobs and commits in batches
 
@@ -20,7 +23,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import queue
@@ -31,18 +33,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
+from featstore.dtypes import DTYPE_NAMES, torch_dtype
+from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
 from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
-from featstore.format import decode_entry, encode_entry
 from featstore.plan import Unit, plan_units, source_path
-from featstore.store import (DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env,
-                             utc_now)
+from featstore.store import DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env, utc_now
 
-__all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "compute_unit", "encoder_for_manifest",
-           "unit_metadata", "configure_parser", "run"]
+# torch is imported inside the functions that run the model, so that `featstore --help` and
+# the parser need no torch (the layering test runs the CLI with torch unimportable).
 
-_STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+__all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "configure_parser", "run"]
+
 _HEADER_ESTIMATE = 1024  # bytes of safetensors header + metadata per entry, for size estimates
 
 
@@ -94,74 +95,29 @@ class BuildReport:
         return dict(self.__dict__)
 
 
+# What a build on a store of another spec can do (the error lists every differing field first).
+_MISMATCH_ADVICE = ("Pass --force to rebuild this store in place (drops its entries), or --store PATH to build "
+                    "a new store beside it.")
+
+
 # -- encoder helpers ------------------------------------------------------------------------
 
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
+    import torch
+
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
-
-
-def encoder_for_manifest(manifest: dict, *, weights: str | None = None, device: str = "cpu"):
-    """Rebuild the encoder a store was built with (for verify --recompute and resumed builds).
-
-    Raises FingerprintMismatchError naming the fields when the rebuilt spec differs (e.g. other
-    weights were given)."""
-    from featstore.encoders import EncoderSpec, get_encoder
-    from featstore.store import check_fingerprint
-
-    spec = EncoderSpec.from_dict(manifest["encoder"])
-    overrides = dict(layer=spec.layer, attention=spec.attention, frames_kept=spec.frames_kept,
-                     compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype,
-                     preprocess=spec.preprocess)
-    if spec.implementation == "official":
-        overrides["backend"] = "official"
-    encoder = get_encoder(spec.encoder, weights=weights, device=device, **overrides)
-    check_fingerprint(manifest, encoder.spec.to_dict())
-    return encoder
-
-
-def _read_frame(data_root: str, key: str, spec, patch: int) -> tuple[torch.Tensor, dict]:
-    """Read one frame file once: its identity (size, mtime, sha256) and its preprocessed tensor."""
-    from featstore.encoders.preprocess import preprocess_image
-
-    path = source_path(data_root, key)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read()
-    except OSError as e:
-        raise ImageDecodeError(f"image {path!r}: {e.strerror}") from None
-    source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
-    return preprocess_image(data, spec.preprocess, patch_size=patch, name=path), source
-
-
-def unit_metadata(unit: Unit, sources: list[dict], grid: tuple[int, int], spec) -> dict[str, str]:
-    """The `__metadata__` of a stored entry (see docs/FORMAT.md)."""
-    return {
-        "frames": json.dumps(list(unit.frames), ensure_ascii=False),
-        "sources": json.dumps(sources, sort_keys=True),
-        "grid": json.dumps(list(grid)),
-        "fingerprint": spec.fingerprint(),
-        "encoder": spec.encoder,
-    }
-
-
-def compute_unit(encoder, data_root: str, unit: Unit) -> tuple[torch.Tensor, dict[str, str]]:
-    """Encode one unit directly: (features [F, N, C] in the storage dtype on CPU, metadata)."""
-    frames, sources = zip(*(_read_frame(data_root, f, encoder.spec, encoder.patch_size) for f in unit.frames))
-    x = torch.stack(frames)[None]
-    feats = encoder.encode(x)[0].to(_STORAGE_DTYPES[encoder.spec.storage_dtype]).cpu()
-    grid = encoder.patch_grid(*x.shape[-2:])
-    return feats, unit_metadata(unit, list(sources), grid, encoder.spec)
 
 
 # -- planning: what to compute ----------------------------------------------------------------
 
 def _entry_state(value, unit: Unit, data_root: str, fingerprint: str) -> str:
     """'fresh' or 'stale' for a stored value of `unit`."""
+    from featstore.format import decode_entry
+
     try:
         meta = decode_entry(value, key=unit.key).metadata
         frames = json.loads(meta.get("frames", "null"))
@@ -201,15 +157,15 @@ def split_plan(units: list[Unit], store_path: str, data_root: str, fingerprint: 
     return split
 
 
-def _estimate_entry_bytes(encoder, units: list[Unit], data_root: str) -> int:
+def _estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
     """Bytes of one entry, from the first readable image's size (headers only, no decode)."""
     from PIL import Image
 
     from featstore.encoders.preprocess import output_size
 
-    spec = encoder.spec
+    patch_size = int(spec.config["patch_size"])
     channels = 2 * int(spec.config["embed_dim"])
-    itemsize = _STORAGE_DTYPES[spec.storage_dtype].itemsize
+    itemsize = torch_dtype(spec.storage_dtype).itemsize
     for unit in units[:32]:
         try:
             with Image.open(source_path(data_root, unit.frames[0])) as im:
@@ -220,19 +176,20 @@ def _estimate_entry_bytes(encoder, units: list[Unit], data_root: str) -> int:
         if pre.extra_resize is not None:
             h, w = pre.extra_resize
         else:
-            w, h = output_size(w, h, pre.mode, pre.target_size, encoder.patch_size)
+            w, h = output_size(w, h, pre.mode, pre.target_size, patch_size)
             if pre.mode == "pad":
                 w = h = pre.target_size
             h = min(h, pre.target_size)
         kept = 1 if spec.frames_kept == "last" else unit.num_frames
-        return kept * (h // encoder.patch_size) * (w // encoder.patch_size) * channels * itemsize + _HEADER_ESTIMATE
+        return kept * (h // patch_size) * (w // patch_size) * channels * itemsize + _HEADER_ESTIMATE
     return _HEADER_ESTIMATE
 
 
 # -- the pipeline ---------------------------------------------------------------------------
 
-class _UnitDataset(torch.utils.data.Dataset):
-    """Decodes the frames of one unit per item, in a DataLoader worker."""
+class _UnitDataset:
+    """Decodes the frames of one unit per item, in a DataLoader worker (a map-style dataset:
+    `__len__` and `__getitem__` are all DataLoader needs)."""
 
     def __init__(self, units: list[Unit], data_root: str, spec, patch: int):
         self.units, self.data_root, self.spec, self.patch = units, data_root, spec, patch
@@ -241,14 +198,11 @@ class _UnitDataset(torch.utils.data.Dataset):
         return len(self.units)
 
     def __getitem__(self, i: int):
-        unit = self.units[i]
+        from featstore.encode import read_unit_frames
+
         try:
-            frames, sources = zip(*(_read_frame(self.data_root, f, self.spec, self.patch) for f in unit.frames))
-            shapes = {tuple(t.shape) for t in frames}
-            if len(shapes) != 1:
-                raise ImageDecodeError(f"unit {unit.key!r}: frames preprocess to different sizes {sorted(shapes)}; "
-                                       "one encoder call needs frames of one size (use pad mode or extra_resize)")
-            return i, torch.stack(frames), list(sources), None
+            frames, sources = read_unit_frames(self.data_root, self.units[i], self.spec, self.patch)
+            return i, frames, sources, None
         except ImageDecodeError as e:
             return i, None, None, str(e)
         except Exception as e:  # a decoder bug must not kill a long build: record the unit as failed
@@ -301,6 +255,9 @@ class _Stage(threading.Thread):
 def _serialise(spec, units, sources, host, done, grid):
     """Wait for a batch's device->host copy, then make each unit's blob (one copy + CRC-32;
     both release the GIL, so this overlaps the writer's commits)."""
+    from featstore.encode import unit_metadata
+    from featstore.format import encode_entry
+
     if done is not None:
         done.synchronize()
     blobs = [encode_entry({"features": feats}, unit_metadata(unit, src, grid, spec))
@@ -323,11 +280,14 @@ def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
 
 
 def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool) -> None:
+    import torch
     from tqdm import tqdm
+
+    from featstore.encode import encode_frames
 
     spec = encoder.spec
     device = encoder.device
-    storage = _STORAGE_DTYPES[spec.storage_dtype]
+    storage = torch_dtype(spec.storage_dtype)
     on_cuda = device.type == "cuda"
     dataset = _UnitDataset(todo, opts.data_root, spec, encoder.patch_size)
     loader = torch.utils.data.DataLoader(
@@ -356,7 +316,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
             x = torch.cat([x, x[-1:].expand(full - len(items), *x.shape[1:])])
         if on_cuda:
             x = x.pin_memory().to(device, non_blocking=True)
-        feats = encoder.encode(x)[: len(items)].to(storage)  # [B, F, N, C], cast on the device
+        feats = encode_frames(encoder, x)[: len(items)]  # [B, F, N, C], storage dtype, on the device
         done = None
         if on_cuda:
             host = torch.empty(feats.shape, dtype=storage, pin_memory=True)
@@ -397,6 +357,7 @@ def _dist_setup():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -448,8 +409,11 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
         encoder: an already built encoder to use instead of `opts.encoder`/`opts.weights`
             (saves loading the model twice in one process).
         out: where the plan summary goes (rank 0 only).
+
+    The spec is resolved first (`resolve_spec`: no model), so that a spec mismatch, the split
+    and the size estimate come before the model loads, and `dry_run` never builds it.
     """
-    from featstore.encoders import get_encoder
+    from featstore.encoders import check_device, get_encoder, resolve_spec
     from featstore.writer import BuildInterrupted, StoreWriter
 
     t0 = time.perf_counter()
@@ -457,9 +421,11 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
     show = opts.progress and rank == 0
     log = (lambda msg: print(msg, file=out, flush=True)) if rank == 0 else (lambda msg: None)
     if encoder is None:
-        encoder = get_encoder(opts.encoder, weights=opts.weights, device=_resolve_device(opts.device),
-                              compile=opts.compile, **opts.spec_overrides)
-    spec = encoder.spec
+        device = _resolve_device(opts.device)
+        check_device(device)
+        spec = resolve_spec(opts.encoder, weights=opts.weights, **opts.spec_overrides)
+    else:
+        spec, device = encoder.spec, str(encoder.device)
     fingerprint = spec.fingerprint()
     store_path = opts.store_path()
     units = plan_units(opts.data_root, opts.annotations)
@@ -468,8 +434,8 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
     report = BuildReport(planned=len(units))
 
     manifest = existing_manifest(store_path)
-    if manifest is not None and not opts.force and manifest.get("fingerprint") != fingerprint:
-        check_fingerprint(manifest, spec.to_dict(), path=store_path, fingerprint=fingerprint)
+    if manifest is not None and not opts.force:
+        check_fingerprint(manifest, spec, path=store_path, advice=_MISMATCH_ADVICE)
     if manifest is None:
         split = {"fresh": [], "missing": list(units), "stale": []}
     elif opts.force:
@@ -479,12 +445,12 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
     todo = sorted(split["missing"] + split["stale"], key=lambda u: u.key)
     report.fresh, report.missing, report.stale = (len(split[k]) for k in ("fresh", "missing", "stale"))
 
-    entry_bytes = _estimate_entry_bytes(encoder, todo or units, opts.data_root)
+    entry_bytes = _estimate_entry_bytes(spec, todo or units, opts.data_root)
     need = entry_bytes * len(todo)
     free = shutil.disk_usage(_existing_ancestor(store_path)).free
     log(f"featstore build: {len(units)} units planned ({world} rank(s), shard {index}/{count}) -> {store_path}\n"
         f"  fresh {report.fresh}, missing {report.missing}, stale {report.stale}; to compute {len(todo)}\n"
-        f"  encoder {spec.encoder} fingerprint {fingerprint[:16]} on {encoder.device}; "
+        f"  encoder {spec.encoder} fingerprint {fingerprint[:16]} on {device}; "
         f"~{entry_bytes / 1e6:.2f} MB per entry, ~{need / 1e9:.3f} GB to add, {free / 1e9:.1f} GB free")
     if need * world > free:
         raise StoreFullError(f"{store_path}: the build needs about {need * world / 1e9:.2f} GB but only "
@@ -492,9 +458,13 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
     if opts.dry_run:
         report.elapsed_s = time.perf_counter() - t0
         return report
+    if encoder is None:
+        encoder = get_encoder(opts.encoder, weights=opts.weights, device=device, compile=opts.compile,
+                              **opts.spec_overrides)
+        assert encoder.spec == spec, spec.diff(encoder.spec)  # resolve_spec's contract
 
-    writer_kw = dict(encoder=spec.to_dict(), fingerprint=fingerprint, storage_dtype=spec.storage_dtype,
-                     batch_entries=opts.commit_entries, batch_bytes=opts.commit_bytes)
+    writer_kw = dict(spec=spec, batch_entries=opts.commit_entries, batch_bytes=opts.commit_bytes,
+                     mismatch_advice=_MISMATCH_ADVICE)
     # Rank 0 creates (or resets, with --force) the store before the other ranks open it.
     writer = StoreWriter(store_path, reset=opts.force, **writer_kw) if rank == 0 else None
     _barrier(world)
@@ -535,35 +505,48 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "Without: every image under the data root is its own unit")
     p.add_argument("--store", help=f"store path (default: DATA_ROOT/{DEFAULT_STORE_NAME})")
     g = p.add_argument_group("encoder (every choice enters the fingerprint)")
-    g.add_argument("--encoder", default="vggt-1b", help="registered encoder: vggt-1b (default, needs --weights), "
-                   "vggt-tiny (random weights, for tests/demos), vggt-official (the installed vggt package)")
+    g.add_argument("--encoder", default=_default("encoder"), help="registered encoder: vggt-1b (default, needs "
+                   "--weights), vggt-tiny (random weights, for tests/demos), vggt-official (the installed vggt package)")
     g.add_argument("--weights", help="model.safetensors / model.pt path, a folder holding one, or a hub id "
                    "(facebook/VGGT-1B, needs internet)")
-    g.add_argument("--layer", type=int, help="aggregator layer to keep (default -2, i.e. 22 of VGGT-1B)")
-    g.add_argument("--attention", choices=["full", "causal"], help="global attention across the frames of a "
-                   "unit: full (official) or causal (streaming navigation models)")
-    g.add_argument("--frames-kept", choices=["all", "last"], help="store every frame's tokens or only the last's")
-    g.add_argument("--target-size", type=int, help="preprocessing width/longest side (518; JanusVLN uses 644)")
-    g.add_argument("--preprocess-mode", choices=["crop", "pad"], help="official crop (default) or pad mode")
-    g.add_argument("--storage-dtype", choices=sorted(_STORAGE_DTYPES), help="dtype of stored features (bfloat16)")
-    g.add_argument("--compute-dtype", choices=sorted(_STORAGE_DTYPES), help="autocast dtype on GPU (bfloat16)")
+    g.add_argument("--layer", type=int, help=f"aggregator layer to keep (default {field_default(EncoderSpec, 'layer')}, "
+                   "i.e. 22 of VGGT-1B)")
+    g.add_argument("--attention", choices=field_choices(EncoderSpec, "attention"), help="global attention across the "
+                   f"frames of a unit: full (official, default) or causal (streaming navigation models)")
+    g.add_argument("--frames-kept", choices=field_choices(EncoderSpec, "frames_kept"),
+                   help="store every frame's tokens (all, default) or only the last's")
+    g.add_argument("--target-size", type=int, help="preprocessing width/longest side (518; vggt-tiny 112; JanusVLN "
+                   "uses 644)")
+    g.add_argument("--preprocess-mode", choices=field_choices(PreprocessSpec, "mode"),
+                   help=f"official crop or pad mode (default {field_default(PreprocessSpec, 'mode')})")
+    g.add_argument("--storage-dtype", choices=DTYPE_NAMES,
+                   help=f"dtype of stored features (default {field_default(EncoderSpec, 'storage_dtype')})")
+    g.add_argument("--compute-dtype", choices=DTYPE_NAMES,
+                   help=f"autocast dtype on GPU (default {field_default(EncoderSpec, 'compute_dtype')})")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.5x faster "
                    "VGGT-1B forwards on H100/H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
                    "with eager within bf16 rounding")
-    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu (default: the local rank's GPU, else CPU)")
+    g.add_argument("--device", default=_default("device"), help="cuda, cuda:N, cpu (default auto: the local rank's "
+                   "GPU, else CPU)")
     r = p.add_argument_group("run")
     r.add_argument("--force", action="store_true", help="recompute every unit (drops all entries first)")
-    r.add_argument("--dry-run", action="store_true", help="print the fresh/missing/stale split, the bytes to "
-                   "add and the free disk space, then stop")
-    r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image-decoding DataLoader workers (default: min(4, CPU count))")
-    r.add_argument("--batch-frames", type=int, default=16, help="frames per forward (default 16)")
+    r.add_argument("--dry-run", action="store_true", help="print what would be computed (the fresh/missing/stale "
+                   "split, the bytes to add, the free disk space) without building the model, then stop")
+    r.add_argument("--workers", type=int, default=_default("workers"),
+                   help=f"image-decoding DataLoader workers (default: min(4, CPU count) = {_default('workers')})")
+    r.add_argument("--batch-frames", type=int, default=_default("batch_frames"),
+                   help=f"frames per forward (default {_default('batch_frames')})")
     r.add_argument("--shard", default="0/1", metavar="I/N", help="build only part I of N (one host of N); "
                    "merge the parts with `featstore merge`")
-    r.add_argument("--commit-every", type=int, default=64, metavar="N", help="entries per LMDB commit (default 64); "
-                   "a crash loses at most one open batch")
+    r.add_argument("--commit-every", type=int, default=_default("commit_entries"), metavar="N",
+                   help=f"entries per LMDB commit (default {_default('commit_entries')}); a crash loses at most "
+                   "one open batch")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def _default(name: str):
+    return field_default(BuildOptions, name)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -572,7 +555,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise FeatstoreError(f"--shard must look like I/N (e.g. 0/4). Found {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise FeatstoreError(f"--shard {text}: need 0 <= I < N")
+        raise FeatstoreError(f"--shard must be I/N with 0 <= I < N. Found {text!r}")
     return i, n
 
 
@@ -589,8 +572,10 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     for a in args.annotations:
         if not os.path.isfile(a):
             raise FeatstoreError(f"--annotations {a}: no such file")
-    if args.workers < 0 or args.batch_frames < 1 or args.commit_every < 1:
-        raise FeatstoreError("--workers must be >= 0, --batch-frames and --commit-every >= 1")
+    for flag, value, least in (("--workers", args.workers, 0), ("--batch-frames", args.batch_frames, 1),
+                               ("--commit-every", args.commit_every, 1)):
+        if value < least:
+            raise FeatstoreError(f"{flag} must be >= {least}. Found {value}")
     return BuildOptions(
         data_root=args.data_root, annotations=args.annotations, store=args.store, encoder=args.encoder,
         weights=args.weights, device=args.device, spec_overrides=overrides, force=args.force,

@@ -62,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     except FeatstoreError as e:
         print(f"featstore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # LMDB's own errors (a damaged lock file, a read-only folder, ...) for every subcommand,
+        # translated here once; lmdb is imported only when one happened.
+        lmdb = sys.modules.get("lmdb")
+        if lmdb is None or not isinstance(e, lmdb.Error):
+            raise
+        print(f"featstore {args.command}: error: LMDB: {type(e).__name__}: {e} (run `featstore verify` on the "
+              "store; restore or rebuild it if it is damaged)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"featstore {args.command}: interrupted", file=sys.stderr)
         return 130

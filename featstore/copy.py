@@ -45,8 +45,9 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
             progress, the disk is too small (StoreFullError), or the copy does not match.
 
     Example:
-        >>> copy_store("data/", "/nvme/vggt_features.lmdb")["entries"]
-        1200
+        >>> from featstore.copy import copy_store
+        >>> copy_store("data/", "local_copy.lmdb")["entries"]  # e.g. /nvme/vggt_features.lmdb
+        10
     """
     import lmdb
 

@@ -14,6 +14,10 @@ __all__ = [
     "WeightsError",
     "ImageDecodeError",
     "PlanError",
+    "StoreAlreadyOpenError",
+    "InheritedLockedStoreError",
+    "EntrySchemaError",
+    "MergeConflictError",
 ]
 
 
@@ -70,3 +74,22 @@ class ImageDecodeError(FeatstoreError):
 
 class PlanError(FeatstoreError):
     """The units to build cannot be planned (bad annotations, key collisions)."""
+
+
+class StoreAlreadyOpenError(FeatstoreError):
+    """The store is already open in this process (a StoreWriter or another handle): LMDB allows
+    one environment per path per process. Close the other first, or share it."""
+
+
+class InheritedLockedStoreError(FeatstoreError):
+    """A store opened with locking (its build in progress) before fork is used in the forked
+    child, e.g. a DataLoader worker: open it only inside the workers, or use 'spawn'."""
+
+
+class EntrySchemaError(FeatstoreError):
+    """An entry decodes but lacks what the caller asked of it (a tensor name): a schema
+    problem, never a miss, so a compute-on-miss policy must not recompute it."""
+
+
+class MergeConflictError(FeatstoreError):
+    """Two shards hold different values for one key."""

@@ -40,7 +40,6 @@ __all__ = [
     "encode_entry",
     "decode_entry",
     "align_blob",
-    "tensor_checksum",
     "entry_checksum",
     "decode_tensor",
     "tensor_span",
@@ -98,11 +97,6 @@ class Entry:
         return frames
 
 
-def tensor_checksum(data) -> str:
-    """Checksum string of a bytes-like object: ``"crc32:xxxxxxxx"`` (zlib CRC-32, ~2.5 GB/s)."""
-    return "crc32:%08x" % (zlib.crc32(data) & 0xFFFFFFFF)
-
-
 def _header_checksum_text(header: Mapping) -> bytes:
     """The canonical bytes of a header, its checksum left out, that the checksum covers."""
     meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != _CHECKSUM_KEY}
@@ -142,6 +136,8 @@ def encode_entry(
         The blob (a bytearray: one copy of the tensor bytes, none more), ready for `txn.put`.
 
     Example:
+        >>> import torch
+        >>> from featstore.format import decode_entry, encode_entry
         >>> blob = encode_entry({"features": torch.zeros(1, 4, 8, dtype=torch.bfloat16)})
         >>> decode_entry(blob).features.shape
         torch.Size([1, 4, 8])
@@ -447,7 +443,8 @@ def decode_entry(
     Args:
         value: bytes, bytearray or memoryview (e.g. from an LMDB ``buffers=True`` transaction).
         key: the store key, named in error messages.
-        verify: recompute the CRC-32 of the tensor bytes and compare with the stored one.
+        verify: recompute the CRC-32 of the canonical header and the tensor bytes and compare
+            it with the stored one.
         copy: return tensors that own their memory (safe after the transaction ends).
 
     Returns:

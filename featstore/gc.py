@@ -68,8 +68,9 @@ def collect_garbage(store, *, data_root=None, annotations=None, deep: bool = Fal
             damaged (structure problems: restore or rebuild instead), or a build is in progress.
 
     Example:
-        >>> collect_garbage("data/", dry_run=True).keys
-        {'orphan': ['old/scene/000.jpg'], 'stale': [], 'corrupt': []}
+        >>> from featstore.gc import collect_garbage
+        >>> collect_garbage("data/", dry_run=True).keys        # a fresh build: nothing to remove
+        {'orphan': [], 'stale': [], 'corrupt': []}
     """
     report = verify_store(store, data_root=data_root, annotations=annotations, deep=deep, workers=workers)
     result = GcResult(path=report.path, dry_run=dry_run, report=report)

@@ -13,9 +13,7 @@ import json
 import os
 
 from featstore.errors import CorruptEntryError
-from featstore.format import decode_entry
-from featstore.reader import FeatureStore
-from featstore.store import LAST_BUILD_KEY, META_DB
+from featstore.store import LAST_BUILD_KEY, META_DB, storage_dtype_of
 
 __all__ = ["store_info", "configure_parser", "run"]
 
@@ -31,6 +29,9 @@ def human_bytes(n: float) -> str:
 def store_info(path: str, *, max_scan: int = 10000) -> dict:
     """Summarise a store: manifest, counts, file size, last build report, and the
     dtype/shape of the first `max_scan` entries (headers only: one page per value)."""
+    from featstore.format import decode_entry  # torch: imported when run, not for `--help`
+    from featstore.reader import FeatureStore
+
     store = FeatureStore(path)
     try:
         manifest = store.manifest
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"entries      {info['entries']}")
     print(f"bytes        {human_bytes(m.get('bytes', 0))} in values, {human_bytes(info['file_bytes'])} on disk")
     print(f"encoder      {enc.get('encoder', '?')}  fingerprint {str(m.get('fingerprint'))[:16]}")
-    print(f"storage      {m.get('storage_dtype')}")
+    print(f"storage      {storage_dtype_of(m)}")
     for key in ("layer", "attention", "frames_kept", "preprocess"):
         if key in enc:
             print(f"  {key:<12} {enc[key]}")

@@ -37,6 +37,7 @@ def normalize_key(key: str | os.PathLike) -> str:
             byte, or is longer than 511 bytes in UTF-8.
 
     Example:
+        >>> from featstore.keys import normalize_key
         >>> normalize_key("./a//b/c.jpg")
         'a/b/c.jpg'
     """

@@ -13,21 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featstore.errors import FeatstoreError
-from featstore.reader import FeatureStore
+from featstore.errors import FeatstoreError, MergeConflictError
 from featstore.store import check_fingerprint, resolve_store_path, utc_now
 
-__all__ = ["MergeConflictError", "merge_stores", "configure_parser", "run"]
-
-
-class MergeConflictError(FeatstoreError):
-    """Two shards hold different values for one key."""
+__all__ = ["merge_stores", "configure_parser", "run"]
 
 
 def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
     """Copy every entry of `shards` into the store `out` (created if absent). Returns a report."""
     from tqdm import tqdm
 
+    from featstore.reader import FeatureStore  # torch: imported when run, not for `--help`
     from featstore.writer import StoreWriter
 
     if not shards:
@@ -53,8 +49,7 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
                 seen[key] = (checksum, s.path)
         reports = []
         total = sum(s.manifest["entries"] for s in stores)
-        with StoreWriter(out, encoder=first["encoder"], fingerprint=first["fingerprint"],
-                         storage_dtype=first.get("storage_dtype")) as writer:
+        with StoreWriter(out, spec=first.get("encoder") or None) as writer:
             with tqdm(total=total, unit="entry", disable=not progress) as bar:
                 for s in stores:
                     for key, value in s.raw_items():

@@ -2,7 +2,8 @@
 
 A unit is ONE encoder call: an ordered list of frames (paths relative to the data root). VGGT's
 global attention mixes all frames of a call, so a frame's features depend on the whole list and
-on its order; build and training must enumerate units with this same code (DESIGN.md section 1).
+on its order; build and training must enumerate units with this same code, so that a cache
+whose frame lists differ from what training asks for is a miss, never a silent wrong answer.
 
 Keys:
   - a single-frame unit: the image's own relative path (shared by every sample that uses it);
@@ -15,6 +16,12 @@ extension is in IMAGE_EXTENSIONS, skipping hidden files and folders (names start
 and any LMDB store directory. Symlinks to files are followed and keyed by the link's own path
 (the path the data names); symlinked directories are not entered, so a link loop cannot hang
 the scan and a linked tree is not planned twice.
+
+Example:
+    >>> from featstore.plan import plan_units
+    >>> units = plan_units("data", ["data/annotations.json"])   # training's annotation file
+    >>> [(u.key, u.num_frames) for u in units][:3]
+    [('misc/portrait.png', 1), ('scene_a_step1', 2), ('scene_a_step3', 4)]
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ __all__ = [
     "units_from_annotations",
     "plan_units",
     "source_path",
-    "source_fingerprint",
     "file_sha256",
 ]
 
@@ -49,7 +55,13 @@ _IMAGE_FIELDS = ("images", "image")  # LLaVA/Qwen conversation JSON: a list, or 
 
 @dataclass(frozen=True)
 class Unit:
-    """One encoder call: `frames` (keys, in call order) stored under `key`."""
+    """One encoder call: `frames` (keys, in call order) stored under `key`.
+
+    Example:
+        >>> from featstore.plan import Unit
+        >>> Unit("scene_a_step1", ("scene_a/000.jpg", "scene_a/001.jpg")).num_frames
+        2
+    """
 
     key: str
     frames: tuple[str, ...]
@@ -60,7 +72,23 @@ class Unit:
 
 
 def scan_images(data_root: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
-    """Keys of every image under `data_root`, sorted (see module docstring for the rules)."""
+    """Keys of every image under `data_root`, sorted (see module docstring for the rules).
+
+    Args:
+        data_root: the folder to scan; keys are paths relative to it.
+        extensions: lower-case file extensions taken as images (default IMAGE_EXTENSIONS).
+
+    Returns:
+        Sorted keys (NFC, '/'-separated relative paths).
+
+    Raises:
+        PlanError: `data_root` is not a directory.
+
+    Example:
+        >>> from featstore.plan import scan_images
+        >>> scan_images("data")[:3]
+        ['misc/portrait.png', 'misc/rgba.png', 'scene_a/000.jpg']
+    """
     root = os.fspath(data_root)
     if not os.path.isdir(root):
         raise PlanError(f"data root {root} is not a directory")
@@ -81,7 +109,22 @@ def scan_images(data_root: str | os.PathLike, *, extensions: Sequence[str] = IMA
 
 
 def load_annotations(path: str | os.PathLike) -> list[dict]:
-    """Read a LLaVA/Qwen annotation file: a JSON list of samples, or JSONL (one per line)."""
+    """Read a LLaVA/Qwen annotation file: a JSON list of samples, or JSONL (one per line).
+
+    Args:
+        path: the .json or .jsonl file.
+
+    Returns:
+        The samples (dicts), in file order.
+
+    Raises:
+        PlanError: unreadable file, invalid JSON/JSONL, or a sample that is not an object.
+
+    Example:
+        >>> from featstore.plan import load_annotations
+        >>> load_annotations("data/annotations.json")[0]["id"]
+        'scene_a_step3'
+    """
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -103,7 +146,24 @@ def load_annotations(path: str | os.PathLike) -> list[dict]:
 
 
 def sample_frames(sample: dict, data_root: str | os.PathLike, *, where: str = "sample") -> tuple[str, ...]:
-    """The ordered frame keys of one annotation sample ("images" list or "image" path)."""
+    """The ordered frame keys of one annotation sample ("images" list or "image" path).
+
+    Args:
+        sample: one annotation sample.
+        data_root: the folder keys are relative to (absolute image paths are made relative).
+        where: how errors name the sample (file and index).
+
+    Returns:
+        The frame keys in call order; () for a sample without images.
+
+    Raises:
+        PlanError: the image field is not a path or a list of paths, or a path is not a key.
+
+    Example:
+        >>> from featstore.plan import sample_frames
+        >>> sample_frames({"images": ["./scene_a//000.jpg", "scene_a/001.jpg"]}, "data")
+        ('scene_a/000.jpg', 'scene_a/001.jpg')
+    """
     for field in _IMAGE_FIELDS:
         if field in sample:
             value = sample[field]
@@ -126,6 +186,24 @@ def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sam
     """The unit one annotation sample asks for, or None when it has no image.
 
     Training calls this per sample to know which key to read and which frame list to expect.
+
+    Args:
+        sample: one annotation sample ("images"/"image", optional "id").
+        data_root: the folder keys are relative to.
+        where: how errors name the sample.
+
+    Returns:
+        Unit(key, frames): key = the image for one frame, else the sample's id, else its last frame.
+
+    Raises:
+        PlanError: bad image field, or an id that is not usable as a key.
+
+    Example:
+        >>> from featstore.plan import sample_unit
+        >>> sample_unit({"id": "ep7_step2", "images": ["scene_b/000.jpg", "scene_b/001.jpg"]}, "data")
+        Unit(key='ep7_step2', frames=('scene_b/000.jpg', 'scene_b/001.jpg'))
+        >>> sample_unit({"image": "scene_b/002.jpg"}, "data").key
+        'scene_b/002.jpg'
     """
     frames = sample_frames(sample, data_root, where=where)
     if not frames:
@@ -146,8 +224,20 @@ def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sam
 def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_root: str | os.PathLike) -> list[Unit]:
     """One unit per sample with images, deduplicated, sorted by key.
 
+    Args:
+        annotation_files: training's annotation files (JSON or JSONL).
+        data_root: the folder keys are relative to.
+
+    Returns:
+        The units, sorted by key; samples asking for the same unit give it once.
+
     Raises:
         PlanError: two samples map to one key with different frame lists (both are named).
+
+    Example:
+        >>> from featstore.plan import units_from_annotations
+        >>> [u.key for u in units_from_annotations(["data/annotations.json"], "data")]
+        ['misc/portrait.png', 'scene_a_step1', 'scene_a_step3', 'scene_b_step1', 'scene_b_step3']
     """
     by_key: dict[str, tuple[Unit, str]] = {}
     for path in annotation_files:
@@ -170,7 +260,20 @@ def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_r
 
 def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.PathLike] | None = None) -> list[Unit]:
     """All units of a data root: one per annotated sample, or one per image (S=1) without
-    annotations. Sorted by key."""
+    annotations. Sorted by key. `featstore build` and training both call this.
+
+    Args:
+        data_root: the images' folder.
+        annotations: training's annotation files; None or empty: scan the data root.
+
+    Returns:
+        The units, sorted by key.
+
+    Example:
+        >>> from featstore.plan import plan_units
+        >>> len(plan_units("data")), plan_units("data")[0]
+        (10, Unit(key='misc/portrait.png', frames=('misc/portrait.png',)))
+    """
     if annotations:
         return units_from_annotations(annotations, data_root)
     return [Unit(k, (k,)) for k in scan_images(data_root)]
@@ -179,7 +282,13 @@ def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.Path
 def source_path(data_root: str | os.PathLike, key: str) -> str:
     """The file a frame key names. Keys are NFC; a file whose name is stored in another Unicode
     form (NFD from macOS, say) is found by comparing each path component in NFC. Returns the
-    plain join when nothing matches, so that opening it gives the usual "no such file"."""
+    plain join when nothing matches, so that opening it gives the usual "no such file".
+
+    Example:
+        >>> from featstore.plan import source_path
+        >>> source_path("data", "scene_a/000.jpg")
+        'data/scene_a/000.jpg'
+    """
     root = os.fspath(data_root)
     direct = os.path.join(root, key)
     if os.path.lexists(direct) or key.isascii():
@@ -200,14 +309,14 @@ def source_path(data_root: str | os.PathLike, key: str) -> str:
     return path
 
 
-def source_fingerprint(path: str | os.PathLike) -> dict:
-    """Cheap identity of a source file: size and mtime (ns). A change means stale features."""
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's content, streamed (for `verify --deep`)."""
+    """sha256 of a file's content, streamed (for `verify --deep`).
+
+    Example:
+        >>> from featstore.plan import file_sha256
+        >>> len(file_sha256("data/scene_a/000.jpg"))
+        64
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -15,7 +15,7 @@ import lmdb
 import numpy as np
 import torch
 
-from featstore.errors import FeatstoreError, MissingKeyError
+from featstore.errors import EntrySchemaError, InheritedLockedStoreError, MissingKeyError
 from featstore.format import Entry, decode_entry, tensor_span
 from featstore.keys import key_to_bytes, normalize_key
 from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path
@@ -91,7 +91,7 @@ def _forget_inherited(path: str, rec: "_OpenEnv") -> None:
     del _OPEN_ENVS[rec.ident]
     if rec.locked:
         _INHERITED_LOCKED_ENVS.append(rec)
-        raise FeatstoreError(
+        raise InheritedLockedStoreError(
             f"{path}: this store was opened with locking (its build is in progress) before the "
             "process forked, and LMDB cannot reopen it in the child. Open it only inside the "
             "workers, use the 'spawn' start method, or wait for the build to complete."
@@ -152,8 +152,10 @@ class FeatureStore:
             once. Default PREFETCH_DEFAULT; see below.
         verify_checksums: recompute each value's CRC-32 on read and refuse a mismatch
             (about 2.5 GB/s per core; off by default, `featstore verify` checks whole stores).
-        expected_encoder: an encoder spec dict; opening fails with FingerprintMismatchError
-            naming each field that differs from the store's manifest.
+        expected_encoder: the `EncoderSpec` the caller needs (e.g. from
+            `featstore.encoders.resolve_spec`), or its dict; opening fails with
+            FingerprintMismatchError naming every field that differs, with the store's value
+            and the expected one.
         max_readers: reader slots when locking is on.
 
     Why these defaults (benchmarks/read_bench.py, docs/BENCHMARKS.md "Read path"):
@@ -174,14 +176,18 @@ class FeatureStore:
     own their memory.
 
     Example:
+        >>> from featstore import FeatureStore
         >>> store = FeatureStore("data/")                     # finds data/vggt_features.lmdb
-        >>> feats = store.get("scene1/000.jpg").features      # [frames, tokens, channels], zero-copy
-        >>> batch = store.read_into(["a.jpg", "b.jpg"])      # [2, frames, tokens, channels], one copy
+        >>> store.get("scene_a/000.jpg").features.shape       # [frames, tokens, channels], zero-copy
+        torch.Size([1, 48, 128])
+        >>> store.read_into(["scene_a/000.jpg", "scene_a/001.jpg"]).shape  # one copy
+        torch.Size([2, 1, 48, 128])
+        >>> store.close()
     """
 
     def __init__(self, path: str | os.PathLike, *, lock: bool | None = None,
                  readahead: bool | None = None, prefetch: bool | None = None,
-                 verify_checksums: bool = False, expected_encoder: dict | None = None,
+                 verify_checksums: bool = False, expected_encoder=None,
                  max_readers: int = 2048):
         if lock not in (None, True, False):
             raise ValueError(f"lock must be None, True or False. Found {lock!r}")
@@ -364,8 +370,8 @@ class FeatureStore:
                 "were asked for: the cached context differs (a miss). Rebuild with the same annotations."
             )
 
-    def _no_tensor(self, kb: bytes, value, tensor: str) -> MissingKeyError:
-        return MissingKeyError(f"entry {kb.decode()!r} in {self.path} has no tensor {tensor!r} "
+    def _no_tensor(self, kb: bytes, value, tensor: str) -> EntrySchemaError:
+        return EntrySchemaError(f"entry {kb.decode()!r} in {self.path} has no tensor {tensor!r} "
                                f"(it has {sorted(decode_entry(value, key=kb.decode()).tensors)})")
 
     @staticmethod
@@ -405,13 +411,18 @@ class FeatureStore:
             `out`, filled.
 
         Raises:
-            MissingKeyError: a key is not in the store, or its entry has no `tensor`.
+            MissingKeyError: a key is not in the store.
+            EntrySchemaError: an entry has no tensor named `tensor` (not a miss).
             ValueError: `out` does not fit (rows, shape or dtype); nothing is guaranteed about
                 the rows of `out` already written when an error is raised.
 
         Example:
-            >>> out = torch.empty(8, 1, 1369, 2048, dtype=torch.bfloat16).share_memory_()
-            >>> store.read_into(batch_keys, out)
+            >>> import torch
+            >>> from featstore import FeatureStore
+            >>> out = torch.empty(2, 1, 48, 128, dtype=torch.bfloat16).share_memory_()
+            >>> with FeatureStore("data/") as store:
+            ...     store.read_into(["scene_a/000.jpg", "scene_b/000.jpg"], out) is out
+            True
         """
         keys = list(keys)
         if not keys:

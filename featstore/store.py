@@ -13,12 +13,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import struct
 from typing import Any
 
 import lmdb
 
 from featstore import __version__
-from featstore.errors import CorruptStoreError, FeatstoreError, FingerprintMismatchError, ManifestError, StoreNotFoundError
+from featstore.errors import (CorruptStoreError, FeatstoreError, FingerprintMismatchError, ManifestError,
+                              StoreAlreadyOpenError, StoreNotFoundError)
 
 __all__ = [
     "DEFAULT_STORE_NAME",
@@ -34,7 +36,9 @@ __all__ = [
     "existing_manifest",
     "new_manifest",
     "check_fingerprint",
+    "storage_dtype_of",
     "lmdb_value_offset",
+    "truncated_size",
     "utc_now",
 ]
 
@@ -95,11 +99,14 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
                                   meminit=False)
     if map_size is not None:
         kwargs["map_size"] = map_size
+    short = truncated_size(path) if is_store(path) else None
+    if short is not None:
+        raise _truncated_error(path, short)
     try:
         env = lmdb.open(path, **kwargs)
     except lmdb.Error as e:
         if "already open in this process" in str(e):
-            raise FeatstoreError(
+            raise StoreAlreadyOpenError(
                 f"{path}: the store is already open in this process (a StoreWriter or another "
                 "handle); close it first, or share the open FeatureStore"
             ) from None
@@ -107,25 +114,73 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
             raise StoreNotFoundError(f"no featstore database at {path}") from None
         raise CorruptStoreError(f"{path}/data.mdb: LMDB cannot open it ({e}); is it a featstore database? "
                                 f"Run `featstore verify {path}`") from None
-    _refuse_truncated(env, path)
+    short = truncated_size(path, env)
+    if short is not None:
+        env.close()
+        raise _truncated_error(path, short)
     return env
 
 
-def _refuse_truncated(env: lmdb.Environment, path: str) -> None:
-    """A data.mdb shorter than its last used page would be mapped anyway, and reading a value
-    past the end of the file kills the process with SIGBUS: refuse it at open instead."""
+def _committed_bytes(data: str) -> int | None:
+    """Bytes that the committed meta page says data.mdb holds, read with read() (no mmap), or
+    None when the meta pages do not parse (LMDB's open then refuses the file by itself).
+
+    64-bit LMDB meta page: 16-byte page header, then magic u32, version u32, address, mapsize,
+    two 48-byte MDB_db records (the first one's md_pad is the page size), last_pgno, txnid."""
+    try:
+        with open(data, "rb") as f:
+            head = f.read(2 * 65536)
+    except OSError:
+        return None
+    metas = []
+    for psize_guess in (4096, 8192, 16384, 32768, 65536):
+        for i in (0, 1):
+            base = i * psize_guess
+            if len(head) < base + 152:
+                continue
+            magic, = struct.unpack_from("<I", head, base + 16)
+            if magic != 0xBEEFC0DE:
+                continue
+            psize, = struct.unpack_from("<I", head, base + 40)
+            last_pgno, txnid = struct.unpack_from("<QQ", head, base + 136)
+            if psize == psize_guess or i == 0:
+                metas.append((txnid, last_pgno, psize))
+        if len(metas) == 2:
+            break
+    if not metas:
+        return None
+    _, last_pgno, psize = max(metas)
+    return (last_pgno + 1) * psize
+
+
+def truncated_size(path: str, env: lmdb.Environment | None = None) -> tuple[int, int] | None:
+    """(bytes on disk, bytes its pages need) when the store's data.mdb is shorter than its last
+    committed page, else None. The one truncation check (open_env and verify use it).
+
+    Reading a value past the end of the file through the map kills the process with SIGBUS, not
+    an exception, so this runs before LMDB maps the file: the meta pages are read with read().
+    With `env` (already open) the engine's own page count is used when the meta pages do not
+    parse here.
+    """
     data = os.path.join(path, "data.mdb")
     try:
-        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         have = os.path.getsize(data)
-    except (lmdb.Error, OSError):
-        return
-    if have < need:
-        env.close()
-        raise CorruptStoreError(
-            f"{data} is truncated: {have} bytes, but its pages run to {need} bytes. The store is damaged "
-            "(a copy cut short, a full disk in a copy): restore it from a good copy or rebuild it."
-        )
+    except OSError:
+        return None
+    need = _committed_bytes(data)
+    if need is None and env is not None:
+        try:
+            need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        except lmdb.Error:
+            return None
+    return (have, need) if need is not None and have < need else None
+
+
+def _truncated_error(path: str, short: tuple[int, int]) -> CorruptStoreError:
+    have, need = short
+    return CorruptStoreError(
+        f"{os.path.join(path, 'data.mdb')} is truncated: {have} bytes, but its pages run to {need} bytes. The store "
+        "is damaged (a copy cut short, a full disk in a copy): restore it from a good copy or rebuild it.")
 
 
 def existing_manifest(path: str) -> dict | None:
@@ -154,16 +209,16 @@ def is_uninitialised(env: lmdb.Environment, txn: lmdb.Transaction) -> bool:
     return FEATURES_DB not in names or txn.stat(env.open_db(FEATURES_DB, txn=txn, create=False))["entries"] == 0
 
 
-def new_manifest(encoder: dict | None = None, fingerprint: str | None = None,
-                 storage_dtype: str | None = None) -> dict:
+def new_manifest(spec=None) -> dict:
+    """A first manifest for a store of features computed by `spec` (an EncoderSpec, or None for
+    a store without one); the fingerprint is the spec's, the storage dtype is the spec's field."""
     return {
         "format": "featstore",
         "format_version": FORMAT_VERSION,
         "featstore_version": __version__,
         "created": utc_now(),
-        "encoder": encoder or {},
-        "fingerprint": fingerprint,
-        "storage_dtype": storage_dtype,
+        "encoder": spec.to_dict() if spec is not None else {},
+        "fingerprint": spec.fingerprint() if spec is not None else None,
         "entries": 0,
         "bytes": 0,
         "build": {"state": "in_progress", "updated": utc_now()},
@@ -200,38 +255,42 @@ def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *,
     return manifest
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
+# What to do about a spec mismatch, per caller (the message always lists every differing field).
+REBUILD_ADVICE = ("Rebuild the store with the spec training uses, or point training at the matching store.")
 
 
-def check_fingerprint(manifest: dict, expected_encoder: dict, *, path: str = "",
-                      fingerprint: str | None = None) -> None:
-    """Raise FingerprintMismatchError naming every encoder-spec field whose value differs.
+def check_fingerprint(manifest: dict, expected, *, path: str = "", advice: str = REBUILD_ADVICE) -> None:
+    """Raise FingerprintMismatchError unless the store was built with the `expected` spec.
 
     Args:
         manifest: the store's manifest.
-        expected_encoder: the encoder spec dict the caller needs.
+        expected: the EncoderSpec the caller needs, or its dict (`EncoderSpec.to_dict()`).
         path: the store path, named in the error.
-        fingerprint: when given (and the store records one), it must match too: it covers
-            what the spec dict may not spell out (e.g. the weights' sha256).
+        advice: what the caller can do about it (build: --force or another --store).
+
+    Raises:
+        FingerprintMismatchError: naming EVERY differing field with the store's value and the
+            expected one (`EncoderSpec.diff`); or, when the fields agree, the two fingerprints
+            (a manifest edited by hand, or written by another featstore's spec version).
     """
-    have, want = _flatten(manifest.get("encoder", {})), _flatten(expected_encoder)
-    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    from featstore.encoders.spec import EncoderSpec, spec_diff, spec_mismatch_details
+
+    stored = manifest.get("encoder") or {}
+    if spec_diff(stored, expected):
+        raise FingerprintMismatchError(
+            f"{path}: the store was built with a different encoder spec "
+            f"({spec_mismatch_details(stored, expected)}). {advice}")
     stored_fp = manifest.get("fingerprint")
-    if not differ and fingerprint is not None and stored_fp is not None and stored_fp != fingerprint:
+    try:
+        want_fp = (expected if isinstance(expected, EncoderSpec) else EncoderSpec.from_dict(expected)).fingerprint()
+    except FeatstoreError:  # not a complete spec: there is no fingerprint to compare
+        return
+    if stored_fp is not None and stored_fp != want_fp:
         raise FingerprintMismatchError(
-            f"{path}: the store's fingerprint {stored_fp!r} differs from the expected {fingerprint!r} "
-            "although the encoder spec fields match (weights or code version changed?). "
-            "Rebuild the store, or point training at the matching store."
-        )
-    if differ:
-        details = "; ".join(f"{k}: store has {have.get(k)!r}, expected {want.get(k)!r}" for k in differ[:8])
-        raise FingerprintMismatchError(
-            f"{path}: the store was built with a different encoder spec ({details}). "
-            "Rebuild the store with the spec training uses, or point training at the matching store."
-        )
+            f"{path}: the store's fingerprint {stored_fp!r} differs from the expected {want_fp!r} "
+            f"although the encoder spec fields match (a manifest edited by hand?). {advice}")
+
+
+def storage_dtype_of(manifest: dict) -> str | None:
+    """The dtype name of the stored features: the manifest's encoder spec keeps it (once)."""
+    return (manifest.get("encoder") or {}).get("storage_dtype")

@@ -11,7 +11,7 @@ Checks, in order (docs/OPERATIONS.md says what each finding means and what to do
                  map is a SIGBUS, not an exception, once a page past the end is touched
   2. manifest    format version, fingerprint == spec, entry count and bytes == what is stored,
                  build state complete, no failed units in the last build
-  3. entries     every value decodes and its CRC-32 matches; dtype == storage dtype; shape
+  3. entries     every value decodes and its CRC-32 (header and tensors) matches; dtype == storage dtype; shape
                  [frames_kept, grid rows*cols, 2*embed_dim]; entry fingerprint == manifest's
                  (read in parallel threads: zlib's CRC-32 releases the GIL, so this is bound
                  by disk and checksum speed)
@@ -21,9 +21,10 @@ Checks, in order (docs/OPERATIONS.md says what each finding means and what to do
   6. recompute   --recompute N: N random fresh units re-encoded and compared with the stored
                  features (max abs error relative to the tensor's scale, cosine similarity)
 
-Not checked: the CRC-32 covers tensor bytes only, so a flipped byte inside the JSON header
-either fails to parse (reported) or changes metadata silently; the plan check catches a changed
-frame list, nothing catches a changed source mtime.
+The CRC-32 covers the canonical header (every metadata value: frames, sources, grid,
+fingerprint) and the tensor bytes, so a flipped byte anywhere in a value is found. Not checked:
+a byte of the header's space padding turned into another JSON whitespace character decodes to
+the same entry, and is harmless.
 
 Examples:
   featstore verify data/                          # store beside the data: all checks
@@ -36,10 +37,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import math
 import os
 import random
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,14 +46,13 @@ from typing import Iterable, Sequence
 
 import lmdb
 
-from featstore.errors import CorruptEntryError, FeatstoreError, InvalidKeyError, ManifestError
+from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
-from featstore.store import DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolve_store_path
+from featstore.store import (DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolve_store_path, storage_dtype_of,
+                             truncated_size)
 
-__all__ = ["Finding", "Report", "verify_store", "compare_features", "RECOMPUTE_TOLERANCES", "COMPUTE_TOLERANCES",
-           "PROBLEM_KINDS",
-           "configure_parser", "run"]
+__all__ = ["Finding", "Report", "verify_store", "PROBLEM_KINDS", "configure_parser", "run"]
 
 # kind -> what it means and what to do; the human summary prints the advice once per kind.
 PROBLEM_KINDS: dict[str, str] = {
@@ -81,25 +79,6 @@ PROBLEM_KINDS: dict[str, str] = {
               "miss it): `featstore build` with the same --annotations recomputes it",
     "recompute": "features recomputed on the encoder differ from the stored ones beyond the storage "
                  "dtype's tolerance: check weights/code version; rebuild with --force",
-}
-
-# dtype -> (max |stored - recomputed| / max |stored|, min cosine similarity); the loosest of the
-# storage dtype's row and the compute dtype's row applies.
-# Storage rounding costs at most half an ulp of a value, i.e. of the tensor's max: bf16 2^-9,
-# fp16 2^-12, fp32 2^-25 (rows below leave ~5x headroom).
-RECOMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float32": (1e-4, 0.999999),
-    "float16": (2e-3, 0.99999),
-    "bfloat16": (1e-2, 0.9999),
-}
-# A CUDA build computes under autocast(compute_dtype); a CPU recompute runs float32, so errors
-# compound through the network. Measured on vggt-tiny (4 blocks), sample_data, autocast vs fp32:
-# bf16 0.6% of max |x|, cosine 0.99999; fp16 0.08%, cosine 0.9999998. VGGT-1B has 24 blocks, not
-# measured here: the rows leave ~8x (bf16) and ~12x (fp16) headroom. A wrong layer, weights or
-# frame order gives cosine far below (tests/test_verify.py::test_recompute_catches_wrong_features).
-COMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float16": (1e-2, 0.9999),
-    "bfloat16": (5e-2, 0.999),
 }
 
 _DEFAULT_WORKERS = min(16, 2 * (os.cpu_count() or 1))  # > cores: threads also wait on cold page faults
@@ -219,9 +198,9 @@ def _check_structure(path: str, report: Report, *, full: bool) -> bool:
         try:
             errors = audit.verify(path, subdir=True)
         except audit.VerifyError as e:
-            raise ManifestError(f"{data}: not a usable LMDB data file ({e}); restore or rebuild the store") from None
+            raise CorruptStoreError(f"{data}: not a usable LMDB data file ({e}); restore or rebuild the store") from None
         except OSError as e:
-            raise ManifestError(f"{data}: cannot read it ({e.strerror})") from None
+            raise CorruptStoreError(f"{data}: cannot read it ({e.strerror})") from None
         report.checks.append("structure")
         for err in errors[:_MAX_LISTED]:
             report.add("structure", f"{data}: {err}")
@@ -232,45 +211,13 @@ def _check_structure(path: str, report: Report, *, full: bool) -> bool:
     return True
 
 
-def _last_page_bytes(data: str) -> int | None:
-    """Bytes that the committed meta page says data.mdb holds, read with read() (no mmap), or
-    None when the meta pages do not parse (LMDB's open then refuses the file by itself).
-
-    64-bit LMDB meta page: 16-byte page header, then magic u32, version u32, address, mapsize,
-    two 48-byte MDB_db records (the first one's md_pad is the page size), last_pgno, txnid."""
-    try:
-        with open(data, "rb") as f:
-            head = f.read(2 * 65536)
-    except OSError:
-        return None
-    metas = []
-    for psize_guess in (4096, 8192, 16384, 32768, 65536):
-        for i in (0, 1):
-            base = i * psize_guess
-            if len(head) < base + 152:
-                continue
-            magic, = struct.unpack_from("<I", head, base + 16)
-            if magic != 0xBEEFC0DE:
-                continue
-            psize, = struct.unpack_from("<I", head, base + 40)
-            last_pgno, txnid = struct.unpack_from("<QQ", head, base + 136)
-            if psize == psize_guess or i == 0:
-                metas.append((txnid, last_pgno, psize))
-        if len(metas) == 2:
-            break
-    if not metas:
-        return None
-    _, last_pgno, psize = max(metas)
-    return (last_pgno + 1) * psize
-
-
 def _check_size(path: str, report: Report) -> bool:
     """A data.mdb shorter than its last page is a truncated copy: touching the missing pages
     through the map raises SIGBUS in this process, so refuse before LMDB maps the file."""
     data = os.path.join(path, "data.mdb")
-    need = _last_page_bytes(data)
-    have = os.path.getsize(data)
-    if need is not None and have < need:
+    short = truncated_size(path)
+    if short is not None:
+        have, need = short
         report.add("structure", f"{data}: truncated: {have} bytes on disk, but its pages need {need} "
                                 "(an interrupted copy?)")
         return False
@@ -457,38 +404,10 @@ def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, 
 
 # -- 6. recompute ---------------------------------------------------------------------------
 
-def compare_features(stored, recomputed, storage_dtype: str, compute_dtype: str | None = None) -> dict:
-    """Compare two feature tensors within the tolerance of the storage (and compute) dtype.
-
-    Returns:
-        dict with max_abs_error, rel_error (max abs error / max |stored|), cosine, the
-        tolerances used, and ok.
-    """
-    import torch
-
-    a = stored.detach().to(torch.float64).reshape(-1)
-    b = recomputed.detach().to(torch.float64).reshape(-1)
-    rows = [RECOMPUTE_TOLERANCES.get(storage_dtype, RECOMPUTE_TOLERANCES["bfloat16"])]
-    if compute_dtype in COMPUTE_TOLERANCES:
-        rows.append(COMPUTE_TOLERANCES[compute_dtype])
-    rel_tol = max(r[0] for r in rows)
-    cos_tol = min(r[1] for r in rows)
-    if a.shape != b.shape:
-        return {"ok": False, "error": f"shape {list(stored.shape)} != recomputed {list(recomputed.shape)}",
-                "rel_tolerance": rel_tol, "cosine_tolerance": cos_tol}
-    err = float((a - b).abs().max()) if a.numel() else 0.0
-    scale = float(a.abs().max()) if a.numel() else 0.0
-    rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-    na, nb = float(a.norm()), float(b.norm())
-    cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-    ok = math.isfinite(err) and rel <= rel_tol and cos >= cos_tol
-    return {"ok": ok, "max_abs_error": err, "rel_error": rel, "cosine": cos,
-            "rel_tolerance": rel_tol, "cosine_tolerance": cos_tol}
-
-
 def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: str, n: int, seed: int,
                weights, device: str, report: Report) -> None:
-    from featstore.build import compute_unit, encoder_for_manifest
+    from featstore.compare import compare_features
+    from featstore.encode import encode_unit, encoder_for_manifest
     from featstore.plan import Unit
 
     manifest = store.manifest
@@ -502,11 +421,11 @@ def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: s
         unit = Unit(key, tuple(records[key].frames))
         stored = store.get(key, copy=True).features
         try:
-            feats, _ = compute_unit(encoder, data_root, unit)
+            feats, _ = encode_unit(encoder, data_root, unit)
         except FeatstoreError as e:
             report.add("recompute", f"entry {key!r}: cannot recompute ({e})", key)
             continue
-        result = dict(key=key, **compare_features(stored, feats, manifest.get("storage_dtype") or "bfloat16",
+        result = dict(key=key, **compare_features(stored, feats, storage_dtype_of(manifest) or "bfloat16",
                                                   spec.get("compute_dtype")))
         report.recomputed.append(result)
         if not result["ok"]:
@@ -542,7 +461,7 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
         deep: also compare each source's sha256 with the one recorded at build time.
         recompute: re-encode this many random fresh units and compare (needs a data root).
         seed: for choosing the recomputed units (default: random; the report notes it).
-        weights / device: for the recompute encoder (`featstore.build.encoder_for_manifest`).
+        weights / device: for the recompute encoder (`featstore.encode.encoder_for_manifest`).
         workers: reader threads (default min(16, 2 x CPUs)).
         structure: run LMDB's full structural audit first (py-lmdb >= 3.0; reads every page
             header once). With False only the file size is checked.
@@ -556,9 +475,10 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
             bad arguments); the message names the path and the fix.
 
     Example:
-        >>> report = verify_store("data/", deep=True)
-        >>> report.ok, report.counts()
-        (True, {})
+        >>> from featstore.verify import verify_store
+        >>> report = verify_store("data/", deep=True)         # data/vggt_features.lmdb, fresh build
+        >>> report.ok, report.counts(), report.entries
+        (True, {}, 10)
     """
     from featstore.reader import FeatureStore
 
@@ -591,7 +511,7 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
             manifest = fs.manifest
             env, db = fs._environment(), fs._db
         except lmdb.Error as e:
-            raise ManifestError(f"{path}: LMDB cannot read it ({e}); restore or rebuild the store") from None
+            raise CorruptStoreError(f"{path}: LMDB cannot read it ({e}); restore or rebuild the store") from None
         report.manifest = manifest
         _check_manifest(manifest, env, report)
         records = _read_entries(env, db, manifest, workers, progress, report)
@@ -657,7 +577,7 @@ def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report:
     report.checks.append("entries (decode, crc32, dtype, shape)")
     enc = manifest.get("encoder") or {}
     embed = (enc.get("config") or {}).get("embed_dim")
-    expect = {"dtype": manifest.get("storage_dtype"), "fingerprint": manifest.get("fingerprint"),
+    expect = {"dtype": storage_dtype_of(manifest), "fingerprint": manifest.get("fingerprint"),
               "frames_kept": enc.get("frames_kept", "all"),
               "channels": 2 * embed if isinstance(embed, int) else None}
     keys = _list_keys(env, db)
@@ -720,9 +640,7 @@ def run(args: argparse.Namespace) -> int:
                               progress=not args.no_progress and not args.json)
     except (FeatstoreError, lmdb.Error) as e:
         if not args.json:
-            if isinstance(e, FeatstoreError):
-                raise
-            raise FeatstoreError(f"{args.store}: LMDB error ({e})") from None
+            raise  # the CLI prints it (and translates lmdb.Error), exit 2
         print(json.dumps({"path": args.store, "ok": False, "exit_code": 2, "error": str(e)}, indent=2))
         print(f"featstore verify: error: {e}", file=sys.stderr)
         return 2

@@ -19,11 +19,12 @@ from typing import Mapping
 import lmdb
 import torch
 
+from featstore.encoders.spec import EncoderSpec
 from featstore.errors import ManifestError, StoreFullError
 from featstore.format import align_blob, decode_entry, encode_entry
 from featstore.keys import key_to_bytes
-from featstore.store import (FEATURES_DB, is_uninitialised, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, check_fingerprint,
-                             lmdb_value_offset, new_manifest, open_env, read_manifest, utc_now)
+from featstore.store import (FEATURES_DB, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, REBUILD_ADVICE, check_fingerprint,
+                             is_uninitialised, lmdb_value_offset, new_manifest, open_env, read_manifest, utc_now)
 
 __all__ = ["StoreWriter", "BuildInterrupted"]
 
@@ -39,10 +40,12 @@ class StoreWriter:
 
     Args:
         path: the store directory (created).
-        encoder: the encoder spec dict recorded in the manifest. An existing store built with
-            another spec raises FingerprintMismatchError naming the fields, unless `reset`.
-        fingerprint: the spec's fingerprint string, recorded in the manifest.
-        storage_dtype: the dtype name of stored features, recorded in the manifest.
+        spec: the EncoderSpec (or its dict) whose features the store holds; the manifest
+            records it, its fingerprint and (inside it) the storage dtype. An existing store
+            built with another spec raises FingerprintMismatchError naming every differing
+            field, unless `reset`. None: an existing store keeps its spec (gc, merge tools).
+        mismatch_advice: what the mismatch error tells the caller to do (build: --force or
+            another --store).
         batch_entries / batch_bytes: commit when either is reached. Larger batches commit less
             often (faster); a crash loses at most one open batch.
         map_size: initial LMDB map size; doubled whenever it fills.
@@ -58,15 +61,23 @@ class StoreWriter:
         committed / skipped: entries written / skipped as byte-identical by this writer.
 
     Example:
-        >>> with StoreWriter("data/vggt_features.lmdb", encoder=spec) as w:
-        ...     w.put("a.jpg", {"features": feats}, {"frames": '["a.jpg"]'})
+        >>> import torch
+        >>> from featstore import FeatureStore, StoreWriter
+        >>> from featstore.encoders import resolve_spec
+        >>> with StoreWriter("written.lmdb", spec=resolve_spec("vggt-tiny")) as w:
+        ...     w.put("a.jpg", {"features": torch.zeros(1, 48, 128, dtype=torch.bfloat16)}, {"frames": '["a.jpg"]'})
         ...     w.finish(report={"failed": []})
+        >>> with FeatureStore("written.lmdb") as store:
+        ...     len(store), store.manifest["encoder"]["storage_dtype"]
+        (1, 'bfloat16')
     """
 
-    def __init__(self, path: str | os.PathLike, *, encoder: dict | None = None, fingerprint: str | None = None,
-                 storage_dtype: str | None = None, batch_entries: int = 64, batch_bytes: int = 256 << 20,
-                 map_size: int | None = None, reset: bool = False, handle_signals: bool = True):
+    def __init__(self, path: str | os.PathLike, *, spec=None, batch_entries: int = 64,
+                 batch_bytes: int = 256 << 20, map_size: int | None = None, reset: bool = False,
+                 handle_signals: bool = True, mismatch_advice: str = REBUILD_ADVICE):
         self.path = os.fspath(path)
+        if spec is not None and not isinstance(spec, EncoderSpec):
+            spec = EncoderSpec.from_dict(spec)
         if not isinstance(batch_entries, int) or batch_entries < 1:
             raise ValueError(f"batch_entries must be a positive int. Found {batch_entries!r}")
         if not isinstance(batch_bytes, int) or batch_bytes < 1:
@@ -88,7 +99,7 @@ class StoreWriter:
         self.committed = 0  # entries written by this writer
         self.skipped = 0  # puts skipped because an identical entry was already committed
         try:
-            self.manifest = self._load_or_create_manifest(encoder, fingerprint, storage_dtype, reset)
+            self.manifest = self._load_or_create_manifest(spec, reset, mismatch_advice)
         except BaseException:
             # e.g. a fingerprint mismatch: do not leave the environment open, or the next
             # open of this store in this process fails with "already open".
@@ -105,7 +116,7 @@ class StoreWriter:
             self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # -- setup -------------------------------------------------------------------------------
-    def _load_or_create_manifest(self, encoder, fingerprint, storage_dtype, reset) -> dict:
+    def _load_or_create_manifest(self, spec, reset: bool, advice: str) -> dict:
         # The sub-databases and the first manifest are created in ONE transaction: a kill at any
         # instant leaves either an empty environment (treated as new) or a complete store.
         with self.env.begin(write=True) as txn:
@@ -119,16 +130,17 @@ class StoreWriter:
                         f"{self.path}: this LMDB environment holds data but no featstore manifest; "
                         "it is not a featstore store. Choose another --store path."
                     )
-                manifest = new_manifest(encoder, fingerprint, storage_dtype)
+                manifest = new_manifest(spec)
             else:
                 manifest = read_manifest(self.env, txn, path=self.path)
-                if encoder is not None and not reset:
-                    check_fingerprint(manifest, encoder, path=self.path, fingerprint=fingerprint)
+                if spec is not None and not reset:
+                    check_fingerprint(manifest, spec, path=self.path, advice=advice)
                 if reset:
                     txn.drop(self._features, delete=False)
                     manifest.update(entries=0, bytes=0)
-                if encoder is not None:
-                    manifest.update(encoder=encoder, fingerprint=fingerprint, storage_dtype=storage_dtype)
+                if spec is not None:
+                    manifest.update(encoder=spec.to_dict(), fingerprint=spec.fingerprint())
+                    manifest.pop("storage_dtype", None)  # kept once: inside the spec
                 manifest["build"] = {"state": "in_progress", "updated": utc_now()}
             txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
         return manifest
@@ -142,12 +154,6 @@ class StoreWriter:
         raise BuildInterrupted(f"signal {signum}: committing what is done")
 
     # -- writing -----------------------------------------------------------------------------
-    def existing_metadata(self, key) -> dict[str, str] | None:
-        """The metadata of the committed entry under `key`, or None (for freshness checks)."""
-        with self.env.begin(db=self._features, buffers=True) as txn:
-            value = txn.get(key_to_bytes(key))
-            return None if value is None else decode_entry(value, key=str(key)).metadata
-
     def put(self, key, tensors: Mapping[str, torch.Tensor] | bytes, metadata: Mapping[str, str] | None = None) -> None:
         """Queue one entry; commit the batch when it is full.
 

@@ -28,6 +28,15 @@ def tiny_spec() -> dict:
     return get_encoder("vggt-tiny").spec.to_dict()
 
 
+def core_spec(**changes):
+    """A small complete EncoderSpec for store-core tests (depth 24, layer 23): no model behind it."""
+    from featstore.encoders import EncoderSpec
+
+    base = dict(encoder="test", implementation="featstore", code_version="1",
+                config={"depth": 24, "embed_dim": 32, "patch_size": 14}, weights_sha256="random-seed-0", layer=23)
+    return EncoderSpec(**{**base, **changes})
+
+
 def tiny_fingerprint() -> str:
     from featstore.encoders import EncoderSpec
 
@@ -73,13 +82,10 @@ def make_store(data_root: str, n: int = 20, *, finish: bool = True, batch_entrie
                store: str | None = None) -> str:
     """A store of `n` single-frame entries at DATA_ROOT/vggt_features.lmdb (or `store`), with a
     source file per entry under `data_root`, consistent with the vggt-tiny spec. Returns its path."""
-    from featstore.encoders import EncoderSpec
     from featstore.writer import StoreWriter
 
     store = store or os.path.join(data_root, "vggt_features.lmdb")
-    spec = tiny_spec()
-    with StoreWriter(store, encoder=spec, fingerprint=EncoderSpec.from_dict(spec).fingerprint(),
-                     storage_dtype=spec["storage_dtype"], batch_entries=batch_entries, handle_signals=False) as w:
+    with StoreWriter(store, spec=tiny_spec(), batch_entries=batch_entries, handle_signals=False) as w:
         for i in range(n):
             key = key_of(i)
             src = write_source(data_root, key, i)

@@ -34,15 +34,17 @@ def core_map_range():
 @pytest.fixture
 def core_make_store(tmp_path):
     """Factory: core_make_store(entries={key: tensor or {name: tensor}}, complete=True, **writer_kw)
-    -> path of a new store whose entries record their key as their one frame."""
+    -> path of a new store whose entries record their key as their one frame (spec: core_spec())."""
     from featstore.writer import StoreWriter
+
+    from _featstore_helpers import core_spec
 
     counter = iter(range(1000))
 
     def make(entries: dict, *, complete: bool = True, **kw) -> str:
         path = str(tmp_path / f"store{next(counter)}" / "vggt_features.lmdb")
         kw.setdefault("handle_signals", False)
-        kw.setdefault("encoder", {"encoder": "test", "layer": 23})
+        kw.setdefault("spec", core_spec())
         with StoreWriter(path, **kw) as w:
             for key, value in entries.items():
                 tensors = value if isinstance(value, dict) else {"features": value}

@@ -1,25 +1,29 @@
 """featstore build on CPU with the tiny random encoder: content, resume, bad input, planning,
 several processes, shards and merge."""
 
+import hashlib
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from featstore import FeatureStore
-from featstore.build import BuildOptions, build, compute_unit
+from featstore.build import BuildOptions, build
+from featstore.encode import encode_unit
 from featstore.encoders import get_encoder
-from featstore.errors import FingerprintMismatchError, PlanError
-from featstore.merge import MergeConflictError, merge_stores
+from featstore.encoders.preprocess import preprocess_image
+from featstore.encoders.vggt import VGGTAggregator
+from featstore.encoders.weights import sha256_file
+from featstore.errors import FingerprintMismatchError, MergeConflictError, PlanError
+from featstore.merge import merge_stores
 from featstore.plan import plan_units
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,20 +75,30 @@ def test_stored_features_equal_a_direct_encoder_call(data_root, mode):
         mode = dict(mode, annotations=[os.path.join(data_root, a) for a in mode["annotations"]])
     report = build(options(data_root, **mode))
     assert not report.failed
-    encoder = get_encoder("vggt-tiny", **mode.get("spec_overrides", {}))
+    overrides = mode.get("spec_overrides", {})
+    encoder = get_encoder("vggt-tiny", **overrides)
     units = plan_units(data_root, mode.get("annotations"))
     assert report.computed == len(units) > 0
+    layer, kept_last = encoder.spec.layer_resolved, overrides.get("frames_kept") == "last"
     with FeatureStore(data_root) as store:
         assert len(store) == len(units)
         assert store.manifest["fingerprint"] == encoder.spec.fingerprint()
         for unit in units:
-            expected, meta = compute_unit(encoder, data_root, unit)
+            # An independent reference: the preprocessed images through the aggregator itself,
+            # patch tokens of the spec's layer, cast to bf16 (not the build's own encode path).
+            paths = [os.path.join(data_root, f) for f in unit.frames]
+            x = torch.stack([preprocess_image(p, encoder.spec.preprocess) for p in paths])[None]
+            with torch.no_grad():
+                out = encoder.model(x, attention=overrides.get("attention", "full"), keep_layers=[layer])[0][layer]
+            expected = out[0, -1:] if kept_last else out[0]
+            expected = expected[:, encoder.model.patch_start_idx:].to(torch.bfloat16)
             entry = store.get(unit.key, frames=unit.frames)
             assert entry.features.dtype == torch.bfloat16
             assert torch.equal(entry.features, expected), unit.key
-            kept = 1 if mode.get("spec_overrides", {}).get("frames_kept") == "last" else unit.num_frames
-            assert entry.features.shape[0] == kept
-            assert json.loads(entry.metadata["sources"]) == json.loads(meta["sources"])
+            assert entry.features.shape[0] == (1 if kept_last else unit.num_frames)
+            sources = [{"size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns,
+                        "sha256": hashlib.sha256(open(p, "rb").read()).hexdigest()} for p in paths]
+            assert json.loads(entry.metadata["sources"]) == sources
 
 
 def test_multi_frame_units_differ_from_single_image_features(data_root):
@@ -94,7 +108,7 @@ def test_multi_frame_units_differ_from_single_image_features(data_root):
     with FeatureStore(data_root) as store:
         seq = store.get("scene_a_step3", copy=True).features
         assert seq.shape[0] == 4
-    alone, _ = compute_unit(encoder, data_root, plan_units(data_root)[2])  # scene_a/000.jpg by itself
+    alone, _ = encode_unit(encoder, data_root, plan_units(data_root)[2])  # scene_a/000.jpg by itself
     assert not torch.equal(seq[0], alone[0])
 
 
@@ -112,7 +126,7 @@ def test_rerun_computes_only_missing_and_changed_units(data_root):
     encoder = get_encoder("vggt-tiny")
     with FeatureStore(data_root) as store:
         for unit in plan_units(data_root, ann):
-            assert torch.equal(store.get(unit.key).features, compute_unit(encoder, data_root, unit)[0])
+            assert torch.equal(store.get(unit.key).features, encode_unit(encoder, data_root, unit)[0])
 
 
 def test_corrupt_and_empty_images_are_reported_and_skipped(data_root):
@@ -150,6 +164,32 @@ def test_key_collision_between_samples_is_a_planning_error(data_root):
     assert not os.path.exists(os.path.join(data_root, "vggt_features.lmdb"))
 
 
+def _tiny_checkpoint(data_root):
+    """Seed-0 tiny weights saved as a file (same features as vggt-tiny; another weights_sha256)."""
+    path = os.path.join(os.path.dirname(data_root), "tiny.safetensors")
+    if not os.path.exists(path):
+        save_file(get_encoder("vggt-tiny").model.state_dict(), path)
+    return path
+
+
+def test_dry_run_builds_no_model(data_root, monkeypatch, capsys):
+    build(options(data_root, store=os.path.join(data_root, "vggt_features.lmdb")))
+    os.remove(os.path.join(data_root, "scene_b", "000.jpg"))
+    Image.fromarray(np.full((72, 96, 3), 9, np.uint8)).save(os.path.join(data_root, "scene_a", "001.jpg"))
+    Image.fromarray(np.full((72, 96, 3), 9, np.uint8)).save(os.path.join(data_root, "new.png"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--dry-run built the model")
+
+    monkeypatch.setattr(VGGTAggregator, "__init__", no_model)
+    report = build(options(data_root, dry_run=True), out=sys.stderr)
+    assert (report.planned, report.fresh, report.missing, report.stale, report.computed) == (10, 8, 1, 1, 0)
+    err = capsys.readouterr().err
+    assert "fresh 8, missing 1, stale 1; to compute 2" in err and "MB per entry" in err and "GB to add" in err
+    with pytest.raises(AssertionError, match="built the model"):  # the patch is live: a real build trips it
+        build(options(data_root))
+
+
 def test_dry_run_prints_the_split_and_writes_nothing(data_root):
     proc = featstore_cli("build", "--data-root", data_root, "--encoder", "vggt-tiny", "--dry-run", check=0)
     assert "fresh 0, missing 10, stale 0; to compute 10" in proc.stderr
@@ -161,6 +201,21 @@ def test_another_encoder_spec_is_refused_unless_forced(data_root):
     build(options(data_root))
     with pytest.raises(FingerprintMismatchError, match="preprocess.target_size: store has 112, expected 56"):
         build(options(data_root, spec_overrides=dict(target_size=56)))
+    # Every differing field is listed with both values (none cut off), then how to proceed.
+    store = os.path.join(data_root, "vggt_features.lmdb")
+    with pytest.raises(FingerprintMismatchError) as e:
+        build(options(data_root, spec_overrides=dict(layer=-1, attention="causal", frames_kept="last",
+                                                     target_size=56, preprocess_mode="pad", storage_dtype="float16",
+                                                     compute_dtype="float32"),
+                      weights=_tiny_checkpoint(data_root)))
+    assert str(e.value) == (
+        f"{store}: the store was built with a different encoder spec (attention: store has 'full', expected "
+        "'causal'; compute_dtype: store has 'bfloat16', expected 'float32'; frames_kept: store has 'all', "
+        "expected 'last'; layer: store has -2, expected -1; layer_resolved: store has 2, expected 3; "
+        "preprocess.mode: store has 'crop', expected 'pad'; preprocess.target_size: store has 112, expected 56; "
+        "storage_dtype: store has 'bfloat16', expected 'float16'; weights_sha256: store has 'random-seed-0', "
+        f"expected '{sha256_file(_tiny_checkpoint(data_root))}'). Pass --force to rebuild this store in place "
+        "(drops its entries), or --store PATH to build a new store beside it.")
     report = build(options(data_root, spec_overrides=dict(target_size=56), force=True))
     assert report.computed == 10
     with FeatureStore(data_root) as store:
@@ -208,40 +263,6 @@ def test_shards_of_two_hosts_merge_into_the_single_build(data_root, tmp_path):
     assert not os.path.exists(str(tmp_path / "bad.lmdb"))
 
 
-def make_images(root, n, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = os.path.join(root, f"seq{i // 10}")
-        os.makedirs(d, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(os.path.join(d, f"{i:03d}.png"))
-
-
-def test_sigkill_mid_build_then_rerun_equals_an_uninterrupted_build(tmp_path):
-    root = str(tmp_path / "imgs")
-    make_images(root, 160)
-    reference = str(tmp_path / "ref.lmdb")
-    build(options(root, store=reference))
-    store = str(tmp_path / "killed.lmdb")
-    args = [sys.executable, "-m", "featstore", "build", "--data-root", root, "--encoder", "vggt-tiny",
-            "--store", store, "--workers", "0", "--no-progress", "--commit-every", "3", "--batch-frames", "2"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill once the first batches are committed (the store exists and grows).
-    deadline = time.time() + 60
-    while time.time() < deadline and not os.path.exists(os.path.join(store, "data.mdb")):
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.05, 0.4))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    with FeatureStore(store) as s:
-        survived = len(s)
-        assert s.manifest["entries"] == survived
-        assert survived < 160, "the build finished before the kill; make it slower"
-        assert s.manifest["build"]["state"] == "in_progress"
-    rerun = build(options(root, store=store))
-    assert rerun.computed == 160 - survived and rerun.fresh == survived
-    assert_same_contents(store_contents(reference), store_contents(store))
-
-
 @pytest.mark.slow
 def test_compiled_build_pads_the_short_last_batch_and_matches_eager(data_root, tmp_path):
     """--compile: 10 single-frame units in batches of 4 leave a last batch of 2, padded to 4 so
@@ -258,3 +279,34 @@ def test_compiled_build_pads_the_short_last_batch_and_matches_eager(data_root, t
         assert x.shape == y.shape
         assert torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0) > 0.9999, k
         assert (x - y).abs().max() <= 0.02 * x.abs().max(), k
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu"], "featstore build: error: device 'gpu' is not a torch device; pass cpu, cuda or cuda:N "
+                          "(CLI: --device)"),
+    (["--device", "cuda"], "featstore build: error: device 'cuda': this torch {torch} sees no CUDA GPU (a CPU-only "
+                           "build, or no driver); pass --device cpu, or install a CUDA build of torch"),
+    (["--weights", "README.md"], "featstore build: error: weights file 'README.md' is neither a safetensors file "
+                                 "nor a torch checkpoint; pass VGGT-1B's model.safetensors or model.pt "
+                                 "(--weights /path/to/model.safetensors)"),
+])
+def test_first_use_mistakes_get_one_line_naming_the_value(data_root, flags, message):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("needs a torch without CUDA")
+    proc = subprocess.run([sys.executable, "-m", "featstore", "build", "--data-root", data_root, "--encoder",
+                           "vggt-tiny", "--no-progress", *flags], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [message.format(torch=torch.__version__)]
+    assert "weights_only" not in proc.stderr
+    assert not os.path.exists(os.path.join(data_root, "vggt_features.lmdb"))
+
+
+def test_a_pickled_checkpoint_is_refused_without_torchs_weights_only_advice(tmp_path):
+    from featstore.errors import WeightsError
+
+    path = tmp_path / "model.pt"
+    torch.save({"model": get_encoder("vggt-tiny").model}, path)  # a pickled module, not a state_dict
+    with pytest.raises(WeightsError) as e:
+        get_encoder("vggt-tiny", weights=str(path))
+    assert str(e.value).startswith(f"weights file {str(path)!r} holds pickled objects besides tensors")
+    assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)

@@ -88,7 +88,7 @@ class _LockedProbe(Dataset):
             self.store.get("a")
             return "ok"
         except FeatstoreError as e:
-            return str(e)
+            return f"{type(e).__name__}: {e}"
 
 
 def test_in_progress_store_opened_before_fork_gives_a_clear_error(tmp_path):
@@ -100,8 +100,8 @@ def test_in_progress_store_opened_before_fork_gives_a_clear_error(tmp_path):
     store = FeatureStore(path)
     store.get("a")
     (msg,) = list(DataLoader(_LockedProbe(store), batch_size=None, num_workers=1, multiprocessing_context="fork"))
-    assert msg.startswith(f"{path}: this store was opened with locking (its build is in progress) before the "
-                          "process forked")
+    assert msg.startswith(f"InheritedLockedStoreError: {path}: this store was opened with locking (its build is "
+                          "in progress) before the process forked")
     # Workers that open it themselves are fine (spawn, or a parent that did not open it).
     (msg,) = list(DataLoader(_LockedProbe(FeatureStore(path)), batch_size=None, num_workers=1,
                              multiprocessing_context="spawn"))

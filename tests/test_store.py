@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from featstore.cli import main as cli_main
-from featstore.errors import (CorruptEntryError, FeatstoreError, FingerprintMismatchError, InvalidKeyError,
+from featstore.errors import (CorruptEntryError, EntrySchemaError, FeatstoreError, FingerprintMismatchError, InvalidKeyError,
                               MissingKeyError, StoreNotFoundError)
 from featstore.format import ALIGNMENT, decode_entry, encode_entry
 from featstore.reader import FeatureStore
 from featstore.store import FEATURES_DB, FORMAT_VERSION, MANIFEST_KEY, META_DB, open_env
 from featstore.writer import StoreWriter
+
+from _featstore_helpers import core_spec
 
 LARGE = (1, 64, 64)  # 8 KiB in bf16: an overflow-page value, like every real feature
 
@@ -78,8 +80,9 @@ def test_read_into_checks_arguments_before_reading(core_make_store, core_feature
         store.read_into(["scene/000.jpg"], torch.empty((1, *LARGE)))
     with pytest.raises(InvalidKeyError):
         store.read_into(["scene/000.jpg", "../x"])
-    with pytest.raises(MissingKeyError, match=re.escape("entry 'scene/000.jpg' in ")):
+    with pytest.raises(EntrySchemaError, match=re.escape("entry 'scene/000.jpg' in ")) as e:
         store.read_into(["scene/000.jpg"], tensor="nope")
+    assert not isinstance(e.value, MissingKeyError)  # a schema problem is never a miss
 
 
 def test_small_values_are_copied_not_misviewed(core_make_store):
@@ -116,7 +119,7 @@ def test_lmdb_1_0_page_header_is_aligned_too(tmp_path):
 # -- the store's public face -------------------------------------------------------------------
 def test_len_contains_keys_manifest_raw_items(core_make_store, core_features):
     entries = _entries(core_features, 3)
-    path = core_make_store(entries, fingerprint="fp1", storage_dtype="bfloat16")
+    path = core_make_store(entries)
     store = FeatureStore(os.path.dirname(path))  # a data root finds vggt_features.lmdb
     assert store.path == path
     assert len(store) == 3
@@ -124,7 +127,8 @@ def test_len_contains_keys_manifest_raw_items(core_make_store, core_features):
     assert list(store.keys()) == sorted(entries) == list(store)
     m = store.manifest
     assert m["format"] == "featstore" and m["format_version"] == FORMAT_VERSION
-    assert m["entries"] == 3 and m["fingerprint"] == "fp1" and m["build"]["state"] == "complete"
+    assert m["entries"] == 3 and m["fingerprint"] == core_spec().fingerprint() and m["build"]["state"] == "complete"
+    assert m["encoder"] == core_spec().to_dict() and "storage_dtype" not in m  # kept once, inside the spec
     assert m["bytes"] == sum(len(v) for _, v in store.raw_items())
     assert [k for k, _ in store.raw_items(start="scene/001.jpg")] == ["scene/001.jpg", "scene/002.jpg"]
 
@@ -152,10 +156,28 @@ def test_store_not_found(tmp_path):
 
 
 def test_expected_encoder_mismatch_names_the_field(core_make_store, core_features):
+    path = core_make_store(_entries(core_features, 1))  # built with layer 23
+    for expected in (core_spec(layer=22), core_spec(layer=22).to_dict()):  # an EncoderSpec, or its dict
+        with pytest.raises(FingerprintMismatchError, match=re.escape("layer: store has 23, expected 22")):
+            FeatureStore(path, expected_encoder=expected).get("scene/000.jpg")
+    for expected in (core_spec(), core_spec().to_dict()):
+        assert FeatureStore(path, expected_encoder=expected).get("scene/000.jpg")
+
+
+def test_expected_encoder_mismatch_lists_every_field_with_both_values(core_make_store, core_features):
     path = core_make_store(_entries(core_features, 1))
-    with pytest.raises(FingerprintMismatchError, match=re.escape("layer: store has 23, expected 22")):
-        FeatureStore(path, expected_encoder={"encoder": "test", "layer": 22}).get("scene/000.jpg")
-    assert FeatureStore(path, expected_encoder={"encoder": "test", "layer": 23}).get("scene/000.jpg")
+    other = core_spec(layer=22, attention="causal", frames_kept="last", storage_dtype="float16",
+                      compute_dtype="float32", weights_sha256="ab" * 32, code_version="2")
+    with pytest.raises(FingerprintMismatchError) as e:
+        FeatureStore(path, expected_encoder=other).manifest
+    message = str(e.value)
+    assert message == (
+        f"{path}: the store was built with a different encoder spec (attention: store has 'full', expected "
+        "'causal'; code_version: store has '1', expected '2'; compute_dtype: store has 'bfloat16', expected "
+        "'float32'; frames_kept: store has 'all', expected 'last'; layer: store has 23, expected 22; "
+        "layer_resolved: store has 23, expected 22; storage_dtype: store has 'bfloat16', expected 'float16'; "
+        f"weights_sha256: store has 'random-seed-0', expected '{'ab' * 32}'). Rebuild the store with the spec "
+        "training uses, or point training at the matching store.")
 
 
 def test_pickles_as_path_and_options(core_make_store, core_features):
@@ -236,8 +258,8 @@ def test_resume_skips_identical_entries_and_last_put_wins(tmp_path, core_feature
         w.commit()
         assert (w.committed, w.skipped) == (1, 1)
         assert w.manifest["bytes"] == sum(len(v) for v in _raw(path, w).values())
-        assert w.existing_metadata("a")["checksum"].startswith("crc32:")
-        assert w.existing_metadata("missing") is None
+        raw = _raw(path, w)
+        assert decode_entry(raw[b"a"], key="a").metadata["checksum"].startswith("crc32:") and b"missing" not in raw
         assert w.delete(["a", "nope"]) == 1
         w.finish()
     store = FeatureStore(path)
@@ -266,15 +288,24 @@ def test_writer_refuses_bad_input_before_writing(tmp_path, core_features):
 
 def test_reopen_with_another_encoder_names_the_field(tmp_path, core_features):
     path = str(tmp_path / "s")
-    with StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 23}, fingerprint="f1", handle_signals=False) as w:
+    spec = core_spec(encoder="vggt-1b")
+    with StoreWriter(path, spec=spec, handle_signals=False) as w:
         w.put("a", {"features": core_features(0)})
     with pytest.raises(FingerprintMismatchError, match=re.escape("layer: store has 23, expected 4")):
-        StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 4}, handle_signals=False)
-    with pytest.raises(FingerprintMismatchError, match=re.escape("the store's fingerprint 'f1' differs from the expected 'f2'")):
-        StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 23}, fingerprint="f2", handle_signals=False)
+        StoreWriter(path, spec=spec.replace(layer=4), handle_signals=False)
+    # Equal fields but another fingerprint (a manifest edited by hand): both fingerprints are named.
+    env = lmdb.open(path, max_dbs=8)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        manifest = json.loads(txn.get(b"manifest", db=meta))
+        txn.put(b"manifest", json.dumps(dict(manifest, fingerprint="f1")).encode(), db=meta)
+    env.close()
+    with pytest.raises(FingerprintMismatchError, match=re.escape(f"the store's fingerprint 'f1' differs from the "
+                                                                 f"expected '{spec.fingerprint()}'")):
+        StoreWriter(path, spec=spec, handle_signals=False)
     # The failed opens closed their environment: the store opens again in this process.
-    with StoreWriter(path, encoder={"encoder": "vggt-1b", "layer": 4}, reset=True, handle_signals=False) as w:
-        assert w.manifest["entries"] == 0
+    with StoreWriter(path, spec=spec.replace(layer=4), reset=True, handle_signals=False) as w:
+        assert w.manifest["entries"] == 0 and w.manifest["fingerprint"] == spec.replace(layer=4).fingerprint()
     assert len(FeatureStore(path)) == 0
 
 
@@ -291,8 +322,8 @@ def test_writer_and_reader_in_one_process_get_a_clear_error(core_make_store, cor
 def test_info_text_and_json(core_make_store, core_features, capsys):
     entries = _entries(core_features, 3)
     entries["multi.jpg"] = {"features": core_features(7, tokens=64), "conf": torch.zeros(4)}
-    path = core_make_store(entries, fingerprint="0123456789abcdef0123", storage_dtype="bfloat16",
-                           encoder={"encoder": "vggt-1b", "layer": 23, "attention": "full"})
+    spec = core_spec(encoder="vggt-1b")
+    path = core_make_store(entries, spec=spec)
     assert cli_main(["info", os.path.dirname(path)]) == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
@@ -300,7 +331,7 @@ def test_info_text_and_json(core_make_store, core_features, capsys):
     assert lines[1] == f"format       featstore v{FORMAT_VERSION} (written by featstore 0.1.0)"
     assert lines[2].startswith("build        complete (updated ")
     assert lines[3] == "entries      4"
-    assert lines[5] == "encoder      vggt-1b  fingerprint 0123456789abcdef"
+    assert lines[5] == f"encoder      vggt-1b  fingerprint {spec.fingerprint()[:16]}"
     assert lines[6] == "storage      bfloat16"
     assert "  layer        23" in lines and "  attention    full" in lines
     assert "tensors:" in lines
@@ -311,7 +342,7 @@ def test_info_text_and_json(core_make_store, core_features, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["entries"] == 4 and info["scanned"] == 4 and info["path"] == path
     assert info["shapes"] == {"features bfloat16 [1, 64, 64]": 4, "conf float32 [4]": 1}
-    assert info["manifest"]["fingerprint"] == "0123456789abcdef0123"
+    assert info["manifest"]["fingerprint"] == spec.fingerprint()
     assert info["manifest"]["bytes"] > 4 * 64 * 64 * 2
 
 

@@ -15,7 +15,8 @@ from _featstore_helpers import (features_for, make_data_root, flip_byte_in_value
 from featstore.errors import CorruptEntryError, FeatstoreError
 from featstore.reader import FeatureStore
 from featstore.store import MANIFEST_KEY, META_DB
-from featstore.verify import compare_features, verify_store
+from featstore.compare import compare_features
+from featstore.verify import verify_store
 from featstore.writer import StoreWriter
 
 
@@ -115,14 +116,33 @@ def test_flipped_byte_in_header_structure_or_checksum_is_found(root):
 
 
 def test_every_flipped_header_byte_is_found(root):
+    """Every bit of every header byte (length prefix, JSON, metadata, padding) flipped in turn:
+    each one is refused. The checksum covers the canonical header, so no metadata value (here
+    the encoder name) changes silently."""
+    from featstore.errors import CorruptEntryError
+    from featstore.format import decode_entry
+
     store = store_of(root)
     key = key_of(9)
     value = __import__("_featstore_helpers").value_bytes(store, key)
+    header_end = 8 + int.from_bytes(value[:8], "little")
+    passed = []
+    for i in range(header_end):
+        for bit in range(8):
+            flipped = bytearray(value)
+            flipped[i] ^= 1 << bit
+            try:
+                decode_entry(bytes(flipped), key=key, verify=True)
+                passed.append((i, bit))
+            except CorruptEntryError:
+                pass
+    assert header_end > 300 and passed == []
+    # And through the whole verify, on disk: the metadata byte names its key.
     pos = _header_offset(store, key, b'"encoder":"vggt-tiny"') + len('"encoder":"vggt')
     assert value[8 + pos : 8 + pos + 1] == b"-"
     flip_byte_in_value(store, key, where="header", offset_in_part=pos)
     report = verify_store(root, deep=True)
-    assert key in {f.key for f in report.problems}, report.summary()
+    assert report.keys_with("corrupt") == [key], report.summary()
 
 
 def test_wrong_dtype_shape_and_fingerprint_are_named(root):
@@ -313,3 +333,21 @@ def test_recompute_needs_a_data_root(root, tmp_path):
     shutil.copytree(store_of(root), copy)
     with pytest.raises(FeatstoreError, match="--data-root"):
         verify_store(copy, recompute=1)
+
+
+def test_recompute_with_other_weights_lists_every_differing_field(built, tmp_path):
+    from safetensors.torch import save_file
+
+    from featstore.encoders import get_encoder
+    from featstore.errors import FingerprintMismatchError
+
+    weights = str(tmp_path / "other.safetensors")
+    save_file(get_encoder("vggt-tiny").model.state_dict(), weights)
+    with pytest.raises(FingerprintMismatchError) as e:
+        verify_store(built, recompute=1, seed=0, weights=weights)
+    from featstore.encoders.weights import sha256_file
+
+    assert str(e.value) == (
+        "the rebuilt encoder differs from the spec: weights_sha256: store has 'random-seed-0', expected "
+        f"'{sha256_file(weights)}'. Pass the --weights the store was built with (and the featstore version it "
+        "was built with)")

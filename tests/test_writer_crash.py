@@ -24,7 +24,7 @@ WRITER = textwrap.dedent("""
     import sys, time, torch
     from featstore.writer import StoreWriter
     path, total, pause_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    with StoreWriter(path, batch_entries={batch}, encoder={{"encoder": "t"}}) as w:
+    with StoreWriter(path, batch_entries={batch}) as w:
         for i in range(total):
             if i == pause_at:
                 print("paused", w.manifest["entries"], flush=True)

@@ -86,8 +86,10 @@ def preprocess_image(
         ImageDecodeError: empty, truncated or unreadable file, or shorter side < MIN_SOURCE_SIDE.
 
     Example:
-        >>> x = preprocess_image("frame_000.jpg", PreprocessSpec(mode="crop", target_size=518))
-        >>> x.shape  # a 640x480 photo
+        >>> from featstore.encoders.preprocess import preprocess_image
+        >>> from featstore.encoders.spec import PreprocessSpec
+        >>> x = preprocess_image("data/scene_a/000.jpg", PreprocessSpec(mode="crop", target_size=518))
+        >>> x.shape  # a 96x72 image (4:3, like a 640x480 photo): width 518, height 392
         torch.Size([3, 392, 518])
     """
     spec = spec or PreprocessSpec()
