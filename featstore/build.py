@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -35,12 +36,15 @@ import torch
 
 from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
 from featstore.format import decode_entry, encode_entry
+from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
 from featstore.plan import Unit, plan_units, source_path
 from featstore.store import (DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env,
                              utc_now)
 
 __all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "compute_unit", "encoder_for_manifest",
            "unit_metadata", "configure_parser", "run"]
+
+logger = logging.getLogger("featstore")
 
 _STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _HEADER_ESTIMATE = 1024  # bytes of safetensors header + metadata per entry, for size estimates
@@ -258,7 +262,9 @@ class _UnitDataset(torch.utils.data.Dataset):
 def _die_with_parent(_worker_id: int) -> None:
     """Decode workers die with the build: a build killed just after forking a worker can
     otherwise leave it running, holding the store and the terminal (torch's own parent check
-    starts too late to see that). Linux only; elsewhere a no-op."""
+    starts too late to see that). Linux only; elsewhere a no-op. They ignore SIGINT/SIGTERM:
+    the main process stops them (featstore.interrupt)."""
+    ignore_stop_signals()
     try:
         import ctypes
 
@@ -322,7 +328,10 @@ def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
                             refresh=False)
 
 
-def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool) -> None:
+def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool,
+                  stop: StopFlag) -> bool:
+    """Decode, encode and hand every unit of `todo` to the writer. Returns True when `stop`
+    ended it early (the units handed over so far are committed by the writer stage)."""
     from tqdm import tqdm
 
     spec = encoder.spec
@@ -344,6 +353,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     committer.start()
     serialiser.start()
     buckets: dict[tuple, list] = {}
+    stopped = False
 
     def flush(shape) -> None:
         items = buckets.pop(shape)
@@ -368,11 +378,16 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         grid = encoder.patch_grid(*x.shape[-2:])
         serialiser.jobs.put((units, [src for _, _, src in items], host, done, grid))
 
+    with signals_blocked():
+        batches = iter(loader)  # forks the decode workers (see featstore.interrupt)
     try:
-        for i, frames, sources, error in loader:
+        for i, frames, sources, error in batches:
             for stage in (serialiser, committer):
                 if stage.error is not None:
                     raise stage.error
+            if stop:  # checked between units: nothing is cut in half
+                stopped = True
+                break
             if error is not None:
                 report.failed.append({"key": todo[i].key, "frames": list(todo[i].frames), "error": error})
                 bar.update(1)
@@ -381,16 +396,23 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
             buckets.setdefault(shape, []).append((i, frames, sources))
             if len(buckets[shape]) * shape[0] >= opts.batch_frames:
                 flush(shape)
-        for shape in list(buckets):
-            flush(shape)
+        if not stopped:
+            for shape in list(buckets):
+                flush(shape)
     finally:
-        serialiser.jobs.put(None)  # ends the serialiser, which then ends the writer stage
+        # Signals only set `stop` here, so this cannot be cut short: the sentinel always reaches
+        # the serialiser, which finishes the batches in flight and then ends the writer stage.
+        serialiser.jobs.put(None)
+        shutdown = getattr(batches, "_shutdown_workers", None)  # absent with workers=0
+        if shutdown is not None:
+            shutdown()  # join the decode workers now, not whenever the iterator is collected
         serialiser.join()
         committer.join()
         bar.close()
     for stage in (serialiser, committer):
         if stage.error is not None:
             raise stage.error
+    return stopped
 
 
 def _dist_setup():
@@ -440,22 +462,21 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
-def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
+def build(opts: BuildOptions, *, encoder=None) -> BuildReport:
     """Run one build (one rank of it under torchrun). Returns the (gathered) report.
 
     Args:
         opts: what to build.
         encoder: an already built encoder to use instead of `opts.encoder`/`opts.weights`
             (saves loading the model twice in one process).
-        out: where the plan summary goes (rank 0 only).
     """
     from featstore.encoders import get_encoder
-    from featstore.writer import BuildInterrupted, StoreWriter
+    from featstore.writer import StoreWriter
 
     t0 = time.perf_counter()
     rank, world = _dist_setup()
     show = opts.progress and rank == 0
-    log = (lambda msg: print(msg, file=out, flush=True)) if rank == 0 else (lambda msg: None)
+    log = logger.info if rank == 0 else (lambda msg: None)  # the plan summary, once per build
     if encoder is None:
         encoder = get_encoder(opts.encoder, weights=opts.weights, device=_resolve_device(opts.device),
                               compile=opts.compile, **opts.spec_overrides)
@@ -494,36 +515,36 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
         return report
 
     writer_kw = dict(encoder=spec.to_dict(), fingerprint=fingerprint, storage_dtype=spec.storage_dtype,
-                     batch_entries=opts.commit_entries, batch_bytes=opts.commit_bytes)
-    # Rank 0 creates (or resets, with --force) the store before the other ranks open it.
-    writer = StoreWriter(store_path, reset=opts.force, **writer_kw) if rank == 0 else None
-    _barrier(world)
-    if writer is None:
-        writer = StoreWriter(store_path, **writer_kw)
-    mine = todo[rank::world]
-    try:
-        t_pipe = time.perf_counter()
+                     batch_entries=opts.commit_entries, batch_bytes=opts.commit_bytes, handle_signals=False)
+    # From here on SIGINT/SIGTERM only set `stop`: the pipeline checks it between units and the
+    # writer commits what is done (featstore.interrupt says why no exception is raised).
+    with stop_on_signals() as stop:
+        # Rank 0 creates (or resets, with --force) the store before the other ranks open it.
+        writer = StoreWriter(store_path, reset=opts.force, **writer_kw) if rank == 0 else None
+        _barrier(world)
+        if writer is None:
+            writer = StoreWriter(store_path, **writer_kw)
+        mine = todo[rank::world]
         try:
-            _run_pipeline(encoder, mine, opts, writer, report, show)
-        except (KeyboardInterrupt, BuildInterrupted):
-            report.interrupted = True
-        writer.commit()
-        report.pipeline_s = time.perf_counter() - t_pipe
-        report.elapsed_s = time.perf_counter() - t0
-        if report.interrupted:
-            log(f"interrupted: {report.computed} units committed; rerun the same command to resume")
-            return report
-        _barrier(world)
-        total = _gather_reports(report, world)
-        if rank == 0:
-            total.elapsed_s = time.perf_counter() - t0
-            summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
-                           shard=f"{index}/{count}", ranks=world)
-            writer.finish(summary, complete=True)
-        _barrier(world)
-        return total
-    finally:
-        writer.close()
+            t_pipe = time.perf_counter()
+            report.interrupted = bool(stop) or _run_pipeline(encoder, mine, opts, writer, report, show, stop)
+            writer.commit()
+            report.pipeline_s = time.perf_counter() - t_pipe
+            report.elapsed_s = time.perf_counter() - t0
+            if report.interrupted:
+                log(f"interrupted: {report.computed} units committed; rerun the same command to resume")
+                return report
+            _barrier(world)
+            total = _gather_reports(report, world)
+            if rank == 0:
+                total.elapsed_s = time.perf_counter() - t0
+                summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
+                               shard=f"{index}/{count}", ranks=world)
+                writer.finish(summary, complete=True)
+            _barrier(world)
+            return total
+        finally:
+            writer.close()
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -612,7 +633,7 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
-        else:
+        elif not report.interrupted:  # then the one "interrupted: N units committed" line says it
             rate = report.frames / report.elapsed_s if report.elapsed_s else 0.0
             print(f"featstore build: {report.computed} computed ({report.frames} frames, "
                   f"{report.bytes / 1e6:.1f} MB, {rate:.1f} frames/s), {report.fresh} already fresh, "
