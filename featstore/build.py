@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,10 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
+from featstore.claim import BuildLock, prepare_store_dir
+from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
 from featstore.format import decode_entry, encode_entry
 from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
-from featstore.plan import Unit, plan_units, source_path
+from featstore.plan import IMAGE_EXTENSIONS, Unit, plan_units, source_path
 from featstore.store import (DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env,
                              utc_now)
 
@@ -90,6 +92,7 @@ class BuildReport:
     frames: int = 0
     bytes: int = 0
     failed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # annotation samples without images (e.g. video)
     elapsed_s: float = 0.0
     pipeline_s: float = 0.0  # decode + encode + commit, without model loading and planning
     interrupted: bool = False
@@ -443,9 +446,12 @@ def _gather_reports(report: BuildReport, world: int) -> BuildReport:
 
     parts: list = [None] * world
     dist.all_gather_object(parts, report.to_dict())
-    total = BuildReport()
+    # Every rank plans every unit and splits them fresh/missing/stale alike; only the work is
+    # divided (todo[rank::world]). So the plan counts are one rank's, the work counts a sum.
+    total = BuildReport(planned=report.planned, fresh=report.fresh, missing=report.missing, stale=report.stale,
+                        skipped=report.skipped)
     for p in parts:
-        for k in ("computed", "frames", "bytes", "fresh", "missing", "stale", "planned"):
+        for k in ("computed", "frames", "bytes"):
             setattr(total, k, getattr(total, k) + p[k])
         total.failed.extend(p["failed"])
         total.interrupted |= p["interrupted"]
@@ -470,11 +476,36 @@ def build(opts: BuildOptions, *, encoder=None) -> BuildReport:
         encoder: an already built encoder to use instead of `opts.encoder`/`opts.weights`
             (saves loading the model twice in one process).
     """
+    t0 = time.perf_counter()
+    rank, world = _dist_setup()
+    skipped: list[dict] = []
+    units = plan_units(opts.data_root, opts.annotations, skipped=skipped)
+    if not units:
+        raise PlanError(_nothing_planned(opts, skipped))
+    store_path = opts.store_path()
+    prepare_store_dir(store_path, create=not opts.dry_run)
+    # One build writes a store at a time; rank 0 holds the lock for all ranks of this one.
+    # Taken before the model loads, so that a second build is refused at once.
+    lock = BuildLock(store_path) if rank == 0 and not opts.dry_run else contextlib.nullcontext()
+    with lock:
+        return _build_units(opts, units, skipped, encoder, rank, world, t0)
+
+
+def _nothing_planned(opts: BuildOptions, skipped: list[dict]) -> str:
+    if not opts.annotations:
+        return (f"no images found under {opts.data_root} (looked for {', '.join(IMAGE_EXTENSIONS)} files); "
+                "check --data-root")
+    named = "; ".join(f"{s['sample']}: {s['reason']}" for s in skipped[:3])
+    more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    return (f"no sample with images in --annotations {' '.join(opts.annotations)}: {len(skipped)} samples "
+            f"skipped{': ' + named + more if skipped else ''}; check the files and --data-root")
+
+
+def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], encoder, rank: int, world: int,
+                 t0: float) -> BuildReport:
     from featstore.encoders import get_encoder
     from featstore.writer import StoreWriter
 
-    t0 = time.perf_counter()
-    rank, world = _dist_setup()
     show = opts.progress and rank == 0
     log = logger.info if rank == 0 else (lambda msg: None)  # the plan summary, once per build
     if encoder is None:
@@ -483,10 +514,9 @@ def build(opts: BuildOptions, *, encoder=None) -> BuildReport:
     spec = encoder.spec
     fingerprint = spec.fingerprint()
     store_path = opts.store_path()
-    units = plan_units(opts.data_root, opts.annotations)
     index, count = opts.shard
     units = units[index::count]
-    report = BuildReport(planned=len(units))
+    report = BuildReport(planned=len(units), skipped=skipped)
 
     manifest = existing_manifest(store_path)
     if manifest is not None and not opts.force and manifest.get("fingerprint") != fingerprint:
@@ -642,6 +672,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  failed {f['key']}: {f['error']}", file=sys.stderr)
             if len(report.failed) > 20:
                 print(f"  ... and {len(report.failed) - 20} more (see `featstore info --json`)", file=sys.stderr)
+            if report.skipped:
+                print(f"  {len(report.skipped)} annotation samples skipped (no image to encode), e.g. "
+                      + "; ".join(f"{s['sample']}: {s['reason']}" for s in report.skipped[:3]), file=sys.stderr)
     if report.interrupted:
         return 130
     return 1 if report.failed else 0

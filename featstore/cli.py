@@ -10,6 +10,7 @@ import sys
 
 from featstore import __version__
 from featstore.errors import FeatstoreError
+from featstore.store import DEFAULT_STORE_NAME
 from featstore.interrupt import ignore_stop_signals, sigterm_as_keyboard_interrupt
 
 # subcommand -> module that defines `configure_parser(parser)` and `run(args) -> int`
@@ -32,6 +33,21 @@ def _available_commands() -> dict[str, object]:
             if e.name != module_name:  # a missing dependency, not a missing subcommand
                 raise
     return modules
+
+
+STORE_HELP = (f"the store directory, or a data root holding {DEFAULT_STORE_NAME} (default: "
+              f"DATA_ROOT/{DEFAULT_STORE_NAME} with --data-root, as build names it; else the current directory)")
+
+
+def store_path_arg(store: str | None, data_root: str | None) -> str:
+    """The store a subcommand works on, named the way `featstore build` names it: STORE when
+    given, else ``DATA_ROOT/vggt_features.lmdb`` for ``--data-root DATA_ROOT``, else the current
+    directory (a store, or a data root holding one)."""
+    if store is not None:
+        return store
+    if data_root is not None:
+        return os.path.join(data_root, DEFAULT_STORE_NAME)
+    return "."
 
 
 def build_parser() -> argparse.ArgumentParser:

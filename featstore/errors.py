@@ -14,6 +14,7 @@ __all__ = [
     "WeightsError",
     "ImageDecodeError",
     "PlanError",
+    "StoreBusyError",
 ]
 
 
@@ -70,3 +71,7 @@ class ImageDecodeError(FeatstoreError):
 
 class PlanError(FeatstoreError):
     """The units to build cannot be planned (bad annotations, key collisions)."""
+
+
+class StoreBusyError(FeatstoreError):
+    """Another build is writing the store (its pid, host and start time are named)."""

@@ -283,9 +283,13 @@ class FeatureStore:
     # -- metadata ----------------------------------------------------------------------------
     @property
     def manifest(self) -> dict:
-        """The store's manifest (JSON dict): format version, encoder spec, fingerprint, counts."""
-        self._environment()
-        assert self._manifest is not None
+        """The store's manifest (JSON dict): format version, encoder spec, fingerprint, counts.
+
+        Read afresh at each access (one small read transaction), so that it follows a build
+        that is writing the store: entries, bytes and build state are those committed now.
+        Each access returns a new dict; keep one to compare snapshots."""
+        env = self._environment()
+        self._manifest = read_manifest(env, path=self.path)
         return self._manifest
 
     def __len__(self) -> int:

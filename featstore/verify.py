@@ -47,6 +47,7 @@ from typing import Iterable, Sequence
 
 import lmdb
 
+from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import CorruptEntryError, FeatstoreError, InvalidKeyError, ManifestError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
@@ -690,8 +691,7 @@ def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report:
 # -- command line ---------------------------------------------------------------------------
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", default=".", help="store directory, or a data root holding "
-                   f"{DEFAULT_STORE_NAME} (then also the data root; default: current directory)")
+    p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
                    help="training's annotation files: the plan is one unit per sample (as for build)")
@@ -713,8 +713,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise FeatstoreError(f"--workers must be >= 1. Found {args.workers}")
+    store = store_path_arg(args.store, args.data_root)
     try:
-        report = verify_store(args.store, data_root=args.data_root, annotations=args.annotations,
+        report = verify_store(store, data_root=args.data_root, annotations=args.annotations,
                               deep=args.deep, recompute=args.recompute, seed=args.seed, weights=args.weights,
                               device=args.device, workers=args.workers, structure=not args.no_structure,
                               progress=not args.no_progress and not args.json)
@@ -722,8 +723,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             if isinstance(e, FeatstoreError):
                 raise
-            raise FeatstoreError(f"{args.store}: LMDB error ({e})") from None
-        print(json.dumps({"path": args.store, "ok": False, "exit_code": 2, "error": str(e)}, indent=2))
+            raise FeatstoreError(f"{store}: LMDB error ({e})") from None
+        print(json.dumps({"path": store, "ok": False, "exit_code": 2, "error": str(e)}, indent=2))
         print(f"featstore verify: error: {e}", file=sys.stderr)
         return 2
     if args.json:
