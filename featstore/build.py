@@ -49,6 +49,14 @@ __all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "compute_unit",
 logger = logging.getLogger("featstore")
 
 _STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# torch intra-op threads, chosen by benchmarks/cpu_threads_bench.py (docs/BENCHMARKS.md, "CPU
+# builds"): a decode worker's torch ops are small (resize, normalise) and by default each worker
+# starts one thread per core, so workers x cores threads fight over the cores the encoder needs.
+# None keeps torch's default in the workers.
+DECODE_WORKER_THREADS: int | None = 1
+# The CPU encoder's threads; None: the cores the decode workers leave, at least one (2 cores,
+# 2 workers: 1 thread, 4-5x the frames/s of torch's default of 2 there; more cores: untested).
+CPU_ENCODER_THREADS: int | None = None
 _HEADER_ESTIMATE = 1024  # bytes of safetensors header + metadata per entry, for size estimates
 
 
@@ -268,6 +276,8 @@ def _die_with_parent(_worker_id: int) -> None:
     starts too late to see that). Linux only; elsewhere a no-op. They ignore SIGINT/SIGTERM:
     the main process stops them (featstore.interrupt)."""
     ignore_stop_signals()
+    if DECODE_WORKER_THREADS is not None:
+        torch.set_num_threads(DECODE_WORKER_THREADS)
     try:
         import ctypes
 
@@ -341,6 +351,9 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     device = encoder.device
     storage = _STORAGE_DTYPES[spec.storage_dtype]
     on_cuda = device.type == "cuda"
+    threads = torch.get_num_threads()
+    if not on_cuda:  # restored below: it is the calling process's setting
+        torch.set_num_threads(CPU_ENCODER_THREADS or max(1, (os.cpu_count() or 1) - opts.workers))
     dataset = _UnitDataset(todo, opts.data_root, spec, encoder.patch_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=opts.workers,
@@ -412,6 +425,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         serialiser.join()
         committer.join()
         bar.close()
+        torch.set_num_threads(threads)
     for stage in (serialiser, committer):
         if stage.error is not None:
             raise stage.error
