@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
+        if argv is None:
+            # A KeyboardInterrupt that passed through a C-level PyRun_* call (an import of an
+            # extension, say) sets CPython's "unhandled" flag for good, and the interpreter
+            # would then kill itself with SIGINT at exit although it was handled here.
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(130)
         return 130
     except BrokenPipeError:
         # `featstore info | head`: the reader went away; not an error of ours. Point stdout at
