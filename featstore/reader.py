@@ -8,6 +8,7 @@ travels to spawn workers too.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable, Iterator, Sequence
 
@@ -21,6 +22,8 @@ from featstore.keys import key_to_bytes, normalize_key
 from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path
 
 __all__ = ["FeatureStore", "StoreView"]
+
+logger = logging.getLogger("featstore")
 
 # One environment per store per process, shared by every FeatureStore on it: py-lmdb refuses to
 # open the same environment twice in one process. Keyed like py-lmdb's own guard, by the data
@@ -248,6 +251,8 @@ class FeatureStore:
             _release(rec)
             raise
         self._env, self._pid, self._locked, self._rec = env, pid, rec.locked, rec
+        logger.debug(f"featstore: opened {self.path} in pid {pid} (lock={'on' if rec.locked else 'off'}, "
+                     f"build {self._manifest.get('build', {}).get('state')}, {self._manifest.get('entries')} entries)")
         return env
 
     def _open_new(self) -> tuple[lmdb.Environment, bool]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import logging
 import math
 import os
 import random
@@ -56,6 +57,8 @@ from featstore.store import DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolve
 __all__ = ["Finding", "Report", "verify_store", "compare_features", "RECOMPUTE_TOLERANCES", "COMPUTE_TOLERANCES",
            "PROBLEM_KINDS",
            "configure_parser", "run"]
+
+logger = logging.getLogger("featstore")
 
 # kind -> what it means and what to do; the human summary prints the advice once per kind.
 PROBLEM_KINDS: dict[str, str] = {
@@ -617,6 +620,10 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
     finally:
         fs.close()
     report.seconds = time.perf_counter() - t0
+    found = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts().items()))
+    logger.log(logging.INFO if report.ok else logging.WARNING,
+               f"featstore verify: {path}: {'ok' if report.ok else 'problems found (' + found + ')'}, "
+               f"{report.seconds:.1f} s")
     return report
 
 
