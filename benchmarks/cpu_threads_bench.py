@@ -1,10 +1,10 @@
-"""CPU build throughput against torch's intra-op thread counts (decode workers, CPU encoder).
+"""CPU build throughput against the CPU encoder's torch intra-op thread count.
 
 Builds a store of N sample-sized images (96x72, like sample_data/) with the tiny random
 encoder on the CPU, once per setting, in this process, and reports frames/s of the pipeline
-(decode + encode + commit; model loading and planning excluded). Settings: the decode
-workers' torch threads (featstore.build.DECODE_WORKER_THREADS; torch's default is one per
-core) x the encoder's (CPU_ENCODER_THREADS), each None for featstore's own choice.
+(decode + encode + commit; model loading and planning excluded) for each encoder thread count
+(featstore.build.CPU_ENCODER_THREADS; None is featstore's choice). The decode workers run one
+thread each in every setting: torch's DataLoader sets that in each worker.
 
 Usage:
     python benchmarks/cpu_threads_bench.py --out OUT_DIR [--images 200] [--repeats 2]
@@ -27,12 +27,7 @@ import torch
 import featstore.build as fb
 
 DEFAULT = os.cpu_count() or 1  # torch's default intra-op threads: one per core
-SETTINGS = [  # (decode worker threads, encoder threads); None in the first: torch's default
-    (None, DEFAULT),  # torch's defaults everywhere (featstore before it chose)
-    (1, DEFAULT),
-    (None, 1),
-    (1, None),  # featstore's choice: DECODE_WORKER_THREADS, CPU_ENCODER_THREADS
-]
+SETTINGS = sorted({DEFAULT, 1, 2}) + [None]  # None: featstore's choice
 
 
 def make_images(root: str, n: int) -> None:
@@ -46,7 +41,7 @@ def make_images(root: str, n: int) -> None:
 
 
 def run(data: str, store: str, workers: int, setting) -> float:
-    fb.DECODE_WORKER_THREADS, fb.CPU_ENCODER_THREADS = setting
+    fb.CPU_ENCODER_THREADS = setting
     shutil.rmtree(store, ignore_errors=True)
     report = fb.build(fb.BuildOptions(data_root=data, store=store, encoder="vggt-tiny", workers=workers,
                                       progress=False))
@@ -73,13 +68,13 @@ def main(argv=None) -> int:
                 torch.set_num_threads(default_threads)
                 rate = run(data, store, args.workers, setting)
                 best[setting] = max(best.get(setting, 0.0), rate)
-                print(f"decode threads {setting[0]}, encoder threads {setting[1]}: {rate:.1f} frames/s", flush=True)
+                print(f"encoder threads {setting or 'featstore'}: {rate:.1f} frames/s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
               "nproc": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
               "images": args.images, "workers": args.workers, "torch_default_threads": default_threads,
-              "results": [{"decode_threads": s[0], "encoder_threads": s[1], "frames_per_s": r} for s, r in best.items()]}
+              "results": [{"encoder_threads": s or "featstore", "frames_per_s": r} for s, r in best.items()]}
     with open(os.path.join(args.out, "cpu_threads_bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -49,13 +49,11 @@ __all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "compute_unit",
 logger = logging.getLogger("featstore")
 
 _STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# torch intra-op threads, chosen by benchmarks/cpu_threads_bench.py (docs/BENCHMARKS.md, "CPU
-# builds"): a decode worker's torch ops are small (resize, normalise) and by default each worker
-# starts one thread per core, so workers x cores threads fight over the cores the encoder needs.
-# None keeps torch's default in the workers.
-DECODE_WORKER_THREADS: int | None = 1
-# The CPU encoder's threads; None: the cores the decode workers leave, at least one (2 cores,
-# 2 workers: 1 thread, 4-5x the frames/s of torch's default of 2 there; more cores: untested).
+# The CPU encoder's torch intra-op threads, chosen by benchmarks/cpu_threads_bench.py
+# (docs/BENCHMARKS.md, "CPU builds"). None: the cores the decode workers leave, at least one
+# (2 cores, 2 workers: 1 thread, 4-7x the frames/s of torch's default of 2 there, which
+# oversubscribes the cores the workers decode on; more cores: not measured). The decode workers
+# already run one thread each: torch's DataLoader sets that in every worker.
 CPU_ENCODER_THREADS: int | None = None
 _HEADER_ESTIMATE = 1024  # bytes of safetensors header + metadata per entry, for size estimates
 
@@ -276,8 +274,6 @@ def _die_with_parent(_worker_id: int) -> None:
     starts too late to see that). Linux only; elsewhere a no-op. They ignore SIGINT/SIGTERM:
     the main process stops them (featstore.interrupt)."""
     ignore_stop_signals()
-    if DECODE_WORKER_THREADS is not None:
-        torch.set_num_threads(DECODE_WORKER_THREADS)
     try:
         import ctypes
 

@@ -251,3 +251,40 @@ def test_manifest_follows_a_build_in_progress(tmp_path):
     assert store.manifest["build"]["state"] == "complete"
     assert writer.wait(timeout=60) == 0
     store.close()
+
+
+# -- CPU builds: torch thread counts ------------------------------------------------------------
+def test_cpu_build_thread_counts(tmp_path, monkeypatch):
+    """The CPU encoder runs on the cores the decode workers leave (the measured choice,
+    docs/BENCHMARKS.md), the workers on one thread each, and the caller's setting comes back."""
+    import torch
+
+    import featstore.build as fb
+    from featstore.encoders import get_encoder
+
+    data = _data(tmp_path, 4)
+    seen = tmp_path / "threads"
+    seen.mkdir()
+    read_frame = fb._read_frame
+
+    def recording_read_frame(*args, **kw):  # runs in the forked decode workers
+        (seen / f"worker-{os.getpid()}").write_text(str(torch.get_num_threads()))
+        return read_frame(*args, **kw)
+
+    monkeypatch.setattr(fb, "_read_frame", recording_read_frame)
+    encoder = get_encoder("vggt-tiny")
+    encode = encoder.encode
+    encoder_threads = []
+
+    def recording_encode(x):
+        encoder_threads.append(torch.get_num_threads())
+        return encode(x)
+
+    encoder.encode = recording_encode
+    before = torch.get_num_threads()
+    report = fb.build(fb.BuildOptions(data_root=data, encoder="vggt-tiny", workers=2, progress=False),
+                      encoder=encoder)
+    assert report.computed == 4
+    assert {p.read_text() for p in seen.iterdir()} == {"1"}
+    assert set(encoder_threads) == {max(1, (os.cpu_count() or 1) - 2)}
+    assert torch.get_num_threads() == before
