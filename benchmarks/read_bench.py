@@ -5,6 +5,8 @@ fills a batch tensor `out[B, *shape]` (what a DataLoader worker hands to collate
 
     memcpy          out[i].copy_(tensor already in RAM)              (upper bound)
     featstore[...]  FeatureStore.read_into(keys, out)                (view + one copy)
+    get (copy)      out[i].copy_(store.get(key).features)            (the safe default: two copies)
+    view            with store.view(): out[i].copy_(v.get(key).features)   (zero-copy opt-in)
     sidecar .pt     out[i].copy_(torch.load(path))                   (the old way)
     safetensors     out[i].copy_(safetensors.torch.load_file(path)["features"])
 
@@ -177,8 +179,8 @@ def run_method(name: str, data: dict, order: list[int], batch: int, out: torch.T
     keys = data["keys"]
     pt_files, st_files = _files(data, "pt"), _files(data, "st")
     store = None
-    if name.startswith("featstore"):
-        ra, pf = LMDB_MODES[int(name.split("#")[1])]
+    ra, pf = LMDB_MODES[int(name.split("#")[1])] if name.startswith("featstore") else LMDB_MODES[0]
+    on_store = name.startswith("featstore") or name in ("get", "view")
     if cold:
         if cold_method == "drop_caches":
             _drop_all()
@@ -186,7 +188,7 @@ def run_method(name: str, data: dict, order: list[int], batch: int, out: torch.T
             _fadvise_dontneed([os.path.join(data["store"], "data.mdb"), *pt_files, *st_files])
     check_file = {"pt": pt_files[0], "st": st_files[0]}.get(name, os.path.join(data["store"], "data.mdb"))
     resident = resident_fraction(check_file)
-    if name.startswith("featstore"):
+    if on_store:
         # Warm: the store stays open between the warm-up pass and the timed one, as in a
         # long-lived DataLoader worker (its page tables are populated too). Cold: a fresh open
         # after the drop (pages mapped by a process are never dropped).
@@ -201,6 +203,13 @@ def run_method(name: str, data: dict, order: list[int], batch: int, out: torch.T
         if name == "memcpy":
             for j, i in enumerate(idx):
                 o[j].copy_(data["tensors"][i])
+        elif name == "get":
+            for j, i in enumerate(idx):
+                o[j].copy_(store.get(keys[i]).features)
+        elif name == "view":
+            with store.view() as view:
+                for j, i in enumerate(idx):
+                    o[j].copy_(view.get(keys[i]).features)
         elif store is not None:
             store.read_into([keys[i] for i in idx], o)
         elif name == "pt":
@@ -227,7 +236,8 @@ def method_label(name: str) -> str:
     if name.startswith("featstore"):
         ra, pf = LMDB_MODES[int(name.split("#")[1])]
         return f"featstore readahead={ra} prefetch={pf}"
-    return {"memcpy": "memcpy (RAM -> batch)", "pt": "sidecar .pt (torch.load)",
+    return {"get": "featstore get (copy, default) -> batch", "view": "featstore view (zero-copy) -> batch",
+            "memcpy": "memcpy (RAM -> batch)", "pt": "sidecar .pt (torch.load)",
             "st": "safetensors file (load_file)"}[name]
 
 
@@ -264,7 +274,7 @@ def main(argv=None) -> int:
             cold_method = "drop_caches" if _drop_all() else "fadvise_dontneed"
     print(f"machine: {json.dumps(mach)}\ncold method: {cold_method}; data in {root}", flush=True)
     results = []
-    methods = ["memcpy", *[f"featstore#{i}" for i in range(len(LMDB_MODES))], "pt", "st"]
+    methods = ["memcpy", *[f"featstore#{i}" for i in range(len(LMDB_MODES))], "get", "view", "pt", "st"]
     try:
         for size, count in (("large", args.large), ("small", args.small)):
             if count <= 0:

@@ -23,7 +23,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -33,10 +35,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from featstore.claim import BuildLock, prepare_store_dir
 from featstore.dtypes import DTYPE_NAMES, torch_dtype
 from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
-from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
-from featstore.plan import Unit, plan_units, source_path
+from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
+from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
+from featstore.plan import IMAGE_EXTENSIONS, Unit, plan_units, source_path
 from featstore.store import DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env, utc_now
 
 # torch is imported inside the functions that run the model, so that `featstore --help` and
@@ -44,6 +48,14 @@ from featstore.store import DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, 
 
 __all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "configure_parser", "run"]
 
+logger = logging.getLogger("featstore")
+
+# The CPU encoder's torch intra-op threads, chosen by benchmarks/cpu_threads_bench.py
+# (docs/BENCHMARKS.md, "CPU builds"). None: the cores the decode workers leave, at least one
+# (2 cores, 2 workers: 1 thread, 4-7x the frames/s of torch's default of 2 there, which
+# oversubscribes the cores the workers decode on; more cores: not measured). The decode workers
+# already run one thread each: torch's DataLoader sets that in every worker.
+CPU_ENCODER_THREADS: int | None = None
 _HEADER_ESTIMATE = 1024  # bytes of safetensors header + metadata per entry, for size estimates
 
 
@@ -87,6 +99,7 @@ class BuildReport:
     frames: int = 0
     bytes: int = 0
     failed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # annotation samples without images (e.g. video)
     elapsed_s: float = 0.0
     pipeline_s: float = 0.0  # decode + encode + commit, without model loading and planning
     interrupted: bool = False
@@ -212,7 +225,9 @@ class _UnitDataset:
 def _die_with_parent(_worker_id: int) -> None:
     """Decode workers die with the build: a build killed just after forking a worker can
     otherwise leave it running, holding the store and the terminal (torch's own parent check
-    starts too late to see that). Linux only; elsewhere a no-op."""
+    starts too late to see that). Linux only; elsewhere a no-op. They ignore SIGINT/SIGTERM:
+    the main process stops them (featstore.interrupt)."""
+    ignore_stop_signals()
     try:
         import ctypes
 
@@ -279,7 +294,10 @@ def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
                             refresh=False)
 
 
-def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool) -> None:
+def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool,
+                  stop: StopFlag) -> bool:
+    """Decode, encode and hand every unit of `todo` to the writer. Returns True when `stop`
+    ended it early (the units handed over so far are committed by the writer stage)."""
     import torch
     from tqdm import tqdm
 
@@ -289,6 +307,9 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     device = encoder.device
     storage = torch_dtype(spec.storage_dtype)
     on_cuda = device.type == "cuda"
+    threads = torch.get_num_threads()
+    if not on_cuda:  # restored below: it is the calling process's setting
+        torch.set_num_threads(CPU_ENCODER_THREADS or max(1, (os.cpu_count() or 1) - opts.workers))
     dataset = _UnitDataset(todo, opts.data_root, spec, encoder.patch_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=opts.workers,
@@ -304,6 +325,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     committer.start()
     serialiser.start()
     buckets: dict[tuple, list] = {}
+    stopped = False
 
     def flush(shape) -> None:
         items = buckets.pop(shape)
@@ -328,11 +350,16 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         grid = encoder.patch_grid(*x.shape[-2:])
         serialiser.jobs.put((units, [src for _, _, src in items], host, done, grid))
 
+    with signals_blocked():
+        batches = iter(loader)  # forks the decode workers (see featstore.interrupt)
     try:
-        for i, frames, sources, error in loader:
+        for i, frames, sources, error in batches:
             for stage in (serialiser, committer):
                 if stage.error is not None:
                     raise stage.error
+            if stop:  # checked between units: nothing is cut in half
+                stopped = True
+                break
             if error is not None:
                 report.failed.append({"key": todo[i].key, "frames": list(todo[i].frames), "error": error})
                 bar.update(1)
@@ -341,16 +368,24 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
             buckets.setdefault(shape, []).append((i, frames, sources))
             if len(buckets[shape]) * shape[0] >= opts.batch_frames:
                 flush(shape)
-        for shape in list(buckets):
-            flush(shape)
+        if not stopped:
+            for shape in list(buckets):
+                flush(shape)
     finally:
-        serialiser.jobs.put(None)  # ends the serialiser, which then ends the writer stage
+        # Signals only set `stop` here, so this cannot be cut short: the sentinel always reaches
+        # the serialiser, which finishes the batches in flight and then ends the writer stage.
+        serialiser.jobs.put(None)
+        shutdown = getattr(batches, "_shutdown_workers", None)  # absent with workers=0
+        if shutdown is not None:
+            shutdown()  # join the decode workers now, not whenever the iterator is collected
         serialiser.join()
         committer.join()
         bar.close()
+        torch.set_num_threads(threads)
     for stage in (serialiser, committer):
         if stage.error is not None:
             raise stage.error
+    return stopped
 
 
 def _dist_setup():
@@ -382,9 +417,12 @@ def _gather_reports(report: BuildReport, world: int) -> BuildReport:
 
     parts: list = [None] * world
     dist.all_gather_object(parts, report.to_dict())
-    total = BuildReport()
+    # Every rank plans every unit and splits them fresh/missing/stale alike; only the work is
+    # divided (todo[rank::world]). So the plan counts are one rank's, the work counts a sum.
+    total = BuildReport(planned=report.planned, fresh=report.fresh, missing=report.missing, stale=report.stale,
+                        skipped=report.skipped)
     for p in parts:
-        for k in ("computed", "frames", "bytes", "fresh", "missing", "stale", "planned"):
+        for k in ("computed", "frames", "bytes"):
             setattr(total, k, getattr(total, k) + p[k])
         total.failed.extend(p["failed"])
         total.interrupted |= p["interrupted"]
@@ -401,37 +439,64 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
-def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
+def build(opts: BuildOptions, *, encoder=None) -> BuildReport:
     """Run one build (one rank of it under torchrun). Returns the (gathered) report.
 
     Args:
         opts: what to build.
         encoder: an already built encoder to use instead of `opts.encoder`/`opts.weights`
             (saves loading the model twice in one process).
-        out: where the plan summary goes (rank 0 only).
 
     The spec is resolved first (`resolve_spec`: no model), so that a spec mismatch, the split
     and the size estimate come before the model loads, and `dry_run` never builds it.
     """
-    from featstore.encoders import check_device, get_encoder, resolve_spec
-    from featstore.writer import BuildInterrupted, StoreWriter
+    from featstore.encoders import check_device, resolve_spec
 
     t0 = time.perf_counter()
     rank, world = _dist_setup()
-    show = opts.progress and rank == 0
-    log = (lambda msg: print(msg, file=out, flush=True)) if rank == 0 else (lambda msg: None)
+    # Every argument is checked before anything is created or locked: a wrong --device or
+    # --weights leaves no store behind.
     if encoder is None:
         device = _resolve_device(opts.device)
         check_device(device)
         spec = resolve_spec(opts.encoder, weights=opts.weights, **opts.spec_overrides)
     else:
         spec, device = encoder.spec, str(encoder.device)
+    skipped: list[dict] = []
+    units = plan_units(opts.data_root, opts.annotations, skipped=skipped)
+    if not units:
+        raise PlanError(_nothing_planned(opts, skipped))
+    store_path = opts.store_path()
+    prepare_store_dir(store_path, create=not opts.dry_run)
+    # One build writes a store at a time; rank 0 holds the lock for all ranks of this one.
+    # Taken before the model loads, so that a second build is refused at once.
+    lock = BuildLock(store_path) if rank == 0 and not opts.dry_run else contextlib.nullcontext()
+    with lock:
+        return _build_units(opts, units, skipped, spec, device, encoder, rank, world, t0)
+
+
+def _nothing_planned(opts: BuildOptions, skipped: list[dict]) -> str:
+    if not opts.annotations:
+        return (f"no images found under {opts.data_root} (looked for {', '.join(IMAGE_EXTENSIONS)} files); "
+                "check --data-root")
+    named = "; ".join(f"{s['sample']}: {s['reason']}" for s in skipped[:3])
+    more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    return (f"no sample with images in --annotations {' '.join(opts.annotations)}: {len(skipped)} samples "
+            f"skipped{': ' + named + more if skipped else ''}; check the files and --data-root")
+
+
+def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spec: EncoderSpec, device: str,
+                 encoder, rank: int, world: int, t0: float) -> BuildReport:
+    from featstore.encoders import get_encoder
+    from featstore.writer import StoreWriter
+
+    show = opts.progress and rank == 0
+    log = logger.info if rank == 0 else (lambda msg: None)  # the plan summary, once per build
     fingerprint = spec.fingerprint()
     store_path = opts.store_path()
-    units = plan_units(opts.data_root, opts.annotations)
     index, count = opts.shard
     units = units[index::count]
-    report = BuildReport(planned=len(units))
+    report = BuildReport(planned=len(units), skipped=skipped)
 
     manifest = existing_manifest(store_path)
     if manifest is not None and not opts.force:
@@ -464,36 +529,36 @@ def build(opts: BuildOptions, *, encoder=None, out=sys.stderr) -> BuildReport:
         assert encoder.spec == spec, spec.diff(encoder.spec)  # resolve_spec's contract
 
     writer_kw = dict(spec=spec, batch_entries=opts.commit_entries, batch_bytes=opts.commit_bytes,
-                     mismatch_advice=_MISMATCH_ADVICE)
-    # Rank 0 creates (or resets, with --force) the store before the other ranks open it.
-    writer = StoreWriter(store_path, reset=opts.force, **writer_kw) if rank == 0 else None
-    _barrier(world)
-    if writer is None:
-        writer = StoreWriter(store_path, **writer_kw)
-    mine = todo[rank::world]
-    try:
-        t_pipe = time.perf_counter()
+                     mismatch_advice=_MISMATCH_ADVICE, handle_signals=False)
+    # From here on SIGINT/SIGTERM only set `stop`: the pipeline checks it between units and the
+    # writer commits what is done (featstore.interrupt says why no exception is raised).
+    with stop_on_signals() as stop:
+        # Rank 0 creates (or resets, with --force) the store before the other ranks open it.
+        writer = StoreWriter(store_path, reset=opts.force, **writer_kw) if rank == 0 else None
+        _barrier(world)
+        if writer is None:
+            writer = StoreWriter(store_path, **writer_kw)
+        mine = todo[rank::world]
         try:
-            _run_pipeline(encoder, mine, opts, writer, report, show)
-        except (KeyboardInterrupt, BuildInterrupted):
-            report.interrupted = True
-        writer.commit()
-        report.pipeline_s = time.perf_counter() - t_pipe
-        report.elapsed_s = time.perf_counter() - t0
-        if report.interrupted:
-            log(f"interrupted: {report.computed} units committed; rerun the same command to resume")
-            return report
-        _barrier(world)
-        total = _gather_reports(report, world)
-        if rank == 0:
-            total.elapsed_s = time.perf_counter() - t0
-            summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
-                           shard=f"{index}/{count}", ranks=world)
-            writer.finish(summary, complete=True)
-        _barrier(world)
-        return total
-    finally:
-        writer.close()
+            t_pipe = time.perf_counter()
+            report.interrupted = bool(stop) or _run_pipeline(encoder, mine, opts, writer, report, show, stop)
+            writer.commit()
+            report.pipeline_s = time.perf_counter() - t_pipe
+            report.elapsed_s = time.perf_counter() - t0
+            if report.interrupted:
+                log(f"interrupted: {report.computed} units committed; rerun the same command to resume")
+                return report
+            _barrier(world)
+            total = _gather_reports(report, world)
+            if rank == 0:
+                total.elapsed_s = time.perf_counter() - t0
+                summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
+                               shard=f"{index}/{count}", ranks=world)
+                writer.finish(summary, complete=True)
+            _barrier(world)
+            return total
+        finally:
+            writer.close()
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -597,7 +662,7 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
-        else:
+        elif not report.interrupted:  # then the one "interrupted: N units committed" line says it
             rate = report.frames / report.elapsed_s if report.elapsed_s else 0.0
             print(f"featstore build: {report.computed} computed ({report.frames} frames, "
                   f"{report.bytes / 1e6:.1f} MB, {rate:.1f} frames/s), {report.fresh} already fresh, "
@@ -606,6 +671,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  failed {f['key']}: {f['error']}", file=sys.stderr)
             if len(report.failed) > 20:
                 print(f"  ... and {len(report.failed) - 20} more (see `featstore info --json`)", file=sys.stderr)
+            if report.skipped:
+                print(f"  {len(report.skipped)} annotation samples skipped (no image to encode), e.g. "
+                      + "; ".join(f"{s['sample']}: {s['reason']}" for s in report.skipped[:3]), file=sys.stderr)
     if report.interrupted:
         return 130
     return 1 if report.failed else 0

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
 from featstore import __version__
 from featstore.errors import FeatstoreError
+from featstore.store import DEFAULT_STORE_NAME
+from featstore.interrupt import ignore_stop_signals, sigterm_as_keyboard_interrupt
 
 # subcommand -> module that defines `configure_parser(parser)` and `run(args) -> int`
 COMMANDS = {
@@ -32,6 +35,21 @@ def _available_commands() -> dict[str, object]:
     return modules
 
 
+STORE_HELP = (f"the store directory, or a data root holding {DEFAULT_STORE_NAME} (default: "
+              f"DATA_ROOT/{DEFAULT_STORE_NAME} with --data-root, as build names it; else the current directory)")
+
+
+def store_path_arg(store: str | None, data_root: str | None) -> str:
+    """The store a subcommand works on, named the way `featstore build` names it: STORE when
+    given, else ``DATA_ROOT/vggt_features.lmdb`` for ``--data-root DATA_ROOT``, else the current
+    directory (a store, or a data root holding one)."""
+    if store is not None:
+        return store
+    if data_root is not None:
+        return os.path.join(data_root, DEFAULT_STORE_NAME)
+    return "."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featstore",
@@ -52,15 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "_run", None) is None:
-        parser.print_help()
-        return 2
+    # Ctrl-C or SIGTERM at any instant, start-up included (importing torch takes seconds),
+    # ends with one "interrupted" line, not a traceback. A build replaces this with a stop
+    # flag while its pipeline runs (featstore.interrupt).
+    sigterm_as_keyboard_interrupt()
+    command = "featstore"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"featstore {args.command}" if getattr(args, "command", None) else command
+        if getattr(args, "_run", None) is None:
+            parser.print_help()
+            return 2
+        _log_to_stderr()
         return int(args._run(args) or 0)
     except FeatstoreError as e:
-        print(f"featstore {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         # LMDB's own errors (a damaged lock file, a read-only folder, ...) for every subcommand,
@@ -72,13 +97,37 @@ def main(argv: list[str] | None = None) -> int:
               "store; restore or rebuild it if it is damaged)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"featstore {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
+        if argv is None:
+            # A KeyboardInterrupt that passed through a C-level PyRun_* call (an import of an
+            # extension, say) sets CPython's "unhandled" flag for good, and the interpreter
+            # would then kill itself with SIGINT at exit although it was handled here.
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(130)
         return 130
     except BrokenPipeError:
         # `featstore info | head`: the reader went away; not an error of ours. Point stdout at
         # /dev/null so that the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if argv is None:
+            # The process's own command line, and its work is done: a signal from now on (in
+            # atexit callbacks, interpreter shutdown) must not print a traceback.
+            ignore_stop_signals()
+
+
+def _log_to_stderr() -> None:
+    """The CLI's human output of library messages: featstore's INFO and up on stderr, plain.
+    Library users get them through `logging.getLogger("featstore")` at the levels they set."""
+    logger = logging.getLogger("featstore")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 if __name__ == "__main__":

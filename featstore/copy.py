@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 
+from featstore.cli import store_path_arg
 from featstore.errors import FeatstoreError, StoreFullError
 
 __all__ = ["copy_store", "configure_parser", "run"]
@@ -130,8 +131,10 @@ def _check_copy(path: str, manifest: dict, entries: int) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="the store, or a data root holding vggt_features.lmdb")
-    p.add_argument("dst", help="the new store directory (must not exist, or be empty)")
+    p.add_argument("paths", nargs="+", metavar="[SRC] DST",
+                   help="SRC: the store, or a data root holding vggt_features.lmdb (leave it out with "
+                   "--data-root); DST: the new store directory (must not exist, or be empty)")
+    p.add_argument("--data-root", help="copy DATA_ROOT/vggt_features.lmdb (the store build made there)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="copy even while the build is in progress (a snapshot of what is committed)")
     p.add_argument("--verify", action="store_true", help="verify every entry's checksum in the copy")
@@ -139,7 +142,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = copy_store(args.src, args.dst, allow_incomplete=args.allow_incomplete, verify=args.verify)
+    if len(args.paths) == 2 and args.data_root is None:
+        src, dst = args.paths
+    elif len(args.paths) == 1 and args.data_root is not None:
+        src, dst = store_path_arg(None, args.data_root), args.paths[0]
+    else:
+        raise FeatstoreError(f"copy takes SRC DST, or --data-root DATA_ROOT DST. Found {args.paths} "
+                             f"with --data-root {args.data_root}")
+    result = copy_store(src, dst, allow_incomplete=args.allow_incomplete, verify=args.verify)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -18,6 +18,7 @@ __all__ = [
     "InheritedLockedStoreError",
     "EntrySchemaError",
     "MergeConflictError",
+    "StoreBusyError",
 ]
 
 
@@ -93,3 +94,7 @@ class EntrySchemaError(FeatstoreError):
 
 class MergeConflictError(FeatstoreError):
     """Two shards hold different values for one key."""
+
+
+class StoreBusyError(FeatstoreError):
+    """Another build is writing the store (its pid, host and start time are named)."""

@@ -23,6 +23,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import FeatstoreError
 from featstore.verify import Report, verify_store
 
@@ -106,8 +107,7 @@ def collect_garbage(store, *, data_root=None, annotations=None, deep: bool = Fal
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", default=".", help="store directory, or a data root holding "
-                   "vggt_features.lmdb (then also the data root; default: current directory)")
+    p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder (needed unless STORE is the data root)")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
                    help="training's annotation files: the plan for --unplanned (as for build)")
@@ -119,7 +119,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = collect_garbage(args.store, data_root=args.data_root, annotations=args.annotations,
+    result = collect_garbage(store_path_arg(args.store, args.data_root), data_root=args.data_root, annotations=args.annotations,
                              deep=args.deep, unplanned=args.unplanned, dry_run=args.dry_run, force=args.force)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

@@ -12,6 +12,7 @@ import collections
 import json
 import os
 
+from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import CorruptEntryError
 from featstore.store import LAST_BUILD_KEY, META_DB, storage_dtype_of
 
@@ -71,15 +72,15 @@ def store_info(path: str, *, max_scan: int = 10000) -> dict:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", default=".", help="store directory, or a data root holding "
-                   "vggt_features.lmdb (default: current directory)")
+    p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
+    p.add_argument("--data-root", help="the images' folder: the store is DATA_ROOT/vggt_features.lmdb")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--max-scan", type=int, default=10000, metavar="N",
                    help="read the headers of at most N entries for the shape summary (default 10000)")
 
 
 def run(args: argparse.Namespace) -> int:
-    info = store_info(args.store, max_scan=args.max_scan)
+    info = store_info(store_path_arg(args.store, args.data_root), max_scan=args.max_scan)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0

@@ -11,8 +11,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from featstore.cli import store_path_arg
 from featstore.errors import FeatstoreError, MergeConflictError
 from featstore.store import check_fingerprint, resolve_store_path, utc_now
 
@@ -20,7 +22,14 @@ __all__ = ["merge_stores", "configure_parser", "run"]
 
 
 def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
-    """Copy every entry of `shards` into the store `out` (created if absent). Returns a report."""
+    """Copy every entry of `shards` into the store `out` (created if absent).
+
+    Returns:
+        the report (also stored as the merged store's last build): ``merged`` (each shard's
+        path and entries), ``read`` (entries read from all shards), ``written`` (entries written
+        into `out`), ``identical`` (entries skipped as byte-identical to one already there: a
+        key in two shards, or a rerun), ``entries`` and ``bytes`` of `out` afterwards.
+    """
     from tqdm import tqdm
 
     from featstore.reader import FeatureStore  # torch: imported when run, not for `--help`
@@ -56,9 +65,12 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
                         writer.put(key, value)
                         bar.update(1)
                     reports.append({"shard": s.path, "entries": s.manifest["entries"]})
-            report = {"merged": reports, "entries_written": writer.committed + len(writer._pending),
-                      "finished": utc_now(), "failed": []}
+            writer.commit()
+            read = sum(r["entries"] for r in reports)
+            report = {"out": writer.path, "merged": reports, "read": read, "written": writer.committed,
+                      "identical": read - writer.committed, "finished": utc_now(), "failed": []}
             writer.finish(report)
+            report.update(entries=writer.manifest["entries"], bytes=writer.manifest["bytes"])
         return report
     finally:
         for s in stores:
@@ -72,12 +84,28 @@ def _checksum_of(value: bytes, key: str) -> str:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="the merged store (created; existing entries are kept)")
-    p.add_argument("shards", nargs="+", help="shard stores to merge")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("stores", nargs="+", metavar="[OUT] SHARD",
+                   help="OUT: the merged store (created; existing entries are kept; leave it out with "
+                   "--data-root), then the shard stores to merge")
+    p.add_argument("--data-root", help="merge into DATA_ROOT/vggt_features.lmdb (the store build names there)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = merge_stores(args.out, args.shards, progress=not args.no_progress)
-    print(f"featstore merge: {len(report['merged'])} shards -> {args.out}", file=sys.stderr)
+    if args.data_root is not None:
+        out, shards = store_path_arg(None, args.data_root), args.stores
+    elif len(args.stores) >= 2:
+        out, shards = args.stores[0], args.stores[1:]
+    else:
+        raise FeatstoreError(f"merge takes OUT SHARD [SHARD ...], or --data-root DATA_ROOT SHARD [...]. "
+                             f"Found {args.stores}")
+    report = merge_stores(out, shards, progress=not args.no_progress and not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    per_shard = " + ".join(str(r["entries"]) for r in report["merged"])
+    print(f"featstore merge: {len(report['merged'])} shards ({per_shard} entries) -> {out}: {report['written']} "
+          f"written, {report['identical']} identical skipped; {report['entries']} entries, "
+          f"{report['bytes'] / 1e6:.1f} MB in the store", file=sys.stderr)
     return 0

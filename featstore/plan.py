@@ -221,12 +221,15 @@ def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sam
     return Unit(key, frames)
 
 
-def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_root: str | os.PathLike) -> list[Unit]:
+def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_root: str | os.PathLike, *,
+                           skipped: list[dict] | None = None) -> list[Unit]:
     """One unit per sample with images, deduplicated, sorted by key.
 
     Args:
         annotation_files: training's annotation files (JSON or JSONL).
         data_root: the folder keys are relative to.
+        skipped: when given, receives ``{"sample": where, "reason": why}`` for each sample that
+            has no image (a video sample, a text-only one): nothing of it is encoded.
 
     Returns:
         The units, sorted by key; samples asking for the same unit give it once.
@@ -245,6 +248,8 @@ def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_r
             where = f"{os.fspath(path)} sample {i}" + (f" (id {sample['id']!r})" if "id" in sample else "")
             unit = sample_unit(sample, data_root, where=where)
             if unit is None:
+                if skipped is not None:
+                    skipped.append({"sample": where, "reason": _why_no_image(sample)})
                 continue
             seen = by_key.get(unit.key)
             if seen is None:
@@ -258,13 +263,22 @@ def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_r
     return [by_key[k][0] for k in sorted(by_key)]
 
 
-def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.PathLike] | None = None) -> list[Unit]:
+def _why_no_image(sample: dict) -> str:
+    media = [k for k in ("video", "videos", "audio") if k in sample]
+    if media:
+        return f"a '{media[0]}' sample (only images are encoded)"
+    return "no 'images' or 'image' field"
+
+
+def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.PathLike] | None = None, *,
+               skipped: list[dict] | None = None) -> list[Unit]:
     """All units of a data root: one per annotated sample, or one per image (S=1) without
     annotations. Sorted by key. `featstore build` and training both call this.
 
     Args:
         data_root: the images' folder.
         annotations: training's annotation files; None or empty: scan the data root.
+        skipped: see `units_from_annotations`.
 
     Returns:
         The units, sorted by key.
@@ -275,7 +289,7 @@ def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.Path
         (10, Unit(key='misc/portrait.png', frames=('misc/portrait.png',)))
     """
     if annotations:
-        return units_from_annotations(annotations, data_root)
+        return units_from_annotations(annotations, data_root, skipped=skipped)
     return [Unit(k, (k,)) for k in scan_images(data_root)]
 
 

@@ -8,6 +8,7 @@ travels to spawn workers too.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable, Iterator, Sequence
 
@@ -15,12 +16,14 @@ import lmdb
 import numpy as np
 import torch
 
-from featstore.errors import EntrySchemaError, InheritedLockedStoreError, MissingKeyError
+from featstore.errors import EntrySchemaError, FeatstoreError, InheritedLockedStoreError, MissingKeyError
 from featstore.format import Entry, decode_entry, tensor_span
 from featstore.keys import key_to_bytes, normalize_key
 from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path
 
-__all__ = ["FeatureStore"]
+__all__ = ["FeatureStore", "StoreView"]
+
+logger = logging.getLogger("featstore")
 
 # One environment per store per process, shared by every FeatureStore on it: py-lmdb refuses to
 # open the same environment twice in one process. Keyed like py-lmdb's own guard, by the data
@@ -143,8 +146,7 @@ class FeatureStore:
         path: the store directory, or a data root that holds ``vggt_features.lmdb``.
         lock: LMDB locking. ``None`` (default) decides per open: off for a store whose build
             is complete (no reader slots needed, any number of ranks x workers), on while a
-            build is in progress (readers then never see pages a writer reuses, and `get`
-            returns copies).
+            build is in progress (readers then never see pages a writer reuses).
         readahead: OS readahead on the map (``False`` sets MADV_RANDOM: a cold fault then
             reads only its own 4 KiB page). Default READAHEAD_DEFAULT; see below.
         prefetch: before copying values out (`get`, `read_into`, `get_many`), ask the kernel
@@ -169,17 +171,18 @@ class FeatureStore:
     gain on the benchmark disk and costs a few percent warm; it stays available for disks
     with deep queues (NVMe, network block devices), where a batch's reads then overlap.
 
-    Not guaranteed: tensors from ``get(copy=False)`` are views into the map, valid only while
-    this FeatureStore (and every other one on the same store in this process) stays open, and
-    only while nobody writes the store; they are read-only memory: writing into them kills the
-    process with SIGSEGV. `read_into`, `get_many` and ``get(copy=True)`` return tensors that
-    own their memory.
+    Safe by default: `get`, `get_many` and `read_into` return tensors that own their memory
+    (writable, valid after `close()`). Zero-copy views are an explicit opt-in with a visible
+    lifetime, ``with store.view() as v:``; they are read-only memory valid until the block ends
+    (see `view` for what is not guaranteed).
 
     Example:
         >>> from featstore import FeatureStore
         >>> store = FeatureStore("data/")                     # finds data/vggt_features.lmdb
-        >>> store.get("scene_a/000.jpg").features.shape       # [frames, tokens, channels], zero-copy
+        >>> store.get("scene_a/000.jpg").features.shape       # [frames, tokens, channels], a copy
         torch.Size([1, 48, 128])
+        >>> with store.view() as v:                           # zero-copy until the block ends
+        ...     norm = v.get("scene_a/000.jpg").features.float().norm()
         >>> store.read_into(["scene_a/000.jpg", "scene_a/001.jpg"]).shape  # one copy
         torch.Size([2, 1, 48, 128])
         >>> store.close()
@@ -254,6 +257,8 @@ class FeatureStore:
             _release(rec)
             raise
         self._env, self._pid, self._locked, self._rec = env, pid, rec.locked, rec
+        logger.debug(f"featstore: opened {self.path} in pid {pid} (lock={'on' if rec.locked else 'off'}, "
+                     f"build {self._manifest.get('build', {}).get('state')}, {self._manifest.get('entries')} entries)")
         return env
 
     def _open_new(self) -> tuple[lmdb.Environment, bool]:
@@ -289,9 +294,13 @@ class FeatureStore:
     # -- metadata ----------------------------------------------------------------------------
     @property
     def manifest(self) -> dict:
-        """The store's manifest (JSON dict): format version, encoder spec, fingerprint, counts."""
-        self._environment()
-        assert self._manifest is not None
+        """The store's manifest (JSON dict): format version, encoder spec, fingerprint, counts.
+
+        Read afresh at each access (one small read transaction), so that it follows a build
+        that is writing the store: entries, bytes and build state are those committed now.
+        Each access returns a new dict; keep one to compare snapshots."""
+        env = self._environment()
+        self._manifest = read_manifest(env, path=self.path)
         return self._manifest
 
     def __len__(self) -> int:
@@ -329,12 +338,16 @@ class FeatureStore:
     def _missing(self, key) -> MissingKeyError:
         return MissingKeyError(f"key {str(key)!r} is not in the store {self.path}")
 
-    def get(self, key, *, copy: bool = False, frames: Sequence[str] | None = None) -> Entry:
-        """Return the entry stored under `key`.
+    def get(self, key, *, copy: bool = True, frames: Sequence[str] | None = None) -> Entry:
+        """Return the entry stored under `key`, as tensors that own their memory.
+
+        Safe by default: the tensors are copies, writable and valid after `close()`. For
+        zero-copy views into the map use ``with store.view() as v: v.get(key)`` (see `view`).
 
         Args:
             key: relative path of the unit (normalised like every key).
-            copy: return tensors that own their memory instead of views into the map.
+            copy: must be True; zero-copy reads go through `view`, which keeps the views'
+                read transaction open for a visible lifetime.
             frames: the ordered frame list the caller wants; a stored entry computed on another
                 frame list is a miss (MissingKeyError), never a wrong answer.
 
@@ -342,25 +355,61 @@ class FeatureStore:
             MissingKeyError: `key` is not in the store (or was computed on other `frames`).
             CorruptEntryError: the stored value does not decode (or fails its checksum).
 
-        Not guaranteed: zero-copy views (``copy=False``) stay valid only while this store stays
-        open in this process and nobody writes to it; they are read-only memory (writing into
-        them crashes the process). Values under about 2 KiB, and every value while the build is
-        in progress, are returned as copies. ``copy=True`` or `read_into` give tensors valid
-        forever.
+        Example:
+            >>> from featstore import FeatureStore
+            >>> store = FeatureStore("data/")
+            >>> entry = store.get("scene_a/000.jpg")
+            >>> entry.features.add_(1).shape  # owned memory: writing into it is fine
+            torch.Size([1, 48, 128])
+            >>> store.close()
         """
+        if not copy:
+            raise ValueError(
+                f"get({str(key)!r}, copy=False): zero-copy views are read inside "
+                "`with store.view() as v: v.get(key)`, which keeps them valid until the block ends"
+            )
+        return self._get(self._environment(), None, key, copy=True, frames=frames)
+
+    def _get(self, env, txn, key, *, copy: bool, frames) -> Entry:
         kb = key_to_bytes(key)
-        env = self._environment()
-        with env.begin(db=self._db, buffers=True) as txn:
-            value = txn.get(kb)
-            if value is None:
-                raise self._missing(key)
-            if self.prefetch:
-                _prefetch(self._rec, (value,))
-            entry = decode_entry(value, key=kb.decode(), verify=self.verify_checksums,
-                                 copy=copy or self._locked)
+        if txn is None:
+            with env.begin(db=self._db, buffers=True) as own:
+                return self._get(env, own, key, copy=copy, frames=frames)
+        value = txn.get(kb, db=self._db)
+        if value is None:
+            raise self._missing(key)
+        if self.prefetch:
+            _prefetch(self._rec, (value,))
+        entry = decode_entry(value, key=kb.decode(), verify=self.verify_checksums, copy=copy)
         if frames is not None:
             self._check_frames(kb.decode(), entry, frames)
         return entry
+
+    def view(self) -> "StoreView":
+        """A zero-copy read scope: ``with store.view() as v: feats = v.get(key).features``.
+
+        Inside the block, `StoreView.get` returns tensors that view the store's memory map (no
+        copy) through one read transaction that stays open until the block ends, and the
+        store's environment stays open even if `close()` is called meanwhile. A build writing
+        the store cannot reuse the pages the views show while the block is open (the file
+        grows instead, so keep blocks short while a build runs).
+
+        Not guaranteed: the views are read-only memory. Writing into one (``.add_(1)``, an
+        in-place op, ``out=``) kills the process with SIGSEGV, and so does touching one after
+        the block ended and the store was closed. Copy what you keep (``.clone()``, or
+        `read_into` / `get` outside the block).
+
+        Returns:
+            a `StoreView` context manager.
+
+        Example:
+            >>> from featstore import FeatureStore
+            >>> store = FeatureStore("data/")
+            >>> with store.view() as v:
+            ...     total = v.get("scene_a/000.jpg").features.float().sum()   # read-only, no copy
+            >>> store.close()
+        """
+        return StoreView(self)
 
     def _check_frames(self, key: str, entry: Entry, frames: Sequence[str]) -> None:
         wanted = [normalize_key(f) for f in frames]
@@ -503,3 +552,47 @@ class FeatureStore:
             for k, v in chunk:
                 yield k.decode("utf-8"), v
             last, skip_first = chunk[-1][0], True
+
+
+class StoreView:
+    """A read transaction whose entries are zero-copy views; see `FeatureStore.view`.
+
+    Entering opens the transaction and holds a reference on the environment (so `close()` of
+    the store cannot unmap it); leaving ends both, after which `get` raises FeatstoreError.
+    """
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self._txn = None
+        self._rec: _OpenEnv | None = None
+        self._pid: int | None = None
+
+    def __enter__(self) -> "StoreView":
+        if self._txn is not None:
+            raise FeatstoreError(f"{self.store.path}: this view is already open; use a new store.view()")
+        env = self.store._environment()
+        rec = self.store._rec
+        rec.refs += 1  # the map stays mapped until __exit__, whatever close() is called
+        try:
+            self._txn = env.begin(db=self.store._db, buffers=True)
+        except BaseException:
+            _release(rec)
+            raise
+        self._rec, self._pid = rec, os.getpid()
+        return self
+
+    def get(self, key, *, frames: Sequence[str] | None = None) -> Entry:
+        """The entry under `key` as zero-copy views valid until this block ends (values under
+        about 2 KiB, which sit unaligned in the map, are copied). Raises like `FeatureStore.get`."""
+        if self._txn is None or self._pid != os.getpid():
+            raise FeatstoreError(
+                f"{self.store.path}: this store view is closed (or was inherited across fork); "
+                "read inside `with store.view() as v:` in the process that opened it"
+            )
+        return self.store._get(self._rec.env, self._txn, key, copy=False, frames=frames)
+
+    def __exit__(self, *exc) -> None:
+        txn, rec, self._txn, self._rec = self._txn, self._rec, None, None
+        if txn is not None and self._pid == os.getpid():
+            txn.abort()
+            _release(rec)

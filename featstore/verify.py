@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import logging
 import os
 import random
 import sys
@@ -46,6 +47,7 @@ from typing import Iterable, Sequence
 
 import lmdb
 
+from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
@@ -53,6 +55,8 @@ from featstore.store import (DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolv
                              truncated_size)
 
 __all__ = ["Finding", "Report", "verify_store", "PROBLEM_KINDS", "configure_parser", "run"]
+
+logger = logging.getLogger("featstore")
 
 # kind -> what it means and what to do; the human summary prints the advice once per kind.
 PROBLEM_KINDS: dict[str, str] = {
@@ -536,6 +540,10 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
     finally:
         fs.close()
     report.seconds = time.perf_counter() - t0
+    found = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts().items()))
+    logger.log(logging.INFO if report.ok else logging.WARNING,
+               f"featstore verify: {path}: {'ok' if report.ok else 'problems found (' + found + ')'}, "
+               f"{report.seconds:.1f} s")
     return report
 
 
@@ -610,8 +618,7 @@ def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report:
 # -- command line ---------------------------------------------------------------------------
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", default=".", help="store directory, or a data root holding "
-                   f"{DEFAULT_STORE_NAME} (then also the data root; default: current directory)")
+    p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
                    help="training's annotation files: the plan is one unit per sample (as for build)")
@@ -633,15 +640,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise FeatstoreError(f"--workers must be >= 1. Found {args.workers}")
+    store = store_path_arg(args.store, args.data_root)
     try:
-        report = verify_store(args.store, data_root=args.data_root, annotations=args.annotations,
+        report = verify_store(store, data_root=args.data_root, annotations=args.annotations,
                               deep=args.deep, recompute=args.recompute, seed=args.seed, weights=args.weights,
                               device=args.device, workers=args.workers, structure=not args.no_structure,
                               progress=not args.no_progress and not args.json)
     except (FeatstoreError, lmdb.Error) as e:
         if not args.json:
             raise  # the CLI prints it (and translates lmdb.Error), exit 2
-        print(json.dumps({"path": args.store, "ok": False, "exit_code": 2, "error": str(e)}, indent=2))
+        print(json.dumps({"path": store, "ok": False, "exit_code": 2, "error": str(e)}, indent=2))
         print(f"featstore verify: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -19,6 +19,7 @@ from typing import Mapping
 import lmdb
 import torch
 
+from featstore.claim import prepare_store_dir
 from featstore.encoders.spec import EncoderSpec
 from featstore.errors import ManifestError, StoreFullError
 from featstore.format import align_blob, decode_entry, encode_entry
@@ -86,7 +87,7 @@ class StoreWriter:
             raise ValueError(f"map_size must be a positive int (bytes) or None. Found {map_size!r}")
         self.batch_entries = batch_entries
         self.batch_bytes = batch_bytes
-        os.makedirs(self.path, exist_ok=True)
+        prepare_store_dir(self.path)  # never a file, nor a folder of other things (featstore.claim)
         existing = os.path.join(self.path, "data.mdb")
         size = map_size or max(DEFAULT_MAP_SIZE, os.path.getsize(existing) if os.path.exists(existing) else 0)
         self.env = open_env(self.path, readonly=False, lock=True, map_size=size, max_readers=2048)

@@ -3,6 +3,7 @@ several processes, shards and merge."""
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -172,7 +173,7 @@ def _tiny_checkpoint(data_root):
     return path
 
 
-def test_dry_run_builds_no_model(data_root, monkeypatch, capsys):
+def test_dry_run_builds_no_model(data_root, monkeypatch, caplog):
     build(options(data_root, store=os.path.join(data_root, "vggt_features.lmdb")))
     os.remove(os.path.join(data_root, "scene_b", "000.jpg"))
     Image.fromarray(np.full((72, 96, 3), 9, np.uint8)).save(os.path.join(data_root, "scene_a", "001.jpg"))
@@ -182,9 +183,10 @@ def test_dry_run_builds_no_model(data_root, monkeypatch, capsys):
         raise AssertionError("--dry-run built the model")
 
     monkeypatch.setattr(VGGTAggregator, "__init__", no_model)
-    report = build(options(data_root, dry_run=True), out=sys.stderr)
+    with caplog.at_level(logging.INFO, logger="featstore"):  # the plan summary is logged
+        report = build(options(data_root, dry_run=True))
     assert (report.planned, report.fresh, report.missing, report.stale, report.computed) == (10, 8, 1, 1, 0)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "fresh 8, missing 1, stale 1; to compute 2" in err and "MB per entry" in err and "GB to add" in err
     with pytest.raises(AssertionError, match="built the model"):  # the patch is live: a real build trips it
         build(options(data_root))

@@ -27,10 +27,11 @@ class _StoreDataset(Dataset):
     def __getitem__(self, i: int):
         key = self.keys[i]
         out = self.store.read_into([key])[0]  # one copy out of the map, inside one transaction
-        view = self.store.get(key).features  # a zero-copy view, copied by collate below
+        with self.store.view() as v:
+            view = v.get(key).features.clone()  # a zero-copy view, copied before the block ends
         rec = self.store._rec
         # The env used here must have been opened by this very process, never inherited.
-        return {"x": out, "view": view.clone(), "pid": os.getpid(), "opened_here": rec.pid == os.getpid()}
+        return {"x": out, "view": view, "pid": os.getpid(), "opened_here": rec.pid == os.getpid()}
 
 
 def _keys():
@@ -56,9 +57,10 @@ def core_dl_store(tmp_path_factory):
                          ids=["fork-lazy", "fork-parent-opened", "spawn-parent-opened"])
 def test_dataloader_four_workers(core_dl_store, method, parent_opened):
     store = FeatureStore(core_dl_store)
-    held = None
-    if parent_opened:
-        held = store.get(_keys()[0]).features  # parent has the env open and a view into its map
+    held = parent_view = None
+    if parent_opened:  # parent has the env open and a view into its map
+        parent_view = store.view().__enter__()
+        held = parent_view.get(_keys()[0]).features
     loader = DataLoader(_StoreDataset(store, _keys()), batch_size=4, num_workers=4,
                         multiprocessing_context=method, shuffle=False)
     seen, pids = [], set()
@@ -73,6 +75,7 @@ def test_dataloader_four_workers(core_dl_store, method, parent_opened):
     if held is not None:  # the parent's env and views survive the workers
         assert held[0, 0, 0].item() == 0.0
         assert store.get(_keys()[5]).features[0, 0, 0].item() == 5.0
+        parent_view.__exit__(None, None, None)
     store.close()
 
 

@@ -29,8 +29,7 @@ def docs_dir(tmp_path_factory):
     """A folder holding data/ (the sample data) and its built store, as the examples assume."""
     base = tmp_path_factory.mktemp("docs")
     shutil.copytree(os.path.join(REPO, "sample_data"), base / "data", ignore=shutil.ignore_patterns("*.lmdb"))
-    build(BuildOptions(data_root=str(base / "data"), encoder="vggt-tiny", workers=0, progress=False),
-          out=open(os.devnull, "w"))
+    build(BuildOptions(data_root=str(base / "data"), encoder="vggt-tiny", workers=0, progress=False))
     return base
 
 

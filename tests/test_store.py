@@ -33,14 +33,14 @@ def _entries(core_features, n, tokens=64):
 
 
 # -- zero-copy reads ------------------------------------------------------------------------------
-def test_get_returns_views_inside_the_map_64_byte_aligned(core_make_store, core_features, core_map_range):
+def test_view_returns_views_inside_the_map_64_byte_aligned(core_make_store, core_features, core_map_range):
     entries = {k: {"features": v, "conf": v[0, :, 0].float(), "ids": torch.arange(3)}
                for k, v in _entries(core_features, 5).items()}
     path = core_make_store(entries)
-    with FeatureStore(path) as store:
+    with FeatureStore(path) as store, store.view() as view:
         assert store.readahead is True  # the benchmarked default (docs/BENCHMARKS.md)
         for key, tensors in entries.items():
-            entry = store.get(key)
+            entry = view.get(key)
             lo, hi = core_map_range(path)
             for name, t in entry.tensors.items():
                 assert torch.equal(t, tensors[name]), (key, name)
@@ -107,7 +107,8 @@ def test_lmdb_1_0_page_header_is_aligned_too(tmp_path):
             w.finish()
         s = FeatureStore(p)
         assert s._environment().lib_version()[0] == 1
-        print(json.dumps([s.get(k).features.data_ptr() % 64 for k in "ab"]))
+        with s.view() as v:  # zero-copy views: their address is the value's place in the map
+            print(json.dumps([v.get(k).features.data_ptr() % 64 for k in "ab"]))
     """).replace("encode(", "__import__('featstore.format').format.encode_entry({'features': ").replace(
         "torch.bfloat16)))", "torch.bfloat16)}))")
     env = dict(os.environ, LMDB_DEFAULT_LIB_VERSION="1")

@@ -1,0 +1,152 @@
+"""Claiming a store path for writing: what may become a store, and one build at a time.
+
+`prepare_store_dir` refuses a path that is a file, or a non-empty folder that holds no store
+(an image folder given as ``--store`` would otherwise get a data.mdb, and every later scan of
+the data root would skip that folder as "a store").
+
+`BuildLock` lets one build write a store at a time. The ranks of one torchrun build share it
+(rank 0 takes it for all); a second build started meanwhile is refused at once, with the pid,
+host and start time of the build that holds it. It is an flock on
+``STORE/featstore-build.lock``: the kernel drops it when the last process holding the open file
+dies, SIGKILL included, so a killed build never blocks the next one; the pid/host/start it
+leaves in the file are then reported as taken over. (flock, not a POSIX record lock: closing any
+other descriptor of the file in the process would silently drop a record lock. Forked decode
+workers share the flock while they live, and they die with the build: PR_SET_PDEATHSIG. On NFS
+flock is emulated with record locks and needs a working lock daemon; build on local disk.)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+
+from featstore.errors import FeatstoreError, StoreBusyError
+
+__all__ = ["LOCK_NAME", "STORE_FILES", "prepare_store_dir", "BuildLock"]
+
+logger = logging.getLogger("featstore")
+
+LOCK_NAME = "featstore-build.lock"
+# What a store directory holds: LMDB's two files and the build lock. Nothing else is ours.
+STORE_FILES = frozenset({"data.mdb", "lock.mdb", LOCK_NAME})
+
+
+def prepare_store_dir(path: str, *, create: bool = True) -> None:
+    """Create the store directory `path` (unless `create` is False), or check that an existing
+    one may become a store.
+
+    Raises:
+        FeatstoreError: `path` is a file, or a non-empty directory without a data.mdb (not a
+            store); the message names the path and what to pass instead.
+    """
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if "data.mdb" not in names and set(names) - STORE_FILES:
+            shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            raise FeatstoreError(
+                f"store path {path} is a folder that holds {len(names)} other entries ({shown}) and no "
+                "featstore store: pass a new or empty directory as the store (--store), or an existing store"
+            )
+        return
+    if os.path.lexists(path):
+        raise FeatstoreError(f"store path {path} is a file, not a store directory: pass the path of a new "
+                             "directory as the store (--store), or an existing store")
+    if not create:
+        return
+    try:
+        os.makedirs(path)
+    except FileExistsError:  # created meanwhile by another rank: fine
+        pass
+    except NotADirectoryError:
+        raise FeatstoreError(f"store path {path}: a parent of it is a file; pass a path under a directory") from None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class BuildLock:
+    """Exclusive right to build the store at `store_path`, held until `release` (or exit).
+
+    Example:
+        >>> from featstore.claim import BuildLock
+        >>> with BuildLock("data/vggt_features.lmdb"):
+        ...     pass  # plan, compute and commit; a second build meanwhile gets StoreBusyError
+    """
+
+    def __init__(self, store_path: str):
+        self.path = os.path.join(store_path, LOCK_NAME)
+        self._fd: int | None = None
+
+    def acquire(self) -> "BuildLock":
+        """Take the lock, or raise StoreBusyError naming the build that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self._read(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise StoreBusyError(
+                f"{os.path.dirname(self.path)} is being written by another build ({self._describe(holder)}); "
+                "wait for it to finish and rerun this command (it then finds those units fresh), "
+                "or build into another --store"
+            ) from None
+        left = self._read(fd)
+        if left:  # the previous holder ended without releasing: it was killed
+            alive = left.get("host") == socket.gethostname() and _pid_alive(int(left.get("pid", 0)))
+            logger.warning(f"featstore: taking over the build lock of {self._describe(left)}, which "
+                           f"{'no longer holds it' if alive else 'is no longer running'} (killed?); "
+                           "its committed entries are kept and resumed from")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Clear the holder's record and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # an empty file: released cleanly (a killed holder leaves its record)
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            raw = os.pread(fd, 4096, 0)
+            info = json.loads(raw) if raw.strip() else {}
+            return info if isinstance(info, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _describe(info: dict) -> str:
+        if not info:
+            return "pid unknown"
+        return f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
+
+    def __enter__(self) -> "BuildLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
