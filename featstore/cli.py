@@ -11,7 +11,7 @@ import sys
 from featstore import __version__
 from featstore.errors import FeatstoreError
 from featstore.store import DEFAULT_STORE_NAME
-from featstore.interrupt import ignore_stop_signals, sigterm_as_keyboard_interrupt
+from featstore.interrupt import ignore_stop_signals, interrupts_deferred, sigterm_as_keyboard_interrupt
 
 # subcommand -> module that defines `configure_parser(parser)` and `run(args) -> int`
 COMMANDS = {
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         _log_to_stderr()
+        with interrupts_deferred():  # an interrupt inside torch's import could abort the process
+            _import_torch()
         return int(args._run(args) or 0)
     except FeatstoreError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
@@ -116,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
             # The process's own command line, and its work is done: a signal from now on (in
             # atexit callbacks, interpreter shutdown) must not print a traceback.
             ignore_stop_signals()
+
+
+def _import_torch() -> None:
+    """Import torch (every subcommand reads or writes tensors) where an interrupt is deferred;
+    `--help` never gets here, so it runs without torch. A missing torch is reported by the
+    subcommand that needs it."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _log_to_stderr() -> None:

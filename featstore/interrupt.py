@@ -22,7 +22,7 @@ import threading
 from typing import Iterator
 
 __all__ = ["StopFlag", "stop_on_signals", "sigterm_as_keyboard_interrupt", "ignore_stop_signals",
-           "signals_blocked"]
+           "signals_blocked", "interrupts_deferred"]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -107,3 +107,26 @@ def signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM that arrive inside the block raise KeyboardInterrupt when it ends.
+
+    For imports of C extensions (torch above all, which takes seconds): a KeyboardInterrupt
+    raised from Python code that the extension's initialisation calls can abort the process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'").
+    Outside the main thread the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt
