@@ -85,8 +85,10 @@ def training_args(output_dir: str, **overrides) -> transformers.TrainingArgument
 
 
 def build(output_dir: str, *, n: int = 12, sleep_s: float = 0.0, **arg_overrides) -> FeatstoreTrainer:
-    return FeatstoreTrainer(model=tiny_model(), args=training_args(output_dir, **arg_overrides),
-                            train_dataset=CountingDataset(n), data_collator=Collate(sleep_s))
+    # Arguments first: with a ZeRO-3 config they make _from_config build the model partitioned.
+    args = training_args(output_dir, **arg_overrides)
+    return FeatstoreTrainer(model=tiny_model(), args=args, train_dataset=CountingDataset(n),
+                            data_collator=Collate(sleep_s))
 
 
 def main() -> int:
@@ -94,8 +96,15 @@ def main() -> int:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_samples", type=int, default=12)
     p.add_argument("--max_steps", type=int, default=3)
+    p.add_argument("--deepspeed", default=None)
     a = p.parse_args()
-    build(a.output_dir, n=a.num_samples, max_steps=a.max_steps, logging_steps=1).train()
+    extra = {}
+    if a.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed("gloo")  # before the model, for ZeRO-3 on CPU (TRAINING.md)
+        extra["deepspeed"] = a.deepspeed
+    build(a.output_dir, n=a.num_samples, max_steps=a.max_steps, logging_steps=1, **extra).train()
     return 0
 
 

@@ -26,6 +26,9 @@ def child_env(**extra: str) -> dict[str, str]:
     thread per process (two ranks on two cores must not oversubscribe), plus `extra`."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
+    # torch's JIT extension build (DeepSpeed's CPU ops, first run) runs `ninja` from PATH: the
+    # training extra installs it beside this interpreter, which need not be on PATH.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(extra)
