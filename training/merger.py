@@ -86,7 +86,8 @@ class GeometryMerger(nn.Module):
     def forward_many(self, items: List[Tuple[Tensor, int, int]]) -> List[Tensor]:
         """Several samples' (features [F, h*w, C], h, w) through ONE MLP call -> per sample
         [F, (h//2)*(w//2), out]. The norm and MLP act per token, so this equals calling
-        `forward` per sample, with one kernel launch per layer instead of one per sample."""
+        `forward` per sample up to GEMM rounding (a matmul over more rows may block its sums
+        differently), with one kernel launch per layer instead of one per sample."""
         if not items:
             return []
         grouped = [group_2x2(self.ln_q(x.to(self.ln_q.weight.dtype)), h, w) for x, h, w in items]

@@ -118,7 +118,7 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
                 i, source, grids[i], feats_at, vggt_features, vggt_feature_frames, frames_at, vggt_frames,
                 vggt_frame_count, device)
             per_sample.append((i, x, grids[i]))
-        # One merger call for the whole batch: RMSNorm and the MLP act per token, so batching is exact.
+        # One merger call for the whole batch (RMSNorm and the MLP act per token): fewer launches.
         merged = self.merger.forward_many([(x, h, w) for _, x, (h, w) in per_sample])
         offsets: List[Tensor] = []
         image = 0
