@@ -136,7 +136,8 @@ def run(argv: Optional[List[str]] = None):
         train_args.label_names = ["labels"]
     trainer = _trainer_class()(model=model, args=train_args, train_dataset=dataset,
                                data_collator=Collator(tokenizer.pad_token_id))
-    trainer.train()
+    # --resume_from_checkpoint DIR continues from a checkpoint-N folder (model, optimizer, RNG, data position)
+    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     trainer.save_model(train_args.output_dir)
     return trainer
 
