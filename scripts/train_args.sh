@@ -9,7 +9,8 @@
 # VGGT:     USE_VGGT_CACHE=true reads features from the store (VGGT is never built);
 #           VGGT_CACHE_PATH (default <DATA_ROOT>/vggt_features.lmdb), VGGT_CACHE_MISS
 #           (error|compute, default error); otherwise VGGT runs online: VGGT_MODE
-#           (online_full|online_causal_stream, default online_full), VGGT_WEIGHTS.
+#           (online_full|online_causal_stream; unset: training picks online_full for per_image,
+#           online_causal_stream for last_to_all), VGGT_WEIGHTS.
 #           VGGT_FUSION (per_image|last_to_all), VGGT_SCALE (JanusVLN: 0.2), VGGT_ENCODER,
 #           VGGT_LAYER, VGGT_ATTENTION, VGGT_FRAMES_KEPT, VGGT_TARGET_SIZE, VGGT_PREPROCESS_MODE
 #           (unset: training's defaults, which match `featstore build`'s).
@@ -39,7 +40,7 @@ train_args=(--model_name_or_path "$MODEL" --data_root "$DATA_ROOT" --annotations
 case "$USE_VGGT_CACHE" in
   true)  train_args+=(--use_vggt_cache --vggt_cache_miss "${VGGT_CACHE_MISS:-error}")
          [ -n "${VGGT_CACHE_PATH:-}" ] && train_args+=(--vggt_cache_path "$VGGT_CACHE_PATH") ;;
-  false) train_args+=(--vggt_mode "${VGGT_MODE:-online_full}")
+  false) [ -n "${VGGT_MODE:-}" ] && train_args+=(--vggt_mode "$VGGT_MODE")
          [ -n "${VGGT_WEIGHTS:-}" ] && train_args+=(--vggt_weights "$VGGT_WEIGHTS") ;;
   *)     echo "USE_VGGT_CACHE=$USE_VGGT_CACHE: set it to true or false" >&2; exit 2 ;;
 esac

@@ -42,7 +42,7 @@ def test_single_node_defaults(tmp_path):
     assert argv[:6] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"]
     assert argv[6:8] == ["-m", "training.train"]
     assert _flag(argv, "--deepspeed") == ZERO2 and os.path.isfile(ZERO2)
-    assert "--use_vggt_cache" not in argv and _flag(argv, "--vggt_mode") == "online_full"
+    assert "--use_vggt_cache" not in argv and "--vggt_mode" not in argv  # training derives it from the fusion
     assert _flag(argv, "--bf16") == "true" and _flag(argv, "--gradient_checkpointing") == "true"
     assert "--use_cpu" not in argv and "--vggt_layer" not in argv
 
@@ -56,6 +56,37 @@ def test_use_vggt_cache_switches_the_flag():
     assert _flag(argv, "--data_root") == "/d" and _flag(argv, "--annotations") == "/d/annotations.json"
     assert (_flag(argv, "--vggt_layer"), _flag(argv, "--vggt_fusion"), _flag(argv, "--vggt_scale")) == \
         ("23", "last_to_all", "0.2")
+
+
+_PARSE = """
+import json, sys
+from training.args import parse_args, resolve_vggt
+for argv in json.loads(sys.argv[1]):
+    model_args, data_args, train_args = parse_args(argv)
+    s = resolve_vggt(model_args, data_args)
+    print(json.dumps([s.mode, s.fusion, s.scale, s.cached, bool(train_args.bf16), train_args.deepspeed,
+                      train_args.per_device_train_batch_size, model_args.tune_llm, model_args.tune_vision]))
+"""
+
+
+def test_training_accepts_every_flag_the_scripts_pass(tmp_path):
+    pytest.importorskip("transformers")
+    from _training_helpers import sample_root
+
+    root = sample_root(tmp_path)
+    argvs = []
+    for env in ({"USE_VGGT_CACHE": "true", "VGGT_LAYER": "23", "VGGT_CACHE_MISS": "compute"},
+                {"VGGT_FUSION": "last_to_all", "VGGT_ENCODER": "vggt-tiny", "TUNE_VISION": "true"}):
+        argv = _printed(_run("train_h800.sh", {"DRY_RUN": "1", "DATA_ROOT": root, "MODEL": "qwen2.5-vl-tiny",
+                                               "USE_CPU": "true", "BATCH_SIZE": "3", **env}))
+        argvs.append(argv[argv.index("training.train") + 1:])
+    # A fresh interpreter: parsing --deepspeed leaves process-wide DeepSpeed state behind.
+    res = subprocess.run([sys.executable, "-c", _PARSE, json.dumps(argvs)], cwd=REPO, capture_output=True,
+                         text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cached, online = (json.loads(line) for line in res.stdout.strip().splitlines()[-2:])
+    assert cached == ["cached", "per_image", 1.0, True, True, ZERO2, 3, True, False]
+    assert online == ["online_causal_stream", "last_to_all", 0.2, False, True, ZERO2, 3, True, True]
 
 
 def test_bad_use_vggt_cache_names_the_variable():
