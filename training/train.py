@@ -21,6 +21,7 @@ import torch
 from featstore.errors import FeatstoreError
 from training.args import ArgumentError, parse_args, resolve_vggt
 from training.data import Collator, ConversationDataset, DataError
+from training.trainer import FeatstoreTrainer
 from training.vggt_online import OnlineVGGT, resolve_spec
 
 __all__ = ["main", "run", "open_feature_cache", "build_model", "load_tokenizer_and_processor"]
@@ -87,23 +88,6 @@ def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42):
     return Qwen2_5_VLWithGeometry.from_pretrained(name, config=config)
 
 
-def _trainer_class():
-    try:
-        from training.trainer import FeatstoreTrainer
-    except ImportError:  # the trainer module is built alongside; until then: a minimal stand-in
-        from transformers import Trainer
-
-        stat_keys = ("cache_hits", "cache_misses", "cache_computed")
-
-        class FeatstoreTrainer(Trainer):  # noqa: N801 - same name as the real one
-            def compute_loss(self, model, inputs, *args, **kwargs):
-                for k in stat_keys:
-                    inputs.pop(k, None)
-                return super().compute_loss(model, inputs, *args, **kwargs)
-
-    return FeatstoreTrainer
-
-
 def run(argv: Optional[List[str]] = None):
     """Everything `main` does, raising errors instead of printing them. Returns the trainer."""
     from training.model import geometry_config, set_trainable
@@ -134,7 +118,7 @@ def run(argv: Optional[List[str]] = None):
                 settings.fusion, settings.scale, len(dataset), counts)
     if train_args.label_names is None:
         train_args.label_names = ["labels"]
-    trainer = _trainer_class()(model=model, args=train_args, train_dataset=dataset,
+    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset,
                                data_collator=Collator(tokenizer.pad_token_id))
     trainer.train()
     trainer.save_model(train_args.output_dir)
