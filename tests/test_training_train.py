@@ -119,3 +119,24 @@ def test_dataloader_workers_read_the_store_during_training(tmp_path, start_metho
     hits = [r["cache_hits"] for r in records if "cache_hits" in r]
     assert hits[-1] == _samples_seen(3) == 5 and hits == sorted(hits) and len(hits) >= 3
     assert "VGGT feature cache enabled:" in proc.stderr
+
+
+def test_a_saved_run_reloads_with_its_merger_and_continues(tmp_path):
+    import torch
+
+    from training.train import run
+
+    root = sample_root(tmp_path)
+    build_store(root)
+    first = run(_argv(root, str(tmp_path / "a"), "--use_vggt_cache", "--learning_rate", "1e-2", steps=2))
+    saved = {k: v.detach().clone() for k, v in first.model.state_dict().items()}
+    second = run(_argv(root, str(tmp_path / "b"), "--use_vggt_cache", "--model_name_or_path", str(tmp_path / "a"),
+                       "--vggt_encoder", "vggt-tiny", "--learning_rate", "0", steps=1))
+    reloaded = second.model.state_dict()
+    assert set(reloaded) == set(saved)
+    for k, v in saved.items():  # learning rate 0: the step changed nothing, so this is the loaded state
+        assert torch.equal(reloaded[k], v), k
+    from _training_helpers import spec_for, tiny_model
+
+    fresh = tiny_model(spec_for(), seed=0).state_dict()  # the first run's initial weights
+    assert not torch.equal(fresh["merger.mlp.0.weight"], saved["merger.mlp.0.weight"])  # trained, then reloaded

@@ -118,10 +118,13 @@ def run(argv: Optional[List[str]] = None):
                 settings.fusion, settings.scale, len(dataset), counts)
     if train_args.label_names is None:
         train_args.label_names = ["labels"]
-    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset,
+    # processing_class: checkpoints then hold the tokenizer, so --model_name_or_path can resume from them.
+    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
                                data_collator=Collator(tokenizer.pad_token_id))
     trainer.train()
     trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(train_args.output_dir)
     return trainer
 
 
