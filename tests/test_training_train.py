@@ -140,3 +140,29 @@ def test_a_saved_run_reloads_with_its_merger_and_continues(tmp_path):
 
     fresh = tiny_model(spec_for(), seed=0).state_dict()  # the first run's initial weights
     assert not torch.equal(fresh["merger.mlp.0.weight"], saved["merger.mlp.0.weight"])  # trained, then reloaded
+
+
+def test_a_miss_in_a_dataloader_worker_is_one_line_naming_key_and_sample(tmp_path, capsys):
+    from training.train import main
+
+    root = sample_root(tmp_path)
+    first_two = os.path.join(root, "first_two.json")
+    with open(first_two, "w") as f:
+        json.dump(json.load(open(annotations(root)))[:2], f)
+    build_store(root, annotation_files=[first_two])
+    argv = _argv(root, str(tmp_path / "out"), "--use_vggt_cache", "--dataloader_num_workers", "2",
+                 "--per_device_train_batch_size", "5", steps=1)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(line) == 1, err[-2000:]
+    # samples 2-4 are not stored; the shuffled sampler decides which one a worker meets first
+    import re
+
+    pattern = (rf"error: VGGT feature cache miss for {re.escape(annotations(root))} sample ([234]) "
+               r"\(id '([^']+)'\): key '([^']+)' \(key '\3' is not in the store .*\)\. Build the store with "
+               r"`featstore build --data-root .* --vggt_cache_miss compute to encode misses online$")
+    match = re.match(pattern, line[0])
+    assert match, line[0]
+    expected_keys = {"2": "scene_b_step3", "3": "scene_b_step1", "4": "misc/portrait.png"}
+    assert match.group(3) == expected_keys[match.group(1)]

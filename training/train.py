@@ -136,9 +136,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(argv)
     except (ArgumentError, DataError, FeatstoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker is re-raised in the main
+    process with the worker's traceback folded into its message; keep only the original line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 if __name__ == "__main__":

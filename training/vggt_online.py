@@ -19,7 +19,7 @@ Shapes: S frames of one unit, [S, 3, H, W] in [0, 1]; features [F, N, C] with F 
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -36,6 +36,8 @@ class OnlineVGGT:
     Args:
         name, weights, overrides: as for `featstore.encoders.get_encoder`.
         patch_size: the encoder's patch size (frames are h*patch x w*patch pixels).
+        max_frames_per_call: frames per encoder call when units are batched (as `featstore build
+            --batch-frames`, default 16).
         stream: feed frames one per call with the key/value cache (`online_causal_stream`).
         expected_fingerprint: the spec's fingerprint training resolved; the built encoder must match.
 
@@ -47,8 +49,9 @@ class OnlineVGGT:
 
     def __init__(self, name: str, *, weights: Optional[str] = None, stream: bool = False,
                  overrides: Optional[Dict[str, Any]] = None, expected_fingerprint: Optional[str] = None,
-                 patch_size: int = 14):
+                 patch_size: int = 14, max_frames_per_call: int = 16):
         self.name, self.weights, self.stream, self.patch_size = name, weights, stream, int(patch_size)
+        self.max_frames_per_call = int(max_frames_per_call)
         self.overrides = dict(overrides or {})
         self.expected_fingerprint = expected_fingerprint
         self._encoder = None
@@ -74,9 +77,25 @@ class OnlineVGGT:
 
     def features(self, frames: torch.Tensor, device) -> torch.Tensor:
         """One unit's frames [S, 3, H, W] in [0, 1] -> features [F, N, C] (storage dtype) on `device`."""
+        return self.features_many([frames], device)[0]
+
+    def features_many(self, units: List[torch.Tensor], device) -> List[torch.Tensor]:
+        """Several units' frames -> their features, in order. Units of one shape share encoder
+        calls of at most `max_frames_per_call` frames (one unit always fits), as the build
+        batches them: fewer, larger calls on the GPU."""
         enc = self.encoder(device)
-        out = encode_frames(enc, frames[None], stream=self.stream)[0]
-        return out.to(device)
+        out: List[Optional[torch.Tensor]] = [None] * len(units)
+        groups: Dict[tuple, List[int]] = {}
+        for j, frames in enumerate(units):
+            groups.setdefault(tuple(frames.shape), []).append(j)
+        for shape, members in groups.items():
+            per_call = max(1, self.max_frames_per_call // shape[0])
+            for start in range(0, len(members), per_call):
+                chunk = members[start: start + per_call]
+                feats = encode_frames(enc, torch.stack([units[j] for j in chunk]), stream=self.stream)
+                for j, f in zip(chunk, feats):
+                    out[j] = f.to(device)
+        return out
 
     def __getstate__(self):  # never pickle a built model (spawn workers, checkpoints)
         state = dict(self.__dict__)
