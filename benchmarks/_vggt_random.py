@@ -1,16 +1,11 @@
 """Registers `vggt-1b-random`: the VGGT-1B aggregator config with seeded random weights, so that
 benchmarks measure the real architecture on a machine that cannot download the checkpoint."""
 
-from featstore.encoders import _make_vggt, register_encoder
-from featstore.encoders.vggt import VGGT_1B_CONFIG
+from featstore.encoders import VGGTPreset, register_encoder
+from featstore.encoders.vggt_config import VGGT_1B_CONFIG
 
 NAME = "vggt-1b-random"
 
 
-def _vggt_1b_random(*, weights=None, device="cpu", **kw):
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in VGGT_1B_CONFIG.items()}
-    return _make_vggt(name=NAME, config=cfg, weights=None, device=device, random_seed=0,
-                      default_target=518, **kw)
-
-
-register_encoder(NAME, _vggt_1b_random, overwrite=True)
+_PRESET = VGGTPreset(NAME, VGGT_1B_CONFIG, default_target=518, random_seed=0)
+register_encoder(NAME, _PRESET.build, spec=_PRESET.spec, overwrite=True)

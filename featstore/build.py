@@ -20,7 +20,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import queue
@@ -31,18 +30,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
+from featstore.dtypes import DTYPE_NAMES, torch_dtype
 from featstore.errors import FeatstoreError, ImageDecodeError, StoreFullError
-from featstore.format import decode_entry, encode_entry
 from featstore.plan import Unit, plan_units, source_path
-from featstore.store import (DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env,
-                             utc_now)
+from featstore.store import DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env, utc_now
 
-__all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "compute_unit", "encoder_for_manifest",
-           "unit_metadata", "configure_parser", "run"]
+# torch is imported inside the functions that run the model, so that `featstore --help` and
+# the parser need no torch (the layering test runs the CLI with torch unimportable).
 
-_STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+__all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "configure_parser", "run"]
+
 _HEADER_ESTIMATE = 1024  # bytes of safetensors header + metadata per entry, for size estimates
 
 
@@ -99,69 +96,19 @@ class BuildReport:
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
+    import torch
+
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
-
-
-def encoder_for_manifest(manifest: dict, *, weights: str | None = None, device: str = "cpu"):
-    """Rebuild the encoder a store was built with (for verify --recompute and resumed builds).
-
-    Raises FingerprintMismatchError naming the fields when the rebuilt spec differs (e.g. other
-    weights were given)."""
-    from featstore.encoders import EncoderSpec, get_encoder
-    from featstore.store import check_fingerprint
-
-    spec = EncoderSpec.from_dict(manifest["encoder"])
-    overrides = dict(layer=spec.layer, attention=spec.attention, frames_kept=spec.frames_kept,
-                     compute_dtype=spec.compute_dtype, storage_dtype=spec.storage_dtype,
-                     preprocess=spec.preprocess)
-    if spec.implementation == "official":
-        overrides["backend"] = "official"
-    encoder = get_encoder(spec.encoder, weights=weights, device=device, **overrides)
-    check_fingerprint(manifest, encoder.spec.to_dict())
-    return encoder
-
-
-def _read_frame(data_root: str, key: str, spec, patch: int) -> tuple[torch.Tensor, dict]:
-    """Read one frame file once: its identity (size, mtime, sha256) and its preprocessed tensor."""
-    from featstore.encoders.preprocess import preprocess_image
-
-    path = source_path(data_root, key)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read()
-    except OSError as e:
-        raise ImageDecodeError(f"image {path!r}: {e.strerror}") from None
-    source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
-    return preprocess_image(data, spec.preprocess, patch_size=patch, name=path), source
-
-
-def unit_metadata(unit: Unit, sources: list[dict], grid: tuple[int, int], spec) -> dict[str, str]:
-    """The `__metadata__` of a stored entry (see docs/FORMAT.md)."""
-    return {
-        "frames": json.dumps(list(unit.frames), ensure_ascii=False),
-        "sources": json.dumps(sources, sort_keys=True),
-        "grid": json.dumps(list(grid)),
-        "fingerprint": spec.fingerprint(),
-        "encoder": spec.encoder,
-    }
-
-
-def compute_unit(encoder, data_root: str, unit: Unit) -> tuple[torch.Tensor, dict[str, str]]:
-    """Encode one unit directly: (features [F, N, C] in the storage dtype on CPU, metadata)."""
-    frames, sources = zip(*(_read_frame(data_root, f, encoder.spec, encoder.patch_size) for f in unit.frames))
-    x = torch.stack(frames)[None]
-    feats = encoder.encode(x)[0].to(_STORAGE_DTYPES[encoder.spec.storage_dtype]).cpu()
-    grid = encoder.patch_grid(*x.shape[-2:])
-    return feats, unit_metadata(unit, list(sources), grid, encoder.spec)
 
 
 # -- planning: what to compute ----------------------------------------------------------------
 
 def _entry_state(value, unit: Unit, data_root: str, fingerprint: str) -> str:
     """'fresh' or 'stale' for a stored value of `unit`."""
+    from featstore.format import decode_entry
+
     try:
         meta = decode_entry(value, key=unit.key).metadata
         frames = json.loads(meta.get("frames", "null"))
@@ -209,7 +156,7 @@ def _estimate_entry_bytes(encoder, units: list[Unit], data_root: str) -> int:
 
     spec = encoder.spec
     channels = 2 * int(spec.config["embed_dim"])
-    itemsize = _STORAGE_DTYPES[spec.storage_dtype].itemsize
+    itemsize = torch_dtype(spec.storage_dtype).itemsize
     for unit in units[:32]:
         try:
             with Image.open(source_path(data_root, unit.frames[0])) as im:
@@ -231,8 +178,9 @@ def _estimate_entry_bytes(encoder, units: list[Unit], data_root: str) -> int:
 
 # -- the pipeline ---------------------------------------------------------------------------
 
-class _UnitDataset(torch.utils.data.Dataset):
-    """Decodes the frames of one unit per item, in a DataLoader worker."""
+class _UnitDataset:
+    """Decodes the frames of one unit per item, in a DataLoader worker (a map-style dataset:
+    `__len__` and `__getitem__` are all DataLoader needs)."""
 
     def __init__(self, units: list[Unit], data_root: str, spec, patch: int):
         self.units, self.data_root, self.spec, self.patch = units, data_root, spec, patch
@@ -241,14 +189,11 @@ class _UnitDataset(torch.utils.data.Dataset):
         return len(self.units)
 
     def __getitem__(self, i: int):
-        unit = self.units[i]
+        from featstore.encode import read_unit_frames
+
         try:
-            frames, sources = zip(*(_read_frame(self.data_root, f, self.spec, self.patch) for f in unit.frames))
-            shapes = {tuple(t.shape) for t in frames}
-            if len(shapes) != 1:
-                raise ImageDecodeError(f"unit {unit.key!r}: frames preprocess to different sizes {sorted(shapes)}; "
-                                       "one encoder call needs frames of one size (use pad mode or extra_resize)")
-            return i, torch.stack(frames), list(sources), None
+            frames, sources = read_unit_frames(self.data_root, self.units[i], self.spec, self.patch)
+            return i, frames, sources, None
         except ImageDecodeError as e:
             return i, None, None, str(e)
         except Exception as e:  # a decoder bug must not kill a long build: record the unit as failed
@@ -301,6 +246,9 @@ class _Stage(threading.Thread):
 def _serialise(spec, units, sources, host, done, grid):
     """Wait for a batch's device->host copy, then make each unit's blob (one copy + CRC-32;
     both release the GIL, so this overlaps the writer's commits)."""
+    from featstore.encode import unit_metadata
+    from featstore.format import encode_entry
+
     if done is not None:
         done.synchronize()
     blobs = [encode_entry({"features": feats}, unit_metadata(unit, src, grid, spec))
@@ -323,11 +271,14 @@ def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
 
 
 def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool) -> None:
+    import torch
     from tqdm import tqdm
+
+    from featstore.encode import encode_frames
 
     spec = encoder.spec
     device = encoder.device
-    storage = _STORAGE_DTYPES[spec.storage_dtype]
+    storage = torch_dtype(spec.storage_dtype)
     on_cuda = device.type == "cuda"
     dataset = _UnitDataset(todo, opts.data_root, spec, encoder.patch_size)
     loader = torch.utils.data.DataLoader(
@@ -356,7 +307,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
             x = torch.cat([x, x[-1:].expand(full - len(items), *x.shape[1:])])
         if on_cuda:
             x = x.pin_memory().to(device, non_blocking=True)
-        feats = encoder.encode(x)[: len(items)].to(storage)  # [B, F, N, C], cast on the device
+        feats = encode_frames(encoder, x)[: len(items)]  # [B, F, N, C], storage dtype, on the device
         done = None
         if on_cuda:
             host = torch.empty(feats.shape, dtype=storage, pin_memory=True)
@@ -397,6 +348,7 @@ def _dist_setup():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -545,8 +497,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames-kept", choices=["all", "last"], help="store every frame's tokens or only the last's")
     g.add_argument("--target-size", type=int, help="preprocessing width/longest side (518; JanusVLN uses 644)")
     g.add_argument("--preprocess-mode", choices=["crop", "pad"], help="official crop (default) or pad mode")
-    g.add_argument("--storage-dtype", choices=sorted(_STORAGE_DTYPES), help="dtype of stored features (bfloat16)")
-    g.add_argument("--compute-dtype", choices=sorted(_STORAGE_DTYPES), help="autocast dtype on GPU (bfloat16)")
+    g.add_argument("--storage-dtype", choices=DTYPE_NAMES, help="dtype of stored features (bfloat16)")
+    g.add_argument("--compute-dtype", choices=DTYPE_NAMES, help="autocast dtype on GPU (bfloat16)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.5x faster "
                    "VGGT-1B forwards on H100/H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
                    "with eager within bf16 rounding")

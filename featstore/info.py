@@ -13,8 +13,6 @@ import json
 import os
 
 from featstore.errors import CorruptEntryError
-from featstore.format import decode_entry
-from featstore.reader import FeatureStore
 from featstore.store import LAST_BUILD_KEY, META_DB
 
 __all__ = ["store_info", "configure_parser", "run"]
@@ -31,6 +29,9 @@ def human_bytes(n: float) -> str:
 def store_info(path: str, *, max_scan: int = 10000) -> dict:
     """Summarise a store: manifest, counts, file size, last build report, and the
     dtype/shape of the first `max_scan` entries (headers only: one page per value)."""
+    from featstore.format import decode_entry  # torch: imported when run, not for `--help`
+    from featstore.reader import FeatureStore
+
     store = FeatureStore(path)
     try:
         manifest = store.manifest

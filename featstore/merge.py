@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from featstore.errors import FeatstoreError
-from featstore.reader import FeatureStore
 from featstore.store import check_fingerprint, resolve_store_path, utc_now
 
 __all__ = ["MergeConflictError", "merge_stores", "configure_parser", "run"]
@@ -28,6 +27,7 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
     """Copy every entry of `shards` into the store `out` (created if absent). Returns a report."""
     from tqdm import tqdm
 
+    from featstore.reader import FeatureStore  # torch: imported when run, not for `--help`
     from featstore.writer import StoreWriter
 
     if not shards:

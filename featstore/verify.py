@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import math
 import os
 import random
 import struct
@@ -52,9 +51,7 @@ from featstore.keys import normalize_key
 from featstore.plan import source_path
 from featstore.store import DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolve_store_path
 
-__all__ = ["Finding", "Report", "verify_store", "compare_features", "RECOMPUTE_TOLERANCES", "COMPUTE_TOLERANCES",
-           "PROBLEM_KINDS",
-           "configure_parser", "run"]
+__all__ = ["Finding", "Report", "verify_store", "PROBLEM_KINDS", "configure_parser", "run"]
 
 # kind -> what it means and what to do; the human summary prints the advice once per kind.
 PROBLEM_KINDS: dict[str, str] = {
@@ -81,25 +78,6 @@ PROBLEM_KINDS: dict[str, str] = {
               "miss it): `featstore build` with the same --annotations recomputes it",
     "recompute": "features recomputed on the encoder differ from the stored ones beyond the storage "
                  "dtype's tolerance: check weights/code version; rebuild with --force",
-}
-
-# dtype -> (max |stored - recomputed| / max |stored|, min cosine similarity); the loosest of the
-# storage dtype's row and the compute dtype's row applies.
-# Storage rounding costs at most half an ulp of a value, i.e. of the tensor's max: bf16 2^-9,
-# fp16 2^-12, fp32 2^-25 (rows below leave ~5x headroom).
-RECOMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float32": (1e-4, 0.999999),
-    "float16": (2e-3, 0.99999),
-    "bfloat16": (1e-2, 0.9999),
-}
-# A CUDA build computes under autocast(compute_dtype); a CPU recompute runs float32, so errors
-# compound through the network. Measured on vggt-tiny (4 blocks), sample_data, autocast vs fp32:
-# bf16 0.6% of max |x|, cosine 0.99999; fp16 0.08%, cosine 0.9999998. VGGT-1B has 24 blocks, not
-# measured here: the rows leave ~8x (bf16) and ~12x (fp16) headroom. A wrong layer, weights or
-# frame order gives cosine far below (tests/test_verify.py::test_recompute_catches_wrong_features).
-COMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float16": (1e-2, 0.9999),
-    "bfloat16": (5e-2, 0.999),
 }
 
 _DEFAULT_WORKERS = min(16, 2 * (os.cpu_count() or 1))  # > cores: threads also wait on cold page faults
@@ -457,38 +435,10 @@ def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, 
 
 # -- 6. recompute ---------------------------------------------------------------------------
 
-def compare_features(stored, recomputed, storage_dtype: str, compute_dtype: str | None = None) -> dict:
-    """Compare two feature tensors within the tolerance of the storage (and compute) dtype.
-
-    Returns:
-        dict with max_abs_error, rel_error (max abs error / max |stored|), cosine, the
-        tolerances used, and ok.
-    """
-    import torch
-
-    a = stored.detach().to(torch.float64).reshape(-1)
-    b = recomputed.detach().to(torch.float64).reshape(-1)
-    rows = [RECOMPUTE_TOLERANCES.get(storage_dtype, RECOMPUTE_TOLERANCES["bfloat16"])]
-    if compute_dtype in COMPUTE_TOLERANCES:
-        rows.append(COMPUTE_TOLERANCES[compute_dtype])
-    rel_tol = max(r[0] for r in rows)
-    cos_tol = min(r[1] for r in rows)
-    if a.shape != b.shape:
-        return {"ok": False, "error": f"shape {list(stored.shape)} != recomputed {list(recomputed.shape)}",
-                "rel_tolerance": rel_tol, "cosine_tolerance": cos_tol}
-    err = float((a - b).abs().max()) if a.numel() else 0.0
-    scale = float(a.abs().max()) if a.numel() else 0.0
-    rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-    na, nb = float(a.norm()), float(b.norm())
-    cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-    ok = math.isfinite(err) and rel <= rel_tol and cos >= cos_tol
-    return {"ok": ok, "max_abs_error": err, "rel_error": rel, "cosine": cos,
-            "rel_tolerance": rel_tol, "cosine_tolerance": cos_tol}
-
-
 def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: str, n: int, seed: int,
                weights, device: str, report: Report) -> None:
-    from featstore.build import compute_unit, encoder_for_manifest
+    from featstore.compare import compare_features
+    from featstore.encode import encode_unit, encoder_for_manifest
     from featstore.plan import Unit
 
     manifest = store.manifest
@@ -502,7 +452,7 @@ def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: s
         unit = Unit(key, tuple(records[key].frames))
         stored = store.get(key, copy=True).features
         try:
-            feats, _ = compute_unit(encoder, data_root, unit)
+            feats, _ = encode_unit(encoder, data_root, unit)
         except FeatstoreError as e:
             report.add("recompute", f"entry {key!r}: cannot recompute ({e})", key)
             continue
@@ -542,7 +492,7 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
         deep: also compare each source's sha256 with the one recorded at build time.
         recompute: re-encode this many random fresh units and compare (needs a data root).
         seed: for choosing the recomputed units (default: random; the report notes it).
-        weights / device: for the recompute encoder (`featstore.build.encoder_for_manifest`).
+        weights / device: for the recompute encoder (`featstore.encode.encoder_for_manifest`).
         workers: reader threads (default min(16, 2 x CPUs)).
         structure: run LMDB's full structural audit first (py-lmdb >= 3.0; reads every page
             header once). With False only the file size is checked.

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from featstore import FeatureStore
-from featstore.build import BuildOptions, build, compute_unit
+from featstore.build import BuildOptions, build
+from featstore.encode import encode_unit
 from featstore.encoders import get_encoder
 from featstore.errors import FingerprintMismatchError, PlanError
 from featstore.merge import MergeConflictError, merge_stores
@@ -78,7 +79,7 @@ def test_stored_features_equal_a_direct_encoder_call(data_root, mode):
         assert len(store) == len(units)
         assert store.manifest["fingerprint"] == encoder.spec.fingerprint()
         for unit in units:
-            expected, meta = compute_unit(encoder, data_root, unit)
+            expected, meta = encode_unit(encoder, data_root, unit)
             entry = store.get(unit.key, frames=unit.frames)
             assert entry.features.dtype == torch.bfloat16
             assert torch.equal(entry.features, expected), unit.key
@@ -94,7 +95,7 @@ def test_multi_frame_units_differ_from_single_image_features(data_root):
     with FeatureStore(data_root) as store:
         seq = store.get("scene_a_step3", copy=True).features
         assert seq.shape[0] == 4
-    alone, _ = compute_unit(encoder, data_root, plan_units(data_root)[2])  # scene_a/000.jpg by itself
+    alone, _ = encode_unit(encoder, data_root, plan_units(data_root)[2])  # scene_a/000.jpg by itself
     assert not torch.equal(seq[0], alone[0])
 
 
@@ -112,7 +113,7 @@ def test_rerun_computes_only_missing_and_changed_units(data_root):
     encoder = get_encoder("vggt-tiny")
     with FeatureStore(data_root) as store:
         for unit in plan_units(data_root, ann):
-            assert torch.equal(store.get(unit.key).features, compute_unit(encoder, data_root, unit)[0])
+            assert torch.equal(store.get(unit.key).features, encode_unit(encoder, data_root, unit)[0])
 
 
 def test_corrupt_and_empty_images_are_reported_and_skipped(data_root):

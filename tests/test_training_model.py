@@ -201,3 +201,23 @@ def test_merger_in_published_layout_loads_and_continues(tmp_path):
     assert losses[-1] < losses[0]
     assert not torch.equal(model.merger.mlp[0].weight, published["merger.mlp.0.weight"])
     assert [n for n, p in model.named_parameters() if p.requires_grad] == list(published)
+
+
+def test_text_only_samples_mix_with_image_samples(tmp_path):
+    root = sample_root(tmp_path)
+    path = os.path.join(root, "mixed.json")
+    with open(path, "w") as f:
+        json.dump([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+                   {"image": "misc/portrait.png",
+                    "conversations": [{"from": "human", "value": "<image>Door?"}, {"from": "gpt", "value": "Open."}]}],
+                  f)
+    spec = spec_for()
+    ds = dataset(root, spec, files=[path])
+    model = tiny_model(spec)
+    model.attach_vggt(online(spec))
+    mixed = collate(ds)
+    assert mixed["vggt_source"].tolist() == [0, 2] and mixed["image_grid_thw"].shape == (1, 3)
+    assert torch.isfinite(model(**model_inputs(mixed)).loss)
+    text_only = collate(ds, [0])
+    assert "pixel_values" not in text_only
+    assert torch.isfinite(model(**model_inputs(text_only)).loss)

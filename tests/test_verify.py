@@ -15,7 +15,8 @@ from _featstore_helpers import (features_for, make_data_root, flip_byte_in_value
 from featstore.errors import CorruptEntryError, FeatstoreError
 from featstore.reader import FeatureStore
 from featstore.store import MANIFEST_KEY, META_DB
-from featstore.verify import compare_features, verify_store
+from featstore.compare import compare_features
+from featstore.verify import verify_store
 from featstore.writer import StoreWriter
 
 

@@ -79,45 +79,52 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
 
     # ---- geometry -------------------------------------------------------------------------
 
-    def _sample_features(self, i: int, source: int, grid, feats_at: int, vggt_features: Tensor,
-                         vggt_feature_frames: Tensor, frames_at: int, vggt_frames: Tensor,
-                         vggt_frame_count: Tensor, device) -> tuple:
-        """Features [F, h*w, C] of sample i, and the advanced read offsets."""
-        h, w = grid
-        if source == SOURCE_FEATURES:
-            f = int(vggt_feature_frames[i])
-            n = f * h * w
-            x = vggt_features[feats_at: feats_at + n]
-            return x.reshape(f, h * w, -1), feats_at + n, frames_at
-        if source == SOURCE_FRAMES:
-            online = self.online_vggt
-            if online is None:
-                raise RuntimeError(
-                    f"batch sample {i} carries frames for the online VGGT, but none is attached (cached mode "
-                    "builds none unless --vggt_cache_miss compute)")
-            s = int(vggt_frame_count[i])
-            patch = online.patch_size
-            n = s * 3 * h * patch * w * patch
-            raw = vggt_frames[frames_at: frames_at + n].reshape(s, 3, h * patch, w * patch)
-            frames = raw.float().div(255) if raw.dtype == torch.uint8 else raw.float()
-            return online.features(frames, device), feats_at, frames_at + n
-        raise ValueError(f"batch sample {i}: unknown vggt_source {source}")
+    def _batch_features(self, vggt_source: Tensor, vggt_grid: Tensor, vggt_features: Tensor,
+                        vggt_feature_frames: Tensor, vggt_frames: Tensor, vggt_frame_count: Tensor,
+                        device) -> List[tuple]:
+        """(sample index, features [F, h*w, C], (h, w)) of every sample with images, in batch order.
+
+        Stored features are sliced out of `vggt_features`; frames are encoded online, samples of
+        one frame shape in one call (as the build batches units)."""
+        out, pending = [], []  # pending: (slot in out, frames [S, 3, H, W])
+        feats_at = frames_at = 0
+        sources, grids = vggt_source.tolist(), vggt_grid.tolist()
+        for i, source in enumerate(sources):
+            h, w = grids[i]
+            if source == 0:
+                continue
+            if source == SOURCE_FEATURES:
+                n = int(vggt_feature_frames[i]) * h * w
+                x = vggt_features[feats_at: feats_at + n].reshape(int(vggt_feature_frames[i]), h * w, -1)
+                feats_at += n
+                out.append((i, x, (h, w)))
+            elif source == SOURCE_FRAMES:
+                if self.online_vggt is None:
+                    raise RuntimeError(
+                        f"batch sample {i} carries frames for the online VGGT, but none is attached (cached mode "
+                        "builds none unless --vggt_cache_miss compute)")
+                s, patch = int(vggt_frame_count[i]), self.online_vggt.patch_size
+                n = s * 3 * h * patch * w * patch
+                raw = vggt_frames[frames_at: frames_at + n].reshape(s, 3, h * patch, w * patch)
+                frames_at += n
+                pending.append((len(out), raw.float().div(255) if raw.dtype == torch.uint8 else raw.float()))
+                out.append((i, None, (h, w)))
+            else:
+                raise ValueError(f"batch sample {i}: unknown vggt_source {source}")
+        if pending:
+            encoded = self.online_vggt.features_many([f for _, f in pending], device)
+            for (slot, _), x in zip(pending, encoded):
+                out[slot] = (out[slot][0], x, out[slot][2])
+        return out
 
     def geometry_offsets(self, image_grid_thw: Tensor, vggt_source: Tensor, vggt_grid: Tensor,
                          vggt_images: Tensor, vggt_features: Tensor, vggt_feature_frames: Tensor,
                          vggt_frames: Tensor, vggt_frame_count: Tensor) -> List[Tensor]:
         """One offset [tokens_k, hidden] per image of the batch, in image_grid_thw order."""
-        device = image_grid_thw.device
         merge = self.config.vision_config.spatial_merge_size
-        per_sample, feats_at, frames_at = [], 0, 0
-        sources, grids, counts = vggt_source.tolist(), vggt_grid.tolist(), vggt_images.tolist()
-        for i, source in enumerate(sources):
-            if source == 0:
-                continue
-            x, feats_at, frames_at = self._sample_features(
-                i, source, grids[i], feats_at, vggt_features, vggt_feature_frames, frames_at, vggt_frames,
-                vggt_frame_count, device)
-            per_sample.append((i, x, grids[i]))
+        counts = vggt_images.tolist()
+        per_sample = self._batch_features(vggt_source, vggt_grid, vggt_features, vggt_feature_frames, vggt_frames,
+                                          vggt_frame_count, image_grid_thw.device)
         # One merger call for the whole batch (RMSNorm and the MLP act per token): fewer launches.
         merged = self.merger.forward_many([(x, h, w) for _, x, (h, w) in per_sample])
         offsets: List[Tensor] = []

@@ -21,6 +21,7 @@ import torch
 from featstore.errors import FeatstoreError
 from training.args import ArgumentError, parse_args, resolve_vggt
 from training.data import Collator, ConversationDataset, DataError
+from training.trainer import FeatstoreTrainer
 from training.vggt_online import OnlineVGGT, resolve_spec
 
 __all__ = ["main", "run", "open_feature_cache", "build_model", "load_tokenizer_and_processor"]
@@ -87,23 +88,6 @@ def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42):
     return Qwen2_5_VLWithGeometry.from_pretrained(name, config=config)
 
 
-def _trainer_class():
-    try:
-        from training.trainer import FeatstoreTrainer
-    except ImportError:  # the trainer module is built alongside; until then: a minimal stand-in
-        from transformers import Trainer
-
-        stat_keys = ("cache_hits", "cache_misses", "cache_computed")
-
-        class FeatstoreTrainer(Trainer):  # noqa: N801 - same name as the real one
-            def compute_loss(self, model, inputs, *args, **kwargs):
-                for k in stat_keys:
-                    inputs.pop(k, None)
-                return super().compute_loss(model, inputs, *args, **kwargs)
-
-    return FeatstoreTrainer
-
-
 def run(argv: Optional[List[str]] = None):
     """Everything `main` does, raising errors instead of printing them. Returns the trainer."""
     from training.model import geometry_config, set_trainable
@@ -130,15 +114,19 @@ def run(argv: Optional[List[str]] = None):
                                      patch_size=int(spec.config["patch_size"])))
     counts = set_trainable(model, merger=model_args.tune_merger, llm=model_args.tune_llm,
                            vision=model_args.tune_vision)
-    logger.info("VGGT mode %s, fusion %s, scale %g; %d samples; trainable parameters %s", settings.mode,
-                settings.fusion, settings.scale, len(dataset), counts)
+    logger.info("VGGT mode %s (encoder %s, fingerprint %s), fusion %s, scale %g; %d samples; trainable "
+                "parameters %s", settings.mode, settings.encoder, spec.fingerprint()[:16], settings.fusion,
+                settings.scale, len(dataset), counts)
     if train_args.label_names is None:
         train_args.label_names = ["labels"]
-    trainer = _trainer_class()(model=model, args=train_args, train_dataset=dataset,
+    # processing_class: checkpoints then hold the tokenizer, so --model_name_or_path can resume from them.
+    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
                                data_collator=Collator(tokenizer.pad_token_id))
     # --resume_from_checkpoint DIR continues from a checkpoint-N folder (model, optimizer, RNG, data position)
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(train_args.output_dir)
     return trainer
 
 
@@ -150,9 +138,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(argv)
     except (ArgumentError, DataError, FeatstoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker is re-raised in the main
+    process with the worker's traceback folded into its message; keep only the original line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@
   every forward (TRAINING.md), so a registered VGGT would be partitioned, gathered each step,
   saved in checkpoints and offered to the optimizer. Here it is replicated, eval, no grad,
   moved to the device by us, and built lazily on first use.
-- Frames go through the same encode-one-unit code as `featstore build` (`featstore.encode`
-  when it exists: one call of S frames, or one frame per call with the key/value cache), and
-  the result is cast to the store's storage dtype, so the merger sees what a cache would hold.
+- Frames go through the same encode-one-unit code as `featstore build` (`featstore.encode`:
+  one call of S frames, or one frame per call with the key/value cache), and the result is
+  cast to the store's storage dtype, so the merger sees what a cache would hold.
 
 Shapes: S frames of one unit, [S, 3, H, W] in [0, 1]; features [F, N, C] with F = S ("all") or
 1 ("last"), N = h*w patch tokens, C channels.
@@ -19,98 +19,15 @@ Shapes: S frames of one unit, [S, 3, H, W] in [0, 1]; features [F, N, C] with F 
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["resolve_spec", "read_unit_frames", "encode_frames", "OnlineVGGT", "STORAGE_DTYPES"]
+# The build's own code, re-exported: training computes units exactly as `featstore build` does.
+from featstore.encode import encode_frames, read_unit_frames
+from featstore.encoders import resolve_spec  # no model built; the same fingerprint as get_encoder's
 
-STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_spec(name: str, *, weights: Optional[str] = None, **overrides: Any):
-    """The `EncoderSpec` that `get_encoder(name, weights=weights, **overrides)` would carry,
-    computed without building the encoder (featstore's `resolve_spec` where it exists)."""
-    from featstore import encoders as E
-
-    if hasattr(E, "resolve_spec"):
-        return E.resolve_spec(name, weights=weights, **overrides)
-    return _resolve_spec_here(name, weights=weights, **overrides)
-
-
-def _resolve_spec_here(name: str, *, weights: Optional[str], **overrides: Any):
-    # The same steps as featstore.encoders._make_vggt up to (not including) building the model.
-    from featstore.encoders import TINY_CONFIG, TINY_SEED, TINY_TARGET_SIZE, _apply_overrides
-    from featstore.encoders.spec import EncoderSpec, PreprocessSpec
-    from featstore.encoders.vggt import CODE_VERSION, VGGT_1B_CONFIG
-    from featstore.encoders.weights import resolve_weights, sha256_file
-    from featstore.errors import EncoderError, WeightsError
-
-    presets = {"vggt-1b": (VGGT_1B_CONFIG, 518), "vggt-tiny": (TINY_CONFIG, TINY_TARGET_SIZE)}
-    if name not in presets:
-        raise EncoderError(f"--vggt_encoder {name!r}: training knows the presets {sorted(presets)}")
-    config, target = presets[name]
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
-    if weights is not None:
-        digest = sha256_file(resolve_weights(weights))
-    elif name == "vggt-tiny":
-        digest = f"random-seed-{TINY_SEED}"
-    else:
-        raise WeightsError(f"--vggt_encoder {name} needs --vggt_weights (a model.safetensors path or hub id)")
-    spec = EncoderSpec(encoder=name, implementation="featstore", code_version=CODE_VERSION, config=config,
-                       weights_sha256=digest, preprocess=PreprocessSpec(target_size=target))
-    return _apply_overrides(spec, overrides)
-
-
-def read_unit_frames(data_root: str, unit, spec, patch_size: int):
-    """Read and preprocess the frames of one unit as the build does -> ([S, 3, H, W] float32, sources)."""
-    try:
-        from featstore.encode import read_unit_frames as featstore_read
-    except ImportError:
-        featstore_read = None
-    if featstore_read is not None:
-        return featstore_read(data_root, unit, spec, patch_size)
-    from featstore.build import _read_frame
-    from featstore.encoders.preprocess import stack_frames
-
-    frames, sources = zip(*(_read_frame(data_root, f, spec, patch_size) for f in unit.frames))
-    return stack_frames(list(frames)), list(sources)
-
-
-def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False) -> torch.Tensor:
-    """[B, S, 3, H, W] -> [B, F, N, C] in the spec's storage dtype, on the encoder's device.
-
-    stream=False: one call of S frames (the build's call). stream=True: one frame per call with
-    the aggregator's key/value cache, as streaming navigation models train; only valid with
-    causal attention, where it equals the one-call causal output up to float rounding.
-    """
-    try:
-        from featstore.encode import encode_frames as featstore_encode
-    except ImportError:
-        featstore_encode = None
-    if featstore_encode is not None:
-        return featstore_encode(encoder, frames, stream=stream)
-    dtype = STORAGE_DTYPES[encoder.spec.storage_dtype]
-    if not stream:
-        return encoder.encode(frames).to(dtype)
-    return _encode_stream(encoder, frames).to(dtype)
-
-
-@torch.inference_mode()
-def _encode_stream(encoder, frames: torch.Tensor) -> torch.Tensor:
-    spec, model = encoder.spec, encoder.model
-    if spec.attention != "causal":
-        raise ValueError("streaming (one frame per call) needs attention='causal'")
-    layer = spec.layer_resolved
-    x = frames.to(encoder.device, dtype=torch.float32)
-    dt = encoder._autocast_dtype
-    state, kept = model.new_stream(), []
-    with torch.autocast(encoder.device.type, dtype=dt or torch.float32, enabled=dt is not None):
-        for k in range(x.shape[1]):
-            outs, psi = model.stream_step(x[:, k], state, last_layer=layer, keep_layers=[layer])
-            kept.append(outs[layer][:, :, psi:])
-    y = torch.cat(kept if spec.frames_kept == "all" else kept[-1:], dim=1)
-    return y.float().contiguous()
+__all__ = ["resolve_spec", "read_unit_frames", "encode_frames", "OnlineVGGT"]
 
 
 class OnlineVGGT:
@@ -119,6 +36,8 @@ class OnlineVGGT:
     Args:
         name, weights, overrides: as for `featstore.encoders.get_encoder`.
         patch_size: the encoder's patch size (frames are h*patch x w*patch pixels).
+        max_frames_per_call: frames per encoder call when units are batched (as `featstore build
+            --batch-frames`, default 16).
         stream: feed frames one per call with the key/value cache (`online_causal_stream`).
         expected_fingerprint: the spec's fingerprint training resolved; the built encoder must match.
 
@@ -130,8 +49,9 @@ class OnlineVGGT:
 
     def __init__(self, name: str, *, weights: Optional[str] = None, stream: bool = False,
                  overrides: Optional[Dict[str, Any]] = None, expected_fingerprint: Optional[str] = None,
-                 patch_size: int = 14):
+                 patch_size: int = 14, max_frames_per_call: int = 16):
         self.name, self.weights, self.stream, self.patch_size = name, weights, stream, int(patch_size)
+        self.max_frames_per_call = int(max_frames_per_call)
         self.overrides = dict(overrides or {})
         self.expected_fingerprint = expected_fingerprint
         self._encoder = None
@@ -157,9 +77,25 @@ class OnlineVGGT:
 
     def features(self, frames: torch.Tensor, device) -> torch.Tensor:
         """One unit's frames [S, 3, H, W] in [0, 1] -> features [F, N, C] (storage dtype) on `device`."""
+        return self.features_many([frames], device)[0]
+
+    def features_many(self, units: List[torch.Tensor], device) -> List[torch.Tensor]:
+        """Several units' frames -> their features, in order. Units of one shape share encoder
+        calls of at most `max_frames_per_call` frames (one unit always fits), as the build
+        batches them: fewer, larger calls on the GPU."""
         enc = self.encoder(device)
-        out = encode_frames(enc, frames[None], stream=self.stream)[0]
-        return out.to(device)
+        out: List[Optional[torch.Tensor]] = [None] * len(units)
+        groups: Dict[tuple, List[int]] = {}
+        for j, frames in enumerate(units):
+            groups.setdefault(tuple(frames.shape), []).append(j)
+        for shape, members in groups.items():
+            per_call = max(1, self.max_frames_per_call // shape[0])
+            for start in range(0, len(members), per_call):
+                chunk = members[start: start + per_call]
+                feats = encode_frames(enc, torch.stack([units[j] for j in chunk]), stream=self.stream)
+                for j, f in zip(chunk, feats):
+                    out[j] = f.to(device)
+        return out
 
     def __getstate__(self):  # never pickle a built model (spawn workers, checkpoints)
         state = dict(self.__dict__)

@@ -1,19 +1,26 @@
-"""Encoder registry: named presets that build an `Encoder` (VGGT first; others can register).
+"""Encoder registry: named presets that resolve an `EncoderSpec` and build an `Encoder`.
 
-An Encoder offers `.spec` (EncoderSpec), `.device`, `load_image(path) -> [3, H, W]`,
-`encode(frames [B, S, 3, H, W]) -> [B, F, N, C] float32` and `patch_grid(H, W) -> (h, w)`.
+`resolve_spec(name, **options)` gives the spec (and so the fingerprint) WITHOUT building the
+model or loading weights: training in cache mode and `featstore build --dry-run` use it.
+`get_encoder(name, **options)` builds the encoder; its `.spec` equals `resolve_spec` of the
+same arguments. An Encoder (protocol in `featstore.encoders.base`) offers `.spec`, `.device`,
+`.patch_size`, `.model`, `load_image(path) -> [3, H, W]`, `encode(frames [B, S, 3, H, W]) ->
+[B, F, N, C] float32`, `encode_stream(...)` (causal, one frame per call) and `patch_grid(H, W)`.
 
 Presets:
     vggt-1b        VGGT-1B aggregator, in-tree implementation; needs `weights` (path or hub id).
     vggt-tiny      tiny random aggregator (seed 0; conv patch embed, 64 dims, depth 4, 112 px
                    preprocessing) for tests and demos; its spec says weights_sha256="random-seed-0".
-    vggt-official  VGGT-1B through the installed official `vggt` package (full attention only).
+    vggt-official  VGGT-1B through the installed official `vggt` package (full attention only);
+                   its spec is vggt-1b's with implementation "official".
 Any preset also takes `backend="official"`.
 
 Example:
-    >>> enc = get_encoder("vggt-1b", weights="facebook/VGGT-1B", device="cuda", attention="causal",
-    ...                   frames_kept="last", target_size=644)
-    >>> feats = enc.encode(torch.stack([enc.load_image(p) for p in paths])[None])  # [1, 1, N, 2048]
+    >>> from featstore.encoders import get_encoder, resolve_spec
+    >>> spec = resolve_spec("vggt-tiny", attention="causal", frames_kept="last")  # no model built
+    >>> enc = get_encoder("vggt-tiny", attention="causal", frames_kept="last")
+    >>> enc.spec.fingerprint() == spec.fingerprint()
+    True
 """
 
 from __future__ import annotations
@@ -23,45 +30,92 @@ from typing import Any, Callable, Dict, List, Optional
 
 from featstore.errors import EncoderError, WeightsError
 
-from .spec import EncoderSpec, PreprocessSpec
+from .spec import EncoderSpec, PreprocessSpec, spec_mismatch_details
+from .vggt_config import CODE_VERSION, TINY_CONFIG, TINY_SEED, TINY_TARGET_SIZE, VGGT_1B_CONFIG
 
-__all__ = ["register_encoder", "available_encoders", "get_encoder", "EncoderSpec", "PreprocessSpec",
-           "TINY_CONFIG", "OFFICIAL_INSTALL_HINT"]
-
-_REGISTRY: Dict[str, Callable[..., Any]] = {}
+__all__ = ["register_encoder", "available_encoders", "get_encoder", "resolve_spec", "encoder_for_spec",
+           "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset", "TINY_CONFIG", "OFFICIAL_INSTALL_HINT",
+           "SPEC_OPTIONS", "BUILD_OPTIONS"]
 
 OFFICIAL_INSTALL_HINT = (
     "pip install git+https://github.com/facebookresearch/vggt (it does not list torch as a "
     "dependency), or put a checkout's parent folder of `vggt/` on PYTHONPATH"
 )
 
-# The tiny preset: small enough for CPU tests (head_dim 16, divisible by 4 for 2-D RoPE).
-TINY_CONFIG: Dict[str, Any] = dict(
-    img_size=112, patch_size=14, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0,
-    num_register_tokens=4, qkv_bias=True, proj_bias=True, ffn_bias=True, patch_embed="conv",
-    aa_order=["frame", "global"], aa_block_size=1, qk_norm=True, rope_freq=100, init_values=0.01,
-)
-TINY_SEED = 0
-TINY_TARGET_SIZE = 112  # 112x84 crops of a 4:3 image: 8x6 patches, fast on CPU
-
 # Spec fields a caller may override, and the short names for the preprocessing ones.
-_SPEC_OVERRIDES = ("layer", "attention", "frames_kept", "compute_dtype", "storage_dtype", "preprocess")
+SPEC_OPTIONS = ("layer", "attention", "frames_kept", "compute_dtype", "storage_dtype", "preprocess")
 _PREPROCESS_SHORT = {"preprocess_mode": "mode", "mode": "mode", "target_size": "target_size",
                      "extra_resize": "extra_resize", "resample": "resample"}
+# Options that choose how the spec is computed, not what it is (compile) or which code runs it.
+BUILD_OPTIONS = ("backend", "compile")
+BACKENDS = ("featstore", "official")
 
 
-def register_encoder(name: str, factory: Callable[..., Any], *, overwrite: bool = False) -> None:
-    """Register `factory(*, weights, device, backend, compile, **spec_overrides) -> Encoder` as `name`."""
+@dataclasses.dataclass(frozen=True)
+class _Registered:
+    factory: Callable[..., Any]
+    spec: Optional[Callable[..., EncoderSpec]]
+
+
+_REGISTRY: Dict[str, _Registered] = {}
+
+
+def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[Callable[..., EncoderSpec]] = None,
+                     overwrite: bool = False) -> None:
+    """Register an encoder preset.
+
+    Args:
+        name: the registry name (`--encoder NAME`).
+        factory: ``factory(*, weights, device, **options) -> Encoder``.
+        spec: ``spec(*, weights, **options) -> EncoderSpec`` that builds no model (for
+            `resolve_spec`); without it `resolve_spec(name)` raises EncoderError.
+        overwrite: replace an existing registration instead of refusing.
+    """
     if not name or not isinstance(name, str):
         raise EncoderError(f"encoder name must be a non-empty string. Found {name!r}")
     if name in _REGISTRY and not overwrite:
         raise EncoderError(f"encoder {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = factory
+    _REGISTRY[name] = _Registered(factory, spec)
 
 
 def available_encoders() -> List[str]:
     """Registered encoder names, sorted."""
     return sorted(_REGISTRY)
+
+
+def _registered(name: str) -> _Registered:
+    if name not in _REGISTRY:
+        raise EncoderError(f"unknown encoder {name!r}; available: {available_encoders()}")
+    return _REGISTRY[name]
+
+
+def resolve_spec(name: str = "vggt-1b", *, weights: Optional[str] = None, **overrides) -> EncoderSpec:
+    """The `EncoderSpec` that `get_encoder(name, weights=weights, **overrides)` would have,
+    without building the model or loading the weights.
+
+    The weights' sha256 comes from the hash cache (`featstore.encoders.weights.sha256_file`),
+    or from hashing the file once (the file is read, not loaded).
+
+    Args:
+        name, weights, **overrides: as for `get_encoder` (device is not needed; compile is
+            accepted and ignored: it does not change the features).
+
+    Returns:
+        The spec; ``resolve_spec(...).fingerprint() == get_encoder(...).spec.fingerprint()``.
+
+    Raises:
+        EncoderError: unknown name or option; WeightsError: a preset that needs weights got
+            none (the error names the preset), or the weights file is missing / not a checkpoint.
+
+    Example:
+        >>> from featstore.encoders import resolve_spec
+        >>> resolve_spec("vggt-tiny", layer=-1).layer_resolved
+        3
+    """
+    entry = _registered(name)
+    if entry.spec is None:
+        raise EncoderError(f"encoder {name!r} registers no spec resolver; build it with get_encoder({name!r})")
+    return entry.spec(weights=weights, **overrides)
 
 
 def get_encoder(name: str = "vggt-1b", *, weights: Optional[str] = None, device: str = "cpu",
@@ -71,18 +125,62 @@ def get_encoder(name: str = "vggt-1b", *, weights: Optional[str] = None, device:
     Args:
         name: registry name (default "vggt-1b"); see `available_encoders()`.
         weights: weights file (model.safetensors / model.pt), a directory holding one, or a hub id.
-        device: torch device string (default "cpu").
+        device: torch device string (default "cpu"): "cpu", "cuda", "cuda:N".
         **spec_overrides: layer (default -2), attention ("full"/"causal"), frames_kept
             ("all"/"last"), compute_dtype, storage_dtype, preprocess (PreprocessSpec or dict) or its
             fields preprocess_mode / target_size / extra_resize; plus backend ("featstore" or
             "official") and compile (bool: torch.compile the blocks, featstore backend).
 
     Raises:
-        EncoderError: unknown name or option; WeightsError: weights missing or not matching.
+        EncoderError: unknown name, option or device; WeightsError: weights missing or not matching.
+
+    Example:
+        >>> from featstore.encoders import get_encoder
+        >>> get_encoder("vggt-tiny", layer=-1).spec.layer_resolved
+        3
     """
-    if name not in _REGISTRY:
-        raise EncoderError(f"unknown encoder {name!r}; available: {available_encoders()}")
-    return _REGISTRY[name](weights=weights, device=device, **spec_overrides)
+    entry = _registered(name)
+    check_device(device)
+    return entry.factory(weights=weights, device=device, **spec_overrides)
+
+
+def encoder_for_spec(spec: EncoderSpec, *, weights: Optional[str] = None, device: str = "cpu"):
+    """Rebuild the encoder that computed `spec` (a store's manifest spec), for a recompute.
+
+    Raises:
+        FingerprintMismatchError: the rebuilt encoder's spec differs (other weights, other
+            code version); the message names every differing field with both values.
+    """
+    from featstore.errors import FingerprintMismatchError
+
+    encoder = get_encoder(spec.encoder, weights=weights, device=device, **spec.overrides())
+    differ = spec.diff(encoder.spec)
+    if differ:
+        raise FingerprintMismatchError(
+            "the rebuilt encoder differs from the spec: " + spec_mismatch_details(spec, encoder.spec)
+            + ". Pass the --weights the store was built with (and the featstore version it was built with)")
+    return encoder
+
+
+def check_device(device) -> None:
+    """Refuse a device string torch cannot use here, naming it and what to pass instead."""
+    if str(device) == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EncoderError(f"device {str(device)!r} is not a torch device; pass cpu, cuda or cuda:N "
+                           "(CLI: --device)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EncoderError(
+                f"device {str(device)!r}: this torch {torch.__version__} sees no CUDA GPU (a CPU-only build, "
+                "or no driver); pass --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EncoderError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) "
+                               f"are visible; pass cuda:0..cuda:{torch.cuda.device_count() - 1}")
 
 
 # ---- VGGT presets -------------------------------------------------------------------------
@@ -94,12 +192,12 @@ def _apply_overrides(spec: EncoderSpec, overrides: Dict[str, Any]) -> EncoderSpe
     for k, v in overrides.items():
         if k in _PREPROCESS_SHORT:
             pre[_PREPROCESS_SHORT[k]] = v
-        elif k in _SPEC_OVERRIDES:
+        elif k in SPEC_OPTIONS:
             changes[k] = v
         else:
             raise EncoderError(
-                f"unknown encoder option {k!r}; known: {sorted(_SPEC_OVERRIDES + tuple(_PREPROCESS_SHORT))} "
-                f"and backend, compile"
+                f"unknown encoder option {k!r}; known: {sorted(SPEC_OPTIONS + tuple(_PREPROCESS_SHORT))} "
+                f"and {', '.join(BUILD_OPTIONS)}"
             )
     if "preprocess" in changes and not isinstance(changes["preprocess"], PreprocessSpec):
         changes["preprocess"] = PreprocessSpec(**dict(changes["preprocess"]))
@@ -107,63 +205,6 @@ def _apply_overrides(spec: EncoderSpec, overrides: Dict[str, Any]) -> EncoderSpe
         base = changes.get("preprocess", spec.preprocess)
         changes["preprocess"] = dataclasses.replace(base, **pre)
     return spec.replace(**changes) if changes else spec
-
-
-def _make_vggt(*, name: str, config: Dict[str, Any], weights, device, random_seed: Optional[int],
-               default_target: int, backend: str = "featstore", compile: bool = False, **overrides):
-
-    from . import vggt as V
-    from .weights import load_aggregator_state, load_into, resolve_weights, sha256_file
-
-    if backend not in ("featstore", "official"):
-        raise EncoderError(f"backend must be 'featstore' or 'official'. Found {backend!r}")
-    if weights is None and random_seed is None:
-        raise WeightsError(
-            f"encoder {name!r} needs weights: pass weights='/path/to/model.safetensors' (or model.pt), or "
-            f"the hub id 'facebook/VGGT-1B' on a machine with internet (CLI: --weights). For a weightless "
-            f"smoke test use the 'vggt-tiny' encoder."
-        )
-    # Check every argument before any work (building VGGT-1B on CPU takes seconds and 3.6 GB).
-    path = resolve_weights(weights) if weights is not None else None
-    spec = EncoderSpec(encoder=name, implementation=backend, code_version="?", config=config,
-                       weights_sha256="?", preprocess=PreprocessSpec(target_size=default_target))
-    spec = _apply_overrides(spec, overrides)
-    if backend == "official":
-        if spec.attention != "full":
-            raise EncoderError("the official vggt package has no causal mode; use backend='featstore' "
-                               "for attention='causal'")
-        if compile:
-            raise EncoderError("compile=True is only supported with backend='featstore'")
-        try:
-            from vggt.models.aggregator import Aggregator
-        except ImportError as e:
-            raise EncoderError(f"backend='official' needs the official `vggt` package ({e}). "
-                               f"{OFFICIAL_INSTALL_HINT}") from e
-
-    # Build on CPU, load, then move: a 5 GB checkpoint never sits twice on the GPU.
-    if path is None:
-        # Random weights come from our aggregator's seeded init, whichever backend runs them.
-        ours = V.init_random_(V.VGGTAggregator(**config), random_seed)
-        state, source = ours.state_dict(), f"random-seed-{random_seed}"
-        digest = source
-    else:
-        ours, state, source = None, load_aggregator_state(path), str(path)
-    if backend == "official":
-        model = Aggregator(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()})
-        code_version = _official_version()
-    else:
-        model = ours if ours is not None else V.VGGTAggregator(**config)
-        code_version = V.CODE_VERSION
-    del ours
-    load_into(model, state, source)
-    del state
-    if path is not None:
-        digest = sha256_file(path)  # after the strict load: a wrong file fails fast, unhashed
-    spec = spec.replace(code_version=code_version, weights_sha256=digest)
-    model = model.to(device).eval().requires_grad_(False)
-    if compile:
-        model.compile_blocks()
-    return V.VGGTEncoder(spec, model, device, backend=backend)
 
 
 def _official_version() -> str:
@@ -175,26 +216,118 @@ def _official_version() -> str:
         return "vggt-unversioned"
 
 
-def _vggt_1b(*, weights=None, device="cpu", **kw):
-    from .vggt import VGGT_1B_CONFIG
+@dataclasses.dataclass(frozen=True)
+class VGGTPreset:
+    """A VGGT aggregator preset: its spec (`spec`, no model) and its encoder (`build`).
 
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in VGGT_1B_CONFIG.items()}
-    return _make_vggt(name="vggt-1b", config=cfg, weights=weights, device=device, random_seed=None,
-                      default_target=518, **kw)
+    Args:
+        name: the preset's name as the error messages give it.
+        config: the aggregator config (official Aggregator argument names).
+        default_target: the preprocessing target size unless overridden.
+        random_seed: without weights, use this seed's random weights (weights, when given, are
+            loaded instead); None: weights required.
+        backend: force this backend (vggt-official); None: the caller chooses (default featstore).
+        spec_name: the `encoder` field of the spec (default `name`).
+
+    Example:
+        >>> from featstore.encoders import TINY_CONFIG, VGGTPreset, register_encoder
+        >>> p = VGGTPreset("tiny-seed-3", TINY_CONFIG, default_target=112, random_seed=3)
+        >>> register_encoder(p.name, p.build, spec=p.spec, overwrite=True)
+        >>> p.spec().weights_sha256
+        'random-seed-3'
+    """
+
+    name: str
+    config: Dict[str, Any]
+    default_target: int
+    random_seed: Optional[int] = None
+    backend: Optional[str] = None
+    spec_name: Optional[str] = None
+
+    def _prepare(self, weights, options: Dict[str, Any]):
+        """Every argument checked before any work (building VGGT-1B takes seconds and 3.6 GB)."""
+        from .weights import resolve_weights
+
+        options = dict(options)
+        backend = options.pop("backend", self.backend or "featstore")
+        compile = options.pop("compile", False)
+        if self.backend is not None and backend != self.backend:
+            raise EncoderError(f"encoder {self.name!r} always uses backend={self.backend!r}")
+        if backend not in BACKENDS:
+            raise EncoderError(f"backend must be 'featstore' or 'official'. Found {backend!r}")
+        if weights is None and self.random_seed is None:
+            raise WeightsError(
+                f"encoder {self.name!r} needs weights: pass weights='/path/to/model.safetensors' (or model.pt), "
+                f"or the hub id 'facebook/VGGT-1B' on a machine with internet (CLI: --weights). For a "
+                f"weightless smoke test use the 'vggt-tiny' encoder."
+            )
+        path = resolve_weights(weights) if weights is not None else None
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.items()}
+        code_version = _official_version() if backend == "official" else CODE_VERSION
+        spec = EncoderSpec(encoder=self.spec_name or self.name, implementation=backend, code_version=code_version,
+                           config=config, weights_sha256="?", preprocess=PreprocessSpec(target_size=self.default_target))
+        spec = _apply_overrides(spec, options)
+        if backend == "official":
+            if spec.attention != "full":
+                raise EncoderError("the official vggt package has no causal mode; use backend='featstore' "
+                                   "for attention='causal'")
+            if compile:
+                raise EncoderError("compile=True is only supported with backend='featstore'")
+        return spec, path, backend, bool(compile)
+
+    def spec(self, *, weights=None, **options) -> EncoderSpec:
+        """The spec `build` would give, without a model (the weights file is hashed, not loaded)."""
+        from .weights import sha256_file
+
+        spec, path, _, _ = self._prepare(weights, options)
+        digest = sha256_file(path) if path is not None else f"random-seed-{self.random_seed}"
+        return spec.replace(weights_sha256=digest)
+
+    def build(self, *, weights=None, device="cpu", **options):
+        """Build the encoder: the model on CPU, weights loaded strictly, then moved to `device`."""
+        spec, path, backend, compile = self._prepare(weights, options)
+        if backend == "official":
+            try:
+                from vggt.models.aggregator import Aggregator
+            except ImportError as e:
+                raise EncoderError(f"backend='official' needs the official `vggt` package ({e}). "
+                                   f"{OFFICIAL_INSTALL_HINT}") from e
+        from . import vggt as V
+        from .vggt_encoder import VGGTEncoder
+        from .weights import load_aggregator_state, load_into, sha256_file
+
+        config = dict(spec.config)
+        # Build on CPU, load, then move: a 5 GB checkpoint never sits twice on the GPU.
+        if path is None:
+            # Random weights come from our aggregator's seeded init, whichever backend runs them.
+            ours = V.init_random_(V.VGGTAggregator(**config), self.random_seed)
+            state, source = ours.state_dict(), f"random-seed-{self.random_seed}"
+            digest = source
+        else:
+            ours, state, source = None, load_aggregator_state(path), str(path)
+        if backend == "official":
+            model = Aggregator(**config)
+        else:
+            model = ours if ours is not None else V.VGGTAggregator(**config)
+        del ours
+        load_into(model, state, source)
+        del state
+        if path is not None:
+            digest = sha256_file(path)  # after the strict load: a wrong file fails fast, unhashed
+        spec = spec.replace(weights_sha256=digest)
+        model = model.to(device).eval().requires_grad_(False)
+        if compile:
+            model.compile_blocks()
+        return VGGTEncoder(spec, model, device, backend=backend)
 
 
-def _vggt_tiny(*, weights=None, device="cpu", **kw):
-    return _make_vggt(name="vggt-tiny", config=dict(TINY_CONFIG), weights=weights, device=device,
-                      random_seed=None if weights is not None else TINY_SEED,
-                      default_target=TINY_TARGET_SIZE, **kw)
+_VGGT_1B = VGGTPreset("vggt-1b", VGGT_1B_CONFIG, default_target=518)
+_VGGT_TINY = VGGTPreset("vggt-tiny", TINY_CONFIG, default_target=TINY_TARGET_SIZE, random_seed=TINY_SEED)
+# The official package runs the same VGGT-1B model: its spec is vggt-1b's, implementation "official".
+_VGGT_OFFICIAL = VGGTPreset("vggt-official", VGGT_1B_CONFIG, default_target=518, backend="official",
+                            spec_name="vggt-1b")
 
 
-def _vggt_official(*, weights=None, device="cpu", **kw):
-    if kw.pop("backend", "official") != "official":
-        raise EncoderError("encoder 'vggt-official' always uses backend='official'")
-    return _vggt_1b(weights=weights, device=device, backend="official", **kw)
-
-
-register_encoder("vggt-1b", _vggt_1b)
-register_encoder("vggt-tiny", _vggt_tiny)
-register_encoder("vggt-official", _vggt_official)
+register_encoder("vggt-1b", _VGGT_1B.build, spec=_VGGT_1B.spec)
+register_encoder("vggt-tiny", _VGGT_TINY.build, spec=_VGGT_TINY.spec)
+register_encoder("vggt-official", _VGGT_OFFICIAL.build, spec=_VGGT_OFFICIAL.spec)

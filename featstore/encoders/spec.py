@@ -1,7 +1,6 @@
 """`EncoderSpec`: everything that decides the bytes of a cached feature, with a stable fingerprint.
 
-The spec travels CLI -> store manifest -> training and is never derived again (DESIGN.md
-section 2). Two specs with the same fingerprint promise the same features up to rounding;
+The spec travels CLI -> store manifest -> training and is never derived again. Two specs with the same fingerprint promise the same features up to rounding;
 `diff()` names the fields that differ so a refusal can say which one.
 
 Stored features are [frames_kept, tokens, channels]: frames_kept = S ("all") or 1 ("last"),
@@ -16,14 +15,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
+from featstore.dtypes import DTYPE_NAMES
 from featstore.errors import EncoderError
 
-__all__ = ["EncoderSpec", "PreprocessSpec", "SPEC_VERSION"]
+__all__ = ["EncoderSpec", "PreprocessSpec", "SPEC_VERSION", "spec_diff", "spec_mismatch_details"]
 
 # Bump when the meaning of a field changes (old fingerprints then stop matching on purpose).
 SPEC_VERSION = 1
-
-_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -62,10 +60,12 @@ class PreprocessSpec:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """What produced a stored feature. Build it with `featstore.encoders.get_encoder(...).spec`.
+    """What produced a stored feature. Get it with `featstore.encoders.resolve_spec(...)` (no
+    model built) or `featstore.encoders.get_encoder(...).spec`.
 
     Example:
-        >>> spec = get_encoder("vggt-tiny").spec
+        >>> from featstore.encoders import resolve_spec
+        >>> spec = resolve_spec("vggt-tiny")
         >>> spec.fingerprint() == EncoderSpec.from_dict(spec.to_dict()).fingerprint()
         True
     """
@@ -114,7 +114,7 @@ class EncoderSpec:
             )
         for name, allowed in (("tokens", ("patch",)), ("attention", ("full", "causal")),
                               ("frames_kept", ("all", "last")),
-                              ("compute_dtype", _DTYPES), ("storage_dtype", _DTYPES)):
+                              ("compute_dtype", DTYPE_NAMES), ("storage_dtype", DTYPE_NAMES)):
             if getattr(self, name) not in allowed:
                 raise EncoderError(f"{name} must be one of {list(allowed)}. Found {getattr(self, name)!r}")
         if not self.weights_sha256:
@@ -149,15 +149,20 @@ class EncoderSpec:
 
     def diff(self, other: "EncoderSpec") -> List[str]:
         """Names of fields that differ; nested ones dotted ('preprocess.target_size', 'config.depth')."""
-        a, b = self.to_dict(), other.to_dict()
-        out: List[str] = []
-        for k in sorted(set(a) | set(b)):
-            va, vb = a.get(k), b.get(k)
-            if isinstance(va, dict) and isinstance(vb, dict):
-                out += [f"{k}.{kk}" for kk in sorted(set(va) | set(vb)) if va.get(kk) != vb.get(kk)]
-            elif va != vb:
-                out.append(k)
-        return out
+        return spec_diff(self, other)
+
+    def overrides(self) -> Dict[str, Any]:
+        """The `get_encoder` / `resolve_spec` options that rebuild this spec from its preset.
+
+        Example:
+            >>> from featstore.encoders import resolve_spec
+            >>> spec = resolve_spec("vggt-tiny", layer=-1)
+            >>> resolve_spec(spec.encoder, **spec.overrides()) == spec
+            True
+        """
+        return dict(layer=self.layer, attention=self.attention, frames_kept=self.frames_kept,
+                    compute_dtype=self.compute_dtype, storage_dtype=self.storage_dtype,
+                    preprocess=self.preprocess, backend=self.implementation)
 
     def replace(self, **changes) -> "EncoderSpec":
         """A copy with fields changed; `layer_resolved` is recomputed when `layer` changes."""
@@ -167,6 +172,42 @@ class EncoderSpec:
 
     def __hash__(self) -> int:  # config is a dict: hash the canonical form instead
         return hash(self.canonical_json())
+
+
+def _as_dict(spec) -> Dict[str, Any]:
+    if isinstance(spec, EncoderSpec):
+        return spec.to_dict()
+    if isinstance(spec, Mapping):
+        return {str(k): (dict(v) if isinstance(v, Mapping) else v) for k, v in spec.items()}
+    raise TypeError(f"expected an EncoderSpec or its dict. Found {type(spec).__name__}")
+
+
+def spec_diff(a, b) -> List[str]:
+    """The fields in which two specs (EncoderSpec or their dicts, possibly partial) differ, sorted;
+    nested ones dotted ('preprocess.target_size', 'config.depth'). The one spec comparison that
+    build, writer, reader, merge and verify use."""
+    da, db = _as_dict(a), _as_dict(b)
+    out: List[str] = []
+    for k in sorted(set(da) | set(db)):
+        va, vb = da.get(k), db.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += [f"{k}.{kk}" for kk in sorted(set(va) | set(vb)) if va.get(kk) != vb.get(kk)]
+        elif va != vb:
+            out.append(k)
+    return out
+
+
+def _field_value(d: Dict[str, Any], name: str):
+    head, _, tail = name.partition(".")
+    value = d.get(head)
+    return value.get(tail) if tail and isinstance(value, dict) else value
+
+
+def spec_mismatch_details(have, want, *, have_label: str = "store has", want_label: str = "expected") -> str:
+    """Every differing field with both values: "layer: store has 23, expected 22; ...", all of them."""
+    da, db = _as_dict(have), _as_dict(want)
+    return "; ".join(f"{name}: {have_label} {_field_value(da, name)!r}, {want_label} {_field_value(db, name)!r}"
+                     for name in spec_diff(da, db))
 
 
 def _canonical_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:

@@ -1,6 +1,6 @@
 """`VGGTAggregator`: featstore's own VGGT aggregator, weight-compatible with facebook/VGGT-1B.
 
-Written from the description in ../shared/VGGT.md and a reading of the official code
+Written from the published VGGT architecture and a reading of the official code
 (facebookresearch/vggt @ 44b3afb, `vggt/models/aggregator.py`); no code is copied. Parameter
 names match the official `Aggregator` so that its state_dict (the checkpoint's `aggregator.*`
 keys with the prefix stripped) loads with `strict=True`.
@@ -30,35 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .vggt_config import CODE_VERSION, VGGT_1B_CONFIG
+
 __all__ = [
     "VGGTAggregator",
-    "VGGTEncoder",
     "CODE_VERSION",
     "StreamState",
     "VGGT_1B_CONFIG",
     "DINOV2_VARIANTS",
     "init_random_",
 ]
-
-# The official VGGT-1B aggregator config (vggt/models/vggt.py builds Aggregator with these defaults).
-VGGT_1B_CONFIG: Dict[str, object] = dict(
-    img_size=518,
-    patch_size=14,
-    embed_dim=1024,
-    depth=24,
-    num_heads=16,
-    mlp_ratio=4.0,
-    num_register_tokens=4,
-    qkv_bias=True,
-    proj_bias=True,
-    ffn_bias=True,
-    patch_embed="dinov2_vitl14_reg",
-    aa_order=("frame", "global"),
-    aa_block_size=1,
-    qk_norm=True,
-    rope_freq=100,
-    init_values=0.01,
-)
 
 # DINOv2 ViT sizes used as patch embed: (embed_dim, depth, heads). The official aggregator builds
 # them with 4 registers (its num_register_tokens), LayerScale 1.0, bicubic antialiased position
@@ -621,78 +602,3 @@ def init_random_(module: nn.Module, seed: int = 0) -> nn.Module:
             val = 0.5 * r
         prm.copy_(val.to(prm.dtype))
     return module
-
-
-# --------------------------------------------------------------------------------------------
-# The encoder object the build and training code use
-# --------------------------------------------------------------------------------------------
-
-# Version of this file's numerics; enters the spec (implementation "featstore"). Bump it when a
-# change alters outputs beyond rounding.
-CODE_VERSION = "1"
-
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class VGGTEncoder:
-    """Frames -> stored features for one `EncoderSpec` (build with `featstore.encoders.get_encoder`).
-
-    `encode` output: [B, F, N, C] float32, F = S ("all") or 1 ("last"), N = h*w patch tokens,
-    C = 2*embed_dim. On CUDA it runs under autocast(compute_dtype) with fp32 weights (the official
-    recipe); on CPU in float32, which agrees with the GPU within bf16 tolerance, not bitwise.
-    """
-
-    def __init__(self, spec, model: nn.Module, device, *, backend: str = "featstore"):
-        self.spec = spec
-        self.model = model
-        self.device = torch.device(device)
-        self.backend = backend
-        self.patch_size = int(spec.config["patch_size"])
-        self._autocast_dtype = None
-        if self.device.type == "cuda":
-            dt = _TORCH_DTYPES[spec.compute_dtype]
-            if dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-                from featstore.errors import EncoderError
-
-                raise EncoderError(
-                    f"compute_dtype=bfloat16 is not supported on {torch.cuda.get_device_name(self.device)}; "
-                    f"pass compute_dtype='float16' (VGGT's recipe below compute capability 8.0)"
-                )
-            self._autocast_dtype = None if dt == torch.float32 else dt
-
-    def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
-        """(h, w) patch grid of an H x W input."""
-        return height // self.patch_size, width // self.patch_size
-
-    def load_image(self, path) -> Tensor:
-        """One image file -> [3, H, W] float32 in [0, 1], preprocessed per `spec.preprocess`."""
-        from .preprocess import preprocess_image
-
-        return preprocess_image(path, self.spec.preprocess, patch_size=self.patch_size)
-
-    @torch.inference_mode()
-    def encode(self, frames: Tensor) -> Tensor:
-        """[B, S, 3, H, W] in [0, 1] -> [B, F, N, C] float32 (see class docstring)."""
-        from featstore.errors import EncoderError
-
-        if frames.dim() != 5 or frames.shape[2] != 3:
-            raise EncoderError(f"encode takes frames [B, S, 3, H, W]; got shape {tuple(frames.shape)}")
-        hh, ww = frames.shape[-2:]
-        if hh % self.patch_size or ww % self.patch_size:
-            raise EncoderError(f"frame size {hh}x{ww} is not a multiple of the patch size {self.patch_size}")
-        x = frames.to(self.device, dtype=torch.float32, non_blocking=True)
-        layer = self.spec.layer_resolved
-        with torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.float32,
-                            enabled=self._autocast_dtype is not None):
-            if self.backend == "official":
-                outs, psi = self.model(x)
-            else:
-                outs, psi = self.model(x, attention=self.spec.attention, last_layer=layer, keep_layers=[layer])
-        y = outs[layer][:, :, psi:]
-        if self.spec.frames_kept == "last":
-            y = y[:, -1:]
-        return y.float().contiguous()
-
-    def __repr__(self) -> str:
-        return (f"VGGTEncoder({self.spec.encoder!r}, backend={self.backend!r}, device={str(self.device)!r}, "
-                f"layer={self.spec.layer}, attention={self.spec.attention!r}, fingerprint={self.spec.fingerprint()[:12]})")

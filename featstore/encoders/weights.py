@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Dict, Mapping
 
 from featstore.errors import WeightsError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: resolving and hashing need none
+    import torch
 
 __all__ = ["resolve_weights", "load_aggregator_state", "load_into", "sha256_file", "hash_cache_path",
            "HUB_FILENAME"]
@@ -51,6 +53,7 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
                 return p / name
         raise WeightsError(f"weights directory {str(p)!r} holds neither model.safetensors nor model.pt")
     if p.is_file():
+        _check_format(p)
         return p
     s = os.fspath(weights)
     if not _looks_like_hub_id(s):
@@ -74,14 +77,34 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
         ) from e
 
 
+def _check_format(path: Path) -> None:
+    """Refuse a file that is neither safetensors nor a torch checkpoint, before torch.load sees
+    it (whose own error would advise weights_only=False: unpickling arbitrary code, wrong here)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {e.strerror}") from None
+    safetensors = len(head) >= 9 and head[8:9] == b"{"  # u64 header length, then the JSON header
+    torch_zip = head[:4] == b"PK\x03\x04"  # torch.save's default format (a zip archive)
+    torch_legacy = head[:1] == b"\x80"  # a pickle protocol marker: torch.save's legacy format
+    if not (safetensors or torch_zip or torch_legacy):
+        raise WeightsError(
+            f"weights file {str(path)!r} is neither a safetensors file nor a torch checkpoint"
+            f"{' (it is empty)' if not head else ''}; pass VGGT-1B's model.safetensors or model.pt "
+            "(--weights /path/to/model.safetensors)")
+
+
 # ---- reading ----------------------------------------------------------------------------
 
 
-def load_aggregator_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+def load_aggregator_state(path: str | os.PathLike) -> Dict[str, "torch.Tensor"]:
     """The aggregator's tensors from a checkpoint, keys without the `aggregator.` prefix.
 
     A file with no `aggregator.`-prefixed key is taken as a bare aggregator state_dict.
     """
+    import torch
+
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -101,6 +124,12 @@ def load_aggregator_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
             raw = _unwrap_state_dict(obj, path)
     except WeightsError:
         raise
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running the file's pickled code.
+        raise WeightsError(
+            f"weights file {str(path)!r} holds pickled objects besides tensors, which featstore does not "
+            "unpickle (it loads with weights_only=True for safety); save a plain state_dict "
+            "(torch.save(model.state_dict(), path)) or pass model.safetensors") from None
     except Exception as e:
         raise WeightsError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}") from e
     if any(k.startswith(PREFIX) for k in raw):
@@ -108,7 +137,9 @@ def load_aggregator_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     return dict(raw)
 
 
-def _unwrap_state_dict(obj, path: Path) -> Mapping[str, torch.Tensor]:
+def _unwrap_state_dict(obj, path: Path) -> Mapping[str, "torch.Tensor"]:
+    import torch
+
     if isinstance(obj, Mapping):
         for wrapper in ("model", "state_dict"):
             inner = obj.get(wrapper)
@@ -122,7 +153,7 @@ def _unwrap_state_dict(obj, path: Path) -> Mapping[str, torch.Tensor]:
     )
 
 
-def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_into(model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"], source: str) -> None:
     """`model.load_state_dict(state, strict=True)` with errors that name keys and the file."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -1,0 +1,50 @@
+"""The `Encoder` protocol: what the build, verify's recompute and training need of an encoder.
+
+An encoder turns preprocessed frames into the features a store holds. VGGT
+(`featstore.encoders.vggt_encoder.VGGTEncoder`) is the first; another frozen encoder follows
+this protocol and registers a preset with `featstore.encoders.register_encoder`.
+
+Shapes: frames [B, S, 3, H, W] float32 in [0, 1] (B independent sequences of S frames, one
+encoder call each); features [B, F, N, C] with F = S (frames_kept "all") or 1 ("last"),
+N = h*w patch tokens, C channels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, Tuple, runtime_checkable
+
+if TYPE_CHECKING:  # no torch import for the protocol itself
+    import torch
+
+    from .spec import EncoderSpec
+
+__all__ = ["Encoder"]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A frozen encoder for one `EncoderSpec`.
+
+    Attributes:
+        spec: the EncoderSpec whose fingerprint every entry it computes carries.
+        device: the torch.device it runs on.
+        patch_size: side of a patch in pixels (frame sides must be multiples of it).
+        model: the frozen `torch.nn.Module` (eval mode, no grad).
+    """
+
+    spec: "EncoderSpec"
+    device: "torch.device"
+    patch_size: int
+    model: "torch.nn.Module"
+
+    def load_image(self, path) -> "torch.Tensor":
+        """One image file -> [3, H, W] float32 in [0, 1], preprocessed per `spec.preprocess`."""
+
+    def encode(self, frames: "torch.Tensor") -> "torch.Tensor":
+        """[B, S, 3, H, W] -> [B, F, N, C] float32 on `device`, all S frames in one call."""
+
+    def encode_stream(self, frames: "torch.Tensor") -> "torch.Tensor":
+        """As `encode`, but fed one frame per call through a key/value cache (causal specs)."""
+
+    def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """(h, w) patch grid of an H x W frame."""
