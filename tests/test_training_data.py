@@ -1,0 +1,151 @@
+"""Training data: labels, placeholders, the grid rule, cache reads, misses and frame-list checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from _training_helpers import annotations, build_store, collate, dataset, sample_root, spec_for
+
+
+def _write(root: str, name: str, samples) -> str:
+    path = os.path.join(root, name)
+    with open(path, "w") as f:
+        json.dump(samples, f)
+    return path
+
+
+def test_labels_cover_assistant_content_and_its_end_token_only(tmp_path):
+    root = sample_root(tmp_path)
+    ds = dataset(root, spec_for())
+    tok = ds.tokenizer
+    for i in range(len(ds)):
+        item = ds[i]
+        sup = item["labels"] != -100
+        text = tok.decode(item["input_ids"][sup])
+        answer = ds.samples[i]["conversations"][1]["value"]
+        assert text == answer + "<|im_end|>"
+        assert torch.equal(item["labels"][sup], item["input_ids"][sup])
+        # the prompt is Qwen's chat layout
+        full = tok.decode(item["input_ids"])
+        assert full.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        assert full.endswith(f"<|im_start|>assistant\n{answer}<|im_end|>\n")
+
+
+def test_each_image_placeholder_becomes_its_vision_tokens_in_order(tmp_path):
+    root = sample_root(tmp_path)
+    ds = dataset(root, spec_for())
+    item = ds[0]  # 4 landscape frames: VGGT 112x84 -> 8x6 patches -> 4x3 merged = 12 tokens each
+    ids = item["input_ids"].tolist()
+    assert ids.count(ds.vision_start) == 4 == ids.count(ds.vision_end)
+    assert ids.count(ds.image_pad) == 48
+    assert torch.equal(item["mm_token_type_ids"], (item["input_ids"] == ds.image_pad).long())
+    assert item["image_grid_thw"].tolist() == [[1, 6, 8]] * 4
+    portrait = ds[4]  # 72x96 -> crop to 112x112 -> 8x8 patches -> 16 tokens
+    assert portrait["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert portrait["input_ids"].tolist().count(ds.image_pad) == 16
+
+
+def test_grid_rule_trims_an_odd_vggt_grid_to_even(tmp_path):
+    root = sample_root(tmp_path)
+    spec = spec_for(target_size=126)  # 96x72 -> 126x98 -> 9x7 patches (odd both ways) -> Qwen 8x6
+    item = dataset(root, spec)[1]
+    assert item["grid"] == (7, 9)
+    assert item["image_grid_thw"].tolist() == [[1, 6, 8]] * 2
+
+
+def test_image_count_mismatch_names_the_sample(tmp_path):
+    from training.data import DataError
+
+    root = sample_root(tmp_path)
+    bad = _write(root, "bad.json", [{"id": "two_for_one", "images": ["scene_a/000.jpg", "scene_a/001.jpg"],
+                                     "conversations": [{"from": "human", "value": "<image> what?"},
+                                                       {"from": "gpt", "value": "x"}]}])
+    with pytest.raises(DataError) as e:
+        dataset(root, spec_for(), files=[bad])
+    assert str(e.value) == (f"{bad} sample 0 (id 'two_for_one'): 1 '<image>' placeholder(s) for 2 image(s); "
+                            "each image needs exactly one placeholder, paired in order")
+
+
+def test_single_image_form_and_role_content_turns(tmp_path):
+    root = sample_root(tmp_path)
+    path = _write(root, "qwen.jsonl", [])
+    with open(path, "w") as f:
+        f.write(json.dumps({"image": "misc/rgba.png", "conversations": [
+            {"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}]}) + "\n")
+    ds = dataset(root, spec_for(), files=[path])
+    item = ds[0]
+    assert item["images"] == 1 and item["image_grid_thw"].tolist() == [[1, 6, 8]]
+    assert ds.tokenizer.decode(item["input_ids"][item["labels"] != -100]) == "Red.<|im_end|>"
+
+
+def test_collator_pads_every_sequence_key(tmp_path):
+    root = sample_root(tmp_path)
+    ds = dataset(root, spec_for())
+    batch = collate(ds, [0, 4])
+    lengths = [len(ds[0]["input_ids"]), len(ds[4]["input_ids"])]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    short = lengths.index(min(lengths))
+    assert batch["attention_mask"][short].tolist() == [1] * min(lengths) + [0] * (max(lengths) - min(lengths))
+    assert (batch["labels"][short, min(lengths):] == -100).all()
+    assert (batch["mm_token_type_ids"][short, min(lengths):] == 0).all()
+    assert (batch["input_ids"][short, min(lengths):] == ds.tokenizer.pad_token_id).all()
+    assert batch["image_grid_thw"].shape == (5, 3)
+    for key in ("cache_hits", "cache_misses", "cache_computed"):
+        assert batch[key].dim() == 0 and batch[key].dtype == torch.int64
+
+
+def test_cached_read_returns_the_stored_features(tmp_path):
+    from featstore.reader import FeatureStore
+
+    root = sample_root(tmp_path)
+    spec = spec_for()
+    path = build_store(root)
+    ds = dataset(root, spec, store=FeatureStore(path, expected_encoder=spec.to_dict()))
+    item = ds[0]
+    assert item["source"] == 1 and item["hits"] == 1 and item["frames"] is None
+    with FeatureStore(path) as st:
+        assert torch.equal(item["features"], st.get("scene_a_step3").features)
+    assert item["features"].shape == (4, 48, 128) and item["features"].dtype == torch.bfloat16
+
+
+def test_missing_entry_raises_naming_the_key_and_the_sample(tmp_path):
+    from featstore.reader import FeatureStore
+    from training.data import CacheMissError
+
+    root = sample_root(tmp_path)
+    spec = spec_for()
+    only_first = _write(root, "first.json", [json.load(open(annotations(root)))[0]])
+    path = build_store(root, annotation_files=[only_first])
+    ds = dataset(root, spec, store=FeatureStore(path, expected_encoder=spec.to_dict()))
+    assert ds[0]["hits"] == 1
+    with pytest.raises(CacheMissError) as e:
+        ds[1]
+    msg = str(e.value)
+    assert msg.startswith(f"VGGT feature cache miss for {annotations(root)} sample 1 (id 'scene_a_step1'): "
+                          "key 'scene_a_step1'")
+    assert "--vggt_cache_miss compute" in msg
+
+
+def test_frame_list_mismatch_is_a_miss_never_a_wrong_feature(tmp_path):
+    """The store holds key 'scene_a_step3' computed on frames 000-003; a sample with the same id
+    but other frames must not get those features."""
+    from featstore.reader import FeatureStore
+    from training.data import CacheMissError
+
+    root = sample_root(tmp_path)
+    spec = spec_for()
+    path = build_store(root)
+    other = _write(root, "other.json", [{"id": "scene_a_step3", "images": ["scene_b/000.jpg", "scene_b/001.jpg",
+                                                                            "scene_b/002.jpg", "scene_b/003.jpg"],
+                                         "conversations": [{"from": "human", "value": "<image>" * 4},
+                                                           {"from": "gpt", "value": "x"}]}])
+    store = FeatureStore(path, expected_encoder=spec.to_dict())
+    with pytest.raises(CacheMissError, match="key 'scene_a_step3'.*computed on frames"):
+        dataset(root, spec, store=store, files=[other])[0]
+    item = dataset(root, spec, store=store, files=[other], cache_miss="compute")[0]
+    assert (item["misses"], item["computed"], item["hits"], item["source"]) == (1, 1, 0, 2)
+    assert item["features"] is None and item["frames"].shape == (4, 3, 84, 112)

@@ -1,0 +1,186 @@
+"""Command-line arguments of `python -m training.train`: dataclasses for `HfArgumentParser`.
+
+Three groups: `ModelArguments` (the Qwen model, the merger, what trains, the VGGT encoder spec
+with the same words as `featstore build`), `DataArguments` (data root, annotations, the feature
+cache) and `TrainingArguments` (every `transformers.TrainingArguments` flag; only the defaults
+a custom collator needs differ). `resolve_vggt` turns the flags into one `VGGTSettings`,
+checking every combination before any work starts.
+
+Example:
+    >>> model_args, data_args, train_args = parse_args(["--data_root", "sample_data",
+    ...     "--annotations", "sample_data/annotations.json", "--use_vggt_cache",
+    ...     "--output_dir", "/tmp/out", "--use_cpu"])
+    >>> resolve_vggt(model_args, data_args).mode
+    'cached'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+import transformers
+
+from training.presets import TINY_MODEL, TINY_VGGT, is_tiny
+
+__all__ = ["ModelArguments", "DataArguments", "TrainingArguments", "VGGTSettings", "ArgumentError",
+           "parse_args", "resolve_vggt", "DEFAULT_STORE_NAME"]
+
+DEFAULT_STORE_NAME = "vggt_features.lmdb"  # featstore's default: <data_root>/vggt_features.lmdb
+
+Mode = Literal["online_full", "online_causal_stream", "cached"]
+Fusion = Literal["per_image", "last_to_all"]
+
+# Published recipes: VG-LLM adds each frame's features to its own image at scale 1;
+# JanusVLN streams causally, keeps the last frame and adds it x0.2 to every image.
+_DEFAULT_SCALE = {"per_image": 1.0, "last_to_all": 0.2}
+
+
+class ArgumentError(ValueError):
+    """A flag or a combination of flags is invalid (the message names them)."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=TINY_MODEL, metadata={
+        "help": f"Qwen2.5-VL hub id or checkpoint folder; '{TINY_MODEL}' is a random-weight tiny model with "
+                "an offline tokenizer (tests, demos)"})
+    tune_merger: bool = field(default=True, metadata={"help": "train the geometry merger (default on)"})
+    tune_llm: bool = field(default=True, metadata={"help": "train the language model and lm_head (default on)"})
+    tune_vision: bool = field(default=False, metadata={"help": "train Qwen's vision tower (default off)"})
+    vggt_mode: Optional[Mode] = field(default=None, metadata={
+        "help": "where features come from: online_full (one VGGT call per sample), online_causal_stream "
+                "(one frame per call with the key/value cache) or cached (the store). Default: cached with "
+                "--use_vggt_cache, else online_full for per_image and online_causal_stream for last_to_all"})
+    vggt_fusion: Fusion = field(default="per_image", metadata={
+        "help": "per_image (VG-LLM: frame k's features on image k) or last_to_all (JanusVLN: the last "
+                "frame's features on every image of the sample)"})
+    vggt_scale: Optional[float] = field(default=None, metadata={
+        "help": "factor on the merger output before it is added (default 1.0 per_image, 0.2 last_to_all "
+                "as JanusVLN)"})
+    vggt_merger_hidden: Optional[int] = field(default=None, metadata={
+        "help": "hidden width of the merger MLP (default 2 x VGGT channels: 4096 for VGGT-1B)"})
+    vggt_encoder: Optional[str] = field(default=None, metadata={
+        "help": f"featstore encoder preset, as `featstore build --encoder` (default {TINY_VGGT} with the tiny "
+                "model, else vggt-1b)"})
+    vggt_weights: Optional[str] = field(default=None, metadata={
+        "help": "VGGT weights (model.safetensors path, folder or hub id), as `featstore build --weights`"})
+    vggt_layer: int = field(default=-2, metadata={
+        "help": "aggregator layer, as `featstore build --layer` (default -2: VG-LLM, JanusVLN)"})
+    vggt_attention: Optional[Literal["full", "causal"]] = field(default=None, metadata={
+        "help": "as `featstore build --attention` (default: full for per_image, causal for last_to_all; "
+                "online modes imply it)"})
+    vggt_frames_kept: Optional[Literal["all", "last"]] = field(default=None, metadata={
+        "help": "as `featstore build --frames-kept` (default: all for per_image, last for last_to_all)"})
+    vggt_target_size: Optional[int] = field(default=None, metadata={
+        "help": "as `featstore build --target-size` (default: the encoder preset's, 518 for vggt-1b)"})
+    vggt_preprocess_mode: Literal["crop", "pad"] = field(default="crop", metadata={
+        "help": "as `featstore build --preprocess-mode` (default crop)"})
+    vggt_storage_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
+        "help": "as `featstore build --storage-dtype`: dtype the merger receives (default bfloat16)"})
+    vggt_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
+        "help": "as `featstore build --compute-dtype`: VGGT's autocast dtype on GPU (default bfloat16)"})
+
+
+@dataclass
+class DataArguments:
+    data_root: str = field(default=None, metadata={
+        "help": "folder of the images; annotation paths and store keys are relative to it (required)"})
+    annotations: List[str] = field(default_factory=list, metadata={
+        "help": "LLaVA/Qwen conversation JSON or JSONL files (one or more), each sample with 'images' "
+                "(ordered list) or 'image'"})
+    use_vggt_cache: bool = field(default=False, metadata={
+        "help": f"read VGGT features from the store (<data_root>/{DEFAULT_STORE_NAME} unless "
+                "--vggt_cache_path); VGGT is then never built"})
+    vggt_cache_path: Optional[str] = field(default=None, metadata={"help": "the store's path"})
+    vggt_cache_miss: Literal["error", "compute"] = field(default="error", metadata={
+        "help": "a sample missing from the store: error (default, names the key and the sample) or compute "
+                "it online (VGGT is built on the first miss) and count it"})
+    system_prompt: str = field(default="You are a helpful assistant.", metadata={
+        "help": "system turn prepended to samples without one ('' for none)"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    # The collator builds the batch; the Trainer must not drop its VGGT keys.
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "keep False: the batch carries the VGGT inputs the model's forward takes"})
+
+
+@dataclass(frozen=True)
+class VGGTSettings:
+    """The resolved VGGT choices: where features come from and how they are fused."""
+
+    mode: Mode
+    fusion: Fusion
+    scale: float
+    encoder: str
+    weights: Optional[str]
+    overrides: dict
+    store_path: Optional[str]
+    cache_miss: str
+
+    @property
+    def cached(self) -> bool:
+        return self.mode == "cached"
+
+    @property
+    def stream(self) -> bool:
+        return self.mode == "online_causal_stream"
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    """Parse `argv` (default sys.argv[1:]) -> (ModelArguments, DataArguments, TrainingArguments)."""
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, train_args
+
+
+def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSettings:
+    """Check the flags together and fill the derived defaults.
+
+    Raises:
+        ArgumentError: a missing or contradictory flag (the message names the flags and values).
+    """
+    if not data_args.data_root:
+        raise ArgumentError("--data_root is required: the folder the annotation paths are relative to")
+    if not os.path.isdir(data_args.data_root):
+        raise ArgumentError(f"--data_root {data_args.data_root}: not a directory")
+    if not data_args.annotations:
+        raise ArgumentError("--annotations FILE... is required (LLaVA/Qwen conversation JSON or JSONL)")
+    for a in data_args.annotations:
+        if not os.path.isfile(a):
+            raise ArgumentError(f"--annotations {a}: no such file")
+    fusion = model_args.vggt_fusion
+    mode = model_args.vggt_mode
+    if data_args.use_vggt_cache and mode not in (None, "cached"):
+        raise ArgumentError(f"--use_vggt_cache contradicts --vggt_mode {mode}: drop one of them")
+    if mode is None:
+        mode = "cached" if data_args.use_vggt_cache else (
+            "online_full" if fusion == "per_image" else "online_causal_stream")
+    attention = model_args.vggt_attention
+    implied = {"online_full": "full", "online_causal_stream": "causal"}.get(mode)
+    if attention is None:
+        attention = implied or ("full" if fusion == "per_image" else "causal")
+    elif implied is not None and attention != implied:
+        raise ArgumentError(f"--vggt_mode {mode} computes attention={implied}; --vggt_attention {attention} "
+                            "contradicts it")
+    frames_kept = model_args.vggt_frames_kept or ("all" if fusion == "per_image" else "last")
+    if fusion == "per_image" and frames_kept != "all":
+        raise ArgumentError("--vggt_fusion per_image needs one feature per image: --vggt_frames_kept all "
+                            f"(found {frames_kept})")
+    if data_args.vggt_cache_path and mode != "cached":
+        raise ArgumentError(f"--vggt_cache_path is only read with --use_vggt_cache (mode is {mode})")
+    encoder = model_args.vggt_encoder or (TINY_VGGT if is_tiny(model_args.model_name_or_path) else "vggt-1b")
+    overrides = dict(layer=model_args.vggt_layer, attention=attention, frames_kept=frames_kept,
+                     preprocess_mode=model_args.vggt_preprocess_mode, storage_dtype=model_args.vggt_storage_dtype,
+                     compute_dtype=model_args.vggt_compute_dtype)
+    if model_args.vggt_target_size is not None:
+        overrides["target_size"] = model_args.vggt_target_size
+    scale = _DEFAULT_SCALE[fusion] if model_args.vggt_scale is None else float(model_args.vggt_scale)
+    store = None
+    if mode == "cached":
+        store = data_args.vggt_cache_path or os.path.join(data_args.data_root, DEFAULT_STORE_NAME)
+    return VGGTSettings(mode=mode, fusion=fusion, scale=scale, encoder=encoder, weights=model_args.vggt_weights,
+                        overrides=overrides, store_path=store, cache_miss=data_args.vggt_cache_miss)

@@ -1,0 +1,283 @@
+"""Training data: conversation samples -> token ids, labels, Qwen pixels and the VGGT inputs.
+
+Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers):
+  1. unit     `featstore.plan.sample_unit`: the key and ordered frame list that
+              `featstore build --annotations` stored (the same code, so they agree)
+  2. frames   each image read and preprocessed as the build does ([S, 3, H, W], one VGGT
+              call); the Qwen image is that same view resized to the VGGT grid trimmed to even
+              (TRAINING.md grid rule: 518x392 -> 37x28 patches -> 36x28 -> 504x392 -> 252 tokens)
+  3. features cached mode: one `read_into` (one transaction, one copy) of the unit's key, with
+              the stored frame list checked against the sample's: another list is a miss, never
+              a wrong feature. A miss raises (naming key and sample) or, under policy compute,
+              ships the frames so the model encodes them online (counted). Online modes ship
+              the frames.
+  4. text     `<|im_start|>role\\ncontent<|im_end|>\\n` turns; each `<image>` becomes
+              `<|vision_start|>` + `<|image_pad|>` x tokens + `<|vision_end|>`; labels only on
+              assistant content and its `<|im_end|>`.
+`Collator` pads input_ids / labels / attention_mask / mm_token_type_ids and concatenates the rest.
+
+Batch keys (B samples, L tokens): input_ids, labels, attention_mask, mm_token_type_ids [B, L];
+pixel_values [patches, D], image_grid_thw [images, 3] (absent when no sample has an image);
+vggt_source [B] (0 no image, 1 features below, 2 frames below), vggt_grid [B, 2] (VGGT patch
+grid h, w), vggt_images [B] (images per sample), vggt_features [tokens, C] (source-1 samples,
+F*h*w rows each, storage dtype), vggt_feature_frames [B] (F), vggt_frames (source-2 samples'
+[S, 3, H, W] flattened, uint8 when the preprocessing is exact in 8 bits, else float32),
+vggt_frame_count [B] (S); cache_hits, cache_misses, cache_computed (0-d int64).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from featstore.errors import MissingKeyError
+from featstore.plan import load_annotations, sample_unit
+from training.vggt_online import read_unit_frames
+
+__all__ = ["ConversationDataset", "Collator", "DataError", "IMAGE_PLACEHOLDER", "SOURCE_NONE",
+           "SOURCE_FEATURES", "SOURCE_FRAMES", "CacheMissError"]
+
+IMAGE_PLACEHOLDER = "<image>"
+SOURCE_NONE, SOURCE_FEATURES, SOURCE_FRAMES = 0, 1, 2
+IGNORE_INDEX = -100  # labels the loss skips (transformers' default ignore_index)
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """An annotation sample is unusable (the message names the file, index and id)."""
+
+
+class CacheMissError(MissingKeyError):
+    """A sample's features are not in the store (or were computed on another frame list)."""
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """LLaVA/Qwen conversation samples with their VGGT inputs (see module docstring).
+
+    Args:
+        annotations: JSON/JSONL files; samples carry "images" (ordered) or "image", and
+            "conversations" (from/value or role/content turns).
+        data_root: the folder image paths and store keys are relative to.
+        tokenizer, image_processor: Qwen's (see training.presets).
+        spec: the `EncoderSpec` training uses (preprocessing, patch size, frames kept).
+        store: a `featstore.FeatureStore` (cached mode) or None (online modes: frames only).
+        cache_miss: "error" or "compute" (ship the frames of a missing sample, counted).
+        system_prompt: a system turn added to samples that have none ("" for none).
+
+    Raises:
+        DataError: at construction, for a sample whose `<image>` count differs from its images
+            or whose turns are malformed; every sample is checked before training starts.
+    """
+
+    def __init__(self, annotations: Sequence[str], data_root: str, tokenizer, image_processor, spec, *,
+                 store=None, cache_miss: str = "error", system_prompt: str = "You are a helpful assistant."):
+        if cache_miss not in ("error", "compute"):
+            raise ValueError(f"cache_miss must be 'error' or 'compute'. Found {cache_miss!r}")
+        self.data_root, self.tokenizer, self.image_processor = data_root, tokenizer, image_processor
+        self.spec, self.store, self.cache_miss, self.system_prompt = spec, store, cache_miss, system_prompt
+        self.patch = int(spec.config["patch_size"])
+        self.merge = int(getattr(image_processor, "merge_size", 2))
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+               ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")}
+        self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
+        self.vision_start, self.vision_end, self.image_pad = (ids["<|vision_start|>"], ids["<|vision_end|>"],
+                                                              ids["<|image_pad|>"])
+        self.samples: List[Dict[str, Any]] = []
+        self.wheres: List[str] = []
+        self.units = []
+        for path in annotations:
+            for i, sample in enumerate(load_annotations(path)):
+                where = f"{os.fspath(path)} sample {i}" + (f" (id {sample['id']!r})" if "id" in sample else "")
+                unit = sample_unit(sample, data_root, where=where)
+                _check_turns(sample, where, 0 if unit is None else unit.num_frames)
+                self.samples.append(sample)
+                self.wheres.append(where)
+                self.units.append(unit)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        sample, where, unit = self.samples[index], self.wheres[index], self.units[index]
+        item: Dict[str, Any] = {"hits": 0, "misses": 0, "computed": 0, "source": SOURCE_NONE,
+                                "grid": (0, 0), "features": None, "frames": None, "images": 0}
+        token_counts: List[int] = []
+        if unit is not None:
+            frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)  # [S, 3, H, W]
+            h, w = frames.shape[-2] // self.patch, frames.shape[-1] // self.patch
+            item.update(grid=(h, w), images=unit.num_frames)
+            item.update(self._qwen_images(frames, h, w, where))
+            token_counts = [int(t.prod()) // (self.merge ** 2) for t in item["image_grid_thw"]]
+            if self.store is not None:
+                self._read_features(item, unit, where, frames.shape[0], h * w)
+            if item["features"] is None:
+                item["source"], item["frames"] = SOURCE_FRAMES, _pack_frames(frames)
+            else:
+                item["source"] = SOURCE_FEATURES
+        item.update(self._tokenize(sample, token_counts))
+        return item
+
+    # ---- pieces --------------------------------------------------------------------------
+
+    def _qwen_images(self, frames: torch.Tensor, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
+        """Each VGGT view resized to the even-trimmed grid in Qwen pixels -> pixel_values, image_grid_thw."""
+        from PIL import Image
+
+        hh, ww = h // 2, w // 2
+        if hh == 0 or ww == 0:
+            raise DataError(f"{where}: the VGGT grid {h}x{w} is smaller than 2x2 patches: no Qwen token fits")
+        side = self.patch * self.merge  # 28 px per merged Qwen token
+        size = (ww * side, hh * side)  # PIL (width, height)
+        u8 = (frames * 255).round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        images = [Image.fromarray(np.ascontiguousarray(f)).resize(size, Image.Resampling.BICUBIC) for f in u8]
+        out = self.image_processor(images=images, return_tensors="pt")
+        grid = out["image_grid_thw"]
+        want = torch.tensor([1, 2 * hh, 2 * ww])
+        if not all(torch.equal(g, want) for g in grid):
+            raise DataError(
+                f"{where}: the image processor made grids {grid.tolist()} for {size[0]}x{size[1]} images, expected "
+                f"{want.tolist()} (the VGGT grid {h}x{w} trimmed to even): its size bounds must contain H*W"
+            )
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
+
+    def _read_features(self, item: Dict[str, Any], unit, where: str, num_frames: int, tokens: int) -> None:
+        try:
+            # One transaction, one copy out of the map; the stored frame list must equal the unit's.
+            feats = self.store.read_into([unit.key], frames=[list(unit.frames)])[0]
+        except MissingKeyError as e:
+            item["misses"] = 1
+            if self.cache_miss == "error":
+                raise CacheMissError(
+                    f"VGGT feature cache miss for {where}: key {unit.key!r} ({e}). Build the store with "
+                    f"`featstore build --data-root {self.data_root} --annotations ...` using the same encoder "
+                    "flags, or pass --vggt_cache_miss compute to encode misses online"
+                ) from None
+            item["computed"] = 1
+            return
+        kept = num_frames if self.spec.frames_kept == "all" else 1
+        if feats.dim() != 3 or feats.shape[0] != kept or feats.shape[1] != tokens:
+            raise CacheMissError(
+                f"{where}: stored features for key {unit.key!r} have shape {tuple(feats.shape)}, expected "
+                f"[{kept}, {tokens}, C] for {num_frames} frames on this grid; the store does not match the "
+                "data (rebuild it)"
+            )
+        item["hits"], item["features"] = 1, feats
+
+    def _text_ids(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _tokenize(self, sample: Dict[str, Any], token_counts: List[int]) -> Dict[str, torch.Tensor]:
+        ids: List[int] = []
+        labels: List[int] = []
+
+        def add(tokens: List[int], supervised: bool) -> None:
+            ids.extend(tokens)
+            labels.extend(tokens if supervised else [IGNORE_INDEX] * len(tokens))
+
+        turns = [(_ROLES[_turn_field(t, "from", "role")], _turn_field(t, "value", "content"))
+                 for t in sample.get("conversations", [])]
+        if self.system_prompt and not any(role == "system" for role, _ in turns):
+            turns.insert(0, ("system", self.system_prompt))
+        newline = self._text_ids("\n")
+        images = iter(token_counts)
+        for role, content in turns:
+            add([self.im_start] + self._text_ids(role + "\n"), False)
+            pieces = content.split(IMAGE_PLACEHOLDER)
+            for k, piece in enumerate(pieces):
+                add(self._text_ids(piece), role == "assistant")
+                if k < len(pieces) - 1:
+                    add([self.vision_start] + [self.image_pad] * next(images) + [self.vision_end], False)
+            add([self.im_end], role == "assistant")
+            add(newline, False)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        return {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long),
+                "mm_token_type_ids": (input_ids == self.image_pad).long()}
+
+
+def _turn_field(turn: Dict[str, Any], *names: str) -> Any:
+    for n in names:
+        if n in turn:
+            return turn[n]
+    raise KeyError(names[0])
+
+
+def _check_turns(sample: Dict[str, Any], where: str, num_images: int) -> None:
+    turns = sample.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
+    placeholders = 0
+    for j, t in enumerate(turns):
+        try:
+            role, content = _turn_field(t, "from", "role"), _turn_field(t, "value", "content")
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: turn {j} needs 'from'/'value' (or 'role'/'content')") from None
+        if role not in _ROLES or not isinstance(content, str):
+            raise DataError(f"{where}: turn {j} has role {role!r} (known: {sorted(_ROLES)}) or non-text content")
+        placeholders += content.count(IMAGE_PLACEHOLDER)
+    if placeholders != num_images:
+        raise DataError(
+            f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {num_images} image(s); each image "
+            "needs exactly one placeholder, paired in order"
+        )
+
+
+def _pack_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 when the frames are exactly k/255 (the preprocessing without extra_resize): a 4x
+    smaller batch that no float cast (DeepSpeed's bf16 input cast, say) can round."""
+    u8 = (frames * 255).round().clamp_(0, 255).to(torch.uint8)
+    return u8 if torch.equal(u8.float().div_(255), frames) else frames.float()
+
+
+class Collator:
+    """Pads and concatenates `ConversationDataset` items into one batch (module docstring).
+
+    Args:
+        pad_token_id: the id `input_ids` are padded with (the tokenizer's pad token).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        length = max(len(it["input_ids"]) for it in items)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            out = torch.full((len(items), length), value, dtype=torch.long)
+            for i, it in enumerate(items):
+                out[i, : len(it[key])] = it[key]
+            return out
+
+        batch: Dict[str, torch.Tensor] = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "labels": pad("labels", IGNORE_INDEX),
+            "mm_token_type_ids": pad("mm_token_type_ids", 0),
+        }
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for i, it in enumerate(items):
+            mask[i, : len(it["input_ids"])] = 1
+        batch["attention_mask"] = mask
+        with_images = [it for it in items if it["source"] != SOURCE_NONE]
+        if with_images:
+            batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
+            batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+        batch["vggt_source"] = torch.tensor([it["source"] for it in items], dtype=torch.long)
+        batch["vggt_grid"] = torch.tensor([it["grid"] for it in items], dtype=torch.long).reshape(len(items), 2)
+        batch["vggt_images"] = torch.tensor([it["images"] for it in items], dtype=torch.long)
+        feats = [it["features"] for it in items if it["features"] is not None]
+        batch["vggt_features"] = (torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if feats
+                                  else torch.zeros(0))
+        batch["vggt_feature_frames"] = torch.tensor(
+            [0 if it["features"] is None else it["features"].shape[0] for it in items], dtype=torch.long)
+        frames = [it["frames"] for it in items if it["frames"] is not None]
+        if len({f.dtype for f in frames}) > 1:  # one sample not exact in 8 bits: all as float
+            frames = [f.float().div(255) if f.dtype == torch.uint8 else f for f in frames]
+        batch["vggt_frames"] = torch.cat([f.reshape(-1) for f in frames]) if frames else torch.zeros(0)
+        batch["vggt_frame_count"] = torch.tensor(
+            [0 if it["frames"] is None else it["frames"].shape[0] for it in items], dtype=torch.long)
+        for key in ("hits", "misses", "computed"):
+            batch[f"cache_{key}"] = torch.tensor(sum(it[key] for it in items), dtype=torch.long)
+        return batch

@@ -1,0 +1,96 @@
+"""The trainable geometry merger: stored VGGT patch tokens -> Qwen LLM-sized image-token offsets.
+
+RMSNorm(C) per patch token -> group 2x2 neighbouring patches (4C) -> Linear(4C, hidden) -> GELU
+-> Linear(hidden, LLM hidden). For VGGT-1B, C = 2048, hidden = 4096 (TRAINING.md).
+
+Parameter names follow the published layout of VG-LLM and JanusVLN (`ln_q.weight`,
+`mlp.0.weight/bias`, `mlp.2.weight/bias`; RMSNorm eps 1e-6), so a merger they trained loads here
+and continues training.
+
+Token order: the grid [h, w] is first trimmed to even sides (the last row / column dropped, as
+a 37x28 VGGT-1B grid becomes 36x28), then merged tokens come out row-major over (h/2, w/2), each
+from its 2x2 block in (row, col) order: the order of Qwen2.5-VL's own patch merger, so merged
+token j lands on Qwen image token j.
+
+Shapes: F frames, h x w patch grid, N = h*w tokens, C channels, M = (h//2)*(w//2) merged tokens.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GeometryMerger", "RMSNorm", "merged_grid", "group_2x2"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, with a learned scale (`weight`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def merged_grid(h: int, w: int) -> tuple:
+    """(h//2, w//2): the merged grid of an h x w patch grid after trimming to even sides."""
+    return h // 2, w // 2
+
+
+def group_2x2(x: Tensor, h: int, w: int) -> Tensor:
+    """[F, h*w, C] -> [F, (h//2)*(w//2), 4C]: trim to even, then each 2x2 block's tokens in
+    (row, col) order concatenated, blocks row-major."""
+    f, n, c = x.shape
+    if n != h * w:
+        raise ValueError(f"features have {n} tokens per frame but the grid {h}x{w} has {h * w}")
+    hh, ww = merged_grid(h, w)
+    x = x.reshape(f, h, w, c)[:, : 2 * hh, : 2 * ww]
+    x = x.reshape(f, hh, 2, ww, 2, c).permute(0, 1, 3, 2, 4, 5)  # [F, h/2, w/2, 2, 2, C]
+    return x.reshape(f, hh * ww, 4 * c)
+
+
+class GeometryMerger(nn.Module):
+    """VGGT patch tokens of one frame grid -> offsets for that image's merged Qwen tokens.
+
+    Args:
+        in_channels: C, channels of a stored token (VGGT-1B: 2048).
+        out_channels: the LLM hidden size.
+        hidden: the MLP's hidden width (default 2 * in_channels: 4096 for VGGT-1B).
+
+    Example:
+        >>> m = GeometryMerger(2048, 3584)
+        >>> m(torch.randn(2, 28 * 37, 2048), 28, 37).shape   # 2 frames of a 518x392 input
+        torch.Size([2, 252, 3584])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or 2 * in_channels
+        self.in_channels, self.out_channels, self.hidden = in_channels, out_channels, hidden
+        self.ln_q = RMSNorm(in_channels, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(4 * in_channels, hidden), nn.GELU(), nn.Linear(hidden, out_channels))
+
+    def forward(self, features: Tensor, h: int, w: int) -> Tensor:
+        """[F, h*w, C] (any float dtype) -> [F, (h//2)*(w//2), out_channels] in the merger's dtype."""
+        x = self.ln_q(features.to(self.ln_q.weight.dtype))
+        return self.mlp(group_2x2(x, h, w))
+
+    def forward_many(self, items: List[Tuple[Tensor, int, int]]) -> List[Tensor]:
+        """Several samples' (features [F, h*w, C], h, w) through ONE MLP call -> per sample
+        [F, (h//2)*(w//2), out]. The norm and MLP act per token, so this equals calling
+        `forward` per sample up to GEMM rounding (a matmul over more rows may block its sums
+        differently), with one kernel launch per layer instead of one per sample."""
+        if not items:
+            return []
+        grouped = [group_2x2(self.ln_q(x.to(self.ln_q.weight.dtype)), h, w) for x, h, w in items]
+        out = self.mlp(torch.cat([g.reshape(-1, g.shape[-1]) for g in grouped]))
+        sizes = [g.shape[0] * g.shape[1] for g in grouped]
+        return [o.reshape(g.shape[0], g.shape[1], -1) for o, g in zip(out.split(sizes), grouped)]

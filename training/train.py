@@ -1,0 +1,157 @@
+"""`python -m training.train`: parse, build, run, close.
+
+Builds the tokenizer and image processor, checks the feature store against the encoder spec
+the flags describe (cached mode; no VGGT is built), builds the model, the dataset and the
+`FeatstoreTrainer`, trains, and saves the model to --output_dir. See docs/TRAINING.md.
+
+Example (the bundled sample data, tiny presets, CPU):
+    featstore build --data-root sample_data --annotations sample_data/annotations.json --encoder vggt-tiny
+    python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
+        --use_vggt_cache --output_dir /tmp/run --max_steps 20 --use_cpu --report_to none
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import List, Optional
+
+import torch
+
+from featstore.errors import FeatstoreError
+from training.args import ArgumentError, parse_args, resolve_vggt
+from training.data import Collator, ConversationDataset, DataError
+from training.trainer import FeatstoreTrainer
+from training.vggt_online import OnlineVGGT, resolve_spec
+
+__all__ = ["main", "run", "open_feature_cache", "build_model", "load_tokenizer_and_processor"]
+
+logger = logging.getLogger("training")
+
+
+def open_feature_cache(store_path: str, spec):
+    """Check the store against `spec` and log it; returns a `FeatureStore` for the workers.
+
+    Raises:
+        FingerprintMismatchError: the store's manifest differs from `spec` (names the fields).
+        StoreNotFoundError: nothing at `store_path`.
+    """
+    from featstore.reader import FeatureStore
+    from featstore.store import check_fingerprint
+
+    probe = FeatureStore(store_path)
+    try:
+        manifest = probe.manifest
+        check_fingerprint(manifest, spec.to_dict(), path=probe.path, fingerprint=spec.fingerprint())
+        entries = len(probe)
+    finally:
+        probe.close()  # workers open their own (never inherit an environment across fork)
+    logger.info("VGGT feature cache enabled: %s (%d entries, fingerprint %s)", probe.path, entries,
+                manifest.get("fingerprint", spec.fingerprint()))
+    return FeatureStore(store_path, expected_encoder=spec.to_dict())
+
+
+def load_tokenizer_and_processor(name: str):
+    """(tokenizer, image processor): the offline tiny pair, or the checkpoint's own."""
+    from training import presets
+
+    if presets.is_tiny(name):
+        return presets.tiny_tokenizer(), presets.image_processor()
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    bounds = presets.image_processor().size  # explicit size=: see presets.image_processor
+    return AutoTokenizer.from_pretrained(name), Qwen2VLImageProcessorPil.from_pretrained(name, size=dict(bounds))
+
+
+def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42):
+    """The Qwen2_5_VLWithGeometry model: random tiny weights, or `from_pretrained(name)`.
+
+    A hub checkpoint loads with exactly the merger's keys missing (initialised fresh); a
+    checkpoint of this class also restores its merger."""
+    from transformers import AutoConfig
+
+    from training import presets
+    from training.model import GEOMETRY_CONFIG_KEY, Qwen2_5_VLWithGeometry
+
+    if presets.is_tiny(name):
+        config = presets.tiny_config(tokenizer)
+        setattr(config, GEOMETRY_CONFIG_KEY, geometry)
+        torch.manual_seed(seed)
+        return Qwen2_5_VLWithGeometry._from_config(config)
+    config = AutoConfig.from_pretrained(name)
+    saved = getattr(config, GEOMETRY_CONFIG_KEY, None) or {}
+    if saved and saved.get("in_channels") != geometry["in_channels"]:
+        raise ArgumentError(f"--model_name_or_path {name}: its merger takes {saved['in_channels']} channels, the "
+                            f"VGGT spec gives {geometry['in_channels']}")
+    setattr(config, GEOMETRY_CONFIG_KEY, dict(saved, **geometry))
+    return Qwen2_5_VLWithGeometry.from_pretrained(name, config=config)
+
+
+def run(argv: Optional[List[str]] = None):
+    """Everything `main` does, raising errors instead of printing them. Returns the trainer."""
+    from training.model import geometry_config, set_trainable
+
+    model_args, data_args, train_args = parse_args(argv)
+    settings = resolve_vggt(model_args, data_args)
+    spec = resolve_spec(settings.encoder, weights=settings.weights, **settings.overrides)  # builds no VGGT
+    store = open_feature_cache(settings.store_path, spec) if settings.cached else None
+    if train_args.deepspeed and not torch.cuda.is_available():
+        import deepspeed  # ZeRO-3 on CPU needs the gloo group before the model is built (TRAINING.md)
+
+        deepspeed.init_distributed("gloo")
+    tokenizer, image_processor = load_tokenizer_and_processor(model_args.model_name_or_path)
+    dataset = ConversationDataset(data_args.annotations, data_args.data_root, tokenizer, image_processor, spec,
+                                  store=store, cache_miss=settings.cache_miss,
+                                  system_prompt=data_args.system_prompt)
+    geometry = geometry_config(2 * int(spec.config["embed_dim"]), hidden=model_args.vggt_merger_hidden,
+                               fusion=settings.fusion, scale=settings.scale)
+    model = build_model(model_args.model_name_or_path, tokenizer, geometry, seed=train_args.seed)
+    if not settings.cached or settings.cache_miss == "compute":
+        # Online modes, or cached with misses computed: built lazily, outside the module tree.
+        model.attach_vggt(OnlineVGGT(settings.encoder, weights=settings.weights, overrides=settings.overrides,
+                                     stream=settings.stream, expected_fingerprint=spec.fingerprint(),
+                                     patch_size=int(spec.config["patch_size"])))
+    counts = set_trainable(model, merger=model_args.tune_merger, llm=model_args.tune_llm,
+                           vision=model_args.tune_vision)
+    logger.info("VGGT mode %s (encoder %s, fingerprint %s), fusion %s, scale %g; %d samples; trainable "
+                "parameters %s", settings.mode, settings.encoder, spec.fingerprint()[:16], settings.fusion,
+                settings.scale, len(dataset), counts)
+    if train_args.label_names is None:
+        train_args.label_names = ["labels"]
+    # processing_class: checkpoints then hold the tokenizer, so --model_name_or_path can resume from them.
+    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
+                               data_collator=Collator(tokenizer.pad_token_id))
+    # --resume_from_checkpoint DIR continues from a checkpoint-N folder (model, optimizer, RNG, data position)
+    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(train_args.output_dir)
+    return trainer
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry of `python -m training.train`; returns the exit status (2 for bad input)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    try:
+        run(argv)
+    except (ArgumentError, DataError, FeatstoreError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker is re-raised in the main
+    process with the worker's traceback folded into its message; keep only the original line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

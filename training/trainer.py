@@ -1,0 +1,150 @@
+"""`FeatstoreTrainer`: a `transformers.Trainer` that logs data time and feature-cache counters.
+
+The collator puts three 0-d int64 counters into every batch (`STAT_KEYS`: this batch's samples
+whose features came from the store, were missing, were computed online on a miss). They travel
+inside the batch because DataLoader workers are separate processes: a counter kept in a worker
+would never reach the trainer. This Trainer
+
+1. times each step's wait for data (around `get_batch_samples`, which fetches the step's
+   `gradient_accumulation_steps` batches),
+2. pops `STAT_KEYS` from every batch there, before the model or the loss-scaling count sees
+   the batch, and adds them to running totals,
+3. at every training log merges into the logged dict (so it reaches `state.log_history`, the
+   printed line and every reporting integration; mutating `logs` in a callback's `on_log`
+   would not reach `log_history`):
+
+   - `data_time`: mean seconds per optimizer step spent waiting for data since the last log
+     (averaged over ranks),
+   - `step_time`: mean wall seconds per optimizer step since the last log (s/it),
+   - `cache_hits`, `cache_misses`, `cache_computed`: totals since this process started,
+     summed over ranks (one all-reduce per log, on every rank: `log()` runs on all of them),
+   - `cache_hit_rate`: hits / (hits + misses); absent while no sample was looked up, and
+     the three totals are absent when no batch carried the counters (online VGGT).
+
+Each rank also appends every logged dict, with its rank and wall time, to
+`<output_dir>/metrics.rank<R>.jsonl`: the printed line exists only on each node's first rank,
+and `scripts/monitor_training.sh` reads these files.
+
+Not guaranteed: totals restart from zero when training resumes from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+import transformers
+
+__all__ = ["STAT_KEYS", "FeatstoreTrainer", "metrics_path"]
+
+# Fixed by the contract with training/data.py's collator.
+STAT_KEYS = ("cache_hits", "cache_misses", "cache_computed")
+
+
+def metrics_path(output_dir: str, rank: int) -> str:
+    """Path of rank `rank`'s JSON-lines metrics file under `output_dir`.
+
+    Example:
+        >>> metrics_path("runs/a", 1)
+        'runs/a/metrics.rank1.jsonl'
+    """
+    return os.path.join(output_dir, f"metrics.rank{rank}.jsonl")
+
+
+class FeatstoreTrainer(transformers.Trainer):
+    """`transformers.Trainer` that strips `STAT_KEYS` from batches and logs data time and cache totals.
+
+    Args: exactly those of `transformers.Trainer`.
+
+    Example:
+        >>> trainer = FeatstoreTrainer(model=model, args=args, train_dataset=ds, data_collator=collate)
+        >>> trainer.train()
+        >>> trainer.state.log_history[0]["cache_hit_rate"]
+        1.0
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per-rank running totals since start (summed over ranks only when logged).
+        self._cache_totals = [0, 0, 0]
+        self._saw_cache_stats = False
+        # Since the last training log: data wait, steps, and when that log happened.
+        self._data_seconds = 0.0
+        self._data_steps = 0
+        self._last_log_wall = None  # set at the first data fetch
+
+    # -- 1 + 2: time the data wait, take the counters out of the batches -------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch one optimizer step's batches (timed) and remove `STAT_KEYS` from each."""
+        start = time.perf_counter()
+        if self._last_log_wall is None:
+            self._last_log_wall = start
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._data_seconds += time.perf_counter() - start
+        self._data_steps += 1
+        for batch in batch_samples:
+            self._take_stats(batch)
+        return batch_samples, num_items_in_batch
+
+    def _take_stats(self, batch: Any) -> None:
+        if not isinstance(batch, dict) or not any(k in batch for k in STAT_KEYS):
+            return
+        missing = [k for k in STAT_KEYS if k not in batch]
+        if missing:
+            raise KeyError(
+                f"batch carries {sorted(k for k in STAT_KEYS if k in batch)} but not {missing}: "
+                "the collator must emit all of training.trainer.STAT_KEYS or none"
+            )
+        self._saw_cache_stats = True
+        for i, key in enumerate(STAT_KEYS):
+            value = batch.pop(key)
+            # .item() on a 0-d tensor; a device tensor costs one sync per batch, which is small
+            # next to the step and only happens when the collator's output was moved to GPU.
+            self._cache_totals[i] += int(value.item() if isinstance(value, torch.Tensor) else value)
+
+    # -- 3: merge into the training log lines ------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add data time, step time and cache totals to training logs, then log as `Trainer` does."""
+        if not any(k.startswith("eval_") or k.startswith("test_") for k in logs):
+            self._merge_stats(logs)
+        super().log(logs, start_time)
+        self._append_metrics_file(self.state.log_history[-1])
+
+    def _merge_stats(self, logs: dict[str, float]) -> None:
+        now = time.perf_counter()
+        steps = self._data_steps
+        # One collective for all five numbers: every rank reaches log() at the same steps.
+        local = [float(x) for x in self._cache_totals] + [self._data_seconds, float(steps), float(self._saw_cache_stats)]
+        hits, misses, computed, data_seconds, _, saw = self._sum_over_ranks(local)
+        world = max(1, self.args.world_size)
+        if steps > 0:
+            logs["data_time"] = data_seconds / world / steps
+            logs["step_time"] = (now - self._last_log_wall) / steps
+        if saw > 0:
+            logs["cache_hits"] = int(hits)
+            logs["cache_misses"] = int(misses)
+            logs["cache_computed"] = int(computed)
+            if hits + misses > 0:
+                logs["cache_hit_rate"] = hits / (hits + misses)
+        self._data_seconds, self._data_steps, self._last_log_wall = 0.0, 0, now
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        dist = torch.distributed
+        if self.args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return values
+        # float64 holds integer counts exactly up to 2**53. gloo reduces CPU tensors, nccl CUDA
+        # ones: args.device is the one the backend of this run uses.
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def _append_metrics_file(self, record: dict[str, Any]) -> None:
+        if not self.args.output_dir:
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        line = {"rank": self.args.process_index, "time": time.time(), **record}
+        with open(metrics_path(self.args.output_dir, self.args.process_index), "a") as f:
+            f.write(json.dumps(line, default=float) + "\n")
