@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,16 +41,17 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def start_group(cmd: list[str], *, env=None, cwd=REPO, log_path=None) -> subprocess.Popen:
     """Start `cmd` as the leader of a new process group, output to `log_path` (or piped)."""
-    out = open(log_path, "w") if log_path else subprocess.PIPE
-    return subprocess.Popen(cmd, env=env or child_env(), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    if log_path is None:
+        return subprocess.Popen(cmd, env=env or child_env(), cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with open(log_path, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env or child_env(), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
 
 
 def wait_group(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     """Wait for every process of `procs` within `timeout` seconds in all; on timeout kill each
     one's process group and raise with the command."""
-    import time
-
     deadline = time.monotonic() + timeout
     codes = []
     try:

@@ -151,7 +151,8 @@ def test_monitor_reads_a_real_run(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
     line, gpu = res.stdout.splitlines()
     assert line.startswith(f"step {last['step']}  s/it {last['step_time']:.4g}  data_time {last['data_time']:.4g} s")
-    assert f"cache hit rate {last['cache_hit_rate']:.1%} ({last['cache_hits']} hits, {last['cache_misses']} misses" in line
+    rate = f"cache hit rate {last['cache_hit_rate']:.1%} ({last['cache_hits']} hits, {last['cache_misses']} misses"
+    assert rate in line
     assert "[metrics files, ranks 1]" in line and gpu == "GPU memory: nvidia-smi not found"
 
     # Without metrics files it falls back to the printed log lines; nvidia-smi where present.

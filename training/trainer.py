@@ -116,9 +116,10 @@ class FeatstoreTrainer(transformers.Trainer):
     def _merge_stats(self, logs: dict[str, float]) -> None:
         now = time.perf_counter()
         steps = self._data_steps
-        # One collective for all five numbers: every rank reaches log() at the same steps.
-        local = [float(x) for x in self._cache_totals] + [self._data_seconds, float(steps), float(self._saw_cache_stats)]
-        hits, misses, computed, data_seconds, _, saw = self._sum_over_ranks(local)
+        # One collective for all five numbers: every rank reaches log() at the same steps, and
+        # each rank fetched data for the same number of them.
+        local = [float(x) for x in self._cache_totals] + [self._data_seconds, float(self._saw_cache_stats)]
+        hits, misses, computed, data_seconds, saw = self._sum_over_ranks(local)
         world = max(1, self.args.world_size)
         if steps > 0:
             logs["data_time"] = data_seconds / world / steps
