@@ -452,7 +452,8 @@ def _default_data_root(given: str, resolved: str) -> str | None:
 def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
                  annotations: Sequence[str] | None = None, deep: bool = False, recompute: int = 0,
                  seed: int | None = None, weights: str | None = None, device: str = "cpu",
-                 workers: int | None = None, structure: bool = True, progress: bool = False) -> Report:
+                 workers: int | None = None, structure: bool = True, progress: bool = False,
+                 log: bool = True) -> Report:
     """Check a store; see the module docstring for the checks.
 
     Args:
@@ -470,6 +471,8 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
         structure: run LMDB's full structural audit first (py-lmdb >= 3.0; reads every page
             header once). With False only the file size is checked.
         progress: show a tqdm progress bar on stderr.
+        log: report the outcome in one line through `logging.getLogger("featstore")` (INFO when
+            clean, WARNING otherwise). The CLI passes False: it prints the whole summary itself.
 
     Returns:
         A `Report`; ``report.exit_code`` is 0 when clean, else 1.
@@ -541,9 +544,10 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
         fs.close()
     report.seconds = time.perf_counter() - t0
     found = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts().items()))
-    logger.log(logging.INFO if report.ok else logging.WARNING,
-               f"featstore verify: {path}: {'ok' if report.ok else 'problems found (' + found + ')'}, "
-               f"{report.seconds:.1f} s")
+    if log:
+        logger.log(logging.INFO if report.ok else logging.WARNING,
+                   f"featstore verify: {path}: {'ok' if report.ok else 'problems found (' + found + ')'}, "
+                   f"{report.seconds:.1f} s")
     return report
 
 
@@ -645,7 +649,7 @@ def run(args: argparse.Namespace) -> int:
         report = verify_store(store, data_root=args.data_root, annotations=args.annotations,
                               deep=args.deep, recompute=args.recompute, seed=args.seed, weights=args.weights,
                               device=args.device, workers=args.workers, structure=not args.no_structure,
-                              progress=not args.no_progress and not args.json)
+                              progress=not args.no_progress and not args.json, log=False)
     except (FeatstoreError, lmdb.Error) as e:
         if not args.json:
             raise  # the CLI prints it (and translates lmdb.Error), exit 2

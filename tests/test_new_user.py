@@ -214,6 +214,20 @@ def test_build_reports_through_the_featstore_logger(tmp_path, caplog):
     assert len(plan) == 1 and plan[0].levelno == logging.INFO
 
 
+def test_verify_logs_its_outcome_once_and_the_cli_prints_no_second_summary(tmp_path, caplog):
+    from featstore.verify import verify_store
+
+    data = _data(tmp_path, 2)
+    _build(data)
+    with caplog.at_level(logging.INFO, logger="featstore"):
+        assert verify_store(data).ok
+    outcome = [r for r in caplog.records if r.name == "featstore" and r.getMessage().startswith("featstore verify:")]
+    assert len(outcome) == 1 and outcome[0].levelno == logging.INFO and ": ok, " in outcome[0].getMessage()
+    cli = run_cli("verify", "--data-root", data)
+    assert cli.returncode == 0, cli.stderr
+    assert "result     OK" in cli.stdout and "featstore verify:" not in cli.stderr
+
+
 _WRITER = r"""
 import sys, torch
 from featstore.writer import StoreWriter

@@ -537,6 +537,7 @@ class VGGTAggregator(nn.Module):
         tokens, h, w = self._embed(frame, first_index=0 if state.frames == 0 else 1)
         p = tokens.shape[1]
         rope = self._rope_tables(h, w, frame.device)
+
         def global_step(i: int, t: Tensor) -> Tensor:
             t, state.kv[i] = self.global_blocks[i].forward_cached(t, rope, p, state.kv[i])
             return t
