@@ -97,7 +97,7 @@ def write_chart(path: str, results: dict) -> str:
     rows: List[tuple] = [(name, m) for name, m in results["modes"].items() if "step_ms" in m]
     if not rows:
         return "chart skipped: no mode finished"
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.8))
+    fig, ax = plt.subplots(figsize=(11, 0.6 * len(rows) + 2.2))
     left = [0.0] * len(rows)
     for phase in CHART_PHASES:
         widths = [(m["data_ms"] if phase == "data" else m["phases_ms"].get(phase) or 0.0) for _, m in rows]
@@ -105,10 +105,12 @@ def write_chart(path: str, results: dict) -> str:
         left = [a + b for a, b in zip(left, widths)]
     for y, (_, m) in enumerate(rows):
         ax.text(left[y], y, f" {m['step_ms']:.0f} ms step", va="center", fontsize=8)
+    ax.set_xlim(0, 1.18 * max(left))
     ax.invert_yaxis()
-    ax.set_xlabel("milliseconds per step (median; phases from CUDA events, data wait from wall time)")
+    clock = "CUDA events" if results.get("device") == "cuda" else "wall time (CPU)"
+    ax.set_xlabel(f"milliseconds per step: medians per phase ({clock}), data wait from wall time")
     ax.set_title(f"Training step by mode, {results.get('card', results.get('device'))}")
-    ax.legend(ncol=4, fontsize=8, loc="lower right")
+    ax.legend(ncol=len(CHART_PHASES), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
