@@ -79,6 +79,8 @@ class ModelArguments:
         "help": "as `featstore build --preprocess-mode` (default crop)"})
     vggt_storage_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
         "help": "as `featstore build --storage-dtype`: dtype the merger receives (default bfloat16)"})
+    vggt_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
+        "help": "as `featstore build --compute-dtype`: VGGT's autocast dtype on GPU (default bfloat16)"})
 
 
 @dataclass
@@ -172,7 +174,8 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
         raise ArgumentError(f"--vggt_cache_path is only read with --use_vggt_cache (mode is {mode})")
     encoder = model_args.vggt_encoder or (TINY_VGGT if is_tiny(model_args.model_name_or_path) else "vggt-1b")
     overrides = dict(layer=model_args.vggt_layer, attention=attention, frames_kept=frames_kept,
-                     preprocess_mode=model_args.vggt_preprocess_mode, storage_dtype=model_args.vggt_storage_dtype)
+                     preprocess_mode=model_args.vggt_preprocess_mode, storage_dtype=model_args.vggt_storage_dtype,
+                     compute_dtype=model_args.vggt_compute_dtype)
     if model_args.vggt_target_size is not None:
         overrides["target_size"] = model_args.vggt_target_size
     scale = _DEFAULT_SCALE[fusion] if model_args.vggt_scale is None else float(model_args.vggt_scale)

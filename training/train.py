@@ -114,8 +114,9 @@ def run(argv: Optional[List[str]] = None):
                                      patch_size=int(spec.config["patch_size"])))
     counts = set_trainable(model, merger=model_args.tune_merger, llm=model_args.tune_llm,
                            vision=model_args.tune_vision)
-    logger.info("VGGT mode %s, fusion %s, scale %g; %d samples; trainable parameters %s", settings.mode,
-                settings.fusion, settings.scale, len(dataset), counts)
+    logger.info("VGGT mode %s (encoder %s, fingerprint %s), fusion %s, scale %g; %d samples; trainable "
+                "parameters %s", settings.mode, settings.encoder, spec.fingerprint()[:16], settings.fusion,
+                settings.scale, len(dataset), counts)
     if train_args.label_names is None:
         train_args.label_names = ["labels"]
     # processing_class: checkpoints then hold the tokenizer, so --model_name_or_path can resume from them.
