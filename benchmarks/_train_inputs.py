@@ -18,6 +18,7 @@ one GPU run share it).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -31,8 +32,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-__all__ = ["QWEN25_VL_3B_TEXT", "QWEN25_VL_3B_VISION", "Inputs", "model_config", "vggt_choice", "prepare",
-           "write_vggt_checkpoint", "write_model_folder", "child_env"]
+__all__ = ["QWEN25_VL_3B_TEXT", "QWEN25_VL_3B_VISION", "Inputs", "bench_parser", "model_config", "vggt_choice",
+           "prepare", "write_vggt_checkpoint", "write_model_folder", "child_env"]
 
 # Qwen2.5-VL-3B-Instruct's released config.json (text and vision parts).
 QWEN25_VL_3B_TEXT = dict(
@@ -49,6 +50,18 @@ QWEN25_VL_3B_VISION = dict(
 )
 QUESTION = "\nWhere should the robot go next?"
 ANSWER = "Turn left and move forward 0.5 m."
+
+
+def bench_parser(doc: str, *, budget_s: float, work_help: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The flags both benchmarks take: --out (default $OUT), --work, --smoke, --budget-s."""
+    p = argparse.ArgumentParser(description=doc.split("\n", 1)[0], epilog=doc.split("\n", 1)[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    out = os.environ.get("OUT")
+    p.add_argument("--out", default=out, required=not out, help="folder for the results (default $OUT)")
+    p.add_argument("--work", default=None, help=work_help + " (default: a new temp dir)")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--budget-s", type=float, default=budget_s, help=f"wall-clock budget (default {budget_s:g})")
+    return p
 
 
 def model_config(tokenizer, *, smoke: bool):

@@ -37,7 +37,6 @@ and train_bench.png (matplotlib; skipped with a note when it is missing) to --ou
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -251,12 +250,8 @@ def alarm_at(deadline: float):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the results (default $OUT)")
-    p.add_argument("--work", default=None, help="folder for frames, store and checkpoints (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny presets on CPU, a few steps, every mode")
-    p.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget of the whole run")
+    p = inputs_mod.bench_parser(__doc__, budget_s=300.0, work_help="folder for frames, store and checkpoints",
+                                smoke_help="tiny presets on CPU, a few steps, every mode")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 10, smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default 3, smoke 1)")
     p.add_argument("--attention-steps", type=int, default=None, help="timed steps per vision attention "
@@ -267,8 +262,6 @@ def parse(argv=None):
     p.add_argument("--attention", default=None, help="vision tower attention implementations to time on the "
                    f"cached step (default {','.join(ATTENTION)}; smoke: without flex_attention)")
     a = p.parse_args(argv)
-    if not a.out:
-        p.error("--out is required when $OUT is not set")
     for m in a.modes.split(","):
         if m not in MODES:
             p.error(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")

@@ -21,7 +21,6 @@ Writes train_zero_bench.json (rewritten after every run) and train_zero_bench.md
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -43,20 +42,14 @@ CONFIGS = {"zero2": os.path.join(inputs_mod.REPO, "training", "configs", "zero2.
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the results (default $OUT)")
-    p.add_argument("--work", default=None, help="work folder shared with train_bench.py (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny presets on CPU (DeepSpeed over gloo)")
-    p.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget of all runs")
+    p = inputs_mod.bench_parser(__doc__, budget_s=240.0, work_help="work folder shared with train_bench.py",
+                                smoke_help="tiny presets on CPU (DeepSpeed over gloo)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 24, smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="logged steps left out of the medians "
                    "(default 4, smoke 1)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list of stage:mode out of {','.join(RUNS)}")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4, smoke 1)")
     a = p.parse_args(argv)
-    if not a.out:
-        p.error("--out is required when $OUT is not set")
     for r in a.runs.split(","):
         if r not in RUNS:
             p.error(f"--runs: unknown run {r!r}; choose from {', '.join(RUNS)}")
