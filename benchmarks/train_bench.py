@@ -188,7 +188,7 @@ def run_mode(name: str, next_batch: Callable[[], dict], model, optimizer, clock:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-        if online is not None and i == 1:
+        if online is not None and i == 0:  # the encoder is built already: this is one call
             online.measure_peak = True
         t0 = time.perf_counter()
         batch = next_batch()
