@@ -40,7 +40,7 @@ def work(tmp_path_factory):
 
 def test_step_clock_splits_a_step_into_phases():
     import torch
-    from train_bench import StepClock
+    from _step_timing import StepClock
 
     clock = StepClock(torch.device("cpu"))
     # marks at known times (ms): two VGGT spans, one vision span, merger, llm start, ends
@@ -57,7 +57,7 @@ def test_step_clock_splits_a_step_into_phases():
 
 
 def test_budget_alarm_interrupts_a_long_step():
-    from train_bench import BudgetExceeded, alarm_at
+    from _step_timing import BudgetExceeded, alarm_at
 
     t0 = time.monotonic()
     with pytest.raises(BudgetExceeded):
