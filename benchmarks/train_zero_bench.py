@@ -156,6 +156,11 @@ def main(argv=None) -> int:
         results["notes"].append(f"deepspeed is not importable ({type(e).__name__}: {e}): nothing ran")
         save()
         return 1
+    min_run_s = 20 if a.smoke else 60
+    if a.budget_s < min_run_s:  # not even one run fits: do not write a 7 GB checkpoint for nothing
+        results["runs"] = {name: {"skipped": f"budget ({a.budget_s:.0f} s)"} for name in a.runs.split(",")}
+        save()
+        return 0
     inputs = inputs_mod.prepare(work, smoke=a.smoke, units=3 if a.smoke else 16, frames=9, samples=64, log=log)
     encoder, vggt_config = inputs_mod.vggt_choice(a.smoke)
     folder = inputs_mod.write_model_folder(os.path.join(work, "qwen_random"), 2 * int(vggt_config["embed_dim"]),
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
     for name in a.runs.split(","):
         stage, mode = name.split(":")
         left = deadline - time.monotonic()
-        if left < (20 if a.smoke else 60):
+        if left < min_run_s:
             results["runs"][name] = {"skipped": f"budget ({left:.0f} s left)"}
             save()
             continue
