@@ -29,6 +29,9 @@ def child_env(**extra: str) -> dict[str, str]:
     # torch's JIT extension build (DeepSpeed's CPU ops, first run) runs `ninja` from PATH: the
     # training extra installs it beside this interpreter, which need not be on PATH.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # DeepSpeed's JIT-built extension is cached per venv: a cache shared with another venv (same
+    # HOME) is rebuilt whenever that one builds into it, ~2 minutes on 2 busy cores.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(extra)

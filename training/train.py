@@ -122,7 +122,8 @@ def run(argv: Optional[List[str]] = None):
     # processing_class: checkpoints then hold the tokenizer, so --model_name_or_path can resume from them.
     trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
                                data_collator=Collator(tokenizer.pad_token_id))
-    trainer.train()
+    # --resume_from_checkpoint DIR continues from a checkpoint-N folder (model, optimizer, RNG, data position)
+    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
         image_processor.save_pretrained(train_args.output_dir)
