@@ -1,0 +1,212 @@
+"""Timing of one training step for train_bench.py: named marks (CUDA events on a GPU, wall time
+on a CPU), forward hooks that mark the model's stages, an online VGGT whose calls are marked,
+the loop that runs one mode (warm-up, timed steps, peak memory) and the budget alarm.
+
+The split of a step (PHASES) is read off the marks of that step:
+  vggt, vision, merger   sums of their start/end spans
+  llm_forward            the language model's pre-forward hook to the end of the forward (loss)
+  forward_other          the forward minus the four above
+  backward, optimizer    between the ends of forward, backward and the optimizer step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from training.trainer import STAT_KEYS
+
+__all__ = ["PHASES", "BudgetExceeded", "StepClock", "install_hooks", "timed_online_vggt", "run_mode", "alarm_at"]
+
+PHASES = ("vggt", "vision", "merger", "llm_forward", "forward_other", "backward", "optimizer")
+GIB = float(1 << 30)
+
+
+class BudgetExceeded(Exception):
+    """The run reached --budget-s (raised by the alarm, even inside a long step)."""
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Named marks in one step: CUDA events on a GPU (no sync until `phases`), wall time on a CPU
+    (where execution is synchronous, so wall time is the compute time)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: List[tuple] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def reset(self) -> None:
+        self.marks = []
+
+    def _times_ms(self) -> List[tuple]:
+        if not self.marks:
+            return []
+        if self.cuda:
+            torch.cuda.synchronize()
+            first = self.marks[0][1]
+            return [(n, first.elapsed_time(e)) for n, e in self.marks]
+        first = self.marks[0][1]
+        return [(n, (t - first) * 1e3) for n, t in self.marks]
+
+    def phases(self) -> Dict[str, float]:
+        """Milliseconds per phase (PHASES) and `device_step` (forward start to optimizer end)."""
+        times = self._times_ms()
+        at = {}
+        spans = {"vggt": 0.0, "vision": 0.0, "merger": 0.0}
+        opened = {}
+        for name, t in times:
+            part, _, edge = name.partition(":")
+            if part in spans and edge == "start":
+                opened[part] = t
+            elif part in spans and edge == "end" and part in opened:
+                spans[part] += t - opened.pop(part)
+            else:
+                at.setdefault(name, t)
+        forward = at["forward:end"] - at["forward:start"]
+        llm = at["forward:end"] - at.get("llm:start", at["forward:end"])
+        out = dict(spans, llm_forward=llm)
+        out["forward_other"] = forward - sum(out.values())
+        out["backward"] = at["backward:end"] - at["forward:end"]
+        out["optimizer"] = at["optimizer:end"] - at["backward:end"]
+        out["device_step"] = at["optimizer:end"] - at["forward:start"]
+        return out
+
+
+def install_hooks(model, clock: StepClock) -> None:
+    """Marks around the vision tower, the merger MLP and the start of the language model."""
+    def pair(module, part):
+        module.register_forward_pre_hook(lambda *_: clock.mark(f"{part}:start"))
+        module.register_forward_hook(lambda *_: clock.mark(f"{part}:end"))
+
+    pair(model.model.visual, "vision")
+    pair(model.merger.mlp, "merger")
+    model.model.language_model.register_forward_pre_hook(lambda *_: clock.mark("llm:start"))
+
+
+def timed_online_vggt(clock: StepClock):
+    """OnlineVGGT whose encoder calls are marked, and whose call peak can be measured once."""
+    from training.vggt_online import OnlineVGGT
+
+    class TimedOnlineVGGT(OnlineVGGT):
+        measure_peak = False
+        call_peak_bytes: Optional[int] = None
+
+        def features_many(self, units, device):
+            dev = torch.device(device)
+            if self.measure_peak and dev.type == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            clock.mark("vggt:start")
+            out = super().features_many(units, device)
+            clock.mark("vggt:end")
+            if self.measure_peak and dev.type == "cuda":
+                torch.cuda.synchronize()
+                self.call_peak_bytes = torch.cuda.max_memory_allocated() - base
+                self.measure_peak = False
+            return out
+
+    return TimedOnlineVGGT
+
+
+# ---- one mode ---------------------------------------------------------------------------------
+
+
+def _median(values: List[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def run_mode(name: str, next_batch: Callable[[], dict], model, optimizer, clock: StepClock, device, *,
+             warmup: int, steps: int, deadline: float, reserve_s: float, expect_hits: bool,
+             online=None, log=print) -> dict:
+    """Warm-up, then up to `steps` timed steps (fewer when the budget would not hold them)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    data_ms, step_ms, phases, losses = [], [], [], []
+    hits = misses = 0
+    planned = warmup + steps
+    i = 0
+    while i < planned:
+        if i == warmup:
+            warm = [s for s in step_ms] or [0.0]
+            left = deadline - reserve_s - time.monotonic()
+            fit = int(left // max(1e-3, max(warm) / 1e3))
+            if fit < steps:
+                log(f"  {name}: {max(1, fit)} timed steps fit in the budget (asked {steps})")
+                planned = warmup + max(1, fit)
+            step_ms.clear(), data_ms.clear(), phases.clear()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+        if online is not None and i == 0:  # the encoder is built already: this is one call
+            online.measure_peak = True
+        t0 = time.perf_counter()
+        batch = next_batch()
+        t1 = time.perf_counter()
+        stats = {k: int(batch.pop(k)) for k in STAT_KEYS if k in batch}
+        hits, misses = hits + stats.get("cache_hits", 0), misses + stats.get("cache_misses", 0)
+        clock.reset()
+        clock.mark("forward:start")
+        out = model(**batch)
+        clock.mark("forward:end")
+        out.loss.backward()
+        clock.mark("backward:end")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.mark("optimizer:end")
+        split = clock.phases()  # synchronizes
+        t2 = time.perf_counter()
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            raise RuntimeError(f"mode {name}: step {i} loss is {loss}")
+        data_ms.append((t1 - t0) * 1e3)
+        step_ms.append((t2 - t0) * 1e3)
+        phases.append(split)
+        losses.append(loss)
+        i += 1
+    if expect_hits and (misses or hits < planned):
+        raise RuntimeError(f"mode {name}: {hits} store hits and {misses} misses in {planned} steps; every "
+                           "sample must come from the store")
+    result = {
+        "timed_steps": len(step_ms), "warmup_steps": warmup,
+        "step_ms": _median(step_ms), "data_ms": _median(data_ms),
+        "step_ms_all": [round(v, 3) for v in step_ms],
+        "phases_ms": {k: _median([p[k] for p in phases]) for k in PHASES + ("device_step",)},
+        "loss_last": losses[-1], "cache_hits": hits, "cache_misses": misses,
+    }
+    if cuda:
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    return result
+
+
+@contextlib.contextmanager
+def alarm_at(deadline: float):
+    """Raise BudgetExceeded in the main thread once time.monotonic() passes `deadline`."""
+    def fire(*_):
+        raise BudgetExceeded(f"budget reached at {time.strftime('%H:%M:%S')}")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(0.01, deadline - time.monotonic()))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,0 +1,366 @@
+"""One-GPU training step: online VGGT (causal stream, full sequence) vs the feature cache vs the floor.
+
+One process, one card, the project's own model and data code (training.model, training.data,
+training.vggt_online, FeatstoreTrainer's DataLoader): Qwen2.5-VL-3B dimensions with random
+weights in bf16 (`_from_config`), the geometry merger, VGGT-1B with random weights loaded from a
+checkpoint in the official key layout, 9-frame samples of generated 640x480 frames (VGGT sees
+518x392, Qwen 504x392: 252 tokens per frame), batch 1, LLM + merger trainable, the Trainer's
+AdamW (`create_optimizer`), gradient clipping at max_grad_norm as the Trainer does.
+
+Modes (per_image fusion in all four, so only where the features come from differs):
+  floor                 one cached batch, already on the GPU, reused every step (no data path)
+  cached                the store built by `featstore build --annotations`, read by the Trainer's
+                        DataLoader workers (`read_into`) and moved to the GPU by accelerate
+  online_full           frames from the workers; one full-attention VGGT call per sample
+  online_causal_stream  frames from the workers; one VGGT call per frame with the KV cache
+Then the cached step again with each attention implementation the image offers for the Qwen
+vision tower (errors recorded), and the tower's share of the step.
+
+Per mode, medians over the timed steps after warm-up: step (wall, data wait included; each
+step ends with a device sync), data (wall, waiting for the next batch, host-to-device copy
+included), and the split of the step measured with CUDA events recorded by forward hooks
+(benchmarks/_step_timing.py):
+  vggt          around OnlineVGGT.features_many (the encoder calls)
+  vision        the vision tower's forward (model.model.visual)
+  merger        the merger MLP (model.merger.mlp)
+  llm_forward   from the language model's forward pre-hook to the loss (lm_head and loss included)
+  forward_other the rest of the forward: embeddings, scatter, mRoPE indices, checks
+  backward      loss.backward()
+  optimizer     gradient clipping, AdamW step, zero_grad
+Peak GPU memory over the timed steps; for online modes also the memory the VGGT weights hold
+and the extra peak of one VGGT call.
+
+    python benchmarks/train_bench.py --out $OUT [--budget-s 300] [--steps 10] [--warmup 3]
+    python benchmarks/train_bench.py --smoke --out /tmp/x     # tiny presets on CPU, a few steps
+Writes train_bench.json (rewritten after every mode: partial results survive), train_bench.md
+and train_bench.png (matplotlib; skipped with a note when it is missing) to --out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _train_inputs as inputs_mod  # noqa: E402  (puts the repository on sys.path)
+from _step_timing import GIB, BudgetExceeded, StepClock, alarm_at, install_hooks, run_mode  # noqa: E402
+from _step_timing import timed_online_vggt  # noqa: E402
+from _train_report import write_outputs  # noqa: E402
+
+from training.trainer import STAT_KEYS  # noqa: E402
+
+MODES = ("floor", "cached", "online_full", "online_causal_stream")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+# ---- set-up -----------------------------------------------------------------------------------
+
+
+def parse(argv=None):
+    p = inputs_mod.bench_parser(__doc__, budget_s=300.0, work_help="folder for frames, store and checkpoints",
+                                smoke_help="tiny presets on CPU, a few steps, every mode")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 10, smoke 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default 3, smoke 1)")
+    p.add_argument("--attention-steps", type=int, default=None, help="timed steps per vision attention "
+                   "implementation (default 5, smoke 1)")
+    p.add_argument("--units", type=int, default=None, help="distinct 9-frame samples (default 16, smoke 3)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4, smoke 2)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list out of {','.join(MODES)}")
+    p.add_argument("--attention", default=None, help="vision tower attention implementations to time on the "
+                   f"cached step (default {','.join(ATTENTION)}; smoke: without flex_attention)")
+    a = p.parse_args(argv)
+    for m in a.modes.split(","):
+        if m not in MODES:
+            p.error(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    s = a.smoke
+    a.steps = a.steps or (2 if s else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if s else 3)
+    a.attention_steps = a.attention_steps or (1 if s else 5)
+    a.units = a.units or (3 if s else 16)
+    a.workers = a.workers if a.workers is not None else (2 if s else 4)
+    a.attention = a.attention or ",".join(ATTENTION[:3] if s else ATTENTION)
+    return a
+
+
+def training_args(a, inputs, mode: str, output_dir: str) -> list:
+    """The `python -m training.train` flags of this mode (parsed by training's own parser)."""
+    argv = ["--data_root", inputs.root, "--annotations", inputs.annotations, "--vggt_encoder", inputs.encoder,
+            "--vggt_weights", inputs.weights, "--output_dir", output_dir, "--per_device_train_batch_size", "1",
+            "--dataloader_num_workers", str(a.workers), "--dataloader_persistent_workers", str(a.workers > 0),
+            "--report_to", "none", "--learning_rate", "1e-5", "--seed", "0"]
+    argv += ["--use_vggt_cache", "--vggt_cache_path", inputs.store] if mode in ("cached", "floor") else \
+        ["--vggt_mode", mode]
+    argv += ["--use_cpu"] if a.smoke else ["--bf16"]
+    return argv
+
+
+def set_vision_attention(model, impl: str) -> None:
+    """Switch only the vision tower's attention implementation (the LLM's stays).
+
+    Raises:
+        ImportError: `impl` is not installed (flash_attention_2 without flash_attn): the finding.
+        RuntimeError: the switch did not reach every vision module, or touched the LLM's.
+    """
+    visual = model.model.visual
+    text_before = model.config.text_config._attn_implementation
+    try:
+        model.set_attn_implementation({"vision_config": impl})
+    except ImportError:
+        raise
+    except Exception:  # a transformers whose switch takes no per-sub-config dict: set the tower's below
+        pass
+    if model.config.text_config._attn_implementation != text_before:
+        model.config.text_config._attn_implementation = text_before
+    if visual.config._attn_implementation != impl:
+        visual.config._attn_implementation = impl
+    wrong = {n: m.config._attn_implementation for n, m in visual.named_modules()
+             if getattr(getattr(m, "config", None), "_attn_implementation", impl) != impl}
+    if wrong or model.config.text_config._attn_implementation != text_before:
+        raise RuntimeError(f"vision attention {impl!r} did not reach {sorted(wrong)[:4]}, or the text attention "
+                           f"changed ({model.config.text_config._attn_implementation!r}, was {text_before!r})")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:400]}"
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    t_start = time.monotonic()
+    deadline = t_start + a.budget_s
+    os.makedirs(a.out, exist_ok=True)
+    device = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    work = a.work or tempfile.mkdtemp(prefix="train_bench_")
+    results: dict = {"benchmark": "train_bench", "smoke": a.smoke, "command": " ".join(sys.argv),
+                     "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "device": str(device),
+                     "modes": {}, "vision_attention": {}, "notes": [], "complete": False}
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
+
+    def save() -> None:
+        write_outputs(a.out, "train_bench", results, log=log)
+
+    try:
+        with alarm_at(deadline):
+            _run(a, device, dtype, work, results, deadline, log, save)
+        results["complete"] = not any("error" in m or "skipped" in m for m in results["modes"].values())
+    except BudgetExceeded as e:
+        results["notes"].append(f"stopped: {e} (--budget-s {a.budget_s:g}); the modes listed ran")
+        log(str(e))
+    except Exception as e:  # keep what was measured, say what broke
+        results["notes"].append(f"aborted: {_one_line(e)}")
+        traceback.print_exc()
+        save()
+        return 1
+    results["elapsed_s"] = time.monotonic() - t_start
+    save()
+    return 1 if any("error" in m for m in results["modes"].values()) else 0
+
+
+def _run(a, device, dtype, work, results, deadline, log, save) -> None:
+    import transformers
+
+    from training.args import parse_args, resolve_vggt
+    from training.data import ConversationDataset
+    from training.model import GEOMETRY_CONFIG_KEY, Qwen2_5_VLWithGeometry, geometry_config, set_trainable
+    from training.model import vggt_parameter_count
+    from training.presets import image_processor, tiny_tokenizer
+    from training.train import open_feature_cache
+    from training.trainer import FeatstoreTrainer
+    from training.vggt_online import resolve_spec
+
+    results.update(torch=torch.__version__, transformers=transformers.__version__)
+    if device.type == "cuda":
+        results["card"] = torch.cuda.get_device_name(0)
+    frames = 9
+    inputs = inputs_mod.prepare(work, smoke=a.smoke, units=a.units, frames=frames,
+                                samples=max(64, 4 * (a.warmup + a.steps)), log=log)
+    results["inputs"] = {"units": inputs.units, "samples": inputs.samples, "frames_per_sample": frames,
+                         "encoder": inputs.encoder, "store_build": inputs.build}
+    log(f"inputs ready: {inputs.units} units of {frames} frames, store built ({inputs.build.get('computed')} units)")
+
+    tokenizer, processor = tiny_tokenizer(), image_processor()
+    out_dir = os.path.join(work, "trainer_out")
+    settings, specs, train_args = {}, {}, None
+    for mode in MODES:
+        m_args, d_args, t_args = parse_args(training_args(a, inputs, mode, out_dir))
+        settings[mode] = resolve_vggt(m_args, d_args)
+        specs[mode] = resolve_spec(settings[mode].encoder, weights=settings[mode].weights,
+                                   **settings[mode].overrides)
+        train_args = train_args or t_args
+    spec = specs["cached"]
+    config = inputs_mod.model_config(tokenizer, smoke=a.smoke)
+    setattr(config, GEOMETRY_CONFIG_KEY, geometry_config(2 * int(spec.config["embed_dim"])))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLWithGeometry._from_config(config, dtype=dtype)
+    model.train()
+    counts = set_trainable(model, merger=True, llm=True, vision=False)
+    results["model"] = {"parameters": sum(p.numel() for p in model.parameters()), "trainable": counts,
+                        "dtype": str(dtype), "text_attention": model.config.text_config._attn_implementation,
+                        "vision_attention": model.model.visual.config._attn_implementation,
+                        "text": {k: getattr(config.text_config, k) for k in ("hidden_size", "num_hidden_layers",
+                                                                            "intermediate_size", "vocab_size")},
+                        "vision_depth": config.vision_config.depth}
+    log(f"model built: {results['model']['parameters'] / 1e9:.3f} B parameters, trainable {counts}")
+
+    store = open_feature_cache(settings["cached"].store_path, spec)
+    cached_ds = ConversationDataset([inputs.annotations], inputs.root, tokenizer, processor, spec, store=store)
+    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=cached_ds,
+                               data_collator=_collator(tokenizer), processing_class=tokenizer)
+    optimizer = trainer.create_optimizer()
+    results["optimizer"] = type(optimizer).__name__ + f" ({train_args.optim})"
+    clock = StepClock(device)
+    install_hooks(model, clock)
+
+    def loader_batches(dataset):
+        trainer.train_dataset = dataset
+        loader = trainer.get_train_dataloader()
+
+        def forever():
+            while True:
+                yield from loader
+        it = forever()
+        return lambda: next(it)
+
+    def one_batch(dataset) -> dict:
+        """One batch as training reads it (workers, then the device); its workers end with it."""
+        trainer.train_dataset = dataset
+        return next(iter(trainer.get_train_dataloader()))
+
+    wanted = a.modes.split(",")
+    remaining = [m for m in MODES if m in wanted]
+    reserve = lambda: 20.0 * (len(remaining) - 1) + 10.0  # noqa: E731  (keep time for later modes)
+
+    def record(bucket: str, key: str, fn) -> dict:
+        log(f"{key} ...")
+        try:
+            res = fn()
+        except BudgetExceeded:
+            results[bucket][key] = {"skipped": "budget"}
+            raise
+        except Exception as e:
+            res = {"error": _one_line(e)}
+            traceback.print_exc()
+            optimizer.zero_grad(set_to_none=True)
+        log(f"{key}: " + (f"step {res['step_ms']:.1f} ms, data {res['data_ms']:.1f} ms"
+                          if "step_ms" in res else res.get("error", "")))
+        return res
+
+    def timed(mode: str, next_batch, *, steps: int, expect_hits: bool, online=None, reserve_s=None) -> dict:
+        return run_mode(mode, next_batch, model, optimizer, clock, device, warmup=a.warmup, steps=steps,
+                        deadline=deadline, reserve_s=reserve() if reserve_s is None else reserve_s,
+                        expect_hits=expect_hits, online=online, log=log)
+
+    # floor and cached first: VGGT is not on the device yet (their peaks hold none of it)
+    if "floor" in remaining:
+        def floor():
+            batch = one_batch(cached_ds)
+            for k in STAT_KEYS:  # one read, reused: its counters would count every step
+                batch.pop(k, None)
+            res = timed("floor", lambda: dict(batch), steps=a.steps, expect_hits=False)
+            return dict(res, vggt_weights_gib=0.0)
+        results["modes"]["floor"] = record("modes", "floor", floor)
+        remaining.remove("floor")
+        save()
+    if "cached" in remaining:
+        def cached():
+            res = timed("cached", loader_batches(cached_ds), steps=a.steps, expect_hits=True)
+            return dict(res, vggt_weights_gib=0.0, vggt_parameters_in_model=vggt_parameter_count(model))
+        results["modes"]["cached"] = record("modes", "cached", cached)
+        remaining.remove("cached")
+        save()
+    for mode in ("online_full", "online_causal_stream"):
+        if mode not in remaining:
+            continue
+
+        def online_mode(mode=mode):
+            s = settings[mode]
+            online = timed_online_vggt(clock)(s.encoder, weights=s.weights, overrides=s.overrides, stream=s.stream,
+                                              expected_fingerprint=specs[mode].fingerprint(),
+                                              patch_size=int(specs[mode].config["patch_size"]))
+            model.attach_vggt(online)  # replaces the previous mode's encoder, which is then freed
+            _free(device)
+            before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            encoder = online.encoder(device)
+            held = (torch.cuda.memory_allocated() - before) / GIB if device.type == "cuda" else None
+            online_ds = ConversationDataset([inputs.annotations], inputs.root, tokenizer, processor, specs[mode])
+            res = timed(mode, loader_batches(online_ds), steps=a.steps, expect_hits=False, online=online)
+            peak = online.call_peak_bytes
+            return dict(res, vggt_weights_gib=held, vggt_call_peak_gib=None if peak is None else peak / GIB,
+                        vggt_parameters=sum(p.numel() for p in encoder.model.parameters()),
+                        vggt_parameters_in_model=vggt_parameter_count(model))
+        results["modes"][mode] = record("modes", mode, online_mode)
+        remaining.remove(mode)
+        save()
+    model.attach_vggt(None)
+    _free(device)
+
+    # the cached step with each vision-tower attention implementation
+    default_impl = model.model.visual.config._attn_implementation
+    for impl in a.attention.split(","):
+        res = results["modes"].get("cached", {})
+        if impl != default_impl or "step_ms" not in res:
+            def variant(impl=impl):
+                set_vision_attention(model, impl)
+                return timed(f"cached/{impl}", loader_batches(cached_ds), steps=a.attention_steps,
+                             expect_hits=True, reserve_s=10.0)
+            res = record("vision_attention", impl, variant)
+            with contextlib.suppress(Exception):
+                set_vision_attention(model, default_impl)
+        entry = {"step_ms": res.get("step_ms"), "vision_ms": res.get("phases_ms", {}).get("vision"),
+                 "timed_steps": res.get("timed_steps")}
+        if entry["step_ms"] and entry["vision_ms"] is not None:
+            entry["vision_share"] = entry["vision_ms"] / entry["step_ms"]
+        if "error" in res:
+            entry["error"] = res["error"]
+        results["vision_attention"][impl] = entry
+        save()
+    _summarise(results)
+
+
+def _collator(tokenizer):
+    from training.data import Collator
+
+    return Collator(tokenizer.pad_token_id)
+
+
+def _free(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _summarise(results: dict) -> None:
+    """Ratios the issue asks for: cached over floor (target <= 1.02), speed-ups, memory saved."""
+    modes = results["modes"]
+
+    def step(m):
+        return modes.get(m, {}).get("step_ms")
+
+    summary = {"target_cached_over_floor": 1.02}
+    if step("cached") and step("floor"):
+        summary["cached_over_floor"] = step("cached") / step("floor")
+        summary["cached_within_target"] = summary["cached_over_floor"] <= 1.02
+    for m in ("online_full", "online_causal_stream"):
+        if step(m) and step("cached"):
+            summary[f"speedup_cached_vs_{m}"] = step(m) / step("cached")
+        peak_m, peak_c = modes.get(m, {}).get("peak_gib"), modes.get("cached", {}).get("peak_gib")
+        if peak_m is not None and peak_c is not None:
+            summary[f"memory_saved_vs_{m}_gib"] = peak_m - peak_c
+    results["summary"] = summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
