@@ -29,6 +29,11 @@ __all__ = ["main", "run", "open_feature_cache", "build_model", "load_tokenizer_a
 logger = logging.getLogger("training")
 
 
+_CACHE_MISMATCH_ADVICE = ("Train with the --vggt_* flags the store was built with, or build a store for "
+                          "these flags (featstore build with the same --layer/--attention/--frames-kept/"
+                          "--target-size/--preprocess-mode/--weights) and pass it as --vggt_cache_path")
+
+
 def open_feature_cache(store_path: str, spec):
     """Check the store against `spec` and log it; returns a `FeatureStore` for the workers.
 
@@ -42,13 +47,13 @@ def open_feature_cache(store_path: str, spec):
     probe = FeatureStore(store_path)
     try:
         manifest = probe.manifest
-        check_fingerprint(manifest, spec.to_dict(), path=probe.path, fingerprint=spec.fingerprint())
+        check_fingerprint(manifest, spec, path=probe.path, advice=_CACHE_MISMATCH_ADVICE)
         entries = len(probe)
     finally:
         probe.close()  # workers open their own (never inherit an environment across fork)
     logger.info("VGGT feature cache enabled: %s (%d entries, fingerprint %s)", probe.path, entries,
                 manifest.get("fingerprint", spec.fingerprint()))
-    return FeatureStore(store_path, expected_encoder=spec.to_dict())
+    return FeatureStore(store_path, expected_encoder=spec)
 
 
 def load_tokenizer_and_processor(name: str):
