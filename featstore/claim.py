@@ -10,9 +10,11 @@ host and start time of the build that holds it. It is an flock on
 ``STORE/featstore-build.lock``: the kernel drops it when the last process holding the open file
 dies, SIGKILL included, so a killed build never blocks the next one; the pid/host/start it
 leaves in the file are then reported as taken over. (flock, not a POSIX record lock: closing any
-other descriptor of the file in the process would silently drop a record lock. Forked decode
-workers share the flock while they live, and they die with the build: PR_SET_PDEATHSIG. On NFS
-flock is emulated with record locks and needs a working lock daemon; build on local disk.)
+other descriptor of the file in the process would silently drop a record lock.) A forked child
+(a decode worker) closes its inherited copy of the descriptor at once: otherwise a worker still
+dying after its build was SIGKILLed would hold the lock, and the rerun right after would be
+refused. Closing a copy never releases the flock while the build's own descriptor is open.
+(On NFS flock is emulated with record locks and needs a working lock daemon; build on local disk.)
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ __all__ = ["LOCK_NAME", "STORE_FILES", "prepare_store_dir", "BuildLock"]
 logger = logging.getLogger("featstore")
 
 LOCK_NAME = "featstore-build.lock"
+# Descriptors of the locks this process holds; a forked child closes its copies (module docstring).
+_held: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_held):
+        try:
+            os.close(fd)  # close only: flock(LOCK_UN) here would release the parent's lock too
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 # What a store directory holds: LMDB's two files and the build lock. Nothing else is ours.
 STORE_FILES = frozenset({"data.mdb", "lock.mdb", LOCK_NAME})
 
@@ -118,6 +134,7 @@ class BuildLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
+        _held.add(fd)
         return self
 
     def release(self) -> None:
@@ -125,6 +142,7 @@ class BuildLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _held.discard(fd)
         try:
             os.ftruncate(fd, 0)  # an empty file: released cleanly (a killed holder leaves its record)
         finally:

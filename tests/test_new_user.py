@@ -185,6 +185,38 @@ def test_the_lock_of_a_killed_build_is_taken_over(tmp_path):
     assert open(os.path.join(store, "featstore-build.lock")).read() == ""  # released cleanly
 
 
+_HOLDER_WITH_A_CHILD = r"""
+import os, signal, sys, time
+from featstore.claim import BuildLock, prepare_store_dir
+prepare_store_dir(sys.argv[1])
+lock = BuildLock(sys.argv[1]).acquire()
+child = os.fork()
+if child == 0:  # a decode worker that outlives its build for a while (SIGKILL is delivered late)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(os.getpid(), flush=True)  # after os.fork() has returned here: its after-fork hooks ran
+    time.sleep(60)
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_of_a_killed_build_does_not_hold_its_lock(tmp_path):
+    from featstore.claim import BuildLock
+
+    store = str(tmp_path / "s")
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER_WITH_A_CHILD, store], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    child = int(proc.stdout.readline())
+    try:
+        proc.kill()
+        proc.wait()
+        os.kill(child, 0)  # the child still lives, with its copy of the lock's descriptor
+        with BuildLock(store):  # the next build takes the lock at once
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 # -- counts under torchrun ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_reports_each_unit_once(tmp_path):
