@@ -130,12 +130,28 @@ def _import_torch() -> None:
         pass
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever `sys.stderr` is when a record comes (a caller
+    running `main()` in-process, e.g. under pytest's capture, may swap and close the stream)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """The CLI's human output of library messages: featstore's INFO and up on stderr, plain.
     Library users get them through `logging.getLogger("featstore")` at the levels they set."""
     logger = logging.getLogger("featstore")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

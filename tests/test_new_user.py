@@ -335,3 +335,22 @@ def test_cpu_build_thread_counts(tmp_path, monkeypatch):
     assert {p.read_text() for p in seen.iterdir()} == {"1"}
     assert set(encoder_threads) == {max(1, (os.cpu_count() or 1) - 2)}
     assert torch.get_num_threads() == before
+
+
+def test_cli_logging_follows_the_current_stderr(tmp_path, monkeypatch):
+    """`main()` run in-process twice, the first stderr closed in between (as pytest's capture and
+    embedding callers do): the second run's messages reach the new stderr, and logging reports
+    no error about a closed file."""
+    import io
+
+    from featstore.cli import main
+
+    data = _data(tmp_path, 2)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main(["build", "--data-root", data, "--encoder", "vggt-tiny", "--no-progress", "--workers", "0"]) == 0
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    assert main(["build", "--data-root", data, "--encoder", "vggt-tiny", "--no-progress", "--workers", "0"]) == 0
+    text = second.getvalue()
+    assert "units planned" in text and "Logging error" not in text
