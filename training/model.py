@@ -193,7 +193,8 @@ def set_trainable(model: Qwen2_5_VLWithGeometry, *, merger: bool, llm: bool, vis
     counts = {}
     for name, (module, on) in parts.items():
         module.requires_grad_(on)
-        counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        # ZeRO-3 leaves each rank an empty local tensor; `ds_numel` is the parameter's full size.
+        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
     return counts
 
 
