@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # flag while its pipeline runs (featstore.interrupt).
     sigterm_as_keyboard_interrupt()
     command = "featstore"
+    restore_logging = lambda: None  # noqa: E731
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "_run", None) is None:
             parser.print_help()
             return 2
-        _log_to_stderr()
+        restore_logging = _log_to_stderr()
         with interrupts_deferred():  # an interrupt inside torch's import could abort the process
             _import_torch()
         return int(args._run(args) or 0)
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
+        restore_logging()
         if argv is None:
             # The process's own command line, and its work is done: a signal from now on (in
             # atexit callbacks, interpreter shutdown) must not print a traceback.
@@ -130,32 +132,27 @@ def _import_torch() -> None:
         pass
 
 
-class _CurrentStderrHandler(logging.StreamHandler):
-    """A stream handler that writes to whatever `sys.stderr` is when a record comes (a caller
-    running `main()` in-process, e.g. under pytest's capture, may swap and close the stream)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def _log_to_stderr() -> None:
-    """The CLI's human output of library messages: featstore's INFO and up on stderr, plain.
-    Library users get them through `logging.getLogger("featstore")` at the levels they set."""
+def _log_to_stderr():
+    """The CLI's human output of library messages: featstore's INFO and up on this call's stderr,
+    plain. Returns the function that undoes it (called when `main` returns: an in-process caller,
+    a test, keeps its own logging setup). Library users get the messages through
+    `logging.getLogger("featstore")` at the levels they set."""
     logger = logging.getLogger("featstore")
-    if not logger.handlers:
-        handler = _CurrentStderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    if logger.handlers:  # the caller set featstore's logging up: leave it as it is
+        return lambda: None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return restore
 
 
 if __name__ == "__main__":

@@ -337,10 +337,11 @@ def test_cpu_build_thread_counts(tmp_path, monkeypatch):
     assert torch.get_num_threads() == before
 
 
-def test_cli_logging_follows_the_current_stderr(tmp_path, monkeypatch):
+def test_cli_logging_follows_the_current_stderr(tmp_path, monkeypatch, caplog):
     """`main()` run in-process twice, the first stderr closed in between (as pytest's capture and
-    embedding callers do): the second run's messages reach the new stderr, and logging reports
-    no error about a closed file."""
+    embedding callers do): the second run's messages reach the new stderr, logging reports no
+    error about a closed file, and after `main()` featstore's logger is as it was (a library call
+    then prints nothing on stderr)."""
     import io
 
     from featstore.cli import main
@@ -354,3 +355,8 @@ def test_cli_logging_follows_the_current_stderr(tmp_path, monkeypatch):
     assert main(["build", "--data-root", data, "--encoder", "vggt-tiny", "--no-progress", "--workers", "0"]) == 0
     text = second.getvalue()
     assert "units planned" in text and "Logging error" not in text
+    import logging as _logging
+
+    assert _logging.getLogger("featstore").handlers == []
+    _build(data)
+    assert second.getvalue() == text
