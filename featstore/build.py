@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from featstore.claim import BuildLock, prepare_store_dir
-from featstore.dtypes import DTYPE_NAMES, torch_dtype
+from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES, is_quantised, torch_dtype
 from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
 from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
 from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
@@ -179,6 +179,7 @@ def _estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
     patch_size = int(spec.config["patch_size"])
     channels = 2 * int(spec.config["embed_dim"])
     itemsize = torch_dtype(spec.storage_dtype).itemsize
+    scale_bytes = 4 if is_quantised(spec.storage_dtype) else 0  # fp8: one float32 scale per token
     for unit in units[:32]:
         try:
             with Image.open(source_path(data_root, unit.frames[0])) as im:
@@ -194,7 +195,7 @@ def _estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
                 w = h = pre.target_size
             h = min(h, pre.target_size)
         kept = 1 if spec.frames_kept == "last" else unit.num_frames
-        return kept * (h // patch_size) * (w // patch_size) * channels * itemsize + _HEADER_ESTIMATE
+        return kept * (h // patch_size) * (w // patch_size) * (channels * itemsize + scale_bytes) + _HEADER_ESTIMATE
     return _HEADER_ESTIMATE
 
 
@@ -272,10 +273,11 @@ def _serialise(spec, units, sources, host, done, grid):
     both release the GIL, so this overlaps the writer's commits)."""
     from featstore.encode import unit_metadata
     from featstore.format import encode_entry
+    from featstore.quant import entry_tensors
 
     if done is not None:
         done.synchronize()
-    blobs = [encode_entry({"features": feats}, unit_metadata(unit, src, grid, spec))
+    blobs = [encode_entry(entry_tensors(feats, spec.storage_dtype), unit_metadata(unit, src, grid, spec))
              for unit, src, feats in zip(units, sources, host)]
     return units, blobs
 
@@ -305,7 +307,6 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
 
     spec = encoder.spec
     device = encoder.device
-    storage = torch_dtype(spec.storage_dtype)
     on_cuda = device.type == "cuda"
     threads = torch.get_num_threads()
     if not on_cuda:  # restored below: it is the calling process's setting
@@ -341,7 +342,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         feats = encode_frames(encoder, x)[: len(items)]  # [B, F, N, C], storage dtype, on the device
         done = None
         if on_cuda:
-            host = torch.empty(feats.shape, dtype=storage, pin_memory=True)
+            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
             host.copy_(feats, non_blocking=True)  # the GPU goes on with the next batch
             done = torch.cuda.Event()
             done.record()
@@ -584,8 +585,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "uses 644)")
     g.add_argument("--preprocess-mode", choices=field_choices(PreprocessSpec, "mode"),
                    help=f"official crop or pad mode (default {field_default(PreprocessSpec, 'mode')})")
-    g.add_argument("--storage-dtype", choices=DTYPE_NAMES,
-                   help=f"dtype of stored features (default {field_default(EncoderSpec, 'storage_dtype')})")
+    g.add_argument("--storage-dtype", choices=STORAGE_DTYPE_NAMES,
+                   help=f"dtype of stored features (default {field_default(EncoderSpec, 'storage_dtype')}); "
+                   "float8_e4m3fn halves the bytes, with a per-token scale, read back dequantised (docs/FORMAT.md)")
     g.add_argument("--compute-dtype", choices=DTYPE_NAMES,
                    help=f"autocast dtype on GPU (default {field_default(EncoderSpec, 'compute_dtype')})")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.5x faster "
