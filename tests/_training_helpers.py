@@ -28,8 +28,7 @@ def build_store(root: str, *, annotation_files=None, store=None, **overrides) ->
 
     opts = BuildOptions(data_root=root, annotations=list(annotation_files or [annotations(root)]), store=store,
                         encoder="vggt-tiny", spec_overrides=dict(overrides), progress=False, workers=0)
-    with open(os.devnull, "w") as devnull:
-        report = build(opts, out=devnull)
+    report = build(opts)
     assert not report.failed, report.failed
     return opts.store_path()
 

@@ -37,12 +37,15 @@ def open_feature_cache(store_path: str, spec):
         StoreNotFoundError: nothing at `store_path`.
     """
     from featstore.reader import FeatureStore
-    from featstore.store import check_fingerprint
+    from featstore.store import REBUILD_ADVICE, check_fingerprint
 
     probe = FeatureStore(store_path)
     try:
         manifest = probe.manifest
-        check_fingerprint(manifest, spec.to_dict(), path=probe.path, fingerprint=spec.fingerprint())
+        stored_dtype = (manifest.get("encoder") or {}).get("storage_dtype")
+        advice = REBUILD_ADVICE if stored_dtype == spec.storage_dtype else (
+            f"{REBUILD_ADVICE} To train on this store's {stored_dtype} features, pass --vggt_storage_dtype {stored_dtype}.")
+        check_fingerprint(manifest, spec.to_dict(), path=probe.path, advice=advice)
         entries = len(probe)
     finally:
         probe.close()  # workers open their own (never inherit an environment across fork)
