@@ -519,6 +519,8 @@ class FeatureStore:
         if dtype is None and out is None and quantised:
             dtype = read_dtype(storage_dtype_of(self._manifest))
         rows = _byte_rows(out)
+        memo: dict = {}  # tensor_span's per-batch memo: one layout, one byte comparison per entry
+        checked = None  # the (dtype, shape) of an entry already checked against out's slot
         with env.begin(db=self._db, buffers=True) as txn:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
@@ -526,18 +528,20 @@ class FeatureStore:
                     # Hot path: locate the tensor's bytes (metadata unparsed, known header
                     # layouts not parsed again) and copy exactly those bytes into row i.
                     try:
-                        stored, shape, offset, nbytes = tensor_span(value, tensor, key=kb.decode())
+                        stored, shape, offset, nbytes = tensor_span(value, tensor, key=kb, memo=memo)
                     except KeyError:
                         raise self._no_tensor(kb, value, tensor) from None
                     if out is None:
                         out = torch.empty((len(keys), *shape), dtype=dtype or stored, pin_memory=pin_memory)
                         rows = _byte_rows(out)
-                    self._check_slot(kb, shape, stored, out, cast, quantised)
+                    if checked != (stored, shape):  # once per batch, not per entry
+                        self._check_slot(kb, shape, stored, out, cast, quantised)
+                        checked = (stored, shape)
                     if quantised:
                         codes = np.frombuffer(value, np.uint8, nbytes, offset)
                         dequantize_into(codes, self._scale(value, kb), out[i])
                     elif stored == out.dtype:
-                        np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))
+                        np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))  # the one copy
                     else:  # the asked-for cast, during the one copy
                         out[i].copy_(decode_tensor(value, tensor, key=kb.decode()))
                     continue
