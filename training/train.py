@@ -29,6 +29,11 @@ __all__ = ["main", "run", "open_feature_cache", "build_model", "load_tokenizer_a
 logger = logging.getLogger("training")
 
 
+_CACHE_MISMATCH_ADVICE = ("Train with the --vggt_* flags the store was built with, or build a store for "
+                          "these flags (featstore build with the same --layer/--attention/--frames-kept/"
+                          "--target-size/--preprocess-mode/--weights) and pass it as --vggt_cache_path")
+
+
 def open_feature_cache(store_path: str, spec):
     """Check the store against `spec` and log it; returns a `FeatureStore` for the workers.
 
@@ -37,21 +42,18 @@ def open_feature_cache(store_path: str, spec):
         StoreNotFoundError: nothing at `store_path`.
     """
     from featstore.reader import FeatureStore
-    from featstore.store import REBUILD_ADVICE, check_fingerprint
+    from featstore.store import check_fingerprint
 
     probe = FeatureStore(store_path)
     try:
         manifest = probe.manifest
-        stored_dtype = (manifest.get("encoder") or {}).get("storage_dtype")
-        advice = REBUILD_ADVICE if stored_dtype == spec.storage_dtype else (
-            f"{REBUILD_ADVICE} To train on this store's {stored_dtype} features, pass --vggt_storage_dtype {stored_dtype}.")
-        check_fingerprint(manifest, spec.to_dict(), path=probe.path, advice=advice)
+        check_fingerprint(manifest, spec, path=probe.path, advice=_CACHE_MISMATCH_ADVICE)
         entries = len(probe)
     finally:
         probe.close()  # workers open their own (never inherit an environment across fork)
     logger.info("VGGT feature cache enabled: %s (%d entries, fingerprint %s)", probe.path, entries,
                 manifest.get("fingerprint", spec.fingerprint()))
-    return FeatureStore(store_path, expected_encoder=spec.to_dict())
+    return FeatureStore(store_path, expected_encoder=spec)
 
 
 def load_tokenizer_and_processor(name: str):
