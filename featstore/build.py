@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from featstore.claim import BuildLock, prepare_store_dir
-from featstore.dtypes import DTYPE_NAMES, torch_dtype
+from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES, is_quantised, torch_dtype
 from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
 from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
 from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
@@ -102,11 +102,26 @@ class BuildReport:
     skipped: list[dict] = field(default_factory=list)  # annotation samples without images (e.g. video)
     elapsed_s: float = 0.0
     pipeline_s: float = 0.0  # decode + encode + commit, without model loading and planning
+    # Host time per pipeline stage, in seconds (docs/BUILD.md, "Stage times"). Each thread's
+    # stages add up to at most pipeline_s; threads overlap, so the busiest one binds:
+    decode_wait_s: float = 0.0  # GPU loop waiting for the decode workers' next unit
+    encode_s: float = 0.0  # GPU loop: stack, host->device, forward, cast, queue the device->host copy
+    d2h_wait_s: float = 0.0  # serialiser waiting for a batch's device->host copy (and its kernels)
+    serialise_s: float = 0.0  # serialiser: quantise (fp8), blob layout, one copy and CRC-32
+    commit_s: float = 0.0  # writer: LMDB puts, commits and their fsync
     interrupted: bool = False
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def stage_summary(self) -> str:
+        """One line of the stage times, e.g. for the build's summary on stderr."""
+        return (f"stages: decode wait {self.decode_wait_s:.2f} s, encode {self.encode_s:.2f} s, device->host wait "
+                f"{self.d2h_wait_s:.2f} s, serialise+CRC {self.serialise_s:.2f} s, commit+fsync {self.commit_s:.2f} s "
+                f"(pipeline {self.pipeline_s:.2f} s)")
+
+
+_STAGE_FIELDS = ("decode_wait_s", "encode_s", "d2h_wait_s", "serialise_s", "commit_s")
 
 # What a build on a store of another spec can do (the error lists every differing field first).
 _MISMATCH_ADVICE = ("Pass --force to rebuild this store in place (drops its entries), or --store PATH to build "
@@ -179,6 +194,7 @@ def _estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
     patch_size = int(spec.config["patch_size"])
     channels = 2 * int(spec.config["embed_dim"])
     itemsize = torch_dtype(spec.storage_dtype).itemsize
+    scale_bytes = 4 if is_quantised(spec.storage_dtype) else 0  # fp8: one float32 scale per token
     for unit in units[:32]:
         try:
             with Image.open(source_path(data_root, unit.frames[0])) as im:
@@ -194,7 +210,7 @@ def _estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
                 w = h = pre.target_size
             h = min(h, pre.target_size)
         kept = 1 if spec.frames_kept == "last" else unit.num_frames
-        return kept * (h // patch_size) * (w // patch_size) * channels * itemsize + _HEADER_ESTIMATE
+        return kept * (h // patch_size) * (w // patch_size) * (channels * itemsize + scale_bytes) + _HEADER_ESTIMATE
     return _HEADER_ESTIMATE
 
 
@@ -267,26 +283,33 @@ class _Stage(threading.Thread):
                 self.error = e
 
 
-def _serialise(spec, units, sources, host, done, grid):
+def _serialise(spec, report: BuildReport, units, sources, host, done, grid):
     """Wait for a batch's device->host copy, then make each unit's blob (one copy + CRC-32;
-    both release the GIL, so this overlaps the writer's commits)."""
+    both release the GIL, so this overlaps the writer's commits). Times both in `report`."""
     from featstore.encode import unit_metadata
     from featstore.format import encode_entry
+    from featstore.quant import entry_tensors
 
+    t0 = time.perf_counter()
     if done is not None:
         done.synchronize()
-    blobs = [encode_entry({"features": feats}, unit_metadata(unit, src, grid, spec))
+    t1 = time.perf_counter()
+    blobs = [encode_entry(entry_tensors(feats, spec.storage_dtype), unit_metadata(unit, src, grid, spec))
              for unit, src, feats in zip(units, sources, host)]
+    report.d2h_wait_s += t1 - t0
+    report.serialise_s += time.perf_counter() - t1
     return units, blobs
 
 
 def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
     """Hand blobs to the single writer (which commits every N entries) and count progress."""
+    t0 = time.perf_counter()
     for unit, blob in zip(units, blobs):
         writer.put(unit.key, blob)
         report.computed += 1
         report.frames += unit.num_frames
         report.bytes += len(blob)
+    report.commit_s += time.perf_counter() - t0
     if bar is not None:
         bar.update(len(units))
         elapsed = max(time.perf_counter() - bar.featstore_t0, 1e-9)
@@ -305,7 +328,6 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
 
     spec = encoder.spec
     device = encoder.device
-    storage = torch_dtype(spec.storage_dtype)
     on_cuda = device.type == "cuda"
     threads = torch.get_num_threads()
     if not on_cuda:  # restored below: it is the calling process's setting
@@ -320,7 +342,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     # GPU loop (this thread) -> serialiser thread -> writer thread. The serialiser's queue bounds
     # the pinned batches in flight; the writer's bounds the encoded blobs waiting for the disk.
     committer = _Stage("featstore-writer", lambda u, b: _commit(writer, report, bar, u, b), maxsize=2)
-    serialiser = _Stage("featstore-serialiser", lambda *job: _serialise(spec, *job), maxsize=4,
+    serialiser = _Stage("featstore-serialiser", lambda *job: _serialise(spec, report, *job), maxsize=4,
                         downstream=committer)
     committer.start()
     serialiser.start()
@@ -328,6 +350,13 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     stopped = False
 
     def flush(shape) -> None:
+        t0 = time.perf_counter()
+        try:
+            _flush(shape)
+        finally:
+            report.encode_s += time.perf_counter() - t0
+
+    def _flush(shape) -> None:
         items = buckets.pop(shape)
         units = [todo[i] for i, _, _ in items]
         x = torch.stack([frames for _, frames, _ in items])  # [B, S, 3, H, W]
@@ -341,7 +370,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
         feats = encode_frames(encoder, x)[: len(items)]  # [B, F, N, C], storage dtype, on the device
         done = None
         if on_cuda:
-            host = torch.empty(feats.shape, dtype=storage, pin_memory=True)
+            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
             host.copy_(feats, non_blocking=True)  # the GPU goes on with the next batch
             done = torch.cuda.Event()
             done.record()
@@ -353,7 +382,9 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     with signals_blocked():
         batches = iter(loader)  # forks the decode workers (see featstore.interrupt)
     try:
+        waited = time.perf_counter()
         for i, frames, sources, error in batches:
+            report.decode_wait_s += time.perf_counter() - waited
             for stage in (serialiser, committer):
                 if stage.error is not None:
                     raise stage.error
@@ -363,11 +394,13 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
             if error is not None:
                 report.failed.append({"key": todo[i].key, "frames": list(todo[i].frames), "error": error})
                 bar.update(1)
+                waited = time.perf_counter()
                 continue
             shape = tuple(frames.shape)
             buckets.setdefault(shape, []).append((i, frames, sources))
             if len(buckets[shape]) * shape[0] >= opts.batch_frames:
                 flush(shape)
+            waited = time.perf_counter()
         if not stopped:
             for shape in list(buckets):
                 flush(shape)
@@ -426,7 +459,8 @@ def _gather_reports(report: BuildReport, world: int) -> BuildReport:
             setattr(total, k, getattr(total, k) + p[k])
         total.failed.extend(p["failed"])
         total.interrupted |= p["interrupted"]
-        total.pipeline_s = max(total.pipeline_s, p["pipeline_s"])  # the slowest rank decides
+        for k in ("pipeline_s", *_STAGE_FIELDS):
+            setattr(total, k, max(getattr(total, k), p[k]))  # the slowest rank decides
     total.elapsed_s = report.elapsed_s
     return total
 
@@ -542,7 +576,9 @@ def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spe
         try:
             t_pipe = time.perf_counter()
             report.interrupted = bool(stop) or _run_pipeline(encoder, mine, opts, writer, report, show, stop)
+            t_commit = time.perf_counter()
             writer.commit()
+            report.commit_s += time.perf_counter() - t_commit
             report.pipeline_s = time.perf_counter() - t_pipe
             report.elapsed_s = time.perf_counter() - t0
             if report.interrupted:
@@ -584,8 +620,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "uses 644)")
     g.add_argument("--preprocess-mode", choices=field_choices(PreprocessSpec, "mode"),
                    help=f"official crop or pad mode (default {field_default(PreprocessSpec, 'mode')})")
-    g.add_argument("--storage-dtype", choices=DTYPE_NAMES,
-                   help=f"dtype of stored features (default {field_default(EncoderSpec, 'storage_dtype')})")
+    g.add_argument("--storage-dtype", choices=STORAGE_DTYPE_NAMES,
+                   help=f"dtype of stored features (default {field_default(EncoderSpec, 'storage_dtype')}); "
+                   "float8_e4m3fn halves the bytes, with a per-token scale, read back dequantised (docs/FORMAT.md)")
     g.add_argument("--compute-dtype", choices=DTYPE_NAMES,
                    help=f"autocast dtype on GPU (default {field_default(EncoderSpec, 'compute_dtype')})")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.5x faster "
@@ -667,6 +704,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"featstore build: {report.computed} computed ({report.frames} frames, "
                   f"{report.bytes / 1e6:.1f} MB, {rate:.1f} frames/s), {report.fresh} already fresh, "
                   f"{len(report.failed)} failed, {report.elapsed_s:.1f} s", file=sys.stderr)
+            print(f"  {report.stage_summary()}", file=sys.stderr)
             for f in report.failed[:20]:
                 print(f"  failed {f['key']}: {f['error']}", file=sys.stderr)
             if len(report.failed) > 20:

@@ -26,6 +26,11 @@ RECOMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
     "float32": (1e-4, 0.999999),
     "float16": (2e-3, 0.99999),
     "bfloat16": (1e-2, 0.9999),
+    # Per-token scaled e4m3 (featstore.quant): rounding costs at most half an ulp, 2^-4 of a
+    # value, so at most 0.0625 of the token's (hence the tensor's) max; cosine measured 0.9997
+    # on VGGT-1B-shaped features (benchmarks/fp8_bench.py). A hard bound: the row leaves 1.3x
+    # on the error and ~3x on 1 - cosine.
+    "float8_e4m3fn": (8e-2, 0.999),
 }
 # A CUDA build computes under autocast(compute_dtype); a CPU recompute runs float32, so errors
 # compound through the network. Measured on vggt-tiny (4 blocks), sample_data, autocast vs fp32:
@@ -44,7 +49,8 @@ def compare_features(stored, recomputed, storage_dtype: str, compute_dtype: str 
     Args:
         stored: the features as stored (any dtype, any device).
         recomputed: the same unit's features computed again (same shape).
-        storage_dtype: the store's storage dtype name ("bfloat16", "float16", "float32").
+        storage_dtype: the store's storage dtype name ("bfloat16", "float16", "float32",
+            "float8_e4m3fn").
         compute_dtype: the autocast dtype the store was computed under, when it matters (a
             CUDA build compared with a CPU recompute); None: storage rounding only.
 

@@ -399,7 +399,8 @@ def _layout_key(view: memoryview) -> tuple[tuple[bytes, int] | None, int]:
     return (head[:cut], len(view) - 8 - n), 8 + n
 
 
-def tensor_span(value, name: str = "features", *, key: str | None = None) -> tuple[torch.dtype, tuple, int, int]:
+def tensor_span(value, name: str = "features", *, key: str | bytes | None = None,
+                memo: dict | None = None) -> tuple[torch.dtype, tuple, int, int]:
     """Where one tensor of a blob lies: (dtype, shape, byte offset in the value, byte count).
 
     The hot path of `FeatureStore.read_into`, which then copies exactly those bytes. Same
@@ -407,11 +408,27 @@ def tensor_span(value, name: str = "features", *, key: str | None = None) -> tup
     tiling it exactly, shape x itemsize == bytes), with the metadata left unparsed; a header
     layout validated before is recognised by its bytes and not parsed again (see `_LAYOUTS`).
 
+    Args:
+        value: the blob.
+        name: the tensor.
+        key: the store key (str or its UTF-8 bytes), named in error messages only.
+        memo: a dict the caller keeps over a batch: the answer for the last layout of each
+            (header length, value length) is kept there with the header bytes it came from, so
+            that the next value of the same layout costs one comparison of those bytes (the
+            tensor part of the header and the metadata mark), not a parse nor a copy.
+
     Raises:
         CorruptEntryError: the blob is malformed (names `key` and the defect).
         KeyError: the blob has no tensor `name`.
     """
     view = _byte_view(value)
+    if memo is not None and len(view) >= 8:
+        (n,) = struct.unpack_from("<Q", view, 0)
+        hit = memo.get((n, len(view), name))
+        if hit is not None and view[8 : 8 + len(hit[0])] == hit[0]:
+            return hit[1]
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "backslashreplace")
     cache_key, data_start = _layout_key(view)
     specs = _LAYOUTS.get(cache_key) if cache_key is not None else None
     if specs is None:
@@ -420,7 +437,11 @@ def tensor_span(value, name: str = "features", *, key: str | None = None) -> tup
             _LAYOUTS[cache_key] = specs
     for spec_name, dtype, shape, start, end in specs:
         if spec_name == name:
-            return dtype, tuple(shape), data_start + start, end - start
+            span = dtype, tuple(shape), data_start + start, end - start
+            if memo is not None and cache_key is not None:
+                # Only layouts `_LAYOUTS` accepts (every tensor before the metadata) are memoised.
+                memo[(data_start - 8, len(view), name)] = (cache_key[0] + _METADATA_MARK, span)
+            return span
     raise KeyError(name)
 
 

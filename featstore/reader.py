@@ -16,10 +16,12 @@ import lmdb
 import numpy as np
 import torch
 
-from featstore.errors import EntrySchemaError, FeatstoreError, InheritedLockedStoreError, MissingKeyError
-from featstore.format import Entry, decode_entry, tensor_span
+from featstore.dtypes import is_quantised
+from featstore.errors import CorruptEntryError, EntrySchemaError, FeatstoreError, InheritedLockedStoreError, MissingKeyError
+from featstore.format import Entry, decode_entry, decode_tensor, tensor_span
+from featstore.quant import FP8_DTYPE, SCALE_TENSOR, dequantize, dequantize_into, read_dtype
 from featstore.keys import key_to_bytes, normalize_key
-from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path
+from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path, storage_dtype_of
 
 __all__ = ["FeatureStore", "StoreView"]
 
@@ -343,6 +345,8 @@ class FeatureStore:
 
         Safe by default: the tensors are copies, writable and valid after `close()`. For
         zero-copy views into the map use ``with store.view() as v: v.get(key)`` (see `view`).
+        An fp8 store's `features` come dequantised to bfloat16, without ``features_scale`` (it
+        is applied); `view` shows the stored float8 codes and their scale as they are.
 
         Args:
             key: relative path of the unit (normalised like every key).
@@ -380,9 +384,26 @@ class FeatureStore:
             raise self._missing(key)
         if self.prefetch:
             _prefetch(self._rec, (value,))
-        entry = decode_entry(value, key=kb.decode(), verify=self.verify_checksums, copy=copy)
+        entry = self._decode(value, kb, copy=copy)
         if frames is not None:
             self._check_frames(kb.decode(), entry, frames)
+        return entry
+
+    def _decode(self, value, kb: bytes, *, copy: bool) -> Entry:
+        """Decode one value; copies of an fp8 store's entries carry `features` dequantised to
+        bfloat16 (straight from the map, one pass) and no `features_scale` (it is applied)."""
+        quantised = copy and is_quantised(storage_dtype_of(self._manifest))
+        entry = decode_entry(value, key=kb.decode(), verify=self.verify_checksums, copy=copy and not quantised)
+        if not quantised or "features" not in entry.tensors:
+            return entry
+        codes = entry.tensors.pop("features")
+        entry.tensors.pop(SCALE_TENSOR, None)
+        if codes.dtype != FP8_DTYPE:
+            raise CorruptEntryError(f"entry {kb.decode()!r} in {self.path}: features are {codes.dtype}, but the "
+                                    "store holds float8_e4m3fn features (its manifest says so)")
+        features = dequantize(codes, self._scale(value, kb), read_dtype(storage_dtype_of(self._manifest)))
+        entry.tensors = {name: t.clone() for name, t in entry.tensors.items()}  # the rest: owned copies
+        entry.tensors["features"] = features
         return entry
 
     def view(self) -> "StoreView":
@@ -441,17 +462,23 @@ class FeatureStore:
             _prefetch(self._rec, values)
         return values
 
-    def read_into(self, keys: Iterable, out: torch.Tensor | None = None, *, tensor: str = "features",
-                  frames: Sequence[Sequence[str]] | None = None, pin_memory: bool = False) -> torch.Tensor:
+    def read_into(self, keys: Iterable, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
+                  tensor: str = "features", frames: Sequence[Sequence[str]] | None = None,
+                  pin_memory: bool = False) -> torch.Tensor:
         """Copy the `tensor` of each key into ``out[i]`` inside one read transaction.
 
         This is the one copy out of the map: pass `out` in shared or pinned memory (or
-        ``pin_memory=True``) and it goes straight to the GPU from there.
+        ``pin_memory=True``) and it goes straight to the GPU from there. An fp8 store's features
+        are dequantised (code x per-token scale) straight into ``out[i]`` on the way, in the same
+        single pass over the output (featstore.quant.dequantize_into).
 
         Args:
             keys: the keys of one sample or batch (at least one).
-            out: a tensor of shape ``[len(keys), *entry_shape]`` and the stored dtype; allocated
-                when None.
+            out: a tensor of shape ``[len(keys), *entry_shape]``; allocated when None.
+            dtype: the dtype of `out` when it is allocated (else `out.dtype` is used). None: the
+                store's read dtype, i.e. the stored dtype, except bfloat16 for an fp8 store's
+                features. bfloat16, float16 and float32 are served from a store of any storage
+                dtype (a cast, or the dequantisation, during the one copy).
             tensor: which tensor of each entry to copy (default ``"features"``).
             frames: optional per-key frame lists to check (see `get`).
             pin_memory: allocate `out` in pinned memory when `out` is None (needs CUDA).
@@ -461,7 +488,8 @@ class FeatureStore:
 
         Raises:
             MissingKeyError: a key is not in the store.
-            EntrySchemaError: an entry has no tensor named `tensor` (not a miss).
+            EntrySchemaError: an entry has no tensor named `tensor` (not a miss), or an fp8
+                entry has no ``features_scale``.
             ValueError: `out` does not fit (rows, shape or dtype); nothing is guaranteed about
                 the rows of `out` already written when an error is raised.
 
@@ -480,10 +508,19 @@ class FeatureStore:
             raise ValueError(f"frames has {len(frames)} lists for {len(keys)} keys")
         if out is not None and (out.dim() < 1 or out.shape[0] != len(keys)):
             raise ValueError(f"out has shape {tuple(out.shape)}: it needs one row per key ({len(keys)} keys)")
+        if out is not None and dtype is not None and out.dtype != dtype:
+            raise ValueError(f"out is {out.dtype} but dtype={dtype} was asked for; pass one of them")
         kbs = [key_to_bytes(k) for k in keys]  # every key checked before any read
         env = self._environment()
+        quantised = tensor == "features" and is_quantised(storage_dtype_of(self._manifest))
+        # A stored dtype other than out's is cast only when the caller asked for a dtype (an
+        # fp8 store's codes are always dequantised); an `out` of another dtype is a mistake.
+        cast = dtype is not None or quantised
+        if dtype is None and out is None and quantised:
+            dtype = read_dtype(storage_dtype_of(self._manifest))
         rows = _byte_rows(out)
-        slot = None
+        memo: dict = {}  # tensor_span's per-batch memo: one layout, one byte comparison per entry
+        checked = None  # the (dtype, shape) of an entry already checked against out's slot
         with env.begin(db=self._db, buffers=True) as txn:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
@@ -491,17 +528,22 @@ class FeatureStore:
                     # Hot path: locate the tensor's bytes (metadata unparsed, known header
                     # layouts not parsed again) and copy exactly those bytes into row i.
                     try:
-                        dtype, shape, offset, nbytes = tensor_span(value, tensor, key=kb.decode())
+                        stored, shape, offset, nbytes = tensor_span(value, tensor, key=kb, memo=memo)
                     except KeyError:
                         raise self._no_tensor(kb, value, tensor) from None
                     if out is None:
-                        out = torch.empty((len(keys), *shape), dtype=dtype, pin_memory=pin_memory)
+                        out = torch.empty((len(keys), *shape), dtype=dtype or stored, pin_memory=pin_memory)
                         rows = _byte_rows(out)
-                    if slot is None:
-                        slot = (out.dtype, tuple(out.shape[1:]))  # once per batch, not per entry
-                    if (dtype, shape) != slot:
-                        raise self._wrong_slot(kb, shape, dtype, out)
-                    np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))
+                    if checked != (stored, shape):  # once per batch, not per entry
+                        self._check_slot(kb, shape, stored, out, cast, quantised)
+                        checked = (stored, shape)
+                    if quantised:
+                        codes = np.frombuffer(value, np.uint8, nbytes, offset)
+                        dequantize_into(codes, self._scale(value, kb), out[i])
+                    elif stored == out.dtype:
+                        np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))  # the one copy
+                    else:  # the asked-for cast, during the one copy
+                        out[i].copy_(decode_tensor(value, tensor, key=kb.decode()))
                     continue
                 name = kb.decode()
                 entry = decode_entry(value, key=name, verify=self.verify_checksums)
@@ -511,11 +553,35 @@ class FeatureStore:
                 if src is None:
                     raise self._no_tensor(kb, value, tensor)
                 if out is None:
-                    out = torch.empty((len(keys), *src.shape), dtype=src.dtype, pin_memory=pin_memory)
-                if out.shape[1:] != src.shape or out.dtype != src.dtype:
-                    raise self._wrong_slot(kb, tuple(src.shape), src.dtype, out)
-                out[i].copy_(src)  # the one copy out of the map (the txn keeps `src` valid)
+                    out = torch.empty((len(keys), *src.shape), dtype=dtype or src.dtype, pin_memory=pin_memory)
+                self._check_slot(kb, tuple(src.shape), src.dtype, out, cast, quantised)
+                if quantised and out[i].is_contiguous() and out.device.type == "cpu":
+                    dequantize_into(src.view(torch.uint8).numpy(), self._scale(value, kb), out[i])
+                elif quantised:  # a strided or device `out`: dequantise, then copy into it
+                    out[i].copy_(dequantize(src, self._scale(value, kb), out.dtype))
+                else:
+                    out[i].copy_(src)  # the one copy out of the map (the txn keeps `src` valid)
         return out
+
+    def _check_slot(self, kb: bytes, shape: tuple, stored: torch.dtype, out: torch.Tensor, cast: bool,
+                    quantised: bool) -> None:
+        if tuple(shape) != tuple(out.shape[1:]):
+            raise self._wrong_slot(kb, tuple(shape), stored, out)
+        if quantised and stored != FP8_DTYPE:
+            raise CorruptEntryError(f"entry {kb.decode()!r} in {self.path}: features are {stored}, but the store "
+                                    "holds float8_e4m3fn features (its manifest says so)")
+        if stored != out.dtype and not cast:
+            raise self._wrong_slot(kb, tuple(shape), stored, out)
+
+    def _scale(self, value, kb: bytes) -> torch.Tensor:
+        """The per-token scale of an fp8 entry (a small copy)."""
+        try:
+            dtype, shape, offset, nbytes = tensor_span(value, SCALE_TENSOR, key=kb.decode())
+        except KeyError:
+            raise self._no_tensor(kb, value, SCALE_TENSOR) from None
+        if dtype != torch.float32:
+            raise CorruptEntryError(f"entry {kb.decode()!r} in {self.path}: {SCALE_TENSOR} is {dtype}, not float32")
+        return torch.from_numpy(np.frombuffer(value, np.float32, nbytes // 4, offset).copy())
 
     def get_many(self, keys: Iterable) -> list[Entry]:
         """Copies of the entries of `keys`, read in one transaction (entries may differ in shape).
@@ -526,8 +592,7 @@ class FeatureStore:
         env = self._environment()
         with env.begin(db=self._db, buffers=True) as txn:
             values = self._values(txn, kbs, keys)
-            return [decode_entry(v, key=kb.decode(), verify=self.verify_checksums, copy=True)
-                    for kb, v in zip(kbs, values)]
+            return [self._decode(v, kb, copy=True) for kb, v in zip(kbs, values)]
 
     def raw_items(self, start: str | None = None) -> Iterator[tuple[str, bytes]]:
         """Iterate (key, value bytes) in key order, copying each value (for verify and merge)."""
@@ -583,7 +648,9 @@ class StoreView:
 
     def get(self, key, *, frames: Sequence[str] | None = None) -> Entry:
         """The entry under `key` as zero-copy views valid until this block ends (values under
-        about 2 KiB, which sit unaligned in the map, are copied). Raises like `FeatureStore.get`."""
+        about 2 KiB, which sit unaligned in the map, are copied). An fp8 store's entries are
+        shown as stored: float8 ``features`` and their float32 ``features_scale`` (dequantise
+        with featstore.quant.dequantize). Raises like `FeatureStore.get`."""
         if self._txn is None or self._pid != os.getpid():
             raise FeatstoreError(
                 f"{self.store.path}: this store view is closed (or was inherited across fork); "

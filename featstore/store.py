@@ -25,6 +25,9 @@ from featstore.errors import (CorruptStoreError, FeatstoreError, FingerprintMism
 __all__ = [
     "DEFAULT_STORE_NAME",
     "FORMAT_VERSION",
+    "FP8_FORMAT_VERSION",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "format_version_for",
     "FEATURES_DB",
     "META_DB",
     "MANIFEST_KEY",
@@ -43,7 +46,11 @@ __all__ = [
 ]
 
 DEFAULT_STORE_NAME = "vggt_features.lmdb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # stores of unquantised features (bf16, fp16, fp32): unchanged since version 1
+# fp8 stores (docs/FORMAT.md §4.1): `features` alone would be misread without its per-token
+# scale by a version-1 reader, so they carry version 2, which such readers refuse.
+FP8_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, FP8_FORMAT_VERSION)
 FEATURES_DB = b"features"
 META_DB = b"meta"
 MANIFEST_KEY = b"manifest"
@@ -209,12 +216,20 @@ def is_uninitialised(env: lmdb.Environment, txn: lmdb.Transaction) -> bool:
     return FEATURES_DB not in names or txn.stat(env.open_db(FEATURES_DB, txn=txn, create=False))["entries"] == 0
 
 
+def format_version_for(spec) -> int:
+    """The format version of a store of `spec`'s features (an EncoderSpec, its dict, or None)."""
+    from featstore.dtypes import is_quantised
+
+    storage = spec.get("storage_dtype") if isinstance(spec, dict) else getattr(spec, "storage_dtype", None)
+    return FP8_FORMAT_VERSION if is_quantised(storage) else FORMAT_VERSION
+
+
 def new_manifest(spec=None) -> dict:
     """A first manifest for a store of features computed by `spec` (an EncoderSpec, or None for
     a store without one); the fingerprint is the spec's, the storage dtype is the spec's field."""
     return {
         "format": "featstore",
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(spec),
         "featstore_version": __version__,
         "created": utc_now(),
         "encoder": spec.to_dict() if spec is not None else {},
@@ -247,10 +262,11 @@ def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *,
     if not isinstance(manifest, dict) or manifest.get("format") != "featstore":
         raise ManifestError(f"{path}: the manifest is not a featstore manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ManifestError(
             f"{path}: store format version {version!r} is not supported by featstore {__version__} "
-            f"(supports {FORMAT_VERSION}); rebuild the store or install a matching featstore"
+            f"(supports {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); rebuild the store or install a "
+            "matching featstore"
         )
     return manifest
 

@@ -48,6 +48,7 @@ from typing import Iterable, Sequence
 import lmdb
 
 from featstore.cli import STORE_HELP, store_path_arg
+from featstore.dtypes import is_quantised
 from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
@@ -272,6 +273,22 @@ def _json_list(text: str | None) -> list | None:
     return value if isinstance(value, list) else None
 
 
+def _check_scale(key: str, scale, shape: list) -> list[Finding]:
+    """An fp8 entry's per-token scale: float32 [F, N, 1], finite and positive (docs/FORMAT.md §4.1)."""
+    import torch
+
+    from featstore.quant import SCALE_TENSOR
+
+    if scale is None:
+        return [Finding("shape", f"entry {key!r}: fp8 features without their '{SCALE_TENSOR}' tensor", key)]
+    if scale.dtype != torch.float32 or list(scale.shape) != shape[:-1] + [1]:
+        return [Finding("shape", f"entry {key!r}: {SCALE_TENSOR} is {list(scale.shape)} "
+                                 f"{str(scale.dtype).removeprefix('torch.')}, expected {shape[:-1] + [1]} float32", key)]
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        return [Finding("corrupt", f"entry {key!r}: {SCALE_TENSOR} holds values that are not finite and positive", key)]
+    return []
+
+
 def _check_entry(key: str, entry, expect: dict) -> list[Finding]:
     out = []
     feats = entry.tensors.get("features")
@@ -281,6 +298,8 @@ def _check_entry(key: str, entry, expect: dict) -> list[Finding]:
     if expect["dtype"] and dtype != expect["dtype"]:
         out.append(Finding("dtype", f"entry {key!r}: features are {dtype}, the manifest says {expect['dtype']}", key))
     shape = list(feats.shape)
+    if is_quantised(expect["dtype"]):
+        out += _check_scale(key, entry.tensors.get("features_scale"), shape)
     meta = entry.metadata
     want = [None, None, expect["channels"]]
     frames = _json_list(meta.get("frames"))

@@ -20,12 +20,15 @@ import lmdb
 import torch
 
 from featstore.claim import prepare_store_dir
+from featstore.dtypes import is_quantised
 from featstore.encoders.spec import EncoderSpec
 from featstore.errors import ManifestError, StoreFullError
 from featstore.format import align_blob, decode_entry, encode_entry
 from featstore.keys import key_to_bytes
+from featstore.quant import SCALE_TENSOR, entry_tensors
 from featstore.store import (FEATURES_DB, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, REBUILD_ADVICE, check_fingerprint,
-                             is_uninitialised, lmdb_value_offset, new_manifest, open_env, read_manifest, utc_now)
+                             format_version_for, is_uninitialised, lmdb_value_offset, new_manifest, open_env,
+                             read_manifest, storage_dtype_of, utc_now)
 
 __all__ = ["StoreWriter", "BuildInterrupted"]
 
@@ -106,6 +109,8 @@ class StoreWriter:
             # open of this store in this process fails with "already open".
             self.env.close()
             raise
+        # An fp8 store quantises features put as tensors (blobs come already quantised).
+        self._quantised = is_quantised(storage_dtype_of(self.manifest))
         self._old_sigterm = None
         # SIGTERM handling: raised as BuildInterrupted, except while a commit runs on the main
         # thread (then it is raised right after the commit) or while closing (then ignored:
@@ -140,7 +145,8 @@ class StoreWriter:
                     txn.drop(self._features, delete=False)
                     manifest.update(entries=0, bytes=0)
                 if spec is not None:
-                    manifest.update(encoder=spec.to_dict(), fingerprint=spec.fingerprint())
+                    manifest.update(encoder=spec.to_dict(), fingerprint=spec.fingerprint(),
+                                    format_version=format_version_for(spec))
                     manifest.pop("storage_dtype", None)  # kept once: inside the spec
                 manifest["build"] = {"state": "in_progress", "updated": utc_now()}
             txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
@@ -165,6 +171,9 @@ class StoreWriter:
                 malformed one is refused here rather than served later, and re-padded if it
                 was encoded for another `value_offset`.
             metadata: string metadata (frames, sources, grid, ...) when passing tensors.
+
+        In an fp8 store (storage dtype float8_e4m3fn), `features` passed as a tensor without
+        ``features_scale`` are quantised here (featstore.quant.entry_tensors).
         """
         kb = key_to_bytes(key)
         if isinstance(tensors, (bytes, bytearray, memoryview)):
@@ -174,6 +183,8 @@ class StoreWriter:
             decode_entry(tensors, key=kb.decode())
             blob = align_blob(tensors, self.value_offset)
         else:
+            if self._quantised and tensors.get("features") is not None and SCALE_TENSOR not in tensors:
+                tensors = {**tensors, **entry_tensors(tensors["features"], storage_dtype_of(self.manifest))}
             blob = encode_entry(tensors, metadata, value_offset=self.value_offset)
         self._pending.append((kb, blob))
         self._pending_bytes += len(blob)

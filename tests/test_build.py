@@ -312,3 +312,32 @@ def test_a_pickled_checkpoint_is_refused_without_torchs_weights_only_advice(tmp_
         get_encoder("vggt-tiny", weights=str(path))
     assert str(e.value).startswith(f"weights file {str(path)!r} holds pickled objects besides tensors")
     assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
+
+
+STAGES = ("decode_wait_s", "encode_s", "d2h_wait_s", "serialise_s", "commit_s")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_report_times_each_host_stage(data_root, workers):
+    """Each stage's host time is in the report (and --json), positive, and the stages of each
+    thread (GPU loop: decode wait + encode; serialiser: device->host wait + serialise; writer:
+    commit) add up to no more than the pipeline time."""
+    r = build(options(data_root, workers=workers))
+    assert r.computed == 10
+    times = {k: getattr(r, k) for k in STAGES}
+    assert all(t > 0 for t in times.values()), times
+    assert times["decode_wait_s"] + times["encode_s"] <= r.pipeline_s, (times, r.pipeline_s)
+    assert times["d2h_wait_s"] + times["serialise_s"] <= r.pipeline_s, (times, r.pipeline_s)
+    assert times["commit_s"] <= r.pipeline_s <= r.elapsed_s, (times, r.pipeline_s)
+    assert times["encode_s"] > times["d2h_wait_s"]  # CPU: no device copy to wait for
+
+
+def test_json_and_summary_carry_the_stage_times(data_root):
+    proc = featstore_cli("build", "--data-root", data_root, "--encoder", "vggt-tiny", "--workers", "0",
+                         "--no-progress", "--json", check=0)
+    report = json.loads(proc.stdout)
+    assert all(report[k] > 0 for k in STAGES) and report["pipeline_s"] > 0
+    proc = featstore_cli("build", "--data-root", data_root, "--encoder", "vggt-tiny", "--workers", "0",
+                         "--no-progress", "--force", check=0)
+    line = [ln for ln in proc.stderr.splitlines() if ln.strip().startswith("stages:")]
+    assert len(line) == 1 and "decode wait" in line[0] and "commit+fsync" in line[0] and "(pipeline" in line[0], proc.stderr

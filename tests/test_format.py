@@ -329,3 +329,21 @@ def test_decode_tensor_fuzzed_raises_only_its_own_errors(data):
     except (CorruptEntryError, KeyError):
         return
     assert t.numel() * t.element_size() <= len(blob)
+
+
+def test_tensor_span_memo_tells_apart_layouts_of_equal_lengths():
+    """The per-batch memo is keyed by header and value length but answers only when the header's
+    tensor part is byte-identical: two layouts of equal lengths never share an answer."""
+    from featstore.format import tensor_span
+
+    a = bytes(encode_entry({"features": torch.zeros(1, 32, 64, dtype=torch.bfloat16)}, {"frames": '["a"]'}))
+    b = bytes(encode_entry({"features": torch.zeros(2, 16, 64, dtype=torch.bfloat16)}, {"frames": '["b"]'}))
+    assert len(a) == len(b) and a[:8] == b[:8]  # same header length, same value length
+    memo: dict = {}
+    assert tensor_span(a, memo=memo)[1] == (1, 32, 64)
+    assert tensor_span(b, memo=memo)[1] == (2, 16, 64)
+    assert tensor_span(a, memo=memo)[1] == (1, 32, 64)
+    bad = bytearray(a)
+    bad[8:8 + 40] = bytes(bad[8:8 + 40]).replace(b"BF16", b"XX16")
+    with pytest.raises(CorruptEntryError, match="unknown dtype 'XX16'"):
+        tensor_span(bytes(bad), memo=memo, key=b"k")

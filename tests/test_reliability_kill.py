@@ -87,6 +87,27 @@ class _Zygote:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        # SIGKILL is delivered asynchronously: an orphaned worker may still hold the build lock's
+        # inherited descriptor for a moment. Wait (bounded) until none of the session runs, so that
+        # the resume that follows never meets that lock.
+        deadline = time.monotonic() + 10
+        while _session_running(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def _session_running(pgid: int) -> bool:
+    """Whether a process of process group `pgid` is alive and not a zombie (Linux /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")

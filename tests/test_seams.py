@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import featstore.encoders as encoders
 from featstore.compare import COMPUTE_TOLERANCES, RECOMPUTE_TOLERANCES, compare_features
-from featstore.dtypes import DTYPE_NAMES, TORCH_DTYPES, torch_dtype
+from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES, TORCH_DTYPES, torch_dtype
 from featstore.encode import encode_frames, encode_unit, read_frame, read_unit_frames, unit_metadata
 from featstore.encoders import TINY_CONFIG, get_encoder, resolve_spec
 from featstore.encoders.base import Encoder
@@ -192,10 +192,15 @@ def test_one_dtype_map():
     p = argparse.ArgumentParser()
     configure_parser(p)
     choices = {a.dest: a.choices for a in p._actions if a.dest in ("storage_dtype", "compute_dtype")}
-    assert choices == {"storage_dtype": DTYPE_NAMES, "compute_dtype": DTYPE_NAMES}
-    assert set(TORCH_DTYPES) == set(DTYPE_NAMES)
-    with pytest.raises(EncoderError, match=r"storage_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+    # fp8 is a storage dtype only (stored with its per-token scale, featstore.quant).
+    assert choices == {"storage_dtype": STORAGE_DTYPE_NAMES, "compute_dtype": DTYPE_NAMES}
+    assert STORAGE_DTYPE_NAMES == DTYPE_NAMES + ("float8_e4m3fn",)
+    assert set(TORCH_DTYPES) == set(STORAGE_DTYPE_NAMES)
+    with pytest.raises(EncoderError, match=r"storage_dtype must be one of \['bfloat16', 'float16', 'float32', "
+                                           r"'float8_e4m3fn'\]"):
         resolve_spec("vggt-tiny", storage_dtype="int8")
+    with pytest.raises(EncoderError, match=r"compute_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+        resolve_spec("vggt-tiny", compute_dtype="float8_e4m3fn")
     with pytest.raises(ValueError, match="dtype must be one of .* Found 'half'"):
         torch_dtype("half")
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from _training_helpers import annotations, build_store, sample_root
 
@@ -68,6 +69,24 @@ def test_a_store_built_with_another_spec_is_refused_naming_the_field(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {store}: the store was built with a different encoder spec (")
     assert message in err and "\n" not in err
+
+
+def test_an_fp8_store_is_refused_unless_training_opts_in(tmp_path, capsys):
+    from training.train import main, run
+
+    root = sample_root(tmp_path)
+    store = build_store(root, storage_dtype="float8_e4m3fn")
+    assert main(_argv(root, str(tmp_path / "out"), "--use_vggt_cache")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "storage_dtype: store has 'float8_e4m3fn', expected 'bfloat16'" in err and "\n" not in err
+    assert "Train with the --vggt_* flags the store was built with" in err, err
+    trainer = run(_argv(root, str(tmp_path / "out"), "--use_vggt_cache", "--vggt_storage_dtype", "float8_e4m3fn",
+                        steps=1))
+    assert trainer.train_dataset.store.path == store
+    item = trainer.train_dataset[0]
+    assert item["features"].dtype == torch.bfloat16  # dequantised for the merger
+    last = [r for r in trainer.state.log_history if "cache_hits" in r][-1]
+    assert (last["cache_hits"], last["cache_misses"]) == (2, 0)
 
 
 def test_contradictory_flags_are_one_line_errors(tmp_path, capsys):

@@ -77,8 +77,10 @@ class ModelArguments:
         "help": "as `featstore build --target-size` (default: the encoder preset's, 518 for vggt-1b)"})
     vggt_preprocess_mode: Literal["crop", "pad"] = field(default="crop", metadata={
         "help": "as `featstore build --preprocess-mode` (default crop)"})
-    vggt_storage_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
-        "help": "as `featstore build --storage-dtype`: dtype the merger receives (default bfloat16)"})
+    vggt_storage_dtype: Literal["bfloat16", "float16", "float32", "float8_e4m3fn"] = field(default="bfloat16", metadata={
+        "help": "as `featstore build --storage-dtype`: the store's dtype (default bfloat16). float8_e4m3fn opts in "
+                "to an fp8 store, whose features the merger receives dequantised to bfloat16; without it an fp8 "
+                "store is refused"})
     vggt_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
         "help": "as `featstore build --compute-dtype`: VGGT's autocast dtype on GPU (default bfloat16)"})
 

@@ -20,7 +20,8 @@ Batch keys (B samples, L tokens): input_ids, labels, attention_mask, mm_token_ty
 pixel_values [patches, D], image_grid_thw [images, 3] (absent when no sample has an image);
 vggt_source [B] (0 no image, 1 features below, 2 frames below), vggt_grid [B, 2] (VGGT patch
 grid h, w), vggt_images [B] (images per sample), vggt_features [tokens, C] (source-1 samples,
-F*h*w rows each, storage dtype), vggt_feature_frames [B] (F), vggt_frames (source-2 samples'
+F*h*w rows each, in the store's read dtype: the storage dtype, bfloat16 for an fp8 store, which
+`read_into` dequantises), vggt_feature_frames [B] (F), vggt_frames (source-2 samples'
 [S, 3, H, W] flattened, uint8 when the preprocessing is exact in 8 bits, else float32),
 vggt_frame_count [B] (S); cache_hits, cache_misses, cache_computed (0-d int64).
 """

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
-from featstore.dtypes import DTYPE_NAMES
+from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES
 from featstore.errors import EncoderError
 
 __all__ = ["EncoderSpec", "PreprocessSpec", "SPEC_VERSION", "spec_diff", "spec_mismatch_details", "field_choices",
@@ -94,7 +94,8 @@ class EncoderSpec:
     compute_dtype: str = "bfloat16"
     """Autocast dtype on CUDA (CPU computes in float32: equal within bf16 tolerance, not bitwise)."""
     storage_dtype: str = "bfloat16"
-    """dtype of the stored tensors; consumers cast to bf16 before the merger anyway."""
+    """dtype of the stored features; consumers cast to bf16 before the merger anyway. float8_e4m3fn
+    stores a per-token scale beside them and reads back dequantised (featstore.quant)."""
     spec_version: int = SPEC_VERSION
 
     def __post_init__(self):
@@ -116,7 +117,7 @@ class EncoderSpec:
             )
         for name, allowed in (("tokens", ("patch",)), ("attention", ("full", "causal")),
                               ("frames_kept", ("all", "last")),
-                              ("compute_dtype", DTYPE_NAMES), ("storage_dtype", DTYPE_NAMES)):
+                              ("compute_dtype", DTYPE_NAMES), ("storage_dtype", STORAGE_DTYPE_NAMES)):
             if getattr(self, name) not in allowed:
                 raise EncoderError(f"{name} must be one of {list(allowed)}. Found {getattr(self, name)!r}")
         if not self.weights_sha256:
