@@ -34,6 +34,7 @@ from .spec import EncoderSpec, PreprocessSpec, spec_mismatch_details
 from .vggt_config import CODE_VERSION, TINY_CONFIG, TINY_SEED, TINY_TARGET_SIZE, VGGT_1B_CONFIG
 
 __all__ = ["register_encoder", "available_encoders", "get_encoder", "resolve_spec", "encoder_for_spec",
+           "unit_of", "feature_set_of", "UNIT_KINDS", "PRIMARY_FEATURE_SET",
            "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset", "TINY_CONFIG", "OFFICIAL_INSTALL_HINT",
            "SPEC_OPTIONS", "BUILD_OPTIONS"]
 
@@ -51,17 +52,26 @@ BUILD_OPTIONS = ("backend", "compile")
 BACKENDS = ("featstore", "official")
 
 
+# What one encoder call covers: "sequence" (a sample's ordered frames in one call, VGGT) or
+# "image" (each image alone: an encoder that attends within one image, Qwen's vision tower).
+UNIT_KINDS = ("sequence", "image")
+# The feature set VGGT encoders write: the store's original `features` sub-database.
+PRIMARY_FEATURE_SET = "vggt"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Registered:
     factory: Callable[..., Any]
     spec: Optional[Callable[..., EncoderSpec]]
+    unit: str = "sequence"
+    feature_set: str = PRIMARY_FEATURE_SET
 
 
 _REGISTRY: Dict[str, _Registered] = {}
 
 
 def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[Callable[..., EncoderSpec]] = None,
-                     overwrite: bool = False) -> None:
+                     unit: str = "sequence", feature_set: str = PRIMARY_FEATURE_SET, overwrite: bool = False) -> None:
     """Register an encoder preset.
 
     Args:
@@ -69,18 +79,45 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         factory: ``factory(*, weights, device, **options) -> Encoder``.
         spec: ``spec(*, weights, **options) -> EncoderSpec`` that builds no model (for
             `resolve_spec`); without it `resolve_spec(name)` raises EncoderError.
+        unit: what one encoder call covers, "sequence" (a sample's frames, in order) or "image"
+            (each image alone); the build plans its units by it.
+        feature_set: the store's feature set the build writes by default (`--feature-set`).
         overwrite: replace an existing registration instead of refusing.
     """
     if not name or not isinstance(name, str):
         raise EncoderError(f"encoder name must be a non-empty string. Found {name!r}")
     if name in _REGISTRY and not overwrite:
         raise EncoderError(f"encoder {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = _Registered(factory, spec)
+    if unit not in UNIT_KINDS:
+        raise EncoderError(f"encoder {name!r}: unit must be one of {UNIT_KINDS}. Found {unit!r}")
+    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set)
 
 
 def available_encoders() -> List[str]:
     """Registered encoder names, sorted."""
     return sorted(_REGISTRY)
+
+
+def unit_of(name: str) -> str:
+    """What one call of the registered encoder `name` covers: "sequence" or "image".
+
+    Example:
+        >>> from featstore.encoders import unit_of
+        >>> unit_of("vggt-tiny")
+        'sequence'
+    """
+    return _registered(name).unit
+
+
+def feature_set_of(name: str) -> str:
+    """The feature set a build with encoder `name` writes unless told otherwise.
+
+    Example:
+        >>> from featstore.encoders import feature_set_of
+        >>> feature_set_of("vggt-1b")
+        'vggt'
+    """
+    return _registered(name).feature_set
 
 
 def _registered(name: str) -> _Registered:
