@@ -39,6 +39,7 @@ and train_bench.png (matplotlib; skipped with a note when it is missing) to --ou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -72,6 +73,9 @@ def parse(argv=None):
     p.add_argument("--units", type=int, default=None, help="distinct 9-frame samples (default 16, smoke 3)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4, smoke 2)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list out of {','.join(MODES)}")
+    p.add_argument("--repeats", type=int, default=None, help="floor and cached run in this many alternating "
+                   "blocks (floor, cached, cached with blocking copies, floor, ...), so that drift and noise fall "
+                   "on all of them alike (default 3, smoke 1)")
     p.add_argument("--attention", default=None, help="vision tower attention implementations to time on the "
                    f"cached step (default {','.join(ATTENTION)}; smoke: without flex_attention)")
     a = p.parse_args(argv)
@@ -83,6 +87,7 @@ def parse(argv=None):
     a.warmup = a.warmup if a.warmup is not None else (1 if s else 3)
     a.attention_steps = a.attention_steps or (1 if s else 5)
     a.units = a.units or (3 if s else 16)
+    a.repeats = a.repeats or (1 if s else 3)
     a.workers = a.workers if a.workers is not None else (2 if s else 4)
     a.attention = a.attention or ",".join(ATTENTION[:3] if s else ATTENTION)
     return a
@@ -222,9 +227,10 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     clock = StepClock(device)
     install_hooks(model, clock)
 
-    def loader_batches(dataset):
-        trainer.train_dataset = dataset
-        loader = trainer.get_train_dataloader()
+    def loader_batches(dataset, source=None):
+        source = source or trainer
+        source.train_dataset = dataset
+        loader = source.get_train_dataloader()
 
         def forever():
             while True:
@@ -261,24 +267,37 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
                         deadline=deadline, reserve_s=reserve() if reserve_s is None else reserve_s,
                         expect_hits=expect_hits, online=online, log=log)
 
-    # floor and cached first: VGGT is not on the device yet (their peaks hold none of it)
+    # floor and cached first, in alternating blocks: VGGT is not on the device yet (their peaks
+    # hold none of it), and drift of the card or the host falls on each of them alike.
+    blocking_args = dataclasses.replace(train_args, dataloader_non_blocking=False)
+    blocking = FeatstoreTrainer(model=model, args=blocking_args, train_dataset=cached_ds,
+                                data_collator=_collator(tokenizer), processing_class=tokenizer)
+    results["cached_copies"] = {"cached": "non-blocking (training's default)", "cached_blocking": "blocking"}
+    floor_batch = None
     if "floor" in remaining:
-        def floor():
-            batch = one_batch(cached_ds)
-            for k in STAT_KEYS:  # one read, reused: its counters would count every step
-                batch.pop(k, None)
-            res = timed("floor", lambda: dict(batch), steps=a.steps, expect_hits=False)
-            return dict(res, vggt_weights_gib=0.0)
-        results["modes"]["floor"] = record("modes", "floor", floor)
-        remaining.remove("floor")
-        save()
-    if "cached" in remaining:
-        def cached():
-            res = timed("cached", loader_batches(cached_ds), steps=a.steps, expect_hits=True)
-            return dict(res, vggt_weights_gib=0.0, vggt_parameters_in_model=vggt_parameter_count(model))
-        results["modes"]["cached"] = record("modes", "cached", cached)
-        remaining.remove("cached")
-        save()
+        floor_batch = one_batch(cached_ds)
+        for k in STAT_KEYS:  # one read, reused: its counters would count every step
+            floor_batch.pop(k, None)
+    blocks = {"floor": [], "cached": [], "cached_blocking": []}
+    for r in range(a.repeats):
+        for key in blocks:
+            if (key == "floor" and floor_batch is None) or (key != "floor" and "cached" not in remaining):
+                continue
+            if key == "floor":
+                fn = lambda: timed("floor", lambda: dict(floor_batch), steps=a.steps, expect_hits=False)  # noqa: E731
+            else:
+                source = trainer if key == "cached" else blocking
+                fn = lambda source=source, key=key: timed(  # noqa: E731
+                    key, loader_batches(cached_ds, source), steps=a.steps, expect_hits=True)
+            blocks[key].append(record("modes", f"{key} (block {r + 1}/{a.repeats})", fn))
+    for key, runs in blocks.items():
+        if runs:
+            results["modes"][key] = _pooled(runs, vggt_weights_gib=0.0,
+                                            vggt_parameters_in_model=vggt_parameter_count(model))
+    for m in ("floor", "cached"):
+        if m in remaining:
+            remaining.remove(m)
+    save()
     for mode in ("online_full", "online_causal_stream"):
         if mode not in remaining:
             continue
@@ -328,6 +347,30 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     _summarise(results)
 
 
+def _pooled(runs: list, **extra) -> dict:
+    """One mode's result from its alternating blocks: the median over every timed step of every
+    block (step, data), the median of the blocks' phase medians, the highest peak; each block's
+    median step is kept under `blocks_step_ms` (their spread is the run's noise)."""
+    import statistics
+
+    good = [r for r in runs if "step_ms" in r]
+    if not good:
+        return dict(runs[-1], **extra)
+    out = dict(good[0])
+    steps = [v for r in good for v in r["step_ms_all"]]
+    out.update(step_ms=statistics.median(steps), step_ms_all=steps, timed_steps=len(steps),
+               blocks_step_ms=[r["step_ms"] for r in good],
+               data_ms=statistics.median([r["data_ms"] for r in good]),
+               phases_ms={k: statistics.median([r["phases_ms"][k] for r in good]) for k in good[0]["phases_ms"]})
+    for k in ("peak_gib", "peak_reserved_gib"):
+        if k in good[0]:
+            out[k] = max(r[k] for r in good)
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:
+        out["block_errors"] = errors
+    return dict(out, **extra)
+
+
 def _collator(tokenizer):
     from training.data import Collator
 
@@ -353,6 +396,8 @@ def _summarise(results: dict) -> None:
     if step("cached") and step("floor"):
         summary["cached_over_floor"] = step("cached") / step("floor")
         summary["cached_within_target"] = summary["cached_over_floor"] <= 1.02
+    if step("cached_blocking") and step("floor"):
+        summary["cached_blocking_over_floor"] = step("cached_blocking") / step("floor")
     for m in ("online_full", "online_causal_stream"):
         if step(m) and step("cached"):
             summary[f"speedup_cached_vs_{m}"] = step(m) / step("cached")

@@ -97,7 +97,7 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     with open(os.path.join(out, "train_bench.json")) as f:
         r = json.load(f)
     assert r["complete"] and r["smoke"] and r["notes"] == []
-    assert list(r["modes"]) == ["floor", "cached", "online_full", "online_causal_stream"]
+    assert list(r["modes"]) == ["floor", "cached", "cached_blocking", "online_full", "online_causal_stream"]
     for name, m in r["modes"].items():
         assert m["timed_steps"] == 2 and m["step_ms"] > 0 and m["data_ms"] >= 0, name
         assert set(m["phases_ms"]) == set(PHASES) | {"device_step"}, name
@@ -111,6 +111,8 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     assert r["modes"]["floor"]["data_ms"] < 1.0  # no data path at all
     cached = r["modes"]["cached"]
     assert (cached["cache_hits"], cached["cache_misses"]) == (3, 0)  # 1 warm-up + 2 timed, all from the store
+    assert len(cached["blocks_step_ms"]) == 1 and r["cached_copies"]["cached_blocking"] == "blocking"
+    assert r["summary"]["cached_blocking_over_floor"] > 0
     assert r["modes"]["online_full"]["vggt_parameters"] > 0
     assert r["summary"]["cached_over_floor"] > 0 and "speedup_cached_vs_online_causal_stream" in r["summary"]
     att = r["vision_attention"]

@@ -185,3 +185,20 @@ def test_a_miss_in_a_dataloader_worker_is_one_line_naming_key_and_sample(tmp_pat
     assert match, line[0]
     expected_keys = {"2": "scene_b_step3", "3": "scene_b_step1", "4": "misc/portrait.png"}
     assert match.group(3) == expected_keys[match.group(1)]
+
+
+def test_batches_are_copied_to_the_gpu_without_blocking_unless_told_otherwise(tmp_path):
+    """Non-blocking host-to-device copies are on by default (from pinned memory only); the flag and an
+    explicit --accelerator_config both turn them off."""
+    from training.args import parse_args
+
+    base = ["--data_root", "sample_data", "--annotations", "sample_data/annotations.json", "--output_dir",
+            str(tmp_path)]
+    nb = lambda *extra: parse_args(base + list(extra))[2].accelerator_config.non_blocking  # noqa: E731
+    assert nb() is True
+    assert nb("--dataloader_non_blocking", "False") is False
+    assert nb("--dataloader_pin_memory", "False") is False  # pageable memory: a non-blocking copy is a sync one
+    assert nb("--accelerator_config", '{"non_blocking": false}') is False
+    cfg = tmp_path / "acc.json"
+    cfg.write_text('{"non_blocking": false}')
+    assert nb("--accelerator_config", str(cfg)) is False

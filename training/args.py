@@ -108,6 +108,38 @@ class TrainingArguments(transformers.TrainingArguments):
     # The collator builds the batch; the Trainer must not drop its VGGT keys.
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "keep False: the batch carries the VGGT inputs the model's forward takes"})
+    dataloader_non_blocking: bool = field(default=True, metadata={
+        "help": "copy each batch to the GPU without waiting for the copy (from the pinned memory of "
+                "--dataloader_pin_memory, on by default): the step's first host work overlaps the copy of its "
+                "tens of MB of features. Sets accelerate's non_blocking unless --accelerator_config sets it "
+                "(default on; --dataloader_non_blocking False for blocking copies)"})
+
+    def __post_init__(self):
+        explicit = _sets_non_blocking(self.accelerator_config)
+        super().__post_init__()
+        if not explicit:
+            # Only from pinned memory is a non-blocking copy asynchronous (and safe: the pinned
+            # buffer is kept until the copy is done); accelerate warns about the other case.
+            self.accelerator_config.non_blocking = bool(self.dataloader_non_blocking and self.dataloader_pin_memory)
+
+
+def _sets_non_blocking(config) -> bool:
+    """Whether --accelerator_config (a dict, inline JSON, a JSON file path or an AcceleratorConfig) sets non_blocking."""
+    import json
+
+    if config is None:
+        return False
+    if isinstance(config, dict):
+        return "non_blocking" in config
+    if isinstance(config, str):  # inline JSON (as the command line gives it) or a JSON file's path
+        try:
+            if config.lstrip().startswith("{"):
+                return "non_blocking" in json.loads(config)
+            with open(config) as f:
+                return "non_blocking" in json.load(f)
+        except (OSError, ValueError):
+            return False  # transformers reports the bad value itself
+    return True  # an AcceleratorConfig object built by the caller: its value stands
 
 
 @dataclass(frozen=True)
