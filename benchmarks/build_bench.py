@@ -32,6 +32,30 @@ from featstore.build import BuildOptions, build  # noqa: E402
 import _vggt_random  # noqa: E402,F401  (registers vggt-1b-random)
 
 
+def stored_vs_direct(encoder, root: str, store: str, n: int = 8) -> dict:
+    """What the build stored against the same encoder called directly on the same images (other
+    batches, so equal within rounding, not bitwise): a copy read before it was written, or a
+    buffer reused too early, would show as a cosine far from 1. Raises when one is below 0.999."""
+    import torch.nn.functional as F
+
+    from featstore import FeatureStore
+    from featstore.encode import encode_unit
+    from featstore.plan import plan_units
+
+    units = plan_units(root)[:: max(1, len(plan_units(root)) // n)][:n]
+    worst = {"min_cosine": 1.0, "max_abs_err": 0.0, "units": len(units)}
+    with FeatureStore(store) as fs:
+        for unit in units:
+            want, _ = encode_unit(encoder, root, unit)
+            got = fs.get(unit.key).features
+            cos = F.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0).item()
+            worst["min_cosine"] = min(worst["min_cosine"], cos)
+            worst["max_abs_err"] = max(worst["max_abs_err"], (got.float() - want.float()).abs().max().item())
+    if worst["min_cosine"] < 0.999:
+        raise RuntimeError(f"the build stored features that differ from a direct encoder call: {worst}")
+    return worst
+
+
 def make_images(root: str, n: int) -> None:
     from PIL import Image
 
@@ -166,6 +190,7 @@ def main() -> None:
     results["featstore_build"] = report.to_dict()
     # pipeline_s: from the first decode to the last commit (fsync'ed), plan and split excluded.
     results["featstore_frames_per_s_end_to_end"] = report.frames / report.pipeline_s
+    results["stored_vs_direct"] = stored_vs_direct(encoder, root, store)
     shutil.rmtree(store)
     report2 = build(opts, encoder=encoder)
     results["featstore_frames_per_s_second_run"] = report2.frames / report2.pipeline_s
@@ -194,6 +219,7 @@ def main() -> None:
         report3 = build(dataclasses.replace(opts, compile=True), encoder=encoder)
         results["featstore_compiled_frames_per_s"] = report3.frames / report3.pipeline_s
         results["featstore_compiled_build"] = report3.to_dict()  # its stage times say which stage binds
+        results["stored_vs_direct_compiled"] = stored_vs_direct(encoder, root, store)
         shutil.rmtree(store, ignore_errors=True)
         ceiling_c = min(results["bare_compiled_frames_per_s"], disk_ceiling)
         results["compiled_ceiling_frames_per_s"] = ceiling_c

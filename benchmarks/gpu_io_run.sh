@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 WORK=${WORK:-/tmp/io_bench_work}
 IMAGES=${IMAGES:-1000}
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK/build" "$WORK/disk"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/lmdb-*.whl \
   || { echo "error: installing .whl/lmdb-*.whl failed: carry .whl" >&2; exit 1; }
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -348,6 +348,9 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     serialiser.start()
     buckets: dict[tuple, list] = {}
     stopped = False
+    if on_cuda:
+        compute = torch.cuda.current_stream(device)
+        h2d, d2h = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
     def flush(shape) -> None:
         t0 = time.perf_counter()
@@ -365,18 +368,28 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
             # A short last batch would make torch.compile recompile for a new B; pad it with
             # copies (batch rows are independent in VGGT) and drop their outputs below.
             x = torch.cat([x, x[-1:].expand(full - len(items), *x.shape[1:])])
+        grid = encoder.patch_grid(*x.shape[-2:])
         if on_cuda:
-            x = x.pin_memory().to(device, non_blocking=True)
+            # Copies run on their own streams, so that this batch's host->device copy overlaps the
+            # previous batch's forward and its device->host copy the next one's (on the compute
+            # stream each copy would wait for the kernels before it, and they for it).
+            pinned = x.pin_memory()
+            with torch.cuda.stream(h2d):
+                x = pinned.to(device, non_blocking=True)
+            compute.wait_stream(h2d)
+            x.record_stream(compute)  # its memory is not reused before the forward has read it
         feats = encode_frames(encoder, x)[: len(items)]  # [B, F, N, C], storage dtype, on the device
         done = None
         if on_cuda:
             host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-            host.copy_(feats, non_blocking=True)  # the GPU goes on with the next batch
-            done = torch.cuda.Event()
-            done.record()
+            d2h.wait_stream(compute)
+            with torch.cuda.stream(d2h):
+                host.copy_(feats, non_blocking=True)  # the GPU goes on with the next batch
+                done = torch.cuda.Event()
+                done.record(d2h)
+            feats.record_stream(d2h)  # nor is this before the copy has read it
         else:
             host = feats.cpu()
-        grid = encoder.patch_grid(*x.shape[-2:])
         serialiser.jobs.put((units, [src for _, _, src in items], host, done, grid))
 
     with signals_blocked():
