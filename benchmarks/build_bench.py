@@ -48,7 +48,7 @@ def stored_vs_direct(encoder, root: str, store: str, n: int = 8) -> dict:
         for unit in units:
             want, _ = encode_unit(encoder, root, unit)
             got = fs.get(unit.key).features
-            cos = F.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0).item()
+            cos = F.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item()
             worst["min_cosine"] = min(worst["min_cosine"], cos)
             worst["max_abs_err"] = max(worst["max_abs_err"], (got.float() - want.float()).abs().max().item())
     if worst["min_cosine"] < 0.999:
