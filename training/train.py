@@ -172,7 +172,8 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
     visual = model.model.visual
     logger.info("Qwen vision tower: %s; vision-block parameters %d, visual.merger parameters %d",
                 "cached features (blocks not built)" if settings.vision_cached else "run on pixels",
-                vision_block_parameter_count(model), sum(p.numel() for p in visual.merger.parameters()))
+                vision_block_parameter_count(model),
+                sum(getattr(p, "ds_numel", p.numel()) for p in visual.merger.parameters()))  # ZeRO-3: full size
     logger.info("VGGT mode %s (encoder %s, fingerprint %s), fusion %s, scale %g; %d samples; trainable "
                 "parameters %s", settings.mode, settings.encoder, spec.fingerprint()[:16], settings.fusion,
                 settings.scale, len(dataset), counts)
