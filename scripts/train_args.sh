@@ -14,7 +14,10 @@
 #           VGGT_FUSION (per_image|last_to_all), VGGT_SCALE (JanusVLN: 0.2), VGGT_ENCODER,
 #           VGGT_LAYER, VGGT_ATTENTION, VGGT_FRAMES_KEPT, VGGT_TARGET_SIZE, VGGT_PREPROCESS_MODE
 #           (unset: training's defaults, which match `featstore build`'s).
-# Training: TUNE_MERGER (true), TUNE_LLM (true), TUNE_VISION (false), BATCH_SIZE (per GPU, 1),
+# Vision:   USE_VISION_CACHE=true reads the frozen Qwen vision tower's output from the same store
+#           (feature set qwen_vision; VGGT_CACHE_PATH names it); the model holds no vision block.
+# Training: TUNE_MERGER (true), TUNE_LLM (true), TUNE_VISION (false), TUNE_VISION_MERGER (true:
+#           the navigation recipes train visual.merger, JanusVLN's tune_mm_mlp), BATCH_SIZE (per GPU, 1),
 #           GRAD_ACCUM (8), LR (1e-5), EPOCHS (1), MAX_STEPS (-1: EPOCHS decide), WORKERS
 #           (DataLoader workers per GPU, 4), LOGGING_STEPS (10), SAVE_STEPS (1000), BF16 (true),
 #           GRADIENT_CHECKPOINTING (true), SEED (42), USE_CPU (false; true for a CPU smoke run).
@@ -28,22 +31,32 @@ DATA_ROOT=${DATA_ROOT:-data}
 ANNOTATIONS=${ANNOTATIONS:-$DATA_ROOT/annotations.json}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/qwen2.5-vl-vggt}
 USE_VGGT_CACHE=${USE_VGGT_CACHE:-false}
+USE_VISION_CACHE=${USE_VISION_CACHE:-false}
 
 train_args=(--model_name_or_path "$MODEL" --data_root "$DATA_ROOT" --annotations $ANNOTATIONS
             --output_dir "$OUTPUT_DIR"
             --tune_merger "${TUNE_MERGER:-true}" --tune_llm "${TUNE_LLM:-true}" --tune_vision "${TUNE_VISION:-false}"
+            --tune_vision_merger "${TUNE_VISION_MERGER:-true}"
             --per_device_train_batch_size "${BATCH_SIZE:-1}" --gradient_accumulation_steps "${GRAD_ACCUM:-8}"
             --learning_rate "${LR:-1e-5}" --num_train_epochs "${EPOCHS:-1}" --max_steps "${MAX_STEPS:--1}"
             --dataloader_num_workers "${WORKERS:-4}" --logging_steps "${LOGGING_STEPS:-10}"
             --save_steps "${SAVE_STEPS:-1000}" --bf16 "${BF16:-true}"
             --gradient_checkpointing "${GRADIENT_CHECKPOINTING:-true}" --seed "${SEED:-42}" --report_to none)
 case "$USE_VGGT_CACHE" in
-  true)  train_args+=(--use_vggt_cache --vggt_cache_miss "${VGGT_CACHE_MISS:-error}")
-         [ -n "${VGGT_CACHE_PATH:-}" ] && train_args+=(--vggt_cache_path "$VGGT_CACHE_PATH") ;;
+  true)  train_args+=(--use_vggt_cache --vggt_cache_miss "${VGGT_CACHE_MISS:-error}") ;;
   false) [ -n "${VGGT_MODE:-}" ] && train_args+=(--vggt_mode "$VGGT_MODE")
          [ -n "${VGGT_WEIGHTS:-}" ] && train_args+=(--vggt_weights "$VGGT_WEIGHTS") ;;
   *)     echo "USE_VGGT_CACHE=$USE_VGGT_CACHE: set it to true or false" >&2; exit 2 ;;
 esac
+case "$USE_VISION_CACHE" in
+  true)  train_args+=(--use_vision_cache) ;;
+  false) ;;
+  *)     echo "USE_VISION_CACHE=$USE_VISION_CACHE: set it to true or false" >&2; exit 2 ;;
+esac
+# The store path is read by either cache (one store holds both feature sets).
+if [ -n "${VGGT_CACHE_PATH:-}" ] && { [ "$USE_VGGT_CACHE" = true ] || [ "$USE_VISION_CACHE" = true ]; }; then
+  train_args+=(--vggt_cache_path "$VGGT_CACHE_PATH")
+fi
 # Set only what is given: training's own defaults (those of `featstore build`) stay in one place.
 for var in FUSION SCALE ENCODER LAYER ATTENTION FRAMES_KEPT TARGET_SIZE PREPROCESS_MODE; do
   name=VGGT_$var

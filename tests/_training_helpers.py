@@ -45,12 +45,12 @@ def tiny_parts():
     return tiny_tokenizer(), image_processor()
 
 
-def dataset(root: str, spec, *, store=None, cache_miss: str = "error", files=None):
+def dataset(root: str, spec, *, store=None, vision_store=None, cache_miss: str = "error", files=None):
     from training.data import ConversationDataset
 
     tok, proc = tiny_parts()
     return ConversationDataset(list(files or [annotations(root)]), root, tok, proc, spec, store=store,
-                               cache_miss=cache_miss)
+                               vision_store=vision_store, cache_miss=cache_miss)
 
 
 def collate(ds, indices=None):

@@ -45,6 +45,7 @@ def test_single_node_defaults(tmp_path):
     assert "--use_vggt_cache" not in argv and "--vggt_mode" not in argv  # training derives it from the fusion
     assert _flag(argv, "--bf16") == "true" and _flag(argv, "--gradient_checkpointing") == "true"
     assert "--use_cpu" not in argv and "--vggt_layer" not in argv
+    assert _flag(argv, "--tune_vision_merger") == "true" and "--use_vision_cache" not in argv
 
 
 def test_use_vggt_cache_switches_the_flag():
@@ -87,6 +88,15 @@ def test_training_accepts_every_flag_the_scripts_pass(tmp_path):
     cached, online = (json.loads(line) for line in res.stdout.strip().splitlines()[-2:])
     assert cached == ["cached", "per_image", 1.0, True, True, ZERO2, 3, True, False]
     assert online == ["online_causal_stream", "last_to_all", 0.2, False, True, ZERO2, 3, True, True]
+
+
+def test_use_vision_cache_passes_the_flag_and_the_store_path():
+    argv = _printed(_run("train_h800.sh", {"DRY_RUN": "1", "USE_VISION_CACHE": "true",
+                                           "VGGT_CACHE_PATH": "/fast/f.lmdb"}))
+    assert "--use_vision_cache" in argv and "--use_vggt_cache" not in argv
+    assert _flag(argv, "--vggt_cache_path") == "/fast/f.lmdb"
+    res = _run("train_h800.sh", {"DRY_RUN": "1", "USE_VISION_CACHE": "1"})
+    assert res.returncode == 2 and res.stderr.strip() == "USE_VISION_CACHE=1: set it to true or false"
 
 
 def test_bad_use_vggt_cache_names_the_variable():

@@ -2,9 +2,9 @@
 
 Three groups: `ModelArguments` (the Qwen model, the merger, what trains, the VGGT encoder spec
 with the same words as `featstore build`), `DataArguments` (data root, annotations, the feature
-cache) and `TrainingArguments` (every `transformers.TrainingArguments` flag; only the defaults
-a custom collator needs differ). `resolve_vggt` turns the flags into one `VGGTSettings`,
-checking every combination before any work starts.
+cache, the Qwen vision-feature cache) and `TrainingArguments` (every `transformers.TrainingArguments`
+flag; only the defaults a custom collator needs differ). `resolve_vggt` turns the flags into one
+`VGGTSettings`, checking every combination before any work starts.
 
 Example:
     >>> model_args, data_args, train_args = parse_args(["--data_root", "sample_data",
@@ -48,7 +48,12 @@ class ModelArguments:
                 "an offline tokenizer (tests, demos)"})
     tune_merger: bool = field(default=True, metadata={"help": "train the geometry merger (default on)"})
     tune_llm: bool = field(default=True, metadata={"help": "train the language model and lm_head (default on)"})
-    tune_vision: bool = field(default=False, metadata={"help": "train Qwen's vision tower (default off)"})
+    tune_vision: bool = field(default=False, metadata={
+        "help": "train Qwen's whole vision tower, visual.merger included (default off; refused with "
+                "--use_vision_cache)"})
+    tune_vision_merger: bool = field(default=False, metadata={
+        "help": "train Qwen's vision merger `visual.merger` (vision features -> LLM width; JanusVLN's tune_mm_mlp) "
+                "while the tower's blocks stay frozen (default off)"})
     vggt_mode: Optional[Mode] = field(default=None, metadata={
         "help": "where features come from: online_full (one VGGT call per sample), online_causal_stream "
                 "(one frame per call with the key/value cache) or cached (the store). Default: cached with "
@@ -95,10 +100,16 @@ class DataArguments:
     use_vggt_cache: bool = field(default=False, metadata={
         "help": f"read VGGT features from the store (<data_root>/{DEFAULT_STORE_NAME} unless "
                 "--vggt_cache_path); VGGT is then never built"})
-    vggt_cache_path: Optional[str] = field(default=None, metadata={"help": "the store's path"})
+    vggt_cache_path: Optional[str] = field(default=None, metadata={
+        "help": "the store's path (VGGT features, and the Qwen vision features with --use_vision_cache)"})
     vggt_cache_miss: Literal["error", "compute"] = field(default="error", metadata={
         "help": "a sample missing from the store: error (default, names the key and the sample) or compute "
                 "it online (VGGT is built on the first miss) and count it"})
+    use_vision_cache: bool = field(default=False, metadata={
+        "help": "read the frozen Qwen vision tower's output (feature set 'qwen_vision') from the store "
+                "(--vggt_cache_path, else <data_root>/" + DEFAULT_STORE_NAME + ") instead of running the tower: "
+                "the model then holds no vision block, only `visual.merger`. Works with every --vggt_mode; "
+                "refused with --tune_vision"})
     system_prompt: str = field(default="You are a helpful assistant.", metadata={
         "help": "system turn prepended to samples without one ('' for none)"})
 
@@ -144,7 +155,8 @@ def _sets_non_blocking(config) -> bool:
 
 @dataclass(frozen=True)
 class VGGTSettings:
-    """The resolved VGGT choices: where features come from and how they are fused."""
+    """The resolved feature choices: where VGGT features come from and how they are fused, and
+    whether Qwen's vision features come from the store (`vision_cached`)."""
 
     mode: Mode
     fusion: Fusion
@@ -154,6 +166,8 @@ class VGGTSettings:
     overrides: dict
     store_path: Optional[str]
     cache_miss: str
+    vision_cached: bool = False  # Qwen's vision tower replaced by its cached output (--use_vision_cache)
+    vision_store_path: Optional[str] = None  # the store holding the "qwen_vision" feature set
 
     @property
     def cached(self) -> bool:
@@ -204,8 +218,14 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     if fusion == "per_image" and frames_kept != "all":
         raise ArgumentError("--vggt_fusion per_image needs one feature per image: --vggt_frames_kept all "
                             f"(found {frames_kept})")
-    if data_args.vggt_cache_path and mode != "cached":
-        raise ArgumentError(f"--vggt_cache_path is only read with --use_vggt_cache (mode is {mode})")
+    vision_cached = bool(data_args.use_vision_cache)
+    if vision_cached and model_args.tune_vision:
+        raise ArgumentError("--use_vision_cache contradicts --tune_vision: the cached vision features were computed "
+                            "by the frozen tower's weights, so a trained tower would make them stale. Drop "
+                            "--tune_vision (--tune_vision_merger still trains visual.merger) or --use_vision_cache")
+    if data_args.vggt_cache_path and mode != "cached" and not vision_cached:
+        raise ArgumentError(f"--vggt_cache_path is only read with --use_vggt_cache or --use_vision_cache "
+                            f"(mode is {mode})")
     encoder = model_args.vggt_encoder or (TINY_VGGT if is_tiny(model_args.model_name_or_path) else "vggt-1b")
     overrides = dict(layer=model_args.vggt_layer, attention=attention, frames_kept=frames_kept,
                      preprocess_mode=model_args.vggt_preprocess_mode, storage_dtype=model_args.vggt_storage_dtype,
@@ -213,8 +233,9 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     if model_args.vggt_target_size is not None:
         overrides["target_size"] = model_args.vggt_target_size
     scale = _DEFAULT_SCALE[fusion] if model_args.vggt_scale is None else float(model_args.vggt_scale)
-    store = None
-    if mode == "cached":
-        store = data_args.vggt_cache_path or os.path.join(data_args.data_root, DEFAULT_STORE_NAME)
+    # One store holds both feature sets: VGGT's and (feature set "qwen_vision") the vision tower's.
+    path = data_args.vggt_cache_path or os.path.join(data_args.data_root, DEFAULT_STORE_NAME)
     return VGGTSettings(mode=mode, fusion=fusion, scale=scale, encoder=encoder, weights=model_args.vggt_weights,
-                        overrides=overrides, store_path=store, cache_miss=data_args.vggt_cache_miss)
+                        overrides=overrides, store_path=path if mode == "cached" else None,
+                        cache_miss=data_args.vggt_cache_miss, vision_cached=vision_cached,
+                        vision_store_path=path if vision_cached else None)

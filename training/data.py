@@ -11,13 +11,19 @@ Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers)
               a wrong feature. A miss raises (naming key and sample) or, under policy compute,
               ships the frames so the model encodes them online (counted). Online modes ship
               the frames.
+  3b. vision  with a `vision_store` (--use_vision_cache) the image processor does not run: one
+              `read_into` of the unit's frame keys gives each frame's cached vision-tower output
+              [S, 1, N, C_vis] (each entry stored for exactly [that frame]); N must be the Qwen
+              grid's patches (2hh x 2ww, the grid rule), and image_grid_thw is [1, 2hh, 2ww] per
+              image without the processor. A miss raises naming the key and the sample.
   4. text     `<|im_start|>role\\ncontent<|im_end|>\\n` turns; each `<image>` becomes
               `<|vision_start|>` + `<|image_pad|>` x tokens + `<|vision_end|>`; labels only on
               assistant content and its `<|im_end|>`.
 `Collator` pads input_ids / labels / attention_mask / mm_token_type_ids and concatenates the rest.
 
 Batch keys (B samples, L tokens): input_ids, labels, attention_mask, mm_token_type_ids [B, L];
-pixel_values [patches, D], image_grid_thw [images, 3] (absent when no sample has an image);
+pixel_values [patches, D] (or, with a vision store, vision_features [patches, C_vis] in the
+store's read dtype), image_grid_thw [images, 3] (absent when no sample has an image);
 vggt_source [B] (0 no image, 1 features below, 2 frames below), vggt_grid [B, 2] (VGGT patch
 grid h, w), vggt_images [B] (images per sample), vggt_features [tokens, C] (source-1 samples,
 F*h*w rows each, in the store's read dtype: the storage dtype, bfloat16 for an fp8 store, which
@@ -39,7 +45,7 @@ from featstore.plan import load_annotations, sample_unit
 from training.vggt_online import read_unit_frames
 
 __all__ = ["ConversationDataset", "Collator", "DataError", "IMAGE_PLACEHOLDER", "SOURCE_NONE",
-           "SOURCE_FEATURES", "SOURCE_FRAMES", "CacheMissError"]
+           "SOURCE_FEATURES", "SOURCE_FRAMES", "CacheMissError", "VisionCacheMissError"]
 
 IMAGE_PLACEHOLDER = "<image>"
 SOURCE_NONE, SOURCE_FEATURES, SOURCE_FRAMES = 0, 1, 2
@@ -56,6 +62,10 @@ class CacheMissError(MissingKeyError):
     """A sample's features are not in the store (or were computed on another frame list)."""
 
 
+class VisionCacheMissError(CacheMissError):
+    """A frame's cached vision features are missing, or do not fit the sample's Qwen grid."""
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA/Qwen conversation samples with their VGGT inputs (see module docstring).
 
@@ -66,6 +76,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         tokenizer, image_processor: Qwen's (see training.presets).
         spec: the `EncoderSpec` training uses (preprocessing, patch size, frames kept).
         store: a `featstore.FeatureStore` (cached mode) or None (online modes: frames only).
+        vision_store: a `featstore.FeatureStore` of cached vision-tower features keyed by frame
+            (--use_vision_cache) or None (the image processor makes pixel_values).
         cache_miss: "error" or "compute" (ship the frames of a missing sample, counted).
         system_prompt: a system turn added to samples that have none ("" for none).
 
@@ -75,10 +87,12 @@ class ConversationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, annotations: Sequence[str], data_root: str, tokenizer, image_processor, spec, *,
-                 store=None, cache_miss: str = "error", system_prompt: str = "You are a helpful assistant."):
+                 store=None, vision_store=None, cache_miss: str = "error",
+                 system_prompt: str = "You are a helpful assistant."):
         if cache_miss not in ("error", "compute"):
             raise ValueError(f"cache_miss must be 'error' or 'compute'. Found {cache_miss!r}")
         self.data_root, self.tokenizer, self.image_processor = data_root, tokenizer, image_processor
+        self.vision_store = vision_store
         self.spec, self.store, self.cache_miss, self.system_prompt = spec, store, cache_miss, system_prompt
         self.patch = int(spec.config["patch_size"])
         self.merge = int(getattr(image_processor, "merge_size", 2))
@@ -111,7 +125,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)  # [S, 3, H, W]
             h, w = frames.shape[-2] // self.patch, frames.shape[-1] // self.patch
             item.update(grid=(h, w), images=unit.num_frames)
-            item.update(self._qwen_images(frames, h, w, where))
+            if self.vision_store is not None:
+                item.update(self._cached_vision(unit, h, w, where))
+            else:
+                item.update(self._qwen_images(frames, h, w, where))
             token_counts = [int(t.prod()) // (self.merge ** 2) for t in item["image_grid_thw"]]
             if self.store is not None:
                 self._read_features(item, unit, where, frames.shape[0], h * w)
@@ -124,13 +141,42 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     # ---- pieces --------------------------------------------------------------------------
 
+    def _qwen_grid(self, h: int, w: int, where: str) -> tuple:
+        """(hh, ww): the merged Qwen grid of a VGGT patch grid h x w (trimmed to even, halved)."""
+        hh, ww = h // 2, w // 2
+        if hh == 0 or ww == 0:
+            raise DataError(f"{where}: the VGGT grid {h}x{w} is smaller than 2x2 patches: no Qwen token fits")
+        return hh, ww
+
+    def _cached_vision(self, unit, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
+        """The unit's frames' cached vision features (one read) -> vision_features, image_grid_thw."""
+        hh, ww = self._qwen_grid(h, w, where)
+        patches = (2 * hh) * (2 * ww)
+        keys = list(unit.frames)
+        try:
+            # One transaction for all frames; each entry must be stored for exactly its own frame.
+            feats = self.vision_store.read_into(keys, frames=[[k] for k in keys])
+        except MissingKeyError as e:
+            raise VisionCacheMissError(
+                f"vision feature cache miss for {where}: {e}. Build the vision features of every frame into "
+                f"the store with the model's vision tower, or train without --use_vision_cache"
+            ) from None
+        except ValueError as e:  # entries of different shapes within one sample
+            raise VisionCacheMissError(f"{where}: cached vision features of frames {keys}: {e}") from None
+        if feats.dim() != 4 or feats.shape[1] != 1 or feats.shape[2] != patches:
+            raise VisionCacheMissError(
+                f"{where}: cached vision features for key {keys[0]!r} have shape {tuple(feats.shape[1:])}, expected "
+                f"[1, {patches}, C] (the Qwen grid {2 * hh}x{2 * ww} patches of the VGGT grid {h}x{w}); the vision "
+                "features were computed at another image size (rebuild them with this preprocessing)"
+            )
+        grid = torch.tensor([[1, 2 * hh, 2 * ww]] * len(keys), dtype=torch.long)
+        return {"vision_features": feats.reshape(-1, feats.shape[-1]), "image_grid_thw": grid}
+
     def _qwen_images(self, frames: torch.Tensor, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
         """Each VGGT view resized to the even-trimmed grid in Qwen pixels -> pixel_values, image_grid_thw."""
         from PIL import Image
 
-        hh, ww = h // 2, w // 2
-        if hh == 0 or ww == 0:
-            raise DataError(f"{where}: the VGGT grid {h}x{w} is smaller than 2x2 patches: no Qwen token fits")
+        hh, ww = self._qwen_grid(h, w, where)
         side = self.patch * self.merge  # 28 px per merged Qwen token
         size = (ww * side, hh * side)  # PIL (width, height)
         u8 = (frames * 255).round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -263,7 +309,12 @@ class Collator:
         batch["attention_mask"] = mask
         with_images = [it for it in items if it["source"] != SOURCE_NONE]
         if with_images:
-            batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
+            cached = ["vision_features" in it for it in with_images]
+            if any(cached) and not all(cached):
+                raise ValueError("a batch mixes samples with cached vision features and samples with pixel_values: "
+                                 "one dataset gives one kind")
+            key = "vision_features" if cached[0] else "pixel_values"
+            batch[key] = torch.cat([it[key] for it in with_images])
             batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
         batch["vggt_source"] = torch.tensor([it["source"] for it in items], dtype=torch.long)
         batch["vggt_grid"] = torch.tensor([it["grid"] for it in items], dtype=torch.long).reshape(len(items), 2)

@@ -18,6 +18,18 @@ name at import. Loading a hub checkpoint then leaves exactly the merger's keys m
 
 The merger lives at `merger.*` in the layout VG-LLM and JanusVLN publish; the online VGGT (if
 any) is attached with `attach_vggt` OUTSIDE the module tree (see training.vggt_online).
+
+Cached vision features (`config.vision_cached`, set by `--use_vision_cache`): the frozen vision
+tower's output is read from the store instead of computed. Per image it is the hidden state
+after the LAST vision block, before `visual.merger`, in the image processor's patch order
+(`pixel_values` rows, which the merger groups in 4s), [N_patches, C_vis]. The model then holds
+no vision block: `visual.blocks` is an empty ModuleList and `visual.patch_embed` and
+`visual.rotary_pos_emb` (used only by the blocks) are None, so neither the optimizer, ZeRO-3 nor
+a checkpoint sees them; `visual.merger` stays (loaded from the checkpoint, trainable with
+`set_trainable(vision_merger=True)`). The forward takes `vision_features` [sum N_i, C_vis]
+instead of `pixel_values`: image embeddings = visual.merger(vision_features), split per image by
+image_grid_thw (t*h*w/4 tokens each), then the same geometry fusion. Loading a checkpoint then
+reports the dropped modules' keys as unexpected; missing keys are unchanged.
 """
 
 from __future__ import annotations
@@ -33,10 +45,12 @@ from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
 from training.data import SOURCE_FEATURES, SOURCE_FRAMES
 from training.merger import GeometryMerger
 
-__all__ = ["Qwen2_5_VLWithGeometry", "GEOMETRY_CONFIG_KEY", "geometry_config", "set_trainable",
-           "vggt_parameter_count"]
+__all__ = ["Qwen2_5_VLWithGeometry", "GEOMETRY_CONFIG_KEY", "VISION_CACHED_CONFIG_KEY", "geometry_config",
+           "set_trainable", "vggt_parameter_count", "vision_block_parameter_count"]
 
 GEOMETRY_CONFIG_KEY = "vggt_geometry"  # the model config's attribute holding the merger settings
+# The model config's attribute saying the vision tower's output is cached: built without blocks.
+VISION_CACHED_CONFIG_KEY = "vision_cached"
 _DEFAULTS = {"in_channels": 2048, "hidden": None, "fusion": "per_image", "scale": 1.0}
 
 
@@ -62,7 +76,20 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
         geo = dict(_DEFAULTS, **(getattr(config, GEOMETRY_CONFIG_KEY, None) or {}))
         self.fusion, self.scale = geo["fusion"], float(geo["scale"])
         self.merger = GeometryMerger(geo["in_channels"], config.text_config.hidden_size, geo["hidden"])
+        self.vision_cached = bool(getattr(config, VISION_CACHED_CONFIG_KEY, False))
+        if self.vision_cached:
+            self._drop_vision_blocks()
         self.post_init()
+
+    def _drop_vision_blocks(self) -> None:
+        """Remove everything of the vision tower but `visual.merger` (cached vision features).
+
+        Done while constructing, so `from_pretrained` never materialises (nor ZeRO-3 gathers)
+        them; their checkpoint keys then load as unexpected."""
+        visual = self.model.visual
+        visual.blocks = torch.nn.ModuleList()
+        visual.patch_embed = None  # pixels -> patch tokens: only the blocks consume them
+        visual.rotary_pos_emb = None  # the blocks' 2-D rotary embedding (buffers, no parameters)
 
     # ---- the online encoder, kept out of the module tree ---------------------------------
 
@@ -149,26 +176,53 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
             raise ValueError(f"the batch has {image_grid_thw.shape[0]} images but its samples account for {image}")
         return offsets
 
+    # ---- Qwen image features -----------------------------------------------------------------
+
+    def cached_image_features(self, vision_features: Tensor, image_grid_thw: Tensor) -> List[Tensor]:
+        """Cached vision-tower output [sum N_i, C_vis] -> one [N_i / 4, LLM hidden] per image:
+        `visual.merger` on the rows, split by image_grid_thw, as `get_image_features` splits
+        its `pooler_output`."""
+        visual = self.model.visual
+        sizes = (image_grid_thw.prod(-1)).tolist()
+        if sum(sizes) != vision_features.shape[0]:
+            raise ValueError(f"vision_features has {vision_features.shape[0]} rows but image_grid_thw "
+                             f"{image_grid_thw.tolist()} needs {sum(sizes)} (one per patch)")
+        merged = visual.merger(vision_features.to(visual.merger.mlp[0].weight.dtype))
+        return list(merged.split([n // visual.spatial_merge_size ** 2 for n in sizes]))
+
     # ---- forward --------------------------------------------------------------------------
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
                 image_grid_thw: Optional[Tensor] = None, mm_token_type_ids: Optional[Tensor] = None,
+                vision_features: Optional[Tensor] = None,
                 vggt_source: Optional[Tensor] = None, vggt_grid: Optional[Tensor] = None,
                 vggt_images: Optional[Tensor] = None, vggt_features: Optional[Tensor] = None,
                 vggt_feature_frames: Optional[Tensor] = None, vggt_frames: Optional[Tensor] = None,
                 vggt_frame_count: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None, **kwargs):
-        """The stock forward's arguments plus the VGGT batch keys of training.data (all optional:
-        without pixel_values or VGGT keys this is plain Qwen2.5-VL)."""
-        if pixel_values is None or vggt_source is None or inputs_embeds is not None:
+        """The stock forward's arguments plus `vision_features` (cached vision-tower output, in
+        place of pixel_values) and the VGGT batch keys of training.data (all optional: without
+        images or VGGT keys this is plain Qwen2.5-VL)."""
+        if pixel_values is not None and (self.vision_cached or vision_features is not None):
+            raise ValueError("pixel_values given, but " + (
+                "this model holds no vision blocks (built for cached vision features): pass vision_features"
+                if self.vision_cached else "vision_features too: pass one of them"))
+        images = pixel_values is not None or vision_features is not None
+        if not images or inputs_embeds is not None or (vggt_source is None and vision_features is None):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                    pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                    mm_token_type_ids=mm_token_type_ids, inputs_embeds=inputs_embeds, **kwargs)
         embeds = self.get_input_embeddings()(input_ids)
-        image_out = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        offsets = self.geometry_offsets(image_grid_thw, vggt_source, vggt_grid, vggt_images, vggt_features,
-                                        vggt_feature_frames, vggt_frames, vggt_frame_count)
-        fused = [img + off.to(img.dtype) for img, off in zip(image_out.pooler_output, offsets)]
+        if vision_features is not None:
+            image_feats = self.cached_image_features(vision_features, image_grid_thw)
+        else:
+            image_feats = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+        if vggt_source is None:  # cached vision features without geometry
+            fused = list(image_feats)
+        else:
+            offsets = self.geometry_offsets(image_grid_thw, vggt_source, vggt_grid, vggt_images, vggt_features,
+                                            vggt_feature_frames, vggt_frames, vggt_frame_count)
+            fused = [img + off.to(img.dtype) for img, off in zip(image_feats, offsets)]
         fused = torch.cat(fused).to(embeds.device, embeds.dtype)
         mask = (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(embeds)
         if int(mask[..., 0].sum()) != fused.shape[0]:
@@ -186,16 +240,38 @@ register_checkpoint_conversion_mapping(
     get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"), overwrite=True)
 
 
-def set_trainable(model: Qwen2_5_VLWithGeometry, *, merger: bool, llm: bool, vision: bool) -> Dict[str, int]:
-    """Set requires_grad per part; returns trainable parameter counts per part."""
-    parts = {"merger": (model.merger, merger), "llm": (model.model.language_model, llm),
-             "lm_head": (model.lm_head, llm), "vision": (model.model.visual, vision)}
-    counts = {}
-    for name, (module, on) in parts.items():
-        module.requires_grad_(on)
+def set_trainable(model: Qwen2_5_VLWithGeometry, *, merger: bool, llm: bool, vision: bool,
+                  vision_merger: Optional[bool] = None) -> Dict[str, int]:
+    """Set requires_grad per part; returns trainable parameter counts per part.
+
+    Parts: `merger` (the geometry merger), `llm` (language model), `lm_head` (with llm),
+    `vision` (the vision tower but its merger: nothing when built for cached vision features)
+    and `vision_merger` (`visual.merger`; None: as `vision`)."""
+    visual = model.model.visual
+    vision_merger = vision if vision_merger is None else vision_merger
+    model.merger.requires_grad_(merger)
+    model.model.language_model.requires_grad_(llm)
+    model.lm_head.requires_grad_(llm)
+    visual.requires_grad_(vision)
+    visual.merger.requires_grad_(vision_merger)  # after the tower: it may differ from the tower
+
+    def trainable(params) -> int:
         # ZeRO-3 leaves each rank an empty local tensor; `ds_numel` is the parameter's full size.
-        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
-    return counts
+        return sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+
+    in_merger = {id(p) for p in visual.merger.parameters()}
+    return {"merger": trainable(model.merger.parameters()),
+            "llm": trainable(model.model.language_model.parameters()),
+            "lm_head": trainable(model.lm_head.parameters()),
+            "vision": trainable(p for p in visual.parameters() if id(p) not in in_merger),
+            "vision_merger": trainable(visual.merger.parameters())}
+
+
+def vision_block_parameter_count(model: Qwen2_5_VLWithGeometry) -> int:
+    """Parameters of the vision tower outside `visual.merger` (0 when built for cached features)."""
+    visual = model.model.visual
+    in_merger = {id(p) for p in visual.merger.parameters()}
+    return sum(getattr(p, "ds_numel", p.numel()) for p in visual.parameters() if id(p) not in in_merger)
 
 
 def vggt_parameter_count(model: torch.nn.Module) -> int:

@@ -1,8 +1,10 @@
 """`python -m training.train`: parse, build, run, close.
 
 Builds the tokenizer and image processor, checks the feature store against the encoder spec
-the flags describe (cached mode; no VGGT is built), builds the model, the dataset and the
-`FeatstoreTrainer`, trains, and saves the model to --output_dir. See docs/TRAINING.md.
+the flags describe (cached mode; no VGGT is built), opens the cached Qwen vision features
+(--use_vision_cache; the model is then built without vision blocks), builds the model, the
+dataset and the `FeatstoreTrainer`, trains, and saves the model to --output_dir. See
+docs/TRAINING.md.
 
 Example (the bundled sample data, tiny presets, CPU):
     featstore build --data-root sample_data --annotations sample_data/annotations.json --encoder vggt-tiny
@@ -24,7 +26,10 @@ from training.data import Collator, ConversationDataset, DataError
 from training.trainer import FeatstoreTrainer
 from training.vggt_online import OnlineVGGT, resolve_spec
 
-__all__ = ["main", "run", "open_feature_cache", "build_model", "load_tokenizer_and_processor"]
+__all__ = ["main", "run", "open_feature_cache", "open_vision_cache", "build_model", "load_tokenizer_and_processor",
+           "VISION_FEATURE_SET"]
+
+VISION_FEATURE_SET = "qwen_vision"  # the store's feature set of the frozen Qwen vision tower's output
 
 logger = logging.getLogger("training")
 
@@ -56,6 +61,33 @@ def open_feature_cache(store_path: str, spec):
     return FeatureStore(store_path, expected_encoder=spec)
 
 
+def open_vision_cache(settings, expected_encoder=None):
+    """The store of cached Qwen vision features (feature set "qwen_vision", keyed by frame) for
+    the workers, after logging its size.
+
+    Args:
+        settings: the resolved `VGGTSettings` (`vision_store_path`: --vggt_cache_path or
+            <data_root>/vggt_features.lmdb, the store that also holds the VGGT features).
+        expected_encoder: the vision encoder's spec the store must have been built with (its
+            fingerprint records the tower's weights), or None to accept the store's.
+
+    Raises:
+        StoreNotFoundError: nothing at the path.
+        FingerprintMismatchError: the store's vision spec differs from `expected_encoder`.
+    """
+    from featstore.reader import FeatureStore
+
+    path = settings.vision_store_path
+    probe = FeatureStore(path, feature_set=VISION_FEATURE_SET, expected_encoder=expected_encoder)
+    try:
+        entries = len(probe)
+    finally:
+        probe.close()  # workers open their own
+    logger.info("Qwen vision feature cache enabled: %s (feature set %s, %d entries)", probe.path,
+                VISION_FEATURE_SET, entries)
+    return FeatureStore(path, feature_set=VISION_FEATURE_SET, expected_encoder=expected_encoder)
+
+
 def load_tokenizer_and_processor(name: str):
     """(tokenizer, image processor): the offline tiny pair, or the checkpoint's own."""
     from training import presets
@@ -69,19 +101,23 @@ def load_tokenizer_and_processor(name: str):
     return AutoTokenizer.from_pretrained(name), Qwen2VLImageProcessorPil.from_pretrained(name, size=dict(bounds))
 
 
-def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42):
+def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_cached: bool = False):
     """The Qwen2_5_VLWithGeometry model: random tiny weights, or `from_pretrained(name)`.
 
     A hub checkpoint loads with exactly the merger's keys missing (initialised fresh); a
-    checkpoint of this class also restores its merger."""
+    checkpoint of this class also restores its merger. With `vision_cached` the model is built
+    without vision blocks (training.model): `visual.merger` and the LLM still load, the blocks'
+    checkpoint keys are unexpected. A checkpoint saved so holds no vision blocks, and is
+    refused without `vision_cached` (its tower would be random)."""
     from transformers import AutoConfig
 
     from training import presets
-    from training.model import GEOMETRY_CONFIG_KEY, Qwen2_5_VLWithGeometry
+    from training.model import GEOMETRY_CONFIG_KEY, VISION_CACHED_CONFIG_KEY, Qwen2_5_VLWithGeometry
 
     if presets.is_tiny(name):
         config = presets.tiny_config(tokenizer)
         setattr(config, GEOMETRY_CONFIG_KEY, geometry)
+        setattr(config, VISION_CACHED_CONFIG_KEY, bool(vision_cached))
         torch.manual_seed(seed)
         return Qwen2_5_VLWithGeometry._from_config(config)
     config = AutoConfig.from_pretrained(name)
@@ -89,36 +125,55 @@ def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42):
     if saved and saved.get("in_channels") != geometry["in_channels"]:
         raise ArgumentError(f"--model_name_or_path {name}: its merger takes {saved['in_channels']} channels, the "
                             f"VGGT spec gives {geometry['in_channels']}")
+    if getattr(config, VISION_CACHED_CONFIG_KEY, False) and not vision_cached:
+        raise ArgumentError(f"--model_name_or_path {name}: this checkpoint was trained with --use_vision_cache and "
+                            "holds no vision blocks (only visual.merger); continue with --use_vision_cache, or "
+                            "copy the frozen tower's weights (visual.blocks.*, visual.patch_embed.*) back into it")
     setattr(config, GEOMETRY_CONFIG_KEY, dict(saved, **geometry))
+    setattr(config, VISION_CACHED_CONFIG_KEY, bool(vision_cached))
     return Qwen2_5_VLWithGeometry.from_pretrained(name, config=config)
 
 
-def run(argv: Optional[List[str]] = None):
-    """Everything `main` does, raising errors instead of printing them. Returns the trainer."""
-    from training.model import geometry_config, set_trainable
+def run(argv: Optional[List[str]] = None, *, vision_store=None):
+    """Everything `main` does, raising errors instead of printing them. Returns the trainer.
+
+    `vision_store`: with --use_vision_cache, a store object to read the vision features from
+    instead of `open_vision_cache(settings)` (e.g. a separate store of them)."""
+    from training.model import geometry_config, set_trainable, vision_block_parameter_count
 
     model_args, data_args, train_args = parse_args(argv)
     settings = resolve_vggt(model_args, data_args)
     spec = resolve_spec(settings.encoder, weights=settings.weights, **settings.overrides)  # builds no VGGT
     store = open_feature_cache(settings.store_path, spec) if settings.cached else None
+    if not settings.vision_cached:
+        vision_store = None
+    elif vision_store is None:
+        vision_store = open_vision_cache(settings)
     if train_args.deepspeed and not torch.cuda.is_available():
         import deepspeed  # ZeRO-3 on CPU needs the gloo group before the model is built (TRAINING.md)
 
         deepspeed.init_distributed("gloo")
     tokenizer, image_processor = load_tokenizer_and_processor(model_args.model_name_or_path)
     dataset = ConversationDataset(data_args.annotations, data_args.data_root, tokenizer, image_processor, spec,
-                                  store=store, cache_miss=settings.cache_miss,
+                                  store=store, vision_store=vision_store, cache_miss=settings.cache_miss,
                                   system_prompt=data_args.system_prompt)
     geometry = geometry_config(2 * int(spec.config["embed_dim"]), hidden=model_args.vggt_merger_hidden,
                                fusion=settings.fusion, scale=settings.scale)
-    model = build_model(model_args.model_name_or_path, tokenizer, geometry, seed=train_args.seed)
+    model = build_model(model_args.model_name_or_path, tokenizer, geometry, seed=train_args.seed,
+                        vision_cached=settings.vision_cached)
     if not settings.cached or settings.cache_miss == "compute":
         # Online modes, or cached with misses computed: built lazily, outside the module tree.
         model.attach_vggt(OnlineVGGT(settings.encoder, weights=settings.weights, overrides=settings.overrides,
                                      stream=settings.stream, expected_fingerprint=spec.fingerprint(),
                                      patch_size=int(spec.config["patch_size"])))
     counts = set_trainable(model, merger=model_args.tune_merger, llm=model_args.tune_llm,
-                           vision=model_args.tune_vision)
+                           vision=model_args.tune_vision,
+                           vision_merger=model_args.tune_vision or model_args.tune_vision_merger)
+    visual = model.model.visual
+    logger.info("Qwen vision tower: %s; vision-block parameters %d, visual.merger parameters %d",
+                "cached features (blocks not built)" if settings.vision_cached else "run on pixels",
+                vision_block_parameter_count(model),
+                sum(getattr(p, "ds_numel", p.numel()) for p in visual.merger.parameters()))  # ZeRO-3: full size
     logger.info("VGGT mode %s (encoder %s, fingerprint %s), fusion %s, scale %g; %d samples; trainable "
                 "parameters %s", settings.mode, settings.encoder, spec.fingerprint()[:16], settings.fusion,
                 settings.scale, len(dataset), counts)
