@@ -328,3 +328,19 @@ def test_encode_unit_on_a_one_image_unit(tmp_path):
     assert torch.equal(feats, enc.encode(frame[None, None])[0].to(torch.bfloat16))
     assert json.loads(meta["grid"]) == [10, 16] and json.loads(meta["frames"]) == ["img.png"]
     assert meta["fingerprint"] == enc.spec.fingerprint() and meta["encoder"] == TINY
+
+
+@pytest.mark.parametrize("size, pre", [((150, 100), {}), ((100, 150), {}), ((150, 100), dict(preprocess_mode="pad")),
+                                       ((300, 100), dict(target_size=224))])
+def test_stored_shape_is_the_shape_encode_unit_stores(tmp_path, size, pre):
+    from featstore.encoders import stored_shape
+    from featstore.encoders.preprocess import view_size
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    for name in (TINY, "vggt-tiny"):
+        enc = get_encoder(name, **pre)
+        feats, _ = encode_unit(enc, str(tmp_path), Unit("img.png", ("img.png",)))
+        assert stored_shape(enc.spec, *size) == tuple(feats.shape), name
+    view = preprocess_image(str(tmp_path / "img.png"), enc.spec.preprocess)
+    assert view_size(*size, enc.spec.preprocess) == (view.shape[2], view.shape[1])

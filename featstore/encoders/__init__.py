@@ -48,7 +48,7 @@ from .vggt_config import CODE_VERSION, TINY_CONFIG, TINY_SEED, TINY_TARGET_SIZE,
 
 __all__ = ["register_encoder", "available_encoders", "get_encoder", "resolve_spec", "encoder_for_spec",
            "unit_of", "feature_set_of", "UNIT_KINDS", "PRIMARY_FEATURE_SET",
-           "preprocess_frame", "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset", "QwenVisionPreset",
+           "preprocess_frame", "stored_shape", "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset", "QwenVisionPreset",
            "TINY_CONFIG", "OFFICIAL_INSTALL_HINT", "SPEC_OPTIONS", "BUILD_OPTIONS"]
 
 OFFICIAL_INSTALL_HINT = (
@@ -79,6 +79,7 @@ class _Registered:
     unit: str = "sequence"
     feature_set: str = PRIMARY_FEATURE_SET
     preprocess: Optional[Callable[..., Any]] = None
+    shape: Optional[Callable[..., Any]] = None
 
 
 _REGISTRY: Dict[str, _Registered] = {}
@@ -86,7 +87,8 @@ _REGISTRY: Dict[str, _Registered] = {}
 
 def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[Callable[..., EncoderSpec]] = None,
                      unit: str = "sequence", feature_set: str = PRIMARY_FEATURE_SET,
-                     preprocess: Optional[Callable[..., Any]] = None, overwrite: bool = False) -> None:
+                     preprocess: Optional[Callable[..., Any]] = None, shape: Optional[Callable[..., Any]] = None,
+                     overwrite: bool = False) -> None:
     """Register an encoder preset.
 
     Args:
@@ -99,6 +101,8 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         feature_set: the store's feature set the build writes by default (`--feature-set`).
         preprocess: ``preprocess(source, spec, *, patch_size, name) -> [3, H, W]``, the frame
             reader of this family (`preprocess_frame`); None: the VGGT view (`preprocess_image`).
+        shape: ``shape(spec, width, height, num_frames) -> (F, N, C)``, the stored shape of a unit
+            of source images that size (`stored_shape`); None: VGGT's.
         overwrite: replace an existing registration instead of refusing.
     """
     if not name or not isinstance(name, str):
@@ -107,7 +111,7 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         raise EncoderError(f"encoder {name!r} is already registered (pass overwrite=True to replace it)")
     if unit not in UNIT_KINDS:
         raise EncoderError(f"encoder {name!r}: unit must be one of {UNIT_KINDS}. Found {unit!r}")
-    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set, preprocess)
+    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set, preprocess, shape)
 
 
 def available_encoders() -> List[str]:
@@ -166,6 +170,28 @@ def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Option
     from .preprocess import preprocess_image
 
     return preprocess_image(source, spec.preprocess, patch_size=patch_size, name=name)
+
+
+def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1):
+    """The [F, N, C] a unit of `num_frames` width x height source images is stored as, without
+    decoding or encoding anything (the build's size estimate). The family is chosen as in
+    `preprocess_frame`.
+
+    Example:
+        >>> from featstore.encoders import resolve_spec, stored_shape
+        >>> stored_shape(resolve_spec("vggt-tiny"), 640, 480, 3)                # 112x84 view: 8x6 patches
+        (3, 48, 128)
+        >>> stored_shape(resolve_spec("qwen2.5-vl-vision-tiny"), 480, 640)     # 112x112 -> 8x8
+        (1, 64, 32)
+    """
+    entry = _REGISTRY.get(spec.encoder)
+    if entry is not None and entry.shape is not None:
+        return entry.shape(spec, width, height, num_frames)
+    from .preprocess import view_size
+
+    p = int(spec.config["patch_size"])
+    w, h = view_size(width, height, spec.preprocess, p)
+    return (1 if spec.frames_kept == "last" else num_frames), (h // p) * (w // p), 2 * int(spec.config["embed_dim"])
 
 
 def _registered(name: str) -> _Registered:
@@ -430,6 +456,15 @@ def _qwen_frame(source, spec: EncoderSpec, *, patch_size: int, name: Optional[st
                       merge_size=int(spec.config["spatial_merge_size"]), name=name)
 
 
+def _qwen_shape(spec: EncoderSpec, width: int, height: int, num_frames: int):
+    from .preprocess import view_size
+
+    p, m = int(spec.config["patch_size"]), int(spec.config["spatial_merge_size"])
+    w, h = view_size(width, height, spec.preprocess, p)
+    grid_h, grid_w = (h // p) // m * m, (w // p) // m * m  # qwen_view's trim to whole merge blocks
+    return num_frames, grid_h * grid_w, int(spec.config["hidden_size"])
+
+
 @dataclasses.dataclass(frozen=True)
 class QwenVisionPreset:
     """A Qwen2.5-VL vision tower preset (merger removed): its spec (`spec`, no model) and its
@@ -540,5 +575,5 @@ _QWEN_TINY = QwenVisionPreset("qwen2.5-vl-vision-tiny", QWEN_TINY_TARGET, vision
 for _preset in (_QWEN, _QWEN_TINY):
     # One unit per image: the tower attends within one image only.
     register_encoder(_preset.name, _preset.build, spec=_preset.spec, unit="image", feature_set="qwen_vision",
-                     preprocess=_qwen_frame)
+                     preprocess=_qwen_frame, shape=_qwen_shape)
 del _preset

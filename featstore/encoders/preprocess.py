@@ -39,7 +39,7 @@ from featstore.errors import ImageDecodeError
 from .spec import PreprocessSpec
 
 __all__ = ["preprocess_image", "qwen_view", "qwen_frame", "read_image_bytes", "stack_frames", "output_size",
-           "MIN_SOURCE_SIDE"]
+           "view_size", "MIN_SOURCE_SIDE"]
 
 # Images whose shorter side is below one patch are rejected: the upscale would invent all the
 # content, and in datasets such files are almost always placeholders or broken thumbnails.
@@ -68,6 +68,25 @@ def output_size(width: int, height: int, mode: str, target_size: int, patch: int
         new_w = target_size
         new_h = round(height * (new_w / width) / patch) * patch
     return new_w, new_h
+
+
+def view_size(width: int, height: int, spec: Optional[PreprocessSpec] = None, patch_size: int = 14):
+    """(W, H) of `preprocess_image`'s output for a width x height source, without decoding it.
+
+    Example:
+        >>> from featstore.encoders.preprocess import view_size
+        >>> from featstore.encoders.spec import PreprocessSpec
+        >>> view_size(640, 480), view_size(480, 640), view_size(480, 640, PreprocessSpec(mode="pad"))
+        ((518, 392), (518, 518), (518, 518))
+    """
+    spec = spec or PreprocessSpec()
+    if spec.extra_resize is not None:
+        return spec.extra_resize[1], spec.extra_resize[0]
+    t = spec.target_size
+    if spec.mode == "pad":
+        return t, t
+    new_w, new_h = output_size(width, height, spec.mode, t, patch_size)
+    return new_w, min(new_h, t)
 
 
 def preprocess_image(
