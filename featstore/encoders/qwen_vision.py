@@ -191,6 +191,8 @@ class QwenVisionEncoder:
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise EncoderError(f"encode takes frames [B, S, 3, H, W]; got shape {tuple(frames.shape)}")
         b, s = frames.shape[:2]
+        if not b * s:
+            raise EncoderError(f"encode got no image (frames of shape {tuple(frames.shape)})")
         feats = self.encode_images(list(frames.reshape(b * s, *frames.shape[2:])))
         return torch.stack(feats).reshape(b, s, *feats[0].shape).contiguous()
 

@@ -233,8 +233,8 @@ def load_vision_state(ckpt: QwenCheckpoint) -> Dict[str, "torch.Tensor"]:
 
 
 def load_vision_into(model: "torch.nn.Module", state: Dict[str, "torch.Tensor"], ckpt: QwenCheckpoint) -> None:
-    """`model.load_state_dict(state, strict=True)` with errors naming the keys (as the checkpoint
-    spells them) and the file.
+    """`model.load_state_dict(state, strict=True)` with errors naming the keys (in the hub's
+    `visual.*` spelling, whichever layout the file uses) and the file.
 
     Raises:
         WeightsError: a key the tower expects is missing, a vision key it lacks is present, or a
