@@ -27,7 +27,7 @@ import os
 import torch
 
 from featstore.quant import read_dtype
-from featstore.encoders.preprocess import preprocess_image
+from featstore.encoders import preprocess_frame
 from featstore.errors import ImageDecodeError
 from featstore.plan import Unit, source_path
 
@@ -41,7 +41,8 @@ def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[t
     Args:
         data_root: the folder keys are relative to.
         frame_key: the frame's key (relative path).
-        spec: the EncoderSpec (its `preprocess` is applied).
+        spec: the EncoderSpec: its family's frame reader (`featstore.encoders.preprocess_frame`:
+            the VGGT view, or the Qwen image derived from it) with its `preprocess`.
         patch_size: the encoder's patch size.
 
     Returns:
@@ -59,7 +60,7 @@ def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[t
     except OSError as e:
         raise ImageDecodeError(f"image {path!r}: {e.strerror}") from None
     source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
-    return preprocess_image(data, spec.preprocess, patch_size=patch_size, name=path), source
+    return preprocess_frame(data, spec, patch_size, name=path), source
 
 
 def read_unit_frames(data_root: str, unit: Unit, spec, patch_size: int) -> tuple[torch.Tensor, list[dict]]:

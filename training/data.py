@@ -37,9 +37,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
+from featstore.encoders.preprocess import qwen_view
 from featstore.errors import MissingKeyError
 from featstore.plan import load_annotations, sample_unit
 from training.vggt_online import read_unit_frames
@@ -174,13 +174,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _qwen_images(self, frames: torch.Tensor, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
         """Each VGGT view resized to the even-trimmed grid in Qwen pixels -> pixel_values, image_grid_thw."""
-        from PIL import Image
-
         hh, ww = self._qwen_grid(h, w, where)
         side = self.patch * self.merge  # 28 px per merged Qwen token
         size = (ww * side, hh * side)  # PIL (width, height)
-        u8 = (frames * 255).round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        images = [Image.fromarray(np.ascontiguousarray(f)).resize(size, Image.Resampling.BICUBIC) for f in u8]
+        # The one resize rule, shared with featstore's Qwen vision encoders (their cached features match).
+        images = [qwen_view(f, patch_size=self.patch, merge_size=self.merge) for f in frames]
         out = self.image_processor(images=images, return_tensors="pt")
         grid = out["image_grid_thw"]
         want = torch.tensor([1, 2 * hh, 2 * ww])

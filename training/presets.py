@@ -12,7 +12,10 @@ and equal to the tokenizer's.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict
+
+from featstore.encoders.qwen_config import TINY_VISION_CONFIG
 
 __all__ = ["TINY_MODEL", "TINY_VGGT", "SPECIAL_TOKENS", "tiny_config", "tiny_tokenizer",
            "image_processor", "tiny_processor", "is_tiny"]
@@ -88,10 +91,8 @@ def tiny_config(tokenizer=None, **overrides: Any):
         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
-    vision: Dict[str, Any] = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
-    )
+    # featstore's qwen2.5-vl-vision-tiny encoder runs this same tower (one definition for both).
+    vision: Dict[str, Any] = copy.deepcopy(TINY_VISION_CONFIG)
     cfg = Qwen2_5_VLConfig(
         text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

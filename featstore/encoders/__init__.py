@@ -13,7 +13,16 @@ Presets:
                    preprocessing) for tests and demos; its spec says weights_sha256="random-seed-0".
     vggt-official  VGGT-1B through the installed official `vggt` package (full attention only);
                    its spec is vggt-1b's with implementation "official".
-Any preset also takes `backend="official"`.
+    qwen2.5-vl-vision       the frozen Qwen2.5-VL vision tower without its merger (transformers'
+                   code); needs `weights` (a checkpoint folder, its model.safetensors, or a hub id
+                   such as Qwen/Qwen2.5-VL-3B-Instruct). One unit per image; feature set "qwen_vision".
+    qwen2.5-vl-vision-tiny  the tiny vision tower of training.presets (random, seed 0, 112 px
+                   preprocessing; weights_sha256="random-seed-0"), or a tiny checkpoint's weights.
+The VGGT presets also take `backend="official"`; the Qwen ones only "transformers".
+
+`preprocess_frame(data, spec, patch_size)` is the frame reader of a spec's family (the VGGT view,
+or the Qwen image derived from it): the build, verify's recompute and training all read frames
+through it (`featstore.encode.read_frame`).
 
 Example:
     >>> from featstore.encoders import get_encoder, resolve_spec
@@ -31,12 +40,16 @@ from typing import Any, Callable, Dict, List, Optional
 from featstore.errors import EncoderError, WeightsError
 
 from .spec import EncoderSpec, PreprocessSpec, spec_mismatch_details
+from .qwen_config import DEFAULT_TARGET_SIZE as QWEN_DEFAULT_TARGET
+from .qwen_config import TINY_SEED as QWEN_TINY_SEED
+from .qwen_config import TINY_TARGET_SIZE as QWEN_TINY_TARGET
+from .qwen_config import TINY_VISION_CONFIG
 from .vggt_config import CODE_VERSION, TINY_CONFIG, TINY_SEED, TINY_TARGET_SIZE, VGGT_1B_CONFIG
 
 __all__ = ["register_encoder", "available_encoders", "get_encoder", "resolve_spec", "encoder_for_spec",
            "unit_of", "feature_set_of", "UNIT_KINDS", "PRIMARY_FEATURE_SET",
-           "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset", "TINY_CONFIG", "OFFICIAL_INSTALL_HINT",
-           "SPEC_OPTIONS", "BUILD_OPTIONS"]
+           "preprocess_frame", "stored_shape", "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset", "QwenVisionPreset",
+           "TINY_CONFIG", "OFFICIAL_INSTALL_HINT", "SPEC_OPTIONS", "BUILD_OPTIONS"]
 
 OFFICIAL_INSTALL_HINT = (
     "pip install git+https://github.com/facebookresearch/vggt (it does not list torch as a "
@@ -65,13 +78,17 @@ class _Registered:
     spec: Optional[Callable[..., EncoderSpec]]
     unit: str = "sequence"
     feature_set: str = PRIMARY_FEATURE_SET
+    preprocess: Optional[Callable[..., Any]] = None
+    shape: Optional[Callable[..., Any]] = None
 
 
 _REGISTRY: Dict[str, _Registered] = {}
 
 
 def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[Callable[..., EncoderSpec]] = None,
-                     unit: str = "sequence", feature_set: str = PRIMARY_FEATURE_SET, overwrite: bool = False) -> None:
+                     unit: str = "sequence", feature_set: str = PRIMARY_FEATURE_SET,
+                     preprocess: Optional[Callable[..., Any]] = None, shape: Optional[Callable[..., Any]] = None,
+                     overwrite: bool = False) -> None:
     """Register an encoder preset.
 
     Args:
@@ -82,6 +99,10 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         unit: what one encoder call covers, "sequence" (a sample's frames, in order) or "image"
             (each image alone); the build plans its units by it.
         feature_set: the store's feature set the build writes by default (`--feature-set`).
+        preprocess: ``preprocess(source, spec, *, patch_size, name) -> [3, H, W]``, the frame
+            reader of this family (`preprocess_frame`); None: the VGGT view (`preprocess_image`).
+        shape: ``shape(spec, width, height, num_frames) -> (F, N, C)``, the stored shape of a unit
+            of source images that size (`stored_shape`); None: VGGT's.
         overwrite: replace an existing registration instead of refusing.
     """
     if not name or not isinstance(name, str):
@@ -90,7 +111,7 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         raise EncoderError(f"encoder {name!r} is already registered (pass overwrite=True to replace it)")
     if unit not in UNIT_KINDS:
         raise EncoderError(f"encoder {name!r}: unit must be one of {UNIT_KINDS}. Found {unit!r}")
-    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set)
+    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set, preprocess, shape)
 
 
 def available_encoders() -> List[str]:
@@ -118,6 +139,59 @@ def feature_set_of(name: str) -> str:
         'vggt'
     """
     return _registered(name).feature_set
+
+
+def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Optional[str] = None):
+    """One image (path or bytes) -> the encoder input [3, H, W] float32 in [0, 1] of `spec`'s family.
+
+    VGGT presets (and a spec whose encoder is not registered here): the VGGT view,
+    `preprocess_image(source, spec.preprocess)`. Qwen vision presets: the Qwen image derived
+    from that view (`featstore.encoders.preprocess.qwen_frame`), as training makes it.
+
+    Args:
+        source: a path, or the image bytes.
+        spec: the EncoderSpec (its `encoder` picks the family, its `preprocess` the view).
+        patch_size: the encoder's patch size.
+        name: how errors name the image when `source` is bytes.
+
+    Raises:
+        ImageDecodeError: the image cannot be decoded or is too small (the message names it).
+
+    Example:
+        >>> from featstore.encoders import preprocess_frame, resolve_spec
+        >>> preprocess_frame("data/scene_a/000.jpg", resolve_spec("vggt-tiny"), 14).shape
+        torch.Size([3, 84, 112])
+        >>> preprocess_frame("data/scene_a/000.jpg", resolve_spec("qwen2.5-vl-vision-tiny"), 14).shape
+        torch.Size([3, 84, 112])
+    """
+    entry = _REGISTRY.get(spec.encoder)
+    if entry is not None and entry.preprocess is not None:
+        return entry.preprocess(source, spec, patch_size=patch_size, name=name)
+    from .preprocess import preprocess_image
+
+    return preprocess_image(source, spec.preprocess, patch_size=patch_size, name=name)
+
+
+def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1):
+    """The [F, N, C] a unit of `num_frames` width x height source images is stored as, without
+    decoding or encoding anything (the build's size estimate). The family is chosen as in
+    `preprocess_frame`.
+
+    Example:
+        >>> from featstore.encoders import resolve_spec, stored_shape
+        >>> stored_shape(resolve_spec("vggt-tiny"), 640, 480, 3)                # 112x84 view: 8x6 patches
+        (3, 48, 128)
+        >>> stored_shape(resolve_spec("qwen2.5-vl-vision-tiny"), 480, 640)     # 112x112 -> 8x8
+        (1, 64, 32)
+    """
+    entry = _REGISTRY.get(spec.encoder)
+    if entry is not None and entry.shape is not None:
+        return entry.shape(spec, width, height, num_frames)
+    from .preprocess import view_size
+
+    p = int(spec.config["patch_size"])
+    w, h = view_size(width, height, spec.preprocess, p)
+    return (1 if spec.frames_kept == "last" else num_frames), (h // p) * (w // p), 2 * int(spec.config["embed_dim"])
 
 
 def _registered(name: str) -> _Registered:
@@ -368,3 +442,138 @@ _VGGT_OFFICIAL = VGGTPreset("vggt-official", VGGT_1B_CONFIG, default_target=518,
 register_encoder("vggt-1b", _VGGT_1B.build, spec=_VGGT_1B.spec)
 register_encoder("vggt-tiny", _VGGT_TINY.build, spec=_VGGT_TINY.spec)
 register_encoder("vggt-official", _VGGT_OFFICIAL.build, spec=_VGGT_OFFICIAL.spec)
+
+
+# ---- Qwen2.5-VL vision presets ----------------------------------------------------------
+
+QWEN_BACKEND = "transformers"
+
+
+def _qwen_frame(source, spec: EncoderSpec, *, patch_size: int, name: Optional[str] = None):
+    from .preprocess import qwen_frame
+
+    return qwen_frame(source, spec.preprocess, patch_size=patch_size,
+                      merge_size=int(spec.config["spatial_merge_size"]), name=name)
+
+
+def _qwen_shape(spec: EncoderSpec, width: int, height: int, num_frames: int):
+    from .preprocess import view_size
+
+    p, m = int(spec.config["patch_size"]), int(spec.config["spatial_merge_size"])
+    w, h = view_size(width, height, spec.preprocess, p)
+    grid_h, grid_w = (h // p) // m * m, (w // p) // m * m  # qwen_view's trim to whole merge blocks
+    return num_frames, grid_h * grid_w, int(spec.config["hidden_size"])
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVisionPreset:
+    """A Qwen2.5-VL vision tower preset (merger removed): its spec (`spec`, no model) and its
+    encoder (`build`, a `featstore.encoders.qwen_vision.QwenVisionEncoder`).
+
+    The spec's config is the checkpoint's config.json `vision_config` (featstore.encoders.
+    qwen_config.spec_config), or `vision_config` for a preset that fixes one; its preprocess is
+    the VGGT view the Qwen image derives from. Only layer -1 (the last block's output), full
+    attention and frames_kept "all" exist for this tower.
+
+    Args:
+        name: the registry name (the spec's `encoder`).
+        default_target: the VGGT view's target size unless overridden.
+        vision_config: a fixed vision config (the tiny preset); None: the checkpoint's.
+        random_seed: without weights, seeded random weights (`qwen_vision.init_random_`); None:
+            weights required.
+
+    Example:
+        >>> from featstore.encoders import resolve_spec
+        >>> spec = resolve_spec("qwen2.5-vl-vision-tiny")
+        >>> spec.implementation, spec.layer_resolved, spec.weights_sha256, spec.preprocess.target_size
+        ('transformers', 1, 'random-seed-0', 112)
+    """
+
+    name: str
+    default_target: int
+    vision_config: Optional[Dict[str, Any]] = None
+    random_seed: Optional[int] = None
+
+    def _prepare(self, weights, options: Dict[str, Any]):
+        """Every argument checked before any work; returns (spec without digest, checkpoint or None)."""
+        from .qwen_config import CODE_VERSION as QWEN_CODE_VERSION
+        from .qwen_config import spec_config
+        from .qwen_weights import resolve_checkpoint
+
+        options = dict(options)
+        backend = options.pop("backend", QWEN_BACKEND)
+        if backend != QWEN_BACKEND:
+            raise EncoderError(f"encoder {self.name!r} runs transformers' Qwen2.5-VL code only: backend must be "
+                               f"{QWEN_BACKEND!r}. Found {backend!r}")
+        if options.pop("compile", False):
+            raise EncoderError(f"compile=True is not supported by encoder {self.name!r} (it runs transformers' "
+                               "vision forward as is); leave --compile off")
+        if weights is None and self.random_seed is None:
+            raise WeightsError(
+                f"encoder {self.name!r} needs weights: pass a Qwen2.5-VL checkpoint, e.g. "
+                f"weights='/path/to/Qwen2.5-VL-3B-Instruct' (its folder: config.json and model.safetensors or the "
+                f"shards), or the hub id 'Qwen/Qwen2.5-VL-3B-Instruct' on a machine with internet (CLI: --weights). "
+                f"For a weightless smoke test use the 'qwen2.5-vl-vision-tiny' encoder.")
+        ckpt = resolve_checkpoint(weights) if weights is not None else None
+        if self.vision_config is not None:
+            config = spec_config(self.vision_config, source=f"encoder {self.name!r}")
+            if ckpt is not None and ckpt.vision_config is not None:
+                theirs = spec_config(ckpt.vision_config, source=str(ckpt.config_path))
+                differ = sorted(k for k in config if config[k] != theirs.get(k))
+                if differ:
+                    raise WeightsError(
+                        f"checkpoint config {str(ckpt.config_path)!r} is not encoder {self.name!r}'s vision config: "
+                        + "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, preset {config[k]!r}" for k in differ)
+                        + ". Use the 'qwen2.5-vl-vision' encoder for this checkpoint")
+        else:
+            if ckpt.vision_config is None:
+                raise WeightsError(
+                    f"weights {ckpt.where()!r} have no config.json beside them: encoder {self.name!r} takes the "
+                    "vision config from config.json's vision_config; pass the checkpoint folder "
+                    "(--weights /path/to/Qwen2.5-VL-3B-Instruct)")
+            config = spec_config(ckpt.vision_config, source=str(ckpt.config_path))
+        spec = EncoderSpec(encoder=self.name, implementation=QWEN_BACKEND, code_version=QWEN_CODE_VERSION,
+                           config=config, weights_sha256="?", layer=-1,
+                           preprocess=PreprocessSpec(target_size=self.default_target))
+        spec = _apply_overrides(spec, options)
+        for field, want in (("layer", -1), ("attention", "full"), ("frames_kept", "all")):
+            if getattr(spec, field) != want:
+                raise EncoderError(
+                    f"encoder {self.name!r} offers {field}={want!r} only (the vision tower's output before the "
+                    f"merger, each image on its own). Found {getattr(spec, field)!r}")
+        return spec, ckpt
+
+    def spec(self, *, weights=None, **options) -> EncoderSpec:
+        """The spec `build` would give, without a model (the checkpoint is hashed, not loaded)."""
+        spec, ckpt = self._prepare(weights, options)
+        return spec.replace(weights_sha256=ckpt.sha256() if ckpt is not None else f"random-seed-{self.random_seed}")
+
+    def build(self, *, weights=None, device="cpu", **options):
+        """Build the tower on CPU, load the checkpoint strictly (or seed it), then move it to `device`."""
+        spec, ckpt = self._prepare(weights, options)
+        from .qwen_vision import QwenVisionEncoder, build_vision_tower, init_random_
+        from .qwen_weights import load_vision_into, load_vision_state
+
+        vision_config = self.vision_config if self.vision_config is not None else ckpt.vision_config
+        model = build_vision_tower(vision_config)
+        if ckpt is None:
+            init_random_(model, self.random_seed)
+            digest = f"random-seed-{self.random_seed}"
+        else:
+            state = load_vision_state(ckpt)
+            load_vision_into(model, state, ckpt)
+            del state
+            digest = ckpt.sha256()  # after the strict load: a wrong checkpoint fails fast, unhashed
+        model = model.to(device).eval().requires_grad_(False)
+        return QwenVisionEncoder(spec.replace(weights_sha256=digest), model, device)
+
+
+_QWEN = QwenVisionPreset("qwen2.5-vl-vision", QWEN_DEFAULT_TARGET)
+_QWEN_TINY = QwenVisionPreset("qwen2.5-vl-vision-tiny", QWEN_TINY_TARGET, vision_config=TINY_VISION_CONFIG,
+                              random_seed=QWEN_TINY_SEED)
+
+for _preset in (_QWEN, _QWEN_TINY):
+    # One unit per image: the tower attends within one image only.
+    register_encoder(_preset.name, _preset.build, spec=_preset.spec, unit="image", feature_set="qwen_vision",
+                     preprocess=_qwen_frame, shape=_qwen_shape)
+del _preset

@@ -1,8 +1,10 @@
 """The `Encoder` protocol: what the build, verify's recompute and training need of an encoder.
 
 An encoder turns preprocessed frames into the features a store holds. VGGT
-(`featstore.encoders.vggt_encoder.VGGTEncoder`) is the first; another frozen encoder follows
-this protocol and registers a preset with `featstore.encoders.register_encoder`.
+(`featstore.encoders.vggt_encoder.VGGTEncoder`, unit "sequence") and the Qwen2.5-VL vision tower
+(`featstore.encoders.qwen_vision.QwenVisionEncoder`, unit "image": each of the B*S images on its
+own, F = S) follow this protocol; another frozen encoder registers a preset with
+`featstore.encoders.register_encoder`.
 
 Shapes: frames [B, S, 3, H, W] float32 in [0, 1] (B independent sequences of S frames, one
 encoder call each); features [B, F, N, C] with F = S (frames_kept "all") or 1 ("last"),

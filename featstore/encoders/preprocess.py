@@ -15,6 +15,11 @@ result is a pure function of the image bytes and the `PreprocessSpec`:
 - uint8 -> float32 / 255 (torchvision ToTensor semantics).
 - extra_resize (H', W'): torch bicubic with antialias on the [0, 1] tensor, clamped to [0, 1].
 
+The Qwen image (`qwen_view`) derives from that VGGT view, as training feeds Qwen2.5-VL (TRAINING.md
+grid rule): the VGGT patch grid trimmed to even, the view rounded to uint8 and PIL-bicubic resized
+to (grid / 2) * 28 px, e.g. 518x392 -> 37x28 patches -> 36x28 -> 504x392. `qwen_frame` is the
+Qwen vision encoders' frame reader: preprocess_image, then qwen_view, back to [0, 1].
+
 Shapes: tensors are [3, H, W] (channels first); `stack_frames` returns [S, 3, H, W].
 """
 
@@ -33,7 +38,8 @@ from featstore.errors import ImageDecodeError
 
 from .spec import PreprocessSpec
 
-__all__ = ["preprocess_image", "read_image_bytes", "stack_frames", "output_size", "MIN_SOURCE_SIDE"]
+__all__ = ["preprocess_image", "qwen_view", "qwen_frame", "read_image_bytes", "stack_frames", "output_size",
+           "view_size", "MIN_SOURCE_SIDE"]
 
 # Images whose shorter side is below one patch are rejected: the upscale would invent all the
 # content, and in datasets such files are almost always placeholders or broken thumbnails.
@@ -62,6 +68,25 @@ def output_size(width: int, height: int, mode: str, target_size: int, patch: int
         new_w = target_size
         new_h = round(height * (new_w / width) / patch) * patch
     return new_w, new_h
+
+
+def view_size(width: int, height: int, spec: Optional[PreprocessSpec] = None, patch_size: int = 14):
+    """(W, H) of `preprocess_image`'s output for a width x height source, without decoding it.
+
+    Example:
+        >>> from featstore.encoders.preprocess import view_size
+        >>> from featstore.encoders.spec import PreprocessSpec
+        >>> view_size(640, 480), view_size(480, 640), view_size(480, 640, PreprocessSpec(mode="pad"))
+        ((518, 392), (518, 518), (518, 518))
+    """
+    spec = spec or PreprocessSpec()
+    if spec.extra_resize is not None:
+        return spec.extra_resize[1], spec.extra_resize[0]
+    t = spec.target_size
+    if spec.mode == "pad":
+        return t, t
+    new_w, new_h = output_size(width, height, spec.mode, t, patch_size)
+    return new_w, min(new_h, t)
 
 
 def preprocess_image(
@@ -127,6 +152,68 @@ def preprocess_image(
         x = F.interpolate(x[None], size=spec.extra_resize, mode="bicubic", antialias=True,
                           align_corners=False)[0].clamp_(0.0, 1.0)
     return x.contiguous()
+
+
+def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2, name: Optional[str] = None):
+    """The Qwen image training feeds Qwen2.5-VL for one VGGT view (the one resize rule; module docstring).
+
+    Args:
+        view: the VGGT-preprocessed view [3, H, W] in [0, 1] (`preprocess_image`), H and W
+            multiples of `patch_size`.
+        patch_size: the VGGT and Qwen patch side (14).
+        merge_size: Qwen's spatial merge (2): the grid is trimmed to a multiple of it.
+        name: how the error names the image.
+
+    Returns:
+        A PIL RGB image of (grid_w // merge) * patch * merge x (grid_h // merge) * patch * merge
+        pixels, grid = (H // patch, W // patch).
+
+    Raises:
+        ImageDecodeError: the view's grid is smaller than merge x merge patches (no Qwen token fits).
+
+    Example:
+        >>> import torch
+        >>> from featstore.encoders.preprocess import qwen_view
+        >>> qwen_view(torch.rand(3, 392, 518)).size     # (W, H): 37x28 patches -> 36x28
+        (504, 392)
+    """
+    from PIL import Image
+
+    h, w = view.shape[-2] // patch_size, view.shape[-1] // patch_size
+    hh, ww = h // merge_size, w // merge_size
+    if hh == 0 or ww == 0:
+        raise ImageDecodeError(
+            f"image {name or '<view>'!r}: its VGGT grid {h}x{w} is smaller than {merge_size}x{merge_size} patches, "
+            "so no Qwen token fits; use a larger preprocessing target size or drop the image")
+    side = patch_size * merge_size  # 28 px per merged Qwen token
+    u8 = (view * 255).round().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(u8)).resize((ww * side, hh * side), Image.Resampling.BICUBIC)
+
+
+def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_size: int = 14, merge_size: int = 2,
+               name: Optional[str] = None) -> torch.Tensor:
+    """Decode one image into the Qwen image as a tensor: `preprocess_image`, then `qwen_view`.
+
+    Args:
+        source, spec, patch_size, name: as for `preprocess_image` (the VGGT view's preprocessing).
+        merge_size: Qwen's spatial merge (2).
+
+    Returns:
+        float32 tensor [3, H', W'] in [0, 1] (exactly k/255), H' and W' multiples of patch * merge.
+
+    Raises:
+        ImageDecodeError: as `preprocess_image`, or the view is too small for one Qwen token.
+
+    Example:
+        >>> from featstore.encoders.preprocess import qwen_frame
+        >>> from featstore.encoders.spec import PreprocessSpec
+        >>> qwen_frame("data/scene_a/000.jpg", PreprocessSpec(target_size=518)).shape
+        torch.Size([3, 392, 504])
+    """
+    view = preprocess_image(source, spec, patch_size=patch_size, name=name)
+    label = name or (None if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source))
+    img = qwen_view(view, patch_size=patch_size, merge_size=merge_size, name=label)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255).contiguous()
 
 
 def stack_frames(frames: Sequence[torch.Tensor]) -> torch.Tensor:
