@@ -22,7 +22,7 @@ from typing import List, Literal, Optional
 
 import transformers
 
-from training.presets import TINY_MODEL, TINY_VGGT, is_tiny
+from training.presets import TINY_MODEL, TINY_VGGT, TINY_VISION, is_tiny
 
 __all__ = ["ModelArguments", "DataArguments", "TrainingArguments", "VGGTSettings", "ArgumentError",
            "parse_args", "resolve_vggt", "DEFAULT_STORE_NAME"]
@@ -54,6 +54,12 @@ class ModelArguments:
     tune_vision_merger: bool = field(default=False, metadata={
         "help": "train Qwen's vision merger `visual.merger` (vision features -> LLM width; JanusVLN's tune_mm_mlp) "
                 "while the tower's blocks stay frozen (default off)"})
+    vision_weights: Optional[str] = field(default=None, metadata={
+        "help": "with --use_vision_cache: the Qwen2.5-VL checkpoint (folder, file or hub id) the store's "
+                "vision features were built from, as `featstore build --encoder qwen2.5-vl-vision --weights`; "
+                "the store must carry its sha256. Default: --model_name_or_path (the tiny model: the "
+                "qwen2.5-vl-vision-tiny preset). Pass the base checkpoint when training resumes from a "
+                "checkpoint of this project saved without vision blocks"})
     vggt_mode: Optional[Mode] = field(default=None, metadata={
         "help": "where features come from: online_full (one VGGT call per sample), online_causal_stream "
                 "(one frame per call with the key/value cache) or cached (the store). Default: cached with "
@@ -168,6 +174,8 @@ class VGGTSettings:
     cache_miss: str
     vision_cached: bool = False  # Qwen's vision tower replaced by its cached output (--use_vision_cache)
     vision_store_path: Optional[str] = None  # the store holding the "qwen_vision" feature set
+    vision_encoder: Optional[str] = None  # featstore preset of the cached vision features
+    vision_weights: Optional[str] = None  # its checkpoint (None: the preset's random weights)
 
     @property
     def cached(self) -> bool:
@@ -238,4 +246,10 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     return VGGTSettings(mode=mode, fusion=fusion, scale=scale, encoder=encoder, weights=model_args.vggt_weights,
                         overrides=overrides, store_path=path if mode == "cached" else None,
                         cache_miss=data_args.vggt_cache_miss, vision_cached=vision_cached,
-                        vision_store_path=path if vision_cached else None)
+                        vision_store_path=path if vision_cached else None,
+                        vision_encoder=(None if not vision_cached else
+                                        TINY_VISION if is_tiny(model_args.model_name_or_path) and
+                                        not model_args.vision_weights else "qwen2.5-vl-vision"),
+                        vision_weights=(None if not vision_cached else model_args.vision_weights or
+                                        (None if is_tiny(model_args.model_name_or_path)
+                                         else model_args.model_name_or_path)))

@@ -17,11 +17,12 @@ from typing import Any, Dict
 
 from featstore.encoders.qwen_config import TINY_VISION_CONFIG
 
-__all__ = ["TINY_MODEL", "TINY_VGGT", "SPECIAL_TOKENS", "tiny_config", "tiny_tokenizer",
+__all__ = ["TINY_MODEL", "TINY_VGGT", "TINY_VISION", "SPECIAL_TOKENS", "tiny_config", "tiny_tokenizer",
            "image_processor", "tiny_processor", "is_tiny"]
 
 TINY_MODEL = "qwen2.5-vl-tiny"
 TINY_VGGT = "vggt-tiny"
+TINY_VISION = "qwen2.5-vl-vision-tiny"  # featstore preset of the tiny tower (random, seed 0)
 
 # Qwen2.5-VL's special tokens, in the order they get ids after the 256 byte symbols.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

@@ -26,7 +26,7 @@ from training.data import Collator, ConversationDataset, DataError
 from training.trainer import FeatstoreTrainer
 from training.vggt_online import OnlineVGGT, resolve_spec
 
-__all__ = ["main", "run", "open_feature_cache", "open_vision_cache", "build_model", "load_tokenizer_and_processor",
+__all__ = ["main", "run", "open_feature_cache", "open_vision_cache", "vision_spec", "build_model", "load_tokenizer_and_processor",
            "VISION_FEATURE_SET"]
 
 VISION_FEATURE_SET = "qwen_vision"  # the store's feature set of the frozen Qwen vision tower's output
@@ -37,6 +37,12 @@ logger = logging.getLogger("training")
 _CACHE_MISMATCH_ADVICE = ("Train with the --vggt_* flags the store was built with, or build a store for "
                           "these flags (featstore build with the same --layer/--attention/--frames-kept/"
                           "--target-size/--preprocess-mode/--weights) and pass it as --vggt_cache_path")
+
+
+_VISION_MISMATCH_ADVICE = ("Pass --vision_weights with the Qwen checkpoint the features were built from (and the "
+                           "--vggt_target_size/--vggt_preprocess_mode of that build), or build them for this run: "
+                           "featstore build --encoder qwen2.5-vl-vision --weights CHECKPOINT with the same "
+                           "--target-size/--preprocess-mode")
 
 
 def open_feature_cache(store_path: str, spec):
@@ -78,14 +84,30 @@ def open_vision_cache(settings, expected_encoder=None):
     from featstore.reader import FeatureStore
 
     path = settings.vision_store_path
-    probe = FeatureStore(path, feature_set=VISION_FEATURE_SET, expected_encoder=expected_encoder)
+    from featstore.store import check_fingerprint
+
+    probe = FeatureStore(path, feature_set=VISION_FEATURE_SET)
     try:
+        if expected_encoder is not None:
+            check_fingerprint(probe.manifest, expected_encoder, path=f"{probe.path} (feature set {VISION_FEATURE_SET})",
+                              advice=_VISION_MISMATCH_ADVICE)
         entries = len(probe)
     finally:
         probe.close()  # workers open their own
     logger.info("Qwen vision feature cache enabled: %s (feature set %s, %d entries)", probe.path,
                 VISION_FEATURE_SET, entries)
     return FeatureStore(path, feature_set=VISION_FEATURE_SET, expected_encoder=expected_encoder)
+
+
+def vision_spec(settings, vggt_spec):
+    """The spec the cached vision features must have: the tower of `settings.vision_weights` (its
+    sha256), the same image view as the VGGT features (training derives Qwen's image from it),
+    bfloat16 (the dtype visual.merger consumes). Builds no model; hashes the checkpoint once."""
+    from featstore.encoders import resolve_spec as resolve_encoder_spec
+
+    return resolve_encoder_spec(settings.vision_encoder, weights=settings.vision_weights,
+                                preprocess_mode=vggt_spec.preprocess.mode,
+                                target_size=vggt_spec.preprocess.target_size)
 
 
 def load_tokenizer_and_processor(name: str):
@@ -148,7 +170,7 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
     if not settings.vision_cached:
         vision_store = None
     elif vision_store is None:
-        vision_store = open_vision_cache(settings)
+        vision_store = open_vision_cache(settings, vision_spec(settings, spec))
     if train_args.deepspeed and not torch.cuda.is_available():
         import deepspeed  # ZeRO-3 on CPU needs the gloo group before the model is built (TRAINING.md)
 
