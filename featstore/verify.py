@@ -466,10 +466,10 @@ def plan_unit_of(manifest: dict, feature_set: str) -> str | None:
 
 
 def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, annotations,
-                report: Report, unit: str = "sequence") -> None:
+                report: Report, unit_kind: str = "sequence") -> None:
     from featstore.plan import plan_units
 
-    units = plan_units(data_root, annotations, unit=unit)
+    units = plan_units(data_root, annotations, unit=unit_kind)
     planned = set()
     for unit in units:
         planned.add(unit.key)
@@ -484,7 +484,7 @@ def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, 
     extra = sorted(k for k in records if k not in planned)
     report.unplanned = extra
     how = "annotations" if annotations else "a scan of the data root (pass --annotations if built from them)"
-    per = ", one per image" if unit == "image" and annotations else ""
+    per = ", one per image" if unit_kind == "image" and annotations else ""
     report.notes.append(f"plan: {len(units)} units from {how}{per}")
     if extra:
         report.notes.append(f"{len(extra)} entries are not in the plan (e.g. {extra[0]!r}); harmless, "
@@ -702,7 +702,7 @@ def _verify_set(fs, report: Report, *, data_root, annotations, deep: bool, recom
             else:
                 report.checks.append("plan coverage")
                 _check_plan(records, set(report.keys_with("corrupt")) | set(records), data_root, annotations,
-                            report, unit=unit)
+                            report, unit_kind=unit)
         else:
             report.notes.append("no data root: coverage, orphans and staleness not checked "
                                 "(pass --data-root)")
