@@ -313,7 +313,8 @@ def existing_manifest(path: str, feature_set: str = PRIMARY_FEATURE_SET) -> dict
         with env.begin() as txn:
             if is_uninitialised(env, txn):
                 return None
-            if list_feature_sets(env, txn) and feature_set not in list_feature_sets(env, txn):
+            sets = list_feature_sets(env, txn)
+            if sets and feature_set not in sets:
                 return None
         return read_manifest(env, path=path, feature_set=feature_set)
     finally:
