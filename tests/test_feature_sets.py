@@ -390,3 +390,14 @@ def test_merge_merges_each_set_and_names_the_set_of_a_conflict(tmp_path):
     _write(other_spec, "extra", ["w.jpg"], spec=core_spec(layer=21))
     with pytest.raises(FingerprintMismatchError, match=r"\[feature set 'extra'\].*layer: store has 21, expected 20"):
         merge_stores(str(tmp_path / "m3.lmdb"), [shards[0], other_spec], progress=False)
+
+
+def test_cli_build_writes_the_named_set_and_refuses_a_bad_name(data_root, capsys):
+    args = ["build", "--data-root", data_root, "--encoder", "vggt-tiny", "--workers", "0", "--no-progress"]
+    assert cli_main(args + ["--feature-set", "Bad-Name"]) == 2
+    assert "feature set name 'Bad-Name' is not valid" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(data_root, "vggt_features.lmdb"))
+    assert cli_main(args + ["--feature-set", "scan_set", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["feature_set"] == "scan_set" and report["computed"] == 10
+    assert FeatureStore(data_root, feature_set="scan_set").feature_sets() == ["scan_set"]
