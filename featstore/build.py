@@ -4,8 +4,10 @@ Pipeline (one process per GPU; see docs/BUILD.md):
   0. spec     the EncoderSpec from --encoder/--weights/flags (resolve_spec: no model yet); a
               store of another spec is refused here, every differing field named
   1. plan     units from a scan of the data root, or from training's annotation files
-              (featstore.plan: the same code training uses to ask for features)
-  2. split    fresh / missing / stale against the store; only missing and stale are computed
+              (featstore.plan: the same code training uses to ask for features); one per
+              sample for a sequence encoder (VGGT), one per distinct image for an image encoder
+  2. split    fresh / missing / stale against the store's feature set (--feature-set, default
+              the encoder's: "vggt" for VGGT); only missing and stale are computed
               (--dry-run stops here, having built no model)
   3. decode   DataLoader workers read each frame once (featstore.encode.read_unit_frames)
   4. batch    units are grouped by (S, H, W) and stacked into [B, S, 3, H, W]
@@ -18,6 +20,7 @@ Examples:
   featstore build --data-root data/ --annotations data/train.json --attention causal --frames-kept last
   torchrun --nproc-per-node 8 -m featstore build --data-root data/ --weights facebook/VGGT-1B
   featstore build --data-root data/ --shard 0/4 --store /local/shard0.lmdb   # host 0 of 4
+  featstore build --data-root data/ --annotations data/train.json --encoder ENCODER --feature-set NAME
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, 
 from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
 from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
 from featstore.plan import IMAGE_EXTENSIONS, Unit, plan_units, source_path
-from featstore.store import DEFAULT_STORE_NAME, FEATURES_DB, check_fingerprint, existing_manifest, open_env, utc_now
+from featstore.store import (DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint,
+                             default_feature_set, existing_manifest, feature_set_label, features_db,
+                             open_env, utc_now)
 
 # torch is imported inside the functions that run the model, so that `featstore --help` and
 # the parser need no torch (the layering test runs the CLI with torch unimportable).
@@ -67,6 +72,7 @@ class BuildOptions:
     annotations: list[str] = field(default_factory=list)
     store: str | None = None
     encoder: str = "vggt-1b"
+    feature_set: str | None = None  # None: the encoder's (featstore.encoders.feature_set_of)
     weights: str | None = None
     device: str = "auto"
     spec_overrides: dict = field(default_factory=dict)
@@ -91,6 +97,7 @@ class BuildOptions:
 
 @dataclass
 class BuildReport:
+    feature_set: str = PRIMARY_FEATURE_SET
     planned: int = 0
     fresh: int = 0
     missing: int = 0
@@ -166,15 +173,17 @@ def _entry_state(value, unit: Unit, data_root: str, fingerprint: str) -> str:
     return "fresh"
 
 
-def split_plan(units: list[Unit], store_path: str, data_root: str, fingerprint: str) -> dict[str, list[Unit]]:
-    """Split `units` into fresh / missing / stale against the store at `store_path`."""
+def split_plan(units: list[Unit], store_path: str, data_root: str, fingerprint: str, *,
+               feature_set: str = PRIMARY_FEATURE_SET) -> dict[str, list[Unit]]:
+    """Split `units` into fresh / missing / stale against `feature_set` of the store at
+    `store_path` (all missing when the store or the set does not exist yet)."""
     split: dict[str, list[Unit]] = {"fresh": [], "missing": [], "stale": []}
-    if existing_manifest(store_path) is None:
+    if existing_manifest(store_path, feature_set) is None:
         split["missing"] = list(units)
         return split
     env = open_env(store_path, readonly=True, lock=False)
     try:
-        db = env.open_db(FEATURES_DB, create=False)
+        db = env.open_db(features_db(feature_set), create=False)
         with env.begin(db=db, buffers=True) as txn:
             for unit in units:
                 value = txn.get(unit.key.encode("utf-8"))
@@ -465,8 +474,8 @@ def _gather_reports(report: BuildReport, world: int) -> BuildReport:
     dist.all_gather_object(parts, report.to_dict())
     # Every rank plans every unit and splits them fresh/missing/stale alike; only the work is
     # divided (todo[rank::world]). So the plan counts are one rank's, the work counts a sum.
-    total = BuildReport(planned=report.planned, fresh=report.fresh, missing=report.missing, stale=report.stale,
-                        skipped=report.skipped)
+    total = BuildReport(feature_set=report.feature_set, planned=report.planned, fresh=report.fresh,
+                        missing=report.missing, stale=report.stale, skipped=report.skipped)
     for p in parts:
         for k in ("computed", "frames", "bytes"):
             setattr(total, k, getattr(total, k) + p[k])
@@ -507,19 +516,31 @@ def build(opts: BuildOptions, *, encoder=None) -> BuildReport:
         device = _resolve_device(opts.device)
         check_device(device)
         spec = resolve_spec(opts.encoder, weights=opts.weights, **opts.spec_overrides)
+        name = opts.encoder
     else:
-        spec, device = encoder.spec, str(encoder.device)
+        spec, device, name = encoder.spec, str(encoder.device), encoder.spec.encoder
+    feature_set = (check_feature_set(opts.feature_set) if opts.feature_set is not None
+                   else default_feature_set(name))
     skipped: list[dict] = []
-    units = plan_units(opts.data_root, opts.annotations, skipped=skipped)
+    units = plan_units(opts.data_root, opts.annotations, skipped=skipped, unit=_unit_kind(name))
     if not units:
         raise PlanError(_nothing_planned(opts, skipped))
     store_path = opts.store_path()
     prepare_store_dir(store_path, create=not opts.dry_run)
-    # One build writes a store at a time; rank 0 holds the lock for all ranks of this one.
-    # Taken before the model loads, so that a second build is refused at once.
-    lock = BuildLock(store_path) if rank == 0 and not opts.dry_run else contextlib.nullcontext()
+    # One build writes a feature set at a time; rank 0 holds the lock for all ranks of this one.
+    # Taken before the model loads, so that a second build is refused at once. Builds of other
+    # sets of the store take their own lock (LMDB serialises the commits).
+    lock = BuildLock(store_path, feature_set) if rank == 0 and not opts.dry_run else contextlib.nullcontext()
     with lock:
-        return _build_units(opts, units, skipped, spec, device, encoder, rank, world, t0)
+        return _build_units(opts, units, skipped, spec, device, encoder, rank, world, t0, feature_set)
+
+
+def _unit_kind(name: str) -> str:
+    """The unit kind of the registered encoder `name`; "sequence" (VGGT's) for one the registry
+    does not know (an encoder object built elsewhere)."""
+    from featstore.encoders import available_encoders, unit_of
+
+    return unit_of(name) if name in available_encoders() else "sequence"
 
 
 def _nothing_planned(opts: BuildOptions, skipped: list[dict]) -> str:
@@ -533,7 +554,7 @@ def _nothing_planned(opts: BuildOptions, skipped: list[dict]) -> str:
 
 
 def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spec: EncoderSpec, device: str,
-                 encoder, rank: int, world: int, t0: float) -> BuildReport:
+                 encoder, rank: int, world: int, t0: float, feature_set: str) -> BuildReport:
     from featstore.encoders import get_encoder
     from featstore.writer import StoreWriter
 
@@ -543,24 +564,27 @@ def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spe
     store_path = opts.store_path()
     index, count = opts.shard
     units = units[index::count]
-    report = BuildReport(planned=len(units), skipped=skipped)
+    report = BuildReport(feature_set=feature_set, planned=len(units), skipped=skipped)
+    where = feature_set_label(store_path, feature_set)
 
-    manifest = existing_manifest(store_path)
+    # Freshness is per set: another set of the store (other encoder, other spec) is not looked at.
+    manifest = existing_manifest(store_path, feature_set)
     if manifest is not None and not opts.force:
-        check_fingerprint(manifest, spec, path=store_path, advice=_MISMATCH_ADVICE)
+        check_fingerprint(manifest, spec, path=where, advice=_MISMATCH_ADVICE)
     if manifest is None:
         split = {"fresh": [], "missing": list(units), "stale": []}
     elif opts.force:
         split = {"fresh": [], "missing": [], "stale": list(units)}
     else:
-        split = split_plan(units, store_path, opts.data_root, fingerprint)
+        split = split_plan(units, store_path, opts.data_root, fingerprint, feature_set=feature_set)
     todo = sorted(split["missing"] + split["stale"], key=lambda u: u.key)
     report.fresh, report.missing, report.stale = (len(split[k]) for k in ("fresh", "missing", "stale"))
 
     entry_bytes = _estimate_entry_bytes(spec, todo or units, opts.data_root)
     need = entry_bytes * len(todo)
     free = shutil.disk_usage(_existing_ancestor(store_path)).free
-    log(f"featstore build: {len(units)} units planned ({world} rank(s), shard {index}/{count}) -> {store_path}\n"
+    log(f"featstore build: {len(units)} units planned ({world} rank(s), shard {index}/{count}) -> {store_path}, "
+        f"feature set {feature_set!r}\n"
         f"  fresh {report.fresh}, missing {report.missing}, stale {report.stale}; to compute {len(todo)}\n"
         f"  encoder {spec.encoder} fingerprint {fingerprint[:16]} on {device}; "
         f"~{entry_bytes / 1e6:.2f} MB per entry, ~{need / 1e9:.3f} GB to add, {free / 1e9:.1f} GB free")
@@ -575,8 +599,8 @@ def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spe
                               **opts.spec_overrides)
         assert encoder.spec == spec, spec.diff(encoder.spec)  # resolve_spec's contract
 
-    writer_kw = dict(spec=spec, batch_entries=opts.commit_entries, batch_bytes=opts.commit_bytes,
-                     mismatch_advice=_MISMATCH_ADVICE, handle_signals=False)
+    writer_kw = dict(spec=spec, feature_set=feature_set, batch_entries=opts.commit_entries,
+                     batch_bytes=opts.commit_bytes, mismatch_advice=_MISMATCH_ADVICE, handle_signals=False)
     # From here on SIGINT/SIGTERM only set `stop`: the pipeline checks it between units and the
     # writer commits what is done (featstore.interrupt says why no exception is raised).
     with stop_on_signals() as stop:
@@ -602,7 +626,7 @@ def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spe
             if rank == 0:
                 total.elapsed_s = time.perf_counter() - t0
                 summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
-                               shard=f"{index}/{count}", ranks=world)
+                               shard=f"{index}/{count}", ranks=world, feature_set=feature_set)
                 writer.finish(summary, complete=True)
             _barrier(world)
             return total
@@ -615,12 +639,16 @@ def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spe
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, help="folder of the images; keys are paths relative to it")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
-                   help="training's LLaVA/Qwen JSON/JSONL files: one unit per sample (its ordered frame list). "
-                   "Without: every image under the data root is its own unit")
+                   help="training's LLaVA/Qwen JSON/JSONL files: one unit per sample (its ordered frame list); "
+                   "for an encoder of single images, one unit per distinct image of the samples. Without: every "
+                   "image under the data root is its own unit")
     p.add_argument("--store", help=f"store path (default: DATA_ROOT/{DEFAULT_STORE_NAME})")
     g = p.add_argument_group("encoder (every choice enters the fingerprint)")
     g.add_argument("--encoder", default=_default("encoder"), help="registered encoder: vggt-1b (default, needs "
                    "--weights), vggt-tiny (random weights, for tests/demos), vggt-official (the installed vggt package)")
+    g.add_argument("--feature-set", metavar="NAME", help="the store's feature set to write ([a-z0-9_], up to 32 "
+                   "characters; default: the encoder's, 'vggt' for VGGT encoders). Each set has its own entries, "
+                   "manifest and freshness; building one never touches another (docs/FORMAT.md)")
     g.add_argument("--weights", help="model.safetensors / model.pt path, a folder holding one, or a hub id "
                    "(facebook/VGGT-1B, needs internet)")
     g.add_argument("--layer", type=int, help=f"aggregator layer to keep (default {field_default(EncoderSpec, 'layer')}, "
@@ -684,6 +712,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
             overrides[key] = value
     if not os.path.isdir(args.data_root):
         raise FeatstoreError(f"--data-root {args.data_root} is not a directory")
+    if args.feature_set is not None:
+        check_feature_set(args.feature_set)
     for a in args.annotations:
         if not os.path.isfile(a):
             raise FeatstoreError(f"--annotations {a}: no such file")
@@ -693,7 +723,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
             raise FeatstoreError(f"{flag} must be >= {least}. Found {value}")
     return BuildOptions(
         data_root=args.data_root, annotations=args.annotations, store=args.store, encoder=args.encoder,
-        weights=args.weights, device=args.device, spec_overrides=overrides, force=args.force,
+        feature_set=args.feature_set, weights=args.weights, device=args.device, spec_overrides=overrides, force=args.force,
         dry_run=args.dry_run, workers=args.workers, batch_frames=args.batch_frames,
         shard=_parse_shard(args.shard), commit_entries=args.commit_every, progress=not args.no_progress,
         compile=args.compile)
@@ -714,7 +744,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(report.to_dict(), indent=2))
         elif not report.interrupted:  # then the one "interrupted: N units committed" line says it
             rate = report.frames / report.elapsed_s if report.elapsed_s else 0.0
-            print(f"featstore build: {report.computed} computed ({report.frames} frames, "
+            into = "" if report.feature_set == PRIMARY_FEATURE_SET else f" (feature set {report.feature_set!r})"
+            print(f"featstore build{into}: {report.computed} computed ({report.frames} frames, "
                   f"{report.bytes / 1e6:.1f} MB, {rate:.1f} frames/s), {report.fresh} already fresh, "
                   f"{len(report.failed)} failed, {report.elapsed_s:.1f} s", file=sys.stderr)
             print(f"  {report.stage_summary()}", file=sys.stderr)

@@ -4,10 +4,12 @@
 (an image folder given as ``--store`` would otherwise get a data.mdb, and every later scan of
 the data root would skip that folder as "a store").
 
-`BuildLock` lets one build write a store at a time. The ranks of one torchrun build share it
-(rank 0 takes it for all); a second build started meanwhile is refused at once, with the pid,
-host and start time of the build that holds it. It is an flock on
-``STORE/featstore-build.lock``: the kernel drops it when the last process holding the open file
+`BuildLock` lets one build write a feature set of a store at a time. The ranks of one torchrun
+build share it (rank 0 takes it for all); a second build of the same set started meanwhile is
+refused at once, with the pid, host and start time of the build that holds it. Builds of
+different sets of one store may run together (LMDB serialises their commits; each writes only
+its own set). It is an flock on ``STORE/featstore-build.lock`` (the primary set, "vggt") or
+``STORE/featstore-build.NAME.lock`` (set NAME): the kernel drops it when the last process holding the open file
 dies, SIGKILL included, so a killed build never blocks the next one; the pid/host/start it
 leaves in the file are then reported as taken over. (flock, not a POSIX record lock: closing any
 other descriptor of the file in the process would silently drop a record lock.) A forked child
@@ -25,15 +27,17 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 
 from featstore.errors import FeatstoreError, StoreBusyError
 
-__all__ = ["LOCK_NAME", "STORE_FILES", "prepare_store_dir", "BuildLock"]
+__all__ = ["LOCK_NAME", "STORE_FILES", "lock_name", "prepare_store_dir", "BuildLock"]
 
 logger = logging.getLogger("featstore")
 
-LOCK_NAME = "featstore-build.lock"
+LOCK_NAME = "featstore-build.lock"  # the primary set's; set NAME's is featstore-build.NAME.lock
+_SET_LOCK = re.compile(r"featstore-build\.[a-z0-9_]{1,32}\.lock")
 # Descriptors of the locks this process holds; a forked child closes its copies (module docstring).
 _held: set[int] = set()
 
@@ -48,8 +52,21 @@ def _close_inherited_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
-# What a store directory holds: LMDB's two files and the build lock. Nothing else is ours.
+# What a store directory holds: LMDB's two files and the build locks. Nothing else is ours.
 STORE_FILES = frozenset({"data.mdb", "lock.mdb", LOCK_NAME})
+
+
+def lock_name(feature_set: str | None = None) -> str:
+    """The build lock file of `feature_set` in a store directory (None: the primary set)."""
+    from featstore.store import PRIMARY_FEATURE_SET, check_feature_set
+
+    if feature_set is None or check_feature_set(feature_set) == PRIMARY_FEATURE_SET:
+        return LOCK_NAME
+    return f"featstore-build.{feature_set}.lock"
+
+
+def _ours(name: str) -> bool:
+    return name in STORE_FILES or _SET_LOCK.fullmatch(name) is not None
 
 
 def prepare_store_dir(path: str, *, create: bool = True) -> None:
@@ -62,7 +79,7 @@ def prepare_store_dir(path: str, *, create: bool = True) -> None:
     """
     if os.path.isdir(path):
         names = os.listdir(path)
-        if "data.mdb" not in names and set(names) - STORE_FILES:
+        if "data.mdb" not in names and not all(_ours(n) for n in names):
             shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
             raise FeatstoreError(
                 f"store path {path} is a folder that holds {len(names)} other entries ({shown}) and no "
@@ -97,7 +114,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class BuildLock:
-    """Exclusive right to build the store at `store_path`, held until `release` (or exit).
+    """Exclusive right to build `feature_set` (None: the primary set) of the store at
+    `store_path`, held until `release` (or exit).
 
     Example:
         >>> from featstore.claim import BuildLock
@@ -105,8 +123,10 @@ class BuildLock:
         ...     pass  # plan, compute and commit; a second build meanwhile gets StoreBusyError
     """
 
-    def __init__(self, store_path: str):
-        self.path = os.path.join(store_path, LOCK_NAME)
+    def __init__(self, store_path: str, feature_set: str | None = None):
+        name = lock_name(feature_set)
+        self.path = os.path.join(store_path, name)
+        self._set = "" if name == LOCK_NAME else f" (feature set {feature_set!r})"  # how messages name it
         self._fd: int | None = None
 
     def acquire(self) -> "BuildLock":
@@ -120,7 +140,7 @@ class BuildLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise StoreBusyError(
-                f"{os.path.dirname(self.path)} is being written by another build ({self._describe(holder)}); "
+                f"{os.path.dirname(self.path)}{self._set} is being written by another build ({self._describe(holder)}); "
                 "wait for it to finish and rerun this command (it then finds those units fresh), "
                 "or build into another --store"
             ) from None

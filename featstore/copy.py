@@ -3,7 +3,9 @@
 The copy is written by LMDB itself (`env.copy(compact=True)`: a consistent snapshot from one
 read transaction, free pages dropped, pages renumbered), first into a hidden temporary folder
 beside DST and renamed to DST only once it is complete and opens with the same manifest and
-entry count, so an interrupted copy never leaves a DST that looks like a store.
+entry count, so an interrupted copy never leaves a DST that looks like a store. Every feature
+set of the store is copied (LMDB copies the whole environment), and each set's manifest and
+entry count are checked in the copy.
 
 It refuses to overwrite: DST must not exist, or be an empty folder. Network file systems are
 fine as a source; training should read the copy on local disk (docs/OPERATIONS.md).
@@ -23,6 +25,7 @@ import time
 
 from featstore.cli import store_path_arg
 from featstore.errors import FeatstoreError, StoreFullError
+from featstore.store import feature_set_label
 
 __all__ = ["copy_store", "configure_parser", "run"]
 
@@ -33,13 +36,13 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
     Args:
         src: the store, or a data root holding ``vggt_features.lmdb``.
         dst: the new store directory; must not exist (or be an empty folder).
-        allow_incomplete: copy a store whose build is in progress (a consistent snapshot of
-            what is committed; the copy says "in_progress" too).
+        allow_incomplete: copy a store one of whose sets' build is in progress (a consistent
+            snapshot of what is committed; the copy says "in_progress" too).
         verify: run `featstore verify` (checksums of every entry) on the copy.
 
     Returns:
-        dict with src, dst, entries, src_bytes / dst_bytes (data.mdb sizes), seconds and, with
-        `verify`, the copy's verify report.
+        dict with src, dst, entries (over all sets), feature_sets ({set: entries}), src_bytes /
+        dst_bytes (data.mdb sizes), seconds and, with `verify`, the copy's verify report.
 
     Raises:
         FeatstoreError: DST exists and is not empty, SRC is not a store or its build is in
@@ -66,18 +69,22 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
         raise FeatstoreError(f"{parent} (the folder of {dst}) does not exist; create it first")
-    store = FeatureStore(src)
+    stores = _open_sets(src)
     try:
-        manifest = store.manifest
-        state = (manifest.get("build") or {}).get("state")
-        if state != "complete" and not allow_incomplete:
-            raise FeatstoreError(f"{src}: its build is {state!r}; finish it (rerun `featstore build`) before "
-                                 "copying, or pass --allow-incomplete to copy what is committed")
-        entries = len(store)
+        manifests = {name: s.manifest for name, s in stores.items()}
+        for name, manifest in manifests.items():
+            state = (manifest.get("build") or {}).get("state")
+            if state != "complete" and not allow_incomplete:
+                raise FeatstoreError(f"{feature_set_label(src, name)}: its build is {state!r}; finish it (rerun "
+                                     "`featstore build`) before copying, or pass --allow-incomplete to copy what is "
+                                     "committed")
+        counts = {name: len(s) for name, s in stores.items()}
+        entries = sum(counts.values())
         src_bytes = os.path.getsize(os.path.join(src, "data.mdb"))
-        # A compacted copy holds the values plus B-tree pages: ~ the manifest's bytes rounded up
+        # A compacted copy holds the values plus B-tree pages: ~ the manifests' bytes rounded up
         # to pages, never more than the source file.
-        need = min(src_bytes, int(manifest.get("bytes", 0) * 1.05) + (1 << 20))
+        value_bytes = sum(m.get("bytes", 0) for m in manifests.values())
+        need = min(src_bytes, int(value_bytes * 1.05) + (1 << 20))
         free = shutil.disk_usage(parent).free
         if need > free:
             raise StoreFullError(f"{dst}: the copy needs about {need / 1e9:.2f} GB but {parent} has "
@@ -86,7 +93,7 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:
-            env = store._environment()
+            env = next(iter(stores.values()))._environment()  # one environment: every set's
             try:
                 env.copy(tmp, compact=True)
             except lmdb.Error as e:
@@ -95,7 +102,7 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
                                          "nothing was written to the destination") from None
                 raise FeatstoreError(f"{dst}: LMDB could not copy {src} ({e}); nothing was written to "
                                      "the destination") from None
-            _check_copy(tmp, manifest, entries)
+            _check_copy(tmp, manifests, counts)
             if os.path.isdir(dst):
                 os.rmdir(dst)  # the empty folder the caller made
             os.rename(tmp, dst)
@@ -103,8 +110,9 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
-        store.close()
-    result = {"src": src, "dst": dst, "entries": entries, "src_bytes": src_bytes,
+        for s in stores.values():
+            s.close()
+    result = {"src": src, "dst": dst, "entries": entries, "feature_sets": counts, "src_bytes": src_bytes,
               "dst_bytes": os.path.getsize(os.path.join(dst, "data.mdb")),
               "seconds": round(time.perf_counter() - t0, 3)}
     if verify:
@@ -118,16 +126,36 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
     return result
 
 
-def _check_copy(path: str, manifest: dict, entries: int) -> None:
-    """The copy opens, holds the same manifest, and the same number of entries."""
+def _open_sets(path: str) -> dict:
+    """{set: FeatureStore} for every feature set of the store at `path` (one shared environment)."""
     from featstore.reader import FeatureStore
 
-    with FeatureStore(path) as copy:
-        got = copy.manifest
-        n = len(copy)
-    if got != manifest or n != entries:
-        raise FeatstoreError(f"{path}: the copy does not match its source (entries {n} vs {entries}, "
-                             f"manifest equal: {got == manifest}); the destination was not created")
+    probe = FeatureStore(path)
+    try:
+        names = probe.feature_sets()
+        if not names:
+            probe.manifest  # raises what the store lacks
+    finally:
+        probe.close()
+    return {name: FeatureStore(path, feature_set=name) for name in names}
+
+
+def _check_copy(path: str, manifests: dict[str, dict], counts: dict[str, int]) -> None:
+    """The copy opens and holds the same sets, each with the same manifest and entry count."""
+    stores = _open_sets(path)
+    try:
+        got = {name: s.manifest for name, s in stores.items()}
+        n = {name: len(s) for name, s in stores.items()}
+    finally:
+        for s in stores.values():
+            s.close()
+    if got != manifests or n != counts:
+        differ = sorted(name for name in set(got) | set(manifests)
+                        if got.get(name) != manifests.get(name) or n.get(name) != counts.get(name))
+        raise FeatstoreError(f"{path}: the copy does not match its source (feature sets {', '.join(differ)}: entries "
+                             f"{ {k: n.get(k) for k in differ} } vs { {k: counts.get(k) for k in differ} }, manifests "
+                             f"equal: {all(got.get(k) == manifests.get(k) for k in differ)}); the destination was "
+                             "not created")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -153,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"featstore copy: {result['entries']} entries {result['src']} -> {result['dst']} "
+        sets = result["feature_sets"]
+        per_set = f" ({', '.join(f'{k} {v}' for k, v in sets.items())})" if set(sets) != {"vggt"} else ""
+        print(f"featstore copy: {result['entries']} entries{per_set} {result['src']} -> {result['dst']} "
               f"({result['src_bytes'] / 1e6:.1f} MB -> {result['dst_bytes'] / 1e6:.1f} MB compacted, "
               f"{result['seconds']:.1f} s)" + (", verified" if args.verify else ""))
     return 0

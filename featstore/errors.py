@@ -19,6 +19,8 @@ __all__ = [
     "EntrySchemaError",
     "MergeConflictError",
     "StoreBusyError",
+    "InvalidFeatureSetError",
+    "FeatureSetNotFoundError",
 ]
 
 
@@ -98,3 +100,11 @@ class MergeConflictError(FeatstoreError):
 
 class StoreBusyError(FeatstoreError):
     """Another build is writing the store (its pid, host and start time are named)."""
+
+
+class InvalidFeatureSetError(FeatstoreError, ValueError):
+    """A feature set name is not 1 to 32 characters of [a-z0-9_]."""
+
+
+class FeatureSetNotFoundError(ManifestError):
+    """The store holds no feature set of that name (the message lists the sets it has)."""

@@ -7,6 +7,9 @@
            entry without reading its tensor bytes, so it would never recompute this one)
 and, with --unplanned, entries that the plan (scan or --annotations) does not ask for.
 
+Each feature set of the store is collected on its own (its findings, its plan: one unit per
+image for an image encoder's set); `--feature-set NAME` restricts gc to some sets.
+
 LMDB reuses freed pages but never shrinks data.mdb: `featstore copy` writes a compacted copy.
 Run gc while no build writes the store (it refuses an in-progress store unless --force).
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import FeatstoreError
+from featstore.store import PRIMARY_FEATURE_SET
 from featstore.verify import Report, verify_store
 
 __all__ = ["GcResult", "collect_garbage", "configure_parser", "run"]
@@ -34,29 +38,47 @@ _REMOVABLE = ("orphan", "stale", "corrupt")
 
 @dataclass
 class GcResult:
-    """What gc found (`keys` by reason) and did (`removed`, `bytes_freed`)."""
+    """What gc found and did: per feature set, the keys by reason (`feature_sets`), and the
+    entries removed and value bytes freed (`removed_by_set`, `bytes_freed_by_set`); `keys`,
+    `removed` and `bytes_freed` are over all sets."""
 
     path: str
-    keys: dict[str, list[str]] = field(default_factory=dict)
+    feature_sets: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     removed: int = 0
     bytes_freed: int = 0
     dry_run: bool = False
     report: Report | None = None
+    removed_by_set: dict[str, int] = field(default_factory=dict)
+    bytes_freed_by_set: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> dict[str, list[str]]:
+        """Reason -> sorted keys, over every set (a key found in two sets is listed once)."""
+        merged: dict[str, set[str]] = {}
+        for by_reason in self.feature_sets.values():
+            for reason, keys in by_reason.items():
+                merged.setdefault(reason, set()).update(keys)
+        return {reason: sorted(keys) for reason, keys in merged.items()}
 
     def to_dict(self) -> dict:
         return {"path": self.path, "dry_run": self.dry_run, "removed": self.removed,
                 "bytes_freed": self.bytes_freed, "keys": self.keys,
+                "feature_sets": {name: {"keys": keys, "removed": self.removed_by_set.get(name, 0),
+                                        "bytes_freed": self.bytes_freed_by_set.get(name, 0)}
+                                 for name, keys in self.feature_sets.items()},
                 "remaining_problems": self.report.counts() if self.report else {}}
 
 
-def collect_garbage(store, *, data_root=None, annotations=None, deep: bool = False, unplanned: bool = False,
-                    dry_run: bool = False, force: bool = False, workers: int | None = None) -> GcResult:
-    """Find and (unless `dry_run`) delete orphan, stale and corrupt entries of a store.
+def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None, deep: bool = False,
+                    unplanned: bool = False, dry_run: bool = False, force: bool = False,
+                    workers: int | None = None) -> GcResult:
+    """Find and (unless `dry_run`) delete orphan, stale and corrupt entries of a store, set by set.
 
     Args:
         store: the store, or a data root holding ``vggt_features.lmdb`` (then also the data root).
+        feature_set: the feature set(s) to collect (a name or several); None: every set.
         data_root / annotations / deep / workers: as for `featstore.verify.verify_store`.
-        unplanned: also delete entries the plan does not ask for.
+        unplanned: also delete entries the plan does not ask for (each set's own plan).
         dry_run: only report what would be deleted.
         force: run even when the store's build is in progress (the build may write again what
             gc deletes; harmless, but usually you want the build to finish first).
@@ -73,7 +95,8 @@ def collect_garbage(store, *, data_root=None, annotations=None, deep: bool = Fal
         >>> collect_garbage("data/", dry_run=True).keys        # a fresh build: nothing to remove
         {'orphan': [], 'stale': [], 'corrupt': []}
     """
-    report = verify_store(store, data_root=data_root, annotations=annotations, deep=deep, workers=workers)
+    report = verify_store(store, feature_set=feature_set, data_root=data_root, annotations=annotations, deep=deep,
+                          workers=workers)
     result = GcResult(path=report.path, dry_run=dry_run, report=report)
     if report.data_root is None:
         raise FeatstoreError(f"{report.path}: gc needs the data root to tell orphans and stale entries: "
@@ -81,34 +104,47 @@ def collect_garbage(store, *, data_root=None, annotations=None, deep: bool = Fal
     if "structure" in report.counts():
         raise FeatstoreError(f"{report.path}: data.mdb is damaged (`featstore verify` lists how); gc cannot "
                              "repair it: restore a copy or rebuild")
-    if report.counts().get("build") and not force:
-        raise FeatstoreError(f"{report.path}: its build is in progress (or was killed); let `featstore build` "
+    building = [name for name, sub in report.feature_sets.items() if sub.counts().get("build")]
+    if building and not force:
+        sets = "" if building == [PRIMARY_FEATURE_SET] else f" (feature set {', '.join(building)})"
+        raise FeatstoreError(f"{report.path}: its build is in progress (or was killed){sets}; let `featstore build` "
                              "finish first, or pass --force")
     reasons = _REMOVABLE + (("unplanned",) if unplanned else ())
-    result.keys = {r: report.keys_with(r) for r in _REMOVABLE}
-    if unplanned:
-        result.keys["unplanned"] = list(report.unplanned)
-    doomed = sorted({k for r in reasons for k in result.keys[r]})
-    if dry_run or not doomed:
+    doomed: dict[str, list[str]] = {}
+    for name, sub in report.feature_sets.items():
+        keys = {r: sub.keys_with(r) for r in _REMOVABLE}
+        if unplanned:
+            keys["unplanned"] = list(sub.unplanned)
+        result.feature_sets[name] = keys
+        doomed[name] = sorted({k for r in reasons for k in keys[r]})
+    if dry_run:
         return result
     from featstore.writer import StoreWriter
 
-    was_complete = (report.manifest or {}).get("build", {}).get("state") == "complete"
-    writer = StoreWriter(report.path, handle_signals=False)  # no encoder: the manifest spec stays
-    try:
-        before = writer.manifest.get("bytes", 0)
-        result.removed = writer.delete(doomed)
-        result.bytes_freed = before - writer.manifest.get("bytes", 0)
-        # Opening a writer marks the build in progress; gc removes entries, it does not build.
-        writer.finish(complete=was_complete)
-    finally:
-        writer.close()
+    for name, keys in doomed.items():
+        if not keys:
+            continue
+        was_complete = (report.feature_sets[name].manifest or {}).get("build", {}).get("state") == "complete"
+        # No encoder: the set's manifest spec stays; the store's other sets are not touched.
+        writer = StoreWriter(report.path, feature_set=name, handle_signals=False)
+        try:
+            before = writer.manifest.get("bytes", 0)
+            result.removed_by_set[name] = writer.delete(keys)
+            result.bytes_freed_by_set[name] = before - writer.manifest.get("bytes", 0)
+            # Opening a writer marks the build in progress; gc removes entries, it does not build.
+            writer.finish(complete=was_complete)
+        finally:
+            writer.close()
+    result.removed = sum(result.removed_by_set.values())
+    result.bytes_freed = sum(result.bytes_freed_by_set.values())
     return result
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder (needed unless STORE is the data root)")
+    p.add_argument("--feature-set", action="append", metavar="NAME", help="collect only this feature set "
+                   "(repeat for several; default: every set of the store)")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
                    help="training's annotation files: the plan for --unplanned (as for build)")
     p.add_argument("--deep", action="store_true", help="stale also when the content hash changed")
@@ -119,19 +155,28 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = collect_garbage(store_path_arg(args.store, args.data_root), data_root=args.data_root, annotations=args.annotations,
-                             deep=args.deep, unplanned=args.unplanned, dry_run=args.dry_run, force=args.force)
+    result = collect_garbage(store_path_arg(args.store, args.data_root), feature_set=args.feature_set,
+                             data_root=args.data_root, annotations=args.annotations, deep=args.deep,
+                             unplanned=args.unplanned, dry_run=args.dry_run, force=args.force)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    total = sum(len(v) for v in result.keys.values())
+    labelled = set(result.feature_sets) != {PRIMARY_FEATURE_SET}
+    total = 0
+    for name, by_reason in result.feature_sets.items():
+        prefix = f"[{name}] " if labelled else ""
+        for reason, keys in by_reason.items():
+            total += len(keys)
+            for k in keys[:50]:
+                print(f"  {prefix}{reason:<9} {k}")
+            if len(keys) > 50:
+                print(f"  {prefix}{reason:<9} ... and {len(keys) - 50} more (--json lists all)")
+    by_reason: dict[str, int] = {}
+    for keys in result.feature_sets.values():
+        for reason, ks in keys.items():
+            by_reason[reason] = by_reason.get(reason, 0) + len(ks)
+    counts = ", ".join(f"{n} {r}" for r, n in by_reason.items())
     verb = "would remove" if result.dry_run else "removed"
-    for reason, keys in result.keys.items():
-        for k in keys[:50]:
-            print(f"  {reason:<9} {k}")
-        if len(keys) > 50:
-            print(f"  {reason:<9} ... and {len(keys) - 50} more (--json lists all)")
-    counts = ", ".join(f"{len(v)} {r}" for r, v in result.keys.items())
     if result.dry_run:
         print(f"featstore gc: {verb} {total} entries ({counts}) from {result.path}")
     else:

@@ -1,4 +1,7 @@
-"""Show a store: manifest, entries, bytes, and a summary of stored dtypes and shapes.
+"""Show a store: per feature set, manifest, entries, bytes, and a summary of stored dtypes and shapes.
+
+Every feature set of the store is shown (name, encoder, fingerprint, entries, bytes, build
+state); `--json` lists them under "feature_sets".
 
 Examples:
   featstore info data/                    # finds data/vggt_features.lmdb
@@ -14,7 +17,7 @@ import os
 
 from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import CorruptEntryError
-from featstore.store import LAST_BUILD_KEY, META_DB, storage_dtype_of
+from featstore.store import META_DB, PRIMARY_FEATURE_SET, last_build_key, storage_dtype_of
 
 __all__ = ["store_info", "configure_parser", "run"]
 
@@ -28,20 +31,55 @@ def human_bytes(n: float) -> str:
 
 
 def store_info(path: str, *, max_scan: int = 10000) -> dict:
-    """Summarise a store: manifest, counts, file size, last build report, and the
-    dtype/shape of the first `max_scan` entries (headers only: one page per value)."""
-    from featstore.format import decode_entry  # torch: imported when run, not for `--help`
-    from featstore.reader import FeatureStore
+    """Summarise a store: per feature set, its manifest, counts, last build report, and the
+    dtype/shape of its first `max_scan` entries (headers only: one page per value).
 
-    store = FeatureStore(path)
+    Returns:
+        ``feature_sets``: one dict per set, in name order (name, encoder, fingerprint, entries,
+        bytes, state, manifest, scanned, shapes, corrupt, last_build); ``path`` and
+        ``file_bytes`` of the store; and, as before feature sets existed, the fields of the
+        primary set ("vggt"; else the first set) at the top level.
+    """
+    from featstore.reader import FeatureStore  # torch: imported when run, not for `--help`
+
+    probe = FeatureStore(path)
     try:
+        names = probe.feature_sets()
+        if not names:
+            probe.manifest  # raises what the store lacks
+    finally:
+        probe.close()
+    sets = []
+    for name in names:
+        store = FeatureStore(path, feature_set=name)
+        try:
+            sets.append(_set_info(store, max_scan))
+        finally:
+            store.close()
+    main = next((s for s in sets if s["name"] == PRIMARY_FEATURE_SET), sets[0])
+    return {
+        "path": probe.path,
+        "manifest": main["manifest"],
+        "entries": main["entries"],
+        "file_bytes": os.path.getsize(os.path.join(probe.path, "data.mdb")),
+        "scanned": main["scanned"],
+        "shapes": main["shapes"],
+        "corrupt": main["corrupt"],
+        "last_build": main["last_build"],
+        "feature_sets": sets,
+    }
+
+
+def _set_info(store, max_scan: int) -> dict:
+    from featstore.format import decode_entry
+
+    with store.snapshot():  # the manifest, the counts and the scan from one state of the store
         manifest = store.manifest
-        env = store._environment()
         shapes: collections.Counter = collections.Counter()
         corrupt: list[str] = []
         scanned = 0
-        with env.begin(db=store._db, buffers=True) as txn:
-            for key, value in txn.cursor():
+        with store._read_txn() as txn:  # the snapshot's; values are views, only headers are parsed
+            for key, value in txn.cursor(db=store._db):
                 if scanned >= max_scan:
                     break
                 try:
@@ -54,21 +92,22 @@ def store_info(path: str, *, max_scan: int = 10000) -> dict:
                 for name, t in entry.tensors.items():
                     shapes[f"{name} {str(t.dtype).replace('torch.', '')} {list(t.shape)}"] += 1
                 scanned += 1
-        meta_db = env.open_db(META_DB, create=False)
-        with env.begin(db=meta_db) as txn:
-            raw = txn.get(LAST_BUILD_KEY)
-        return {
-            "path": store.path,
-            "manifest": manifest,
-            "entries": len(store),
-            "file_bytes": os.path.getsize(os.path.join(store.path, "data.mdb")),
-            "scanned": scanned,
-            "shapes": dict(shapes.most_common()),
-            "corrupt": corrupt,
-            "last_build": json.loads(raw) if raw else None,
-        }
-    finally:
-        store.close()
+            raw = txn.get(last_build_key(store.feature_set), db=store._env.open_db(META_DB, create=False))
+            last_build = json.loads(bytes(raw)) if raw else None
+        entries = len(store)
+    return {
+        "name": store.feature_set,
+        "encoder": (manifest.get("encoder") or {}).get("encoder"),
+        "fingerprint": manifest.get("fingerprint"),
+        "entries": entries,
+        "bytes": manifest.get("bytes", 0),
+        "state": (manifest.get("build") or {}).get("state"),
+        "manifest": manifest,
+        "scanned": scanned,
+        "shapes": dict(shapes.most_common()),
+        "corrupt": corrupt,
+        "last_build": last_build,
+    }
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -84,13 +123,27 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
+    print(f"store        {info['path']}")
+    sets = info["feature_sets"]
+    labelled = [s["name"] for s in sets] != [PRIMARY_FEATURE_SET]
+    for one in sets:
+        _print_set(one, info["file_bytes"], labelled)
+    if labelled:
+        print(f"file         {human_bytes(info['file_bytes'])} on disk, {len(sets)} feature set(s): "
+              + ", ".join(f"{s['name']} ({s['entries']} entries, {s['state']})" for s in sets))
+    return 0
+
+
+def _print_set(info: dict, file_bytes: int, labelled: bool) -> None:
     m = info["manifest"]
     enc = m.get("encoder") or {}
-    print(f"store        {info['path']}")
+    if labelled:
+        print(f"feature set  {info['name']}")
     print(f"format       featstore v{m['format_version']} (written by featstore {m.get('featstore_version')})")
     print(f"build        {m.get('build', {}).get('state')} (updated {m.get('build', {}).get('updated')})")
     print(f"entries      {info['entries']}")
-    print(f"bytes        {human_bytes(m.get('bytes', 0))} in values, {human_bytes(info['file_bytes'])} on disk")
+    on_disk = "" if labelled else f", {human_bytes(file_bytes)} on disk"
+    print(f"bytes        {human_bytes(m.get('bytes', 0))} in values{on_disk}")
     print(f"encoder      {enc.get('encoder', '?')}  fingerprint {str(m.get('fingerprint'))[:16]}")
     print(f"storage      {storage_dtype_of(m)}")
     for key in ("layer", "attention", "frames_kept", "preprocess"):
@@ -111,4 +164,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"last build   {report.get('computed', '?')} computed, {len(failed)} failed")
         for f in failed[:10]:
             print(f"  failed: {f.get('key')}: {f.get('error')}")
-    return 0

@@ -1,8 +1,9 @@
 """Merge shard stores (one per host, `featstore build --shard I/N`) into one store.
 
-Every shard's manifest must name the same encoder spec (the fields that differ are named);
-a key present in two shards with different bytes is a conflict and stops the merge before
-anything of that key is written. Identical duplicates are kept once.
+Merged feature set by set (docs/FORMAT.md, "Feature sets"): the shards holding a set must name
+the same encoder spec for it (the fields that differ are named); a key of one set present in
+two shards with different bytes is a conflict and stops the merge before anything is written.
+Identical duplicates are kept once.
 
 Example:
   featstore merge data/vggt_features.lmdb /nfs/shard-0.lmdb /nfs/shard-1.lmdb
@@ -16,19 +17,24 @@ import sys
 
 from featstore.cli import store_path_arg
 from featstore.errors import FeatstoreError, MergeConflictError
-from featstore.store import check_fingerprint, resolve_store_path, utc_now
+from featstore.store import PRIMARY_FEATURE_SET, check_fingerprint, feature_set_label, resolve_store_path, utc_now
 
 __all__ = ["merge_stores", "configure_parser", "run"]
 
 
 def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
-    """Copy every entry of `shards` into the store `out` (created if absent).
+    """Copy every entry of `shards` into the store `out` (created if absent), feature set by set.
+
+    Every feature set found in any shard is merged into the same set of `out`; the shards that
+    hold a set must agree on its encoder spec, and a key of one set with different bytes in two
+    shards is a conflict. Everything is checked before anything is written.
 
     Returns:
-        the report (also stored as the merged store's last build): ``merged`` (each shard's
-        path and entries), ``read`` (entries read from all shards), ``written`` (entries written
-        into `out`), ``identical`` (entries skipped as byte-identical to one already there: a
-        key in two shards, or a rerun), ``entries`` and ``bytes`` of `out` afterwards.
+        the report: ``merged`` (each shard's path and entries), ``read`` (entries read from all
+        shards), ``written`` (entries written into `out`), ``identical`` (entries skipped as
+        byte-identical to one already there: a key in two shards, or a rerun), ``entries`` and
+        ``bytes`` of `out` afterwards, all over every set; ``feature_sets`` holds the same per
+        set (each also stored as that set's last build report in `out`).
     """
     from tqdm import tqdm
 
@@ -37,44 +43,80 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
 
     if not shards:
         raise FeatstoreError("merge needs at least one shard")
-    stores = [FeatureStore(resolve_store_path(s)) for s in shards]
+    paths = [resolve_store_path(s) for s in shards]
+    stores: dict[str, list] = {}  # set -> the FeatureStores of the shards that hold it, in shard order
     try:
-        first = stores[0].manifest
-        for s in stores[1:]:
-            check_fingerprint(s.manifest, first["encoder"], path=s.path)
-        incomplete = [s.path for s in stores if s.manifest.get("build", {}).get("state") != "complete"]
-        if incomplete:
-            raise FeatstoreError(f"shards whose build did not complete: {incomplete}; rerun their builds first")
-        # Conflicts are found before writing anything: key -> (checksum, shard) over all shards.
-        seen: dict[str, tuple[str, str]] = {}
-        for s in stores:
-            for key, value in s.raw_items():
-                checksum = _checksum_of(value, key)
-                prior = seen.get(key)
-                if prior is not None and prior[0] != checksum:
-                    raise MergeConflictError(
-                        f"key {key!r} differs between shards {prior[1]} and {s.path}; the shards were built "
-                        "from different sources or plans. Rebuild one of them.")
-                seen[key] = (checksum, s.path)
-        reports = []
-        total = sum(s.manifest["entries"] for s in stores)
-        with StoreWriter(out, spec=first.get("encoder") or None) as writer:
-            with tqdm(total=total, unit="entry", disable=not progress) as bar:
-                for s in stores:
-                    for key, value in s.raw_items():
-                        writer.put(key, value)
-                        bar.update(1)
-                    reports.append({"shard": s.path, "entries": s.manifest["entries"]})
-            writer.commit()
-            read = sum(r["entries"] for r in reports)
-            report = {"out": writer.path, "merged": reports, "read": read, "written": writer.committed,
-                      "identical": read - writer.committed, "finished": utc_now(), "failed": []}
-            writer.finish(report)
-            report.update(entries=writer.manifest["entries"], bytes=writer.manifest["bytes"])
-        return report
+        for path in paths:
+            probe = FeatureStore(path)
+            try:
+                names = probe.feature_sets()
+                if not names:
+                    probe.manifest  # raises what the shard lacks
+            finally:
+                probe.close()
+            for name in names:
+                stores.setdefault(name, []).append(FeatureStore(path, feature_set=name))
+        for name in sorted(stores):
+            _check_set(name, stores[name])
+        per_set = {}
+        for name in sorted(stores):
+            per_set[name] = _merge_set(out, name, stores[name], progress, StoreWriter, tqdm)
     finally:
-        for s in stores:
-            s.close()
+        for group in stores.values():
+            for s in group:
+                s.close()
+    if list(per_set) == [PRIMARY_FEATURE_SET]:
+        return dict(per_set[PRIMARY_FEATURE_SET], feature_sets=per_set)
+    totals = {k: sum(r[k] for r in per_set.values()) for k in ("read", "written", "identical", "entries", "bytes")}
+    merged = [{"shard": p, "entries": sum(r["entries"] for rep in per_set.values() for r in rep["merged"]
+                                          if r["shard"] == p)} for p in paths]
+    return {"out": next(iter(per_set.values()))["out"], "merged": merged, **totals, "finished": utc_now(),
+            "failed": [], "feature_sets": per_set}
+
+
+def _check_set(name: str, group: list) -> None:
+    """One set across the shards that hold it: the same spec, complete builds, no conflicting key."""
+    first = group[0].manifest
+    for s in group[1:]:
+        check_fingerprint(s.manifest, first["encoder"], path=feature_set_label(s.path, name))
+    incomplete = [s.path for s in group if s.manifest.get("build", {}).get("state") != "complete"]
+    if incomplete:
+        which = "" if name == PRIMARY_FEATURE_SET else f" (feature set {name!r})"
+        raise FeatstoreError(f"shards whose build did not complete{which}: {incomplete}; rerun their builds first")
+    # Conflicts are found before writing anything: key -> (checksum, shard) over all shards.
+    seen: dict[str, tuple[str, str]] = {}
+    for s in group:
+        for key, value in s.raw_items():
+            checksum = _checksum_of(value, key)
+            prior = seen.get(key)
+            if prior is not None and prior[0] != checksum:
+                of = "" if name == PRIMARY_FEATURE_SET else f" of feature set {name!r}"
+                raise MergeConflictError(
+                    f"key {key!r}{of} differs between shards {prior[1]} and {s.path}; the shards were built "
+                    "from different sources or plans. Rebuild one of them.")
+            seen[key] = (checksum, s.path)
+
+
+def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter, tqdm) -> dict:
+    first = group[0].manifest
+    reports = []
+    total = sum(s.manifest["entries"] for s in group)
+    with StoreWriter(out, spec=first.get("encoder") or None, feature_set=name) as writer:
+        with tqdm(total=total, unit="entry", disable=not progress, desc=name) as bar:
+            for s in group:
+                for key, value in s.raw_items():
+                    writer.put(key, value)
+                    bar.update(1)
+                reports.append({"shard": s.path, "entries": s.manifest["entries"]})
+        writer.commit()
+        read = sum(r["entries"] for r in reports)
+        report = {"out": writer.path, "merged": reports, "read": read, "written": writer.committed,
+                  "identical": read - writer.committed, "finished": utc_now(), "failed": []}
+        if name != PRIMARY_FEATURE_SET:
+            report["feature_set"] = name
+        writer.finish(report)
+        report.update(entries=writer.manifest["entries"], bytes=writer.manifest["bytes"])
+    return report
 
 
 def _checksum_of(value: bytes, key: str) -> str:

@@ -11,6 +11,11 @@ Keys:
     i.e. current, frame).
 Two samples that map to one key with different frame lists are a PlanError, never an overwrite.
 
+An encoder whose call covers one image (unit kind "image", `featstore.encoders.unit_of`, e.g. a
+vision tower) gets one unit per distinct image instead: key = the image's path, frames = (image,),
+from every image of every annotated sample (deduplicated, in order of first appearance) or from
+the scan of the data root (`plan_units(..., unit="image")`).
+
 Without annotations every image under the data root is its own unit (S=1): files whose
 extension is in IMAGE_EXTENSIONS, skipping hidden files and folders (names starting with '.')
 and any LMDB store directory. Symlinks to files are followed and keyed by the link's own path
@@ -33,6 +38,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from featstore.encoders import UNIT_KINDS
 from featstore.errors import InvalidKeyError, PlanError
 from featstore.keys import normalize_key, relative_key
 
@@ -44,6 +50,7 @@ __all__ = [
     "sample_frames",
     "sample_unit",
     "units_from_annotations",
+    "image_units_from_annotations",
     "plan_units",
     "source_path",
     "file_sha256",
@@ -263,6 +270,37 @@ def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_r
     return [by_key[k][0] for k in sorted(by_key)]
 
 
+def image_units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_root: str | os.PathLike, *,
+                                 skipped: list[dict] | None = None) -> list[Unit]:
+    """One single-image unit per distinct image of the annotated samples, for encoders that
+    encode each image alone (unit kind "image").
+
+    Args:
+        annotation_files: training's annotation files (JSON or JSONL).
+        data_root: the folder keys are relative to.
+        skipped: as for `units_from_annotations`.
+
+    Returns:
+        ``Unit(image, (image,))`` for every image of every sample, each once, in order of first
+        appearance (file order, then frame order within a sample).
+
+    Example:
+        >>> from featstore.plan import image_units_from_annotations
+        >>> [u.key for u in image_units_from_annotations(["data/annotations.json"], "data")][:3]
+        ['scene_a/000.jpg', 'scene_a/001.jpg', 'scene_a/002.jpg']
+    """
+    images: dict[str, None] = {}  # ordered: the order of first appearance
+    for path in annotation_files:
+        for i, sample in enumerate(load_annotations(path)):
+            where = f"{os.fspath(path)} sample {i}" + (f" (id {sample['id']!r})" if "id" in sample else "")
+            frames = sample_frames(sample, data_root, where=where)
+            if not frames and skipped is not None:
+                skipped.append({"sample": where, "reason": _why_no_image(sample)})
+            for frame in frames:
+                images.setdefault(frame, None)
+    return [Unit(k, (k,)) for k in images]
+
+
 def _why_no_image(sample: dict) -> str:
     media = [k for k in ("video", "videos", "audio") if k in sample]
     if media:
@@ -271,24 +309,37 @@ def _why_no_image(sample: dict) -> str:
 
 
 def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.PathLike] | None = None, *,
-               skipped: list[dict] | None = None) -> list[Unit]:
-    """All units of a data root: one per annotated sample, or one per image (S=1) without
-    annotations. Sorted by key. `featstore build` and training both call this.
+               skipped: list[dict] | None = None, unit: str = "sequence") -> list[Unit]:
+    """All units of a data root for an encoder of unit kind `unit`. `featstore build`,
+    `verify`, `gc` and training all call this.
 
     Args:
         data_root: the images' folder.
         annotations: training's annotation files; None or empty: scan the data root.
         skipped: see `units_from_annotations`.
+        unit: the encoder's unit kind (`featstore.encoders.unit_of(name)`). "sequence"
+            (default): one unit per annotated sample, sorted by key. "image": one unit per
+            distinct image of the annotated samples, in order of first appearance. Without
+            annotations both give one unit per image under the data root (S=1), sorted.
 
     Returns:
-        The units, sorted by key.
+        The units.
+
+    Raises:
+        PlanError: as for `units_from_annotations`; ValueError: an unknown `unit`.
 
     Example:
         >>> from featstore.plan import plan_units
         >>> len(plan_units("data")), plan_units("data")[0]
         (10, Unit(key='misc/portrait.png', frames=('misc/portrait.png',)))
+        >>> len(plan_units("data", ["data/annotations.json"], unit="image"))  # each image once
+        9
     """
+    if unit not in UNIT_KINDS:
+        raise ValueError(f"unit must be one of {UNIT_KINDS}. Found {unit!r}")
     if annotations:
+        if unit == "image":
+            return image_units_from_annotations(annotations, data_root, skipped=skipped)
         return units_from_annotations(annotations, data_root, skipped=skipped)
     return [Unit(k, (k,)) for k in scan_images(data_root)]
 

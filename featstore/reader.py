@@ -4,12 +4,18 @@ The environment is opened lazily in the process that reads, and re-opened when t
 an LMDB environment inherited through fork must not be used (LMDB's rule), and py-lmdb refuses
 to open a path twice in one process. The object pickles as its path and options only, so it
 travels to spawn workers too.
+
+A FeatureStore reads ONE feature set of a store (docs/FORMAT.md, "Feature sets"); the objects
+for several sets of one store share the process's one environment, and `snapshot()` makes all
+of them read from one LMDB read transaction (one consistent state of the store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from typing import Iterable, Iterator, Sequence
 
 import lmdb
@@ -17,13 +23,16 @@ import numpy as np
 import torch
 
 from featstore.dtypes import is_quantised
-from featstore.errors import CorruptEntryError, EntrySchemaError, FeatstoreError, InheritedLockedStoreError, MissingKeyError
+from featstore.errors import (CorruptEntryError, CorruptStoreError, EntrySchemaError, FeatstoreError,
+                              InheritedLockedStoreError, MissingKeyError)
 from featstore.format import Entry, decode_entry, decode_tensor, tensor_span
 from featstore.quant import FP8_DTYPE, SCALE_TENSOR, dequantize, dequantize_into, read_dtype
 from featstore.keys import key_to_bytes, normalize_key
-from featstore.store import FEATURES_DB, check_fingerprint, open_env, read_manifest, resolve_store_path, storage_dtype_of
+from featstore.store import (META_DB, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint, feature_set_label,
+                             features_db, list_feature_sets, open_env, read_manifest, resolve_store_path,
+                             storage_dtype_of)
 
-__all__ = ["FeatureStore", "StoreView"]
+__all__ = ["FeatureStore", "StoreView", "StoreSnapshot"]
 
 logger = logging.getLogger("featstore")
 
@@ -50,11 +59,18 @@ class _OpenEnv:
 
     def __init__(self, ident: tuple, path: str, env: lmdb.Environment, locked: bool):
         self.ident, self.env, self.locked, self.pid, self.refs = ident, env, locked, os.getpid(), 0
+        # Per thread: the read transaction a `snapshot()` block pins (`txn`) and how deeply
+        # blocks are nested (`depth`); every FeatureStore on this environment reads through it.
+        self.pins = threading.local()
         self.fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         # For prefetching exact value pages with posix_fadvise: a value's file offset is its
         # address minus the map's base address. (env.info()["map_addr"] is 0 unless LMDB was
         # opened with MDB_FIXEDMAP, so the base comes from /proc/self/maps; None elsewhere.)
         self.map_addr, self.map_end = _map_range(self.fd) or (None, None)
+
+    def pinned(self):
+        """The read transaction a snapshot block pins in this thread, or None."""
+        return getattr(self.pins, "txn", None)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -146,9 +162,14 @@ class FeatureStore:
 
     Args:
         path: the store directory, or a data root that holds ``vggt_features.lmdb``.
+        feature_set: the feature set to read (docs/FORMAT.md, "Feature sets"); None: the primary
+            set, "vggt" (the store's original layout). A set the store does not hold raises
+            FeatureSetNotFoundError, naming the sets it has, on first use. `feature_sets()`
+            lists them.
         lock: LMDB locking. ``None`` (default) decides per open: off for a store whose build
             is complete (no reader slots needed, any number of ranks x workers), on while a
-            build is in progress (readers then never see pages a writer reuses).
+            build of any of the store's feature sets is in progress (readers then never see
+            pages a writer reuses).
         readahead: OS readahead on the map (``False`` sets MADV_RANDOM: a cold fault then
             reads only its own 4 KiB page). Default READAHEAD_DEFAULT; see below.
         prefetch: before copying values out (`get`, `read_into`, `get_many`), ask the kernel
@@ -158,7 +179,7 @@ class FeatureStore:
             (about 2.5 GB/s per core; off by default, `featstore verify` checks whole stores).
         expected_encoder: the `EncoderSpec` the caller needs (e.g. from
             `featstore.encoders.resolve_spec`), or its dict; opening fails with
-            FingerprintMismatchError naming every field that differs, with the store's value
+            FingerprintMismatchError naming every field that differs, with the set's value
             and the expected one.
         max_readers: reader slots when locking is on.
 
@@ -187,13 +208,16 @@ class FeatureStore:
         ...     norm = v.get("scene_a/000.jpg").features.float().norm()
         >>> store.read_into(["scene_a/000.jpg", "scene_a/001.jpg"]).shape  # one copy
         torch.Size([2, 1, 48, 128])
+        >>> store.feature_sets()                              # the store's sets; this one reads "vggt"
+        ['vggt']
         >>> store.close()
     """
 
-    def __init__(self, path: str | os.PathLike, *, lock: bool | None = None,
+    def __init__(self, path: str | os.PathLike, *, feature_set: str | None = None, lock: bool | None = None,
                  readahead: bool | None = None, prefetch: bool | None = None,
                  verify_checksums: bool = False, expected_encoder=None,
                  max_readers: int = 2048):
+        self.feature_set = PRIMARY_FEATURE_SET if feature_set is None else check_feature_set(feature_set)
         if lock not in (None, True, False):
             raise ValueError(f"lock must be None, True or False. Found {lock!r}")
         if not isinstance(max_readers, int) or max_readers < 1:
@@ -214,7 +238,7 @@ class FeatureStore:
 
     # -- pickling: path and options only ------------------------------------------------------
     def __getstate__(self) -> dict:
-        return {"path": self.path, "lock": self.lock, "readahead": self.readahead,
+        return {"path": self.path, "feature_set": self.feature_set, "lock": self.lock, "readahead": self.readahead,
                 "prefetch": self.prefetch, "verify_checksums": self.verify_checksums,
                 "expected_encoder": self.expected_encoder, "max_readers": self.max_readers}
 
@@ -222,19 +246,23 @@ class FeatureStore:
         self.__init__(**state)
 
     def __repr__(self) -> str:
-        return f"FeatureStore({self.path!r})"
+        if self.feature_set == PRIMARY_FEATURE_SET:
+            return f"FeatureStore({self.path!r})"
+        return f"FeatureStore({self.path!r}, feature_set={self.feature_set!r})"
+
+    @property
+    def _where(self) -> str:
+        return feature_set_label(self.path, self.feature_set)
 
     # -- opening -----------------------------------------------------------------------------
     def _open(self, lock: bool) -> lmdb.Environment:
         return open_env(self.path, readonly=True, lock=lock, readahead=self.readahead,
                         max_readers=self.max_readers)
 
-    def _environment(self) -> lmdb.Environment:
+    def _shared_env(self) -> _OpenEnv:
+        """This process's environment record of the store, opened if needed, with one more
+        reference held (the caller releases it)."""
         pid = os.getpid()
-        if self._env is not None and self._pid == pid:
-            return self._env
-        # First use in this process (or first after a fork): never touch an inherited env.
-        self._env = self._db = self._rec = None
         ident = _store_id(self.path)
         rec = _OPEN_ENVS.get(ident)
         if rec is not None and rec.pid != pid:
@@ -249,29 +277,61 @@ class FeatureStore:
                 raise
             _OPEN_ENVS[ident] = rec
         rec.refs += 1
+        return rec
+
+    def _environment(self) -> lmdb.Environment:
+        pid = os.getpid()
+        if self._env is not None and self._pid == pid:
+            return self._env
+        # First use in this process (or first after a fork): never touch an inherited env.
+        self._env = self._db = self._rec = None
+        rec = self._shared_env()
         try:
             env = rec.env
-            self._manifest = read_manifest(env, path=self.path)
+            # Inside a snapshot block the set is looked up in the pinned state of the store.
+            self._manifest = read_manifest(env, rec.pinned(), path=self.path, feature_set=self.feature_set)
             if self.expected_encoder is not None:
-                check_fingerprint(self._manifest, self.expected_encoder, path=self.path)
-            self._db = env.open_db(FEATURES_DB, create=False)
+                check_fingerprint(self._manifest, self.expected_encoder, path=self._where)
+            # Outside any transaction: a handle opened inside a read transaction is closed when
+            # it ends (LMDB), and a snapshot has opened every set's handle before it began.
+            self._db = env.open_db(features_db(self.feature_set), create=False)
+        except lmdb.NotFoundError:
+            _release(rec)
+            raise CorruptStoreError(f"{self._where}: the manifest exists but the sub-database "
+                                    f"'{features_db(self.feature_set).decode()}' does not; the store is damaged: "
+                                    "restore it or rebuild the set") from None
         except BaseException:
             _release(rec)
             raise
         self._env, self._pid, self._locked, self._rec = env, pid, rec.locked, rec
-        logger.debug(f"featstore: opened {self.path} in pid {pid} (lock={'on' if rec.locked else 'off'}, "
+        logger.debug(f"featstore: opened {self._where} in pid {pid} (lock={'on' if rec.locked else 'off'}, "
                      f"build {self._manifest.get('build', {}).get('state')}, {self._manifest.get('entries')} entries)")
         return env
+
+    def _read_txn(self):
+        """The transaction a read runs in: the snapshot block's pinned one (left open), else a
+        new read transaction for this read (ended with it). Reads pass `db=` explicitly."""
+        env = self._environment()
+        pinned = self._rec.pinned()
+        if pinned is not None:
+            return contextlib.nullcontext(pinned)
+        return env.begin(buffers=True)
 
     def _open_new(self) -> tuple[lmdb.Environment, bool]:
         lock = self.lock
         if lock is not None:
             return self._open(lock=lock), lock
-        # Lock unless the manifest says no writer will come: read it under the lock first.
+        # Lock unless the manifests say no writer will come: read them under the lock first.
+        # The environment is shared by every set's readers, so one set whose build is in
+        # progress (a writer may reuse pages) needs the lock for all.
         can_lock = os.access(os.path.join(self.path, "lock.mdb"), os.W_OK)
         env = self._open(lock=can_lock)
         try:
-            complete = read_manifest(env, path=self.path).get("build", {}).get("state") == "complete"
+            with env.begin() as txn:
+                sets = list_feature_sets(env, txn)
+                if not sets:
+                    read_manifest(env, txn, path=self.path)  # raises what the store lacks
+                complete = all(_build_complete(env, txn, self.path, name) for name in sets)
         except BaseException:
             env.close()
             raise
@@ -282,7 +342,7 @@ class FeatureStore:
 
     def close(self) -> None:
         """Release the environment in this process (closed when no other FeatureStore on the
-        same store uses it). Views returned by `get` become invalid once it closes."""
+        same store, of any feature set, uses it). Views become invalid once it closes."""
         if self._rec is not None and self._pid == os.getpid():
             _release(self._rec)
         self._env = self._db = self._pid = self._rec = None
@@ -296,38 +356,85 @@ class FeatureStore:
     # -- metadata ----------------------------------------------------------------------------
     @property
     def manifest(self) -> dict:
-        """The store's manifest (JSON dict): format version, encoder spec, fingerprint, counts.
+        """The manifest of this store's feature set (JSON dict): format version, encoder spec,
+        fingerprint, counts.
 
-        Read afresh at each access (one small read transaction), so that it follows a build
-        that is writing the store: entries, bytes and build state are those committed now.
-        Each access returns a new dict; keep one to compare snapshots."""
-        env = self._environment()
-        self._manifest = read_manifest(env, path=self.path)
+        Read afresh at each access (one small read transaction; inside a `snapshot` block, from
+        its state), so that it follows a build that is writing the set: entries, bytes and build
+        state are those committed now. Each access returns a new dict; keep one to compare."""
+        with self._read_txn() as txn:
+            self._manifest = read_manifest(self._env, txn, path=self.path, feature_set=self.feature_set)
         return self._manifest
 
+    def feature_sets(self) -> list[str]:
+        """The names of the store's feature sets, sorted (works whichever set this object reads,
+        also one the store lacks).
+
+        Example:
+            >>> from featstore import FeatureStore
+            >>> with FeatureStore("data/") as store:
+            ...     store.feature_sets()
+            ['vggt']
+        """
+        if self._env is not None and self._pid == os.getpid():
+            with self._read_txn() as txn:
+                return list_feature_sets(self._env, txn)
+        rec = self._shared_env()
+        try:
+            return list_feature_sets(rec.env, rec.pinned())
+        finally:
+            _release(rec)
+
+    def snapshot(self) -> "StoreSnapshot":
+        """A read scope over one consistent state of the whole store: ``with store.snapshot():``.
+
+        Until the block ends, every read (`get`, `get_many`, `read_into`, `keys`, ``in``,
+        ``len``, `manifest`, `view`) by ANY FeatureStore on this store's environment in the
+        calling thread (e.g. the objects for the "vggt" set and for a vision set of one file)
+        goes through one LMDB read transaction: a build committing meanwhile is not seen, so
+        the entries of one sample come from one state. Nested blocks reuse the outer one. Other
+        threads and processes are not affected.
+
+        Not guaranteed: consistency against a writer needs locking (the default while a build
+        is in progress; a store opened with ``lock=False`` lets a writer reuse the pages the
+        block sees). A block kept open while a build writes makes the file grow (like `view`):
+        keep it around one sample or batch.
+
+        Returns:
+            a `StoreSnapshot` context manager.
+
+        Example:
+            >>> from featstore import FeatureStore
+            >>> store = FeatureStore("data/")
+            >>> with store.snapshot():
+            ...     a = store.get("scene_a/000.jpg")       # both from one read transaction
+            ...     n = len(store)
+            >>> store.close()
+        """
+        return StoreSnapshot(self)
+
     def __len__(self) -> int:
-        env = self._environment()
-        with env.begin() as txn:
+        with self._read_txn() as txn:
             return txn.stat(self._db)["entries"]
 
     def __contains__(self, key) -> bool:
-        env = self._environment()
-        with env.begin(db=self._db, buffers=True) as txn:
-            return txn.get(key_to_bytes(key)) is not None
+        kb = key_to_bytes(key)
+        with self._read_txn() as txn:
+            return txn.get(kb, db=self._db) is not None
 
     def keys(self) -> Iterator[str]:
-        """Iterate over all keys in sorted order (one read transaction per 1024 keys)."""
-        env = self._environment()
+        """Iterate over all keys in sorted order (one read transaction per 1024 keys; inside a
+        `snapshot` block, the block's)."""
         last: bytes | None = None
         while True:
             chunk = []
-            with env.begin(db=self._db) as txn:
-                cur = txn.cursor()
+            with self._read_txn() as txn:
+                cur = txn.cursor(db=self._db)
                 ok = cur.set_range(last) if last is not None else cur.first()
-                if ok and last is not None and cur.key() == last:
+                if ok and last is not None and bytes(cur.key()) == last:
                     ok = cur.next()
                 while ok and len(chunk) < 1024:
-                    chunk.append(cur.key())
+                    chunk.append(bytes(cur.key()))
                     ok = cur.next()
             if not chunk:
                 return
@@ -338,7 +445,7 @@ class FeatureStore:
 
     # -- reads -------------------------------------------------------------------------------
     def _missing(self, key) -> MissingKeyError:
-        return MissingKeyError(f"key {str(key)!r} is not in the store {self.path}")
+        return MissingKeyError(f"key {str(key)!r} is not in the store {self._where}")
 
     def get(self, key, *, copy: bool = True, frames: Sequence[str] | None = None) -> Entry:
         """Return the entry stored under `key`, as tensors that own their memory.
@@ -372,13 +479,13 @@ class FeatureStore:
                 f"get({str(key)!r}, copy=False): zero-copy views are read inside "
                 "`with store.view() as v: v.get(key)`, which keeps them valid until the block ends"
             )
-        return self._get(self._environment(), None, key, copy=True, frames=frames)
+        return self._get(None, key, copy=True, frames=frames)
 
-    def _get(self, env, txn, key, *, copy: bool, frames) -> Entry:
+    def _get(self, txn, key, *, copy: bool, frames) -> Entry:
         kb = key_to_bytes(key)
         if txn is None:
-            with env.begin(db=self._db, buffers=True) as own:
-                return self._get(env, own, key, copy=copy, frames=frames)
+            with self._read_txn() as own:
+                return self._get(own, key, copy=copy, frames=frames)
         value = txn.get(kb, db=self._db)
         if value is None:
             raise self._missing(key)
@@ -399,7 +506,7 @@ class FeatureStore:
         codes = entry.tensors.pop("features")
         entry.tensors.pop(SCALE_TENSOR, None)
         if codes.dtype != FP8_DTYPE:
-            raise CorruptEntryError(f"entry {kb.decode()!r} in {self.path}: features are {codes.dtype}, but the "
+            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {codes.dtype}, but the "
                                     "store holds float8_e4m3fn features (its manifest says so)")
         features = dequantize(codes, self._scale(value, kb), read_dtype(storage_dtype_of(self._manifest)))
         entry.tensors = {name: t.clone() for name, t in entry.tensors.items()}  # the rest: owned copies
@@ -436,12 +543,12 @@ class FeatureStore:
         wanted = [normalize_key(f) for f in frames]
         if entry.frames != wanted:
             raise MissingKeyError(
-                f"key {key!r} in {self.path} was computed on frames {entry.frames}, but {wanted} "
+                f"key {key!r} in {self._where} was computed on frames {entry.frames}, but {wanted} "
                 "were asked for: the cached context differs (a miss). Rebuild with the same annotations."
             )
 
     def _no_tensor(self, kb: bytes, value, tensor: str) -> EntrySchemaError:
-        return EntrySchemaError(f"entry {kb.decode()!r} in {self.path} has no tensor {tensor!r} "
+        return EntrySchemaError(f"entry {kb.decode()!r} in {self._where} has no tensor {tensor!r} "
                                f"(it has {sorted(decode_entry(value, key=kb.decode()).tensors)})")
 
     @staticmethod
@@ -454,7 +561,7 @@ class FeatureStore:
     def _values(self, txn, kbs: list[bytes], keys: list) -> list[memoryview]:
         values = []
         for kb, key in zip(kbs, keys):
-            value = txn.get(kb)
+            value = txn.get(kb, db=self._db)
             if value is None:
                 raise self._missing(key)
             values.append(value)
@@ -521,7 +628,7 @@ class FeatureStore:
         rows = _byte_rows(out)
         memo: dict = {}  # tensor_span's per-batch memo: one layout, one byte comparison per entry
         checked = None  # the (dtype, shape) of an entry already checked against out's slot
-        with env.begin(db=self._db, buffers=True) as txn:
+        with self._read_txn() as txn:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
                 if frames is None and not self.verify_checksums and (out is None or rows is not None):
@@ -568,7 +675,7 @@ class FeatureStore:
         if tuple(shape) != tuple(out.shape[1:]):
             raise self._wrong_slot(kb, tuple(shape), stored, out)
         if quantised and stored != FP8_DTYPE:
-            raise CorruptEntryError(f"entry {kb.decode()!r} in {self.path}: features are {stored}, but the store "
+            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {stored}, but the store "
                                     "holds float8_e4m3fn features (its manifest says so)")
         if stored != out.dtype and not cast:
             raise self._wrong_slot(kb, tuple(shape), stored, out)
@@ -580,7 +687,7 @@ class FeatureStore:
         except KeyError:
             raise self._no_tensor(kb, value, SCALE_TENSOR) from None
         if dtype != torch.float32:
-            raise CorruptEntryError(f"entry {kb.decode()!r} in {self.path}: {SCALE_TENSOR} is {dtype}, not float32")
+            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: {SCALE_TENSOR} is {dtype}, not float32")
         return torch.from_numpy(np.frombuffer(value, np.float32, nbytes // 4, offset).copy())
 
     def get_many(self, keys: Iterable) -> list[Entry]:
@@ -589,27 +696,25 @@ class FeatureStore:
         Raises MissingKeyError naming the first missing key; nothing is returned then."""
         keys = list(keys)
         kbs = [key_to_bytes(k) for k in keys]
-        env = self._environment()
-        with env.begin(db=self._db, buffers=True) as txn:
+        with self._read_txn() as txn:
             values = self._values(txn, kbs, keys)
             return [self._decode(v, kb, copy=True) for kb, v in zip(kbs, values)]
 
     def raw_items(self, start: str | None = None) -> Iterator[tuple[str, bytes]]:
         """Iterate (key, value bytes) in key order, copying each value (for verify and merge)."""
-        env = self._environment()
         last = start.encode("utf-8") if start else None
         skip_first = False
         while True:
             chunk = []
-            with env.begin(db=self._db) as txn:
-                cur = txn.cursor()
+            with self._read_txn() as txn:
+                cur = txn.cursor(db=self._db)
                 ok = cur.set_range(last) if last is not None else cur.first()
-                if ok and skip_first and cur.key() == last:
+                if ok and skip_first and bytes(cur.key()) == last:
                     ok = cur.next()
                 size = 0
                 while ok and len(chunk) < 256 and size < (256 << 20):
                     k, v = cur.item()
-                    chunk.append((k, v))
+                    chunk.append((bytes(k), bytes(v)))
                     size += len(v)
                     ok = cur.next()
             if not chunk:
@@ -631,6 +736,7 @@ class StoreView:
         self._txn = None
         self._rec: _OpenEnv | None = None
         self._pid: int | None = None
+        self._own = False  # whether the transaction is this view's (else a snapshot block's)
 
     def __enter__(self) -> "StoreView":
         if self._txn is not None:
@@ -639,7 +745,8 @@ class StoreView:
         rec = self.store._rec
         rec.refs += 1  # the map stays mapped until __exit__, whatever close() is called
         try:
-            self._txn = env.begin(db=self.store._db, buffers=True)
+            pinned = rec.pinned()  # inside a snapshot block: its transaction, which outlives the view
+            self._txn, self._own = (pinned, False) if pinned is not None else (env.begin(buffers=True), True)
         except BaseException:
             _release(rec)
             raise
@@ -656,10 +763,73 @@ class StoreView:
                 f"{self.store.path}: this store view is closed (or was inherited across fork); "
                 "read inside `with store.view() as v:` in the process that opened it"
             )
-        return self.store._get(self._rec.env, self._txn, key, copy=False, frames=frames)
+        return self.store._get(self._txn, key, copy=False, frames=frames)
 
     def __exit__(self, *exc) -> None:
         txn, rec, self._txn, self._rec = self._txn, self._rec, None, None
         if txn is not None and self._pid == os.getpid():
+            if self._own:
+                txn.abort()
+            _release(rec)
+
+
+class StoreSnapshot:
+    """One read transaction pinned for every read on a store's environment in this thread;
+    see `FeatureStore.snapshot`.
+
+    Entering the outermost block opens the handles of every feature set, begins the
+    transaction and holds a reference on the environment (so `close()` of a store inside the
+    block cannot unmap it); inner blocks reuse it; leaving the outermost block ends both.
+    """
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self._rec: _OpenEnv | None = None
+        self._pid: int | None = None
+
+    def __enter__(self) -> "StoreSnapshot":
+        if self._rec is not None:
+            raise FeatstoreError(f"{self.store.path}: this snapshot is already open; use a new store.snapshot()")
+        env = self.store._environment()
+        rec = self.store._rec
+        pins = rec.pins
+        if getattr(pins, "txn", None) is not None:
+            pins.depth += 1
+        else:
+            # A handle opened after a transaction began is unknown to it (LMDB), so every set's
+            # handle is opened first: stores of other sets may open inside the block.
+            with env.begin() as txn:
+                names = list_feature_sets(env, txn)
+            env.open_db(META_DB, create=False)
+            for name in names:
+                try:
+                    env.open_db(features_db(name), create=False)
+                except lmdb.NotFoundError:
+                    pass  # a damaged set: its reader reports it
+            rec.refs += 1
+            try:
+                pins.txn, pins.depth = env.begin(buffers=True), 1
+            except BaseException:
+                _release(rec)
+                raise
+        self._rec, self._pid = rec, os.getpid()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        rec, self._rec = self._rec, None
+        if rec is None or self._pid != os.getpid():
+            return
+        pins = rec.pins
+        pins.depth -= 1
+        if pins.depth == 0:
+            txn, pins.txn = pins.txn, None
             txn.abort()
             _release(rec)
+
+
+def _build_complete(env, txn, path: str, feature_set: str) -> bool:
+    """Whether the set's manifest says its build is complete (False when it does not read)."""
+    try:
+        return read_manifest(env, txn, path=path, feature_set=feature_set).get("build", {}).get("state") == "complete"
+    except FeatstoreError:
+        return False

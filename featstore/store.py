@@ -1,11 +1,17 @@
 """The on-disk layout of a store: one LMDB environment directory with named sub-databases.
 
     <data-root>/vggt_features.lmdb/      LMDB environment (data.mdb, lock.mdb)
-        sub-db "features"  key (UTF-8 relative path) -> safetensors blob (featstore.format)
-        sub-db "meta"      b"manifest" -> JSON manifest; b"last_build" -> JSON build report
+        sub-db "features"       key (UTF-8 relative path) -> safetensors blob (featstore.format)
+        sub-db "meta"           b"manifest" -> JSON manifest; b"last_build" -> JSON build report
+        sub-db "features.NAME"  the entries of feature set NAME; its manifest and build report
+                                are b"manifest.NAME" and b"last_build.NAME" in "meta"
 
-The manifest is rewritten in the same transaction as every batch of entries, so its entry
-count and bytes always describe exactly what is committed. See docs/FORMAT.md.
+A store holds one or more named **feature sets** (the features of one encoder spec each, e.g.
+VGGT's and a vision tower's). The primary set, "vggt", is the original layout (`features`,
+`manifest`, `last_build`), so every store written before feature sets existed is a store with
+one set. Each set's manifest is rewritten in the same transaction as every batch of that
+set's entries, so its entry count and bytes always describe exactly what is committed. See
+docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import struct
 from typing import Any
 
 import lmdb
 
 from featstore import __version__
-from featstore.errors import (CorruptStoreError, FeatstoreError, FingerprintMismatchError, ManifestError,
-                              StoreAlreadyOpenError, StoreNotFoundError)
+from featstore.encoders import PRIMARY_FEATURE_SET
+from featstore.errors import (CorruptStoreError, FeatstoreError, FeatureSetNotFoundError, FingerprintMismatchError,
+                              InvalidFeatureSetError, ManifestError, StoreAlreadyOpenError, StoreNotFoundError)
 
 __all__ = [
     "DEFAULT_STORE_NAME",
@@ -32,6 +40,16 @@ __all__ = [
     "META_DB",
     "MANIFEST_KEY",
     "LAST_BUILD_KEY",
+    "PRIMARY_FEATURE_SET",
+    "MAX_FEATURE_SETS",
+    "check_feature_set",
+    "default_feature_set",
+    "features_db",
+    "manifest_key",
+    "last_build_key",
+    "feature_set_label",
+    "list_feature_sets",
+    "read_manifests",
     "resolve_store_path",
     "is_store",
     "open_env",
@@ -55,7 +73,100 @@ FEATURES_DB = b"features"
 META_DB = b"meta"
 MANIFEST_KEY = b"manifest"
 LAST_BUILD_KEY = b"last_build"
-MAX_DBS = 8  # room for more sub-databases (frame index, journal) without a format change
+# LMDB fixes how many named sub-databases one process may open when it opens the environment
+# (max_dbs): "meta", one per feature set, and room for later ones (a frame index, a journal).
+# Readers with a smaller max_dbs (featstore before feature sets: 8) still open any store: they
+# open only `features` and `meta`, and LMDB counts the sub-databases a process opens, not those
+# the file holds.
+MAX_DBS = 64
+MAX_FEATURE_SETS = 32  # the writer refuses more (each set is a sub-database: MAX_DBS bounds them)
+# Feature set names: lower-case letters, digits and '_', 1 to 32 of them, so that the sub-database
+# and meta key names built from them are unambiguous ('.' separates) and safe in file names.
+_FEATURE_SET_NAME = re.compile(r"[a-z0-9_]{1,32}")
+_MANIFEST_PREFIX = MANIFEST_KEY + b"."
+
+
+def check_feature_set(name) -> str:
+    """Return `name` when it is a valid feature set name, else raise InvalidFeatureSetError.
+
+    A name is 1 to 32 characters of ``[a-z0-9_]``; "vggt" is the primary set (the store's
+    original sub-database `features`).
+
+    Example:
+        >>> from featstore.store import check_feature_set
+        >>> check_feature_set("qwen_vision")
+        'qwen_vision'
+    """
+    if not isinstance(name, str) or not _FEATURE_SET_NAME.fullmatch(name):
+        raise InvalidFeatureSetError(
+            f"feature set name {name!r} is not valid: use 1 to 32 characters of lower-case letters, digits "
+            f"and '_' (e.g. {PRIMARY_FEATURE_SET!r}, 'qwen_vision')")
+    return name
+
+
+def default_feature_set(encoder=None) -> str:
+    """The feature set that features of `encoder` go to unless told otherwise: the registry's
+    `feature_set_of(name)` for a registered encoder (a name, an EncoderSpec or its dict), else
+    the primary set "vggt" (an unregistered encoder, or none)."""
+    from featstore.encoders import available_encoders, feature_set_of
+
+    name = encoder.get("encoder") if isinstance(encoder, dict) else getattr(encoder, "encoder", encoder)
+    if isinstance(name, str) and name in available_encoders():
+        return check_feature_set(feature_set_of(name))
+    return PRIMARY_FEATURE_SET
+
+
+def features_db(feature_set: str = PRIMARY_FEATURE_SET) -> bytes:
+    """The sub-database holding the entries of `feature_set`: b"features" for the primary set,
+    b"features.NAME" for the others."""
+    check_feature_set(feature_set)
+    return FEATURES_DB if feature_set == PRIMARY_FEATURE_SET else FEATURES_DB + b"." + feature_set.encode()
+
+
+def manifest_key(feature_set: str = PRIMARY_FEATURE_SET) -> bytes:
+    """The "meta" key of `feature_set`'s manifest: b"manifest", or b"manifest.NAME"."""
+    check_feature_set(feature_set)
+    return MANIFEST_KEY if feature_set == PRIMARY_FEATURE_SET else _MANIFEST_PREFIX + feature_set.encode()
+
+
+def last_build_key(feature_set: str = PRIMARY_FEATURE_SET) -> bytes:
+    """The "meta" key of `feature_set`'s last build report: b"last_build", or b"last_build.NAME"."""
+    check_feature_set(feature_set)
+    return LAST_BUILD_KEY if feature_set == PRIMARY_FEATURE_SET else LAST_BUILD_KEY + b"." + feature_set.encode()
+
+
+def feature_set_label(path: str, feature_set: str = PRIMARY_FEATURE_SET) -> str:
+    """How messages name a set of a store: the path alone for the primary set (as before sets
+    existed), ``PATH [feature set 'NAME']`` for the others."""
+    return path if feature_set == PRIMARY_FEATURE_SET else f"{path} [feature set {feature_set!r}]"
+
+
+def list_feature_sets(env: lmdb.Environment, txn: lmdb.Transaction | None = None) -> list[str]:
+    """The feature sets of an open store, sorted: one per manifest key in "meta" (b"manifest" is
+    the primary set, b"manifest.NAME" set NAME; keys of other shapes are ignored, as readers
+    ignore what they do not know). [] when the store has no "meta" sub-database."""
+    try:
+        meta_db = env.open_db(META_DB, txn=txn, create=False)
+    except lmdb.NotFoundError:
+        return []
+    if txn is None:
+        with env.begin() as t:
+            return list_feature_sets(env, t)
+    names = []
+    cur = txn.cursor(db=meta_db)
+    ok = cur.set_range(MANIFEST_KEY)
+    while ok:
+        key = bytes(cur.key())
+        if key == MANIFEST_KEY:
+            names.append(PRIMARY_FEATURE_SET)
+        elif key.startswith(_MANIFEST_PREFIX):
+            name = key[len(_MANIFEST_PREFIX):].decode("utf-8", "replace")
+            if _FEATURE_SET_NAME.fullmatch(name) and name != PRIMARY_FEATURE_SET:
+                names.append(name)
+        else:
+            break  # keys are sorted: past b"manifest." there are no more manifests
+        ok = cur.next()
+    return sorted(names)
 
 
 def lmdb_value_offset(env: lmdb.Environment) -> int:
@@ -190,9 +301,11 @@ def _truncated_error(path: str, short: tuple[int, int]) -> CorruptStoreError:
         "is damaged (a copy cut short, a full disk in a copy): restore it from a good copy or rebuild it.")
 
 
-def existing_manifest(path: str) -> dict | None:
-    """The manifest of the store at `path`, or None when there is no store yet: no data.mdb,
-    or an empty environment (a first build killed before its first commit)."""
+def existing_manifest(path: str, feature_set: str = PRIMARY_FEATURE_SET) -> dict | None:
+    """The manifest of `feature_set` in the store at `path`, or None when there is no such set
+    yet: no data.mdb, an empty environment (a first build killed before its first commit), or a
+    store that holds other sets only."""
+    check_feature_set(feature_set)
     if not is_store(path):
         return None
     env = open_env(path, readonly=True, lock=False)
@@ -200,20 +313,30 @@ def existing_manifest(path: str) -> dict | None:
         with env.begin() as txn:
             if is_uninitialised(env, txn):
                 return None
-        return read_manifest(env, path=path)
+            sets = list_feature_sets(env, txn)
+            if sets and feature_set not in sets:
+                return None
+        return read_manifest(env, path=path, feature_set=feature_set)
     finally:
         env.close()
 
 
+def _is_features_db(name: bytes) -> bool:
+    return name == FEATURES_DB or (name.startswith(FEATURES_DB + b".")
+                                   and _FEATURE_SET_NAME.fullmatch(name[len(FEATURES_DB) + 1:].decode("utf-8", "replace"))
+                                   is not None)
+
+
 def is_uninitialised(env: lmdb.Environment, txn: lmdb.Transaction) -> bool:
     """True for an environment that holds no featstore data yet: no sub-database other than
-    ours, no manifest and no entries (what a build killed before its first commit leaves)."""
+    ours, no manifest of any feature set and no entries (what a build killed before its first
+    commit leaves)."""
     names = [bytes(k) for k, _ in txn.cursor()]
-    if not set(names) <= {FEATURES_DB, META_DB}:
+    if not all(n == META_DB or _is_features_db(n) for n in names):
         return False
-    if META_DB in names and txn.get(MANIFEST_KEY, db=env.open_db(META_DB, txn=txn, create=False)) is not None:
+    if META_DB in names and list_feature_sets(env, txn):
         return False
-    return FEATURES_DB not in names or txn.stat(env.open_db(FEATURES_DB, txn=txn, create=False))["entries"] == 0
+    return all(txn.stat(env.open_db(n, txn=txn, create=False))["entries"] == 0 for n in names if n != META_DB)
 
 
 def format_version_for(spec) -> int:
@@ -240,35 +363,60 @@ def new_manifest(spec=None) -> dict:
     }
 
 
-def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *, path: str = "") -> dict:
-    """Read and check the manifest of an open store. Raises ManifestError naming `path`."""
+def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *, path: str = "",
+                  feature_set: str = PRIMARY_FEATURE_SET) -> dict:
+    """Read and check the manifest of `feature_set` (default the primary set) in an open store.
+
+    Raises:
+        ManifestError: naming `path` (and the set): not a featstore database, an unreadable
+            manifest, an unsupported format version.
+        FeatureSetNotFoundError: the store has no such set (the message lists the sets it has).
+    """
+    key = manifest_key(feature_set)
+    where = feature_set_label(path, feature_set)
     try:
         meta_db = env.open_db(META_DB, txn=txn, create=False)
     except lmdb.NotFoundError:
         raise ManifestError(f"{path}: not a featstore database (no '{META_DB.decode()}' sub-database)") from None
     if txn is None:
-        with env.begin(db=meta_db) as t:
-            raw = t.get(MANIFEST_KEY)
-            raw = bytes(raw) if raw is not None else None
-    else:
-        raw = txn.get(MANIFEST_KEY, db=meta_db)
-        raw = bytes(raw) if raw is not None else None
+        with env.begin() as t:
+            return read_manifest(env, t, path=path, feature_set=feature_set)
+    raw = txn.get(key, db=meta_db)
+    raw = bytes(raw) if raw is not None else None
     if raw is None:
-        raise ManifestError(f"{path}: the store has no manifest")
+        have = list_feature_sets(env, txn)
+        if not have:
+            raise ManifestError(f"{path}: the store has no manifest")
+        raise FeatureSetNotFoundError(
+            f"{path}: the store has no feature set {feature_set!r}; it has {', '.join(map(repr, have))}. Open one "
+            f"of those (FeatureStore(..., feature_set=NAME), --feature-set NAME), or build this one into the store "
+            f"(`featstore build --feature-set {feature_set}`)")
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: the manifest is not valid JSON ({e})") from None
+        raise ManifestError(f"{where}: the manifest is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "featstore":
-        raise ManifestError(f"{path}: the manifest is not a featstore manifest")
+        raise ManifestError(f"{where}: the manifest is not a featstore manifest")
     version = manifest.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ManifestError(
-            f"{path}: store format version {version!r} is not supported by featstore {__version__} "
+            f"{where}: store format version {version!r} is not supported by featstore {__version__} "
             f"(supports {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); rebuild the store or install a "
             "matching featstore"
         )
     return manifest
+
+
+def read_manifests(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *, path: str = "") -> dict[str, dict]:
+    """{feature set: its manifest} for every set of an open store, in name order, read in one
+    transaction. Raises ManifestError like `read_manifest` (a store without any set included)."""
+    if txn is None:
+        with env.begin() as t:
+            return read_manifests(env, t, path=path)
+    names = list_feature_sets(env, txn)
+    if not names:
+        read_manifest(env, txn, path=path)  # raises the error that says what the store lacks
+    return {name: read_manifest(env, txn, path=path, feature_set=name) for name in names}
 
 
 # What to do about a spec mismatch, per caller (the message always lists every differing field).

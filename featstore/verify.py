@@ -2,6 +2,10 @@
 
 Optionally (--recompute N) also compares stored features with features recomputed on the encoder.
 
+A store of several feature sets (docs/FORMAT.md, "Feature sets") is checked set by set, each
+against its own manifest, spec and plan (an image encoder's plan is one unit per image);
+`--feature-set NAME` restricts the check. Findings of a store with several sets name theirs.
+
 Exit status: 0 clean, 1 problems found (each names its key and what to do), 2 cannot run (no
 store, not an LMDB file, unreadable manifest, bad arguments).
 
@@ -30,6 +34,7 @@ Examples:
   featstore verify data/                          # store beside the data: all checks
   featstore verify /nvme/vggt_features.lmdb --data-root data/ --annotations data/train.json
   featstore verify data/ --deep --recompute 16 --weights /ckpt/model.safetensors --json
+  featstore verify data/ --feature-set NAME --recompute 4 --weights NAME=/ckpt/vision.safetensors
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import lmdb
 
@@ -52,10 +58,11 @@ from featstore.dtypes import is_quantised
 from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
-from featstore.store import (DEFAULT_STORE_NAME, LAST_BUILD_KEY, META_DB, resolve_store_path, storage_dtype_of,
-                             truncated_size)
+from featstore.store import (DEFAULT_STORE_NAME, META_DB, PRIMARY_FEATURE_SET, check_feature_set, feature_set_label,
+                             last_build_key, resolve_store_path, storage_dtype_of, truncated_size)
 
-__all__ = ["Finding", "Report", "verify_store", "PROBLEM_KINDS", "configure_parser", "run"]
+__all__ = ["Finding", "Report", "verify_store", "plan_unit_of", "parse_weights", "PROBLEM_KINDS", "configure_parser",
+           "run"]
 
 logger = logging.getLogger("featstore")
 
@@ -93,22 +100,30 @@ _MAX_LISTED = 20  # findings per kind in the human summary (JSON lists all)
 
 @dataclass
 class Finding:
-    """One problem: its kind (a key of PROBLEM_KINDS), the key it concerns, and a message."""
+    """One problem: its kind (a key of PROBLEM_KINDS), the key it concerns, a message, and the
+    feature set it concerns (None: the whole store, e.g. a damaged data.mdb)."""
 
     kind: str
     message: str
     key: str | None = None
+    feature_set: str | None = None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "key": self.key, "message": self.message}
+        return {"kind": self.kind, "key": self.key, "message": self.message, "feature_set": self.feature_set}
 
 
 @dataclass
 class Report:
-    """What `verify_store` found. `exit_code` is 0 when `problems` is empty, else 1."""
+    """What `verify_store` found. `exit_code` is 0 when `problems` is empty, else 1.
+
+    The report of a store covers every feature set verified: `problems`, `entries`,
+    `bytes_read`, `recomputed` and `unplanned` are over all of them, and `feature_sets` holds one
+    Report per set (its `feature_set` names it). `manifest` is the primary set's when it was
+    verified, else the first set's."""
 
     path: str
     data_root: str | None = None
+    feature_set: str | None = None  # the set this report is about; None: the whole store
     manifest: dict | None = None
     checks: list[str] = field(default_factory=list)
     entries: int = 0
@@ -121,6 +136,8 @@ class Report:
     unplanned: list[str] = field(default_factory=list)
     """Keys the plan does not ask for (not a problem; `featstore gc --unplanned` removes them)."""
     seconds: float = 0.0
+    feature_sets: dict[str, "Report"] = field(default_factory=dict)
+    """Per feature set verified, its own report (the store's report only)."""
 
     @property
     def ok(self) -> bool:
@@ -142,7 +159,8 @@ class Report:
         return out
 
     def keys_with(self, *kinds: str) -> list[str]:
-        """Sorted distinct keys of the findings of `kinds` (e.g. what gc removes)."""
+        """Sorted distinct keys of the findings of `kinds` (e.g. what gc removes); per set:
+        ``report.feature_sets[name].keys_with(...)``."""
         return sorted({f.key for f in self.problems if f.kind in kinds and f.key is not None})
 
     def add(self, kind: str, message: str, key: str | None = None) -> None:
@@ -159,7 +177,36 @@ class Report:
             "recomputed": self.recomputed, "unplanned": len(self.unplanned),
             "fingerprint": (self.manifest or {}).get("fingerprint"),
             "build_state": (self.manifest or {}).get("build", {}).get("state"),
+            "feature_sets": {name: sub._set_summary() for name, sub in self.feature_sets.items()},
         }
+
+    def _set_summary(self) -> dict:
+        manifest = self.manifest or {}
+        return {"feature_set": self.feature_set, "ok": self.ok, "encoder": (manifest.get("encoder") or {}).get("encoder"),
+                "fingerprint": manifest.get("fingerprint"), "build_state": (manifest.get("build") or {}).get("state"),
+                "entries": self.entries, "bytes_read": self.bytes_read, "counts": self.counts(),
+                "unplanned": len(self.unplanned), "recomputed": len(self.recomputed)}
+
+    def _merge(self, sub: "Report", *, labelled: bool) -> None:
+        """Add the report of one feature set to this store's report. `labelled`: the store has
+        several sets (or this one is not the primary): findings and notes then name the set."""
+        name = sub.feature_set
+        prefix = f"[{name}] " if labelled else ""
+        for f in sub.problems:
+            f.feature_set = name
+            f.message = prefix + f.message
+        sub.notes = [prefix + n for n in sub.notes]
+        self.feature_sets[name] = sub
+        self.checks += [c for c in sub.checks if c not in self.checks]
+        self.problems += sub.problems
+        self.notes += sub.notes
+        self.entries += sub.entries
+        self.bytes_read += sub.bytes_read
+        self.read_seconds += sub.read_seconds
+        self.recomputed += [dict(r, feature_set=name) for r in sub.recomputed]
+        self.unplanned += sub.unplanned
+        if self.manifest is None or name == PRIMARY_FEATURE_SET:
+            self.manifest = sub.manifest
 
     def summary(self) -> str:
         """A readable multi-line summary: what was checked, then problems grouped by kind."""
@@ -167,6 +214,12 @@ class Report:
                  f"checked    {', '.join(self.checks)}",
                  f"entries    {self.entries} ({self.bytes_read / 1e9:.3f} GB read in {self.read_seconds:.2f} s, "
                  f"{self.gb_per_s:.2f} GB/s, {self.workers} threads)"]
+        if len(self.feature_sets) > 1 or set(self.feature_sets) - {PRIMARY_FEATURE_SET}:
+            for name, sub in self.feature_sets.items():
+                m = sub._set_summary()
+                lines.append(f"set        {name}: {m['encoder']} fingerprint {str(m['fingerprint'])[:16]}, "
+                             f"{m['entries']} entries, build {m['build_state']}, "
+                             + ("ok" if sub.ok else ", ".join(f"{n} {k}" for k, n in m["counts"].items())))
         for r in self.recomputed:
             lines.append(f"recompute  {r['key']}: max abs err {r.get('max_abs_error', float('nan')):.3g} "
                          f"(rel {r.get('rel_error', float('nan')):.3g}), cosine {r.get('cosine', float('nan')):.6f} "
@@ -400,11 +453,23 @@ def _check_sources(records: list[_Record], data_root: str, deep: bool, pool, rep
     return fresh
 
 
+def plan_unit_of(manifest: dict, feature_set: str) -> str | None:
+    """The unit kind a set was planned with: the registry's for its encoder (`unit_of`);
+    "sequence" for a primary set whose encoder this featstore does not register (as before
+    feature sets existed); None (unknown) for another set of an unregistered encoder."""
+    from featstore.encoders import available_encoders, unit_of
+
+    name = (manifest.get("encoder") or {}).get("encoder")
+    if isinstance(name, str) and name in available_encoders():
+        return unit_of(name)
+    return "sequence" if feature_set == PRIMARY_FEATURE_SET else None
+
+
 def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, annotations,
-                report: Report) -> None:
+                report: Report, unit_kind: str = "sequence") -> None:
     from featstore.plan import plan_units
 
-    units = plan_units(data_root, annotations)
+    units = plan_units(data_root, annotations, unit=unit_kind)
     planned = set()
     for unit in units:
         planned.add(unit.key)
@@ -419,7 +484,8 @@ def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, 
     extra = sorted(k for k in records if k not in planned)
     report.unplanned = extra
     how = "annotations" if annotations else "a scan of the data root (pass --annotations if built from them)"
-    report.notes.append(f"plan: {len(units)} units from {how}")
+    per = ", one per image" if unit_kind == "image" and annotations else ""
+    report.notes.append(f"plan: {len(units)} units from {how}{per}")
     if extra:
         report.notes.append(f"{len(extra)} entries are not in the plan (e.g. {extra[0]!r}); harmless, "
                             "`featstore gc --unplanned` removes them")
@@ -428,7 +494,7 @@ def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, 
 # -- 6. recompute ---------------------------------------------------------------------------
 
 def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: str, n: int, seed: int,
-               weights, device: str, report: Report) -> None:
+               weights: str | None, device: str, report: Report) -> None:
     from featstore.compare import compare_features
     from featstore.encode import encode_unit, encoder_for_manifest
     from featstore.plan import Unit
@@ -439,7 +505,13 @@ def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: s
     report.notes.append(f"recompute: {len(chosen)} of {len(keys)} fresh entries (seed {seed}) on {device}")
     if not chosen:
         return
-    encoder = encoder_for_manifest(manifest, weights=weights, device=device)
+    try:
+        encoder = encoder_for_manifest(manifest, weights=weights, device=device)
+    except FeatstoreError as e:
+        if store.feature_set == PRIMARY_FEATURE_SET:
+            raise
+        # Name the set and how to give it weights: several sets may each need their own.
+        raise type(e)(f"feature set {store.feature_set!r}: {e} (pass --weights {store.feature_set}=PATH)") from None
     for key in chosen:
         unit = Unit(key, tuple(records[key].frames))
         stored = store.get(key, copy=True).features
@@ -468,16 +540,19 @@ def _default_data_root(given: str, resolved: str) -> str | None:
     return None
 
 
-def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
+def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] | None = None,
+                 data_root: str | os.PathLike | None = None,
                  annotations: Sequence[str] | None = None, deep: bool = False, recompute: int = 0,
-                 seed: int | None = None, weights: str | None = None, device: str = "cpu",
-                 workers: int | None = None, structure: bool = True, progress: bool = False,
-                 log: bool = True) -> Report:
+                 seed: int | None = None, weights: str | Mapping[str | None, str] | None = None,
+                 device: str = "cpu", workers: int | None = None, structure: bool = True,
+                 progress: bool = False, log: bool = True) -> Report:
     """Check a store; see the module docstring for the checks.
 
     Args:
         store: the store directory, or a data root holding ``vggt_features.lmdb`` (then it is
             also the data root unless `data_root` is given).
+        feature_set: the feature set(s) to check (a name or several); None: every set of the
+            store, each against its own manifest, spec and plan.
         data_root: the images' folder; enables the source and plan checks. Default: none, or
             `store` when it is a data root.
         annotations: training's annotation files; the plan is one unit per sample (default: one
@@ -485,7 +560,11 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
         deep: also compare each source's sha256 with the one recorded at build time.
         recompute: re-encode this many random fresh units and compare (needs a data root).
         seed: for choosing the recomputed units (default: random; the report notes it).
-        weights / device: for the recompute encoder (`featstore.encode.encoder_for_manifest`).
+        weights: for the recompute encoders (`featstore.encode.encoder_for_manifest`): a path
+            (for the one set verified, or the primary set when several are), or {set name:
+            path} (the key None: as a plain path). Sets without weights rebuild their encoder
+            without (fine for random-weight encoders).
+        device: for the recompute encoders.
         workers: reader threads (default min(16, 2 x CPUs)).
         structure: run LMDB's full structural audit first (py-lmdb >= 3.0; reads every page
             header once). With False only the file size is checked.
@@ -494,11 +573,12 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
             clean, WARNING otherwise). The CLI passes False: it prints the whole summary itself.
 
     Returns:
-        A `Report`; ``report.exit_code`` is 0 when clean, else 1.
+        A `Report` over the sets checked (``report.feature_sets``: one per set);
+        ``report.exit_code`` is 0 when clean, else 1.
 
     Raises:
         FeatstoreError: verification cannot run (no store, not LMDB, unreadable manifest,
-            bad arguments); the message names the path and the fix.
+            a feature set the store lacks, bad arguments); the message names the path and the fix.
 
     Example:
         >>> from featstore.verify import verify_store
@@ -531,36 +611,30 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
         report.notes.append("entries not read: mapping a damaged data.mdb can crash the reading process")
         report.seconds = time.perf_counter() - t0
         return report
-    fs = FeatureStore(path)
+    probe = FeatureStore(path)
     try:
         try:
-            manifest = fs.manifest
-            env, db = fs._environment(), fs._db
+            present = probe.feature_sets()
+            if not present:
+                probe.manifest  # raises what the store lacks (no manifest, not a featstore database)
         except lmdb.Error as e:
             raise CorruptStoreError(f"{path}: LMDB cannot read it ({e}); restore or rebuild the store") from None
-        report.manifest = manifest
-        _check_manifest(manifest, env, report)
-        records = _read_entries(env, db, manifest, workers, progress, report)
-        with cf.ThreadPoolExecutor(workers) as pool:
-            fresh = set(records)
-            if data_root is not None:
-                report.checks.append("sources (size, mtime" + (", sha256)" if deep else ")"))
-                fresh = _check_sources(list(records.values()), data_root, deep, pool, report)
-                report.checks.append("plan coverage")
-                _check_plan(records, set(report.keys_with("corrupt")) | set(records), data_root, annotations,
-                            report)
-            else:
-                report.notes.append("no data root: coverage, orphans and staleness not checked "
-                                    "(pass --data-root)")
-        if recompute:
-            report.checks.append(f"recompute {recompute}")
-            if seed is None:
-                seed = random.SystemRandom().randrange(1 << 31)
-            bad = set(report.keys_with("corrupt", "dtype", "shape", "fingerprint", "frames"))
-            candidates = [k for k in fresh if k not in bad and records[k].frames]
-            _recompute(fs, candidates, records, data_root, recompute, seed, weights, device, report)
+        chosen = _chosen_sets(feature_set, present, path)
+        per_set_weights = _weights_per_set(weights, chosen)
+        if recompute and seed is None:
+            seed = random.SystemRandom().randrange(1 << 31)  # one seed for every set, noted in each
+        for name in chosen:
+            sub = Report(path=path, data_root=data_root, feature_set=name, workers=workers)
+            fs = FeatureStore(path, feature_set=name)
+            try:
+                _verify_set(fs, sub, data_root=data_root, annotations=annotations, deep=deep, recompute=recompute,
+                            seed=seed, weights=per_set_weights.get(name), device=device, workers=workers,
+                            progress=progress)
+            finally:
+                fs.close()
+            report._merge(sub, labelled=len(present) > 1 or name != PRIMARY_FEATURE_SET)
     finally:
-        fs.close()
+        probe.close()
     report.seconds = time.perf_counter() - t0
     found = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts().items()))
     if log:
@@ -570,7 +644,80 @@ def verify_store(store: str | os.PathLike, *, data_root: str | os.PathLike | Non
     return report
 
 
+def _chosen_sets(feature_set, present: list[str], path: str) -> list[str]:
+    """The sets to verify: all of the store's, or those named (each must exist)."""
+    from featstore.errors import FeatureSetNotFoundError
+
+    if feature_set is None:
+        return list(present)
+    names = [feature_set] if isinstance(feature_set, str) else list(feature_set)
+    for name in names:
+        check_feature_set(name)
+        if name not in present:
+            raise FeatureSetNotFoundError(f"{path}: the store has no feature set {name!r}; it has "
+                                          f"{', '.join(map(repr, present))} (--feature-set)")
+    return sorted(set(names))
+
+
+def _weights_per_set(weights, chosen: list[str]) -> dict[str, str]:
+    """{set: weights} from `verify_store`'s `weights` argument (see there)."""
+    if weights is None:
+        return {}
+    given = {None: weights} if isinstance(weights, (str, os.PathLike)) else dict(weights)
+    out: dict[str, str] = {}
+    for name, path in given.items():
+        if name is None:
+            name = chosen[0] if len(chosen) == 1 else PRIMARY_FEATURE_SET
+        elif name not in chosen:
+            raise FeatstoreError(f"--weights {name}=...: feature set {name!r} is not being verified (verified: "
+                                 f"{', '.join(chosen)}); check the name, or select it with --feature-set")
+        if name in out and out[name] != os.fspath(path):
+            raise FeatstoreError(f"--weights: two weights given for feature set {name!r} ({out[name]} and {path})")
+        out[name] = os.fspath(path)
+    return out
+
+
+def _verify_set(fs, report: Report, *, data_root, annotations, deep: bool, recompute: int, seed, weights,
+                device: str, workers: int, progress: bool) -> None:
+    """Checks 2-6 of one feature set (the store's `fs.feature_set`), into its own `report`."""
+    path = fs.path
+    t0 = time.perf_counter()
+    try:
+        manifest = fs.manifest
+        env, db = fs._environment(), fs._db
+    except lmdb.Error as e:
+        raise CorruptStoreError(f"{path}: LMDB cannot read it ({e}); restore or rebuild the store") from None
+    report.manifest = manifest
+    _check_manifest(manifest, env, report)
+    records = _read_entries(env, db, manifest, workers, progress, report)
+    with cf.ThreadPoolExecutor(workers) as pool:
+        fresh = set(records)
+        if data_root is not None:
+            report.checks.append("sources (size, mtime" + (", sha256)" if deep else ")"))
+            fresh = _check_sources(list(records.values()), data_root, deep, pool, report)
+            unit = plan_unit_of(manifest, fs.feature_set)
+            if unit is None:
+                report.notes.append(f"plan: not checked: encoder {(manifest.get('encoder') or {}).get('encoder')!r} "
+                                    "is not registered in this featstore, so its unit kind is unknown")
+            else:
+                report.checks.append("plan coverage")
+                _check_plan(records, set(report.keys_with("corrupt")) | set(records), data_root, annotations,
+                            report, unit_kind=unit)
+        else:
+            report.notes.append("no data root: coverage, orphans and staleness not checked "
+                                "(pass --data-root)")
+    if recompute:
+        report.checks.append(f"recompute {recompute}")
+        if seed is None:
+            seed = random.SystemRandom().randrange(1 << 31)
+        bad = set(report.keys_with("corrupt", "dtype", "shape", "fingerprint", "frames"))
+        candidates = [k for k in fresh if k not in bad and records[k].frames]
+        _recompute(fs, candidates, records, data_root, recompute, seed, weights, device, report)
+    report.seconds = time.perf_counter() - t0
+
+
 def _check_manifest(manifest: dict, env, report: Report) -> None:
+    feature_set = report.feature_set or PRIMARY_FEATURE_SET
     report.checks.append("manifest")
     enc = manifest.get("encoder") or {}
     if enc:
@@ -590,7 +737,7 @@ def _check_manifest(manifest: dict, env, report: Report) -> None:
                             "rerun `featstore build` with the same arguments to resume")
     meta_db = env.open_db(META_DB, create=False)
     with env.begin(db=meta_db) as txn:
-        raw = txn.get(LAST_BUILD_KEY)
+        raw = txn.get(last_build_key(feature_set))
     if raw is not None:
         try:
             last = json.loads(bytes(raw))
@@ -650,7 +797,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", type=int, default=0, metavar="N",
                    help="re-encode N random fresh units and compare with the stored features")
     p.add_argument("--seed", type=int, help="seed for choosing the recomputed units (default: random)")
-    p.add_argument("--weights", help="weights for --recompute (as given to build)")
+    p.add_argument("--feature-set", action="append", metavar="NAME", help="check only this feature set "
+                   "(repeat for several; default: every set of the store)")
+    p.add_argument("--weights", action="append", metavar="[NAME=]PATH",
+                   help="weights for --recompute (as given to build): PATH for the selected set (the one "
+                   "--feature-set names, else 'vggt'), NAME=PATH for set NAME; repeat for several sets")
     p.add_argument("--device", default="cpu", help="device for --recompute (default cpu)")
     p.add_argument("--workers", type=int, default=_DEFAULT_WORKERS,
                    help=f"reader threads (default {_DEFAULT_WORKERS})")
@@ -660,13 +811,40 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (also when it cannot run)")
 
 
+def parse_weights(values: Sequence[str] | None) -> dict[str | None, str] | None:
+    """`--weights` values -> {set name: path}; a plain PATH is under None (the selected set).
+    ``NAME=PATH`` names a set unless the whole value is an existing path (a file whose name
+    holds '='); write such a path ``./NAME=...`` to be sure.
+
+    Example:
+        >>> from featstore.verify import parse_weights
+        >>> parse_weights(["/ckpt/vggt.safetensors", "qwen_vision=/ckpt/vision.safetensors"])
+        {None: '/ckpt/vggt.safetensors', 'qwen_vision': '/ckpt/vision.safetensors'}
+    """
+    if not values:
+        return None
+    out: dict[str | None, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if sep and rest and not os.path.exists(value) and re.fullmatch(r"[a-z0-9_]{1,32}", name):
+            key, path = name, rest
+        else:
+            key, path = None, value
+        if key in out:
+            which = "two plain --weights PATHs" if key is None else f"two --weights for feature set {key!r}"
+            raise FeatstoreError(f"{which} ({out[key]} and {path}); give each set's weights once, as NAME=PATH")
+        out[key] = path
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise FeatstoreError(f"--workers must be >= 1. Found {args.workers}")
     store = store_path_arg(args.store, args.data_root)
     try:
-        report = verify_store(store, data_root=args.data_root, annotations=args.annotations,
-                              deep=args.deep, recompute=args.recompute, seed=args.seed, weights=args.weights,
+        report = verify_store(store, feature_set=args.feature_set, data_root=args.data_root,
+                              annotations=args.annotations, deep=args.deep, recompute=args.recompute,
+                              seed=args.seed, weights=parse_weights(args.weights),
                               device=args.device, workers=args.workers, structure=not args.no_structure,
                               progress=not args.no_progress and not args.json, log=False)
     except (FeatstoreError, lmdb.Error) as e:

@@ -26,9 +26,10 @@ from featstore.errors import ManifestError, StoreFullError
 from featstore.format import align_blob, decode_entry, encode_entry
 from featstore.keys import key_to_bytes
 from featstore.quant import SCALE_TENSOR, entry_tensors
-from featstore.store import (FEATURES_DB, LAST_BUILD_KEY, MANIFEST_KEY, META_DB, REBUILD_ADVICE, check_fingerprint,
-                             format_version_for, is_uninitialised, lmdb_value_offset, new_manifest, open_env,
-                             read_manifest, storage_dtype_of, utc_now)
+from featstore.store import (MAX_FEATURE_SETS, META_DB, REBUILD_ADVICE, check_feature_set, check_fingerprint,
+                             default_feature_set, feature_set_label, features_db, format_version_for, is_uninitialised,
+                             last_build_key, list_feature_sets, lmdb_value_offset, manifest_key, new_manifest,
+                             open_env, read_manifest, storage_dtype_of, utc_now)
 
 __all__ = ["StoreWriter", "BuildInterrupted"]
 
@@ -48,17 +49,24 @@ class StoreWriter:
             records it, its fingerprint and (inside it) the storage dtype. An existing store
             built with another spec raises FingerprintMismatchError naming every differing
             field, unless `reset`. None: an existing store keeps its spec (gc, merge tools).
+        feature_set: the feature set written (docs/FORMAT.md, "Feature sets"): its own entries,
+            manifest and build report; other sets of the store are never touched. Default:
+            the registry's set for `spec.encoder` (`featstore.encoders.feature_set_of`), or
+            "vggt" (the primary set, the store's original layout) without a spec or for an
+            unregistered encoder. A new name adds the set to an existing store.
         mismatch_advice: what the mismatch error tells the caller to do (build: --force or
             another --store).
         batch_entries / batch_bytes: commit when either is reached. Larger batches commit less
             often (faster); a crash loses at most one open batch.
         map_size: initial LMDB map size; doubled whenever it fills.
-        reset: drop all entries of an existing store first (e.g. the encoder spec changed).
+        reset: drop all entries of the feature set first (e.g. the encoder spec changed); the
+            store's other sets keep theirs.
         handle_signals: in the main thread, turn SIGTERM into BuildInterrupted so that
             ``with StoreWriter(...)`` commits what is done (SIGINT already raises
             KeyboardInterrupt).
 
     Attributes:
+        feature_set: the name of the set this writer writes.
         value_offset: where this LMDB engine puts large values past a page boundary (16 for
             LMDB 0.9, 24 for 1.0); blobs are padded for it. Pass it to `encode_entry` when
             encoding in other threads/processes, or `put` re-pads (one extra copy per blob).
@@ -76,12 +84,15 @@ class StoreWriter:
         (1, 'bfloat16')
     """
 
-    def __init__(self, path: str | os.PathLike, *, spec=None, batch_entries: int = 64,
-                 batch_bytes: int = 256 << 20, map_size: int | None = None, reset: bool = False,
-                 handle_signals: bool = True, mismatch_advice: str = REBUILD_ADVICE):
+    def __init__(self, path: str | os.PathLike, *, spec=None, feature_set: str | None = None,
+                 batch_entries: int = 64, batch_bytes: int = 256 << 20, map_size: int | None = None,
+                 reset: bool = False, handle_signals: bool = True, mismatch_advice: str = REBUILD_ADVICE):
         self.path = os.fspath(path)
         if spec is not None and not isinstance(spec, EncoderSpec):
             spec = EncoderSpec.from_dict(spec)
+        self.feature_set = check_feature_set(feature_set) if feature_set is not None else default_feature_set(spec)
+        self._manifest_key = manifest_key(self.feature_set)
+        self._where = feature_set_label(self.path, self.feature_set)
         if not isinstance(batch_entries, int) or batch_entries < 1:
             raise ValueError(f"batch_entries must be a positive int. Found {batch_entries!r}")
         if not isinstance(batch_bytes, int) or batch_bytes < 1:
@@ -125,22 +136,31 @@ class StoreWriter:
     def _load_or_create_manifest(self, spec, reset: bool, advice: str) -> dict:
         # The sub-databases and the first manifest are created in ONE transaction: a kill at any
         # instant leaves either an empty environment (treated as new) or a complete store.
+        # A new feature set is added the same way to a store that holds others (their
+        # sub-databases and meta keys are not touched).
         with self.env.begin(write=True) as txn:
             fresh_env = is_uninitialised(self.env, txn)
-            self._features = self.env.open_db(FEATURES_DB, txn=txn)
+            others = list_feature_sets(self.env, txn)
             self._meta = self.env.open_db(META_DB, txn=txn)
-            raw = txn.get(MANIFEST_KEY, db=self._meta)
+            raw = txn.get(self._manifest_key, db=self._meta)
             if raw is None:
-                if not fresh_env:
+                if not fresh_env and not others:
                     raise ManifestError(
                         f"{self.path}: this LMDB environment holds data but no featstore manifest; "
                         "it is not a featstore store. Choose another --store path."
                     )
+                if len(others) >= MAX_FEATURE_SETS:
+                    raise ManifestError(
+                        f"{self.path}: the store already holds {len(others)} feature sets, the most one store "
+                        f"may hold ({MAX_FEATURE_SETS}: each is an LMDB sub-database, and LMDB fixes their number "
+                        f"when a process opens the store); write {self.feature_set!r} into another store")
+                self._features = self.env.open_db(features_db(self.feature_set), txn=txn)
                 manifest = new_manifest(spec)
             else:
-                manifest = read_manifest(self.env, txn, path=self.path)
+                self._features = self.env.open_db(features_db(self.feature_set), txn=txn)
+                manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
                 if spec is not None and not reset:
-                    check_fingerprint(manifest, spec, path=self.path, advice=advice)
+                    check_fingerprint(manifest, spec, path=self._where, advice=advice)
                 if reset:
                     txn.drop(self._features, delete=False)
                     manifest.update(entries=0, bytes=0)
@@ -149,7 +169,7 @@ class StoreWriter:
                                     format_version=format_version_for(spec))
                     manifest.pop("storage_dtype", None)  # kept once: inside the spec
                 manifest["build"] = {"state": "in_progress", "updated": utc_now()}
-            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+            txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
         return manifest
 
     def _on_sigterm(self, signum, frame):
@@ -212,7 +232,7 @@ class StoreWriter:
                 except (lmdb.Error, OSError) as e:
                     if _is_disk_full(e, self.path):
                         raise StoreFullError(
-                            f"{self.path}: the disk is full; {self.manifest['entries']} entries committed "
+                            f"{self._where}: the disk is full; {self.manifest['entries']} entries committed "
                             f"before are kept. Free space (or move the store) and rerun to resume."
                         ) from e
                     raise
@@ -232,7 +252,7 @@ class StoreWriter:
         with self.env.begin(write=True) as txn:
             # Read the manifest and the last key inside the transaction: other processes
             # (ranks of a multi-GPU build) may have committed since our last batch.
-            manifest = read_manifest(self.env, txn, path=self.path)
+            manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
             cur = txn.cursor(db=self._features)
             last_key = bytes(cur.key()) if cur.last() else None
             append = last_key is None or batch[0][0] > last_key
@@ -249,7 +269,7 @@ class StoreWriter:
                 written += 1
             manifest["entries"] = txn.stat(self._features)["entries"]
             manifest["build"] = dict(manifest.get("build", {}), updated=utc_now())
-            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+            txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
         self.manifest = manifest
         self.skipped += skipped
         return written
@@ -259,7 +279,7 @@ class StoreWriter:
         self.commit()
         removed = 0
         with self.env.begin(write=True) as txn:
-            manifest = read_manifest(self.env, txn, path=self.path)
+            manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
             for key in keys:
                 kb = key_to_bytes(key)
                 old = txn.get(kb, db=self._features)
@@ -268,7 +288,7 @@ class StoreWriter:
                     txn.delete(kb, db=self._features)
                     removed += 1
             manifest["entries"] = txn.stat(self._features)["entries"]
-            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+            txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
         self.manifest = manifest
         return removed
 
@@ -276,11 +296,11 @@ class StoreWriter:
         """Commit, record the build report, and mark the build complete (or still in progress)."""
         self.commit()
         with self.env.begin(write=True) as txn:
-            manifest = read_manifest(self.env, txn, path=self.path)
+            manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
             manifest["build"] = {"state": "complete" if complete else "in_progress", "updated": utc_now()}
-            txn.put(MANIFEST_KEY, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+            txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
             if report is not None:
-                txn.put(LAST_BUILD_KEY, json.dumps(report, sort_keys=True).encode(), db=self._meta)
+                txn.put(last_build_key(self.feature_set), json.dumps(report, sort_keys=True).encode(), db=self._meta)
         self.manifest = manifest
         self.env.sync(True)
 

@@ -185,7 +185,7 @@ def test_pickles_as_path_and_options(core_make_store, core_features):
     store = FeatureStore(core_make_store(_entries(core_features, 1)), readahead=False, verify_checksums=True)
     store.get("scene/000.jpg")  # opened: the env must not travel
     state = store.__getstate__()
-    assert set(state) == {"path", "lock", "readahead", "prefetch", "verify_checksums", "expected_encoder", "max_readers"}
+    assert set(state) == {"path", "feature_set", "lock", "readahead", "prefetch", "verify_checksums", "expected_encoder", "max_readers"}
     clone = pickle.loads(pickle.dumps(store))
     assert clone._env is None and clone.readahead is False and clone.verify_checksums
     assert torch.equal(clone.get("scene/000.jpg").features, store.get("scene/000.jpg").features)
