@@ -198,10 +198,8 @@ def _estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
     """Bytes of one entry, from the first readable image's size (headers only, no decode)."""
     from PIL import Image
 
-    from featstore.encoders.preprocess import output_size
+    from featstore.encoders import stored_shape
 
-    patch_size = int(spec.config["patch_size"])
-    channels = 2 * int(spec.config["embed_dim"])
     itemsize = torch_dtype(spec.storage_dtype).itemsize
     scale_bytes = 4 if is_quantised(spec.storage_dtype) else 0  # fp8: one float32 scale per token
     for unit in units[:32]:
@@ -210,16 +208,8 @@ def _estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
                 w, h = im.size
         except OSError:
             continue
-        pre = spec.preprocess
-        if pre.extra_resize is not None:
-            h, w = pre.extra_resize
-        else:
-            w, h = output_size(w, h, pre.mode, pre.target_size, patch_size)
-            if pre.mode == "pad":
-                w = h = pre.target_size
-            h = min(h, pre.target_size)
-        kept = 1 if spec.frames_kept == "last" else unit.num_frames
-        return kept * (h // patch_size) * (w // patch_size) * (channels * itemsize + scale_bytes) + _HEADER_ESTIMATE
+        kept, tokens, channels = stored_shape(spec, w, h, unit.num_frames)
+        return kept * tokens * (channels * itemsize + scale_bytes) + _HEADER_ESTIMATE
     return _HEADER_ESTIMATE
 
 

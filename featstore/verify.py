@@ -364,7 +364,7 @@ def _check_entry(key: str, entry, expect: dict) -> list[Finding]:
     if len(shape) != 3 or any(w is not None and w != s for w, s in zip(want, shape)):
         wanted = "[" + ", ".join("?" if w is None else str(w) for w in want) + "]"
         out.append(Finding("shape", f"entry {key!r}: features shape {shape}, expected {wanted} "
-                                    f"([frames_kept, grid rows*cols, 2*embed_dim])", key))
+                                    f"([frames_kept, grid rows*cols, channels])", key))
     fp = meta.get("fingerprint")
     if expect["fingerprint"] and fp is not None and fp != expect["fingerprint"]:
         out.append(Finding("fingerprint", f"entry {key!r}: computed with encoder fingerprint {fp[:16]}, "
@@ -754,10 +754,13 @@ def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report:
 
     report.checks.append("entries (decode, crc32, dtype, shape)")
     enc = manifest.get("encoder") or {}
-    embed = (enc.get("config") or {}).get("embed_dim")
+    config = enc.get("config") or {}
+    embed, hidden = config.get("embed_dim"), config.get("hidden_size")
+    # VGGT stores frame-attention || global-attention outputs (2 * embed_dim); Qwen's vision tower
+    # its hidden states (hidden_size); an encoder with neither field gets no channel check.
+    channels = 2 * embed if isinstance(embed, int) else hidden if isinstance(hidden, int) else None
     expect = {"dtype": storage_dtype_of(manifest), "fingerprint": manifest.get("fingerprint"),
-              "frames_kept": enc.get("frames_kept", "all"),
-              "channels": 2 * embed if isinstance(embed, int) else None}
+              "frames_kept": enc.get("frames_kept", "all"), "channels": channels}
     keys = _list_keys(env, db)
     records: dict[str, _Record] = {}
     t0 = time.perf_counter()

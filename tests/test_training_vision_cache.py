@@ -305,3 +305,41 @@ def test_training_runs_without_vision_blocks_and_its_checkpoint_needs_the_cache(
     with pytest.raises(ArgumentError, match="trained with --use_vision_cache and holds no vision blocks"):
         run(["--model_name_or_path", str(tmp_path / "a"), "--vggt_encoder", "vggt-tiny",
              *[a for a in argv if a not in ("--use_vision_cache", "--tune_vision_merger")]])
+
+
+def test_featstore_builds_the_vision_set_beside_vggt_and_training_reads_both(parts, tmp_path):
+    """`featstore build --encoder qwen2.5-vl-vision --weights <the model's checkpoint>` into the
+    store that holds the VGGT features stores exactly the tower features training's model computes
+    (in bf16), and training's own spec check accepts that set (and refuses another checkpoint)."""
+    from featstore.build import BuildOptions, build
+    from featstore.errors import FingerprintMismatchError
+    from featstore.reader import FeatureStore
+    from training.args import parse_args, resolve_vggt
+    from training.train import open_vision_cache, vision_spec
+
+    ckpt = str(tmp_path / "qwen")
+    parts["full"].save_pretrained(ckpt)
+    root = parts["root"]
+    opts = BuildOptions(data_root=root, annotations=[annotations(root)], encoder="qwen2.5-vl-vision",
+                        weights=ckpt, spec_overrides={"target_size": parts["spec"].preprocess.target_size},
+                        progress=False, workers=0)
+    report = build(opts)
+    assert not report.failed and report.computed == len(parts["feats"])
+    store = FeatureStore(root, feature_set="qwen_vision")
+    assert store.feature_sets() == ["qwen_vision", "vggt"] and len(store) == len(parts["feats"])
+    with store.snapshot():
+        for key, want in parts["feats"].items():
+            got = store.get(key).features
+            assert got.dtype == torch.bfloat16 and got.shape == (1, *want.shape), key
+            assert max_rel(got[0].float(), want.float()) < 2e-2, key  # bf16 storage of the same numbers
+
+    argv = ["--data_root", root, "--annotations", annotations(root), "--use_vggt_cache", "--use_vision_cache",
+            "--model_name_or_path", ckpt, "--vggt_encoder", "vggt-tiny", "--output_dir", str(tmp_path / "o")]
+    settings = resolve_vggt(*parse_args(argv)[:2])
+    assert (settings.vision_encoder, settings.vision_weights) == ("qwen2.5-vl-vision", ckpt)
+    assert len(open_vision_cache(settings, vision_spec(settings, parts["spec"]))) == len(parts["feats"])
+    from featstore.encoders import resolve_spec
+
+    random_tower = resolve_spec("qwen2.5-vl-vision-tiny", target_size=parts["spec"].preprocess.target_size)
+    with pytest.raises(FingerprintMismatchError, match="weights_sha256.*--vision_weights"):
+        open_vision_cache(settings, random_tower)  # features of another tower: refused, naming the field

@@ -125,13 +125,15 @@ class ConversationDataset(torch.utils.data.Dataset):
             frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)  # [S, 3, H, W]
             h, w = frames.shape[-2] // self.patch, frames.shape[-1] // self.patch
             item.update(grid=(h, w), images=unit.num_frames)
-            if self.vision_store is not None:
-                item.update(self._cached_vision(unit, h, w, where))
-            else:
-                item.update(self._qwen_images(frames, h, w, where))
+            # Both caches of a sample from one consistent snapshot of the store (one read transaction).
+            with self._snapshot():
+                if self.vision_store is not None:
+                    item.update(self._cached_vision(unit, h, w, where))
+                else:
+                    item.update(self._qwen_images(frames, h, w, where))
+                if self.store is not None:
+                    self._read_features(item, unit, where, frames.shape[0], h * w)
             token_counts = [int(t.prod()) // (self.merge ** 2) for t in item["image_grid_thw"]]
-            if self.store is not None:
-                self._read_features(item, unit, where, frames.shape[0], h * w)
             if item["features"] is None:
                 item["source"], item["frames"] = SOURCE_FRAMES, _pack_frames(frames)
             else:
@@ -140,6 +142,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         return item
 
     # ---- pieces --------------------------------------------------------------------------
+
+    def _snapshot(self):
+        """One read transaction for every store read of this sample (`FeatureStore.snapshot`: it
+        covers every feature set of the store file), or nothing to hold without a store."""
+        import contextlib
+
+        store = self.store if self.store is not None else self.vision_store
+        return store.snapshot() if store is not None else contextlib.nullcontext()
 
     def _qwen_grid(self, h: int, w: int, where: str) -> tuple:
         """(hh, ww): the merged Qwen grid of a VGGT patch grid h x w (trimmed to even, halved)."""
