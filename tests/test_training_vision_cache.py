@@ -319,7 +319,8 @@ def test_featstore_builds_the_vision_set_beside_vggt_and_training_reads_both(par
 
     ckpt = str(tmp_path / "qwen")
     parts["full"].save_pretrained(ckpt)
-    root = parts["root"]
+    root = sample_root(tmp_path)  # its own store: the module's is open in this process
+    build_store(root)
     opts = BuildOptions(data_root=root, annotations=[annotations(root)], encoder="qwen2.5-vl-vision",
                         weights=ckpt, spec_overrides={"target_size": parts["spec"].preprocess.target_size},
                         progress=False, workers=0)
