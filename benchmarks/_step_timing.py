@@ -89,12 +89,15 @@ class StepClock:
 
 
 def install_hooks(model, clock: StepClock) -> None:
-    """Marks around the vision tower, the merger MLP and the start of the language model."""
+    """Marks around the vision tower (its merger alone when the blocks are not built), the
+    geometry merger's MLP and the start of the language model."""
     def pair(module, part):
         module.register_forward_pre_hook(lambda *_: clock.mark(f"{part}:start"))
         module.register_forward_hook(lambda *_: clock.mark(f"{part}:end"))
 
-    pair(model.model.visual, "vision")
+    visual = model.model.visual
+    # Built without vision blocks (--use_vision_cache), the tower's only work is visual.merger.
+    pair(visual if len(getattr(visual, "blocks", ())) else visual.merger, "vision")
     pair(model.merger.mlp, "merger")
     model.model.language_model.register_forward_pre_hook(lambda *_: clock.mark("llm:start"))
 

@@ -14,7 +14,13 @@ Modes (per_image fusion in all four, so only where the features come from differ
   online_full           frames from the workers; one full-attention VGGT call per sample
   online_causal_stream  frames from the workers; one VGGT call per frame with the KV cache
 Then the cached step again with each attention implementation the image offers for the Qwen
-vision tower (errors recorded), and the tower's share of the step.
+vision tower (errors recorded), and the tower's share of the step. Last, with VGGT AND the
+frozen Qwen vision tower cached (`--use_vision_cache`: the tower's output built by `featstore
+build --encoder qwen2.5-vl-vision` into the same store, from a checkpoint of this run's tower):
+  vision_floor          one such batch already on the GPU, reused every step
+  vision_cached         read by the workers (one read_into per feature set), the model built
+                        without vision blocks: visual.merger on the cached features
+with the vision encoder's build throughput against its bare forward and its bytes per image.
 
 Per mode, medians over the timed steps after warm-up: step (wall, data wait included; each
 step ends with a device sync), data (wall, waiting for the next batch, host-to-device copy
@@ -56,7 +62,7 @@ from _train_report import write_outputs  # noqa: E402
 
 from training.trainer import STAT_KEYS  # noqa: E402
 
-MODES = ("floor", "cached", "online_full", "online_causal_stream")
+MODES = ("floor", "cached", "online_full", "online_causal_stream", "vision_cached")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
@@ -323,8 +329,23 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         save()
     model.attach_vggt(None)
     _free(device)
+    _attention_variants(a, model, results, record, timed, loader_batches, cached_ds, save)
+    if "vision_cached" in remaining:
+        # Free the full model first: the mode's peak memory must not hold two models.
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(_BLOCK_KEYS)}
+        tower = _vision_checkpoint(work, model, config)
+        del trainer, blocking, optimizer, model
+        _free(device)
+        _run_vision_cached(a, inputs, tower, state, config, device, dtype, tokenizer, processor, spec, train_args,
+                           results, record, deadline, log, save)
+    _summarise(results)
 
-    # the cached step with each vision-tower attention implementation
+
+_BLOCK_KEYS = ("model.visual.blocks.", "model.visual.patch_embed.")
+
+
+def _attention_variants(a, model, results, record, timed, loader_batches, cached_ds, save) -> None:
+    """The cached step with each vision-tower attention implementation."""
     default_impl = model.model.visual.config._attn_implementation
     for impl in a.attention.split(","):
         res = results["modes"].get("cached", {})
@@ -344,7 +365,124 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
             entry["error"] = res["error"]
         results["vision_attention"][impl] = entry
         save()
-    _summarise(results)
+
+
+def _vision_checkpoint(work: str, model, config) -> str:
+    """The run's vision tower as a Qwen2.5-VL checkpoint folder (config.json + model.safetensors
+    of `visual.*`, the hub layout): what `featstore build --encoder qwen2.5-vl-vision --weights`
+    loads, so the cached features are this model's own tower's."""
+    from safetensors.torch import save_file
+
+    folder = os.path.join(work, "qwen_vision_ckpt")
+    os.makedirs(folder, exist_ok=True)
+    state = {"visual." + k: v.detach().to("cpu").contiguous() for k, v in model.model.visual.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    config.to_json_file(os.path.join(folder, "config.json"))
+    return folder
+
+
+def _run_vision_cached(a, inputs, tower, state, config, device, dtype, tokenizer, processor, spec, train_args,
+                       results, record, deadline, log, save) -> None:
+    """The modes with VGGT and the vision tower cached, and the vision encoder's build numbers."""
+    import copy
+    import subprocess
+
+    from featstore import FeatureStore
+    from training.data import ConversationDataset
+    from training.model import VISION_CACHED_CONFIG_KEY, Qwen2_5_VLWithGeometry, set_trainable
+    from training.model import vision_block_parameter_count
+    from training.train import open_feature_cache
+    from training.trainer import FeatstoreTrainer
+
+    encoder = "qwen2.5-vl-vision"
+    cmd = [sys.executable, "-m", "featstore", "build", "--data-root", inputs.root, "--annotations",
+           inputs.annotations, "--store", inputs.store, "--encoder", encoder, "--weights", tower,
+           "--target-size", str(spec.preprocess.target_size), "--no-progress", "--json"]
+    if a.smoke:
+        cmd += ["--device", "cpu"]
+    log("$ " + " ".join(cmd))
+    res = subprocess.run(cmd, env=inputs_mod.child_env(), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"featstore build --encoder {encoder} exited {res.returncode}: "
+                           f"{(res.stdout + res.stderr)[-3000:]}")
+    build = inputs_mod._last_json(res.stdout)
+    results["vision_build"] = _vision_build_numbers(build, tower, inputs, spec, device)
+    save()
+
+    cfg = copy.deepcopy(config)
+    setattr(cfg, VISION_CACHED_CONFIG_KEY, True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLWithGeometry._from_config(cfg, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise RuntimeError(f"the vision-cached model lacks weights the full one had: {missing[:5]}")
+    del state
+    model.train()
+    set_trainable(model, merger=True, llm=True, vision=False, vision_merger=False)
+    store = open_feature_cache(inputs.store, spec)
+    vision_store = FeatureStore(inputs.store, feature_set="qwen_vision")
+    ds = ConversationDataset([inputs.annotations], inputs.root, tokenizer, processor, spec, store=store,
+                             vision_store=vision_store)
+    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=ds, data_collator=_collator(tokenizer),
+                               processing_class=tokenizer)
+    optimizer = trainer.create_optimizer()
+    clock = StepClock(device)
+    install_hooks(model, clock)
+    loader = trainer.get_train_dataloader()
+
+    def forever():
+        while True:
+            yield from loader
+    it = forever()
+    batch = next(iter(trainer.get_train_dataloader()))
+    for k in STAT_KEYS:
+        batch.pop(k, None)
+    common = dict(warmup=a.warmup, steps=a.steps, deadline=deadline, reserve_s=5.0, log=log)
+    blocks = {"vision_floor": [], "vision_cached": []}
+    for r in range(a.repeats):
+        blocks["vision_floor"].append(record("modes", f"vision_floor (block {r + 1})", lambda: run_mode(
+            "vision_floor", lambda: dict(batch), model, optimizer, clock, device, expect_hits=False, **common)))
+        blocks["vision_cached"].append(record("modes", f"vision_cached (block {r + 1})", lambda: run_mode(
+            "vision_cached", lambda: next(it), model, optimizer, clock, device, expect_hits=True, **common)))
+    for key, runs in blocks.items():
+        results["modes"][key] = _pooled(runs, vggt_weights_gib=0.0,
+                                        vision_block_parameters=vision_block_parameter_count(model))
+    save()
+
+
+def _vision_build_numbers(build: dict, tower: str, inputs, spec, device) -> dict:
+    """The vision build's frames/s against the encoder's bare forward on the same images (decoded
+    and on the device already, batches of 16 as the build makes), and its bytes per image."""
+    import time as _time
+
+    from featstore.encode import read_frame
+    from featstore.encoders import get_encoder
+    from featstore.plan import plan_units
+
+    out = {"build": build}
+    frames = build.get("frames") or 0
+    if build.get("pipeline_s"):
+        out["build_frames_per_s"] = frames / build["pipeline_s"]
+    if frames:
+        out["bytes_per_image"] = build["bytes"] / frames
+    enc = get_encoder("qwen2.5-vl-vision", weights=tower, device=str(device), target_size=spec.preprocess.target_size)
+    keys = sorted({f for u in plan_units(inputs.root, [inputs.annotations]) for f in u.frames})
+    images = torch.stack([read_frame(inputs.root, k, enc.spec, enc.patch_size)[0] for k in keys]).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batch = 16
+    enc.encode(images[:batch, None])  # warm-up
+    sync()
+    t0 = _time.perf_counter()
+    for i in range(0, len(images), batch):
+        enc.encode(images[i: i + batch, None])
+    sync()
+    out["bare_frames_per_s"] = len(images) / (_time.perf_counter() - t0)
+    out["images"] = len(images)
+    if "build_frames_per_s" in out:
+        out["build_vs_bare"] = out["build_frames_per_s"] / out["bare_frames_per_s"]
+    del enc
+    return out
 
 
 def _pooled(runs: list, **extra) -> dict:

@@ -97,13 +97,14 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     with open(os.path.join(out, "train_bench.json")) as f:
         r = json.load(f)
     assert r["complete"] and r["smoke"] and r["notes"] == []
-    assert list(r["modes"]) == ["floor", "cached", "cached_blocking", "online_full", "online_causal_stream"]
+    assert list(r["modes"]) == ["floor", "cached", "cached_blocking", "online_full", "online_causal_stream",
+                                "vision_floor", "vision_cached"]
     for name, m in r["modes"].items():
         assert m["timed_steps"] == 2 and m["step_ms"] > 0 and m["data_ms"] >= 0, name
         assert set(m["phases_ms"]) == set(PHASES) | {"device_step"}, name
         for phase in ("vision", "merger", "llm_forward", "backward", "optimizer"):
             assert m["phases_ms"][phase] > 0, (name, phase)
-        if name != "floor":
+        if name in ("cached", "cached_blocking", "online_full", "online_causal_stream"):
             assert m["vggt_parameters_in_model"] == 0, name  # VGGT never enters the model's module tree
         online = name.startswith("online")
         assert (m["phases_ms"]["vggt"] > 0) == online, name
@@ -114,6 +115,12 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     assert len(cached["blocks_step_ms"]) == 1 and r["cached_copies"]["cached_blocking"] == "blocking"
     assert r["summary"]["cached_blocking_over_floor"] > 0
     assert r["modes"]["online_full"]["vggt_parameters"] > 0
+    both = r["modes"]["vision_cached"]
+    assert both["vision_block_parameters"] == 0 and (both["cache_hits"], both["cache_misses"]) == (3, 0)
+    # the vision phase is visual.merger alone there, far less than the tower's blocks on the cached step
+    assert both["phases_ms"]["vision"] < r["modes"]["cached"]["phases_ms"]["vision"]
+    vb = r["vision_build"]
+    assert vb["build"]["computed"] == vb["images"] > 0 and vb["bare_frames_per_s"] > 0 and vb["bytes_per_image"] > 0
     assert r["summary"]["cached_over_floor"] > 0 and "speedup_cached_vs_online_causal_stream" in r["summary"]
     att = r["vision_attention"]
     assert list(att) == ["sdpa", "eager", "flash_attention_2"]
