@@ -105,8 +105,10 @@ def training_args(a, inputs, mode: str, output_dir: str) -> list:
             "--vggt_weights", inputs.weights, "--output_dir", output_dir, "--per_device_train_batch_size", "1",
             "--dataloader_num_workers", str(a.workers), "--dataloader_persistent_workers", str(a.workers > 0),
             "--report_to", "none", "--learning_rate", "1e-5", "--seed", "0"]
-    argv += ["--use_vggt_cache", "--vggt_cache_path", inputs.store] if mode in ("cached", "floor") else \
-        ["--vggt_mode", mode]
+    argv += ["--use_vggt_cache", "--vggt_cache_path", inputs.store] if mode in ("cached", "floor", "vision_cached") \
+        else ["--vggt_mode", mode]
+    if mode == "vision_cached":
+        argv += ["--use_vision_cache"]
     argv += ["--use_cpu"] if a.smoke else ["--bf16"]
     return argv
 
@@ -542,6 +544,11 @@ def _summarise(results: dict) -> None:
         peak_m, peak_c = modes.get(m, {}).get("peak_gib"), modes.get("cached", {}).get("peak_gib")
         if peak_m is not None and peak_c is not None:
             summary[f"memory_saved_vs_{m}_gib"] = peak_m - peak_c
+    if step("vision_cached") and step("vision_floor"):
+        summary["vision_cached_over_vision_floor"] = step("vision_cached") / step("vision_floor")
+    for m in ("cached", "online_full", "online_causal_stream"):
+        if step(m) and step("vision_cached"):
+            summary[f"speedup_vision_cached_vs_{m}"] = step(m) / step("vision_cached")
     results["summary"] = summary
 
 
