@@ -70,7 +70,10 @@ rc=0
 if [ "$PART" != zero ]; then
   train_budget=$TRAIN_BUDGET_S
   [ "$PART" = train ] && train_budget=$(( $(left) - 10 ))
-  "$PY" benchmarks/train_bench.py --out "$OUT" --work "$WORK" --budget-s "$train_budget" "${SMOKE_FLAG[@]}" 2>&1 \
+  # TRAIN_BENCH_ARGS: more flags for train_bench.py, e.g. "--modes vision_cached --attention sdpa"
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/train_bench.py --out "$OUT" --work "$WORK" --budget-s "$train_budget" "${SMOKE_FLAG[@]}" \
+    ${TRAIN_BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/train_bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 fi

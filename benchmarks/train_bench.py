@@ -331,14 +331,17 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         save()
     model.attach_vggt(None)
     _free(device)
-    _attention_variants(a, model, results, record, timed, loader_batches, cached_ds, save)
+    if "cached" in wanted:  # the variants are of the cached step
+        _attention_variants(a, model, results, record, timed, loader_batches, cached_ds, save)
     if "vision_cached" in remaining:
         # Free the full model first: the mode's peak memory must not hold two models.
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith(_BLOCK_KEYS)}
+        # The weights move to the new model through a holder the callee empties: no name here may
+        # keep the old model's tensors alive into the mode's peak memory.
+        holder = [{k: v for k, v in model.state_dict().items() if not k.startswith(_BLOCK_KEYS)}]
         tower = _vision_checkpoint(work, model, config)
         del trainer, blocking, optimizer, model
         _free(device)
-        _run_vision_cached(a, inputs, tower, state, config, device, dtype, tokenizer, processor, spec, train_args,
+        _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenizer, processor, spec, train_args,
                            results, record, deadline, log, save)
     _summarise(results)
 
@@ -383,7 +386,7 @@ def _vision_checkpoint(work: str, model, config) -> str:
     return folder
 
 
-def _run_vision_cached(a, inputs, tower, state, config, device, dtype, tokenizer, processor, spec, train_args,
+def _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenizer, processor, spec, train_args,
                        results, record, deadline, log, save) -> None:
     """The modes with VGGT and the vision tower cached, and the vision encoder's build numbers."""
     import copy
@@ -416,10 +419,10 @@ def _run_vision_cached(a, inputs, tower, state, config, device, dtype, tokenizer
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLWithGeometry._from_config(cfg, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(holder.pop(), strict=False)  # the last reference goes
     if missing:
         raise RuntimeError(f"the vision-cached model lacks weights the full one had: {missing[:5]}")
-    del state
+    _free(device)
     model.train()
     set_trainable(model, merger=True, llm=True, vision=False, vision_merger=False)
     store = open_feature_cache(inputs.store, spec)
