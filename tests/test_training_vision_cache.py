@@ -344,3 +344,30 @@ def test_featstore_builds_the_vision_set_beside_vggt_and_training_reads_both(par
     random_tower = resolve_spec("qwen2.5-vl-vision-tiny", target_size=parts["spec"].preprocess.target_size)
     with pytest.raises(FingerprintMismatchError, match="weights_sha256.*--vision_weights"):
         open_vision_cache(settings, random_tower)  # features of another tower: refused, naming the field
+
+
+def test_with_both_caches_no_image_is_decoded(parts, tmp_path):
+    """VGGT and vision features both cached: the dataset reads only the images' headers. The
+    frames here are cut after their first 700 bytes (headers intact, most pixels gone, so
+    decoding fails) and the batch equals the one made from the intact images; without the VGGT cache the
+    frames are needed and the cut file is named."""
+    import shutil
+
+    from featstore.errors import ImageDecodeError
+    from featstore.reader import FeatureStore
+
+    root, spec = parts["root"], parts["spec"]
+    vision = FeatureStore(write_vision_store(str(tmp_path / "vision.lmdb"), parts["feats"], torch.bfloat16))
+    want = collate(dataset(root, spec, store=parts["vggt_store"], vision_store=vision))
+    cut = str(tmp_path / "cut")
+    shutil.copytree(root, cut, ignore=shutil.ignore_patterns("*.lmdb"))
+    for key in parts["feats"]:
+        path = os.path.join(cut, key)
+        with open(path, "r+b") as f:
+            f.truncate(700)
+    got = collate(dataset(cut, spec, store=parts["vggt_store"], vision_store=vision))
+    assert set(got) == set(want) and "pixel_values" not in got
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    with pytest.raises(ImageDecodeError, match="cut"):
+        dataset(cut, spec, vision_store=vision)[0]  # online VGGT: the pixels are needed

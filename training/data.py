@@ -122,8 +122,14 @@ class ConversationDataset(torch.utils.data.Dataset):
                                 "grid": (0, 0), "features": None, "frames": None, "images": 0}
         token_counts: List[int] = []
         if unit is not None:
-            frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)  # [S, 3, H, W]
-            h, w = frames.shape[-2] // self.patch, frames.shape[-1] // self.patch
+            frames = None
+            if self.store is not None and self.vision_store is not None:
+                # Both caches: no pixel is needed unless VGGT misses, so no image is decoded; the
+                # grid comes from the files' headers (the worker's CPU stays off the step's).
+                h, w = self._grid_from_headers(unit)
+            else:
+                frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)  # [S, 3, H, W]
+                h, w = frames.shape[-2] // self.patch, frames.shape[-1] // self.patch
             item.update(grid=(h, w), images=unit.num_frames)
             # Both caches of a sample from one consistent snapshot of the store (one read transaction).
             with self._snapshot():
@@ -132,9 +138,11 @@ class ConversationDataset(torch.utils.data.Dataset):
                 else:
                     item.update(self._qwen_images(frames, h, w, where))
                 if self.store is not None:
-                    self._read_features(item, unit, where, frames.shape[0], h * w)
+                    self._read_features(item, unit, where, unit.num_frames, h * w)
             token_counts = [int(t.prod()) // (self.merge ** 2) for t in item["image_grid_thw"]]
             if item["features"] is None:
+                if frames is None:  # a VGGT miss under --vggt_cache_miss compute: its frames after all
+                    frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)
                 item["source"], item["frames"] = SOURCE_FRAMES, _pack_frames(frames)
             else:
                 item["source"] = SOURCE_FEATURES
@@ -142,6 +150,34 @@ class ConversationDataset(torch.utils.data.Dataset):
         return item
 
     # ---- pieces --------------------------------------------------------------------------
+
+    def _grid_from_headers(self, unit) -> tuple:
+        """The VGGT patch grid (h, w) of the unit's frames from their image headers (PIL reads
+        no pixel data for `size`), as `read_unit_frames` would make it after decoding.
+
+        Raises:
+            ImageDecodeError: a frame cannot be opened, or the frames give different sizes (one
+                encoder call needs one size), as the decoding path says it.
+        """
+        from PIL import Image
+
+        from featstore.encoders.preprocess import view_size
+        from featstore.errors import ImageDecodeError
+        from featstore.plan import source_path
+
+        sizes = set()
+        for key in unit.frames:
+            path = source_path(self.data_root, key)
+            try:
+                with Image.open(path) as im:
+                    sizes.add(view_size(*im.size, self.spec.preprocess, self.patch))
+            except OSError as e:
+                raise ImageDecodeError(f"image {path!r}: {e}") from None
+        if len(sizes) != 1:
+            raise ImageDecodeError(f"unit {unit.key!r}: frames preprocess to different sizes {sorted(sizes)}; "
+                                   "one encoder call needs frames of one size (use pad mode or extra_resize)")
+        (width, height), = sizes
+        return height // self.patch, width // self.patch
 
     def _snapshot(self):
         """One read transaction for every store read of this sample (`FeatureStore.snapshot`: it
