@@ -8,7 +8,8 @@ checkpoint in the official key layout, 9-frame samples of generated 640x480 fram
 AdamW (`create_optimizer`), gradient clipping at max_grad_norm as the Trainer does.
 
 Modes (per_image fusion in all four, so only where the features come from differs):
-  floor                 one cached batch, already on the GPU, reused every step (no data path)
+  floor                 the first --units batches of the cached loader, already on the GPU, in
+                        turn (the same mix of samples, no data path)
   cached                the store built by `featstore build --annotations`, read by the Trainer's
                         DataLoader workers (`read_into`) and moved to the GPU by accelerate
   online_full           frames from the workers; one full-attention VGGT call per sample
@@ -17,7 +18,7 @@ Then the cached step again with each attention implementation the image offers f
 vision tower (errors recorded), and the tower's share of the step. Last, with VGGT AND the
 frozen Qwen vision tower cached (`--use_vision_cache`: the tower's output built by `featstore
 build --encoder qwen2.5-vl-vision` into the same store, from a checkpoint of this run's tower):
-  vision_floor          one such batch already on the GPU, reused every step
+  vision_floor          such batches already on the GPU, in turn (as floor)
   vision_cached         read by the workers (one read_into per feature set), the model built
                         without vision blocks: visual.merger on the cached features
 with the vision encoder's build throughput against its bare forward and its bytes per image.
@@ -246,11 +247,6 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         it = forever()
         return lambda: next(it)
 
-    def one_batch(dataset) -> dict:
-        """One batch as training reads it (workers, then the device); its workers end with it."""
-        trainer.train_dataset = dataset
-        return next(iter(trainer.get_train_dataloader()))
-
     wanted = a.modes.split(",")
     remaining = [m for m in MODES if m in wanted]
     reserve = lambda: 20.0 * (len(remaining) - 1) + 10.0  # noqa: E731  (keep time for later modes)
@@ -283,16 +279,15 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     results["cached_copies"] = {"cached": "non-blocking (training's default)", "cached_blocking": "blocking"}
     floor_batch = None
     if "floor" in remaining:
-        floor_batch = one_batch(cached_ds)
-        for k in STAT_KEYS:  # one read, reused: its counters would count every step
-            floor_batch.pop(k, None)
+        floor_batch = _resident(trainer.get_train_dataloader(), a.units)
     blocks = {"floor": [], "cached": [], "cached_blocking": []}
     for r in range(a.repeats):
         for key in blocks:
             if (key == "floor" and floor_batch is None) or (key != "floor" and "cached" not in remaining):
                 continue
             if key == "floor":
-                fn = lambda: timed("floor", lambda: dict(floor_batch), steps=a.steps, expect_hits=False)  # noqa: E731
+                fn = lambda: dict(timed("floor", floor_batch, steps=a.steps, expect_hits=False),  # noqa: E731
+                                  resident_batches_gib=floor_batch.gib)
             else:
                 source = trainer if key == "cached" else blocking
                 fn = lambda source=source, key=key: timed(  # noqa: E731
@@ -372,6 +367,30 @@ def _attention_variants(a, model, results, record, timed, loader_batches, cached
         save()
 
 
+class _resident:
+    """The floor's batches: the first `n` batches training's loader gives (workers, then the
+    device), kept on the device and handed out in turn, so that the floor steps through the same
+    mix of samples (text lengths) as the modes that read, with no data path at all. `gib`: what
+    they hold on the device (part of the floor's peak)."""
+
+    def __init__(self, loader, n: int):
+        self.batches = []
+        for batch in loader:
+            for k in STAT_KEYS:  # read once, reused: their counters would count every step
+                batch.pop(k, None)
+            self.batches.append(batch)
+            if len(self.batches) == n:
+                break
+        self.gib = sum(v.numel() * v.element_size() for b in self.batches for v in b.values()
+                       if isinstance(v, torch.Tensor)) / GIB
+        self.i = 0
+
+    def __call__(self) -> dict:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return dict(batch)
+
+
 def _vision_checkpoint(work: str, model, config) -> str:
     """The run's vision tower as a Qwen2.5-VL checkpoint folder (config.json + model.safetensors
     of `visual.*`, the hub layout): what `featstore build --encoder qwen2.5-vl-vision --weights`
@@ -440,14 +459,12 @@ def _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenize
         while True:
             yield from loader
     it = forever()
-    batch = next(iter(trainer.get_train_dataloader()))
-    for k in STAT_KEYS:
-        batch.pop(k, None)
+    resident = _resident(trainer.get_train_dataloader(), a.units)
     common = dict(warmup=a.warmup, steps=a.steps, deadline=deadline, reserve_s=5.0, log=log)
     blocks = {"vision_floor": [], "vision_cached": []}
     for r in range(a.repeats):
         blocks["vision_floor"].append(record("modes", f"vision_floor (block {r + 1})", lambda: run_mode(
-            "vision_floor", lambda: dict(batch), model, optimizer, clock, device, expect_hits=False, **common)))
+            "vision_floor", resident, model, optimizer, clock, device, expect_hits=False, **common)))
         blocks["vision_cached"].append(record("modes", f"vision_cached (block {r + 1})", lambda: run_mode(
             "vision_cached", lambda: next(it), model, optimizer, clock, device, expect_hits=True, **common)))
     for key, runs in blocks.items():
