@@ -334,7 +334,8 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         # keep the old model's tensors alive into the mode's peak memory.
         holder = [{k: v for k, v in model.state_dict().items() if not k.startswith(_BLOCK_KEYS)}]
         tower = _vision_checkpoint(work, model, config)
-        del trainer, blocking, optimizer, model
+        fn = floor_batch = None  # the last block's closure holds a trainer (and so the model)
+        del trainer, blocking, optimizer, model, fn, floor_batch
         _free(device)
         _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenizer, processor, spec, train_args,
                            results, record, deadline, log, save)
