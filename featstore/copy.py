@@ -128,16 +128,9 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
 
 def _open_sets(path: str) -> dict:
     """{set: FeatureStore} for every feature set of the store at `path` (one shared environment)."""
-    from featstore.reader import FeatureStore
+    from featstore.reader import FeatureStore, feature_set_names
 
-    probe = FeatureStore(path)
-    try:
-        names = probe.feature_sets()
-        if not names:
-            probe.manifest  # raises what the store lacks
-    finally:
-        probe.close()
-    return {name: FeatureStore(path, feature_set=name) for name in names}
+    return {name: FeatureStore(path, feature_set=name) for name in feature_set_names(path)}
 
 
 def _check_copy(path: str, manifests: dict[str, dict], counts: dict[str, int]) -> None:

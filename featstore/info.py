@@ -17,7 +17,7 @@ import os
 
 from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import CorruptEntryError
-from featstore.store import META_DB, PRIMARY_FEATURE_SET, last_build_key, storage_dtype_of
+from featstore.store import META_DB, PRIMARY_FEATURE_SET, last_build_key, resolve_store_path, storage_dtype_of
 
 __all__ = ["store_info", "configure_parser", "run"]
 
@@ -40,28 +40,22 @@ def store_info(path: str, *, max_scan: int = 10000) -> dict:
         ``file_bytes`` of the store; and, as before feature sets existed, the fields of the
         primary set ("vggt"; else the first set) at the top level.
     """
-    from featstore.reader import FeatureStore  # torch: imported when run, not for `--help`
+    from featstore.reader import FeatureStore, feature_set_names  # torch: imported when run, not for `--help`
 
-    probe = FeatureStore(path)
-    try:
-        names = probe.feature_sets()
-        if not names:
-            probe.manifest  # raises what the store lacks
-    finally:
-        probe.close()
     sets = []
-    for name in names:
+    for name in feature_set_names(path):
         store = FeatureStore(path, feature_set=name)
         try:
             sets.append(_set_info(store, max_scan))
         finally:
             store.close()
     main = next((s for s in sets if s["name"] == PRIMARY_FEATURE_SET), sets[0])
+    store_path = resolve_store_path(path)
     return {
-        "path": probe.path,
+        "path": store_path,
         "manifest": main["manifest"],
         "entries": main["entries"],
-        "file_bytes": os.path.getsize(os.path.join(probe.path, "data.mdb")),
+        "file_bytes": os.path.getsize(os.path.join(store_path, "data.mdb")),
         "scanned": main["scanned"],
         "shapes": main["shapes"],
         "corrupt": main["corrupt"],

@@ -38,7 +38,7 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
     """
     from tqdm import tqdm
 
-    from featstore.reader import FeatureStore  # torch: imported when run, not for `--help`
+    from featstore.reader import FeatureStore, feature_set_names  # torch: imported when run, not for `--help`
     from featstore.writer import StoreWriter
 
     if not shards:
@@ -47,14 +47,7 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
     stores: dict[str, list] = {}  # set -> the FeatureStores of the shards that hold it, in shard order
     try:
         for path in paths:
-            probe = FeatureStore(path)
-            try:
-                names = probe.feature_sets()
-                if not names:
-                    probe.manifest  # raises what the shard lacks
-            finally:
-                probe.close()
-            for name in names:
+            for name in feature_set_names(path):
                 stores.setdefault(name, []).append(FeatureStore(path, feature_set=name))
         for name in sorted(stores):
             _check_set(name, stores[name])

@@ -724,6 +724,25 @@ class FeatureStore:
             last, skip_first = chunk[-1][0], True
 
 
+def feature_set_names(path: str | os.PathLike) -> list[str]:
+    """The feature sets of the store at `path`, sorted; raises what the store lacks (ManifestError,
+    StoreNotFoundError, ...) when it holds none (info, copy and merge start from this).
+
+    Example:
+        >>> from featstore.reader import feature_set_names
+        >>> feature_set_names("data/")
+        ['vggt']
+    """
+    probe = FeatureStore(path)
+    try:
+        names = probe.feature_sets()
+        if not names:
+            probe.manifest  # raises what the store lacks
+        return names
+    finally:
+        probe.close()
+
+
 class StoreView:
     """A read transaction whose entries are zero-copy views; see `FeatureStore.view`.
 

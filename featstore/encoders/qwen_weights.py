@@ -240,26 +240,15 @@ def load_vision_into(model: "torch.nn.Module", state: Dict[str, "torch.Tensor"],
         WeightsError: a key the tower expects is missing, a vision key it lacks is present, or a
             shape differs from the config's.
     """
+    from .weights import check_keys
+
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s) {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected vision key(s) {_few(unexpected)}")
-        raise WeightsError(
-            f"weights {ckpt.where()!r} do not match the vision config: " + "; ".join(parts)
-            + ". Check that config.json belongs to these weights (depth, hidden_size), or re-download a complete "
-            "checkpoint")
+    check_keys(expected, state, ckpt.where(), what="the vision config", unexpected_name="unexpected vision key(s)",
+               prefix="visual.",
+               advice="Check that config.json belongs to these weights (depth, hidden_size), or re-download a "
+                      "complete checkpoint")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise WeightsError(f"weights {ckpt.where()!r}: key visual.{k} has shape {tuple(v.shape)}, the vision "
                                f"config expects {tuple(expected[k].shape)}")
     model.load_state_dict(state, strict=True)
-
-
-def _few(keys, n=8):
-    shown = ", ".join("visual." + k for k in keys[:n])
-    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"

@@ -153,22 +153,28 @@ def _unwrap_state_dict(obj, path: Path) -> Mapping[str, "torch.Tensor"]:
     )
 
 
-def load_into(model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"], source: str) -> None:
-    """`model.load_state_dict(state, strict=True)` with errors that name keys and the file."""
-    expected = model.state_dict()
+def check_keys(expected: Mapping, state: Mapping, source: str, *, what: str, advice: str,
+               unexpected_name: str = "unexpected key(s)", prefix: str = PREFIX) -> None:
+    """Raise WeightsError naming the missing and the unexpected keys of `state` against the
+    `expected` state dict (a few of each, named with the checkpoint's `prefix` so they can be
+    grepped), the file `source`, `what` it should match, and `advice`."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing key(s) {_few(missing)}")
+            parts.append(f"missing key(s) {_few(missing, prefix=prefix)}")
         if unexpected:
-            parts.append(f"unexpected key(s) {_few(unexpected)}")
-        raise WeightsError(
-            f"weights {source!r} do not match the encoder config: " + "; ".join(parts)
-            + ". Check the encoder preset / config (depth, patch_embed, qk_norm, registers) against "
-            "the checkpoint, or re-download a complete file."
-        )
+            parts.append(f"{unexpected_name} {_few(unexpected, prefix=prefix)}")
+        raise WeightsError(f"weights {source!r} do not match {what}: " + "; ".join(parts) + ". " + advice)
+
+
+def load_into(model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"], source: str) -> None:
+    """`model.load_state_dict(state, strict=True)` with errors that name keys and the file."""
+    expected = model.state_dict()
+    check_keys(expected, state, source, what="the encoder config",
+               advice="Check the encoder preset / config (depth, patch_embed, qk_norm, registers) against "
+                      "the checkpoint, or re-download a complete file.")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise WeightsError(
@@ -178,9 +184,9 @@ def load_into(model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"], sou
     model.load_state_dict(state, strict=True)
 
 
-def _few(keys, n=8):
-    # Named as in the official checkpoint (with the `aggregator.` prefix) so they can be grepped.
-    shown = ", ".join(PREFIX + k for k in keys[:n])
+def _few(keys, n=8, *, prefix: str = PREFIX):
+    # Named as in the checkpoint (e.g. with the official `aggregator.` prefix) so they can be grepped.
+    shown = ", ".join(prefix + k for k in keys[:n])
     return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
 
 
