@@ -635,7 +635,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help=f"store path (default: DATA_ROOT/{DEFAULT_STORE_NAME})")
     g = p.add_argument_group("encoder (every choice enters the fingerprint)")
     g.add_argument("--encoder", default=_default("encoder"), help="registered encoder: vggt-1b (default, needs "
-                   "--weights), vggt-tiny (random weights, for tests/demos), vggt-official (the installed vggt package)")
+                   "--weights), vggt-tiny (random weights, for tests/demos), vggt-official (the installed vggt package), "
+                   "qwen2.5-vl-vision (the frozen Qwen2.5-VL vision tower without visual.merger, one entry per image in "
+                   "the 'qwen_vision' feature set; --weights a Qwen2.5-VL checkpoint folder or hub id), "
+                   "qwen2.5-vl-vision-tiny (random, for tests/demos). Example: --encoder qwen2.5-vl-vision "
+                   "--weights Qwen/Qwen2.5-VL-3B-Instruct")
     g.add_argument("--feature-set", metavar="NAME", help="the store's feature set to write ([a-z0-9_], up to 32 "
                    "characters; default: the encoder's, 'vggt' for VGGT encoders). Each set has its own entries, "
                    "manifest and freshness; building one never touches another (docs/FORMAT.md)")
