@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 RUNS = int(os.environ.get("FEATSTORE_INTERRUPT_RUNS", "20"))
 SEED = int(os.environ.get("FEATSTORE_INTERRUPT_SEED", str(random.randrange(1 << 30))))
-UNITS = 24
+UNITS = 96  # enough that the pipeline is a good part of each run (the check at the end)
 EXIT_WITHIN_S = 15.0  # "a few seconds", with room for a loaded 2-core CI runner
 
 _ZYGOTE = r"""
@@ -80,15 +80,23 @@ def _go(proc: subprocess.Popen, log: str) -> None:
     proc.stdin.flush()
 
 
-def _timed_run(data: str, store: str, log: str, zygote: bool) -> float:
+def _timed_run(data: str, store: str, log: str, zygote: bool) -> tuple[float, float]:
+    """(seconds the build takes, seconds until its pipeline starts: the encoder line on stderr),
+    from the launch (plain) or from "go" (zygote)."""
     t0 = time.perf_counter()
     proc = _launch(_args(data, store), log, zygote)
     if zygote:
         _go(proc, log)
-    t_go = time.perf_counter()
+    base = time.perf_counter() if zygote else t0
+    pipeline_at = None
+    while proc.poll() is None:
+        if pipeline_at is None and "  encoder vggt-tiny" in open(log).read():
+            pipeline_at = time.perf_counter() - base
+        time.sleep(0.005)
     assert proc.wait(timeout=300) == 0, open(log).read()
     shutil.rmtree(store)
-    return time.perf_counter() - (t_go if zygote else t0)
+    total = time.perf_counter() - base
+    return total, total / 2 if pipeline_at is None else pipeline_at
 
 
 def _rerun_and_verify(data: str, store: str) -> None:
@@ -107,8 +115,8 @@ def test_interrupted_builds_exit_cleanly_and_resume(tmp_path):
     data = str(tmp_path / "data")
     make_images(data, [f"s{i // 8}/{i:03d}.png" for i in range(UNITS)])
     log = str(tmp_path / "stderr.txt")
-    plain_s = _timed_run(data, str(tmp_path / "calib"), log, zygote=False)
-    build_s = _timed_run(data, str(tmp_path / "calib"), log, zygote=True)
+    plain_s, plain_pipe = _timed_run(data, str(tmp_path / "calib"), log, zygote=False)
+    build_s, build_pipe = _timed_run(data, str(tmp_path / "calib"), log, zygote=True)
     rng = random.Random(SEED)
     seen = {"startup": 0, "pipeline": 0, "finished": 0}
     slowest = {phase: 0.0 for phase in seen}  # seconds from the signal to the exit
@@ -116,7 +124,14 @@ def test_interrupted_builds_exit_cleanly_and_resume(tmp_path):
     zygotes: dict[int, subprocess.Popen] = {}  # run -> its interpreter, started one run ahead
     for run in range(RUNS):
         zygote = run % 2 == 1
-        delay = rng.uniform(0.0, build_s) if zygote else rng.uniform(0.3, plain_s)
+        # Half the runs anywhere in the build, half inside its pipeline (from the encoder line to
+        # most of the way to the end: the calibration runs are the slowest), which would
+        # otherwise be hit too rarely for the check below.
+        total, pipe = (build_s, build_pipe) if zygote else (plain_s, plain_pipe)
+        if rng.random() < 0.5:
+            delay = rng.uniform(pipe, pipe + 0.8 * (total - pipe))
+        else:
+            delay = rng.uniform(0.0 if zygote else 0.3, total)
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
         group = rng.random() < 0.5
         where = f"run {run} (seed {SEED}): {sig.name} to the {'group' if group else 'process'} " \
