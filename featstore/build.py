@@ -85,6 +85,11 @@ class BuildOptions:
     commit_bytes: int = 512 << 20
     progress: bool = True
     compile: bool = False  # torch.compile the encoder's blocks (GPU; same features within bf16 noise)
+    # Frames cross from the decode workers to the GPU loop as uint8 where that is exact (every
+    # value k/255: the VGGT and Qwen views without extra_resize), a quarter of the float32 bytes
+    # to pass, stack, pin and copy; they become float32 on the device. False: float32 all the way
+    # (same features; kept for benchmarks/build_bench.py's before/after).
+    uint8_frames: bool = True
 
     def store_path(self) -> str:
         if self.store:
@@ -109,6 +114,9 @@ class BuildReport:
     skipped: list[dict] = field(default_factory=list)  # annotation samples without images (e.g. video)
     elapsed_s: float = 0.0
     pipeline_s: float = 0.0  # decode + encode + commit, without model loading and planning
+    # Frames/s from the first commit to the last: the pipeline's steady rate, without the start
+    # (first decode, first forward); 0.0 for a single commit.
+    steady_frames_per_s: float = 0.0
     # Host time per pipeline stage, in seconds (docs/BUILD.md, "Stage times"). Each thread's
     # stages add up to at most pipeline_s; threads overlap, so the busiest one binds:
     decode_wait_s: float = 0.0  # GPU loop waiting for the decode workers' next unit
@@ -125,7 +133,8 @@ class BuildReport:
         """One line of the stage times, e.g. for the build's summary on stderr."""
         return (f"stages: decode wait {self.decode_wait_s:.2f} s, encode {self.encode_s:.2f} s, device->host wait "
                 f"{self.d2h_wait_s:.2f} s, serialise+CRC {self.serialise_s:.2f} s, commit+fsync {self.commit_s:.2f} s "
-                f"(pipeline {self.pipeline_s:.2f} s)")
+                f"(pipeline {self.pipeline_s:.2f} s; {self.steady_frames_per_s:.1f} frames/s from the first commit "
+                "to the last)")
 
 
 _STAGE_FIELDS = ("decode_wait_s", "encode_s", "d2h_wait_s", "serialise_s", "commit_s")
@@ -219,8 +228,8 @@ class _UnitDataset:
     """Decodes the frames of one unit per item, in a DataLoader worker (a map-style dataset:
     `__len__` and `__getitem__` are all DataLoader needs)."""
 
-    def __init__(self, units: list[Unit], data_root: str, spec, patch: int):
-        self.units, self.data_root, self.spec, self.patch = units, data_root, spec, patch
+    def __init__(self, units: list[Unit], data_root: str, spec, patch: int, uint8: bool):
+        self.units, self.data_root, self.spec, self.patch, self.uint8 = units, data_root, spec, patch, uint8
 
     def __len__(self) -> int:
         return len(self.units)
@@ -230,11 +239,44 @@ class _UnitDataset:
 
         try:
             frames, sources = read_unit_frames(self.data_root, self.units[i], self.spec, self.patch)
-            return i, frames, sources, None
+            return i, _exact_uint8(frames) if self.uint8 else frames, sources, None
         except ImageDecodeError as e:
             return i, None, None, str(e)
         except Exception as e:  # a decoder bug must not kill a long build: record the unit as failed
             return i, None, None, f"{type(e).__name__}: {e}"
+
+
+def _exact_uint8(frames):
+    """`frames` (float32 in [0, 1]) as uint8 when every value is exactly k/255 (then
+    `_to_float` on the device gives back the very same float32), else unchanged."""
+    import torch
+
+    u8 = frames.mul(255).round_().to(torch.uint8)
+    return u8 if torch.equal(_to_float(u8), frames) else frames
+
+
+def _to_float(x):
+    """A batch of frames as the encoder takes them: float32 in [0, 1] (uint8 k -> k/255, the
+    division the decoders make, so the result is bit-identical)."""
+    import torch
+
+    return x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x
+
+
+def _start_decoding(todo: list[Unit], opts: BuildOptions, spec, patch: int):
+    """Fork the decode workers and return (loader iterator, its shutdown). Called before the
+    model loads, so that the first units are decoded while it does."""
+    import torch
+
+    dataset = _UnitDataset(todo, opts.data_root, spec, patch, opts.uint8_frames)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=opts.workers,
+        prefetch_factor=8 if opts.workers else None, persistent_workers=False,
+        collate_fn=lambda item: item, worker_init_fn=_die_with_parent)
+    with signals_blocked():
+        batches = iter(loader)  # forks the decode workers (see featstore.interrupt)
+    # Join the workers when the build ends (absent with workers=0), not whenever it is collected.
+    return batches, getattr(batches, "_shutdown_workers", lambda: None)
 
 
 def _die_with_parent(_worker_id: int) -> None:
@@ -300,15 +342,21 @@ def _serialise(spec, report: BuildReport, units, sources, host, done, grid):
     return units, blobs
 
 
-def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
-    """Hand blobs to the single writer (which commits every N entries) and count progress."""
+def _commit(writer, report: BuildReport, bar, first: dict, units, blobs) -> None:
+    """Hand blobs to the single writer (which commits every N entries) and count progress.
+    `first` holds the time and frame count of the first batch handed over (the steady rate's start)."""
     t0 = time.perf_counter()
     for unit, blob in zip(units, blobs):
         writer.put(unit.key, blob)
         report.computed += 1
         report.frames += unit.num_frames
         report.bytes += len(blob)
-    report.commit_s += time.perf_counter() - t0
+    t1 = time.perf_counter()
+    report.commit_s += t1 - t0
+    if not first:
+        first.update(t=t1, frames=report.frames)  # the steady rate counts from here
+    else:
+        report.steady_frames_per_s = (report.frames - first["frames"]) / max(t1 - first["t"], 1e-9)
     if bar is not None:
         bar.update(len(units))
         elapsed = max(time.perf_counter() - bar.featstore_t0, 1e-9)
@@ -316,10 +364,11 @@ def _commit(writer, report: BuildReport, bar, units, blobs) -> None:
                             refresh=False)
 
 
-def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report: BuildReport, show: bool,
+def _run_pipeline(encoder, todo: list[Unit], batches, opts: BuildOptions, writer, report: BuildReport, show: bool,
                   stop: StopFlag) -> bool:
-    """Decode, encode and hand every unit of `todo` to the writer. Returns True when `stop`
-    ended it early (the units handed over so far are committed by the writer stage)."""
+    """Encode the decoded units `batches` yields (`_start_decoding(todo, ...)`) and hand every
+    unit of `todo` to the writer. Returns True when `stop` ended it early (the units handed over
+    so far are committed by the writer stage)."""
     import torch
     from tqdm import tqdm
 
@@ -331,35 +380,32 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
     threads = torch.get_num_threads()
     if not on_cuda:  # restored below: it is the calling process's setting
         torch.set_num_threads(CPU_ENCODER_THREADS or max(1, (os.cpu_count() or 1) - opts.workers))
-    dataset = _UnitDataset(todo, opts.data_root, spec, encoder.patch_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=opts.workers,
-        prefetch_factor=8 if opts.workers else None, persistent_workers=False,
-        collate_fn=lambda item: item, worker_init_fn=_die_with_parent)
     bar = tqdm(total=len(todo), unit="unit", disable=not show, dynamic_ncols=True, smoothing=0.05)
     bar.featstore_t0 = time.perf_counter()
     # GPU loop (this thread) -> serialiser thread -> writer thread. The serialiser's queue bounds
     # the pinned batches in flight; the writer's bounds the encoded blobs waiting for the disk.
-    committer = _Stage("featstore-writer", lambda u, b: _commit(writer, report, bar, u, b), maxsize=2)
+    committer = _Stage("featstore-writer", lambda u, b: _commit(writer, report, bar, first, u, b), maxsize=2)
     serialiser = _Stage("featstore-serialiser", lambda *job: _serialise(spec, report, *job), maxsize=4,
                         downstream=committer)
     committer.start()
     serialiser.start()
-    buckets: dict[tuple, list] = {}
+    buckets: dict[tuple, list] = {}  # (S, 3, H, W, dtype) -> decoded units waiting for their batch
+    first: dict = {}
     stopped = False
     if on_cuda:
         compute = torch.cuda.current_stream(device)
         h2d, d2h = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
-    def flush(shape) -> None:
+    def flush(bucket) -> None:
         t0 = time.perf_counter()
         try:
-            _flush(shape)
+            _flush(bucket)
         finally:
             report.encode_s += time.perf_counter() - t0
 
-    def _flush(shape) -> None:
-        items = buckets.pop(shape)
+    def _flush(bucket) -> None:
+        items = buckets.pop(bucket)
+        shape = bucket[:-1]
         units = [todo[i] for i, _, _ in items]
         x = torch.stack([frames for _, frames, _ in items])  # [B, S, 3, H, W]
         full = -(-opts.batch_frames // shape[0])
@@ -377,7 +423,7 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
                 x = pinned.to(device, non_blocking=True)
             compute.wait_stream(h2d)
             x.record_stream(compute)  # its memory is not reused before the forward has read it
-        feats = encode_frames(encoder, x)[: len(items)]  # [B, F, N, C], storage dtype, on the device
+        feats = encode_frames(encoder, _to_float(x))[: len(items)]  # [B, F, N, C], storage dtype, on the device
         done = None
         if on_cuda:
             host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
@@ -391,8 +437,6 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
             host = feats.cpu()
         serialiser.jobs.put((units, [src for _, _, src in items], host, done, grid))
 
-    with signals_blocked():
-        batches = iter(loader)  # forks the decode workers (see featstore.interrupt)
     try:
         waited = time.perf_counter()
         for i, frames, sources, error in batches:
@@ -408,21 +452,18 @@ def _run_pipeline(encoder, todo: list[Unit], opts: BuildOptions, writer, report:
                 bar.update(1)
                 waited = time.perf_counter()
                 continue
-            shape = tuple(frames.shape)
-            buckets.setdefault(shape, []).append((i, frames, sources))
-            if len(buckets[shape]) * shape[0] >= opts.batch_frames:
-                flush(shape)
+            bucket = (*frames.shape, frames.dtype)
+            buckets.setdefault(bucket, []).append((i, frames, sources))
+            if len(buckets[bucket]) * frames.shape[0] >= opts.batch_frames:
+                flush(bucket)
             waited = time.perf_counter()
         if not stopped:
-            for shape in list(buckets):
-                flush(shape)
+            for bucket in list(buckets):
+                flush(bucket)
     finally:
         # Signals only set `stop` here, so this cannot be cut short: the sentinel always reaches
         # the serialiser, which finishes the batches in flight and then ends the writer stage.
         serialiser.jobs.put(None)
-        shutdown = getattr(batches, "_shutdown_workers", None)  # absent with workers=0
-        if shutdown is not None:
-            shutdown()  # join the decode workers now, not whenever the iterator is collected
         serialiser.join()
         committer.join()
         bar.close()
@@ -473,6 +514,7 @@ def _gather_reports(report: BuildReport, world: int) -> BuildReport:
         total.interrupted |= p["interrupted"]
         for k in ("pipeline_s", *_STAGE_FIELDS):
             setattr(total, k, max(getattr(total, k), p[k]))  # the slowest rank decides
+        total.steady_frames_per_s += p["steady_frames_per_s"]  # ranks run side by side
     total.elapsed_s = report.elapsed_s
     return total
 
@@ -546,7 +588,6 @@ def _nothing_planned(opts: BuildOptions, skipped: list[dict]) -> str:
 def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spec: EncoderSpec, device: str,
                  encoder, rank: int, world: int, t0: float, feature_set: str) -> BuildReport:
     from featstore.encoders import get_encoder
-    from featstore.writer import StoreWriter
 
     show = opts.progress and rank == 0
     log = logger.info if rank == 0 else (lambda msg: None)  # the plan summary, once per build
@@ -584,11 +625,28 @@ def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spe
     if opts.dry_run:
         report.elapsed_s = time.perf_counter() - t0
         return report
-    if encoder is None:
-        encoder = get_encoder(opts.encoder, weights=opts.weights, device=device, compile=opts.compile,
-                              **opts.spec_overrides)
-        assert encoder.spec == spec, spec.diff(encoder.spec)  # resolve_spec's contract
+    mine = todo[rank::world]
+    patch = encoder.patch_size if encoder is not None else int(spec.config["patch_size"])
+    batches, stop_decoding = _start_decoding(mine, opts, spec, patch)
+    try:
+        if encoder is None:  # the workers decode the first units meanwhile
+            encoder = get_encoder(opts.encoder, weights=opts.weights, device=device, compile=opts.compile,
+                                  **opts.spec_overrides)
+            assert encoder.spec == spec, spec.diff(encoder.spec)  # resolve_spec's contract
+        return _encode_and_commit(opts, spec, encoder, mine, batches, report, rank, world, t0, feature_set,
+                                  fingerprint, index, count, show, log)
+    finally:
+        stop_decoding()
 
+
+def _encode_and_commit(opts: BuildOptions, spec: EncoderSpec, encoder, mine: list[Unit], batches,
+                       report: BuildReport, rank: int, world: int, t0: float, feature_set: str, fingerprint: str,
+                       index: int, count: int, show: bool, log) -> BuildReport:
+    """Open the writer, run the pipeline over this rank's units `mine`, commit and finish the
+    manifest (rank 0, with every rank's report gathered)."""
+    from featstore.writer import StoreWriter
+
+    store_path = opts.store_path()
     writer_kw = dict(spec=spec, feature_set=feature_set, batch_entries=opts.commit_entries,
                      batch_bytes=opts.commit_bytes, mismatch_advice=_MISMATCH_ADVICE, handle_signals=False)
     # From here on SIGINT/SIGTERM only set `stop`: the pipeline checks it between units and the
@@ -599,10 +657,10 @@ def _build_units(opts: BuildOptions, units: list[Unit], skipped: list[dict], spe
         _barrier(world)
         if writer is None:
             writer = StoreWriter(store_path, **writer_kw)
-        mine = todo[rank::world]
         try:
             t_pipe = time.perf_counter()
-            report.interrupted = bool(stop) or _run_pipeline(encoder, mine, opts, writer, report, show, stop)
+            report.interrupted = bool(stop) or _run_pipeline(encoder, mine, batches, opts, writer, report, show,
+                                                             stop)
             t_commit = time.perf_counter()
             writer.commit()
             report.commit_s += time.perf_counter() - t_commit

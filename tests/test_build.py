@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -341,3 +342,63 @@ def test_json_and_summary_carry_the_stage_times(data_root):
                          "--no-progress", "--force", check=0)
     line = [ln for ln in proc.stderr.splitlines() if ln.strip().startswith("stages:")]
     assert len(line) == 1 and "decode wait" in line[0] and "commit+fsync" in line[0] and "(pipeline" in line[0], proc.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_frames_cross_as_uint8_and_the_store_is_bit_identical_to_float32_frames(data_root, tmp_path, workers):
+    """The decode workers hand frames over as uint8 where every value is k/255; the features
+    stored are bit for bit those of the float32 path (a spec with extra_resize, whose values are
+    not k/255, keeps float32 and builds alike)."""
+    from featstore import build as build_mod
+
+    frames = build_mod._UnitDataset(plan_units(data_root), data_root, get_encoder("vggt-tiny").spec, 14, True)[0][1]
+    assert frames.dtype == torch.uint8
+    for overrides in (dict(), dict(spec_overrides=dict(preprocess={"mode": "crop", "extra_resize": [56, 70]}))):
+        spec = get_encoder("vggt-tiny", **overrides.get("spec_overrides", {})).spec
+        kept = build_mod._UnitDataset(plan_units(data_root), data_root, spec, 14, True)[0][1]
+        assert kept.dtype == (torch.uint8 if not overrides else torch.float32)
+        a = build(options(data_root, store=str(tmp_path / f"u8{len(overrides)}.lmdb"), workers=workers,
+                          batch_frames=3, **overrides))
+        b = build(options(data_root, store=str(tmp_path / f"f32{len(overrides)}.lmdb"), workers=workers,
+                          batch_frames=3, uint8_frames=False, **overrides))
+        assert a.computed == b.computed == 10
+        assert_same_contents(store_contents(str(tmp_path / f"u8{len(overrides)}.lmdb")),
+                             store_contents(str(tmp_path / f"f32{len(overrides)}.lmdb")))
+
+
+def test_decode_workers_start_before_the_model_loads(data_root, tmp_path, monkeypatch):
+    """The workers are forked before the encoder is built, so the first units are decoded while
+    the model loads (on a GPU host: seconds of weights and compile)."""
+    import featstore.encode
+    import featstore.encoders
+
+    marks = tmp_path / "decoded"
+    marks.mkdir()
+    read = featstore.encode.read_unit_frames
+
+    def marked(data_root_, unit, *a, **kw):  # runs in the forked workers
+        (marks / str(abs(hash(unit.key)))).touch()
+        return read(data_root_, unit, *a, **kw)
+
+    load = featstore.encoders.get_encoder
+    seen = {}
+
+    def slow_load(*a, **kw):
+        for _ in range(200):  # up to 10 s for a worker to decode a unit while "loading"
+            if any(marks.iterdir()):
+                break
+            time.sleep(0.05)
+        seen["decoded while loading"] = len(list(marks.iterdir()))
+        return load(*a, **kw)
+
+    monkeypatch.setattr(featstore.encode, "read_unit_frames", marked)
+    monkeypatch.setattr(featstore.encoders, "get_encoder", slow_load)
+    r = build(options(data_root, workers=2))
+    assert r.computed == 10 and not r.failed
+    assert seen["decoded while loading"] > 0
+
+
+def test_the_steady_rate_counts_from_the_first_commit(data_root):
+    many = build(options(data_root, store=os.path.join(data_root, "many.lmdb"), batch_frames=2))
+    # After the first batch, 10 images - 2 more frames in less time than the whole pipeline.
+    assert many.steady_frames_per_s > (many.frames - 2) / many.pipeline_s > 0

@@ -52,7 +52,7 @@ _ALLOWED = [re.compile(p) for p in (
     r"  fresh \d+, missing \d+, stale \d+; to compute \d+",
     r"  encoder vggt-tiny fingerprint \w+ on cpu; .*",
     r"featstore build: \d+ computed .*",
-    r"  stages: decode wait .* \(pipeline .* s\)",
+    r"  stages: decode wait .* \(pipeline .* s; .* frames/s from the first commit to the last\)",
     r"interrupted: \d+ units committed; rerun the same command to resume",
     r"featstore( build)?: interrupted",
 )]
