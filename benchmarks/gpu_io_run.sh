@@ -9,7 +9,7 @@
 #    serialise+CRC, commit+fsync) of each build in build_bench.json;
 # 3. benchmarks/disk_bench.py: the disk's direct-I/O bandwidth (sequential, random, several queue
 #    depths) and featstore's cold reads (one reader, WORKERS DataLoader workers) on the same disk.
-# Results in $OUT: env.txt, build_bench.{json,md,log}, disk_bench.{json,log}.
+# DISK=0 skips step 3. Results in $OUT: env.txt, build_bench.{json,md,log}, disk_bench.{json,log}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the results (the device tool sets it)}"
@@ -28,8 +28,10 @@ rc=0
 "$PY" benchmarks/build_bench.py --out "$OUT" --workdir "$WORK/build" --images "$IMAGES" --naive-images 100 --compile 2>&1 \
   | tee "$OUT/build_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-"$PY" benchmarks/disk_bench.py --out "$OUT" --workdir "$WORK/disk" --file-mb "${FILE_MB:-4096}" --seconds 3 \
-  --entries "${ENTRIES:-1500}" --workers "${WORKERS:-8}" 2>&1 | tee "$OUT/disk_bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+if [ "${DISK:-1}" = 1 ]; then
+  "$PY" benchmarks/disk_bench.py --out "$OUT" --workdir "$WORK/disk" --file-mb "${FILE_MB:-4096}" --seconds 3 \
+    --entries "${ENTRIES:-1500}" --workers "${WORKERS:-8}" 2>&1 | tee "$OUT/disk_bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+fi
 rm -rf "$WORK"
 exit $rc
