@@ -22,7 +22,8 @@ import torch
 
 from training.trainer import STAT_KEYS
 
-__all__ = ["PHASES", "BudgetExceeded", "StepClock", "install_hooks", "timed_online_vggt", "run_mode", "alarm_at"]
+__all__ = ["PHASES", "BudgetExceeded", "StepClock", "install_hooks", "timed_online_vggt", "run_mode", "run_paired",
+           "alarm_at"]
 
 PHASES = ("vggt", "vision", "merger", "llm_forward", "forward_other", "backward", "optimizer")
 GIB = float(1 << 30)
@@ -198,6 +199,82 @@ def run_mode(name: str, next_batch: Callable[[], dict], model, optimizer, clock:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
     return result
+
+
+def _one_step(next_batch, model, optimizer, params, clock=None) -> tuple:
+    """One training step as run_mode times it: (step ms incl. the data wait, data ms, loss)."""
+    t0 = time.perf_counter()
+    batch = next_batch()
+    t1 = time.perf_counter()
+    for k in STAT_KEYS:
+        batch.pop(k, None)
+    if clock is not None:
+        clock.reset()  # the model's hooks mark into it: keep it from growing over the pairs
+    out = model(**batch)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if out.loss.is_cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    loss = float(out.loss.detach())
+    if not math.isfinite(loss):
+        raise RuntimeError(f"loss is {loss}")
+    return (t2 - t0) * 1e3, (t1 - t0) * 1e3, loss
+
+
+def run_paired(names: tuple, next_read: Callable[[], dict], pool: List[dict], model, optimizer, *, pairs: int,
+               warmup: int, deadline: float, reserve_s: float, clock=None, log=print, seed: int = 0) -> dict:
+    """The read path's cost at 2%: `pairs` pairs of one step that reads (`next_read`: the real
+    DataLoader) and one floor step (the next batch of `pool`, resident on the device: the whole
+    dataset read once through the same loader, in a shuffled cycle, so both see the same mix of
+    samples), interleaved in alternating order (read-floor, floor-read, ...), so that drift of
+    the card or host falls on both alike. ratio = median read step / median floor step, with a
+    95% bootstrap interval over the pairs (each resampled pair keeps both of its steps)."""
+    import random
+
+    read_name, floor_name = names
+    params = [p for p in model.parameters() if p.requires_grad]
+    rng = random.Random(seed)
+    cycle: List[dict] = []
+
+    def floor_batch():
+        if not cycle:
+            cycle.extend(rng.sample(pool, len(pool)))
+        return dict(cycle.pop())
+
+    for _ in range(warmup):
+        _one_step(next_read, model, optimizer, params, clock)
+        _one_step(floor_batch, model, optimizer, params, clock)
+    rows = []  # (read ms, floor ms, read's data ms)
+    for p in range(pairs):
+        if time.monotonic() > deadline - reserve_s:
+            log(f"  paired: budget reached after {len(rows)} pairs (asked {pairs})")
+            break
+        if p % 2 == 0:
+            read, data_ms, _ = _one_step(next_read, model, optimizer, params, clock)
+            floor, _, _ = _one_step(floor_batch, model, optimizer, params, clock)
+        else:
+            floor, _, _ = _one_step(floor_batch, model, optimizer, params, clock)
+            read, data_ms, _ = _one_step(next_read, model, optimizer, params, clock)
+        rows.append((read, floor, data_ms))
+    if not rows:
+        return {"pairs": 0, "ratio": None}
+
+    def ratio(sample):
+        return statistics.median(r[0] for r in sample) / statistics.median(r[1] for r in sample)
+
+    boot = sorted(ratio([rng.choice(rows) for _ in rows]) for _ in range(2000))
+    return {
+        "pairs": len(rows), "ratio": ratio(rows), "ratio_ci95": [boot[49], boot[1949]],
+        "mean_ratio": statistics.fmean(r[0] for r in rows) / statistics.fmean(r[1] for r in rows),
+        f"{read_name}_step_ms": statistics.median(r[0] for r in rows),
+        f"{floor_name}_step_ms": statistics.median(r[1] for r in rows),
+        f"{read_name}_data_ms": statistics.median(r[2] for r in rows),
+        "pool_batches": len(pool),
+        "pairs_ms": [[round(r[0], 3), round(r[1], 3)] for r in rows],
+    }
 
 
 @contextlib.contextmanager

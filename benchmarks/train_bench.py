@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _train_inputs as inputs_mod  # noqa: E402  (puts the repository on sys.path)
 from _step_timing import GIB, BudgetExceeded, StepClock, alarm_at, install_hooks, run_mode  # noqa: E402
-from _step_timing import timed_online_vggt  # noqa: E402
+from _step_timing import run_paired, timed_online_vggt  # noqa: E402
 from _train_report import write_outputs  # noqa: E402
 
 from training.trainer import STAT_KEYS  # noqa: E402
@@ -83,6 +83,9 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="floor and cached run in this many alternating "
                    "blocks (floor, cached, cached with blocking copies, floor, ...), so that drift and noise fall "
                    "on all of them alike (default 3, smoke 1)")
+    p.add_argument("--paired", type=int, default=None, help="also run this many interleaved pairs of one cached "
+                   "and one floor step in alternating order (and vision_cached / vision_floor): the read path's "
+                   "cost as a ratio of medians with a 95%% bootstrap interval (default 0: off; smoke 4)")
     p.add_argument("--attention", default=None, help="vision tower attention implementations to time on the "
                    f"cached step (default {','.join(ATTENTION)}; smoke: without flex_attention)")
     a = p.parse_args(argv)
@@ -95,6 +98,7 @@ def parse(argv=None):
     a.attention_steps = a.attention_steps or (1 if s else 5)
     a.units = a.units or (3 if s else 16)
     a.repeats = a.repeats or (1 if s else 3)
+    a.paired = a.paired if a.paired is not None else (4 if s else 0)
     a.workers = a.workers if a.workers is not None else (2 if s else 4)
     a.attention = a.attention or ",".join(ATTENTION[:3] if s else ATTENTION)
     return a
@@ -193,6 +197,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     from training.vggt_online import resolve_spec
 
     results.update(torch=torch.__version__, transformers=transformers.__version__)
+    results.setdefault("paired", {})
     if device.type == "cuda":
         results["card"] = torch.cuda.get_device_name(0)
     frames = 9
@@ -262,8 +267,13 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
             res = {"error": _one_line(e)}
             traceback.print_exc()
             optimizer.zero_grad(set_to_none=True)
-        log(f"{key}: " + (f"step {res['step_ms']:.1f} ms, data {res['data_ms']:.1f} ms"
-                          if "step_ms" in res else res.get("error", "")))
+        if "step_ms" in res:
+            log(f"{key}: step {res['step_ms']:.1f} ms, data {res['data_ms']:.1f} ms")
+        elif res.get("ratio") is not None:
+            log(f"{key}: {res['pairs']} pairs, ratio {res['ratio']:.4f} (95% {res['ratio_ci95'][0]:.4f}-"
+                f"{res['ratio_ci95'][1]:.4f})")
+        else:
+            log(f"{key}: {res.get('error', '')}")
         return res
 
     def timed(mode: str, next_batch, *, steps: int, expect_hits: bool, online=None, reserve_s=None) -> dict:
@@ -297,6 +307,14 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         if runs:
             results["modes"][key] = _pooled(runs, vggt_weights_gib=0.0,
                                             vggt_parameters_in_model=vggt_parameter_count(model))
+    if a.paired and "cached" in remaining and "floor" in remaining:
+        pool = _resident(trainer.get_train_dataloader(), len(cached_ds))  # every sample, on the device
+        results.setdefault("paired", {})["cached_vs_floor"] = record("paired", "cached vs floor, paired", lambda: dict(
+            run_paired(("cached", "floor"), loader_batches(cached_ds), pool.batches, model, optimizer,
+                       pairs=a.paired, warmup=a.warmup, deadline=deadline, reserve_s=reserve(), clock=clock, log=log),
+            pool_gib=pool.gib))
+        del pool
+        _free(device)
     for m in ("floor", "cached"):
         if m in remaining:
             remaining.remove(m)
@@ -471,6 +489,13 @@ def _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenize
     for key, runs in blocks.items():
         results["modes"][key] = _pooled(runs, vggt_weights_gib=0.0,
                                         vision_block_parameters=vision_block_parameter_count(model))
+    if a.paired:
+        pool = _resident(trainer.get_train_dataloader(), len(ds))
+        results.setdefault("paired", {})["vision_cached_vs_vision_floor"] = record(
+            "paired", "vision_cached vs vision_floor, paired", lambda: dict(
+                run_paired(("vision_cached", "vision_floor"), lambda: next(it), pool.batches, model, optimizer,
+                           pairs=a.paired, warmup=a.warmup, deadline=deadline, reserve_s=5.0, clock=clock, log=log),
+                pool_gib=pool.gib))
     save()
 
 
@@ -570,6 +595,10 @@ def _summarise(results: dict) -> None:
     for m in ("cached", "online_full", "online_causal_stream"):
         if step(m) and step("vision_cached"):
             summary[f"speedup_vision_cached_vs_{m}"] = step(m) / step("vision_cached")
+    for name, res in results.get("paired", {}).items():
+        if res.get("ratio") is not None:
+            summary[f"paired_{name}"] = res["ratio"]
+            summary[f"paired_{name}_ci95"] = res["ratio_ci95"]
     results["summary"] = summary
 
 
