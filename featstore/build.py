@@ -629,13 +629,16 @@ EXAMPLES = """\
 Examples:
   # the bundled sample data, on CPU, from the repository root (vggt-tiny has random weights)
   featstore build --data-root sample_data --encoder vggt-tiny
-  featstore build --data-root sample_data --annotations sample_data/annotations.json --encoder vggt-tiny
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny
   featstore build --data-root sample_data --encoder vggt-tiny --dry-run      # plan only, no model
-  featstore build --data-root sample_data --encoder qwen2.5-vl-vision-tiny   # feature set qwen_vision
-  featstore build --data-root sample_data --encoder vggt-tiny --store /tmp/fp8.lmdb --storage-dtype float8_e4m3fn
+  featstore build --data-root sample_data --encoder qwen2.5-vl-vision-tiny   # set qwen_vision
+  featstore build --data-root sample_data --encoder vggt-tiny --store /tmp/fp8.lmdb \\
+      --storage-dtype float8_e4m3fn                                          # half the bytes
   # your data (VGGT-1B on GPU)
   featstore build --data-root data/ --weights /ckpt/VGGT-1B/model.safetensors
-  featstore build --data-root data/ --annotations data/train.json --attention causal --frames-kept last
+  featstore build --data-root data/ --annotations data/train.json --weights facebook/VGGT-1B \\
+      --attention causal --frames-kept last                                  # JanusVLN's spec
   torchrun --nproc-per-node 8 -m featstore build --data-root data/ --weights facebook/VGGT-1B
   featstore build --data-root data/ --shard 0/4 --weights /ckpt/VGGT-1B   # host 0 of 4, then merge
   featstore build --data-root data/ --annotations data/train.json --encoder qwen2.5-vl-vision \\

@@ -62,9 +62,11 @@ Examples:
   featstore copy sample_data /tmp/vggt_features.lmdb          # a compacted copy, e.g. to local disk
   featstore build --data-root sample_data --encoder vggt-tiny --shard 0/2
   featstore build --data-root sample_data --encoder vggt-tiny --shard 1/2
-  featstore merge /tmp/merged.lmdb sample_data/vggt_features.shard-0-of-2.lmdb sample_data/vggt_features.shard-1-of-2.lmdb
+  featstore merge /tmp/merged.lmdb \\
+      sample_data/vggt_features.shard-0-of-2.lmdb sample_data/vggt_features.shard-1-of-2.lmdb
   # train on the cached features (`python -m training.train --help`)
-  featstore build --data-root sample_data --annotations sample_data/annotations.json --encoder vggt-tiny
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny
   python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
       --use_vggt_cache --output_dir /tmp/run --max_steps 20 --use_cpu --report_to none
 

@@ -189,8 +189,8 @@ Examples:
   featstore copy --data-root sample_data /tmp/checked.lmdb --verify --json
   # your data
   featstore copy /nfs/data/ /nvme/vggt_features.lmdb
-  python -m training.train --data_root /nfs/data --annotations /nfs/data/train.json --use_vggt_cache \\
-      --vggt_cache_path /nvme/vggt_features.lmdb --output_dir /ckpt/run
+  python -m training.train --data_root /nfs/data --annotations /nfs/data/train.json \\
+      --use_vggt_cache --vggt_cache_path /nvme/vggt_features.lmdb --output_dir /ckpt/run
 """
 
 

@@ -128,7 +128,8 @@ Examples:
   # the bundled sample data in two shards, as two hosts would build them, then merged
   featstore build --data-root sample_data --encoder vggt-tiny --shard 0/2
   featstore build --data-root sample_data --encoder vggt-tiny --shard 1/2
-  featstore merge /tmp/merged.lmdb sample_data/vggt_features.shard-0-of-2.lmdb sample_data/vggt_features.shard-1-of-2.lmdb
+  featstore merge /tmp/merged.lmdb \\
+      sample_data/vggt_features.shard-0-of-2.lmdb sample_data/vggt_features.shard-1-of-2.lmdb
   # your data
   featstore merge data/vggt_features.lmdb /nfs/shard-0.lmdb /nfs/shard-1.lmdb
   featstore merge --data-root data/ /nfs/shard-*.lmdb     # into data/vggt_features.lmdb

@@ -823,7 +823,8 @@ Examples:
   # your data
   featstore verify /nvme/vggt_features.lmdb --data-root data/ --annotations data/train.json
   featstore verify data/ --deep --recompute 16 --weights /ckpt/model.safetensors --json
-  featstore verify data/ --feature-set qwen_vision --recompute 4 --weights qwen_vision=/ckpt/Qwen2.5-VL-3B
+  featstore verify data/ --feature-set qwen_vision --recompute 4 \\
+      --weights qwen_vision=/ckpt/Qwen2.5-VL-3B
 """
 
 

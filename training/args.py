@@ -56,23 +56,26 @@ TrainingArguments flag (two with this project's defaults: --remove_unused_column
 
 Examples:
   # a cached run on CPU on the bundled sample data (tiny random-weight presets, no download)
-  featstore build --data-root sample_data --annotations sample_data/annotations.json --encoder vggt-tiny
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny
   python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
       --use_vggt_cache --output_dir /tmp/run --max_steps 20 --use_cpu --report_to none
   # the same with VGGT run online (no store needed)
   python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
       --output_dir /tmp/run-online --max_steps 20 --use_cpu --report_to none
   # JanusVLN's recipe (causal attention, the last frame's features on every image), cached
-  featstore build --data-root sample_data --annotations sample_data/annotations.json --encoder vggt-tiny \\
-      --attention causal --frames-kept last --store /tmp/janus.lmdb
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny --attention causal --frames-kept last --store /tmp/janus.lmdb
   python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
       --vggt_fusion last_to_all --use_vggt_cache --vggt_cache_path /tmp/janus.lmdb \\
       --output_dir /tmp/run-janus --max_steps 20 --use_cpu --report_to none
   # Qwen2.5-VL-3B and VGGT-1B on GPUs: scripts/train_h800.sh (docs/LAUNCH.md)
 """
 
-EPILOG = ("Every option is also accepted with dashes (--data-root for --data_root). A boolean option "
-          "takes an optional value: --use_vggt_cache is --use_vggt_cache True. See docs/TRAINING.md.")
+EPILOG = """\
+Every option is also accepted with dashes (--data-root for --data_root). A boolean option takes an
+optional value: --use_vggt_cache is --use_vggt_cache True. See docs/TRAINING.md.
+"""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
