@@ -30,7 +30,6 @@ The CRC-32 covers the canonical header (every metadata value: frames, sources, g
 fingerprint) and the tensor bytes, so a flipped byte anywhere in a value is found. Not checked:
 a byte of the header's space padding turned into another JSON whitespace character decodes to
 the same entry, and is harmless.
-
 """
 
 from __future__ import annotations
