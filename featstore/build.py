@@ -1,4 +1,4 @@
-"""Compute encoder features for every unit of a data root and commit them into the store.
+"""Compute a data root's encoder features into the store (missing and stale only).
 
 Pipeline (one process per GPU; see docs/BUILD.md):
   0. spec     the EncoderSpec from --encoder/--weights/flags (resolve_spec: no model yet); a
@@ -11,16 +11,14 @@ Pipeline (one process per GPU; see docs/BUILD.md):
               (--dry-run stops here, having built no model)
   3. decode   DataLoader workers read each frame once (featstore.encode.read_unit_frames)
   4. batch    units are grouped by (S, H, W) and stacked into [B, S, 3, H, W]
-  5. encode   featstore.encode.encode_frames: one forward per batch (autocast per the spec), cast to the storage
-              dtype on the GPU, copied to pinned host memory without blocking the GPU
+  5. encode   featstore.encode.encode_frames: one forward per batch (autocast per the spec),
+              cast to the storage dtype on the GPU, copied to pinned host memory without
+              blocking the GPU
   6. commit   a writer thread waits for the copy, serialises blobs and commits in batches
 
-Examples:
-  featstore build --data-root data/ --weights /ckpt/VGGT-1B/model.safetensors
-  featstore build --data-root data/ --annotations data/train.json --attention causal --frames-kept last
-  torchrun --nproc-per-node 8 -m featstore build --data-root data/ --weights facebook/VGGT-1B
-  featstore build --data-root data/ --shard 0/4 --store /local/shard0.lmdb   # host 0 of 4
-  featstore build --data-root data/ --annotations data/train.json --encoder ENCODER --feature-set NAME
+Rerunning the same command resumes an interrupted build and recomputes only what changed.
+Progress (units done, frames/s, ETA) goes to stderr; the summary follows on stderr, or the
+report as JSON on stdout with --json.
 """
 
 from __future__ import annotations
@@ -44,6 +42,7 @@ from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, 
 from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
 from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
 from featstore.plan import IMAGE_EXTENSIONS, Unit, plan_units, source_path
+from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import (DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint,
                              default_feature_set, existing_manifest, feature_set_label, features_db,
                              open_env, utc_now)
@@ -51,7 +50,7 @@ from featstore.store import (DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feat
 # torch is imported inside the functions that run the model, so that `featstore --help` and
 # the parser need no torch (the layering test runs the CLI with torch unimportable).
 
-__all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "configure_parser", "run"]
+__all__ = ["BuildOptions", "BuildReport", "build", "split_plan", "configure_parser", "run", "EXAMPLES"]
 
 logger = logging.getLogger("featstore")
 
@@ -358,10 +357,10 @@ def _commit(writer, report: BuildReport, bar, first: dict, units, blobs) -> None
     else:
         report.steady_frames_per_s = (report.frames - first["frames"]) / max(t1 - first["t"], 1e-9)
     if bar is not None:
-        bar.update(len(units))
-        elapsed = max(time.perf_counter() - bar.featstore_t0, 1e-9)
+        elapsed = max(time.perf_counter() - bar.t0, 1e-9)
         bar.set_postfix_str(f"{report.frames / elapsed:.1f} frames/s, {report.bytes / elapsed / 1e6:.1f} MB/s",
                             refresh=False)
+        bar.update(len(units))
 
 
 def _run_pipeline(encoder, todo: list[Unit], batches, opts: BuildOptions, writer, report: BuildReport, show: bool,
@@ -370,9 +369,9 @@ def _run_pipeline(encoder, todo: list[Unit], batches, opts: BuildOptions, writer
     unit of `todo` to the writer. Returns True when `stop` ended it early (the units handed over
     so far are committed by the writer stage)."""
     import torch
-    from tqdm import tqdm
 
     from featstore.encode import encode_frames
+    from featstore.progress import Progress
 
     spec = encoder.spec
     device = encoder.device
@@ -380,8 +379,8 @@ def _run_pipeline(encoder, todo: list[Unit], batches, opts: BuildOptions, writer
     threads = torch.get_num_threads()
     if not on_cuda:  # restored below: it is the calling process's setting
         torch.set_num_threads(CPU_ENCODER_THREADS or max(1, (os.cpu_count() or 1) - opts.workers))
-    bar = tqdm(total=len(todo), unit="unit", disable=not show, dynamic_ncols=True, smoothing=0.05)
-    bar.featstore_t0 = time.perf_counter()
+    # A bar on a terminal, else a whole line every 30 s (featstore.progress); both with the ETA.
+    bar = Progress(len(todo), desc="featstore build", unit="unit", enabled=show)
     # GPU loop (this thread) -> serialiser thread -> writer thread. The serialiser's queue bounds
     # the pinned batches in flight; the writer's bounds the encoded blobs waiting for the disk.
     committer = _Stage("featstore-writer", lambda u, b: _commit(writer, report, bar, first, u, b), maxsize=2)
@@ -684,13 +683,39 @@ def _encode_and_commit(opts: BuildOptions, spec: EncoderSpec, encoder, mine: lis
 
 # -- command line ---------------------------------------------------------------------------
 
+EXAMPLES = """\
+Examples:
+  # the bundled sample data, on CPU, from the repository root (vggt-tiny has random weights)
+  featstore build --data-root sample_data --encoder vggt-tiny
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny
+  featstore build --data-root sample_data --encoder vggt-tiny --dry-run      # plan only, no model
+  featstore build --data-root sample_data --encoder qwen2.5-vl-vision-tiny   # set qwen_vision
+  featstore build --data-root sample_data --encoder vggt-tiny --store /tmp/fp8.lmdb \\
+      --storage-dtype float8_e4m3fn                                          # half the bytes
+  # your data (VGGT-1B on GPU)
+  featstore build --data-root data/ --weights /ckpt/VGGT-1B/model.safetensors
+  featstore build --data-root data/ --annotations data/train.json --weights facebook/VGGT-1B \\
+      --attention causal --frames-kept last                                  # JanusVLN's spec
+  torchrun --nproc-per-node 8 -m featstore build --data-root data/ --weights facebook/VGGT-1B
+  featstore build --data-root data/ --shard 0/4 --weights /ckpt/VGGT-1B   # host 0 of 4, then merge
+  featstore build --data-root data/ --annotations data/train.json --encoder qwen2.5-vl-vision \\
+      --weights Qwen/Qwen2.5-VL-3B-Instruct
+"""
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-root", required=True, help="folder of the images; keys are paths relative to it")
+    p.add_argument("--data-root", required=True, help="folder of the images (required); the store's keys are "
+                   f"image paths relative to it, and the store goes beside them, in DATA_ROOT/{DEFAULT_STORE_NAME}, "
+                   "unless --store")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
                    help="training's LLaVA/Qwen JSON/JSONL files: one unit per sample (its ordered frame list); "
-                   "for an encoder of single images, one unit per distinct image of the samples. Without: every "
-                   "image under the data root is its own unit")
-    p.add_argument("--store", help=f"store path (default: DATA_ROOT/{DEFAULT_STORE_NAME})")
+                   "for an encoder of single images, one unit per distinct image of the samples. Default: none, "
+                   "every image under the data root is its own unit. Pass the files training gets, so that "
+                   "`python -m training.train --use_vggt_cache` finds every sample")
+    p.add_argument("--store", help=f"the store to write (default: DATA_ROOT/{DEFAULT_STORE_NAME}, where training "
+                   "and the other commands look; DATA_ROOT/vggt_features.shard-I-of-N.lmdb with --shard). Use it "
+                   "for a store on another disk, or a second store of another spec")
     g = p.add_argument_group("encoder (every choice enters the fingerprint)")
     g.add_argument("--encoder", default=_default("encoder"), help="registered encoder: vggt-1b (default, needs "
                    "--weights), vggt-tiny (random weights, for tests/demos), vggt-official (the installed vggt package), "
@@ -700,44 +725,58 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "--weights Qwen/Qwen2.5-VL-3B-Instruct")
     g.add_argument("--feature-set", metavar="NAME", help="the store's feature set to write ([a-z0-9_], up to 32 "
                    "characters; default: the encoder's, 'vggt' for VGGT encoders). Each set has its own entries, "
-                   "manifest and freshness; building one never touches another (docs/FORMAT.md)")
-    g.add_argument("--weights", help="model.safetensors / model.pt path, a folder holding one, or a hub id "
-                   "(facebook/VGGT-1B, needs internet)")
+                   "manifest and freshness; building one never touches another (docs/FORMAT.md). Use it to keep "
+                   "two specs of one encoder in one store")
+    g.add_argument("--weights", help="the encoder's weights: a model.safetensors / model.pt path, a folder holding "
+                   "one, or a hub id (facebook/VGGT-1B, needs internet). Needed by vggt-1b and qwen2.5-vl-vision; "
+                   "the tiny encoders take none (default: none)")
     g.add_argument("--layer", type=int, help=f"aggregator layer to keep (default {field_default(EncoderSpec, 'layer')}, "
-                   "i.e. 22 of VGGT-1B)")
+                   "i.e. 22 of VGGT-1B, as VG-LLM and JanusVLN); training's --vggt_layer must match")
     g.add_argument("--attention", choices=field_choices(EncoderSpec, "attention"), help="global attention across the "
-                   f"frames of a unit: full (official, default) or causal (streaming navigation models)")
+                   "frames of a unit: full (official, default) or causal (streaming navigation models such as "
+                   "JanusVLN); training's --vggt_attention must match")
     g.add_argument("--frames-kept", choices=field_choices(EncoderSpec, "frames_kept"),
-                   help="store every frame's tokens (all, default) or only the last's")
-    g.add_argument("--target-size", type=int, help="preprocessing width/longest side (518; vggt-tiny 112; JanusVLN "
-                   "uses 644)")
+                   help="store every frame's tokens (all, default: per-image fusion) or only the last frame's "
+                   "(last: JanusVLN's last_to_all fusion, 1/S of the bytes for S frames)")
+    g.add_argument("--target-size", type=int, help="preprocessing size in pixels, a multiple of 14: the width "
+                   "(crop mode) or the longest side (pad mode). Default: the encoder's, 518 (vggt-tiny 112); "
+                   "JanusVLN uses 644")
     g.add_argument("--preprocess-mode", choices=field_choices(PreprocessSpec, "mode"),
-                   help=f"official crop or pad mode (default {field_default(PreprocessSpec, 'mode')})")
+                   help="VGGT's official preprocessing: crop (width to --target-size, centre-crop the height) or pad "
+                   f"(longest side to --target-size, white padding) (default {field_default(PreprocessSpec, 'mode')})")
     g.add_argument("--storage-dtype", choices=STORAGE_DTYPE_NAMES,
                    help=f"dtype of stored features (default {field_default(EncoderSpec, 'storage_dtype')}); "
-                   "float8_e4m3fn halves the bytes, with a per-token scale, read back dequantised (docs/FORMAT.md)")
+                   "float8_e4m3fn halves the bytes, with a per-token scale, read back dequantised (docs/FORMAT.md); "
+                   "float32 only to compare with a float32 reference")
     g.add_argument("--compute-dtype", choices=DTYPE_NAMES,
-                   help=f"autocast dtype on GPU (default {field_default(EncoderSpec, 'compute_dtype')})")
+                   help=f"autocast dtype of the forward on GPU (default {field_default(EncoderSpec, 'compute_dtype')}); "
+                   "CPU builds compute in float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.5x faster "
                    "VGGT-1B forwards on H100/H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
-                   "with eager within bf16 rounding")
+                   "with eager within bf16 rounding. Worth it for large GPU builds (default off)")
     g.add_argument("--device", default=_default("device"), help="cuda, cuda:N, cpu (default auto: the local rank's "
                    "GPU, else CPU)")
     r = p.add_argument_group("run")
-    r.add_argument("--force", action="store_true", help="recompute every unit (drops all entries first)")
+    r.add_argument("--force", action="store_true", help="recompute every unit: drops all entries of the feature "
+                   "set first. Needed to rebuild a store in place with another spec (it is refused otherwise); "
+                   "a plain rerun recomputes only missing and stale units (default off)")
     r.add_argument("--dry-run", action="store_true", help="print what would be computed (the fresh/missing/stale "
                    "split, the bytes to add, the free disk space) without building the model, then stop")
     r.add_argument("--workers", type=int, default=_default("workers"),
-                   help=f"image-decoding DataLoader workers (default: min(4, CPU count) = {_default('workers')})")
+                   help="image-decoding DataLoader worker processes (default: min(4, CPU count)); 0 decodes in "
+                   "the main process (small data, debugging)")
     r.add_argument("--batch-frames", type=int, default=_default("batch_frames"),
-                   help=f"frames per forward (default {_default('batch_frames')})")
-    r.add_argument("--shard", default="0/1", metavar="I/N", help="build only part I of N (one host of N); "
-                   "merge the parts with `featstore merge`")
+                   help=f"frames per forward (default {_default('batch_frames')}): units of one frame count and "
+                   "size are batched up to this many frames. Lower it if the GPU runs out of memory")
+    r.add_argument("--shard", default="0/1", metavar="I/N", help="build only part I of N (0-based; default 0/1: "
+                   "all), one part per host, each into its own store (default: vggt_features.shard-I-of-N.lmdb "
+                   "in DATA_ROOT); merge the parts with `featstore merge`")
     r.add_argument("--commit-every", type=int, default=_default("commit_entries"), metavar="N",
-                   help=f"entries per LMDB commit (default {_default('commit_entries')}); a crash loses at most "
-                   "one open batch")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+                   help=f"entries per LMDB commit (default {_default('commit_entries')}); a crash or kill loses "
+                   "at most the entries of one open batch, which a rerun recomputes")
+    r.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    r.add_argument("--json", action="store_true", help="print the build report (counts, failures, stage times) "
+                   "as one JSON object on stdout instead of the summary on stderr")
 
 
 def _default(name: str):

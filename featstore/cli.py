@@ -50,19 +50,46 @@ def store_path_arg(store: str | None, data_root: str | None) -> str:
     return "."
 
 
+# `featstore --help`'s examples: one per command, a first session on the bundled sample data
+# (each is also an example of its command's --help, where tests/test_cli_help.py runs it).
+EXAMPLES = """\
+Examples:
+  # a first session on the bundled sample data, on CPU, from the repository root
+  featstore build --data-root sample_data --encoder vggt-tiny     # compute the features (seconds)
+  featstore verify sample_data                    # check every entry against the images
+  featstore info sample_data                      # what the store holds
+  featstore gc sample_data --dry-run              # what gc would remove
+  featstore copy sample_data /tmp/vggt_features.lmdb          # a compacted copy, e.g. to local disk
+  featstore build --data-root sample_data --encoder vggt-tiny --shard 0/2
+  featstore build --data-root sample_data --encoder vggt-tiny --shard 1/2
+  featstore merge /tmp/merged.lmdb \\
+      sample_data/vggt_features.shard-0-of-2.lmdb sample_data/vggt_features.shard-1-of-2.lmdb
+  # train on the cached features (`python -m training.train --help`)
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny
+  python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
+      --use_vggt_cache --output_dir /tmp/run --max_steps 20 --use_cpu --report_to none
+
+Run `featstore COMMAND --help` for the options of each command and more examples.
+Docs: docs/CLI.md (every command's help), docs/BUILD.md (building), docs/FORMAT.md (store
+format), docs/OPERATIONS.md (running a store).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featstore",
-        description="Precompute frozen-encoder (VGGT) features once into one LMDB store beside the "
-        "data, and serve them to training zero-copy.",
-        epilog="Run `featstore COMMAND --help` for the options of each command. "
-        "Docs: docs/FORMAT.md (store format), docs/OPERATIONS.md (running a store).",
+        description="Precompute frozen-encoder (VGGT) features once into one LMDB store beside the data,\n"
+        "and serve them to training zero-copy.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"featstore {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                title="commands (each with its own --help: options and examples)")
     for name, module in _available_commands().items():
         doc = (module.__doc__ or "").strip().splitlines()[0]
-        p = sub.add_parser(name, help=doc, description=module.__doc__,
+        p = sub.add_parser(name, help=doc, description=module.__doc__, epilog=getattr(module, "EXAMPLES", None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.configure_parser(p)
         p.set_defaults(_run=module.run)

@@ -1,4 +1,4 @@
-"""Copy a finished store, compacted, to another path (e.g. node-local NVMe before training).
+"""Copy a finished store, compacted, to another path (e.g. local NVMe for training).
 
 The copy is written by LMDB itself (`env.copy(compact=True)`: a consistent snapshot from one
 read transaction, free pages dropped, pages renumbered), first into a hidden temporary folder
@@ -9,28 +9,27 @@ entry count are checked in the copy.
 
 It refuses to overwrite: DST must not exist, or be an empty folder. Network file systems are
 fine as a source; training should read the copy on local disk (docs/OPERATIONS.md).
-
-Examples:
-  featstore copy /nfs/data/ /nvme/vggt_features.lmdb      # SRC may be the data root
-  featstore copy data/vggt_features.lmdb /nvme/feats.lmdb --verify
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 
 from featstore.cli import store_path_arg
 from featstore.errors import FeatstoreError, StoreFullError
+from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import feature_set_label
 
-__all__ = ["copy_store", "configure_parser", "run"]
+__all__ = ["copy_store", "configure_parser", "run", "EXAMPLES"]
 
 
-def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False) -> dict:
+def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False, progress: bool = False) -> dict:
     """Write a compacted copy of store `src` at `dst` and check that it opens.
 
     Args:
@@ -39,6 +38,8 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
         allow_incomplete: copy a store one of whose sets' build is in progress (a consistent
             snapshot of what is committed; the copy says "in_progress" too).
         verify: run `featstore verify` (checksums of every entry) on the copy.
+        progress: show the copy's progress (bytes written of the expected size) and the
+            verification's on stderr, with an ETA (featstore.progress).
 
     Returns:
         dict with src, dst, entries (over all sets), feature_sets ({set: entries}), src_bytes /
@@ -95,7 +96,8 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
         try:
             env = next(iter(stores.values()))._environment()  # one environment: every set's
             try:
-                env.copy(tmp, compact=True)
+                with _watch_size(os.path.join(tmp, "data.mdb"), need, progress):
+                    env.copy(tmp, compact=True)
             except lmdb.Error as e:
                 if "No space" in str(e) or "ENOSPC" in str(e) or "Input/output" in str(e):
                     raise StoreFullError(f"{dst}: copy failed, the disk of {parent} is full or failing ({e}); "
@@ -118,12 +120,41 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
     if verify:
         from featstore.verify import verify_store
 
-        report = verify_store(dst)
+        report = verify_store(dst, progress=progress)
         result["verify"] = report.to_dict()
         if not report.ok and set(report.counts()) - {"build"}:
             raise FeatstoreError(f"{dst}: the copy does not verify ({report.counts()}); it was left in place "
                                  "for inspection:\n" + report.summary())
     return result
+
+
+@contextlib.contextmanager
+def _watch_size(path: str, expected: int, enabled: bool, poll_s: float = 0.5):
+    """Progress of a file that LMDB writes in one call (`env.copy`): its size against `expected`,
+    polled from a thread while the body runs."""
+    from featstore.progress import Progress
+
+    if not enabled:
+        yield
+        return
+    done = threading.Event()
+    with Progress(expected, desc="featstore copy", unit="B") as bar:
+        def poll() -> None:
+            while not done.wait(poll_s):
+                try:
+                    size = min(os.path.getsize(path), expected)
+                except OSError:
+                    continue
+                if size > bar.n:
+                    bar.update(size - bar.n)
+
+        watcher = threading.Thread(target=poll, name="featstore-copy-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
 
 def _open_sets(path: str) -> dict:
@@ -151,15 +182,32 @@ def _check_copy(path: str, manifests: dict[str, dict], counts: dict[str, int]) -
                              "not created")
 
 
+EXAMPLES = """\
+Examples:
+  # the bundled sample data, after `featstore build --data-root sample_data --encoder vggt-tiny`
+  featstore copy sample_data /tmp/vggt_features.lmdb          # SRC may be the data root
+  featstore copy --data-root sample_data /tmp/checked.lmdb --verify --json
+  # your data
+  featstore copy /nfs/data/ /nvme/vggt_features.lmdb
+  python -m training.train --data_root /nfs/data --annotations /nfs/data/train.json \\
+      --use_vggt_cache --vggt_cache_path /nvme/vggt_features.lmdb --output_dir /ckpt/run
+"""
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="[SRC] DST",
                    help="SRC: the store, or a data root holding vggt_features.lmdb (leave it out with "
                    "--data-root); DST: the new store directory (must not exist, or be empty)")
-    p.add_argument("--data-root", help="copy DATA_ROOT/vggt_features.lmdb (the store build made there)")
+    p.add_argument("--data-root", help="copy DATA_ROOT/vggt_features.lmdb (the store build made there) instead "
+                   "of SRC")
     p.add_argument("--allow-incomplete", action="store_true",
-                   help="copy even while the build is in progress (a snapshot of what is committed)")
-    p.add_argument("--verify", action="store_true", help="verify every entry's checksum in the copy")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+                   help="copy even while the build is in progress (a snapshot of what is committed; the copy "
+                   "says in_progress too). Default: refused, finish the build first")
+    p.add_argument("--verify", action="store_true", help="verify every entry's checksum in the copy (reads it "
+                   "once more; default off: the copy is checked for its manifests and entry counts only)")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--json", action="store_true", help="print one JSON object (paths, entries per feature set, "
+                   "sizes, seconds, the verify report) on stdout instead of the summary line")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise FeatstoreError(f"copy takes SRC DST, or --data-root DATA_ROOT DST. Found {args.paths} "
                              f"with --data-root {args.data_root}")
-    result = copy_store(src, dst, allow_incomplete=args.allow_incomplete, verify=args.verify)
+    result = copy_store(src, dst, allow_incomplete=args.allow_incomplete, verify=args.verify,
+                        progress=not args.no_progress and not args.json)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

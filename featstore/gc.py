@@ -1,4 +1,4 @@
-"""Remove entries that can never be served correctly: orphans, stale and corrupt entries.
+"""Remove entries that can never be served correctly: orphan, stale, corrupt.
 
 `featstore gc` runs the same checks as `featstore verify` (no recompute), then deletes:
   orphan   a source frame is gone from the data root
@@ -12,11 +12,6 @@ image for an image encoder's set); `--feature-set NAME` restricts gc to some set
 
 LMDB reuses freed pages but never shrinks data.mdb: `featstore copy` writes a compacted copy.
 Run gc while no build writes the store (it refuses an in-progress store unless --force).
-
-Examples:
-  featstore gc data/ --dry-run                  # list what would go
-  featstore gc data/                            # remove orphans, stale and corrupt entries
-  featstore gc /nvme/vggt_features.lmdb --data-root data/ --annotations train.json --unplanned
 """
 
 from __future__ import annotations
@@ -28,10 +23,11 @@ from dataclasses import dataclass, field
 
 from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import FeatstoreError
+from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import PRIMARY_FEATURE_SET
 from featstore.verify import Report, verify_store
 
-__all__ = ["GcResult", "collect_garbage", "configure_parser", "run"]
+__all__ = ["GcResult", "collect_garbage", "configure_parser", "run", "EXAMPLES"]
 
 _REMOVABLE = ("orphan", "stale", "corrupt")
 
@@ -71,7 +67,7 @@ class GcResult:
 
 def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None, deep: bool = False,
                     unplanned: bool = False, dry_run: bool = False, force: bool = False,
-                    workers: int | None = None) -> GcResult:
+                    workers: int | None = None, progress: bool = False) -> GcResult:
     """Find and (unless `dry_run`) delete orphan, stale and corrupt entries of a store, set by set.
 
     Args:
@@ -82,6 +78,7 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
         dry_run: only report what would be deleted.
         force: run even when the store's build is in progress (the build may write again what
             gc deletes; harmless, but usually you want the build to finish first).
+        progress: show the checks' progress on stderr, with an ETA (as `verify_store`'s).
 
     Returns:
         A `GcResult`.
@@ -96,7 +93,7 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
         {'orphan': [], 'stale': [], 'corrupt': []}
     """
     report = verify_store(store, feature_set=feature_set, data_root=data_root, annotations=annotations, deep=deep,
-                          workers=workers)
+                          workers=workers, progress=progress)
     result = GcResult(path=report.path, dry_run=dry_run, report=report)
     if report.data_root is None:
         raise FeatstoreError(f"{report.path}: gc needs the data root to tell orphans and stale entries: "
@@ -140,24 +137,43 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
     return result
 
 
+EXAMPLES = """\
+Examples:
+  # the bundled sample data, after `featstore build --data-root sample_data --encoder vggt-tiny`
+  featstore gc sample_data --dry-run              # list what would go; change nothing
+  featstore gc sample_data                        # remove orphan, stale and corrupt entries
+  featstore gc sample_data --annotations sample_data/annotations.json --unplanned --dry-run
+  # your data
+  featstore gc /nvme/vggt_features.lmdb --data-root data/ --annotations data/train.json --unplanned
+"""
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
-    p.add_argument("--data-root", help="the images' folder (needed unless STORE is the data root)")
+    p.add_argument("--data-root", help="the images' folder (needed unless STORE is the data root): orphans and "
+                   "stale entries are found against it")
     p.add_argument("--feature-set", action="append", metavar="NAME", help="collect only this feature set "
                    "(repeat for several; default: every set of the store)")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
-                   help="training's annotation files: the plan for --unplanned (as for build)")
-    p.add_argument("--deep", action="store_true", help="stale also when the content hash changed")
-    p.add_argument("--unplanned", action="store_true", help="also remove entries the plan does not ask for")
+                   help="training's annotation files: the plan for --unplanned (as for build; default: a scan of "
+                   "the data root, one unit per image)")
+    p.add_argument("--deep", action="store_true", help="stale also when the content hash (sha256) changed, not "
+                   "only size or mtime; reads every source image (default off)")
+    p.add_argument("--unplanned", action="store_true", help="also remove entries the plan does not ask for (e.g. "
+                   "samples dropped from the annotations); check with --dry-run first (default off)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
-    p.add_argument("--force", action="store_true", help="run even while the store's build is in progress")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--force", action="store_true", help="run even while the store's build is in progress (or "
+                   "after it was killed); usually let the build finish first (default off)")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--json", action="store_true", help="print one JSON object (every key by reason, per feature "
+                   "set) on stdout instead of the listing")
 
 
 def run(args: argparse.Namespace) -> int:
     result = collect_garbage(store_path_arg(args.store, args.data_root), feature_set=args.feature_set,
                              data_root=args.data_root, annotations=args.annotations, deep=args.deep,
-                             unplanned=args.unplanned, dry_run=args.dry_run, force=args.force)
+                             unplanned=args.unplanned, dry_run=args.dry_run, force=args.force,
+                             progress=not args.no_progress and not args.json)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

@@ -1,11 +1,8 @@
-"""Show a store: per feature set, manifest, entries, bytes, and a summary of stored dtypes and shapes.
+"""Show a store: each feature set's manifest, entries, bytes, dtypes and shapes.
 
 Every feature set of the store is shown (name, encoder, fingerprint, entries, bytes, build
-state); `--json` lists them under "feature_sets".
-
-Examples:
-  featstore info data/                    # finds data/vggt_features.lmdb
-  featstore info data/vggt_features.lmdb --json
+state, the last build's counts and failures); `--json` lists them under "feature_sets". It
+reads only the manifest and entry headers: quick on any store; `featstore verify` checks it.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from featstore.cli import STORE_HELP, store_path_arg
 from featstore.errors import CorruptEntryError
 from featstore.store import META_DB, PRIMARY_FEATURE_SET, last_build_key, resolve_store_path, storage_dtype_of
 
-__all__ = ["store_info", "configure_parser", "run"]
+__all__ = ["store_info", "configure_parser", "run", "EXAMPLES"]
 
 
 def human_bytes(n: float) -> str:
@@ -104,12 +101,26 @@ def _set_info(store, max_scan: int) -> dict:
     }
 
 
+EXAMPLES = """\
+Examples:
+  # the bundled sample data, after `featstore build --data-root sample_data --encoder vggt-tiny`
+  featstore info sample_data                      # finds sample_data/vggt_features.lmdb
+  featstore info sample_data/vggt_features.lmdb --json
+  featstore info --data-root sample_data --max-scan 100
+  # your data
+  featstore info /nvme/vggt_features.lmdb
+"""
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
-    p.add_argument("--data-root", help="the images' folder: the store is DATA_ROOT/vggt_features.lmdb")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--data-root", help="the images' folder: the store is DATA_ROOT/vggt_features.lmdb (instead "
+                   "of STORE)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (every manifest field, the last "
+                   "build reports) on stdout instead of the text summary; for scripts")
     p.add_argument("--max-scan", type=int, default=10000, metavar="N",
-                   help="read the headers of at most N entries for the shape summary (default 10000)")
+                   help="read the headers of at most N entries for the shape summary (default 10000); lower it "
+                   "for a quicker look at a huge store on slow storage")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,10 +3,8 @@
 Merged feature set by set (docs/FORMAT.md, "Feature sets"): the shards holding a set must name
 the same encoder spec for it (the fields that differ are named); a key of one set present in
 two shards with different bytes is a conflict and stops the merge before anything is written.
-Identical duplicates are kept once.
-
-Example:
-  featstore merge data/vggt_features.lmdb /nfs/shard-0.lmdb /nfs/shard-1.lmdb
+Identical duplicates are kept once. Merging into an existing store keeps its entries, so a
+rerun, or adding a shard later, is safe.
 """
 
 from __future__ import annotations
@@ -17,13 +15,15 @@ import sys
 
 from featstore.cli import store_path_arg
 from featstore.errors import FeatstoreError, MergeConflictError
+from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import PRIMARY_FEATURE_SET, check_fingerprint, feature_set_label, resolve_store_path, utc_now
 
-__all__ = ["merge_stores", "configure_parser", "run"]
+__all__ = ["merge_stores", "configure_parser", "run", "EXAMPLES"]
 
 
 def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
     """Copy every entry of `shards` into the store `out` (created if absent), feature set by set.
+    `progress`: show the check and the write of each set on stderr, with an ETA (featstore.progress).
 
     Every feature set found in any shard is merged into the same set of `out`; the shards that
     hold a set must agree on its encoder spec, and a key of one set with different bytes in two
@@ -36,8 +36,6 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
         ``bytes`` of `out` afterwards, all over every set; ``feature_sets`` holds the same per
         set (each also stored as that set's last build report in `out`).
     """
-    from tqdm import tqdm
-
     from featstore.reader import FeatureStore, feature_set_names  # torch: imported when run, not for `--help`
     from featstore.writer import StoreWriter
 
@@ -50,10 +48,10 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
             for name in feature_set_names(path):
                 stores.setdefault(name, []).append(FeatureStore(path, feature_set=name))
         for name in sorted(stores):
-            _check_set(name, stores[name])
+            _check_set(name, stores[name], progress=progress)
         per_set = {}
         for name in sorted(stores):
-            per_set[name] = _merge_set(out, name, stores[name], progress, StoreWriter, tqdm)
+            per_set[name] = _merge_set(out, name, stores[name], progress, StoreWriter)
     finally:
         for group in stores.values():
             for s in group:
@@ -67,8 +65,10 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
             "failed": [], "feature_sets": per_set}
 
 
-def _check_set(name: str, group: list) -> None:
-    """One set across the shards that hold it: the same spec, complete builds, no conflicting key."""
+def _check_set(name: str, group: list, *, progress: bool = False) -> None:
+    """One set across the shards that hold it: the same spec, complete builds, no conflicting key.
+    Reads and checksums every entry (`progress`: shown on stderr)."""
+    from featstore.progress import Progress
     first = group[0].manifest
     for s in group[1:]:
         check_fingerprint(s.manifest, first["encoder"], path=feature_set_label(s.path, name))
@@ -78,24 +78,29 @@ def _check_set(name: str, group: list) -> None:
         raise FeatstoreError(f"shards whose build did not complete{which}: {incomplete}; rerun their builds first")
     # Conflicts are found before writing anything: key -> (checksum, shard) over all shards.
     seen: dict[str, tuple[str, str]] = {}
-    for s in group:
-        for key, value in s.raw_items():
-            checksum = _checksum_of(value, key)
-            prior = seen.get(key)
-            if prior is not None and prior[0] != checksum:
-                of = "" if name == PRIMARY_FEATURE_SET else f" of feature set {name!r}"
-                raise MergeConflictError(
-                    f"key {key!r}{of} differs between shards {prior[1]} and {s.path}; the shards were built "
-                    "from different sources or plans. Rebuild one of them.")
-            seen[key] = (checksum, s.path)
+    total = sum(s.manifest.get("entries", 0) for s in group)
+    with Progress(total, desc=f"featstore merge: check {name}", unit="entry", enabled=progress) as bar:
+        for s in group:
+            for key, value in s.raw_items():
+                checksum = _checksum_of(value, key)
+                prior = seen.get(key)
+                if prior is not None and prior[0] != checksum:
+                    of = "" if name == PRIMARY_FEATURE_SET else f" of feature set {name!r}"
+                    raise MergeConflictError(
+                        f"key {key!r}{of} differs between shards {prior[1]} and {s.path}; the shards were built "
+                        "from different sources or plans. Rebuild one of them.")
+                seen[key] = (checksum, s.path)
+                bar.update(1)
 
 
-def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter, tqdm) -> dict:
+def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter) -> dict:
+    from featstore.progress import Progress
+
     first = group[0].manifest
     reports = []
     total = sum(s.manifest["entries"] for s in group)
     with StoreWriter(out, spec=first.get("encoder") or None, feature_set=name) as writer:
-        with tqdm(total=total, unit="entry", disable=not progress, desc=name) as bar:
+        with Progress(total, desc=f"featstore merge: write {name}", unit="entry", enabled=progress) as bar:
             for s in group:
                 for key, value in s.raw_items():
                     writer.put(key, value)
@@ -118,13 +123,28 @@ def _checksum_of(value: bytes, key: str) -> str:
     return decode_entry(value, key=key, verify=True).metadata["checksum"]
 
 
+EXAMPLES = """\
+Examples:
+  # the bundled sample data in two shards, as two hosts would build them, then merged
+  featstore build --data-root sample_data --encoder vggt-tiny --shard 0/2
+  featstore build --data-root sample_data --encoder vggt-tiny --shard 1/2
+  featstore merge /tmp/merged.lmdb \\
+      sample_data/vggt_features.shard-0-of-2.lmdb sample_data/vggt_features.shard-1-of-2.lmdb
+  # your data
+  featstore merge data/vggt_features.lmdb /nfs/shard-0.lmdb /nfs/shard-1.lmdb
+  featstore merge --data-root data/ /nfs/shard-*.lmdb     # into data/vggt_features.lmdb
+"""
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", metavar="[OUT] SHARD",
                    help="OUT: the merged store (created; existing entries are kept; leave it out with "
                    "--data-root), then the shard stores to merge")
-    p.add_argument("--data-root", help="merge into DATA_ROOT/vggt_features.lmdb (the store build names there)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    p.add_argument("--data-root", help="merge into DATA_ROOT/vggt_features.lmdb (the store build names there, "
+                   "where training looks) instead of OUT")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--json", action="store_true", help="print the report (entries per shard, written, identical "
+                   "skipped, per feature set) as one JSON object on stdout instead of the summary on stderr")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Check a store: file structure, manifest, every blob's checksum, plan coverage, source freshness.
+"""Check a store: structure, manifest, checksums, plan coverage, source freshness.
 
 Optionally (--recompute N) also compares stored features with features recomputed on the encoder.
 
@@ -15,8 +15,9 @@ Checks, in order (docs/OPERATIONS.md says what each finding means and what to do
                  map is a SIGBUS, not an exception, once a page past the end is touched
   2. manifest    format version, fingerprint == spec, entry count and bytes == what is stored,
                  build state complete, no failed units in the last build
-  3. entries     every value decodes and its CRC-32 (header and tensors) matches; dtype == storage dtype; shape
-                 [frames_kept, grid rows*cols, 2*embed_dim]; entry fingerprint == manifest's
+  3. entries     every value decodes and its CRC-32 (header and tensors) matches; dtype ==
+                 storage dtype; shape [frames_kept, grid rows*cols, 2*embed_dim]; entry
+                 fingerprint == manifest's
                  (read in parallel threads: zlib's CRC-32 releases the GIL, so this is bound
                  by disk and checksum speed)
   4. sources     with a data root: orphans (a frame file is gone), stale (size/mtime changed;
@@ -29,12 +30,6 @@ The CRC-32 covers the canonical header (every metadata value: frames, sources, g
 fingerprint) and the tensor bytes, so a flipped byte anywhere in a value is found. Not checked:
 a byte of the header's space padding turned into another JSON whitespace character decodes to
 the same entry, and is harmless.
-
-Examples:
-  featstore verify data/                          # store beside the data: all checks
-  featstore verify /nvme/vggt_features.lmdb --data-root data/ --annotations data/train.json
-  featstore verify data/ --deep --recompute 16 --weights /ckpt/model.safetensors --json
-  featstore verify data/ --feature-set NAME --recompute 4 --weights NAME=/ckpt/vision.safetensors
 """
 
 from __future__ import annotations
@@ -58,11 +53,12 @@ from featstore.dtypes import is_quantised
 from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
+from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import (DEFAULT_STORE_NAME, META_DB, PRIMARY_FEATURE_SET, check_feature_set, feature_set_label,
                              last_build_key, resolve_store_path, storage_dtype_of, truncated_size)
 
 __all__ = ["Finding", "Report", "verify_store", "plan_unit_of", "parse_weights", "PROBLEM_KINDS", "configure_parser",
-           "run"]
+           "run", "EXAMPLES"]
 
 logger = logging.getLogger("featstore")
 
@@ -390,9 +386,12 @@ def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
 
 # -- 4./5. sources and plan -----------------------------------------------------------------
 
-def _check_sources(records: list[_Record], data_root: str, deep: bool, pool, report: Report) -> set[str]:
-    """Orphans and stale entries; returns the keys whose sources are fresh."""
+def _check_sources(records: list[_Record], data_root: str, deep: bool, pool, report: Report, *,
+                   progress: bool = False) -> set[str]:
+    """Orphans and stale entries; returns the keys whose sources are fresh. `progress`: show the
+    hashing of the source files (--deep reads every one) on stderr."""
     from featstore.plan import file_sha256
+    from featstore.progress import Progress
 
     wanted: dict[str, None] = {}
     for r in records:
@@ -415,7 +414,14 @@ def _check_sources(records: list[_Record], data_root: str, deep: bool, pool, rep
                 out["error"] = e.strerror
         return out
 
-    current = dict(zip(wanted, pool.map(probe, wanted)))
+    with Progress(len(wanted), desc=_progress_desc(report, "sources"), unit="file", enabled=progress and deep) as bar:
+        def probed(frame: str):
+            try:
+                return probe(frame)
+            finally:
+                bar.update(1)
+
+        current = dict(zip(wanted, pool.map(probed, wanted)))
     fresh, touched = set(), 0
     for r in records:
         if r.frames is None or r.sources is None or len(r.sources) != len(r.frames):
@@ -494,10 +500,9 @@ def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, 
 # -- 6. recompute ---------------------------------------------------------------------------
 
 def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: str, n: int, seed: int,
-               weights: str | None, device: str, report: Report) -> None:
-    from featstore.compare import compare_features
-    from featstore.encode import encode_unit, encoder_for_manifest
-    from featstore.plan import Unit
+               weights: str | None, device: str, report: Report, *, progress: bool = False) -> None:
+    from featstore.encode import encoder_for_manifest
+    from featstore.progress import Progress
 
     manifest = store.manifest
     spec = manifest.get("encoder") or {}
@@ -512,23 +517,34 @@ def _recompute(store, keys: list[str], records: dict[str, _Record], data_root: s
             raise
         # Name the set and how to give it weights: several sets may each need their own.
         raise type(e)(f"feature set {store.feature_set!r}: {e} (pass --weights {store.feature_set}=PATH)") from None
-    for key in chosen:
-        unit = Unit(key, tuple(records[key].frames))
-        stored = store.get(key, copy=True).features
-        try:
-            feats, _ = encode_unit(encoder, data_root, unit)
-        except FeatstoreError as e:
-            report.add("recompute", f"entry {key!r}: cannot recompute ({e})", key)
-            continue
-        result = dict(key=key, **compare_features(stored, feats, storage_dtype_of(manifest) or "bfloat16",
-                                                  spec.get("compute_dtype")))
-        report.recomputed.append(result)
-        if not result["ok"]:
-            detail = result.get("error") or (
-                f"max abs error {result['max_abs_error']:.4g} = {result['rel_error']:.3g} of max |x| "
-                f"(tolerance {result['rel_tolerance']:g}), cosine {result['cosine']:.6f} "
-                f"(tolerance {result['cosine_tolerance']})")
-            report.add("recompute", f"entry {key!r}: {detail}", key)
+    with Progress(len(chosen), desc=_progress_desc(report, "recompute"), unit="unit", enabled=progress) as bar:
+        for key in chosen:
+            _recompute_one(store, key, records, data_root, encoder, manifest, spec, report)
+            bar.update(1)
+
+
+def _recompute_one(store, key: str, records: dict[str, _Record], data_root: str, encoder, manifest: dict,
+                   spec: dict, report: Report) -> None:
+    from featstore.compare import compare_features
+    from featstore.encode import encode_unit
+    from featstore.plan import Unit
+
+    unit = Unit(key, tuple(records[key].frames))
+    stored = store.get(key, copy=True).features
+    try:
+        feats, _ = encode_unit(encoder, data_root, unit)
+    except FeatstoreError as e:
+        report.add("recompute", f"entry {key!r}: cannot recompute ({e})", key)
+        return
+    result = dict(key=key, **compare_features(stored, feats, storage_dtype_of(manifest) or "bfloat16",
+                                              spec.get("compute_dtype")))
+    report.recomputed.append(result)
+    if not result["ok"]:
+        detail = result.get("error") or (
+            f"max abs error {result['max_abs_error']:.4g} = {result['rel_error']:.3g} of max |x| "
+            f"(tolerance {result['rel_tolerance']:g}), cosine {result['cosine']:.6f} "
+            f"(tolerance {result['cosine_tolerance']})")
+        report.add("recompute", f"entry {key!r}: {detail}", key)
 
 
 # -- the whole run --------------------------------------------------------------------------
@@ -568,7 +584,9 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
         workers: reader threads (default min(16, 2 x CPUs)).
         structure: run LMDB's full structural audit first (py-lmdb >= 3.0; reads every page
             header once). With False only the file size is checked.
-        progress: show a tqdm progress bar on stderr.
+        progress: show the progress of the long passes (reading the entries; with `deep`, hashing
+            the sources; `recompute`) on stderr, with an ETA: a bar on a terminal, else a line
+            every 30 s (featstore.progress).
         log: report the outcome in one line through `logging.getLogger("featstore")` (INFO when
             clean, WARNING otherwise). The CLI passes False: it prints the whole summary itself.
 
@@ -677,6 +695,12 @@ def _weights_per_set(weights, chosen: list[str]) -> dict[str, str]:
     return out
 
 
+def _progress_desc(report: Report, phase: str) -> str:
+    """The progress lines' prefix: "featstore verify: entries", with the set of a multi-set store."""
+    where = f" [{report.feature_set}]" if report.feature_set not in (None, PRIMARY_FEATURE_SET) else ""
+    return f"featstore verify{where}: {phase}"
+
+
 def _verify_set(fs, report: Report, *, data_root, annotations, deep: bool, recompute: int, seed, weights,
                 device: str, workers: int, progress: bool) -> None:
     """Checks 2-6 of one feature set (the store's `fs.feature_set`), into its own `report`."""
@@ -694,7 +718,7 @@ def _verify_set(fs, report: Report, *, data_root, annotations, deep: bool, recom
         fresh = set(records)
         if data_root is not None:
             report.checks.append("sources (size, mtime" + (", sha256)" if deep else ")"))
-            fresh = _check_sources(list(records.values()), data_root, deep, pool, report)
+            fresh = _check_sources(list(records.values()), data_root, deep, pool, report, progress=progress)
             unit = plan_unit_of(manifest, fs.feature_set)
             if unit is None:
                 report.notes.append(f"plan: not checked: encoder {(manifest.get('encoder') or {}).get('encoder')!r} "
@@ -712,7 +736,7 @@ def _verify_set(fs, report: Report, *, data_root, annotations, deep: bool, recom
             seed = random.SystemRandom().randrange(1 << 31)
         bad = set(report.keys_with("corrupt", "dtype", "shape", "fingerprint", "frames"))
         candidates = [k for k in fresh if k not in bad and records[k].frames]
-        _recompute(fs, candidates, records, data_root, recompute, seed, weights, device, report)
+        _recompute(fs, candidates, records, data_root, recompute, seed, weights, device, report, progress=progress)
     report.seconds = time.perf_counter() - t0
 
 
@@ -750,7 +774,7 @@ def _check_manifest(manifest: dict, env, report: Report) -> None:
 
 
 def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report: Report) -> dict[str, _Record]:
-    from tqdm import tqdm
+    from featstore.progress import Progress
 
     report.checks.append("entries (decode, crc32, dtype, shape)")
     enc = manifest.get("encoder") or {}
@@ -764,8 +788,7 @@ def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report:
     keys = _list_keys(env, db)
     records: dict[str, _Record] = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=manifest.get("bytes") or None, unit="B", unit_scale=True, unit_divisor=1024,
-               desc="verify", disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True, file=sys.stderr)
+    bar = Progress(manifest.get("bytes") or None, desc=_progress_desc(report, "entries"), unit="B", enabled=progress)
     try:
         with cf.ThreadPoolExecutor(workers, thread_name_prefix="featstore-verify") as pool:
             futures = [pool.submit(_check_chunk, env, db, chunk, expect) for chunk in _chunks(keys, _CHUNK_ENTRIES)]
@@ -790,28 +813,49 @@ def _read_entries(env, db, manifest: dict, workers: int, progress: bool, report:
 
 # -- command line ---------------------------------------------------------------------------
 
+EXAMPLES = """\
+Examples:
+  # the bundled sample data, after `featstore build --data-root sample_data --encoder vggt-tiny`
+  featstore verify sample_data                    # the store beside the data: every check
+  featstore verify sample_data --deep --recompute 2 --json
+  featstore verify sample_data/vggt_features.lmdb --data-root sample_data --feature-set vggt
+  # your data
+  featstore verify /nvme/vggt_features.lmdb --data-root data/ --annotations data/train.json
+  featstore verify data/ --deep --recompute 16 --weights /ckpt/model.safetensors --json
+  featstore verify data/ --feature-set qwen_vision --recompute 4 \\
+      --weights qwen_vision=/ckpt/Qwen2.5-VL-3B
+"""
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
-    p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks")
+    p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks (default: "
+                   "STORE when it is a data root, else none and those checks are skipped)")
     p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
-                   help="training's annotation files: the plan is one unit per sample (as for build)")
-    p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find "
-                   "content changes that kept size and mtime")
+                   help="training's annotation files: the plan is one unit per sample (as for build). Default: "
+                   "a scan of the data root, one unit per image; pass the files the store was built from")
+    p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find content "
+                   "changes that kept size and mtime (reads every image; default: size and mtime only)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",
-                   help="re-encode N random fresh units and compare with the stored features")
-    p.add_argument("--seed", type=int, help="seed for choosing the recomputed units (default: random)")
+                   help="re-encode N random fresh units and compare with the stored features (default 0: none); "
+                   "checks weights and code versions, needs the data root and, for real encoders, --weights")
+    p.add_argument("--seed", type=int, help="seed for choosing the recomputed units (default: random, noted in "
+                   "the report); pass it to recheck the same units")
     p.add_argument("--feature-set", action="append", metavar="NAME", help="check only this feature set "
                    "(repeat for several; default: every set of the store)")
     p.add_argument("--weights", action="append", metavar="[NAME=]PATH",
                    help="weights for --recompute (as given to build): PATH for the selected set (the one "
-                   "--feature-set names, else 'vggt'), NAME=PATH for set NAME; repeat for several sets")
-    p.add_argument("--device", default="cpu", help="device for --recompute (default cpu)")
+                   "--feature-set names, else 'vggt'), NAME=PATH for set NAME; repeat for several sets "
+                   "(default: none, fine for the random-weight tiny encoders)")
+    p.add_argument("--device", default="cpu", help="device for --recompute: cpu (default), cuda or cuda:N")
     p.add_argument("--workers", type=int, default=_DEFAULT_WORKERS,
-                   help=f"reader threads (default {_DEFAULT_WORKERS})")
+                   help="reader threads checksumming entries in parallel (default: min(16, 2 x CPU count)); "
+                   "more than the cores help on cold or network storage, where threads wait on reads")
     p.add_argument("--no-structure", action="store_true", help="skip LMDB's structural audit of data.mdb "
-                   "(only its size is checked then)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (also when it cannot run)")
+                   "(only its size is checked then); saves one read of the whole file on a huge store")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (also when it cannot run) "
+                   "instead of the readable summary; for scripts and monitoring")
 
 
 def parse_weights(values: Sequence[str] | None) -> dict[str | None, str] | None:

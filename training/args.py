@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
@@ -25,7 +26,7 @@ import transformers
 from training.presets import TINY_MODEL, TINY_VGGT, TINY_VISION, is_tiny
 
 __all__ = ["ModelArguments", "DataArguments", "TrainingArguments", "VGGTSettings", "ArgumentError",
-           "parse_args", "resolve_vggt", "DEFAULT_STORE_NAME"]
+           "parse_args", "build_parser", "resolve_vggt", "DEFAULT_STORE_NAME", "PROG", "DESCRIPTION", "EPILOG"]
 
 DEFAULT_STORE_NAME = "vggt_features.lmdb"  # featstore's default: <data_root>/vggt_features.lmdb
 
@@ -41,13 +42,69 @@ class ArgumentError(ValueError):
     """A flag or a combination of flags is invalid (the message names them)."""
 
 
+PROG = "python -m training.train"
+
+# The top of `python -m training.train --help`: what it does and a run to start from (the options
+# list is long: every transformers.TrainingArguments flag follows the project's own).
+DESCRIPTION = """\
+Fine-tune Qwen2.5-VL with VGGT geometry features added to its image tokens by a trained merger.
+The features are read from a featstore store (--use_vggt_cache: VGGT is never built) or computed
+online by a frozen VGGT. The options: the model, what trains and the VGGT spec (the same words as
+`featstore build`), then the data and the feature caches, then every transformers
+TrainingArguments flag (two with this project's defaults: --remove_unused_columns False,
+--dataloader_non_blocking True). docs/TRAINING.md explains the modes; docs/LAUNCH.md multi-GPU.
+
+Examples:
+  # a cached run on CPU on the bundled sample data (tiny random-weight presets, no download)
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny
+  python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
+      --use_vggt_cache --output_dir /tmp/run --max_steps 20 --use_cpu --report_to none
+  # the same with VGGT run online (no store needed)
+  python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
+      --output_dir /tmp/run-online --max_steps 20 --use_cpu --report_to none
+  # JanusVLN's recipe (causal attention, the last frame's features on every image), cached
+  featstore build --data-root sample_data --annotations sample_data/annotations.json \\
+      --encoder vggt-tiny --attention causal --frames-kept last --store /tmp/janus.lmdb
+  python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
+      --vggt_fusion last_to_all --use_vggt_cache --vggt_cache_path /tmp/janus.lmdb \\
+      --output_dir /tmp/run-janus --max_steps 20 --use_cpu --report_to none
+  # Qwen2.5-VL-3B and VGGT-1B on GPUs: scripts/train_h800.sh (docs/LAUNCH.md)
+"""
+
+EPILOG = """\
+Every option is also accepted with dashes (--data-root for --data_root). A boolean option takes an
+optional value: --use_vggt_cache is --use_vggt_cache True. See docs/TRAINING.md.
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written (their examples keep their lines); "(default: X)"
+    only where the help does not name its default itself and X is not None; a --no_X switch
+    said to be the opposite of --X."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (isinstance(action, argparse._StoreFalseAction) and action.option_strings
+                and action.option_strings[0].startswith("--no_")):
+            return f"turn --{action.dest} off (the same as --{action.dest} False)"
+        if "default" in text.lower() or action.default is None or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model: Qwen2.5-VL, what trains, the merger and the VGGT spec (as `featstore build`)"
+
     model_name_or_path: str = field(default=TINY_MODEL, metadata={
         "help": f"Qwen2.5-VL hub id or checkpoint folder; '{TINY_MODEL}' is a random-weight tiny model with "
                 "an offline tokenizer (tests, demos)"})
-    tune_merger: bool = field(default=True, metadata={"help": "train the geometry merger (default on)"})
-    tune_llm: bool = field(default=True, metadata={"help": "train the language model and lm_head (default on)"})
+    tune_merger: bool = field(default=True, metadata={
+        "help": "train the geometry merger, the MLP that maps VGGT features to the LLM's width (default on)"})
+    tune_llm: bool = field(default=True, metadata={
+        "help": "train the language model and lm_head (default on; --no_tune_llm trains the merger alone, "
+                "e.g. a first stage)"})
     tune_vision: bool = field(default=False, metadata={
         "help": "train Qwen's whole vision tower, visual.merger included (default off; refused with "
                 "--use_vision_cache)"})
@@ -98,16 +155,21 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data and the feature caches"
+
     data_root: str = field(default=None, metadata={
-        "help": "folder of the images; annotation paths and store keys are relative to it (required)"})
+        "help": "folder of the images; annotation paths and store keys are relative to it (required; "
+                "the --data-root of `featstore build`)"})
     annotations: List[str] = field(default_factory=list, metadata={
-        "help": "LLaVA/Qwen conversation JSON or JSONL files (one or more), each sample with 'images' "
-                "(ordered list) or 'image'"})
+        "help": "LLaVA/Qwen conversation JSON or JSONL files (one or more, required), each sample with "
+                "'images' (ordered list) or 'image'; the --annotations the store was built with"})
     use_vggt_cache: bool = field(default=False, metadata={
         "help": f"read VGGT features from the store (<data_root>/{DEFAULT_STORE_NAME} unless "
-                "--vggt_cache_path); VGGT is then never built"})
+                "--vggt_cache_path); VGGT is then never built. Build the store first: `featstore build "
+                "--data-root DATA_ROOT --annotations FILE...` with the same VGGT spec flags"})
     vggt_cache_path: Optional[str] = field(default=None, metadata={
-        "help": "the store's path (VGGT features, and the Qwen vision features with --use_vision_cache)"})
+        "help": "the store's path (VGGT features, and the Qwen vision features with --use_vision_cache); "
+                f"default <data_root>/{DEFAULT_STORE_NAME}. E.g. a copy on local disk (`featstore copy`)"})
     vggt_cache_miss: Literal["error", "compute"] = field(default="error", metadata={
         "help": "a sample missing from the store: error (default, names the key and the sample) or compute "
                 "it online (VGGT is built on the first miss) and count it"})
@@ -122,6 +184,8 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
+    _argument_group_name = "training: every transformers.TrainingArguments flag"
+
     # The collator builds the batch; the Trainer must not drop its VGGT keys.
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "keep False: the batch carries the VGGT inputs the model's forward takes"})
@@ -186,9 +250,16 @@ class VGGTSettings:
         return self.mode == "online_causal_stream"
 
 
+def build_parser() -> transformers.HfArgumentParser:
+    """The parser of `python -m training.train`: the three dataclasses' flags, one group each,
+    under DESCRIPTION (with the examples) and over EPILOG."""
+    return transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=PROG,
+                                         description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
+
+
 def parse_args(argv: Optional[List[str]] = None):
     """Parse `argv` (default sys.argv[1:]) -> (ModelArguments, DataArguments, TrainingArguments)."""
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = build_parser()
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, train_args
 
