@@ -363,7 +363,8 @@ class VGGTPreset:
         backend = options.pop("backend", self.backend or "featstore")
         compile = options.pop("compile", False)
         if self.backend is not None and backend != self.backend:
-            raise EncoderError(f"encoder {self.name!r} always uses backend={self.backend!r}")
+            raise EncoderError(f"encoder {self.name!r} always uses backend={self.backend!r}; leave the backend "
+                               "option out")
         if backend not in BACKENDS:
             raise EncoderError(f"backend must be 'featstore' or 'official'. Found {backend!r}")
         if weights is None and self.random_seed is None:
