@@ -223,7 +223,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
         attention = implied or ("full" if fusion == "per_image" else "causal")
     elif implied is not None and attention != implied:
         raise ArgumentError(f"--vggt_mode {mode} computes attention={implied}; --vggt_attention {attention} "
-                            "contradicts it")
+                            "contradicts it: drop --vggt_attention")
     frames_kept = model_args.vggt_frames_kept or ("all" if fusion == "per_image" else "last")
     if fusion == "per_image" and frames_kept != "all":
         raise ArgumentError("--vggt_fusion per_image needs one feature per image: --vggt_frames_kept all "

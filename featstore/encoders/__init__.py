@@ -196,7 +196,8 @@ def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1
 
 def _registered(name: str) -> _Registered:
     if name not in _REGISTRY:
-        raise EncoderError(f"unknown encoder {name!r}; available: {available_encoders()}")
+        raise EncoderError(f"unknown encoder {name!r}; available: {available_encoders()}; pass one of them "
+                           "(CLI: --encoder)")
     return _REGISTRY[name]
 
 
