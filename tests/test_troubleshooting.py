@@ -275,8 +275,9 @@ HINT = re.compile(r"\b(pass|run|rerun|rebuild|build|check|use|remove|restore|cho
 
 
 def doc_templates(doc: str) -> list[str]:
-    """The messages the page lists: the code span that starts each list item."""
-    return [m.group(2) for m in re.finditer(r"^- (`+) ?(.+?) ?\1", doc, re.M)]
+    """The messages the page lists: the code spans of the first line of each list item."""
+    lines = [line for line in doc.splitlines() if re.match(r"\s*- `", line)]
+    return [m.group(2) for line in lines for m in re.finditer(r"(?<!`)(`+)(?!`) ?(.+?) ?(?<!`)\1(?!`)", line)]
 
 
 def template_regex(template: str) -> re.Pattern:
