@@ -802,12 +802,12 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         if value is not None:
             overrides[key] = value
     if not os.path.isdir(args.data_root):
-        raise FeatstoreError(f"--data-root {args.data_root} is not a directory")
+        raise FeatstoreError(f"--data-root {args.data_root} is not a directory; pass the folder that holds the images")
     if args.feature_set is not None:
         check_feature_set(args.feature_set)
     for a in args.annotations:
         if not os.path.isfile(a):
-            raise FeatstoreError(f"--annotations {a}: no such file")
+            raise FeatstoreError(f"--annotations {a}: no such file; pass the path of training's JSON/JSONL annotation file")
     for flag, value, least in (("--workers", args.workers, 0), ("--batch-frames", args.batch_frames, 1),
                                ("--commit-every", args.commit_every, 1)):
         if value < least:

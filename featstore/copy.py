@@ -103,7 +103,7 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
                     raise StoreFullError(f"{dst}: copy failed, the disk of {parent} is full or failing ({e}); "
                                          "nothing was written to the destination") from None
                 raise FeatstoreError(f"{dst}: LMDB could not copy {src} ({e}); nothing was written to "
-                                     "the destination") from None
+                                     "the destination. Run `featstore verify` on the source") from None
             _check_copy(tmp, manifests, counts)
             if os.path.isdir(dst):
                 os.rmdir(dst)  # the empty folder the caller made
@@ -124,7 +124,8 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
         result["verify"] = report.to_dict()
         if not report.ok and set(report.counts()) - {"build"}:
             raise FeatstoreError(f"{dst}: the copy does not verify ({report.counts()}); it was left in place "
-                                 "for inspection:\n" + report.summary())
+                                 "for inspection (delete it, run `featstore verify` on the source and copy again; "
+                                 "if the source is clean, check the destination's disk):\n" + report.summary())
     return result
 
 
@@ -179,7 +180,7 @@ def _check_copy(path: str, manifests: dict[str, dict], counts: dict[str, int]) -
         raise FeatstoreError(f"{path}: the copy does not match its source (feature sets {', '.join(differ)}: entries "
                              f"{ {k: n.get(k) for k in differ} } vs { {k: counts.get(k) for k in differ} }, manifests "
                              f"equal: {all(got.get(k) == manifests.get(k) for k in differ)}); the destination was "
-                             "not created")
+                             "not created. Run `featstore verify` on the source, then copy again")
 
 
 EXAMPLES = """\

@@ -58,7 +58,7 @@ def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[t
             st = os.fstat(f.fileno())
             data = f.read()
     except OSError as e:
-        raise ImageDecodeError(f"image {path!r}: {e.strerror}") from None
+        raise ImageDecodeError(f"image {path!r}: {e.strerror}; check that the file exists and is readable") from None
     source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
     return preprocess_frame(data, spec, patch_size, name=path), source
 

@@ -58,7 +58,7 @@ def normalize_key(key: str | os.PathLike) -> str:
     if not text:
         raise InvalidKeyError("empty key: a key is an image path relative to the data root")
     if "\x00" in text:
-        raise InvalidKeyError(f"key {text!r} contains a NUL character")
+        raise InvalidKeyError(f"key {text!r} contains a NUL character; remove it from the path")
     if text.startswith("/"):
         raise InvalidKeyError(
             f"key {text!r} is an absolute path; keys are paths relative to the data root "
@@ -68,7 +68,7 @@ def normalize_key(key: str | os.PathLike) -> str:
     if ".." in parts:
         raise InvalidKeyError(f"key {text!r} contains '..'; keys must stay inside the data root")
     if not parts:
-        raise InvalidKeyError(f"key {text!r} names no file")
+        raise InvalidKeyError(f"key {text!r} names no file; a key is an image path relative to the data root")
     canonical = "/".join(parts)
     try:
         size = len(canonical.encode("utf-8"))
@@ -106,5 +106,6 @@ def relative_key(path: str | os.PathLike, root: str | os.PathLike) -> str:
     abs_root = os.path.abspath(os.fspath(root))
     rel = os.path.relpath(abs_path, abs_root)
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        raise InvalidKeyError(f"{abs_path} is not inside the data root {abs_root}")
+        raise InvalidKeyError(f"{abs_path} is not inside the data root {abs_root}; move the image under it, or pass "
+                              "the folder that holds every image as the data root")
     return normalize_key(rel)

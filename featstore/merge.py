@@ -40,7 +40,7 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
     from featstore.writer import StoreWriter
 
     if not shards:
-        raise FeatstoreError("merge needs at least one shard")
+        raise FeatstoreError("merge needs at least one shard: pass the shard stores to merge")
     paths = [resolve_store_path(s) for s in shards]
     stores: dict[str, list] = {}  # set -> the FeatureStores of the shards that hold it, in shard order
     try:
@@ -71,7 +71,9 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> None:
     from featstore.progress import Progress
     first = group[0].manifest
     for s in group[1:]:
-        check_fingerprint(s.manifest, first["encoder"], path=feature_set_label(s.path, name))
+        check_fingerprint(s.manifest, first["encoder"], path=feature_set_label(s.path, name),
+                          advice=f"Merge only shards built with the same encoder flags: rebuild this shard with "
+                                 f"those of {group[0].path} (expected above is its spec)")
     incomplete = [s.path for s in group if s.manifest.get("build", {}).get("state") != "complete"]
     if incomplete:
         which = "" if name == PRIMARY_FEATURE_SET else f" (feature set {name!r})"

@@ -98,7 +98,7 @@ def scan_images(data_root: str | os.PathLike, *, extensions: Sequence[str] = IMA
     """
     root = os.fspath(data_root)
     if not os.path.isdir(root):
-        raise PlanError(f"data root {root} is not a directory")
+        raise PlanError(f"data root {root} is not a directory; pass the folder that holds the images")
     exts = tuple(e.lower() for e in extensions)
     keys = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -137,7 +137,7 @@ def load_annotations(path: str | os.PathLike) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise PlanError(f"cannot read annotations {path}: {e.strerror}") from None
+        raise PlanError(f"cannot read annotations {path}: {e.strerror}; check the path and its permissions") from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -145,10 +145,12 @@ def load_annotations(path: str | os.PathLike) -> list[dict]:
         else:
             samples = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise PlanError(f"annotations {path}: not valid JSON or JSONL ({e})") from None
+        raise PlanError(f"annotations {path}: not valid JSON or JSONL ({e}); fix the file: a JSON list of "
+                        "samples, or one JSON object per line") from None
     for i, s in enumerate(samples):
         if not isinstance(s, dict):
-            raise PlanError(f"annotations {path}: sample {i} is a {type(s).__name__}, not an object")
+            raise PlanError(f"annotations {path}: sample {i} is a {type(s).__name__}, not an object; make every "
+                            "sample a JSON object with 'images' (or 'image') and 'conversations'")
     return samples
 
 

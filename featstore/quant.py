@@ -65,7 +65,9 @@ def quantize_fp8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     x = features.detach().float()
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"features of shape {list(features.shape)} hold NaN or infinity; cannot store them as fp8")
+        raise ValueError(f"features of shape {list(features.shape)} hold NaN or infinity; cannot store them as fp8. "
+                         "Check the encoder's weights and --compute-dtype (float16 can overflow), or store "
+                         "--storage-dtype bfloat16")
     amax = x.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

@@ -507,7 +507,8 @@ class FeatureStore:
         entry.tensors.pop(SCALE_TENSOR, None)
         if codes.dtype != FP8_DTYPE:
             raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {codes.dtype}, but the "
-                                    "store holds float8_e4m3fn features (its manifest says so)")
+                                    "store holds float8_e4m3fn features (its manifest says so); the entry was not "
+                                    "written by featstore: run `featstore verify` and rebuild it")
         features = dequantize(codes, self._scale(value, kb), read_dtype(storage_dtype_of(self._manifest)))
         entry.tensors = {name: t.clone() for name, t in entry.tensors.items()}  # the rest: owned copies
         entry.tensors["features"] = features
@@ -612,7 +613,7 @@ class FeatureStore:
         if not keys:
             raise ValueError("read_into needs at least one key")
         if frames is not None and len(frames) != len(keys):
-            raise ValueError(f"frames has {len(frames)} lists for {len(keys)} keys")
+            raise ValueError(f"frames has {len(frames)} lists for {len(keys)} keys; pass one frame list per key")
         if out is not None and (out.dim() < 1 or out.shape[0] != len(keys)):
             raise ValueError(f"out has shape {tuple(out.shape)}: it needs one row per key ({len(keys)} keys)")
         if out is not None and dtype is not None and out.dtype != dtype:
@@ -676,7 +677,8 @@ class FeatureStore:
             raise self._wrong_slot(kb, tuple(shape), stored, out)
         if quantised and stored != FP8_DTYPE:
             raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {stored}, but the store "
-                                    "holds float8_e4m3fn features (its manifest says so)")
+                                    "holds float8_e4m3fn features (its manifest says so); the entry was not "
+                                    "written by featstore: run `featstore verify` and rebuild it")
         if stored != out.dtype and not cast:
             raise self._wrong_slot(kb, tuple(shape), stored, out)
 
@@ -687,7 +689,8 @@ class FeatureStore:
         except KeyError:
             raise self._no_tensor(kb, value, SCALE_TENSOR) from None
         if dtype != torch.float32:
-            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: {SCALE_TENSOR} is {dtype}, not float32")
+            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: {SCALE_TENSOR} is {dtype}, not float32; "
+                                    "the entry was not written by featstore: run `featstore verify` and rebuild it")
         return torch.from_numpy(np.frombuffer(value, np.float32, nbytes // 4, offset).copy())
 
     def get_many(self, keys: Iterable) -> list[Entry]:

@@ -229,7 +229,8 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
                 "handle); close it first, or share the open FeatureStore"
             ) from None
         if readonly and not is_store(path):
-            raise StoreNotFoundError(f"no featstore database at {path}") from None
+            raise StoreNotFoundError(f"no featstore database at {path}; build one with `featstore build`, or "
+                                     "pass the path of an existing store") from None
         raise CorruptStoreError(f"{path}/data.mdb: LMDB cannot open it ({e}); is it a featstore database? "
                                 f"Run `featstore verify {path}`") from None
     short = truncated_size(path, env)
@@ -377,7 +378,8 @@ def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *,
     try:
         meta_db = env.open_db(META_DB, txn=txn, create=False)
     except lmdb.NotFoundError:
-        raise ManifestError(f"{path}: not a featstore database (no '{META_DB.decode()}' sub-database)") from None
+        raise ManifestError(f"{path}: not a featstore database (no '{META_DB.decode()}' sub-database); pass the "
+                            "path of a store that `featstore build` wrote") from None
     if txn is None:
         with env.begin() as t:
             return read_manifest(env, t, path=path, feature_set=feature_set)
@@ -386,7 +388,8 @@ def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *,
     if raw is None:
         have = list_feature_sets(env, txn)
         if not have:
-            raise ManifestError(f"{path}: the store has no manifest")
+            raise ManifestError(f"{path}: the store has no manifest; it is damaged or was not written by featstore: "
+                                "restore it from a good copy, or rebuild it")
         raise FeatureSetNotFoundError(
             f"{path}: the store has no feature set {feature_set!r}; it has {', '.join(map(repr, have))}. Open one "
             f"of those (FeatureStore(..., feature_set=NAME), --feature-set NAME), or build this one into the store "
@@ -394,9 +397,11 @@ def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *,
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{where}: the manifest is not valid JSON ({e})") from None
+        raise ManifestError(f"{where}: the manifest is not valid JSON ({e}); the store is damaged: restore it from "
+                            "a good copy, or rebuild it") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "featstore":
-        raise ManifestError(f"{where}: the manifest is not a featstore manifest")
+        raise ManifestError(f"{where}: the manifest is not a featstore manifest; the store is damaged or was not "
+                            "written by featstore: restore it from a good copy, or rebuild it")
     version = manifest.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ManifestError(

@@ -254,7 +254,8 @@ def _check_structure(path: str, report: Report, *, full: bool) -> bool:
         except audit.VerifyError as e:
             raise CorruptStoreError(f"{data}: not a usable LMDB data file ({e}); restore or rebuild the store") from None
         except OSError as e:
-            raise CorruptStoreError(f"{data}: cannot read it ({e.strerror})") from None
+            raise CorruptStoreError(f"{data}: cannot read it ({e.strerror}); check its permissions, or restore the "
+                                    "store from a good copy") from None
         report.checks.append("structure")
         for err in errors[:_MAX_LISTED]:
             report.add("structure", f"{data}: {err}")
@@ -618,10 +619,11 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
         raise FeatstoreError("--annotations, --deep and --recompute need the data root: pass --data-root DIR "
                              f"(the folder whose images {path} was built from)")
     if data_root is not None and not os.path.isdir(data_root):
-        raise FeatstoreError(f"--data-root {data_root} is not a directory")
+        raise FeatstoreError(f"--data-root {data_root} is not a directory; pass the folder whose images the store was "
+                             "built from")
     for a in annotations or []:
         if not os.path.isfile(a):
-            raise FeatstoreError(f"--annotations {a}: no such file")
+            raise FeatstoreError(f"--annotations {a}: no such file; pass the annotation files the store was built from")
     workers = workers or _DEFAULT_WORKERS
     report = Report(path=path, data_root=data_root, workers=workers)
 
@@ -673,7 +675,7 @@ def _chosen_sets(feature_set, present: list[str], path: str) -> list[str]:
         check_feature_set(name)
         if name not in present:
             raise FeatureSetNotFoundError(f"{path}: the store has no feature set {name!r}; it has "
-                                          f"{', '.join(map(repr, present))} (--feature-set)")
+                                          f"{', '.join(map(repr, present))}: pass one of those to --feature-set")
     return sorted(set(names))
 
 
@@ -690,7 +692,8 @@ def _weights_per_set(weights, chosen: list[str]) -> dict[str, str]:
             raise FeatstoreError(f"--weights {name}=...: feature set {name!r} is not being verified (verified: "
                                  f"{', '.join(chosen)}); check the name, or select it with --feature-set")
         if name in out and out[name] != os.fspath(path):
-            raise FeatstoreError(f"--weights: two weights given for feature set {name!r} ({out[name]} and {path})")
+            raise FeatstoreError(f"--weights: two weights given for feature set {name!r} ({out[name]} and {path}); "
+                                 "give each set's weights once")
         out[name] = os.fspath(path)
     return out
 

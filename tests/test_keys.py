@@ -36,12 +36,12 @@ def test_nfc_and_nfd_spellings_are_one_key():
     "given, message",
     [
         ("", "empty key: a key is an image path relative to the data root"),
-        ("./", "key './' names no file"),
+        ("./", "key './' names no file; a key is an image path relative to the data root"),
         ("/data/a.jpg", "key '/data/a.jpg' is an absolute path; keys are paths relative to the data root "
          "(use relative_key(path, data_root))"),
         ("a/../../b.jpg", "key 'a/../../b.jpg' contains '..'; keys must stay inside the data root"),
         ("../b.jpg", "key '../b.jpg' contains '..'; keys must stay inside the data root"),
-        ("a\x00b", "key 'a\\x00b' contains a NUL character"),
+        ("a\x00b", "key 'a\\x00b' contains a NUL character; remove it from the path"),
         (b"a.jpg", "key b'a.jpg' is bytes; pass a str path relative to the data root"),
         (3, "key 3 is a int; pass a str path relative to the data root"),
         ("bad\udcff.jpg", "key 'bad\\udcff.jpg' is not valid Unicode (a file name that is not UTF-8?); "

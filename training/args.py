@@ -273,12 +273,14 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     if not data_args.data_root:
         raise ArgumentError("--data_root is required: the folder the annotation paths are relative to")
     if not os.path.isdir(data_args.data_root):
-        raise ArgumentError(f"--data_root {data_args.data_root}: not a directory")
+        raise ArgumentError(f"--data_root {data_args.data_root}: not a directory; pass the folder the annotation "
+                            "paths are relative to")
     if not data_args.annotations:
         raise ArgumentError("--annotations FILE... is required (LLaVA/Qwen conversation JSON or JSONL)")
     for a in data_args.annotations:
         if not os.path.isfile(a):
-            raise ArgumentError(f"--annotations {a}: no such file")
+            raise ArgumentError(f"--annotations {a}: no such file; pass the LLaVA/Qwen conversation JSON or JSONL "
+                                "files")
     fusion = model_args.vggt_fusion
     mode = model_args.vggt_mode
     if data_args.use_vggt_cache and mode not in (None, "cached"):
@@ -292,7 +294,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
         attention = implied or ("full" if fusion == "per_image" else "causal")
     elif implied is not None and attention != implied:
         raise ArgumentError(f"--vggt_mode {mode} computes attention={implied}; --vggt_attention {attention} "
-                            "contradicts it")
+                            "contradicts it: drop --vggt_attention")
     frames_kept = model_args.vggt_frames_kept or ("all" if fusion == "per_image" else "last")
     if fusion == "per_image" and frames_kept != "all":
         raise ArgumentError("--vggt_fusion per_image needs one feature per image: --vggt_frames_kept all "
@@ -304,7 +306,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
                             "--tune_vision (--tune_vision_merger still trains visual.merger) or --use_vision_cache")
     if data_args.vggt_cache_path and mode != "cached" and not vision_cached:
         raise ArgumentError(f"--vggt_cache_path is only read with --use_vggt_cache or --use_vision_cache "
-                            f"(mode is {mode})")
+                            f"(mode is {mode}); add one of them, or drop --vggt_cache_path")
     encoder = model_args.vggt_encoder or (TINY_VGGT if is_tiny(model_args.model_name_or_path) else "vggt-1b")
     overrides = dict(layer=model_args.vggt_layer, attention=attention, frames_kept=frames_kept,
                      preprocess_mode=model_args.vggt_preprocess_mode, storage_dtype=model_args.vggt_storage_dtype,

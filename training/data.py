@@ -172,7 +172,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 with Image.open(path) as im:
                     sizes.add(view_size(*im.size, self.spec.preprocess, self.patch))
             except OSError as e:
-                raise ImageDecodeError(f"image {path!r}: {e}") from None
+                raise ImageDecodeError(f"image {path!r}: {e}; check that the file exists and is a readable "
+                                       "image") from None
         if len(sizes) != 1:
             raise ImageDecodeError(f"unit {unit.key!r}: frames preprocess to different sizes {sorted(sizes)}; "
                                    "one encoder call needs frames of one size (use pad mode or extra_resize)")
@@ -191,7 +192,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         """(hh, ww): the merged Qwen grid of a VGGT patch grid h x w (trimmed to even, halved)."""
         hh, ww = h // 2, w // 2
         if hh == 0 or ww == 0:
-            raise DataError(f"{where}: the VGGT grid {h}x{w} is smaller than 2x2 patches: no Qwen token fits")
+            raise DataError(f"{where}: the VGGT grid {h}x{w} is smaller than 2x2 patches: no Qwen token fits; use a "
+                            "larger --vggt_target_size, or remove the image from the annotations")
         return hh, ww
 
     def _cached_vision(self, unit, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
@@ -208,7 +210,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                 f"the store with the model's vision tower, or train without --use_vision_cache"
             ) from None
         except ValueError as e:  # entries of different shapes within one sample
-            raise VisionCacheMissError(f"{where}: cached vision features of frames {keys}: {e}") from None
+            raise VisionCacheMissError(f"{where}: cached vision features of frames {keys}: {e}. The frames' "
+                                       "vision features differ in shape or dtype (built with other preprocessing): "
+                                       "rebuild them with this preprocessing (featstore build --encoder "
+                                       "qwen2.5-vl-vision --force)") from None
         if feats.dim() != 4 or feats.shape[1] != 1 or feats.shape[2] != patches:
             raise VisionCacheMissError(
                 f"{where}: cached vision features for key {keys[0]!r} have shape {tuple(feats.shape[1:])}, expected "

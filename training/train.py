@@ -146,7 +146,8 @@ def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_
     saved = getattr(config, GEOMETRY_CONFIG_KEY, None) or {}
     if saved and saved.get("in_channels") != geometry["in_channels"]:
         raise ArgumentError(f"--model_name_or_path {name}: its merger takes {saved['in_channels']} channels, the "
-                            f"VGGT spec gives {geometry['in_channels']}")
+                            f"VGGT spec gives {geometry['in_channels']}; pass the --vggt_encoder (and --vggt_*) "
+                            "flags the checkpoint was trained with, or start from a base Qwen2.5-VL checkpoint")
     if getattr(config, VISION_CACHED_CONFIG_KEY, False) and not vision_cached:
         raise ArgumentError(f"--model_name_or_path {name}: this checkpoint was trained with --use_vision_cache and "
                             "holds no vision blocks (only visual.merger); continue with --use_vision_cache, or "

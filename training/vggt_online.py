@@ -71,7 +71,8 @@ class OnlineVGGT:
                 fp = enc.spec.fingerprint()
                 if self.expected_fingerprint is not None and fp != self.expected_fingerprint:
                     raise RuntimeError(f"online VGGT {self.name}: built spec fingerprint {fp} differs from the "
-                                       f"resolved {self.expected_fingerprint}")
+                                       f"resolved {self.expected_fingerprint}; did the --vggt_weights file change "
+                                       "after training started? Restart training")
                 self._encoder = enc
             return self._encoder
 

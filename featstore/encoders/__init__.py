@@ -196,7 +196,8 @@ def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1
 
 def _registered(name: str) -> _Registered:
     if name not in _REGISTRY:
-        raise EncoderError(f"unknown encoder {name!r}; available: {available_encoders()}")
+        raise EncoderError(f"unknown encoder {name!r}; available: {available_encoders()}; pass one of them "
+                           "(CLI: --encoder)")
     return _REGISTRY[name]
 
 
@@ -363,7 +364,8 @@ class VGGTPreset:
         backend = options.pop("backend", self.backend or "featstore")
         compile = options.pop("compile", False)
         if self.backend is not None and backend != self.backend:
-            raise EncoderError(f"encoder {self.name!r} always uses backend={self.backend!r}")
+            raise EncoderError(f"encoder {self.name!r} always uses backend={self.backend!r}; leave the backend "
+                               "option out")
         if backend not in BACKENDS:
             raise EncoderError(f"backend must be 'featstore' or 'official'. Found {backend!r}")
         if weights is None and self.random_seed is None:

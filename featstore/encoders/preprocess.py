@@ -53,9 +53,11 @@ def read_image_bytes(path: Union[str, os.PathLike]) -> bytes:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise ImageDecodeError(f"cannot read image file {os.fspath(path)!r}: {e}") from e
+        raise ImageDecodeError(f"cannot read image file {os.fspath(path)!r}: {e}; check that it exists and is "
+                               "readable") from e
     if not data:
-        raise ImageDecodeError(f"image file {os.fspath(path)!r} is empty (0 bytes)")
+        raise ImageDecodeError(f"image file {os.fspath(path)!r} is empty (0 bytes); replace it, or remove it from "
+                               "the data (or the annotations)")
     return data
 
 
@@ -121,7 +123,8 @@ def preprocess_image(
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, label = bytes(source), name or "<bytes>"
         if not data:
-            raise ImageDecodeError(f"image {label!r} is empty (0 bytes)")
+            raise ImageDecodeError(f"image {label!r} is empty (0 bytes); replace it, or remove it from the data "
+                                   "(or the annotations)")
     else:
         data, label = read_image_bytes(source), name or os.fspath(source)
     img = _decode(data, label)
@@ -137,7 +140,8 @@ def preprocess_image(
     if new_w < patch_size or new_h < patch_size:
         raise ImageDecodeError(
             f"image {label!r} ({w}x{h}) is too elongated for {spec.mode} mode at {t}: it would be resized "
-            f"to {new_w}x{new_h}, less than one {patch_size}-px patch"
+            f"to {new_w}x{new_h}, less than one {patch_size}-px patch; crop the image, or remove it from the data "
+            "(or the annotations)"
         )
     from PIL import Image
 
@@ -245,8 +249,11 @@ def _decode(data: bytes, label: str):
             img = Image.alpha_composite(white, img)
         return img.convert("RGB")
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(f"cannot identify image file {label!r} (not an image, or an unsupported format)") from e
+        raise ImageDecodeError(f"cannot identify image file {label!r} (not an image, or an unsupported format); "
+                               "convert it to JPEG or PNG, or remove it from the data (or the annotations)") from e
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image {label!r} exceeds PIL's decompression-bomb pixel limit: {e}") from e
+        raise ImageDecodeError(f"image {label!r} exceeds PIL's decompression-bomb pixel limit: {e}; downscale it, "
+                               "or remove it from the data (or the annotations)") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageDecodeError(f"cannot decode image {label!r} (truncated or corrupt?): {e}") from e
+        raise ImageDecodeError(f"cannot decode image {label!r} (truncated or corrupt?): {e}; re-export or replace "
+                               "the file, or remove it from the data (or the annotations)") from e

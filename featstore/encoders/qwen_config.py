@@ -78,7 +78,8 @@ def spec_config(vision_config: Mapping[str, Any], *, source: str = "the vision c
         cfg = Qwen2_5_VLVisionConfig(**dict(vision_config))
     except Exception as e:
         raise WeightsError(f"{source}: transformers cannot read it as a Qwen2.5-VL vision config: "
-                           f"{type(e).__name__}: {e}") from None
+                           f"{type(e).__name__}: {e}; pass a Qwen2.5-VL checkpoint (or upgrade transformers: "
+                           "featstore needs >= 5.17)") from None
     out: Dict[str, Any] = {}
     for name in _FIELDS:
         value = getattr(cfg, name)
@@ -87,6 +88,7 @@ def spec_config(vision_config: Mapping[str, Any], *, source: str = "the vision c
     out["rope_theta"] = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     if out["patch_size"] != 14:
         raise WeightsError(f"{source}: patch_size {out['patch_size']!r}; featstore derives the Qwen image from "
-                           "the VGGT view of 14 px patches, so the vision tower must use patch_size 14")
+                           "the VGGT view of 14 px patches, so the vision tower must use patch_size 14: pass a "
+                           "Qwen2.5-VL checkpoint")
     out.update(image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), resize=RESIZE_RULE, token_order=TOKEN_ORDER)
     return out

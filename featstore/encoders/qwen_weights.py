@@ -112,7 +112,8 @@ def _read_config(folder: Path) -> Tuple[Optional[Dict[str, Any]], Optional[Path]
         with open(path, "r", encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read the checkpoint config {str(path)!r}: {e}") from None
+        raise WeightsError(f"cannot read the checkpoint config {str(path)!r}: {e}; re-download the "
+                           "checkpoint") from None
     vision = cfg.get("vision_config") if isinstance(cfg, dict) else None
     if not isinstance(vision, dict):
         raise WeightsError(f"checkpoint config {str(path)!r} has no `vision_config` object: not a Qwen2.5-VL "
@@ -125,7 +126,7 @@ def _check_safetensors(path: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(9)
     except OSError as e:
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {e.strerror}") from None
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {e.strerror}; check its permissions") from None
     if len(head) < 9 or head[8:9] != b"{":  # u64 header length, then the JSON header
         raise WeightsError(f"weights file {str(path)!r} is not a safetensors file; Qwen2.5-VL checkpoints are "
                            f"read from safetensors only ({_HINT})")
@@ -222,7 +223,8 @@ def load_vision_state(ckpt: QwenCheckpoint) -> Dict[str, "torch.Tensor"]:
                     if not name.startswith(_MERGER):
                         state[name] = f.get_tensor(key)
         except Exception as e:
-            raise WeightsError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}") from e
+            raise WeightsError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}; the file is "
+                               "damaged or incomplete: re-download the checkpoint") from e
     if not prefixes:
         raise WeightsError(f"weights {ckpt.where()!r} hold no vision key (visual.* or model.visual.*): not a "
                            f"Qwen2.5-VL checkpoint; {_HINT}")
@@ -250,5 +252,6 @@ def load_vision_into(model: "torch.nn.Module", state: Dict[str, "torch.Tensor"],
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise WeightsError(f"weights {ckpt.where()!r}: key visual.{k} has shape {tuple(v.shape)}, the vision "
-                               f"config expects {tuple(expected[k].shape)}")
+                               f"config expects {tuple(expected[k].shape)}; check that config.json belongs to "
+                               "these weights, or re-download the checkpoint")
     model.load_state_dict(state, strict=True)

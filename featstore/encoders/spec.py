@@ -113,7 +113,7 @@ class EncoderSpec:
         elif self.layer_resolved != resolved:
             raise EncoderError(
                 f"layer_resolved={self.layer_resolved} does not match layer={self.layer} at depth {depth} "
-                f"(expected {resolved})"
+                f"(expected {resolved}); leave layer_resolved out, it is derived from layer"
             )
         for name, allowed in (("tokens", ("patch",)), ("attention", ("full", "causal")),
                               ("frames_kept", ("all", "last")),
@@ -140,7 +140,8 @@ class EncoderSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise EncoderError(f"Unknown encoder spec key(s): {unknown}. Known: {sorted(names)}")
+            raise EncoderError(f"Unknown encoder spec key(s): {unknown}. Known: {sorted(names)}. A spec written by "
+                               "a newer featstore? Upgrade featstore to read it")
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(d))
@@ -244,7 +245,8 @@ def _preprocess_from_dict(d: Mapping[str, Any]) -> PreprocessSpec:
     names = {f.name for f in dataclasses.fields(PreprocessSpec)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise EncoderError(f"Unknown preprocess spec key(s): {unknown}. Known: {sorted(names)}")
+        raise EncoderError(f"Unknown preprocess spec key(s): {unknown}. Known: {sorted(names)}. A spec written by "
+                           "a newer featstore? Upgrade featstore to read it")
     d = dict(d)
     if d.get("extra_resize") is not None:
         d["extra_resize"] = tuple(d["extra_resize"])

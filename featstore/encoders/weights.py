@@ -51,7 +51,8 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
         for name in ("model.safetensors", "model.pt"):
             if (p / name).is_file():
                 return p / name
-        raise WeightsError(f"weights directory {str(p)!r} holds neither model.safetensors nor model.pt")
+        raise WeightsError(f"weights directory {str(p)!r} holds neither model.safetensors nor model.pt; pass the "
+                           "weights file itself (--weights /path/to/model.safetensors)")
     if p.is_file():
         _check_format(p)
         return p
@@ -84,7 +85,7 @@ def _check_format(path: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as e:
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {e.strerror}") from None
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {e.strerror}; check its permissions") from None
     safetensors = len(head) >= 9 and head[8:9] == b"{"  # u64 header length, then the JSON header
     torch_zip = head[:4] == b"PK\x03\x04"  # torch.save's default format (a zip archive)
     torch_legacy = head[:1] == b"\x80"  # a pickle protocol marker: torch.save's legacy format
@@ -131,7 +132,8 @@ def load_aggregator_state(path: str | os.PathLike) -> Dict[str, "torch.Tensor"]:
             "unpickle (it loads with weights_only=True for safety); save a plain state_dict "
             "(torch.save(model.state_dict(), path)) or pass model.safetensors") from None
     except Exception as e:
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}") from e
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}; the file is "
+                           "damaged or incomplete: download it again") from e
     if any(k.startswith(PREFIX) for k in raw):
         return {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)}
     return dict(raw)
@@ -149,7 +151,8 @@ def _unwrap_state_dict(obj, path: Path) -> Mapping[str, "torch.Tensor"]:
             return obj
     raise WeightsError(
         f"weights file {str(path)!r} is not a state_dict (expected a mapping of names to tensors, "
-        f"possibly under 'model' or 'state_dict')"
+        f"possibly under 'model' or 'state_dict'); save one with torch.save(model.state_dict(), path), or pass "
+        "VGGT-1B's model.safetensors"
     )
 
 
@@ -179,7 +182,8 @@ def load_into(model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"], sou
         if tuple(v.shape) != tuple(expected[k].shape):
             raise WeightsError(
                 f"weights {source!r}: key {PREFIX}{k} has shape {tuple(v.shape)}, the encoder config "
-                f"expects {tuple(expected[k].shape)}"
+                f"expects {tuple(expected[k].shape)}; these weights are of another model size: pass the "
+                "checkpoint of the --encoder preset (vggt-1b: VGGT-1B)"
             )
     model.load_state_dict(state, strict=True)
 
@@ -213,7 +217,7 @@ def sha256_file(path: str | os.PathLike, *, use_cache: bool = True, chunk: int =
         st = p.stat()
         real = os.path.realpath(p)
     except OSError as e:
-        raise WeightsError(f"cannot stat weights file {str(p)!r}: {e}") from e
+        raise WeightsError(f"cannot stat weights file {str(p)!r}: {e}; check the path and its permissions") from e
     stamp = [st.st_size, st.st_mtime_ns]
     cache_file = hash_cache_path()
     cache = _read_cache(cache_file) if use_cache else {}
@@ -229,7 +233,8 @@ def sha256_file(path: str | os.PathLike, *, use_cache: bool = True, chunk: int =
                     break
                 h.update(b)
     except OSError as e:
-        raise WeightsError(f"cannot read weights file {str(p)!r}: {e}") from e
+        raise WeightsError(f"cannot read weights file {str(p)!r}: {e}; check its permissions, or download it "
+                           "again") from e
     digest = h.hexdigest()
     if use_cache:
         cache = _read_cache(cache_file)  # re-read: another process may have added entries
