@@ -7,8 +7,8 @@ The convention (docs/QUICKSTART.md, "The commands in these docs", says the same 
   sample_data. This test runs it with `bash -e`. The runnable blocks of one file run in order in
   one fresh folder, so a later block may use what an earlier one built (build, then train).
 - A block fenced as ```sh or ```console is shown and not run: it needs a GPU, several GPUs or
-  hosts, real weights, the network, a data set of your own (placeholders such as DATA, /ckpt, /nvme) or a
-  long time. So is a ```bash block whose first line is a comment `# gpu ...` or
+  hosts, real weights, the network, a data set of your own (placeholders such as DATA, /ckpt,
+  /nvme) or a long time. So is a ```bash block whose first line is a comment `# gpu ...` or
   `# not run: ...`. Each such block is listed here as a skipped case with its reason.
 - Output goes in ```text blocks; ```python blocks are tests/test_docs.py's business.
 
