@@ -3,8 +3,10 @@
 # MASTER_ADDR/MASTER_PORT and that node's NODE_RANK. DeepSpeed ZeRO-2 by default. The other
 # settings come from the environment: scripts/train_args.sh lists them with their defaults.
 #
-#   node 0: MASTER_ADDR=10.0.0.1 NODE_RANK=0 DATA_ROOT=/data/r2r USE_VGGT_CACHE=true scripts/train_2node_h800.sh
-#   node 1: MASTER_ADDR=10.0.0.1 NODE_RANK=1 DATA_ROOT=/data/r2r USE_VGGT_CACHE=true scripts/train_2node_h800.sh
+#   node 0: MASTER_ADDR=10.0.0.1 NODE_RANK=0 DATA_ROOT=/data/r2r USE_VGGT_CACHE=true VGGT_WEIGHTS=/ckpt/VGGT-1B/model.safetensors \
+#     scripts/train_2node_h800.sh
+#   node 1: MASTER_ADDR=10.0.0.1 NODE_RANK=1 DATA_ROOT=/data/r2r USE_VGGT_CACHE=true VGGT_WEIGHTS=/ckpt/VGGT-1B/model.safetensors \
+#     scripts/train_2node_h800.sh
 #
 # Own variables: MASTER_ADDR and NODE_RANK (required: a wrong default would leave the nodes
 # waiting for each other), MASTER_PORT (default 29500), NNODES (default 2), NPROC_PER_NODE

@@ -10,7 +10,8 @@
 #           VGGT_CACHE_PATH (default <DATA_ROOT>/vggt_features.lmdb), VGGT_CACHE_MISS
 #           (error|compute, default error); otherwise VGGT runs online: VGGT_MODE
 #           (online_full|online_causal_stream; unset: training picks online_full for per_image,
-#           online_causal_stream for last_to_all), VGGT_WEIGHTS.
+#           online_causal_stream for last_to_all). VGGT_WEIGHTS in both modes (vggt-1b needs
+#           them: online they are loaded, with the cache the store is checked against their sha256).
 #           VGGT_FUSION (per_image|last_to_all), VGGT_SCALE (JanusVLN: 0.2), VGGT_ENCODER,
 #           VGGT_LAYER, VGGT_ATTENTION, VGGT_FRAMES_KEPT, VGGT_TARGET_SIZE, VGGT_PREPROCESS_MODE
 #           (unset: training's defaults, which match `featstore build`'s).
@@ -44,10 +45,12 @@ train_args=(--model_name_or_path "$MODEL" --data_root "$DATA_ROOT" --annotations
             --gradient_checkpointing "${GRADIENT_CHECKPOINTING:-true}" --seed "${SEED:-42}" --report_to none)
 case "$USE_VGGT_CACHE" in
   true)  train_args+=(--use_vggt_cache --vggt_cache_miss "${VGGT_CACHE_MISS:-error}") ;;
-  false) [ -n "${VGGT_MODE:-}" ] && train_args+=(--vggt_mode "$VGGT_MODE")
-         [ -n "${VGGT_WEIGHTS:-}" ] && train_args+=(--vggt_weights "$VGGT_WEIGHTS") ;;
+  false) [ -n "${VGGT_MODE:-}" ] && train_args+=(--vggt_mode "$VGGT_MODE") ;;
   *)     echo "USE_VGGT_CACHE=$USE_VGGT_CACHE: set it to true or false" >&2; exit 2 ;;
 esac
+# In both modes: online VGGT loads them; the cache is checked against their sha256 (the store's
+# fingerprint), so vggt-1b needs them either way.
+[ -n "${VGGT_WEIGHTS:-}" ] && train_args+=(--vggt_weights "$VGGT_WEIGHTS")
 case "$USE_VISION_CACHE" in
   true)  train_args+=(--use_vision_cache) ;;
   false) ;;

@@ -3,7 +3,8 @@
 # process per GPU, DeepSpeed ZeRO-2 by default. All settings come from the environment:
 # scripts/train_args.sh lists them with their defaults.
 #
-#   DATA_ROOT=/data/r2r ANNOTATIONS=/data/r2r/train.json USE_VGGT_CACHE=true scripts/train_h800.sh
+#   DATA_ROOT=/data/r2r ANNOTATIONS=/data/r2r/train.json USE_VGGT_CACHE=true \
+#     VGGT_WEIGHTS=/ckpt/VGGT-1B/model.safetensors scripts/train_h800.sh
 #   DATA_ROOT=/data/r2r VGGT_WEIGHTS=/ckpt/VGGT-1B/model.safetensors VGGT_MODE=online_causal_stream \
 #     VGGT_FUSION=last_to_all VGGT_SCALE=0.2 DEEPSPEED=training/configs/zero3.json scripts/train_h800.sh
 #

@@ -57,6 +57,10 @@ def test_use_vggt_cache_switches_the_flag():
     assert _flag(argv, "--data_root") == "/d" and _flag(argv, "--annotations") == "/d/annotations.json"
     assert (_flag(argv, "--vggt_layer"), _flag(argv, "--vggt_fusion"), _flag(argv, "--vggt_scale")) == \
         ("23", "last_to_all", "0.2")
+    assert "--vggt_weights" not in argv
+    # vggt-1b needs its weights with the cache too: the store is checked against their sha256.
+    argv = _printed(_run("train_h800.sh", {"DRY_RUN": "1", "USE_VGGT_CACHE": "true", "VGGT_WEIGHTS": "/ckpt/m.pt"}))
+    assert "--use_vggt_cache" in argv and _flag(argv, "--vggt_weights") == "/ckpt/m.pt"
 
 
 _PARSE = """
