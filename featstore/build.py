@@ -751,8 +751,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute-dtype", choices=DTYPE_NAMES,
                    help=f"autocast dtype of the forward on GPU (default {field_default(EncoderSpec, 'compute_dtype')}); "
                    "CPU builds compute in float32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.5x faster "
-                   "VGGT-1B forwards on H100/H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
+    g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.7x faster "
+                   "VGGT-1B builds on an H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
                    "with eager within bf16 rounding. Worth it for large GPU builds (default off)")
     g.add_argument("--device", default=_default("device"), help="cuda, cuda:N, cpu (default auto: the local rank's "
                    "GPU, else CPU)")
