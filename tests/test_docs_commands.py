@@ -133,9 +133,14 @@ def _logical_lines(text: str) -> list[str]:
 def prepared_script(block: Block, bindir: str, workdir: str) -> str:
     """The block as the test runs it (module docstring: what changes)."""
     out = [f"# {block.where}"]
+    def localised(text: str) -> str:
+        # /tmp/ paths of the doc first, then the interpreter's folder: that folder (or the test's
+        # own) may itself lie under /tmp/, and must not be moved.
+        return TMP_PATH.sub(os.path.join(workdir, "tmp") + "/", text).replace(".venv/bin/", bindir + "/")
+
     for line in _logical_lines(block.text):
-        line = line.replace(".venv/bin/", bindir + "/")
-        line = TMP_PATH.sub(os.path.join(workdir, "tmp") + "/", line)
+        # What to drop is decided on the doc's own words, before any path is substituted (a
+        # substituted path such as /tmp/pytest-of-root/... must not read as a pytest run).
         parts = line.split(" && ")
         kept, dropped = [], []
         for part in parts:
@@ -144,7 +149,7 @@ def prepared_script(block: Block, bindir: str, workdir: str) -> str:
         for reason in dropped:
             out.append(f"# dropped by the test: a part that {reason}")
         if kept:
-            out.append(" && ".join(p.strip() for p in kept) if dropped else line)
+            out.append(localised(" && ".join(p.strip() for p in kept) if dropped else line))
     return "\n".join(out) + "\n"
 
 
@@ -205,6 +210,14 @@ def test_prepared_script_drops_installs_and_moves_tmp(tmp_path):
         "/env/bin/featstore info sample_data",
         "# dropped by the test: a part that runs the test suite: not from inside it",
         "python -m training.train --output_dir /work/tmp/run"]
+    # A checkout and a work folder under /tmp (as CI's clone may be): neither path is rewritten,
+    # and a work path holding "pytest" drops nothing.
+    block = Block("X.md", 1, "bash", ".venv/bin/python - <<'EOF'\nprint(1)\nEOF\n"
+                  "PYTHON=.venv/bin/python scripts/build_features.sh --out /tmp/x\n")
+    script = prepared_script(block, "/tmp/clone/.venv/bin", "/tmp/pytest-of-root/w")
+    assert script.splitlines()[1:] == [
+        "/tmp/clone/.venv/bin/python - <<'EOF'", "print(1)", "EOF",
+        "PYTHON=/tmp/clone/.venv/bin/python scripts/build_features.sh --out /tmp/pytest-of-root/w/tmp/x"]
 
 
 # -- the blocks not run are listed, with why -------------------------------------------------------
