@@ -833,6 +833,9 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
+        elif args.dry_run:  # the plan summary above said it all; nothing ran
+            print(f"featstore build: dry run, nothing computed: {report.missing + report.stale} units would be "
+                  f"computed, {report.fresh} are fresh; run without --dry-run to build", file=sys.stderr)
         elif not report.interrupted:  # then the one "interrupted: N units committed" line says it
             rate = report.frames / report.elapsed_s if report.elapsed_s else 0.0
             into = "" if report.feature_set == PRIMARY_FEATURE_SET else f" (feature set {report.feature_set!r})"

@@ -197,6 +197,8 @@ def test_dry_run_prints_the_split_and_writes_nothing(data_root):
     proc = featstore_cli("build", "--data-root", data_root, "--encoder", "vggt-tiny", "--dry-run", check=0)
     assert "fresh 0, missing 10, stale 0; to compute 10" in proc.stderr
     assert "GB free" in proc.stderr
+    assert "dry run, nothing computed: 10 units would be computed, 0 are fresh" in proc.stderr
+    assert "stages:" not in proc.stderr and "0 computed" not in proc.stderr  # no summary of a build that never ran
     assert not os.path.exists(os.path.join(data_root, "vggt_features.lmdb"))
 
 

@@ -40,6 +40,7 @@ ALLOWLIST = {
     ("featstore/writer.py", "committing what is done"): "BuildInterrupted, shown as 'interrupted'",
     # The build's normal summary on stderr (not a failure); its failure lines are listed.
     ("featstore/build.py", "already fresh"): "the build's summary line",
+    ("featstore/build.py", "dry run, nothing computed"): "the summary line of build --dry-run",
     ("featstore/merge.py", "identical skipped"): "merge's summary line",
     # The VGGT aggregator module's own argument checks (featstore.encoders.vggt, met only by
     # building a VGGTAggregator by hand): the presets pass fixed configs, and the encoder
