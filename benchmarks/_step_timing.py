@@ -23,7 +23,7 @@ import torch
 from training.trainer import STAT_KEYS
 
 __all__ = ["PHASES", "BudgetExceeded", "StepClock", "install_hooks", "timed_online_vggt", "run_mode", "run_paired",
-           "alarm_at"]
+           "batch_bytes", "alarm_at"]
 
 PHASES = ("vggt", "vision", "merger", "llm_forward", "forward_other", "backward", "optimizer")
 GIB = float(1 << 30)
@@ -201,11 +201,21 @@ def run_mode(name: str, next_batch: Callable[[], dict], model, optimizer, clock:
     return result
 
 
-def _one_step(next_batch, model, optimizer, params, clock=None) -> tuple:
-    """One training step as run_mode times it: (step ms incl. the data wait, data ms, loss)."""
+def _one_step(next_batch, model, optimizer, params, clock=None, settle: bool = False) -> tuple:
+    """One training step as run_mode times it: (step ms incl. the data wait, data ms, loss). With
+    `settle`, the clock starts only once the batch's host-to-device copies have finished (the
+    step without the read path's cost: what is left of a gap to the floor is not the read)."""
     t0 = time.perf_counter()
     batch = next_batch()
     t1 = time.perf_counter()
+    if settle:  # data ms then holds the read and the wait for its copies; the step starts after
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        data_ms = (t1 - t0) * 1e3
+        t0 = t1
+    else:
+        data_ms = (t1 - t0) * 1e3
     for k in STAT_KEYS:
         batch.pop(k, None)
     if clock is not None:
@@ -221,20 +231,45 @@ def _one_step(next_batch, model, optimizer, params, clock=None) -> tuple:
     loss = float(out.loss.detach())
     if not math.isfinite(loss):
         raise RuntimeError(f"loss is {loss}")
-    return (t2 - t0) * 1e3, (t1 - t0) * 1e3, loss
+    return (t2 - t0) * 1e3, data_ms, loss
+
+
+def batch_bytes(batch: dict) -> dict:
+    """{key: "dtype, MB"} of a batch's tensors, and their total in MB: what one step copies."""
+    out, total = {}, 0
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            out[k] = f"{str(v.dtype).replace('torch.', '')}, {v.numel() * v.element_size() / 1e6:.2f} MB"
+            total += v.numel() * v.element_size()
+    out["total_mb"] = round(total / 1e6, 2)
+    return out
 
 
 def run_paired(names: tuple, next_read: Callable[[], dict], pool: List[dict], model, optimizer, *, pairs: int,
-               warmup: int, deadline: float, reserve_s: float, clock=None, log=print, seed: int = 0) -> dict:
-    """The read path's cost at 2%: `pairs` pairs of one step that reads (`next_read`: the real
-    DataLoader) and one floor step (the next batch of `pool`, resident on the device: the whole
-    dataset read once through the same loader, in a shuffled cycle, so both see the same mix of
-    samples), interleaved in alternating order (read-floor, floor-read, ...), so that drift of
-    the card or host falls on both alike. ratio = median read step / median floor step, with a
-    95% bootstrap interval over the pairs (each resampled pair keeps both of its steps)."""
+               warmup: int, deadline: float, reserve_s: float, clock=None, log=print, seed: int = 0,
+               other_reads: Optional[Dict[str, Callable[[], dict]]] = None) -> dict:
+    """The read path's cost at 2%: `pairs` groups of one step per arm, interleaved in rotating order so
+    that drift of the card or host falls on all alike:
+      read     the real DataLoader's next batch (`next_read`), clocked from the call as training is;
+      floor    the next batch of `pool`, resident on the device (the whole dataset read once
+               through the same loader, in a shuffled cycle, so both see the same mix of samples);
+      settled  a read batch clocked only once its copies to the device are done: read/settled
+               is what the read and copy cost, settled/floor what fresh batches cost beyond that;
+      loaded   a floor step after a read whose batch is dropped (clocked once its copies are
+               done): the loader works in the background as on a read step, the step computes
+               on a resident batch. settled/loaded: fresh tensors alone; loaded/floor: the
+               loader's background work alone.
+    With `other_reads` ({name: another loader's next batch}), two more arms for each:
+      read_<name>, loaded_<name>  as read and loaded through that loader (e.g. "unpinned", no
+               pinned memory and blocking copies: whether the pin-memory thread in this process is
+               what the background work costs), side by side with the default loader.
+    Each ratio two ways: median per-group ratio (the paired estimate: the card's slow spells, which
+    last several groups, fall out) and median step / median step, both with 95% bootstrap
+    intervals over the groups (each resampled group keeps all its steps)."""
     import random
 
     read_name, floor_name = names
+    settled_name = f"{read_name}_settled"
     params = [p for p in model.parameters() if p.requires_grad]
     rng = random.Random(seed)
     cycle: List[dict] = []
@@ -244,37 +279,71 @@ def run_paired(names: tuple, next_read: Callable[[], dict], pool: List[dict], mo
             cycle.extend(rng.sample(pool, len(pool)))
         return dict(cycle.pop())
 
+    arms = {
+        "read": lambda: _one_step(next_read, model, optimizer, params, clock),
+        "floor": lambda: _one_step(floor_batch, model, optimizer, params, clock),
+        "settled": lambda: _one_step(next_read, model, optimizer, params, clock, settle=True),
+        "loaded": lambda: _one_step(lambda: (next_read(), floor_batch())[1], model, optimizer, params, clock,
+                                    settle=True),
+    }
+    ratios = {"": ("read", "floor"), "settled_": ("settled", "floor"), "read_over_settled_": ("read", "settled"),
+              "settled_over_loaded_": ("settled", "loaded"), "loaded_": ("loaded", "floor")}
+    for name, other in (other_reads or {}).items():
+        arms[f"read_{name}"] = lambda other=other: _one_step(other, model, optimizer, params, clock)
+        arms[f"loaded_{name}"] = lambda other=other: _one_step(lambda: (other(), floor_batch())[1], model, optimizer,
+                                                               params, clock, settle=True)
+        ratios.update({f"read_{name}_": (f"read_{name}", "floor"), f"loaded_{name}_": (f"loaded_{name}", "floor"),
+                       f"read_over_read_{name}_": ("read", f"read_{name}")})
+    # each arm in each position equally often, forwards and backwards (so each follows each alike)
+    names_ = list(arms)
+    orders = [names_[i:] + names_[:i] for i in range(len(names_))]
+    orders += [list(reversed(o)) for o in orders]
     for _ in range(warmup):
-        _one_step(next_read, model, optimizer, params, clock)
-        _one_step(floor_batch, model, optimizer, params, clock)
-    rows = []  # (read ms, floor ms, read's data ms)
-    for p in range(pairs):
+        for arm in arms.values():
+            arm()
+    rows = []  # {arm: (step ms, data ms)}
+    for g in range(pairs):
         if time.monotonic() > deadline - reserve_s:
-            log(f"  paired: budget reached after {len(rows)} pairs (asked {pairs})")
+            log(f"  paired: budget reached after {len(rows)} groups (asked {pairs})")
             break
-        if p % 2 == 0:
-            read, data_ms, _ = _one_step(next_read, model, optimizer, params, clock)
-            floor, _, _ = _one_step(floor_batch, model, optimizer, params, clock)
-        else:
-            floor, _, _ = _one_step(floor_batch, model, optimizer, params, clock)
-            read, data_ms, _ = _one_step(next_read, model, optimizer, params, clock)
-        rows.append((read, floor, data_ms))
+        row = {}
+        for name in orders[g % len(orders)]:
+            step, data, _ = arms[name]()
+            row[name] = (step, data)
+        rows.append(row)
     if not rows:
         return {"pairs": 0, "ratio": None}
 
-    def ratio(sample):
-        return statistics.median(r[0] for r in sample) / statistics.median(r[1] for r in sample)
+    def med(sample, arm):
+        return statistics.median(r[arm][0] for r in sample)
 
-    boot = sorted(ratio([rng.choice(rows) for _ in rows]) for _ in range(2000))
-    return {
-        "pairs": len(rows), "ratio": ratio(rows), "ratio_ci95": [boot[49], boot[1949]],
-        "mean_ratio": statistics.fmean(r[0] for r in rows) / statistics.fmean(r[1] for r in rows),
-        f"{read_name}_step_ms": statistics.median(r[0] for r in rows),
-        f"{floor_name}_step_ms": statistics.median(r[1] for r in rows),
-        f"{read_name}_data_ms": statistics.median(r[2] for r in rows),
+    def per_group(sample, a, b):
+        return statistics.median(r[a][0] / r[b][0] for r in sample)
+
+    def of_medians(sample, a, b):
+        return med(sample, a) / med(sample, b)
+
+    boots = [[rng.choice(rows) for _ in rows] for _ in range(2000)]
+
+    def ci(fn, a, b):
+        values = sorted(fn(s, a, b) for s in boots)
+        return [values[49], values[1949]]
+
+    out = {"pairs": len(rows)}
+    for label, (a, b) in ratios.items():
+        out[f"{label}ratio"] = per_group(rows, a, b)
+        out[f"{label}ratio_ci95"] = ci(per_group, a, b)
+        out[f"{label}ratio_of_medians"] = of_medians(rows, a, b)
+        out[f"{label}ratio_of_medians_ci95"] = ci(of_medians, a, b)
+    out.update({
+        f"{read_name}_step_ms": med(rows, "read"), f"{floor_name}_step_ms": med(rows, "floor"),
+        f"{settled_name}_step_ms": med(rows, "settled"), f"{floor_name}_loaded_step_ms": med(rows, "loaded"),
+        f"{read_name}_data_ms": statistics.median(r["read"][1] for r in rows),
+        f"{settled_name}_copy_wait_ms": statistics.median(r["settled"][1] for r in rows),
         "pool_batches": len(pool),
-        "pairs_ms": [[round(r[0], 3), round(r[1], 3)] for r in rows],
-    }
+        "groups_ms": [{k: round(v[0], 3) for k, v in r.items()} for r in rows],
+    })
+    return out
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ and train_bench.png (matplotlib; skipped with a note when it is missing) to --ou
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import sys
@@ -58,7 +59,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _train_inputs as inputs_mod  # noqa: E402  (puts the repository on sys.path)
 from _step_timing import GIB, BudgetExceeded, StepClock, alarm_at, install_hooks, run_mode  # noqa: E402
-from _step_timing import run_paired, timed_online_vggt  # noqa: E402
+from _step_timing import batch_bytes, run_paired, timed_online_vggt  # noqa: E402
 from _train_report import write_outputs  # noqa: E402
 
 from training.trainer import STAT_KEYS  # noqa: E402
@@ -83,9 +84,16 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="floor and cached run in this many alternating "
                    "blocks (floor, cached, cached with blocking copies, floor, ...), so that drift and noise fall "
                    "on all of them alike (default 3, smoke 1)")
-    p.add_argument("--paired", type=int, default=None, help="also run this many interleaved pairs of one cached "
-                   "and one floor step in alternating order (and vision_cached / vision_floor): the read path's "
-                   "cost as a ratio of medians with a 95%% bootstrap interval (default 0: off; smoke 4)")
+    p.add_argument("--paired", type=int, default=None, help="also run this many interleaved groups of a cached "
+                   "step, a floor step, a cached step clocked after its copies finish and a floor step after a "
+                   "dropped read, in rotating order (and "
+                   "the same for vision_cached / vision_floor): the read path's cost as the median per-group ratio "
+                   "with a 95%% bootstrap interval (default 0: off; smoke 4)")
+    p.add_argument("--paired-other", default="", help="with --paired: comma list of other loaders to run side by "
+                   "side, two more arms each (cached steps through it, floor steps after its reads): 'unpinned' "
+                   "(no pinned memory, blocking copies: the pin-memory thread's share of the cost), "
+                   "'float32_pixels' (pixel_values as the processor makes them: the loader before they left "
+                   "the workers in the tower's dtype)")
     p.add_argument("--attention", default=None, help="vision tower attention implementations to time on the "
                    f"cached step (default {','.join(ATTENTION)}; smoke: without flex_attention)")
     a = p.parse_args(argv)
@@ -192,7 +200,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     from training.model import GEOMETRY_CONFIG_KEY, Qwen2_5_VLWithGeometry, geometry_config, set_trainable
     from training.model import vggt_parameter_count
     from training.presets import image_processor, tiny_tokenizer
-    from training.train import open_feature_cache
+    from training.train import open_feature_cache, pixel_dtype
     from training.trainer import FeatstoreTrainer
     from training.vggt_online import resolve_spec
 
@@ -234,6 +242,8 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
 
     store = open_feature_cache(settings["cached"].store_path, spec)
     cached_ds = ConversationDataset([inputs.annotations], inputs.root, tokenizer, processor, spec, store=store)
+    cached_ds.pixel_dtype = pixel_dtype(model, train_args)  # as training.train sets it
+    results["pixel_dtype"] = str(cached_ds.pixel_dtype)
     trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=cached_ds,
                                data_collator=_collator(tokenizer), processing_class=tokenizer)
     optimizer = trainer.create_optimizer()
@@ -270,8 +280,14 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         if "step_ms" in res:
             log(f"{key}: step {res['step_ms']:.1f} ms, data {res['data_ms']:.1f} ms")
         elif res.get("ratio") is not None:
-            log(f"{key}: {res['pairs']} pairs, ratio {res['ratio']:.4f} (95% {res['ratio_ci95'][0]:.4f}-"
-                f"{res['ratio_ci95'][1]:.4f})")
+            ci = lambda k: f"{res[k][0]:.4f}-{res[k][1]:.4f}"  # noqa: E731
+            log(f"{key}: {res['pairs']} groups, ratio {res['ratio']:.4f} (95% {ci('ratio_ci95')}; of medians "
+                f"{res['ratio_of_medians']:.4f}), settled/floor {res['settled_ratio']:.4f} "
+                f"(95% {ci('settled_ratio_ci95')}), read/settled {res['read_over_settled_ratio']:.4f}, "
+                f"settled/loaded {res['settled_over_loaded_ratio']:.4f}, loaded/floor {res['loaded_ratio']:.4f}"
+                + "".join(f", {k[5:-6]}: read/floor {res[k]:.4f}, loaded/floor {res['loaded' + k[4:]]:.4f}"
+                          for k in res if k.startswith("read_") and k.endswith("_ratio")
+                          and not k.startswith("read_over")))
         else:
             log(f"{key}: {res.get('error', '')}")
         return res
@@ -284,8 +300,20 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     # floor and cached first, in alternating blocks: VGGT is not on the device yet (their peaks
     # hold none of it), and drift of the card or the host falls on each of them alike.
     blocking_args = dataclasses.replace(train_args, dataloader_non_blocking=False)
+    # before the next Trainer: replacing TrainingArguments resets accelerate's state, a Trainer sets it again
+    unpinned_args = dataclasses.replace(blocking_args, dataloader_pin_memory=False)
     blocking = FeatstoreTrainer(model=model, args=blocking_args, train_dataset=cached_ds,
                                 data_collator=_collator(tokenizer), processing_class=tokenizer)
+    float32_ds = copy.copy(cached_ds)
+    float32_ds.pixel_dtype = None
+    others = {  # name: (trainer args, dataset) of the loaders --paired-other may run side by side
+        "unpinned": (unpinned_args, cached_ds),
+        "float32_pixels": (train_args, float32_ds),
+    }
+    wanted_others = [o for o in a.paired_other.split(",") if o]
+    unknown = sorted(set(wanted_others) - set(others))
+    if unknown:
+        raise SystemExit(f"--paired-other: unknown {unknown}; choose from {sorted(others)}")
     results["cached_copies"] = {"cached": "non-blocking (training's default)", "cached_blocking": "blocking"}
     floor_batch = None
     if "floor" in remaining:
@@ -311,8 +339,12 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         pool = _resident(trainer.get_train_dataloader(), len(cached_ds))  # every sample, on the device
         results.setdefault("paired", {})["cached_vs_floor"] = record("paired", "cached vs floor, paired", lambda: dict(
             run_paired(("cached", "floor"), loader_batches(cached_ds), pool.batches, model, optimizer,
-                       pairs=a.paired, warmup=a.warmup, deadline=deadline, reserve_s=reserve(), clock=clock, log=log),
-            pool_gib=pool.gib))
+                       pairs=a.paired, warmup=a.warmup, deadline=deadline, reserve_s=reserve(), clock=clock, log=log,
+                       other_reads={name: loader_batches(others[name][1], FeatstoreTrainer(
+                           model=model, args=others[name][0], train_dataset=others[name][1],
+                           data_collator=_collator(tokenizer), processing_class=tokenizer))
+                           for name in wanted_others}),
+            pool_gib=pool.gib, batch=batch_bytes(pool.batches[0])))
         del pool
         _free(device)
     for m in ("floor", "cached"):
@@ -334,6 +366,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
             encoder = online.encoder(device)
             held = (torch.cuda.memory_allocated() - before) / GIB if device.type == "cuda" else None
             online_ds = ConversationDataset([inputs.annotations], inputs.root, tokenizer, processor, specs[mode])
+            online_ds.pixel_dtype = cached_ds.pixel_dtype
             res = timed(mode, loader_batches(online_ds), steps=a.steps, expect_hits=False, online=online)
             peak = online.call_peak_bytes
             return dict(res, vggt_weights_gib=held, vggt_call_peak_gib=None if peak is None else peak / GIB,
@@ -495,7 +528,7 @@ def _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenize
             "paired", "vision_cached vs vision_floor, paired", lambda: dict(
                 run_paired(("vision_cached", "vision_floor"), lambda: next(it), pool.batches, model, optimizer,
                            pairs=a.paired, warmup=a.warmup, deadline=deadline, reserve_s=5.0, clock=clock, log=log),
-                pool_gib=pool.gib))
+                pool_gib=pool.gib, batch=batch_bytes(pool.batches[0])))
     save()
 
 
@@ -599,6 +632,7 @@ def _summarise(results: dict) -> None:
         if res.get("ratio") is not None:
             summary[f"paired_{name}"] = res["ratio"]
             summary[f"paired_{name}_ci95"] = res["ratio_ci95"]
+            summary[f"paired_{name}_settled"] = res["settled_ratio"]
     results["summary"] = summary
 
 

@@ -92,7 +92,8 @@ def test_zero_run_check_flags_a_partitioned_or_gathered_vggt():
 @pytest.mark.timeout(600)
 def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     out = str(tmp_path / "out")
-    res = _run("train_bench.py", "--smoke", "--out", out, "--work", work, "--budget-s", "400", timeout=560)
+    res = _run("train_bench.py", "--smoke", "--out", out, "--work", work, "--budget-s", "400",
+               "--paired-other", "unpinned,float32_pixels", timeout=560)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     with open(os.path.join(out, "train_bench.json")) as f:
         r = json.load(f)
@@ -122,6 +123,18 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     vb = r["vision_build"]
     assert vb["build"]["computed"] == vb["images"] > 0 and vb["bare_frames_per_s"] > 0 and vb["bytes_per_image"] > 0
     assert r["summary"]["cached_over_floor"] > 0 and "speedup_cached_vs_online_causal_stream" in r["summary"]
+    paired = r["paired"]["cached_vs_floor"]
+    assert paired["pairs"] == 4 and len(paired["groups_ms"]) == 4
+    arms = {"read", "floor", "settled", "loaded", "read_unpinned", "loaded_unpinned", "read_float32_pixels",
+            "loaded_float32_pixels"}
+    assert all(set(g) == arms and min(g.values()) > 0 for g in paired["groups_ms"])
+    for key in ("ratio", "settled_ratio", "loaded_ratio", "read_unpinned_ratio", "loaded_float32_pixels_ratio"):
+        low, high = paired[key + "_ci95"]
+        assert low <= high and paired[key] > 0, key
+    assert paired["batch"]["pixel_values"].startswith("float32") and paired["batch"]["total_mb"] > 0
+    assert r["summary"]["paired_cached_vs_floor"] == paired["ratio"]
+    vision_paired = r["paired"]["vision_cached_vs_vision_floor"]
+    assert vision_paired["pairs"] == 4 and "pixel_values" not in vision_paired["batch"]
     att = r["vision_attention"]
     assert list(att) == ["sdpa", "eager", "flash_attention_2"]
     for impl in ("sdpa", "eager"):

@@ -52,6 +52,7 @@ def test_twenty_cached_steps_lower_the_loss_and_never_build_vggt(tmp_path, monke
     last = [r for r in trainer.state.log_history if "cache_hits" in r][-1]
     assert (last["cache_hits"], last["cache_misses"]) == (_samples_seen(20), 0) == (34, 0)
     assert vggt_parameter_count(trainer.model) == 0 and trainer.model.online_vggt is None
+    assert trainer.train_dataset.pixel_dtype is None  # float32 training: pixel_values stay float32
     assert not [n for n, _ in trainer.model.named_parameters() if "aggregator" in n or "vggt" in n]
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
 
@@ -202,3 +203,55 @@ def test_batches_are_copied_to_the_gpu_without_blocking_unless_told_otherwise(tm
     cfg = tmp_path / "acc.json"
     cfg.write_text('{"non_blocking": false}')
     assert nb("--accelerator_config", str(cfg)) is False
+
+
+def test_pixel_values_leave_the_workers_in_the_towers_compute_dtype_and_give_the_same_tower_output(tmp_path):
+    """pixel_dtype: the dtype the patch embedding computes in (bf16 weights, or float32 weights
+    under --bf16 autocast); casting there, in the worker, rounds as the tower would: same output."""
+    from types import SimpleNamespace
+
+    from _training_helpers import collate, dataset, spec_for, tiny_parts
+    from training.model import geometry_config
+    from training.train import build_model, pixel_dtype
+
+    tok, _ = tiny_parts()
+    spec = spec_for()
+    model = build_model("qwen2.5-vl-tiny", tok, geometry_config(2 * int(spec.config["embed_dim"])), seed=0).eval()
+    flags = lambda bf16=False, fp16=False: SimpleNamespace(bf16=bf16, fp16=fp16)  # noqa: E731
+    assert pixel_dtype(model, flags()) is None  # float32 compute: keep float32
+    assert pixel_dtype(model, flags(bf16=True)) is torch.bfloat16
+    assert pixel_dtype(model, flags(fp16=True)) is torch.float16
+
+    root = sample_root(tmp_path)
+    ds = dataset(root, spec)
+    batch = collate(ds, [0])
+    pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+    assert pixels.dtype is torch.float32
+    visual = model.model.visual
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = visual(pixels, grid_thw=grid, return_dict=True).pooler_output
+            got = visual(pixels.to(torch.bfloat16), grid_thw=grid, return_dict=True).pooler_output
+        assert torch.equal(got, want)
+        model.to(torch.bfloat16)
+        assert pixel_dtype(model, flags()) is torch.bfloat16
+        want = visual(pixels, grid_thw=grid, return_dict=True).pooler_output
+        got = visual(pixels.to(torch.bfloat16), grid_thw=grid, return_dict=True).pooler_output
+        assert torch.equal(got, want)
+        # the check can fail: float16 rounds otherwise than bfloat16
+        assert not torch.equal(visual(pixels.to(torch.float16), grid_thw=grid, return_dict=True).pooler_output, want)
+
+    ds.pixel_dtype = torch.bfloat16
+    assert ds[0]["pixel_values"].dtype is torch.bfloat16
+    assert torch.equal(ds[0]["pixel_values"], pixels.to(torch.bfloat16))
+
+
+def test_training_under_bf16_ships_bf16_pixel_values(tmp_path):
+    from training.train import run
+
+    root = sample_root(tmp_path)
+    build_store(root)
+    trainer = run(_argv(root, str(tmp_path / "out"), "--use_vggt_cache", "--bf16", "true", steps=1))
+    assert trainer.train_dataset.pixel_dtype is torch.bfloat16
+    assert trainer.train_dataset[0]["pixel_values"].dtype is torch.bfloat16
+    assert [r["loss"] for r in trainer.state.log_history if "loss" in r]

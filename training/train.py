@@ -157,6 +157,25 @@ def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_
     return Qwen2_5_VLWithGeometry.from_pretrained(name, config=config)
 
 
+def pixel_dtype(model, train_args) -> Optional[torch.dtype]:
+    """The dtype the vision tower's patch embedding computes in, when lower than float32: its
+    weights' (a bf16/fp16 checkpoint, DeepSpeed's bf16) or, with float32 weights, autocast's
+    (--bf16 / --fp16: the conv casts its input). pixel_values cast to it in the workers give the
+    same tower output (one rounding either way). None (keep float32) when the tower computes in
+    float32, or is not built (--use_vision_cache: no pixel_values)."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    proj = getattr(getattr(visual, "patch_embed", None), "proj", None)
+    if proj is None:
+        return None
+    if proj.weight.dtype in (torch.bfloat16, torch.float16):
+        return proj.weight.dtype
+    if train_args.bf16:
+        return torch.bfloat16
+    if train_args.fp16:
+        return torch.float16
+    return None
+
+
 def run(argv: Optional[List[str]] = None, *, vision_store=None):
     """Everything `main` does, raising errors instead of printing them. Returns the trainer.
 
@@ -184,6 +203,7 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
                                fusion=settings.fusion, scale=settings.scale)
     model = build_model(model_args.model_name_or_path, tokenizer, geometry, seed=train_args.seed,
                         vision_cached=settings.vision_cached)
+    dataset.pixel_dtype = pixel_dtype(model, train_args)  # before the workers start: they get it
     if not settings.cached or settings.cache_miss == "compute":
         # Online modes, or cached with misses computed: built lazily, outside the module tree.
         model.attach_vggt(OnlineVGGT(settings.encoder, weights=settings.weights, overrides=settings.overrides,
