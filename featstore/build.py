@@ -323,9 +323,15 @@ class _Stage(threading.Thread):
                 self.error = e
 
 
-def _serialise(spec, report: BuildReport, units, sources, host, done, grid):
+NONFINITE_ERROR = ("the encoder gave NaN or infinite features: not stored. Check the image and the weights "
+                   "(--weights); float16 overflows past 65504: use --compute-dtype and --storage-dtype bfloat16")
+
+
+def _serialise(spec, report: BuildReport, units, sources, host, finite, done, grid):
     """Wait for a batch's device->host copy, then make each unit's blob (one copy + CRC-32;
-    both release the GIL, so this overlaps the writer's commits). Times both in `report`."""
+    both release the GIL, so this overlaps the writer's commits). A unit whose features are not
+    all finite is recorded as failed instead (a rerun retries it). Times both in `report`.
+    Returns (units to commit, their blobs, how many failed)."""
     from featstore.encode import unit_metadata
     from featstore.format import encode_entry
     from featstore.quant import entry_tensors
@@ -334,16 +340,22 @@ def _serialise(spec, report: BuildReport, units, sources, host, done, grid):
     if done is not None:
         done.synchronize()
     t1 = time.perf_counter()
-    blobs = [encode_entry(entry_tensors(feats, spec.storage_dtype), unit_metadata(unit, src, grid, spec))
-             for unit, src, feats in zip(units, sources, host)]
+    kept, blobs = [], []
+    for unit, src, feats, ok in zip(units, sources, host, finite.tolist()):
+        if not ok:
+            report.failed.append({"key": unit.key, "frames": list(unit.frames), "error": NONFINITE_ERROR})
+            continue
+        kept.append(unit)
+        blobs.append(encode_entry(entry_tensors(feats, spec.storage_dtype), unit_metadata(unit, src, grid, spec)))
     report.d2h_wait_s += t1 - t0
     report.serialise_s += time.perf_counter() - t1
-    return units, blobs
+    return kept, blobs, len(units) - len(kept)
 
 
-def _commit(writer, report: BuildReport, bar, first: dict, units, blobs) -> None:
-    """Hand blobs to the single writer (which commits every N entries) and count progress.
-    `first` holds the time and frame count of the first batch handed over (the steady rate's start)."""
+def _commit(writer, report: BuildReport, bar, first: dict, units, blobs, failed: int = 0) -> None:
+    """Hand blobs to the single writer (which commits every N entries) and count progress
+    (`failed`: units of the batch recorded as failed, counted as done on the bar). `first` holds
+    the time and frame count of the first batch handed over (the steady rate's start)."""
     t0 = time.perf_counter()
     for unit, blob in zip(units, blobs):
         writer.put(unit.key, blob)
@@ -360,7 +372,7 @@ def _commit(writer, report: BuildReport, bar, first: dict, units, blobs) -> None
         elapsed = max(time.perf_counter() - bar.t0, 1e-9)
         bar.set_postfix_str(f"{report.frames / elapsed:.1f} frames/s, {report.bytes / elapsed / 1e6:.1f} MB/s",
                             refresh=False)
-        bar.update(len(units))
+        bar.update(len(units) + failed)
 
 
 def _run_pipeline(encoder, todo: list[Unit], batches, opts: BuildOptions, writer, report: BuildReport, show: bool,
@@ -383,7 +395,7 @@ def _run_pipeline(encoder, todo: list[Unit], batches, opts: BuildOptions, writer
     bar = Progress(len(todo), desc="featstore build", unit="unit", enabled=show)
     # GPU loop (this thread) -> serialiser thread -> writer thread. The serialiser's queue bounds
     # the pinned batches in flight; the writer's bounds the encoded blobs waiting for the disk.
-    committer = _Stage("featstore-writer", lambda u, b: _commit(writer, report, bar, first, u, b), maxsize=2)
+    committer = _Stage("featstore-writer", lambda u, b, n: _commit(writer, report, bar, first, u, b, n), maxsize=2)
     serialiser = _Stage("featstore-serialiser", lambda *job: _serialise(spec, report, *job), maxsize=4,
                         downstream=committer)
     committer.start()
@@ -423,18 +435,22 @@ def _run_pipeline(encoder, todo: list[Unit], batches, opts: BuildOptions, writer
             compute.wait_stream(h2d)
             x.record_stream(compute)  # its memory is not reused before the forward has read it
         feats = encode_frames(encoder, _to_float(x))[: len(items)]  # [B, F, N, C], storage dtype, on the device
+        finite = torch.isfinite(feats.flatten(1)).all(1)  # [B]: a NaN or infinity is never stored
         done = None
         if on_cuda:
             host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
             d2h.wait_stream(compute)
             with torch.cuda.stream(d2h):
                 host.copy_(feats, non_blocking=True)  # the GPU goes on with the next batch
+                host_finite.copy_(finite, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(d2h)
             feats.record_stream(d2h)  # nor is this before the copy has read it
+            finite.record_stream(d2h)
         else:
-            host = feats.cpu()
-        serialiser.jobs.put((units, [src for _, _, src in items], host, done, grid))
+            host, host_finite = feats.cpu(), finite
+        serialiser.jobs.put((units, [src for _, _, src in items], host, host_finite, done, grid))
 
     try:
         waited = time.perf_counter()

@@ -404,3 +404,32 @@ def test_the_steady_rate_counts_from_the_first_commit(data_root):
     many = build(options(data_root, store=os.path.join(data_root, "many.lmdb"), batch_frames=2))
     # After the first batch, 10 images - 2 more frames in less time than the whole pipeline.
     assert many.steady_frames_per_s > (many.frames - 2) / many.pipeline_s > 0
+
+
+def test_nan_or_infinite_features_are_never_stored_and_a_rerun_retries_them(data_root, monkeypatch):
+    """A unit whose encoder output holds a NaN or an infinity is reported as failed, naming its key,
+    and not committed; the others are; once the encoder is sound, a rerun computes exactly it."""
+    import featstore.encode as encode_mod
+
+    Image.new("RGB", (64, 48)).save(os.path.join(data_root, "black.png"))  # the unit the fault picks
+    real = encode_mod.encode_frames
+
+    def faulty(encoder, frames):
+        feats = real(encoder, frames)
+        for b in range(frames.shape[0]):
+            if not bool(frames[b].any()):  # the black image: its output turns NaN and infinite
+                feats[b, 0, 0, 0] = float("nan")
+                feats[b, -1, -1, -1] = float("inf")
+        return feats
+
+    monkeypatch.setattr(encode_mod, "encode_frames", faulty)
+    report = build(options(data_root, batch_frames=4))
+    assert [f["key"] for f in report.failed] == ["black.png"]
+    assert "NaN or infinite features: not stored" in report.failed[0]["error"]
+    with FeatureStore(data_root) as store:
+        assert "black.png" not in store and len(store) == report.computed == report.planned - 1 == 10
+        for key in store.keys():
+            assert bool(torch.isfinite(store.get(key, copy=True).features.float()).all()), key
+    monkeypatch.setattr(encode_mod, "encode_frames", real)
+    again = build(options(data_root))
+    assert (again.computed, again.fresh, again.failed) == (1, 10, [])
