@@ -45,7 +45,7 @@ from featstore.plan import IMAGE_EXTENSIONS, Unit, plan_units, source_path
 from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import (DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint,
                              default_feature_set, existing_manifest, feature_set_label, features_db,
-                             open_env, utc_now)
+                             open_env, require_directory, utc_now)
 
 # torch is imported inside the functions that run the model, so that `featstore --help` and
 # the parser need no torch (the layering test runs the CLI with torch unimportable).
@@ -817,8 +817,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
-    if not os.path.isdir(args.data_root):
-        raise FeatstoreError(f"--data-root {args.data_root} is not a directory; pass the folder that holds the images")
+    require_directory(args.data_root, "--data-root", "pass the folder that holds the images")
     if args.feature_set is not None:
         check_feature_set(args.feature_set)
     for a in args.annotations:

@@ -117,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     except FeatstoreError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:
+        # A folder or file of the data root or the store this user may not read or write (a
+        # shared data root, a store built by another user): one line naming it, not a traceback.
+        where = e.filename if e.filename is not None else "a file"
+        print(f"{command}: error: permission denied: {where} ({e.strerror or e}); run as a user who may access "
+              "it, change its permissions (chmod / chown), or pass --store PATH for a store in a folder you "
+              "can write", file=sys.stderr)
+        return 2
     except Exception as e:
         # LMDB's own errors (a damaged lock file, a read-only folder, ...) for every subcommand,
         # translated here once; lmdb is imported only when one happened.

@@ -7,6 +7,7 @@ __all__ = [
     "MissingKeyError",
     "FingerprintMismatchError",
     "StoreNotFoundError",
+    "StorePermissionError",
     "ManifestError",
     "CorruptStoreError",
     "StoreFullError",
@@ -49,6 +50,10 @@ class FingerprintMismatchError(FeatstoreError):
 
 class StoreNotFoundError(FeatstoreError, FileNotFoundError):
     """No featstore database exists at the given path."""
+
+
+class StorePermissionError(FeatstoreError, PermissionError):
+    """The store (or the folder it goes in) exists, but this user may not read or write it."""
 
 
 class ManifestError(FeatstoreError):

@@ -41,6 +41,7 @@ from typing import Iterable, Sequence
 from featstore.encoders import UNIT_KINDS
 from featstore.errors import InvalidKeyError, PlanError
 from featstore.keys import normalize_key, relative_key
+from featstore.store import require_directory
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -97,8 +98,7 @@ def scan_images(data_root: str | os.PathLike, *, extensions: Sequence[str] = IMA
         ['misc/portrait.png', 'misc/rgba.png', 'scene_a/000.jpg']
     """
     root = os.fspath(data_root)
-    if not os.path.isdir(root):
-        raise PlanError(f"data root {root} is not a directory; pass the folder that holds the images")
+    require_directory(root, "data root", "pass the folder that holds the images", PlanError)
     exts = tuple(e.lower() for e in extensions)
     keys = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):

@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import os
 import re
+import stat
 import struct
 from typing import Any
 
@@ -28,7 +29,8 @@ import lmdb
 from featstore import __version__
 from featstore.encoders import PRIMARY_FEATURE_SET
 from featstore.errors import (CorruptStoreError, FeatstoreError, FeatureSetNotFoundError, FingerprintMismatchError,
-                              InvalidFeatureSetError, ManifestError, StoreAlreadyOpenError, StoreNotFoundError)
+                              InvalidFeatureSetError, ManifestError, StoreAlreadyOpenError, StoreNotFoundError,
+                              StorePermissionError)
 
 __all__ = [
     "DEFAULT_STORE_NAME",
@@ -189,15 +191,48 @@ def is_store(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), "data.mdb"))
 
 
+def permission_error(path: str, need: str) -> StorePermissionError:
+    """The error for a store path this user may not use: who owns it, its mode, what is needed."""
+    try:
+        st = os.stat(path)
+        owner = f"owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}"
+    except OSError:
+        owner = "its folder may not be entered"
+    return StorePermissionError(
+        f"{path}: permission denied ({owner}; this process runs as uid {os.getuid()}): {need}. Run as a user "
+        "who has that access, or change the permissions (chmod / chown)"
+    )
+
+
+def require_directory(path: str, what: str, advice: str, error=FeatstoreError) -> None:
+    """Raise `error` ("<what> <path> is not a directory; <advice>") unless `path` is a folder;
+    StorePermissionError when it may not be reached or listed (a folder above it, or it, lacks
+    this user's access: os.path.isdir would only say False)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except PermissionError:
+        raise permission_error(path, "a folder above it may not be entered (x access)") from None
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        raise error(f"{what} {path} is not a directory; {advice}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise permission_error(path, "listing its images needs read and enter (r-x) access")
+
+
 def resolve_store_path(path: str | os.PathLike) -> str:
     """Return the store directory for `path`: the store itself, or a data root holding
-    ``vggt_features.lmdb``. Raises StoreNotFoundError naming both places looked at."""
+    ``vggt_features.lmdb``. Raises StoreNotFoundError naming both places looked at, or
+    StorePermissionError when one of them exists but may not be looked into."""
     path = os.fspath(path)
     if is_store(path):
         return path
     beside = os.path.join(path, DEFAULT_STORE_NAME)
     if is_store(beside):
         return beside
+    for candidate in (path, beside):
+        if os.path.isdir(candidate) and not os.access(candidate, os.R_OK | os.X_OK):
+            raise permission_error(candidate, "reading a store needs read and enter (r-x) access to its folder")
     raise StoreNotFoundError(
         f"no featstore database at {path} (nor at {beside}); build one with "
         f"`featstore build --data-root DATA_ROOT`"
@@ -228,6 +263,9 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
                 f"{path}: the store is already open in this process (a StoreWriter or another "
                 "handle); close it first, or share the open FeatureStore"
             ) from None
+        if _permission_denied(e):
+            raise permission_error(path, "reading needs read access to the folder and data.mdb" if readonly else
+                                   "building or changing a store needs write access to its folder and files") from None
         if readonly and not is_store(path):
             raise StoreNotFoundError(f"no featstore database at {path}; build one with `featstore build`, or "
                                      "pass the path of an existing store") from None
@@ -238,6 +276,11 @@ def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = 
         env.close()
         raise _truncated_error(path, short)
     return env
+
+
+def _permission_denied(e: lmdb.Error) -> bool:
+    """py-lmdb reports EACCES as lmdb.Error with the OS's text (no errno attribute)."""
+    return "Permission denied" in str(e) or "EACCES" in str(e)
 
 
 def _committed_bytes(data: str) -> int | None:

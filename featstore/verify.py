@@ -55,7 +55,8 @@ from featstore.keys import normalize_key
 from featstore.plan import source_path
 from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import (DEFAULT_STORE_NAME, META_DB, PRIMARY_FEATURE_SET, check_feature_set, feature_set_label,
-                             last_build_key, resolve_store_path, storage_dtype_of, truncated_size)
+                             last_build_key, require_directory, resolve_store_path, storage_dtype_of,
+                             truncated_size)
 
 __all__ = ["Finding", "Report", "verify_store", "plan_unit_of", "parse_weights", "PROBLEM_KINDS", "configure_parser",
            "run", "EXAMPLES"]
@@ -618,9 +619,8 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
     if data_root is None and (annotations or recompute or deep):
         raise FeatstoreError("--annotations, --deep and --recompute need the data root: pass --data-root DIR "
                              f"(the folder whose images {path} was built from)")
-    if data_root is not None and not os.path.isdir(data_root):
-        raise FeatstoreError(f"--data-root {data_root} is not a directory; pass the folder whose images the store was "
-                             "built from")
+    if data_root is not None:
+        require_directory(data_root, "--data-root", "pass the folder whose images the store was built from")
     for a in annotations or []:
         if not os.path.isfile(a):
             raise FeatstoreError(f"--annotations {a}: no such file; pass the annotation files the store was built from")

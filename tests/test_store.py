@@ -372,3 +372,92 @@ def test_read_into_hot_and_general_paths_agree(core_make_store, core_features):
             store.read_into(keys, wrong)
     with FeatureStore(path, verify_checksums=True) as store:
         assert torch.equal(store.read_into(keys), expected)
+
+
+def test_lmdbs_permission_denied_is_a_permission_error_naming_the_store(tmp_path, monkeypatch):
+    """py-lmdb says EACCES as lmdb.Error text: it must not read as a damaged or missing store."""
+    from featstore.errors import StorePermissionError
+
+    path = str(tmp_path / "vggt_features.lmdb")
+    os.makedirs(path)
+    open(os.path.join(path, "data.mdb"), "wb").close()
+
+    def denied(p, **kwargs):
+        raise lmdb.Error(f"{p}: Permission denied")
+
+    monkeypatch.setattr(lmdb, "open", denied)
+    for readonly, need in ((True, "reading needs read access"), (False, "needs write access")):
+        with pytest.raises(StorePermissionError, match=re.escape(f"{path}: permission denied (owner uid")) as e:
+            open_env(path, readonly=readonly)
+        assert need in str(e.value) and "chmod" in str(e.value)
+        assert isinstance(e.value, PermissionError)
+
+
+def _as_another_user():
+    """argv prefix that runs a command as a user without root's access bypass, or None."""
+    import shutil
+
+    if os.getuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(prefix + [sys.executable, "-c", "import featstore"], capture_output=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return prefix if probe.returncode == 0 else None
+
+
+def test_a_store_this_user_may_not_read_or_write_is_one_line_naming_it():
+    """Real permissions, as a user who lacks them: build into a folder it may not write, info
+    on a store folder it may not enter, build on a data root below a folder it may not enter.
+    One line each, naming the path; never 'no database' or 'not a directory'."""
+    import shutil
+    import tempfile
+
+    prefix = _as_another_user()
+    if prefix is None:
+        pytest.skip("needs a non-root user, or setpriv and a checkout another user can read")
+    from _featstore_helpers import make_images
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = tempfile.mkdtemp(prefix="featstore-permissions-")  # not below pytest's 0700 folder
+    try:
+        os.chmod(base, 0o755)
+        data = os.path.join(base, "shared")
+        make_images(data, ["a/000.png", "a/001.png"])
+        for root, _, files in os.walk(data):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        run = lambda *args: subprocess.run(prefix + [sys.executable, "-m", "featstore", *args],  # noqa: E731
+                                           capture_output=True, text=True, timeout=180, cwd=repo)
+        build_args = ["build", "--data-root", data, "--encoder", "vggt-tiny", "--no-progress"]
+
+        if not prefix:  # a non-root user runs the tests: take its own rights away
+            os.chmod(data, 0o555)
+        built = run(*build_args)
+        os.chmod(data, 0o755)
+        assert built.returncode == 2, built.stderr
+        assert "Traceback" not in built.stderr
+        last = built.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"featstore build: error: permission denied: {data}/vggt_features.lmdb"), last
+
+        store = os.path.join(data, "vggt_features.lmdb")
+        assert subprocess.run([sys.executable, "-m", "featstore", *build_args], capture_output=True).returncode == 0
+        os.chmod(store, 0o700 if prefix else 0o000)
+        info = run("info", data)
+        os.chmod(store, 0o755)
+        assert info.returncode == 2, info.stderr
+        assert info.stderr.startswith(f"featstore info: error: {store}: permission denied (owner uid "), info.stderr
+        assert "no featstore database" not in info.stderr
+
+        os.chmod(base, 0o700 if prefix else 0o000)
+        hidden = run(*build_args)
+        os.chmod(base, 0o755)
+        assert hidden.returncode == 2, hidden.stderr
+        assert hidden.stderr.startswith(f"featstore build: error: {data}: permission denied ("), hidden.stderr
+        assert "not a directory" not in hidden.stderr
+    finally:
+        os.chmod(base, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
