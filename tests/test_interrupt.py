@@ -9,6 +9,8 @@ pre-started interpreter that has imported featstore and torch and waits for "go"
 test_reliability_kill.py), signalled at a random time within the build itself, so they land while
 workers decode, the encoder runs, blobs are serialised and batches commit. Signals are SIGINT or
 SIGTERM, sent to the build process alone or to its whole process group (a terminal's Ctrl-C).
+A third of the signals are aimed at start-up, a third come shortly after the store's first commit
+(data.mdb growing: inside the pipeline however loaded the runner is), a third anywhere.
 
 FEATSTORE_INTERRUPT_RUNS sets the number of runs (default 20; 100 for the full check), and
 FEATSTORE_INTERRUPT_SEED the seed (default: a new one, printed on failure).
@@ -104,6 +106,19 @@ def _timed_run(data: str, store: str, log: str, zygote: bool) -> tuple[float, fl
     return total, start, min(length, total - start)
 
 
+def _wait_for_first_commit(proc: subprocess.Popen, store: str) -> None:
+    """Until data.mdb grows past the size its creation gave it (the first batch committed), or
+    the build ends. LMDB writes a fresh store's pages at its end, so the file only grows."""
+    data, created = os.path.join(store, "data.mdb"), None
+    while proc.poll() is None:
+        size = os.path.getsize(data) if os.path.exists(data) else None
+        if created is None:
+            created = size
+        elif size is not None and size > created:
+            return
+        time.sleep(0.002)
+
+
 def _rerun_and_verify(data: str, store: str) -> None:
     from featstore.build import BuildOptions, build
     from featstore.verify import verify_store
@@ -131,22 +146,25 @@ def test_interrupted_builds_exit_cleanly_and_resume(tmp_path):
     zygotes: dict[int, subprocess.Popen] = {}  # run -> its interpreter, started one run ahead
     for run in range(RUNS):
         zygote = run % 2 == 1
-        # A third of the runs in start-up (before the pipeline), a third inside the pipeline (its
-        # first half, as the calibration runs timed it: later, a run faster than those can be
-        # done), a third anywhere: both phases must be hit for the check below.
+        # A third of the runs in start-up (before the pipeline, as the calibration runs timed
+        # it), a third inside the pipeline (up to 40% of its length after the first commit), a
+        # third anywhere: both phases must be hit for the check below.
         total, pipe, length = zygoted if zygote else plain
         earliest = 0.0 if zygote else 0.3
         pick = rng.random()
+        after_commit = pick < 2 / 3 and pick >= 1 / 3  # timed from the first commit, not the launch
         if pick < 1 / 3:
             delay = rng.uniform(earliest, max(earliest, pipe))
-        elif pick < 2 / 3:
-            delay = rng.uniform(pipe, pipe + 0.5 * length)
+        elif after_commit:
+            # From the store's first growth: timing from the launch drifts with the runner's load
+            # (on a busy 2-core runner most such signals came after the end).
+            delay = rng.uniform(0.0, 0.4 * length)
         else:
             delay = rng.uniform(earliest, total)
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
         group = rng.random() < 0.5
         where = f"run {run} (seed {SEED}): {sig.name} to the {'group' if group else 'process'} " \
-                f"{delay:.2f} s after {'go' if zygote else 'launch'}"
+                f"{delay:.2f} s after {'the first commit' if after_commit else 'go' if zygote else 'launch'}"
         store, log = paths[run]
         for ahead in (run, run + 1, run + 2):  # a zygote's imports take seconds: overlap them
             if ahead < RUNS and ahead % 2 == 1 and ahead not in zygotes:
@@ -156,6 +174,8 @@ def test_interrupted_builds_exit_cleanly_and_resume(tmp_path):
             _go(proc, log)
         else:
             proc = _launch(_args(data, store), log, zygote=False)
+        if after_commit:
+            _wait_for_first_commit(proc, store)
         time.sleep(delay)
         try:
             (os.killpg if group else os.kill)(proc.pid, sig)
@@ -185,4 +205,4 @@ def test_interrupted_builds_exit_cleanly_and_resume(tmp_path):
     print(f"seed {SEED}: runs per phase {seen}; slowest exit after the signal, per phase: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in slowest.items()))
     # The runs must have hit both phases, or the test did not test what it says.
-    assert seen["startup"] >= RUNS // 10 and seen["pipeline"] >= RUNS // 10, seen
+    assert seen["startup"] >= RUNS // 5 and seen["pipeline"] >= RUNS // 5, seen
