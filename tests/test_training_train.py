@@ -255,3 +255,16 @@ def test_training_under_bf16_ships_bf16_pixel_values(tmp_path):
     assert trainer.train_dataset.pixel_dtype is torch.bfloat16
     assert trainer.train_dataset[0]["pixel_values"].dtype is torch.bfloat16
     assert [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+
+def test_progress_bar_is_off_when_stderr_is_not_a_terminal_unless_asked_for(tmp_path, monkeypatch):
+    import training.args as args_mod
+
+    base = ["--data_root", "sample_data", "--annotations", "sample_data/annotations.json", "--output_dir",
+            str(tmp_path)]
+    tqdm_off = lambda *extra: args_mod.parse_args(base + list(extra))[2].disable_tqdm  # noqa: E731
+    monkeypatch.setattr(args_mod, "_stderr_is_a_terminal", lambda: False)
+    assert tqdm_off() is True  # a log file gets one line per logging step, not \r-joined redraws
+    assert tqdm_off("--disable_tqdm", "False") is False
+    monkeypatch.setattr(args_mod, "_stderr_is_a_terminal", lambda: True)
+    assert tqdm_off() is False  # a terminal keeps transformers' bar

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -197,11 +198,22 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self):
         explicit = _sets_non_blocking(self.accelerator_config)
+        if self.disable_tqdm is None and not _stderr_is_a_terminal():
+            # Off a terminal (a log file, a job scheduler) tqdm's bar is a stream of \r-joined
+            # redraws; the Trainer then prints each --logging_steps record as one line instead.
+            self.disable_tqdm = True
         super().__post_init__()
         if not explicit:
             # Only from pinned memory is a non-blocking copy asynchronous (and safe: the pinned
             # buffer is kept until the copy is done); accelerate warns about the other case.
             self.accelerator_config.non_blocking = bool(self.dataloader_non_blocking and self.dataloader_pin_memory)
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
 
 
 def _sets_non_blocking(config) -> bool:
