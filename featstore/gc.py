@@ -3,7 +3,8 @@
 `featstore gc` runs the same checks as `featstore verify` (no recompute), then deletes:
   orphan   a source frame is gone from the data root
   stale    a source frame changed since the entry was computed (size/mtime; sha256 with --deep)
-  corrupt  the value does not decode or fails its checksum (`featstore build` skips a present
+  corrupt  the value does not decode, fails its checksum, or holds NaN or infinite features
+           (`featstore build` skips a present
            entry without reading its tensor bytes, so it would never recompute this one)
 and, with --unplanned, entries that the plan (scan or --annotations) does not ask for.
 

@@ -351,3 +351,33 @@ def test_recompute_with_other_weights_lists_every_differing_field(built, tmp_pat
         "the rebuilt encoder differs from the spec: weights_sha256: store has 'random-seed-0', expected "
         f"'{sha256_file(weights)}'. Pass the --weights the store was built with (and the featstore version it "
         "was built with)")
+
+
+@pytest.mark.parametrize("dtype,bad", [(torch.bfloat16, float("nan")), (torch.float16, float("inf")),
+                                       (torch.float32, -float("inf"))])
+def test_nan_or_infinite_features_are_corrupt_and_gc_removes_them(root, dtype, bad):
+    from featstore.gc import collect_garbage
+
+    store = store_of(root)
+    src = write_source(root, "extra/nan.jpg", 100)
+    feats = features_for(100, dtype=dtype)
+    feats.view(-1)[777] = bad
+    _put(store, "extra/nan.jpg", feats, entry_metadata(["extra/nan.jpg"], [src]))
+    report = verify_store(root)
+    assert report.keys_with("corrupt") == ["extra/nan.jpg"], report.summary()
+    assert "its features hold NaN or infinite values" in report.summary()
+    assert collect_garbage(root).keys["corrupt"] == ["extra/nan.jpg"]
+    with FeatureStore(root) as s:
+        assert "extra/nan.jpg" not in s
+
+
+def test_fp8_nan_bytes_are_found_and_finite_fp8_passes():
+    from featstore.verify import _all_finite
+
+    x = torch.linspace(-448, 448, 1000).to(torch.float8_e4m3fn)
+    assert _all_finite(x)
+    for nan_byte in (0x7F, 0xFF):
+        y = x.clone()
+        y.view(torch.uint8)[500] = nan_byte
+        assert not _all_finite(y), hex(nan_byte)
+    assert _all_finite(torch.empty(0)) and _all_finite(torch.arange(5))
