@@ -21,7 +21,7 @@ def _optimizer_param_ids(optimizer) -> set[int]:
 
 
 def main(argv: list[str]) -> int:
-    from training.train import run
+    from training.train import close_distributed, run
 
     trainer = run(argv)
     model = trainer.model
@@ -40,10 +40,12 @@ def main(argv: list[str]) -> int:
         "model_partitioned": sum(hasattr(p, "ds_id") for p in model_params.values()),
         "merger_in_optimizer": sum(id(p) in in_optimizer for p in model.merger.parameters()),
         "merger_params": len(list(model.merger.parameters())),
+        "vision_blocks": len(model.model.visual.blocks),
     }
     rank = trainer.args.process_index
     with open(os.path.join(trainer.args.output_dir, f"probe.rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    close_distributed()  # as training.train.main does
     return 0
 
 

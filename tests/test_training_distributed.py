@@ -147,3 +147,40 @@ def test_zero3_online_vggt_checkpoint_reloads_and_vggt_is_not_partitioned(cached
     assert res.returncode == 0, res.stdout[-6000:]
     _assert_same_losses_on_both_ranks(resumed, [3, 4])
     assert _losses(resumed, 0) == _losses(first, 0)[2:]
+
+
+def test_zero3_with_both_caches_trains_a_model_without_vision_blocks(tmp_path):
+    """--use_vggt_cache --use_vision_cache under ZeRO-3 on two ranks: the model built without
+    vision blocks partitions, trains the merger, saves visual.merger and no block."""
+    from featstore.build import BuildOptions, build
+    from safetensors import safe_open
+
+    from _training_helpers import spec_for
+
+    root = sample_root(tmp_path)
+    build_store(root)
+    report = build(BuildOptions(data_root=root, annotations=[annotations(root)], encoder="qwen2.5-vl-vision-tiny",
+                                spec_overrides={"target_size": spec_for().preprocess.target_size}, progress=False,
+                                workers=0))
+    assert not report.failed and report.computed > 0
+    out = str(tmp_path / "zero3_both")
+    probe = os.path.join(REPO, "tests", "_train_probe.py")
+    cmd = torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                   probe, "--model_name_or_path", "qwen2.5-vl-tiny", "--data_root", root,
+                   "--annotations", annotations(root), "--use_vggt_cache", "--use_vision_cache",
+                   "--output_dir", out, "--deepspeed", ZERO3, "--use_cpu", "--bf16", "--max_steps", "3",
+                   "--save_strategy", "no", "--logging_steps", "1", "--per_device_train_batch_size", "1",
+                   "--learning_rate", "1e-3", "--report_to", "none")
+    res = run_group(cmd, env=child_env(), timeout=RUN_TIMEOUT)
+    assert res.returncode == 0, res.stdout[-6000:]
+    _assert_same_losses_on_both_ranks(out, [1, 2, 3])
+    for rank in (0, 1):
+        with open(os.path.join(out, f"probe.rank{rank}.json")) as f:
+            probe_report = json.load(f)
+        assert probe_report["vision_blocks"] == 0 and not probe_report["vggt_built"]
+        assert probe_report["model_partitioned"] > 0
+        assert probe_report["merger_in_optimizer"] == probe_report["merger_params"] > 0
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert [k for k in keys if k.startswith("model.visual.merger.") or k.startswith("visual.merger.")]
+    assert not [k for k in keys if ".visual.blocks." in k or k.startswith("visual.blocks.")]
