@@ -207,15 +207,12 @@ def _one_step(next_batch, model, optimizer, params, clock=None, settle: bool = F
     step without the read path's cost: what is left of a gap to the floor is not the read)."""
     t0 = time.perf_counter()
     batch = next_batch()
+    if settle and torch.cuda.is_available():  # data ms then holds the wait for the copies too
+        torch.cuda.synchronize()
     t1 = time.perf_counter()
-    if settle:  # data ms then holds the read and the wait for its copies; the step starts after
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        data_ms = (t1 - t0) * 1e3
-        t0 = t1
-    else:
-        data_ms = (t1 - t0) * 1e3
+    data_ms = (t1 - t0) * 1e3
+    if settle:
+        t0 = t1  # the step starts once its batch is on the device
     for k in STAT_KEYS:
         batch.pop(k, None)
     if clock is not None:
@@ -329,7 +326,7 @@ def run_paired(names: tuple, next_read: Callable[[], dict], pool: List[dict], mo
         values = sorted(fn(s, a, b) for s in boots)
         return [values[49], values[1949]]
 
-    out = {"pairs": len(rows)}
+    out = {"pairs": len(rows), "other_reads": list(other_reads or {})}
     for label, (a, b) in ratios.items():
         out[f"{label}ratio"] = per_group(rows, a, b)
         out[f"{label}ratio_ci95"] = ci(per_group, a, b)

@@ -285,9 +285,8 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
                 f"{res['ratio_of_medians']:.4f}), settled/floor {res['settled_ratio']:.4f} "
                 f"(95% {ci('settled_ratio_ci95')}), read/settled {res['read_over_settled_ratio']:.4f}, "
                 f"settled/loaded {res['settled_over_loaded_ratio']:.4f}, loaded/floor {res['loaded_ratio']:.4f}"
-                + "".join(f", {k[5:-6]}: read/floor {res[k]:.4f}, loaded/floor {res['loaded' + k[4:]]:.4f}"
-                          for k in res if k.startswith("read_") and k.endswith("_ratio")
-                          and not k.startswith("read_over")))
+                + "".join(f", {n}: read/floor {res[f'read_{n}_ratio']:.4f}, loaded/floor "
+                          f"{res[f'loaded_{n}_ratio']:.4f}" for n in res.get("other_reads", [])))
         else:
             log(f"{key}: {res.get('error', '')}")
         return res

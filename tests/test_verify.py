@@ -372,7 +372,7 @@ def test_nan_or_infinite_features_are_corrupt_and_gc_removes_them(root, dtype, b
 
 
 def test_fp8_nan_bytes_are_found_and_finite_fp8_passes():
-    from featstore.verify import _all_finite
+    from featstore.quant import all_finite as _all_finite
 
     x = torch.linspace(-448, 448, 1000).to(torch.float8_e4m3fn)
     assert _all_finite(x)

@@ -22,9 +22,9 @@ Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers)
 `Collator` pads input_ids / labels / attention_mask / mm_token_type_ids and concatenates the rest.
 
 Batch keys (B samples, L tokens): input_ids, labels, attention_mask, mm_token_type_ids [B, L];
-pixel_values [patches, D] (float32, or `pixel_dtype` when training sets it; or, with a vision store, vision_features [patches, C_vis] in the
-store's read dtype), image_grid_thw [images, 3] (absent when no sample has an image);
-vggt_source [B] (0 no image, 1 features below, 2 frames below), vggt_grid [B, 2] (VGGT patch
+pixel_values [patches, D] (float32, or `pixel_dtype` when training sets it; or, with a vision
+store, vision_features [patches, C_vis] in the store's read dtype), image_grid_thw [images, 3]
+(absent when no sample has an image); vggt_source [B] (0 no image, 1 features below, 2 frames below), vggt_grid [B, 2] (VGGT patch
 grid h, w), vggt_images [B] (images per sample), vggt_features [tokens, C] (source-1 samples,
 F*h*w rows each, in the store's read dtype: the storage dtype, bfloat16 for an fp8 store, which
 `read_into` dequantises), vggt_feature_frames [B] (F), vggt_frames (source-2 samples'
