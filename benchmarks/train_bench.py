@@ -93,7 +93,8 @@ def parse(argv=None):
                    "side, two more arms each (cached steps through it, floor steps after its reads): 'unpinned' "
                    "(no pinned memory, blocking copies: the pin-memory thread's share of the cost), "
                    "'float32_pixels' (pixel_values as the processor makes them: the loader before they left "
-                   "the workers in the tower's dtype)")
+                   "the workers in the tower's dtype), 'no_slots' (without batch slots: each batch in fresh "
+                   "shared memory, pinned again by the pin-memory thread, then freed: the loader before slots)")
     p.add_argument("--attention", default=None, help="vision tower attention implementations to time on the "
                    f"cached step (default {','.join(ATTENTION)}; smoke: without flex_attention)")
     a = p.parse_args(argv)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     work = a.work or tempfile.mkdtemp(prefix="train_bench_")
     results: dict = {"benchmark": "train_bench", "smoke": a.smoke, "command": " ".join(sys.argv),
                      "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "device": str(device),
-                     "modes": {}, "vision_attention": {}, "notes": [], "complete": False}
+                     "modes": {}, "checks": {}, "vision_attention": {}, "notes": [], "complete": False}
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
@@ -300,7 +301,8 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     # hold none of it), and drift of the card or the host falls on each of them alike.
     blocking_args = dataclasses.replace(train_args, dataloader_non_blocking=False)
     # before the next Trainer: replacing TrainingArguments resets accelerate's state, a Trainer sets it again
-    unpinned_args = dataclasses.replace(blocking_args, dataloader_pin_memory=False)
+    unpinned_args = dataclasses.replace(blocking_args, dataloader_pin_memory=False, dataloader_batch_slots=False)
+    no_slots_args = dataclasses.replace(train_args, dataloader_batch_slots=False)
     blocking = FeatstoreTrainer(model=model, args=blocking_args, train_dataset=cached_ds,
                                 data_collator=_collator(tokenizer), processing_class=tokenizer)
     float32_ds = copy.copy(cached_ds)
@@ -308,6 +310,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     others = {  # name: (trainer args, dataset) of the loaders --paired-other may run side by side
         "unpinned": (unpinned_args, cached_ds),
         "float32_pixels": (train_args, float32_ds),
+        "no_slots": (no_slots_args, cached_ds),
     }
     wanted_others = [o for o in a.paired_other.split(",") if o]
     unknown = sorted(set(wanted_others) - set(others))
@@ -334,6 +337,11 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         if runs:
             results["modes"][key] = _pooled(runs, vggt_weights_gib=0.0,
                                             vggt_parameters_in_model=vggt_parameter_count(model))
+    if "cached" in remaining and a.workers > 0:
+        results["checks"]["batch_slots"] = record("checks", "batch slots vs the ordinary loader", lambda: _slots_check(
+            trainer, FeatstoreTrainer(model=model, args=no_slots_args, train_dataset=cached_ds,
+                                      data_collator=_collator(tokenizer), processing_class=tokenizer), cached_ds))
+        save()
     if a.paired and "cached" in remaining and "floor" in remaining:
         pool = _resident(trainer.get_train_dataloader(), len(cached_ds))  # every sample, on the device
         results.setdefault("paired", {})["cached_vs_floor"] = record("paired", "cached vs floor, paired", lambda: dict(
@@ -416,6 +424,37 @@ def _attention_variants(a, model, results, record, timed, loader_batches, cached
             entry["error"] = res["error"]
         results["vision_attention"][impl] = entry
         save()
+
+
+def _slots_check(slots_trainer, plain_trainer, dataset) -> dict:
+    """One epoch through training's loader (batch slots) and through the ordinary one: the same
+    batches bit for bit, on the device (the slots' CUDA path: registered memory, copies released
+    after their event), and how many came through slots."""
+    from training.batch_slots import slots_in_use
+
+    def epoch(trainer):
+        trainer.train_dataset = dataset
+        out = []
+        for batch in trainer.get_train_dataloader():
+            out.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        return out
+
+    before = slots_in_use()["received"]
+    got = epoch(slots_trainer)
+    received = slots_in_use()["received"] - before
+    want = epoch(plain_trainer)
+    key = lambda b: (b["vggt_features"].float().sum().item(), b["input_ids"].sum().item())  # noqa: E731
+    unmatched = 0
+    for b in got:
+        same = [w for w in want if key(w) == key(b)]
+        if not any(set(w) == set(b) and all(w[k].dtype == b[k].dtype and torch.equal(w[k].cpu(), b[k].cpu())
+                                            for k in b if isinstance(b[k], torch.Tensor)) for w in same):
+            unmatched += 1
+    state = slots_in_use()
+    return {"batches": len(got), "through_slots": received, "unmatched": unmatched,
+            "registered_slots": state["registered"], "devices": sorted({str(v.device) for b in got for v in b.values()
+                                                                         if isinstance(v, torch.Tensor)}),
+            "ok": unmatched == 0 and len(got) == len(want)}
 
 
 class _resident:

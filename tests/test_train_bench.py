@@ -93,7 +93,7 @@ def test_zero_run_check_flags_a_partitioned_or_gathered_vggt():
 def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     out = str(tmp_path / "out")
     res = _run("train_bench.py", "--smoke", "--out", out, "--work", work, "--budget-s", "400",
-               "--paired-other", "unpinned,float32_pixels", timeout=560)
+               "--paired-other", "unpinned,float32_pixels,no_slots", timeout=560)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     with open(os.path.join(out, "train_bench.json")) as f:
         r = json.load(f)
@@ -111,6 +111,8 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
         assert (m["phases_ms"]["vggt"] > 0) == online, name
         assert m["step_ms"] >= m["phases_ms"]["device_step"] * 0.99, name  # the wall step holds the device step
     assert r["modes"]["floor"]["data_ms"] < 1.0  # no data path at all
+    slots = r["checks"]["batch_slots"]  # training's loader (slots) gives the ordinary loader's batches
+    assert slots["ok"] and slots["unmatched"] == 0 and slots["through_slots"] == slots["batches"] > 0, slots
     cached = r["modes"]["cached"]
     assert (cached["cache_hits"], cached["cache_misses"]) == (3, 0)  # 1 warm-up + 2 timed, all from the store
     assert len(cached["blocks_step_ms"]) == 1 and r["cached_copies"]["cached_blocking"] == "blocking"
@@ -126,7 +128,7 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     paired = r["paired"]["cached_vs_floor"]
     assert paired["pairs"] == 4 and len(paired["groups_ms"]) == 4
     arms = {"read", "floor", "settled", "loaded", "read_unpinned", "loaded_unpinned", "read_float32_pixels",
-            "loaded_float32_pixels"}
+            "loaded_float32_pixels", "read_no_slots", "loaded_no_slots"}
     assert all(set(g) == arms and min(g.values()) > 0 for g in paired["groups_ms"])
     for key in ("ratio", "settled_ratio", "loaded_ratio", "read_unpinned_ratio", "loaded_float32_pixels_ratio"):
         low, high = paired[key + "_ci95"]

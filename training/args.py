@@ -196,6 +196,14 @@ class TrainingArguments(transformers.TrainingArguments):
                 "tens of MB of features. Sets accelerate's non_blocking unless --accelerator_config sets it "
                 "(default on; --dataloader_non_blocking False for blocking copies)"})
 
+    dataloader_batch_slots: bool = field(default=True, metadata={
+        "help": "DataLoader workers (--dataloader_num_workers > 0) write each batch into shared-memory slots "
+                "they keep, which the main process maps once and registers as pinned memory: the copy to the "
+                "GPU comes straight from a slot, and no batch's shared memory is allocated, pinned again or "
+                "freed per step (freeing tens of MB stalls the training thread; docs/PERFORMANCE.md). A worker "
+                "whose slots are all in use sends the batch the ordinary way (default on; "
+                "--dataloader_batch_slots False for the ordinary way always)"})
+
     def __post_init__(self):
         explicit = _sets_non_blocking(self.accelerator_config)
         if self.disable_tqdm is None and not _stderr_is_a_terminal():
@@ -206,7 +214,9 @@ class TrainingArguments(transformers.TrainingArguments):
         if not explicit:
             # Only from pinned memory is a non-blocking copy asynchronous (and safe: the pinned
             # buffer is kept until the copy is done); accelerate warns about the other case.
-            self.accelerator_config.non_blocking = bool(self.dataloader_non_blocking and self.dataloader_pin_memory)
+            # Batch slots are registered pinned memory themselves (training.batch_slots).
+            pinned = self.dataloader_pin_memory or (self.dataloader_batch_slots and self.dataloader_num_workers > 0)
+            self.accelerator_config.non_blocking = bool(self.dataloader_non_blocking and pinned)
 
 
 def _stderr_is_a_terminal() -> bool:

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import transformers
 
+from training.batch_slots import SlotBatch, SlotCollator
+
 __all__ = ["STAT_KEYS", "FeatstoreTrainer", "metrics_path"]
 
 # Fixed by the contract with training/data.py's collator.
@@ -68,6 +70,12 @@ class FeatstoreTrainer(transformers.Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if getattr(self.args, "dataloader_batch_slots", False) and self.args.dataloader_num_workers > 0 \
+                and self.data_collator is not None and not isinstance(self.data_collator, SlotCollator):
+            # Workers hand batches over in shared-memory slots (training.batch_slots); the
+            # counters stay CPU tensors, so reading them below costs no GPU sync.
+            prefetch = self.args.dataloader_prefetch_factor or 2
+            self.data_collator = SlotCollator(self.data_collator, slots_per_worker=prefetch + 3, host_keys=STAT_KEYS)
         # Per-rank running totals since start (summed over ranks only when logged).
         self._cache_totals = [0, 0, 0]
         self._saw_cache_stats = False
@@ -82,7 +90,9 @@ class FeatstoreTrainer(transformers.Trainer):
         start = time.perf_counter()
         if self._last_log_wall is None:
             self._last_log_wall = start
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # A loader without accelerate's device placement gives SlotBatch messages: as dicts here.
+        as_dicts = (b.to(self.args.device) if isinstance(b, SlotBatch) else b for b in epoch_iterator)
+        batch_samples, num_items_in_batch = super().get_batch_samples(as_dicts, num_batches, device)
         self._data_seconds += time.perf_counter() - start
         self._data_steps += 1
         for batch in batch_samples:
