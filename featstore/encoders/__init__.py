@@ -57,7 +57,8 @@ OFFICIAL_INSTALL_HINT = (
 )
 
 # Spec fields a caller may override, and the short names for the preprocessing ones.
-SPEC_OPTIONS = ("layer", "attention", "frames_kept", "compute_dtype", "storage_dtype", "preprocess")
+SPEC_OPTIONS = ("layer", "attention", "frames_kept", "compute_dtype", "storage_dtype", "preprocess",
+                "reference_frame")
 _PREPROCESS_SHORT = {"preprocess_mode": "mode", "mode": "mode", "target_size": "target_size",
                      "extra_resize": "extra_resize", "resample": "resample"}
 # Options that choose how the spec is computed, not what it is (compile) or which code runs it.
@@ -535,10 +536,11 @@ class QwenVisionPreset:
                     "(--weights /path/to/Qwen2.5-VL-3B-Instruct)")
             config = spec_config(ckpt.vision_config, source=str(ckpt.config_path))
         spec = EncoderSpec(encoder=self.name, implementation=QWEN_BACKEND, code_version=QWEN_CODE_VERSION,
-                           config=config, weights_sha256="?", layer=-1,
+                           config=config, weights_sha256="?", layer=-1, qwen_view="crop",
                            preprocess=PreprocessSpec(target_size=self.default_target))
         spec = _apply_overrides(spec, options)
-        for field, want in (("layer", -1), ("attention", "full"), ("frames_kept", "all")):
+        for field, want in (("layer", -1), ("attention", "full"), ("frames_kept", "all"),
+                            ("reference_frame", "first")):
             if getattr(spec, field) != want:
                 raise EncoderError(
                     f"encoder {self.name!r} offers {field}={want!r} only (the vision tower's output before the "

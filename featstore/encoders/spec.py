@@ -19,11 +19,14 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES
 from featstore.errors import EncoderError
 
-__all__ = ["EncoderSpec", "PreprocessSpec", "SPEC_VERSION", "spec_diff", "spec_mismatch_details", "field_choices",
+__all__ = ["EncoderSpec", "PreprocessSpec", "SPEC_VERSION", "ADDED_FIELDS", "spec_diff", "spec_mismatch_details", "field_choices",
            "field_default"]
 
 # Bump when the meaning of a field changes (old fingerprints then stop matching on purpose).
 SPEC_VERSION = 1
+# Fields added to EncoderSpec after stores were first written, with the default that means what
+# those stores hold: serialised only when set otherwise (EncoderSpec.to_dict).
+ADDED_FIELDS = {"reference_frame": "first", "qwen_view": None}
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,13 @@ class EncoderSpec:
     """dtype of the stored features; consumers cast to bf16 before the merger anyway. float8_e4m3fn
     stores a per-token scale beside them and reads back dequantised (featstore.quant)."""
     spec_version: int = SPEC_VERSION
+    reference_frame: Literal["first", "last"] = "first"
+    """Which frame anchors the call (VG-LLM's and JanusVLN's `reference_frame`): 'first' encodes the
+    frames in their order; 'last' encodes them reversed (the last frame gets frame 0's camera and
+    register tokens, a causal stream starts from it) and flips the outputs back to the sample's order."""
+    qwen_view: Optional[Literal["crop"]] = None
+    """Qwen vision encoders: how the Qwen image derives from the VGGT view. 'crop': its first
+    even x even patches (VG-LLM, JanusVLN). None for VGGT encoders (their input is the view itself)."""
 
     def __post_init__(self):
         object.__setattr__(self, "config", _canonical_config(self.config))
@@ -116,7 +126,8 @@ class EncoderSpec:
                 f"(expected {resolved}); leave layer_resolved out, it is derived from layer"
             )
         for name, allowed in (("tokens", ("patch",)), ("attention", ("full", "causal")),
-                              ("frames_kept", ("all", "last")),
+                              ("frames_kept", ("all", "last")), ("reference_frame", ("first", "last")),
+                              ("qwen_view", (None, "crop")),
                               ("compute_dtype", DTYPE_NAMES), ("storage_dtype", STORAGE_DTYPE_NAMES)):
             if getattr(self, name) not in allowed:
                 raise EncoderError(f"{name} must be one of {list(allowed)}. Found {getattr(self, name)!r}")
@@ -126,8 +137,11 @@ class EncoderSpec:
     # ---- serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON-able dict (the manifest's `encoder_spec`)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Plain JSON-able dict (the manifest's `encoder_spec`). Fields added after stores were
+        first written (`ADDED_FIELDS`) appear only when not at their default, so those stores'
+        fingerprints (and their stored spec dicts) stay what they were."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if not (f.name in ADDED_FIELDS and getattr(self, f.name) == ADDED_FIELDS[f.name])}
         d["config"] = dict(self.config)
         d["preprocess"] = dataclasses.asdict(self.preprocess)
         if d["preprocess"]["extra_resize"] is not None:
@@ -171,7 +185,7 @@ class EncoderSpec:
         """
         return dict(layer=self.layer, attention=self.attention, frames_kept=self.frames_kept,
                     compute_dtype=self.compute_dtype, storage_dtype=self.storage_dtype,
-                    preprocess=self.preprocess, backend=self.implementation)
+                    preprocess=self.preprocess, backend=self.implementation, reference_frame=self.reference_frame)
 
     def replace(self, **changes) -> "EncoderSpec":
         """A copy with fields changed; `layer_resolved` is recomputed when `layer` changes."""
