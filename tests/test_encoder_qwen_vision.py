@@ -108,26 +108,31 @@ def test_pixel_values_equal_the_image_processor():
     images = [_image(224, 168, 0), _image(56, 84, 1)]
     images[0][:, :2, :128] = torch.arange(256).float().div(255).view(2, 128)  # every uint8 value at least once
     ours, grid = enc.pixel_values(images)
-    ref = proc(images=[_pil(x) for x in images], return_tensors="pt")
+    # The call VG-LLM and JanusVLN make: the float image, do_rescale=False.
+    ref = proc(images=images, return_tensors="pt", do_rescale=False)
     assert torch.equal(grid, ref["image_grid_thw"])
     assert ours.dtype == ref["pixel_values"].dtype == torch.float32
     assert torch.equal(ours, ref["pixel_values"])  # bit for bit
+    # Exactly k/255 images give the same through the processor's uint8 path.
+    assert torch.equal(ours, proc(images=[_pil(x) for x in images], return_tensors="pt")["pixel_values"])
 
 
 def test_the_qwen_image_is_the_training_rule(tmp_path):
-    """read_frame of a Qwen spec == qwen_view of the VGGT view, as training/data.py feeds Qwen."""
+    """read_frame of a Qwen spec == the VGGT view cropped as VG-LLM/JanusVLN crop it."""
     path = tmp_path / "a.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(path)
-    spec = resolve_spec(TINY, target_size=224)
+    spec = resolve_spec(TINY, target_size=238)
     frame, source = read_frame(str(tmp_path), "a.png", spec, 14)
-    view = preprocess_image(str(path), spec.preprocess)  # 224x168 -> 16x12 patches: already even
-    assert tuple(view.shape) == (3, 168, 224) and tuple(frame.shape) == (3, 168, 224)
-    want = torch.from_numpy(np.array(qwen_view(view))).permute(2, 0, 1).float().div(255)
-    assert torch.equal(frame, want)
+    view = preprocess_image(str(path), spec.preprocess)  # 238x182 -> 17x13 patches: both odd
+    assert tuple(view.shape) == (3, 182, 238) and tuple(frame.shape) == (3, 168, 224)
+    # data_qwen.py's arithmetic: width - (width // patch) % merge * patch, the same for height.
+    height, width = 182 - (182 // 14) % 2 * 14, 238 - (238 // 14) % 2 * 14
+    assert torch.equal(frame, view[:, :height, :width])  # a crop: the same pixels, top-left
     assert source["size"] == path.stat().st_size
     # An odd grid is trimmed to even: 518 x 392 -> 37x28 patches -> 36x28 -> 504x392.
-    assert qwen_view(torch.rand(3, 392, 518)).size == (504, 392)
+    big = torch.rand(3, 392, 518)
+    assert torch.equal(qwen_view(big), big[:, :392, :504])
     # The VGGT family reads the VGGT view, unchanged.
     vggt = resolve_spec("vggt-tiny")
     assert torch.equal(read_frame(str(tmp_path), "a.png", vggt, 14)[0], preprocess_image(str(path), vggt.preprocess))

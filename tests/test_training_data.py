@@ -57,6 +57,49 @@ def test_grid_rule_trims_an_odd_vggt_grid_to_even(tmp_path):
     assert item["image_grid_thw"].tolist() == [[1, 6, 8]] * 2
 
 
+def _reference_pixels(view: torch.Tensor, processor):
+    """What VG-LLM's and JanusVLN's `process_image_unified_vggt` does with one VGGT view, step by
+    step: trim width and height to whole merge blocks, crop `images[:, :, :height, :width]`, then the
+    image processor on the float crop with do_rescale=False."""
+    patch, merge = processor.patch_size, processor.merge_size
+    images = view[None]
+    _, _, height, width = images.shape
+    if (width // patch) % merge > 0:
+        width = width - (width // patch) % merge * patch
+    if (height // patch) % merge > 0:
+        height = height - (height // patch) % merge * patch
+    images = images[:, :, :height, :width]
+    return processor(images, return_tensors="pt", do_rescale=False)
+
+
+@pytest.mark.parametrize("target", [112, 126])  # 8x6 patches (even), 9x7 (odd both ways)
+def test_qwen_pixels_are_the_references_crop_bit_for_bit(tmp_path, target):
+    """The dataset's pixel_values == the references' processor call on the cropped VGGT view (0
+    difference), and differ from the old resize of the view to the trimmed grid."""
+    import numpy as np
+    from PIL import Image
+
+    from featstore.encoders.preprocess import preprocess_image
+
+    root = sample_root(tmp_path)
+    spec = spec_for(target_size=target)
+    ds = dataset(root, spec)
+    item = ds[1]
+    views = [preprocess_image(os.path.join(root, k), spec.preprocess) for k in ds.units[1].frames]
+    refs = [_reference_pixels(v, ds.image_processor) for v in views]
+    want = torch.cat([r["pixel_values"] for r in refs])
+    assert torch.equal(item["image_grid_thw"], torch.cat([r["image_grid_thw"] for r in refs]))
+    assert item["pixel_values"].shape == want.shape
+    assert torch.equal(item["pixel_values"], want)
+    if target == 126:  # the resize the dataset used to make gives other pixels
+        side = 28
+        hh, ww = item["image_grid_thw"][0, 1] // 2, item["image_grid_thw"][0, 2] // 2
+        u8 = [Image.fromarray((v * 255).round().byte().permute(1, 2, 0).numpy()).resize(
+            (int(ww) * side, int(hh) * side), Image.Resampling.BICUBIC) for v in views]
+        resized = ds.image_processor(images=[np.asarray(u) for u in u8], return_tensors="pt")["pixel_values"]
+        assert not torch.equal(resized, want)
+
+
 def test_image_count_mismatch_names_the_sample(tmp_path):
     from training.data import DataError
 

@@ -371,3 +371,33 @@ def test_with_both_caches_no_image_is_decoded(parts, tmp_path):
         assert torch.equal(got[key], want[key]), key
     with pytest.raises(ImageDecodeError, match="cut"):
         dataset(cut, spec, vision_store=vision)[0]  # online VGGT: the pixels are needed
+
+
+def test_a_vision_set_built_with_the_old_resize_is_refused_and_the_vggt_set_still_opens(tmp_path):
+    """A vision set written before the Qwen image became a crop (its spec: no qwen_view, the
+    config's old `resize` rule) is refused at open, naming qwen_view and saying to rebuild that set;
+    the VGGT set of the same store keeps opening."""
+    from featstore.errors import FingerprintMismatchError
+    from featstore.writer import StoreWriter
+    from training.args import parse_args, resolve_vggt
+    from training.train import open_feature_cache, open_vision_cache, vision_spec
+
+    root = sample_root(tmp_path)
+    store = build_store(root)
+    argv = ["--data_root", root, "--annotations", annotations(root), "--use_vggt_cache", "--use_vision_cache",
+            "--output_dir", str(tmp_path / "o")]
+    settings = resolve_vggt(*parse_args(argv)[:2])
+    vggt_spec = spec_for()
+    now = vision_spec(settings, vggt_spec)
+    assert now.qwen_view == "crop" and "resize" not in now.config
+    old = now.replace(qwen_view=None, config={**now.config, "resize": "vggt-view-grid-trimmed-even-pil-bicubic"})
+    assert "qwen_view" not in old.to_dict()  # as the old code wrote it
+    with StoreWriter(store, spec=old, feature_set="qwen_vision") as w:
+        w.put("scene_a/000.jpg", {"features": torch.zeros(1, 48, 32, dtype=torch.bfloat16)},
+              {"frames": json.dumps(["scene_a/000.jpg"])})
+        w.finish(report={"failed": []})
+    with pytest.raises(FingerprintMismatchError) as e:
+        open_vision_cache(settings, now)
+    msg = str(e.value)
+    assert "qwen_view" in msg and "rebuild that set" in msg and "qwen2.5-vl-vision" in msg
+    assert len(open_feature_cache(store, vggt_spec)) == 5  # the VGGT set: unaffected

@@ -4,8 +4,10 @@ Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers)
   1. unit     `featstore.plan.sample_unit`: the key and ordered frame list that
               `featstore build --annotations` stored (the same code, so they agree)
   2. frames   each image read and preprocessed as the build does ([S, 3, H, W], one VGGT
-              call); the Qwen image is that same view resized to the VGGT grid trimmed to even
-              (TRAINING.md grid rule: 518x392 -> 37x28 patches -> 36x28 -> 504x392 -> 252 tokens)
+              call); the Qwen image is that same view cropped to the VGGT grid trimmed to even
+              (TRAINING.md grid rule: 518x392 -> 37x28 patches -> 36x28 -> the top-left 504x392
+              pixels -> 252 tokens), given to the processor as a float crop with do_rescale=False,
+              as VG-LLM and JanusVLN do
   3. features cached mode: one `read_into` (one transaction, one copy) of the unit's key, with
               the stored frame list checked against the sample's: another list is a miss, never
               a wrong feature. A miss raises (naming key and sample) or, under policy compute,
@@ -232,13 +234,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         return {"vision_features": feats.reshape(-1, feats.shape[-1]), "image_grid_thw": grid}
 
     def _qwen_images(self, frames: torch.Tensor, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
-        """Each VGGT view resized to the even-trimmed grid in Qwen pixels -> pixel_values, image_grid_thw."""
+        """Each VGGT view cropped to the even-trimmed grid -> pixel_values, image_grid_thw, by the
+        processor call VG-LLM and JanusVLN make: the float crop in [0, 1], `do_rescale=False`."""
         hh, ww = self._qwen_grid(h, w, where)
         side = self.patch * self.merge  # 28 px per merged Qwen token
-        size = (ww * side, hh * side)  # PIL (width, height)
-        # The one resize rule, shared with featstore's Qwen vision encoders (their cached features match).
+        size = (ww * side, hh * side)  # (width, height)
+        # The one view rule, shared with featstore's Qwen vision encoders (their cached features match).
         images = [qwen_view(f, patch_size=self.patch, merge_size=self.merge) for f in frames]
-        out = self.image_processor(images=images, return_tensors="pt")
+        out = self.image_processor(images=images, return_tensors="pt", do_rescale=False)
         grid = out["image_grid_thw"]
         want = torch.tensor([1, 2 * hh, 2 * ww])
         if not all(torch.equal(g, want) for g in grid):

@@ -42,7 +42,10 @@ _CACHE_MISMATCH_ADVICE = ("Train with the --vggt_* flags the store was built wit
 _VISION_MISMATCH_ADVICE = ("Pass --vision_weights with the Qwen checkpoint the features were built from (and the "
                            "--vggt_target_size/--vggt_preprocess_mode of that build), or build them for this run: "
                            "featstore build --encoder qwen2.5-vl-vision --weights CHECKPOINT with the same "
-                           "--target-size/--preprocess-mode")
+                           "--target-size/--preprocess-mode). A vision set whose spec has no qwen_view (or "
+                           "qwen_view None) was built before featstore cropped the Qwen image as VG-LLM and "
+                           "JanusVLN do (it resized it): rebuild that set with featstore build --encoder "
+                           "qwen2.5-vl-vision --force; the VGGT set is unaffected")
 
 
 def open_feature_cache(store_path: str, spec):

@@ -15,10 +15,11 @@ result is a pure function of the image bytes and the `PreprocessSpec`:
 - uint8 -> float32 / 255 (torchvision ToTensor semantics).
 - extra_resize (H', W'): torch bicubic with antialias on the [0, 1] tensor, clamped to [0, 1].
 
-The Qwen image (`qwen_view`) derives from that VGGT view, as training feeds Qwen2.5-VL (TRAINING.md
-grid rule): the VGGT patch grid trimmed to even, the view rounded to uint8 and PIL-bicubic resized
-to (grid / 2) * 28 px, e.g. 518x392 -> 37x28 patches -> 36x28 -> 504x392. `qwen_frame` is the
-Qwen vision encoders' frame reader: preprocess_image, then qwen_view, back to [0, 1].
+The Qwen image (`qwen_view`) derives from that VGGT view, as VG-LLM and JanusVLN feed Qwen2.5-VL
+(TRAINING.md grid rule): the view CROPPED to its patch grid trimmed to even, e.g. 518x392 -> 37x28
+patches -> 36x28 -> the top-left 504x392 pixels (a crop, not a resize: Qwen token j covers the
+pixels of geometry token j). `qwen_frame` is the Qwen vision encoders' frame reader:
+preprocess_image, then qwen_view.
 
 Shapes: tensors are [3, H, W] (channels first); `stack_frames` returns [S, 3, H, W].
 """
@@ -158,8 +159,15 @@ def preprocess_image(
     return x.contiguous()
 
 
-def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2, name: Optional[str] = None):
-    """The Qwen image training feeds Qwen2.5-VL for one VGGT view (the one resize rule; module docstring).
+def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2,
+              name: Optional[str] = None) -> torch.Tensor:
+    """The Qwen image for one VGGT view: the view CROPPED to its first whole merge blocks.
+
+    VG-LLM and JanusVLN (`data_qwen.py`, `process_image_unified_vggt`) take the VGGT view, drop the
+    last patch column (and row) where the grid is odd, `images[:, :, :height, :width]`, and hand
+    that float crop to the image processor with `do_rescale=False`. A crop keeps Qwen token j on
+    exactly the pixels of geometry token j; a resize would shift it by up to one patch at the far
+    edge (and change every pixel value), i.e. train another model than the one they evaluate.
 
     Args:
         view: the VGGT-preprocessed view [3, H, W] in [0, 1] (`preprocess_image`), H and W
@@ -169,8 +177,8 @@ def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2, 
         name: how the error names the image.
 
     Returns:
-        A PIL RGB image of (grid_w // merge) * patch * merge x (grid_h // merge) * patch * merge
-        pixels, grid = (H // patch, W // patch).
+        A view (no copy) of `view`: [3, (h // merge) * patch * merge, (w // merge) * patch * merge],
+        (h, w) = (H // patch, W // patch); the same float values, top-left aligned.
 
     Raises:
         ImageDecodeError: the view's grid is smaller than merge x merge patches (no Qwen token fits).
@@ -178,11 +186,11 @@ def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2, 
     Example:
         >>> import torch
         >>> from featstore.encoders.preprocess import qwen_view
-        >>> qwen_view(torch.rand(3, 392, 518)).size     # (W, H): 37x28 patches -> 36x28
-        (504, 392)
+        >>> view = torch.rand(3, 392, 518)
+        >>> crop = qwen_view(view)             # 37x28 patches -> 36x28: the last patch column goes
+        >>> tuple(crop.shape), torch.equal(crop, view[:, :392, :504])
+        ((3, 392, 504), True)
     """
-    from PIL import Image
-
     h, w = view.shape[-2] // patch_size, view.shape[-1] // patch_size
     hh, ww = h // merge_size, w // merge_size
     if hh == 0 or ww == 0:
@@ -190,8 +198,7 @@ def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2, 
             f"image {name or '<view>'!r}: its VGGT grid {h}x{w} is smaller than {merge_size}x{merge_size} patches, "
             "so no Qwen token fits; use a larger preprocessing target size or drop the image")
     side = patch_size * merge_size  # 28 px per merged Qwen token
-    u8 = (view * 255).round().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(u8)).resize((ww * side, hh * side), Image.Resampling.BICUBIC)
+    return view[..., : hh * side, : ww * side]
 
 
 def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_size: int = 14, merge_size: int = 2,
@@ -203,7 +210,8 @@ def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_s
         merge_size: Qwen's spatial merge (2).
 
     Returns:
-        float32 tensor [3, H', W'] in [0, 1] (exactly k/255), H' and W' multiples of patch * merge.
+        float32 tensor [3, H', W'] in [0, 1] (exactly k/255 without extra_resize), H' and W'
+        multiples of patch * merge: the VGGT view's top-left H' x W' pixels.
 
     Raises:
         ImageDecodeError: as `preprocess_image`, or the view is too small for one Qwen token.
@@ -216,8 +224,7 @@ def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_s
     """
     view = preprocess_image(source, spec, patch_size=patch_size, name=name)
     label = name or (None if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source))
-    img = qwen_view(view, patch_size=patch_size, merge_size=merge_size, name=label)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255).contiguous()
+    return qwen_view(view, patch_size=patch_size, merge_size=merge_size, name=label).contiguous()
 
 
 def stack_frames(frames: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,8 @@ imports torch or the model code.
 `spec_config(vision_config)` turns a checkpoint's `config.json` `vision_config` into the spec's
 `config`: the fields that decide the numbers of the tower without its merger, with transformers'
 defaults filled in for the ones a checkpoint leaves out (the hub's config.json omits rope_theta,
-say), plus the normalisation and the resize rule of the input image.
+say), plus the normalisation and the token order. How the input image is made from the VGGT
+view is the spec's own field `qwen_view` ("crop").
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Dict, Mapping
 
 from featstore.errors import WeightsError
 
-__all__ = ["CODE_VERSION", "IMAGE_MEAN", "IMAGE_STD", "RESIZE_RULE", "TOKEN_ORDER", "TINY_VISION_CONFIG",
+__all__ = ["CODE_VERSION", "IMAGE_MEAN", "IMAGE_STD", "TOKEN_ORDER", "TINY_VISION_CONFIG",
            "TINY_SEED", "TINY_TARGET_SIZE", "DEFAULT_TARGET_SIZE", "spec_config"]
 
 # Version of how featstore runs the tower (qwen_vision.py: patchify, the merger-less forward, the
@@ -28,9 +29,6 @@ CODE_VERSION = "qwen-vision-1"
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# How the Qwen image is made from the VGGT view (featstore.encoders.preprocess.qwen_view): the VGGT
-# patch grid trimmed to even, the uint8 view PIL-bicubic resized to (grid / merge) * 28 px.
-RESIZE_RULE = "vggt-view-grid-trimmed-even-pil-bicubic"
 # Token order of the stored [N, C]: the image processor's (row-major over merge blocks, each
 # block's merge x merge patches row-major), so the merger groups consecutive merge**2 tokens.
 TOKEN_ORDER = "merge-blocks"
@@ -60,7 +58,7 @@ def spec_config(vision_config: Mapping[str, Any], *, source: str = "the vision c
     Returns:
         {depth, hidden_size, num_heads, intermediate_size, hidden_act, in_channels, patch_size,
         spatial_merge_size, temporal_patch_size, window_size, fullatt_block_indexes, rope_theta,
-        image_mean, image_std, resize, token_order}.
+        image_mean, image_std, token_order}.
 
     Raises:
         WeightsError: the config cannot be read by transformers, or its patch size is not 14
@@ -90,5 +88,5 @@ def spec_config(vision_config: Mapping[str, Any], *, source: str = "the vision c
         raise WeightsError(f"{source}: patch_size {out['patch_size']!r}; featstore derives the Qwen image from "
                            "the VGGT view of 14 px patches, so the vision tower must use patch_size 14: pass a "
                            "Qwen2.5-VL checkpoint")
-    out.update(image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), resize=RESIZE_RULE, token_order=TOKEN_ORDER)
+    out.update(image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), token_order=TOKEN_ORDER)
     return out

@@ -14,7 +14,8 @@ cu_seqlens), and `encode_images` takes images of different sizes in one forward.
 Pixels: the Qwen image (`featstore.encoders.preprocess.qwen_view`, [3, H, W] in [0, 1], H and W
 multiples of patch * merge = 28) is normalised with the image processor's mean/std and patchified
 exactly as `Qwen2VLImageProcessorPil` does (temporal_patch_size copies of the image, merge x merge
-blocks): `pixel_values` equals the processor's output for the same uint8 image.
+blocks): `pixel_values` equals the processor's output for the same float image with
+`do_rescale=False` (the call VG-LLM and JanusVLN make on the crop).
 
 Shapes: frames [B, S, 3, H, W]; features [B, S, N, C] float32, N = (H/14)*(W/14) patches in the
 processor's order (row-major over merge blocks, each block's 2x2 patches row-major), C = hidden_size.
