@@ -43,6 +43,7 @@ from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreF
 from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
 from featstore.plan import IMAGE_EXTENSIONS, Unit, plan_units, source_path
 from featstore.progress import NO_PROGRESS_HELP
+from featstore.recipes import RECIPE_NAMES, get_recipe
 from featstore.store import (DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint,
                              default_feature_set, existing_manifest, feature_set_label, features_db,
                              open_env, require_directory, utc_now)
@@ -743,6 +744,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "characters; default: the encoder's, 'vggt' for VGGT encoders). Each set has its own entries, "
                    "manifest and freshness; building one never touches another (docs/FORMAT.md). Use it to keep "
                    "two specs of one encoder in one store")
+    g.add_argument("--recipe", choices=RECIPE_NAMES, help="start from a published recipe's encoder settings: vgllm "
+                   "(layer -2, full attention, all frames, target 518) or janusvln (layer -2, causal, last frame "
+                   "kept, target 644: 640x480 -> 644x490); both crop mode, reference frame first. An encoder flag "
+                   "given too wins (docs/TRAINING.md, 'Coming from JanusVLN / VG-LLM')")
     g.add_argument("--weights", help="the encoder's weights: a model.safetensors / model.pt path, a folder holding "
                    "one, or a hub id (facebook/VGGT-1B, needs internet). Needed by vggt-1b and qwen2.5-vl-vision; "
                    "the tiny encoders take none (default: none)")
@@ -810,7 +815,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
-    overrides = {}
+    # A recipe's values first; every encoder flag given explicitly (not None) then wins.
+    overrides = get_recipe(args.recipe).encoder_options() if getattr(args, "recipe", None) else {}
     for flag, key in (("layer", "layer"), ("attention", "attention"), ("frames_kept", "frames_kept"),
                       ("target_size", "target_size"), ("preprocess_mode", "preprocess_mode"),
                       ("storage_dtype", "storage_dtype"), ("compute_dtype", "compute_dtype")):

@@ -98,6 +98,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class ModelArguments:
     _argument_group_name = "model: Qwen2.5-VL, what trains, the merger and the VGGT spec (as `featstore build`)"
 
+    recipe: Optional[Literal["vgllm", "janusvln"]] = field(default=None, metadata={
+        "help": "set every knob as that repository's published training script does (layer, attention, frames "
+                "kept, target size, reference frame, fusion and scale, min/max pixels, what trains; docs/TRAINING.md "
+                "'Coming from JanusVLN / VG-LLM'); a flag given as well overrides the preset's value"})
     model_name_or_path: str = field(default=TINY_MODEL, metadata={
         "help": f"Qwen2.5-VL hub id or checkpoint folder; '{TINY_MODEL}' is a random-weight tiny model with "
                 "an offline tokenizer (tests, demos)"})
@@ -179,6 +183,13 @@ class DataArguments:
                 "(--vggt_cache_path, else <data_root>/" + DEFAULT_STORE_NAME + ") instead of running the tower: "
                 "the model then holds no vision block, only `visual.merger`. Works with every --vggt_mode; "
                 "refused with --tune_vision"})
+    min_pixels: Optional[int] = field(default=None, metadata={
+        "help": "the Qwen image processor's lower pixel bound (VG-LLM/JanusVLN: 12544 = 16*28*28). featstore "
+                "gives the processor the even-cropped VGGT view, which must lie within the bounds (else its grid "
+                "would not match the geometry tokens: an error). Default: bounds that hold any view"})
+    max_pixels: Optional[int] = field(default=None, metadata={
+        "help": "the Qwen image processor's upper pixel bound (VG-LLM/JanusVLN: 451584 = 576*28*28); see "
+                "--min_pixels"})
     system_prompt: str = field(default="You are a helpful assistant.", metadata={
         "help": "system turn prepended to samples without one ('' for none)"})
 
@@ -280,10 +291,32 @@ def build_parser() -> transformers.HfArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    """Parse `argv` (default sys.argv[1:]) -> (ModelArguments, DataArguments, TrainingArguments)."""
+    """Parse `argv` (default sys.argv[1:]) -> (ModelArguments, DataArguments, TrainingArguments).
+
+    `--recipe NAME` puts that recipe's flags (featstore.recipes) before the given ones, so that a
+    flag given explicitly overrides the preset's value (argparse keeps the last)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _recipe_in(argv)
+    if name is not None:
+        from featstore.recipes import get_recipe
+
+        argv = get_recipe(name).training_flags() + argv
     parser = build_parser()
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, train_args
+
+
+def _recipe_in(argv: List[str]) -> Optional[str]:
+    """The value of the last --recipe in argv (None: none, or an unknown value argparse will name)."""
+    from featstore.recipes import RECIPE_NAMES
+
+    name = None
+    for i, arg in enumerate(argv):
+        if arg == "--recipe" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--recipe="):
+            name = arg.split("=", 1)[1]
+    return name if name in RECIPE_NAMES else None
 
 
 def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSettings:

@@ -247,7 +247,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not all(torch.equal(g, want) for g in grid):
             raise DataError(
                 f"{where}: the image processor made grids {grid.tolist()} for {size[0]}x{size[1]} images, expected "
-                f"{want.tolist()} (the VGGT grid {h}x{w} trimmed to even): its size bounds must contain H*W"
+                f"{want.tolist()} (the VGGT grid {h}x{w} trimmed to even): its pixel bounds must contain "
+                f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels (--min_pixels/--max_pixels; the references' "
+                "code fails on such an image too), or choose a --vggt_target_size whose view lies within them"
             )
         pixels = out["pixel_values"]
         if self.pixel_dtype is not None:

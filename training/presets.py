@@ -104,13 +104,19 @@ def tiny_config(tokenizer=None, **overrides: Any):
     return cfg
 
 
-def image_processor():
-    """Qwen's PIL image processor (no torchvision), patch 14, merge 2, bounds that never resize."""
+def processor_size(min_pixels=None, max_pixels=None) -> dict:
+    """The image processor's `size` bounds: the given ones (--min_pixels/--max_pixels, e.g. a
+    recipe's), else bounds that hold any view, so `smart_resize` is the identity."""
+    return {"shortest_edge": int(min_pixels or _MIN_PIXELS), "longest_edge": int(max_pixels or _MAX_PIXELS)}
+
+
+def image_processor(min_pixels=None, max_pixels=None):
+    """Qwen's PIL image processor (no torchvision), patch 14, merge 2, the bounds of `processor_size`."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     # Always pass size=: in transformers 5.17 min_pixels/max_pixels mutate the class default.
     return Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                    size={"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS})
+                                    size=processor_size(min_pixels, max_pixels))
 
 
 def tiny_processor(tokenizer=None):

@@ -113,17 +113,18 @@ def vision_spec(settings, vggt_spec):
                                 target_size=vggt_spec.preprocess.target_size)
 
 
-def load_tokenizer_and_processor(name: str):
-    """(tokenizer, image processor): the offline tiny pair, or the checkpoint's own."""
+def load_tokenizer_and_processor(name: str, min_pixels=None, max_pixels=None):
+    """(tokenizer, image processor): the offline tiny pair, or the checkpoint's own; the
+    processor's pixel bounds are --min_pixels/--max_pixels (presets.processor_size)."""
     from training import presets
 
     if presets.is_tiny(name):
-        return presets.tiny_tokenizer(), presets.image_processor()
+        return presets.tiny_tokenizer(), presets.image_processor(min_pixels, max_pixels)
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    bounds = presets.image_processor().size  # explicit size=: see presets.image_processor
-    return AutoTokenizer.from_pretrained(name), Qwen2VLImageProcessorPil.from_pretrained(name, size=dict(bounds))
+    bounds = presets.processor_size(min_pixels, max_pixels)  # explicit size=: see presets.image_processor
+    return AutoTokenizer.from_pretrained(name), Qwen2VLImageProcessorPil.from_pretrained(name, size=bounds)
 
 
 def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_cached: bool = False):
@@ -198,7 +199,8 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
         import deepspeed  # ZeRO-3 on CPU needs the gloo group before the model is built (TRAINING.md)
 
         deepspeed.init_distributed("gloo")
-    tokenizer, image_processor = load_tokenizer_and_processor(model_args.model_name_or_path)
+    tokenizer, image_processor = load_tokenizer_and_processor(model_args.model_name_or_path, data_args.min_pixels,
+                                                              data_args.max_pixels)
     dataset = ConversationDataset(data_args.annotations, data_args.data_root, tokenizer, image_processor, spec,
                                   store=store, vision_store=vision_store, cache_miss=settings.cache_miss,
                                   system_prompt=data_args.system_prompt)
