@@ -713,7 +713,7 @@ Examples:
   # your data (VGGT-1B on GPU)
   featstore build --data-root data/ --weights /ckpt/VGGT-1B/model.safetensors
   featstore build --data-root data/ --annotations data/train.json --weights facebook/VGGT-1B \\
-      --attention causal --frames-kept last                                  # JanusVLN's spec
+      --recipe janusvln               # JanusVLN's spec: causal, last frame kept, target 644
   torchrun --nproc-per-node 8 -m featstore build --data-root data/ --weights facebook/VGGT-1B
   featstore build --data-root data/ --shard 0/4 --weights /ckpt/VGGT-1B   # host 0 of 4, then merge
   featstore build --data-root data/ --annotations data/train.json --encoder qwen2.5-vl-vision \\
