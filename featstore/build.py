@@ -759,6 +759,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames-kept", choices=field_choices(EncoderSpec, "frames_kept"),
                    help="store every frame's tokens (all, default: per-image fusion) or only the last frame's "
                    "(last: JanusVLN's last_to_all fusion, 1/S of the bytes for S frames)")
+    g.add_argument("--reference-frame", choices=field_choices(EncoderSpec, "reference_frame"),
+                   help=f"which frame of a unit anchors the encoder call (default "
+                   f"{field_default(EncoderSpec, 'reference_frame')}): first = the frames in their order, as "
+                   "VG-LLM's and JanusVLN's published training scripts pass (--reference_frame first); last = "
+                   "reversed (the last frame gets frame 0's tokens, a causal stream starts from it; with "
+                   "--frames-kept last the kept frame is then the unit's first), features stored in the unit's "
+                   "order. training's --vggt_reference_frame must match")
     g.add_argument("--target-size", type=int, help="preprocessing size in pixels, a multiple of 14: the width "
                    "(crop mode) or the longest side (pad mode). Default: the encoder's, 518 (vggt-tiny 112); "
                    "JanusVLN uses 644")
@@ -819,7 +826,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     overrides = get_recipe(args.recipe).encoder_options() if getattr(args, "recipe", None) else {}
     for flag, key in (("layer", "layer"), ("attention", "attention"), ("frames_kept", "frames_kept"),
                       ("target_size", "target_size"), ("preprocess_mode", "preprocess_mode"),
-                      ("storage_dtype", "storage_dtype"), ("compute_dtype", "compute_dtype")):
+                      ("storage_dtype", "storage_dtype"), ("compute_dtype", "compute_dtype"),
+                      ("reference_frame", "reference_frame")):
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value

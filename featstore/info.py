@@ -151,7 +151,7 @@ def _print_set(info: dict, file_bytes: int, labelled: bool) -> None:
     print(f"bytes        {human_bytes(m.get('bytes', 0))} in values{on_disk}")
     print(f"encoder      {enc.get('encoder', '?')}  fingerprint {str(m.get('fingerprint'))[:16]}")
     print(f"storage      {storage_dtype_of(m)}")
-    for key in ("layer", "attention", "frames_kept", "preprocess"):
+    for key in ("layer", "attention", "frames_kept", "reference_frame", "preprocess"):  # reference_frame: when "last"
         if key in enc:
             print(f"  {key:<12} {enc[key]}")
     scanned = info["scanned"]

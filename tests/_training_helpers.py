@@ -78,7 +78,8 @@ def online(spec, *, stream: bool = False):
     from training.vggt_online import OnlineVGGT
 
     overrides = dict(layer=spec.layer, attention=spec.attention, frames_kept=spec.frames_kept,
-                     storage_dtype=spec.storage_dtype, preprocess=spec.preprocess)
+                     storage_dtype=spec.storage_dtype, preprocess=spec.preprocess,
+                     reference_frame=spec.reference_frame)
     return OnlineVGGT(spec.encoder, overrides=overrides, stream=stream, expected_fingerprint=spec.fingerprint(),
                       patch_size=spec.config["patch_size"])
 

@@ -146,6 +146,10 @@ class ModelArguments:
                 "online modes imply it)"})
     vggt_frames_kept: Optional[Literal["all", "last"]] = field(default=None, metadata={
         "help": "as `featstore build --frames-kept` (default: all for per_image, last for last_to_all)"})
+    vggt_reference_frame: Literal["first", "last"] = field(default="first", metadata={
+        "help": "as `featstore build --reference-frame`: first (default; the frames in their order, as VG-LLM's "
+                "and JanusVLN's published scripts pass --reference_frame first) or last (VGGT sees them reversed, "
+                "the features come back in the sample's order; with last_to_all the kept frame is the first)"})
     vggt_target_size: Optional[int] = field(default=None, metadata={
         "help": "as `featstore build --target-size` (default: the encoder preset's, 518 for vggt-1b)"})
     vggt_preprocess_mode: Literal["crop", "pad"] = field(default="crop", metadata={
@@ -365,7 +369,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     encoder = model_args.vggt_encoder or (TINY_VGGT if is_tiny(model_args.model_name_or_path) else "vggt-1b")
     overrides = dict(layer=model_args.vggt_layer, attention=attention, frames_kept=frames_kept,
                      preprocess_mode=model_args.vggt_preprocess_mode, storage_dtype=model_args.vggt_storage_dtype,
-                     compute_dtype=model_args.vggt_compute_dtype)
+                     compute_dtype=model_args.vggt_compute_dtype, reference_frame=model_args.vggt_reference_frame)
     if model_args.vggt_target_size is not None:
         overrides["target_size"] = model_args.vggt_target_size
     scale = _DEFAULT_SCALE[fusion] if model_args.vggt_scale is None else float(model_args.vggt_scale)

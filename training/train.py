@@ -36,7 +36,8 @@ logger = logging.getLogger("training")
 
 _CACHE_MISMATCH_ADVICE = ("Train with the --vggt_* flags the store was built with, or build a store for "
                           "these flags (featstore build with the same --layer/--attention/--frames-kept/"
-                          "--target-size/--preprocess-mode/--weights) and pass it as --vggt_cache_path")
+                          "--reference-frame/--target-size/--preprocess-mode/--weights) and pass it as "
+                          "--vggt_cache_path")
 
 
 _VISION_MISMATCH_ADVICE = ("Pass --vision_weights with the Qwen checkpoint the features were built from (and the "

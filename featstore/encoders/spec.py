@@ -224,7 +224,7 @@ def spec_diff(a, b) -> List[str]:
     da, db = _as_dict(a), _as_dict(b)
     out: List[str] = []
     for k in sorted(set(da) | set(db)):
-        va, vb = da.get(k), db.get(k)
+        va, vb = da.get(k, ADDED_FIELDS.get(k)), db.get(k, ADDED_FIELDS.get(k))  # absent = its default
         if isinstance(va, dict) and isinstance(vb, dict):
             out += [f"{k}.{kk}" for kk in sorted(set(va) | set(vb)) if va.get(kk) != vb.get(kk)]
         elif va != vb:
@@ -234,7 +234,9 @@ def spec_diff(a, b) -> List[str]:
 
 def _field_value(d: Dict[str, Any], name: str):
     head, _, tail = name.partition(".")
-    value = d.get(head)
+    # A field of ADDED_FIELDS absent from a spec dict is at its default (to_dict leaves it out):
+    # name that value, not None ("reference_frame: store has 'last', expected 'first'").
+    value = d.get(head, ADDED_FIELDS.get(head))
     return value.get(tail) if tail and isinstance(value, dict) else value
 
 

@@ -2,8 +2,9 @@
 
 It owns the choices the spec makes around the aggregator: which layer, patch tokens only,
 which frames are kept, full or causal attention (one call, or streamed one frame at a time),
-and the autocast dtype. The aggregator itself is `featstore.encoders.vggt.VGGTAggregator` (or
-the official package's `Aggregator` with backend "official").
+the reference frame (the order of the frames in the call) and the autocast dtype. The
+aggregator itself is `featstore.encoders.vggt.VGGTAggregator` (or the official package's
+`Aggregator` with backend "official").
 
 Shapes: frames [B, S, 3, H, W] float32 in [0, 1]; features [B, F, N, C], F = S ("all") or 1
 ("last"), N = h*w patch tokens, C = 2*embed_dim.
@@ -82,10 +83,23 @@ class VGGTEncoder:
         return torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.float32,
                               enabled=self._autocast_dtype is not None)
 
+    def _call_order(self, x: Tensor) -> Tensor:
+        """[B, S, ...] in the sample's order <-> the order of the encoder call (its own inverse).
+
+        reference_frame "first": the same order. "last": reversed along S, as VG-LLM and JanusVLN
+        do when their `reference_frame` is not "first" (torch.flip of the frames before VGGT and
+        of the features after it): the sample's last frame is frame 0 of the call (frame 0's
+        camera/register tokens; a causal stream starts from it). frames_kept "last" keeps the
+        call's last frame, which is then the sample's FIRST frame, computed after all the others
+        (JanusVLN keeps the last streamed frame; flipping one frame back changes nothing).
+        """
+        return x.flip(1) if self.spec.reference_frame == "last" else x
+
     @torch.inference_mode()
     def encode(self, frames: Tensor) -> Tensor:
-        """[B, S, 3, H, W] in [0, 1] -> [B, F, N, C] float32 (see class docstring), one call."""
-        x = self._check_frames(frames, "encode")
+        """[B, S, 3, H, W] in [0, 1] -> [B, F, N, C] float32 (see class docstring), one call. Frames
+        come in the sample's order and the features go back in it (`spec.reference_frame`)."""
+        x = self._call_order(self._check_frames(frames, "encode"))
         layer = self.spec.layer_resolved
         with self._autocast():
             if self.backend == "official":
@@ -95,7 +109,7 @@ class VGGTEncoder:
         y = outs[layer][:, :, psi:]
         if self.spec.frames_kept == "last":
             y = y[:, -1:]
-        return y.float().contiguous()
+        return self._call_order(y).float().contiguous()
 
     @torch.inference_mode()
     def encode_stream(self, frames: Tensor) -> Tensor:
@@ -103,12 +117,15 @@ class VGGTEncoder:
         cache (`new_stream` / `stream_step`), one frame per call, as streaming navigation
         models (JanusVLN / StreamVGGT) run it. Equal to `encode` of a causal spec up to rounding.
 
+        With reference_frame "last" the stream runs over the frames reversed (it starts from the
+        sample's last frame) and the outputs come back in the sample's order (`_call_order`).
+
         Args:
             frames: [B, S, 3, H, W] in [0, 1]; the cache is reset per call (one stream per sample).
 
         Returns:
-            [B, F, N, C] float32; with frames_kept "last" only the last frame's output is kept
-            (earlier frames still run, to fill the cache).
+            [B, F, N, C] float32; with frames_kept "last" only the last streamed frame's output is
+            kept (earlier frames still run, to fill the cache).
 
         Raises:
             EncoderError: the spec's attention is not "causal", or the backend is not "featstore"
@@ -120,7 +137,7 @@ class VGGTEncoder:
                 f"attention={self.spec.attention!r}, backend={self.backend!r}. Use encode(), or build the "
                 "encoder with attention='causal'"
             )
-        x = self._check_frames(frames, "encode_stream")
+        x = self._call_order(self._check_frames(frames, "encode_stream"))
         layer, s = self.spec.layer_resolved, x.shape[1]
         keep_all = self.spec.frames_kept == "all"
         state = self.model.new_stream()
@@ -132,7 +149,7 @@ class VGGTEncoder:
                                                    keep_layers=[layer] if wanted else [])
                 if wanted:
                     kept.append(outs[layer][:, :, psi:])  # [B, 1, N, C]
-        return torch.cat(kept, dim=1).float().contiguous()
+        return self._call_order(torch.cat(kept, dim=1)).float().contiguous()
 
     def __repr__(self) -> str:
         return (f"VGGTEncoder({self.spec.encoder!r}, backend={self.backend!r}, device={str(self.device)!r}, "
