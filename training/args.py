@@ -64,12 +64,13 @@ Examples:
   # the same with VGGT run online (no store needed)
   python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
       --output_dir /tmp/run-online --max_steps 20 --use_cpu --report_to none
-  # JanusVLN's recipe (causal attention, the last frame's features on every image), cached
+  # JanusVLN's recipe (a causal stream, the last frame's features x0.2 on every image, 644-px
+  # views, their pixel bounds and what trains), cached; --recipe vgllm for VG-LLM's
   featstore build --data-root sample_data --annotations sample_data/annotations.json \\
-      --encoder vggt-tiny --attention causal --frames-kept last --store /tmp/janus.lmdb
+      --encoder vggt-tiny --recipe janusvln --store /tmp/janus.lmdb
   python -m training.train --data_root sample_data --annotations sample_data/annotations.json \\
-      --vggt_fusion last_to_all --use_vggt_cache --vggt_cache_path /tmp/janus.lmdb \\
-      --output_dir /tmp/run-janus --max_steps 20 --use_cpu --report_to none
+      --recipe janusvln --use_vggt_cache --vggt_cache_path /tmp/janus.lmdb \\
+      --output_dir /tmp/run-janus --max_steps 5 --use_cpu --report_to none
   # Qwen2.5-VL-3B and VGGT-1B on GPUs: scripts/train_h800.sh (docs/LAUNCH.md)
 """
 
