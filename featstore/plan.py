@@ -8,8 +8,16 @@ whose frame lists differ from what training asks for is a miss, never a silent w
 Keys:
   - a single-frame unit: the image's own relative path (shared by every sample that uses it);
   - a multi-frame unit: the sample's "id" when it has one, else its anchor frame (the last,
-    i.e. current, frame).
+    i.e. current, frame); an id that samples give to different frame lists (JanusVLN's merged
+    R2R/RxR files) is set aside for their anchor frames (`plan_samples`).
 Two samples that map to one key with different frame lists are a PlanError, never an overwrite.
+
+Annotation files are given as `--annotations` takes them, ``FILE[@IMAGE_DIR][%N]``
+(`parse_annotation_source`): IMAGE_DIR is the folder the file's relative image paths start
+from (inside the data root: keys stay relative to the root), %N keeps N percent of the samples,
+the same ones for every caller (`subsample_indices`: seeded by the file's content).
+`plan_samples` gives every kept sample with its unit, refusing samples with `spar_info`
+(VG-LLM's markers) and a data root that holds none of a file's first images.
 
 An encoder whose call covers one image (unit kind "image", `featstore.encoders.unit_of`, e.g. a
 vision tower) gets one unit per distinct image instead: key = the image's path, frames = (image,),
@@ -539,11 +547,12 @@ def _check_images_exist(planned: list[PlannedSample], data_root: str | os.PathLi
 def _rekey_shared_ids(planned: list[PlannedSample]) -> list[PlannedSample]:
     """Key by their last frame the samples whose id names several frame lists; then refuse
     what still collides (see `plan_samples`)."""
-    lists: dict[str, set] = {}
+    first: dict[str, tuple[str, ...]] = {}  # id key -> the first frame list seen under it
+    shared: set[str] = set()
     for p in planned:
         if p.unit is not None and p.unit.num_frames > 1 and p.unit.key != p.unit.frames[-1]:
-            lists.setdefault(p.unit.key, set()).add(p.unit.frames)
-    shared = {k for k, v in lists.items() if len(v) > 1}
+            if first.setdefault(p.unit.key, p.unit.frames) != p.unit.frames:
+                shared.add(p.unit.key)
     if shared:
         out = []
         for p in planned:
@@ -557,11 +566,11 @@ def _rekey_shared_ids(planned: list[PlannedSample]) -> list[PlannedSample]:
     for p in planned:
         if p.unit is None:
             continue
-        first = seen.setdefault(p.unit.key, p)
-        if first.unit.frames != p.unit.frames:
+        other = seen.setdefault(p.unit.key, p)
+        if other.unit.frames != p.unit.frames:
             raise PlanError(
-                f"key collision: {p.where} and {first.where} both map to key {p.unit.key!r} with different "
-                f"frame lists ({list(p.unit.frames)} vs {list(first.unit.frames)}). Give the samples "
+                f"key collision: {p.where} and {other.where} both map to key {p.unit.key!r} with different "
+                f"frame lists ({list(p.unit.frames)} vs {list(other.unit.frames)}). Give the samples "
                 "distinct 'id' fields: one key must name one encoder call.")
     return planned
 
