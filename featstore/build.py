@@ -41,7 +41,7 @@ from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES, is_quantised, tor
 from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
 from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
 from featstore.interrupt import StopFlag, ignore_stop_signals, signals_blocked, stop_on_signals
-from featstore.plan import IMAGE_EXTENSIONS, Unit, plan_units, source_path
+from featstore.plan import IMAGE_EXTENSIONS, Unit, annotation_sources, describe_skipped, plan_units, source_path
 from featstore.progress import NO_PROGRESS_HELP
 from featstore.recipes import RECIPE_NAMES, get_recipe
 from featstore.store import (DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint,
@@ -725,11 +725,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, help="folder of the images (required); the store's keys are "
                    f"image paths relative to it, and the store goes beside them, in DATA_ROOT/{DEFAULT_STORE_NAME}, "
                    "unless --store")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
+    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
                    help="training's LLaVA/Qwen JSON/JSONL files: one unit per sample (its ordered frame list); "
                    "for an encoder of single images, one unit per distinct image of the samples. Default: none, "
                    "every image under the data root is its own unit. Pass the files training gets, so that "
-                   "`python -m training.train --use_vggt_cache` finds every sample")
+                   "`python -m training.train --use_vggt_cache` finds every sample. FILE@IMAGE_DIR: the file's "
+                   "relative image paths start from IMAGE_DIR (a folder inside DATA_ROOT; VG-LLM's data_path); "
+                   "FILE%%N: keep N percent of its samples (1-100), the same ones in build and training "
+                   "(docs/BUILD.md)")
     p.add_argument("--store", help=f"the store to write (default: DATA_ROOT/{DEFAULT_STORE_NAME}, where training "
                    "and the other commands look; DATA_ROOT/vggt_features.shard-I-of-N.lmdb with --shard). Use it "
                    "for a store on another disk, or a second store of another spec")
@@ -834,9 +837,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     require_directory(args.data_root, "--data-root", "pass the folder that holds the images")
     if args.feature_set is not None:
         check_feature_set(args.feature_set)
-    for a in args.annotations:
-        if not os.path.isfile(a):
-            raise FeatstoreError(f"--annotations {a}: no such file; pass the path of training's JSON/JSONL annotation file")
+    annotation_sources(args.annotations, args.data_root)  # every FILE[@IMAGE_DIR][%N] checked before any work
     for flag, value, least in (("--workers", args.workers, 0), ("--batch-frames", args.batch_frames, 1),
                                ("--commit-every", args.commit_every, 1)):
         if value < least:
@@ -877,8 +878,7 @@ def run(args: argparse.Namespace) -> int:
             if len(report.failed) > 20:
                 print(f"  ... and {len(report.failed) - 20} more (see `featstore info --json`)", file=sys.stderr)
             if report.skipped:
-                print(f"  {len(report.skipped)} annotation samples skipped (no image to encode), e.g. "
-                      + "; ".join(f"{s['sample']}: {s['reason']}" for s in report.skipped[:3]), file=sys.stderr)
+                print(f"  {describe_skipped(report.skipped)}", file=sys.stderr)
     if report.interrupted:
         return 130
     return 1 if report.failed else 0

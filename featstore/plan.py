@@ -8,8 +8,16 @@ whose frame lists differ from what training asks for is a miss, never a silent w
 Keys:
   - a single-frame unit: the image's own relative path (shared by every sample that uses it);
   - a multi-frame unit: the sample's "id" when it has one, else its anchor frame (the last,
-    i.e. current, frame).
+    i.e. current, frame); an id that samples give to different frame lists (JanusVLN's merged
+    R2R/RxR files) is set aside for their anchor frames (`plan_samples`).
 Two samples that map to one key with different frame lists are a PlanError, never an overwrite.
+
+Annotation files are given as `--annotations` takes them, ``FILE[@IMAGE_DIR][%N]``
+(`parse_annotation_source`): IMAGE_DIR is the folder the file's relative image paths start
+from (inside the data root: keys stay relative to the root), %N keeps N percent of the samples,
+the same ones for every caller (`subsample_indices`: seeded by the file's content).
+`plan_samples` gives every kept sample with its unit, refusing samples with `spar_info`
+(VG-LLM's markers) and a data root that holds none of a file's first images.
 
 An encoder whose call covers one image (unit kind "image", `featstore.encoders.unit_of`, e.g. a
 vision tower) gets one unit per distinct image instead: key = the image's path, frames = (image,),
@@ -33,7 +41,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -46,8 +56,15 @@ from featstore.store import require_directory
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Unit",
+    "AnnotationSource",
+    "PlannedSample",
+    "parse_annotation_source",
+    "annotation_sources",
+    "subsample_indices",
     "scan_images",
     "load_annotations",
+    "plan_samples",
+    "describe_skipped",
     "sample_frames",
     "sample_unit",
     "units_from_annotations",
@@ -115,6 +132,190 @@ def scan_images(data_root: str | os.PathLike, *, extensions: Sequence[str] = IMA
     return sorted(keys)
 
 
+# -- annotation files: FILE[@IMAGE_DIR][%N] -------------------------------------------------
+
+ANNOTATION_SYNTAX = "FILE, FILE@IMAGE_DIR, FILE%N or FILE@IMAGE_DIR%N"
+_PERCENT = re.compile(r"%(\d+)$")  # VG-LLM's `name%N` (data/__init__.py parse_sampling_rate): digits only
+# Images looked for per annotation file before anything is built: a wrong --data-root (or
+# IMAGE_DIR) then stops at once instead of "succeeding" with every unit failed or an empty store.
+FAIL_FAST_IMAGES = 20
+_MEDIA_FIELDS = ("video", "videos", "audio")  # samples whose frames are not an image list
+
+logger = logging.getLogger("featstore")
+
+
+@dataclass(frozen=True)
+class AnnotationSource:
+    """One annotation file of a plan, as `--annotations FILE[@IMAGE_DIR][%N]` gives it.
+
+    Attributes:
+        path: the JSON/JSONL file.
+        image_dir: the folder its relative image paths start from (VG-LLM's per-dataset
+            `data_path`), as given; None: the data root.
+        percent: the share of its samples kept, 1 to 100 (100: all), chosen by `subsample_indices`.
+        prefix: `image_dir` relative to the data root ('' for the data root itself); a frame key
+            is prefix/path, so keys stay relative to the data root and one store serves every file.
+        text: the argument as given, for messages.
+
+    Example:
+        >>> from featstore.plan import parse_annotation_source
+        >>> parse_annotation_source("data/annotations.json@data/scene_a%50", "data").prefix
+        'scene_a'
+    """
+
+    path: str
+    image_dir: str | None = None
+    percent: int = 100
+    prefix: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One annotation sample as the plan sees it: `unit` is what it asks the store for (None
+    when it has no image), `skipped` why nothing of it is encoded (None when it has a unit)."""
+
+    where: str  # "FILE sample I (id 'X')": I is the sample's index in its file
+    sample: dict
+    unit: Unit | None
+    skipped: str | None = None
+    source: AnnotationSource | None = None
+
+    @property
+    def media(self) -> bool:
+        """A video (or audio) sample: its frames come from a medium that is not encoded yet."""
+        return any(k in self.sample for k in _MEDIA_FIELDS)
+
+
+def parse_annotation_source(text: str | os.PathLike | AnnotationSource, data_root: str | os.PathLike, *,
+                            flag: str = "--annotations") -> AnnotationSource:
+    """Parse one `--annotations` value: ``FILE``, ``FILE@IMAGE_DIR``, ``FILE%N`` or ``FILE@IMAGE_DIR%N``.
+
+    A value that names an existing file is that file, whatever characters it holds ('@' and '%'
+    included). Otherwise a trailing ``%N`` (digits) keeps N percent of the samples, and the
+    value is split at the one '@' whose left side is an existing file: the right side is
+    IMAGE_DIR, the folder the file's relative image paths start from. IMAGE_DIR must lie inside
+    the data root: store keys are paths relative to it, so that one store beside the data serves
+    every annotation file. Paths are relative to the current directory, as any other path argument.
+
+    Args:
+        text: the value (an AnnotationSource passes through).
+        data_root: the data root IMAGE_DIR must lie in.
+        flag: how messages name the option.
+
+    Returns:
+        The AnnotationSource.
+
+    Raises:
+        PlanError: no such file, an IMAGE_DIR that is not a folder or is outside the data root, N
+            outside 1..100, or two readings of the value (both named).
+
+    Example:
+        >>> from featstore.plan import parse_annotation_source
+        >>> s = parse_annotation_source("data/annotations.json%25", "data")
+        >>> s.path, s.image_dir, s.percent
+        ('data/annotations.json', None, 25)
+    """
+    if isinstance(text, AnnotationSource):
+        return text
+    text = os.fspath(text)
+    if os.path.isfile(text):
+        return AnnotationSource(text, text=text)
+    rest, percent = text, 100
+    match = _PERCENT.search(rest)
+    if match:
+        rest, percent = rest[:match.start()], int(match.group(1))
+    path, image_dir = rest, None
+    if not os.path.isfile(rest):
+        splits = [i for i, c in enumerate(rest) if c == "@" and i > 0 and os.path.isfile(rest[:i])]
+        if len(splits) > 1:
+            readings = " or ".join(f"{rest[:i]!r} @ {rest[i + 1:]!r}" for i in splits)
+            raise PlanError(f"{flag} {text}: ambiguous, it reads as {readings}; rename one of the files")
+        if not splits:
+            name = rest.split("@", 1)[0] if "@" in rest else rest
+            raise PlanError(f"{flag} {text}: no such file {name!r}; pass training's JSON/JSONL annotation files "
+                            f"as {ANNOTATION_SYNTAX} (IMAGE_DIR: the folder its image paths start from; "
+                            "N: keep N percent of its samples)")
+        path, image_dir = rest[:splits[0]], rest[splits[0] + 1:]
+    if not 1 <= percent <= 100:
+        raise PlanError(f"{flag} {text}: %{percent} must keep 1 to 100 percent of the file's samples")
+    prefix = ""
+    if image_dir is not None:
+        if not os.path.isdir(image_dir):
+            raise PlanError(f"{flag} {text}: image folder {image_dir!r} (after '@') is not a directory; pass the "
+                            "folder the file's relative image paths start from (VG-LLM's data_path)")
+        prefix = _prefix_in_root(image_dir, data_root)
+        if prefix is None:
+            root = os.path.abspath(os.fspath(data_root))
+            common = os.path.commonpath([root, os.path.abspath(image_dir)])
+            raise PlanError(
+                f"{flag} {text}: image folder {image_dir} is not inside --data-root {os.fspath(data_root)}. Store "
+                "keys are image paths relative to the data root, so that one store beside the data serves every "
+                f"annotation file: pass a --data-root that holds every IMAGE_DIR (here e.g. {common}), or move "
+                "the images under the data root")
+    return AnnotationSource(path, image_dir, percent, prefix, text)
+
+
+def _prefix_in_root(folder: str, data_root: str | os.PathLike) -> str | None:
+    """`folder` as a key prefix relative to `data_root` ('' for the root), or None when outside.
+    The path as written counts first (a symlinked folder inside the root keeps its own path, as
+    scanned files do); the resolved paths second."""
+    for resolve in (os.path.abspath, os.path.realpath):
+        rel = os.path.relpath(resolve(folder), resolve(os.fspath(data_root)))
+        if rel == ".":
+            return ""
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            return normalize_key(rel)
+    return None
+
+
+def annotation_sources(values: Sequence[str | os.PathLike | AnnotationSource] | None, data_root: str | os.PathLike,
+                       *, flag: str = "--annotations") -> list[AnnotationSource]:
+    """`parse_annotation_source` of each value: every CLI calls this before any work starts.
+
+    Example:
+        >>> from featstore.plan import annotation_sources
+        >>> [s.path for s in annotation_sources(["data/annotations.json"], "data")]
+        ['data/annotations.json']
+    """
+    return [parse_annotation_source(v, data_root, flag=flag) for v in values or []]
+
+
+def subsample_indices(count: int, percent: int, seed: bytes) -> list[int]:
+    """The indices of the samples `%percent` keeps out of `count`, sorted (file order).
+
+    VG-LLM keeps ``random.sample(annotations, int(len(annotations) * N / 100.0))``, drawn anew
+    each run from Python's random state. Here the same count is drawn from a generator seeded
+    by `seed` (the file's sha256), so that build, verify and training all pick the same samples,
+    run after run and on every host; a smaller N keeps a subset of a larger N's samples (one
+    permutation, cut shorter). numpy's legacy RandomState is used because its stream is frozen
+    across numpy versions (NEP 19); `Generator`'s is not.
+
+    Args:
+        count: samples in the file.
+        percent: 1 to 100; 100 keeps every sample.
+        seed: bytes naming the file's content (`file_sha256`'s digest, say).
+
+    Returns:
+        Sorted indices, ``int(count * percent / 100.0)`` of them (all for 100).
+
+    Example:
+        >>> from featstore.plan import subsample_indices
+        >>> subsample_indices(10, 100, b"x")
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+        >>> len(subsample_indices(1000, 3, b"x"))
+        30
+    """
+    if percent >= 100:
+        return list(range(count))
+    import numpy as np
+
+    keep = int(count * (percent / 100.0))  # VG-LLM's count, with its float rounding (29% of 100 is 28)
+    words = np.frombuffer(hashlib.sha256(seed).digest(), dtype="<u4").astype(np.uint32)
+    order = np.random.RandomState(words).permutation(count)
+    return sorted(order[:keep].tolist())
+
+
 def load_annotations(path: str | os.PathLike) -> list[dict]:
     """Read a LLaVA/Qwen annotation file: a JSON list of samples, or JSONL (one per line).
 
@@ -132,12 +333,20 @@ def load_annotations(path: str | os.PathLike) -> list[dict]:
         >>> load_annotations("data/annotations.json")[0]["id"]
         'scene_a_step3'
     """
+    return _read_annotations(path)[0]
+
+
+def _read_annotations(path: str | os.PathLike) -> tuple[list[dict], bytes]:
+    """(samples, sha256 digest of the file's bytes): the digest seeds `%N` subsampling."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
     except OSError as e:
         raise PlanError(f"cannot read annotations {path}: {e.strerror}; check the path and its permissions") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"annotations {path}: not UTF-8 ({e}); save the file as UTF-8") from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -151,16 +360,19 @@ def load_annotations(path: str | os.PathLike) -> list[dict]:
         if not isinstance(s, dict):
             raise PlanError(f"annotations {path}: sample {i} is a {type(s).__name__}, not an object; make every "
                             "sample a JSON object with 'images' (or 'image') and 'conversations'")
-    return samples
+    return samples, hashlib.sha256(raw).digest()
 
 
-def sample_frames(sample: dict, data_root: str | os.PathLike, *, where: str = "sample") -> tuple[str, ...]:
+def sample_frames(sample: dict, data_root: str | os.PathLike, *, where: str = "sample",
+                  prefix: str = "") -> tuple[str, ...]:
     """The ordered frame keys of one annotation sample ("images" list or "image" path).
 
     Args:
         sample: one annotation sample.
         data_root: the folder keys are relative to (absolute image paths are made relative).
         where: how errors name the sample (file and index).
+        prefix: the sample's image folder relative to the data root ('' for the root:
+            `AnnotationSource.prefix`); relative paths are joined to it.
 
     Returns:
         The frame keys in call order; () for a sample without images.
@@ -172,6 +384,8 @@ def sample_frames(sample: dict, data_root: str | os.PathLike, *, where: str = "s
         >>> from featstore.plan import sample_frames
         >>> sample_frames({"images": ["./scene_a//000.jpg", "scene_a/001.jpg"]}, "data")
         ('scene_a/000.jpg', 'scene_a/001.jpg')
+        >>> sample_frames({"image": "000.jpg"}, "data", prefix="scene_a")
+        ('scene_a/000.jpg',)
     """
     for field in _IMAGE_FIELDS:
         if field in sample:
@@ -185,21 +399,31 @@ def sample_frames(sample: dict, data_root: str | os.PathLike, *, where: str = "s
     frames = []
     for p in paths:
         try:
-            frames.append(relative_key(p, data_root) if os.path.isabs(p) else normalize_key(p))
+            if os.path.isabs(p):
+                frames.append(relative_key(p, data_root))
+            elif prefix:
+                joined = prefix + "/" + p
+                if ".." in joined:  # a path that steps out of its image folder (still inside the root)
+                    joined = os.path.normpath(joined).replace(os.sep, "/")
+                frames.append(normalize_key(joined))
+            else:
+                frames.append(normalize_key(p))
         except InvalidKeyError as e:
             raise PlanError(f"{where}: image {p!r}: {e}") from None
     return tuple(frames)
 
 
-def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sample") -> Unit | None:
-    """The unit one annotation sample asks for, or None when it has no image.
+def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sample", prefix: str = "") -> Unit | None:
+    """The unit one annotation sample asks for on its own, or None when it has no image.
 
-    Training calls this per sample to know which key to read and which frame list to expect.
+    `plan_samples` starts from this and re-keys the samples whose id is shared with another
+    frame list (see there); call that for a whole file.
 
     Args:
         sample: one annotation sample ("images"/"image", optional "id").
         data_root: the folder keys are relative to.
         where: how errors name the sample.
+        prefix: as for `sample_frames`.
 
     Returns:
         Unit(key, frames): key = the image for one frame, else the sample's id, else its last frame.
@@ -214,7 +438,7 @@ def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sam
         >>> sample_unit({"image": "scene_b/002.jpg"}, "data").key
         'scene_b/002.jpg'
     """
-    frames = sample_frames(sample, data_root, where=where)
+    frames = sample_frames(sample, data_root, where=where, prefix=prefix)
     if not frames:
         return None
     if len(frames) == 1:
@@ -230,12 +454,146 @@ def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sam
     return Unit(key, frames)
 
 
-def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_root: str | os.PathLike, *,
-                           skipped: list[dict] | None = None) -> list[Unit]:
+def _where(path: str, index: int, sample: dict) -> str:
+    return f"{path} sample {index}" + (f" (id {sample['id']!r})" if "id" in sample else "")
+
+
+def plan_samples(data_root: str | os.PathLike,
+                 annotations: Sequence[str | os.PathLike | AnnotationSource]) -> list[PlannedSample]:
+    """Every annotation sample the plan keeps, with the unit it asks for: what training trains
+    on and what `featstore build --annotations` encodes (one code path, so they agree).
+
+    Per file (`--annotations FILE[@IMAGE_DIR][%N]`, `parse_annotation_source`): the samples,
+    cut to N percent by `subsample_indices` (seeded by the file's content: build and training
+    keep the same ones), in file order; relative image paths start from IMAGE_DIR.
+
+    Keys: as `sample_unit`, with one exception. An id shared by samples with different frame
+    lists is not used as a key: those samples are keyed by their last (current) frame instead.
+    JanusVLN's `create_data.py` writes ids "EPISODE/FRAME.png", and R2R and RxR (and ScaleVLN
+    and DAgger) number episodes alike, so its merged files repeat ids for other frames; the
+    current frame's path is unique there. Two samples left on one key with different frame
+    lists are a PlanError, never an overwrite.
+
+    Args:
+        data_root: the folder keys are relative to.
+        annotations: the files (values as `--annotations` takes them, or AnnotationSources).
+
+    Returns:
+        One PlannedSample per kept sample, files in order, samples in file order.
+
+    Raises:
+        PlanError: a bad file or sample; samples with `spar_info` (markers this code does not
+            draw, see `_refuse_marked`); none of a file's first FAIL_FAST_IMAGES images exists
+            (a wrong data root or IMAGE_DIR); a key collision.
+
+    Example:
+        >>> from featstore.plan import plan_samples
+        >>> [p.unit.key for p in plan_samples("data", ["data/annotations.json"])][:2]
+        ['scene_a_step3', 'scene_a_step1']
+    """
+    planned: list[PlannedSample] = []
+    marked: list[str] = []
+    for src in annotation_sources(annotations, data_root):
+        samples, digest = _read_annotations(src.path)
+        for i in subsample_indices(len(samples), src.percent, digest):
+            sample = samples[i]
+            where = _where(src.path, i, sample)
+            if sample.get("spar_info") is not None:
+                marked.append(where)
+                continue
+            media = [k for k in _MEDIA_FIELDS if k in sample]
+            # A video sample is its video's frames in VG-LLM (an "images" list beside it is replaced).
+            unit = None if media else sample_unit(sample, data_root, where=where, prefix=src.prefix)
+            skipped = None if unit is not None else _why_no_image(sample)
+            planned.append(PlannedSample(where, sample, unit, skipped, src))
+    _refuse_marked(marked)
+    _check_images_exist(planned, data_root)
+    return _rekey_shared_ids(planned)
+
+
+def _refuse_marked(marked: list[str]) -> None:
+    if marked:
+        raise PlanError(
+            f"{len(marked)} annotation sample(s) carry 'spar_info', e.g. {marked[0]}: VG-LLM draws visual markers "
+            "on their images (draw_marker.py) before VGGT and Qwen see them, and featstore does not draw them yet, "
+            "so their features would be computed on unmarked images, another model's inputs. Drop these samples "
+            "from the annotation file (e.g. keep the lines without \"spar_info\") until marker drawing is supported")
+
+
+def _check_images_exist(planned: list[PlannedSample], data_root: str | os.PathLike) -> None:
+    """Stop when none of a file's first FAIL_FAST_IMAGES distinct images exists: the data root
+    (or IMAGE_DIR) is not the folder its paths are relative to."""
+    by_source: dict[int, tuple[AnnotationSource, dict[str, str]]] = {}
+    for p in planned:
+        if p.unit is None:
+            continue
+        src, seen = by_source.setdefault(id(p.source), (p.source, {}))
+        for frame in p.unit.frames:
+            if len(seen) < FAIL_FAST_IMAGES:
+                seen.setdefault(frame, p.where)
+    for src, seen in by_source.values():
+        if not seen or any(os.path.exists(source_path(data_root, k)) for k in seen):
+            continue
+        key, where = next(iter(seen.items()))
+        written = key[len(src.prefix) + 1:] if src.prefix and key.startswith(src.prefix + "/") else key
+        folder = (f"IMAGE_DIR {src.image_dir} (after '@')" if src.image_dir is not None
+                  else f"--data-root {os.fspath(data_root)}")
+        raise PlanError(
+            f"--annotations {src.text or src.path}: none of the first {len(seen)} images it names exists "
+            f"(e.g. {source_path(data_root, key)}, image {written!r} of {where}); nothing was built. {folder} must "
+            f"be the folder the annotation's image paths are relative to: the one holding {written!r}")
+
+
+def _rekey_shared_ids(planned: list[PlannedSample]) -> list[PlannedSample]:
+    """Key by their last frame the samples whose id names several frame lists; then refuse
+    what still collides (see `plan_samples`)."""
+    first: dict[str, tuple[str, ...]] = {}  # id key -> the first frame list seen under it
+    shared: set[str] = set()
+    for p in planned:
+        if p.unit is not None and p.unit.num_frames > 1 and p.unit.key != p.unit.frames[-1]:
+            if first.setdefault(p.unit.key, p.unit.frames) != p.unit.frames:
+                shared.add(p.unit.key)
+    if shared:
+        out = []
+        for p in planned:
+            if p.unit is not None and p.unit.key in shared and p.unit.num_frames > 1:
+                p = PlannedSample(p.where, p.sample, Unit(p.unit.frames[-1], p.unit.frames), p.skipped, p.source)
+            out.append(p)
+        planned = out
+        logger.info("featstore plan: %d sample id(s) name several frame lists (e.g. %r); those samples are keyed "
+                    "by their last frame", len(shared), sorted(shared)[0])
+    seen: dict[str, PlannedSample] = {}
+    for p in planned:
+        if p.unit is None:
+            continue
+        other = seen.setdefault(p.unit.key, p)
+        if other.unit.frames != p.unit.frames:
+            raise PlanError(
+                f"key collision: {p.where} and {other.where} both map to key {p.unit.key!r} with different "
+                f"frame lists ({list(p.unit.frames)} vs {list(other.unit.frames)}). Give the samples "
+                "distinct 'id' fields: one key must name one encoder call.")
+    return planned
+
+
+def describe_skipped(skipped: Sequence[dict], *, limit: int = 3) -> str:
+    """The one wording for annotation samples with nothing to encode (build's report, training's
+    refusal of video samples): the count and the first `limit`, each with its reason.
+
+    Example:
+        >>> from featstore.plan import describe_skipped
+        >>> describe_skipped([{"sample": "a.json sample 0", "reason": "a 'video' sample (only images are encoded)"}])
+        "1 annotation samples skipped (no image to encode), e.g. a.json sample 0: a 'video' sample (only images are encoded)"
+    """
+    named = "; ".join(f"{s['sample']}: {s['reason']}" for s in skipped[:limit])
+    return f"{len(skipped)} annotation samples skipped (no image to encode), e.g. {named}"
+
+
+def units_from_annotations(annotation_files: Iterable[str | os.PathLike | AnnotationSource],
+                           data_root: str | os.PathLike, *, skipped: list[dict] | None = None) -> list[Unit]:
     """One unit per sample with images, deduplicated, sorted by key.
 
     Args:
-        annotation_files: training's annotation files (JSON or JSONL).
+        annotation_files: training's annotation files (JSON or JSONL; values as `--annotations`).
         data_root: the folder keys are relative to.
         skipped: when given, receives ``{"sample": where, "reason": why}`` for each sample that
             has no image (a video sample, a text-only one): nothing of it is encoded.
@@ -244,41 +602,31 @@ def units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_r
         The units, sorted by key; samples asking for the same unit give it once.
 
     Raises:
-        PlanError: two samples map to one key with different frame lists (both are named).
+        PlanError: as for `plan_samples` (e.g. two samples map to one key with different frame
+            lists: both are named).
 
     Example:
         >>> from featstore.plan import units_from_annotations
         >>> [u.key for u in units_from_annotations(["data/annotations.json"], "data")]
         ['misc/portrait.png', 'scene_a_step1', 'scene_a_step3', 'scene_b_step1', 'scene_b_step3']
     """
-    by_key: dict[str, tuple[Unit, str]] = {}
-    for path in annotation_files:
-        for i, sample in enumerate(load_annotations(path)):
-            where = f"{os.fspath(path)} sample {i}" + (f" (id {sample['id']!r})" if "id" in sample else "")
-            unit = sample_unit(sample, data_root, where=where)
-            if unit is None:
-                if skipped is not None:
-                    skipped.append({"sample": where, "reason": _why_no_image(sample)})
-                continue
-            seen = by_key.get(unit.key)
-            if seen is None:
-                by_key[unit.key] = (unit, where)
-            elif seen[0].frames != unit.frames:
-                raise PlanError(
-                    f"key collision: {where} and {seen[1]} both map to key {unit.key!r} with different "
-                    f"frame lists ({list(unit.frames)} vs {list(seen[0].frames)}). Give the samples "
-                    "distinct 'id' fields: one key must name one encoder call."
-                )
-    return [by_key[k][0] for k in sorted(by_key)]
+    by_key: dict[str, Unit] = {}
+    for p in plan_samples(data_root, list(annotation_files)):
+        if p.unit is None:
+            if skipped is not None:
+                skipped.append({"sample": p.where, "reason": p.skipped})
+            continue
+        by_key.setdefault(p.unit.key, p.unit)
+    return [by_key[k] for k in sorted(by_key)]
 
 
-def image_units_from_annotations(annotation_files: Iterable[str | os.PathLike], data_root: str | os.PathLike, *,
-                                 skipped: list[dict] | None = None) -> list[Unit]:
+def image_units_from_annotations(annotation_files: Iterable[str | os.PathLike | AnnotationSource],
+                                 data_root: str | os.PathLike, *, skipped: list[dict] | None = None) -> list[Unit]:
     """One single-image unit per distinct image of the annotated samples, for encoders that
     encode each image alone (unit kind "image").
 
     Args:
-        annotation_files: training's annotation files (JSON or JSONL).
+        annotation_files: training's annotation files (JSON or JSONL; values as `--annotations`).
         data_root: the folder keys are relative to.
         skipped: as for `units_from_annotations`.
 
@@ -292,32 +640,33 @@ def image_units_from_annotations(annotation_files: Iterable[str | os.PathLike], 
         ['scene_a/000.jpg', 'scene_a/001.jpg', 'scene_a/002.jpg']
     """
     images: dict[str, None] = {}  # ordered: the order of first appearance
-    for path in annotation_files:
-        for i, sample in enumerate(load_annotations(path)):
-            where = f"{os.fspath(path)} sample {i}" + (f" (id {sample['id']!r})" if "id" in sample else "")
-            frames = sample_frames(sample, data_root, where=where)
-            if not frames and skipped is not None:
-                skipped.append({"sample": where, "reason": _why_no_image(sample)})
-            for frame in frames:
-                images.setdefault(frame, None)
+    for p in plan_samples(data_root, list(annotation_files)):
+        if p.unit is None:
+            if skipped is not None:
+                skipped.append({"sample": p.where, "reason": p.skipped})
+            continue
+        for frame in p.unit.frames:
+            images.setdefault(frame, None)
     return [Unit(k, (k,)) for k in images]
 
 
 def _why_no_image(sample: dict) -> str:
-    media = [k for k in ("video", "videos", "audio") if k in sample]
+    media = [k for k in _MEDIA_FIELDS if k in sample]
     if media:
         return f"a '{media[0]}' sample (only images are encoded)"
     return "no 'images' or 'image' field"
 
 
-def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.PathLike] | None = None, *,
+def plan_units(data_root: str | os.PathLike,
+               annotations: Sequence[str | os.PathLike | AnnotationSource] | None = None, *,
                skipped: list[dict] | None = None, unit: str = "sequence") -> list[Unit]:
     """All units of a data root for an encoder of unit kind `unit`. `featstore build`,
-    `verify`, `gc` and training all call this.
+    `verify`, `gc` and training all call this (training through `plan_samples`).
 
     Args:
         data_root: the images' folder.
-        annotations: training's annotation files; None or empty: scan the data root.
+        annotations: training's annotation files, as `--annotations` takes them
+            (``FILE[@IMAGE_DIR][%N]``, `parse_annotation_source`); None or empty: scan the data root.
         skipped: see `units_from_annotations`.
         unit: the encoder's unit kind (`featstore.encoders.unit_of(name)`). "sequence"
             (default): one unit per annotated sample, sorted by key. "image": one unit per
@@ -328,7 +677,7 @@ def plan_units(data_root: str | os.PathLike, annotations: Sequence[str | os.Path
         The units.
 
     Raises:
-        PlanError: as for `units_from_annotations`; ValueError: an unknown `unit`.
+        PlanError: as for `plan_samples`; ValueError: an unknown `unit`.
 
     Example:
         >>> from featstore.plan import plan_units

@@ -625,9 +625,10 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
                              f"(the folder whose images {path} was built from)")
     if data_root is not None:
         require_directory(data_root, "--data-root", "pass the folder whose images the store was built from")
-    for a in annotations or []:
-        if not os.path.isfile(a):
-            raise FeatstoreError(f"--annotations {a}: no such file; pass the annotation files the store was built from")
+    if annotations:
+        from featstore.plan import annotation_sources
+
+        annotation_sources(annotations, data_root)  # every FILE[@IMAGE_DIR][%N] checked before any work
     workers = workers or _DEFAULT_WORKERS
     report = Report(path=path, data_root=data_root, workers=workers)
 
@@ -838,9 +839,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks (default: "
                    "STORE when it is a data root, else none and those checks are skipped)")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
-                   help="training's annotation files: the plan is one unit per sample (as for build). Default: "
-                   "a scan of the data root, one unit per image; pass the files the store was built from")
+    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
+                   help="training's annotation files: the plan is one unit per sample (as for build, the same "
+                   "FILE@IMAGE_DIR and FILE%%N forms). Default: a scan of the data root, one unit per image; pass "
+                   "the values the store was built with")
     p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find content "
                    "changes that kept size and mtime (reads every image; default: size and mtime only)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",

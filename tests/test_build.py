@@ -154,12 +154,13 @@ def test_corrupt_and_empty_images_are_reported_and_skipped(data_root):
 
 
 def test_key_collision_between_samples_is_a_planning_error(data_root):
-    samples = [{"id": "ep1", "images": ["scene_a/000.jpg", "scene_a/001.jpg"]},
-               {"id": "ep1", "images": ["scene_b/000.jpg", "scene_b/001.jpg"]}]
+    # No ids: both are keyed by their last frame, which they share with different histories.
+    samples = [{"images": ["scene_a/000.jpg", "scene_a/001.jpg"]},
+               {"images": ["scene_b/000.jpg", "scene_a/001.jpg"]}]
     ann = os.path.join(data_root, "clash.json")
     with open(ann, "w") as f:
         json.dump(samples, f)
-    with pytest.raises(PlanError, match="key collision: .*sample 1 .*sample 0 .*'ep1'"):
+    with pytest.raises(PlanError, match="key collision: .*sample 1 .*sample 0 .*'scene_a/001.jpg'"):
         plan_units(data_root, [ann])
     proc = featstore_cli("build", "--data-root", data_root, "--annotations", ann, "--encoder", "vggt-tiny", check=2)
     assert "key collision" in proc.stderr and "distinct 'id'" in proc.stderr

@@ -171,8 +171,12 @@ class DataArguments:
         "help": "folder of the images; annotation paths and store keys are relative to it (required; "
                 "the --data-root of `featstore build`)"})
     annotations: List[str] = field(default_factory=list, metadata={
+        "metavar": "FILE[@IMAGE_DIR][%N]",
         "help": "LLaVA/Qwen conversation JSON or JSONL files (one or more, required), each sample with "
-                "'images' (ordered list) or 'image'; the --annotations the store was built with"})
+                "'images' (ordered list) or 'image'; the --annotations the store was built with. FILE@IMAGE_DIR: "
+                "the file's relative image paths start from IMAGE_DIR, a folder inside --data_root (VG-LLM's "
+                "data_path); FILE%%N: keep N percent of its samples (1-100; VG-LLM's name%%N), the same ones "
+                "`featstore build` keeps (docs/TRAINING.md)"})
     use_vggt_cache: bool = field(default=False, metadata={
         "help": f"read VGGT features from the store (<data_root>/{DEFAULT_STORE_NAME} unless "
                 "--vggt_cache_path); VGGT is then never built. Build the store first: `featstore build "
@@ -337,10 +341,13 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
                             "paths are relative to")
     if not data_args.annotations:
         raise ArgumentError("--annotations FILE... is required (LLaVA/Qwen conversation JSON or JSONL)")
-    for a in data_args.annotations:
-        if not os.path.isfile(a):
-            raise ArgumentError(f"--annotations {a}: no such file; pass the LLaVA/Qwen conversation JSON or JSONL "
-                                "files")
+    from featstore.errors import PlanError
+    from featstore.plan import annotation_sources
+
+    try:  # every FILE[@IMAGE_DIR][%N] checked before any work, with the words featstore build uses
+        annotation_sources(data_args.annotations, data_args.data_root)
+    except PlanError as e:
+        raise ArgumentError(str(e)) from None
     fusion = model_args.vggt_fusion
     mode = model_args.vggt_mode
     if data_args.use_vggt_cache and mode not in (None, "cached"):

@@ -1,7 +1,8 @@
 """Training data: conversation samples -> token ids, labels, Qwen pixels and the VGGT inputs.
 
 Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers):
-  1. unit     `featstore.plan.sample_unit`: the key and ordered frame list that
+  1. unit     `featstore.plan.plan_samples` (at construction, for every file): the samples
+              kept (`FILE%N`), each with the key and ordered frame list that
               `featstore build --annotations` stored (the same code, so they agree)
   2. frames   each image read and preprocessed as the build does ([S, 3, H, W], one VGGT
               call); the Qwen image is that same view cropped to the VGGT grid trimmed to even
@@ -36,14 +37,13 @@ vggt_frame_count [B] (S); cache_hits, cache_misses, cache_computed (0-d int64).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from featstore.encoders.preprocess import qwen_view
 from featstore.errors import MissingKeyError
-from featstore.plan import load_annotations, sample_unit
+from featstore.plan import describe_skipped, plan_samples
 from training.vggt_online import read_unit_frames
 
 __all__ = ["ConversationDataset", "Collator", "DataError", "IMAGE_PLACEHOLDER", "SOURCE_NONE",
@@ -72,8 +72,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA/Qwen conversation samples with their VGGT inputs (see module docstring).
 
     Args:
-        annotations: JSON/JSONL files; samples carry "images" (ordered) or "image", and
-            "conversations" (from/value or role/content turns).
+        annotations: JSON/JSONL files, as `--annotations` takes them (``FILE[@IMAGE_DIR][%N]``,
+            `featstore.plan.parse_annotation_source`); samples carry "images" (ordered) or
+            "image", and "conversations" (from/value or role/content turns).
         data_root: the folder image paths and store keys are relative to.
         tokenizer, image_processor: Qwen's (see training.presets).
         spec: the `EncoderSpec` training uses (preprocessing, patch size, frames kept).
@@ -92,7 +93,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     Raises:
         DataError: at construction, for a sample whose `<image>` count differs from its images
-            or whose turns are malformed; every sample is checked before training starts.
+            or whose turns are malformed, and for video samples (not supported yet: they would
+            train as text); every sample is checked before training starts.
+        PlanError: what `featstore build` refuses too (`featstore.plan.plan_samples`): samples with
+            `spar_info`, a data root (or IMAGE_DIR) that holds none of a file's first images, a
+            key collision.
     """
 
     def __init__(self, annotations: Sequence[str], data_root: str, tokenizer, image_processor, spec, *,
@@ -114,14 +119,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.samples: List[Dict[str, Any]] = []
         self.wheres: List[str] = []
         self.units = []
-        for path in annotations:
-            for i, sample in enumerate(load_annotations(path)):
-                where = f"{os.fspath(path)} sample {i}" + (f" (id {sample['id']!r})" if "id" in sample else "")
-                unit = sample_unit(sample, data_root, where=where)
-                _check_turns(sample, where, 0 if unit is None else unit.num_frames)
-                self.samples.append(sample)
-                self.wheres.append(where)
-                self.units.append(unit)
+        planned = plan_samples(data_root, annotations)
+        videos = [{"sample": p.where, "reason": p.skipped} for p in planned if p.media]
+        if videos:
+            # Their frames would not be read: they would train as text with a literal "<video>".
+            raise DataError(f"{describe_skipped(videos, limit=1)}; training refuses them: video samples are not "
+                            "supported yet (no frames, no features). Remove them from the annotations")
+        for p in planned:
+            _check_turns(p.sample, p.where, 0 if p.unit is None else p.unit.num_frames)
+            self.samples.append(p.sample)
+            self.wheres.append(p.where)
+            self.units.append(p.unit)
 
     def __len__(self) -> int:
         return len(self.samples)
