@@ -27,7 +27,7 @@ def test_labels_cover_assistant_content_and_its_end_token_only(tmp_path):
         sup = item["labels"] != -100
         text = tok.decode(item["input_ids"][sup])
         answer = ds.samples[i]["conversations"][1]["value"]
-        assert text == answer + "<|im_end|>"
+        assert text == answer + "<|im_end|>\n"
         assert torch.equal(item["labels"][sup], item["input_ids"][sup])
         # the prompt is Qwen's chat layout
         full = tok.decode(item["input_ids"])
@@ -100,6 +100,75 @@ def test_qwen_pixels_are_the_references_crop_bit_for_bit(tmp_path, target):
         assert not torch.equal(resized, want)
 
 
+VGLLM_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".vendor", "vgllm", "src",
+                          "qwen_vl", "data", "data_qwen.py")
+
+
+def _reference_tokenize():
+    """VG-LLM's `preprocess_qwen_2_visual` (the same in JanusVLN), taken from the vendored file alone
+    (its module imports decord); skipped when the file is absent."""
+    import ast
+    import copy
+
+    import transformers
+
+    if not os.path.isfile(VGLLM_DATA):
+        pytest.skip(f"VG-LLM not vendored at {VGLLM_DATA}")
+    with open(VGLLM_DATA) as f:
+        tree = ast.parse(f.read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "preprocess_qwen_2_visual")
+    ns = {"copy": copy, "torch": torch, "transformers": transformers, "IGNORE_INDEX": -100, "Dict": dict,
+          "List": list}
+    exec(compile(ast.Module([fn], []), VGLLM_DATA, "exec"), ns)
+    return ns["preprocess_qwen_2_visual"]
+
+
+class _ListChatTemplate:
+    """The tokenizer as transformers 4.x's apply_chat_template behaved for their code: a list of ids."""
+
+    def __init__(self, tok):
+        self.tok, self.chat_template = tok, None
+
+    def __deepcopy__(self, memo):
+        return _ListChatTemplate(self.tok)
+
+    def apply_chat_template(self, conv):
+        return list(self.tok.apply_chat_template(conv, chat_template=self.chat_template, tokenize=True,
+                                                 return_dict=False))
+
+
+def test_tokens_and_labels_equal_the_references(tmp_path):
+    """input_ids and labels of a JanusVLN-style sample (history images, "<image>\\n" in the first
+    turn, two rounds) equal VG-LLM's / JanusVLN's: the first turn's "<image>\\n" loses its newline
+    (their _get_item), and every token after an assistant header is supervised (content,
+    <|im_end|>, the closing newline). Their code masks the header as its first 3 tokens, which is
+    "<|im_start|>assistant\\n" under Qwen's tokenizer; the byte-level test tokenizer splits
+    "assistant" into bytes, so here the whole header is masked on their side too."""
+    preprocess = _reference_tokenize()
+    root = sample_root(tmp_path)
+    conv = [{"from": "human", "value": "History:<image>\n<image>\nNow:<image>\nWhere next?"},
+            {"from": "gpt", "value": "TURN_LEFT"},
+            {"from": "human", "value": "And then?"},
+            {"from": "gpt", "value": "STOP"}]
+    path = _write(root, "janus.json", [{"id": "ep/002.jpg", "images": [f"scene_a/00{i}.jpg" for i in range(3)],
+                                        "conversations": conv}])
+    ds = dataset(root, spec_for(), files=[path])
+    item = ds[0]
+    counts = [int(t.prod()) // 4 for t in item["image_grid_thw"]]
+    theirs_conv = json.loads(json.dumps(conv))
+    theirs_conv[0]["value"] = theirs_conv[0]["value"].replace("<image>\n", "<image>")  # their _get_item
+    out = preprocess([theirs_conv], _ListChatTemplate(ds.tokenizer), grid_thw=counts)
+    want_ids, want_labels = out["input_ids"][0], out["labels"][0].clone()
+    header = ds.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    ids = want_ids.tolist()
+    for i in range(len(ids) - len(header) + 1):
+        if ids[i:i + len(header)] == header:
+            want_labels[i:i + len(header)] = -100
+    assert torch.equal(item["input_ids"], want_ids)
+    assert torch.equal(item["labels"], want_labels)
+    assert "<|vision_end|>Now" in ds.tokenizer.decode(item["input_ids"])  # the newline went
+
+
 def test_image_count_mismatch_names_the_sample(tmp_path):
     from training.data import DataError
 
@@ -122,7 +191,7 @@ def test_single_image_form_and_role_content_turns(tmp_path):
     ds = dataset(root, spec_for(), files=[path])
     item = ds[0]
     assert item["images"] == 1 and item["image_grid_thw"].tolist() == [[1, 6, 8]]
-    assert ds.tokenizer.decode(item["input_ids"][item["labels"] != -100]) == "Red.<|im_end|>"
+    assert ds.tokenizer.decode(item["input_ids"][item["labels"] != -100]) == "Red.<|im_end|>\n"
 
 
 def test_collator_pads_every_sequence_key(tmp_path):

@@ -20,8 +20,9 @@ Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers)
               grid's patches (2hh x 2ww, the grid rule), and image_grid_thw is [1, 2hh, 2ww] per
               image without the processor. A miss raises naming the key and the sample.
   4. text     `<|im_start|>role\\ncontent<|im_end|>\\n` turns; each `<image>` becomes
-              `<|vision_start|>` + `<|image_pad|>` x tokens + `<|vision_end|>`; labels only on
-              assistant content and its `<|im_end|>`.
+              `<|vision_start|>` + `<|image_pad|>` x tokens + `<|vision_end|>` ("<image>\\n" in the
+              first turn first loses its newline); labels on what follows an assistant turn's
+              header: its content, `<|im_end|>` and the closing newline (as VG-LLM and JanusVLN).
 `Collator` pads input_ids / labels / attention_mask / mm_token_type_ids and concatenates the rest.
 
 Batch keys (B samples, L tokens): input_ids, labels, attention_mask, mm_token_type_ids [B, L];
@@ -300,6 +301,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
         turns = [(_ROLES[_turn_field(t, "from", "role")], _turn_field(t, "value", "content"))
                  for t in sample.get("conversations", [])]
+        if turns:
+            # As Qwen's finetuning code and VG-LLM / JanusVLN (`_get_item`): in the first turn an
+            # image's trailing newline goes, "<image>\n" -> "<image>".
+            turns[0] = (turns[0][0], turns[0][1].replace(IMAGE_PLACEHOLDER + "\n", IMAGE_PLACEHOLDER))
         if self.system_prompt and not any(role == "system" for role, _ in turns):
             turns.insert(0, ("system", self.system_prompt))
         newline = self._text_ids("\n")
@@ -311,8 +316,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                 add(self._text_ids(piece), role == "assistant")
                 if k < len(pieces) - 1:
                     add([self.vision_start] + [self.image_pad] * next(images) + [self.vision_end], False)
+            # The references supervise all of an assistant turn after its "<|im_start|>assistant\n"
+            # header: the content, <|im_end|> and the newline that closes the turn.
             add([self.im_end], role == "assistant")
-            add(newline, False)
+            add(newline, role == "assistant")
         input_ids = torch.tensor(ids, dtype=torch.long)
         return {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long),
                 "mm_token_type_ids": (input_ids == self.image_pad).long()}
