@@ -44,6 +44,10 @@ class MissingKeyError(FeatstoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class StaleEntryError(MissingKeyError):
+    """The entry's source files changed (size or mtime) since it was computed: a miss, never served."""
+
+
 class FingerprintMismatchError(FeatstoreError):
     """The store was built with an encoder spec that differs from the one asked for."""
 

@@ -13,6 +13,7 @@ of them read from one LMDB read transaction (one consistent state of the store).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ import torch
 
 from featstore.dtypes import is_quantised
 from featstore.errors import (CorruptEntryError, CorruptStoreError, EntrySchemaError, FeatstoreError,
-                              InheritedLockedStoreError, MissingKeyError)
+                              InheritedLockedStoreError, MissingKeyError, StaleEntryError)
 from featstore.format import Entry, decode_entry, decode_tensor, tensor_span
 from featstore.quant import FP8_DTYPE, SCALE_TENSOR, dequantize, dequantize_into, read_dtype
 from featstore.keys import key_to_bytes, normalize_key
@@ -548,6 +549,51 @@ class FeatureStore:
                 "were asked for: the cached context differs (a miss). Rebuild with the same annotations."
             )
 
+    def _check_sources(self, key: str, entry: Entry, data_root) -> None:
+        """Each frame's size and mtime against the entry's record (`sources`): the image a
+        training run reads now must be the one the features were computed from."""
+        from featstore.plan import source_path
+
+        if "sources" not in entry.metadata:
+            return  # written without a record (StoreWriter.put by hand): nothing to compare against
+        try:
+            sources = json.loads(entry.metadata["sources"])
+        except ValueError:
+            sources = None
+        if not isinstance(sources, list) or len(sources) != len(entry.frames):
+            raise StaleEntryError(f"key {key!r} in {self._where} has a malformed source record for its frames, so "
+                                  "their freshness cannot be checked; rebuild it (featstore build --force)")
+        for frame, src in zip(entry.frames, sources):
+            path = source_path(data_root, frame)
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise StaleEntryError(f"key {key!r} in {self._where}: frame {frame!r} cannot be read now "
+                                      f"({path}: {e.strerror}); its features belong to a file that is gone") from None
+            if not isinstance(src, dict) or src.get("size") != st.st_size or src.get("mtime_ns") != st.st_mtime_ns:
+                raise StaleEntryError(
+                    f"key {key!r} in {self._where} is stale: frame {frame!r} changed since the features were "
+                    f"computed (size {src.get('size') if isinstance(src, dict) else '?'} -> {st.st_size}, mtime "
+                    "changed); rerun featstore build (it recomputes stale entries)")
+
+    def missing(self, keys: Iterable) -> list[str]:
+        """The keys of `keys` that have no entry, in the order given, from one read transaction
+        (a start-up coverage check: ~1 us a key, no value is read).
+
+        Example:
+            >>> from featstore import FeatureStore
+            >>> with FeatureStore("data/") as store:
+            ...     store.missing(["scene_a/000.jpg", "nope.jpg"])
+            ['nope.jpg']
+        """
+        out = []
+        with self._read_txn() as txn:
+            cur = txn.cursor(db=self._db)
+            for key in keys:
+                if not cur.set_key(key_to_bytes(key)):
+                    out.append(key)
+        return out
+
     def _no_tensor(self, kb: bytes, value, tensor: str) -> EntrySchemaError:
         return EntrySchemaError(f"entry {kb.decode()!r} in {self._where} has no tensor {tensor!r} "
                                f"(it has {sorted(decode_entry(value, key=kb.decode()).tensors)})")
@@ -572,7 +618,7 @@ class FeatureStore:
 
     def read_into(self, keys: Iterable, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
                   tensor: str = "features", frames: Sequence[Sequence[str]] | None = None,
-                  pin_memory: bool = False) -> torch.Tensor:
+                  data_root: str | os.PathLike | None = None, pin_memory: bool = False) -> torch.Tensor:
         """Copy the `tensor` of each key into ``out[i]`` inside one read transaction.
 
         This is the one copy out of the map: pass `out` in shared or pinned memory (or
@@ -589,13 +635,17 @@ class FeatureStore:
                 dtype (a cast, or the dequantisation, during the one copy).
             tensor: which tensor of each entry to copy (default ``"features"``).
             frames: optional per-key frame lists to check (see `get`).
+            data_root: when given, each entry's frames must be the files it was computed from:
+                their size and mtime (one `stat` each, under `data_root`) equal the entry's
+                record, else StaleEntryError names the key and the frame.
             pin_memory: allocate `out` in pinned memory when `out` is None (needs CUDA).
 
         Returns:
             `out`, filled.
 
         Raises:
-            MissingKeyError: a key is not in the store.
+            MissingKeyError: a key is not in the store (StaleEntryError: a frame changed since,
+                with `data_root`).
             EntrySchemaError: an entry has no tensor named `tensor` (not a miss), or an fp8
                 entry has no ``features_scale``.
             ValueError: `out` does not fit (rows, shape or dtype); nothing is guaranteed about
@@ -632,7 +682,8 @@ class FeatureStore:
         with self._read_txn() as txn:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
-                if frames is None and not self.verify_checksums and (out is None or rows is not None):
+                if (frames is None and data_root is None and not self.verify_checksums
+                        and (out is None or rows is not None)):
                     # Hot path: locate the tensor's bytes (metadata unparsed, known header
                     # layouts not parsed again) and copy exactly those bytes into row i.
                     try:
@@ -657,6 +708,8 @@ class FeatureStore:
                 entry = decode_entry(value, key=name, verify=self.verify_checksums)
                 if frames is not None:
                     self._check_frames(name, entry, frames[i])
+                if data_root is not None:
+                    self._check_sources(name, entry, data_root)
                 src = entry.tensors.get(tensor)
                 if src is None:
                     raise self._no_tensor(kb, value, tensor)

@@ -348,9 +348,9 @@ def test_featstore_builds_the_vision_set_beside_vggt_and_training_reads_both(par
 
 def test_with_both_caches_no_image_is_decoded(parts, tmp_path):
     """VGGT and vision features both cached: the dataset reads only the images' headers. The
-    frames here are cut after their first 700 bytes (headers intact, most pixels gone, so
-    decoding fails) and the batch equals the one made from the intact images; without the VGGT cache the
-    frames are needed and the cut file is named."""
+    frames here are zeroed after their first 700 bytes (headers intact, size and mtime kept, so the
+    freshness check passes, but the pixels are gone and decoding fails) and the batch equals the one
+    made from the intact images; without the VGGT cache the frames are needed and the cut file is named."""
     import shutil
 
     from featstore.errors import ImageDecodeError
@@ -363,8 +363,11 @@ def test_with_both_caches_no_image_is_decoded(parts, tmp_path):
     shutil.copytree(root, cut, ignore=shutil.ignore_patterns("*.lmdb"))
     for key in parts["feats"]:
         path = os.path.join(cut, key)
+        st = os.stat(path)
         with open(path, "r+b") as f:
-            f.truncate(700)
+            f.seek(700)
+            f.write(b"\0" * (st.st_size - 700))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     got = collate(dataset(cut, spec, store=parts["vggt_store"], vision_store=vision))
     assert set(got) == set(want) and "pixel_values" not in got
     for key in want:

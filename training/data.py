@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from featstore.encoders.preprocess import qwen_view
-from featstore.errors import MissingKeyError
+from featstore.errors import MissingKeyError, StaleEntryError
 from featstore.plan import describe_skipped, plan_samples
 from training.vggt_online import read_unit_frames
 
@@ -222,7 +222,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         keys = list(unit.frames)
         try:
             # One transaction for all frames; each entry must be stored for exactly its own frame.
-            feats = self.vision_store.read_into(keys, frames=[[k] for k in keys])
+            feats = self.vision_store.read_into(keys, frames=[[k] for k in keys], data_root=self.data_root)
+        except StaleEntryError as e:
+            raise VisionCacheMissError(
+                f"stale vision features for {where}: {e}. Rebuild the changed frames' vision features (featstore "
+                "build --encoder qwen2.5-vl-vision recomputes stale entries), or train without --use_vision_cache"
+            ) from None
         except MissingKeyError as e:
             raise VisionCacheMissError(
                 f"vision feature cache miss for {where}: {e}. Build the vision features of every frame into "
@@ -268,9 +273,14 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _read_features(self, item: Dict[str, Any], unit, where: str, num_frames: int, tokens: int) -> None:
         try:
             # One transaction, one copy out of the map; the stored frame list must equal the unit's.
-            feats = self.store.read_into([unit.key], frames=[list(unit.frames)])[0]
+            # Its frames must also be the files it was computed from (one stat each, no read).
+            feats = self.store.read_into([unit.key], frames=[list(unit.frames)], data_root=self.data_root)[0]
         except MissingKeyError as e:
             item["misses"] = 1
+            if self.cache_miss == "error" and isinstance(e, StaleEntryError):
+                raise CacheMissError(
+                    f"stale VGGT features for {where}: {e}; or pass --vggt_cache_miss compute to encode such "
+                    "samples online") from None
             if self.cache_miss == "error":
                 raise CacheMissError(
                     f"VGGT feature cache miss for {where}: key {unit.key!r} ({e}). Build the store with "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import List, Optional
 
 import torch
@@ -26,7 +27,7 @@ from training.data import Collator, ConversationDataset, DataError
 from training.trainer import FeatstoreTrainer
 from training.vggt_online import OnlineVGGT, resolve_spec
 
-__all__ = ["main", "run", "open_feature_cache", "open_vision_cache", "vision_spec", "build_model", "load_tokenizer_and_processor",
+__all__ = ["main", "run", "check_coverage", "open_feature_cache", "open_vision_cache", "vision_spec", "build_model", "load_tokenizer_and_processor",
            "VISION_FEATURE_SET"]
 
 VISION_FEATURE_SET = "qwen_vision"  # the store's feature set of the frozen Qwen vision tower's output
@@ -112,6 +113,48 @@ def vision_spec(settings, vggt_spec):
     return resolve_encoder_spec(settings.vision_encoder, weights=settings.vision_weights,
                                 preprocess_mode=vggt_spec.preprocess.mode,
                                 target_size=vggt_spec.preprocess.target_size)
+
+
+def check_coverage(dataset, store, vision_store, cache_miss: str) -> None:
+    """Before step 1: every sample's key is in the VGGT store, and every frame's key in the vision
+    store (one read transaction each, no value read; docs/OPERATIONS.md has the cost). A gap is
+    found now, not at the step that reaches it.
+
+    Raises:
+        CacheMissError: samples without an entry, under --vggt_cache_miss error (under compute
+            they are logged and encoded online when reached).
+        VisionCacheMissError: frames without cached vision features (always an error).
+    """
+    from training.data import CacheMissError, VisionCacheMissError
+
+    t0 = time.perf_counter()
+    samples = [(unit, where) for unit, where in zip(dataset.units, dataset.wheres) if unit is not None]
+    checked = 0
+    for what, st, keys_of in (("VGGT", store, lambda u: [u.key]), ("vision", vision_store, lambda u: list(u.frames))):
+        if st is None:
+            continue
+        wanted = list(dict.fromkeys(k for unit, _ in samples for k in keys_of(unit)))
+        checked += len(wanted)
+        missing = set(st.missing(wanted))
+        if not missing:
+            continue
+        hit = [(unit, where) for unit, where in samples if missing.intersection(keys_of(unit))]
+        example = "; ".join(f"{where} (key {sorted(missing.intersection(keys_of(unit)))[0]!r})"
+                            for unit, where in hit[:3])
+        text = (f"{len(hit)} of {len(samples)} samples have no {what} features in {st.path} ({len(missing)} of "
+                f"{len(wanted)} keys missing), e.g. {example}")
+        if what == "vision":
+            raise VisionCacheMissError(f"{text}. Build them: featstore build --data-root {dataset.data_root} "
+                                       "--annotations ... --encoder qwen2.5-vl-vision --weights CHECKPOINT (it "
+                                       "computes only what is missing), or train without --use_vision_cache")
+        if cache_miss == "error":
+            raise CacheMissError(f"{text}. Build them: featstore build --data-root {dataset.data_root} --annotations "
+                                 "... with the same encoder flags (it computes only what is missing), or pass "
+                                 "--vggt_cache_miss compute to encode them online")
+        logger.warning(f"{text}; --vggt_cache_miss compute: they are encoded online when reached")
+    if checked:
+        logger.info("coverage: %d keys checked in the store(s) before step 1 in %.2f s", checked,
+                    time.perf_counter() - t0)
 
 
 def load_tokenizer_and_processor(name: str, min_pixels=None, max_pixels=None):
@@ -205,6 +248,7 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
     dataset = ConversationDataset(data_args.annotations, data_args.data_root, tokenizer, image_processor, spec,
                                   store=store, vision_store=vision_store, cache_miss=settings.cache_miss,
                                   system_prompt=data_args.system_prompt)
+    check_coverage(dataset, store, vision_store, settings.cache_miss)  # before any model is built
     geometry = geometry_config(2 * int(spec.config["embed_dim"]), hidden=model_args.vggt_merger_hidden,
                                fusion=settings.fusion, scale=settings.scale)
     model = build_model(model_args.model_name_or_path, tokenizer, geometry, seed=train_args.seed,
