@@ -444,6 +444,11 @@ def test_export_writes_their_layout_and_loads_strictly(tmp_path, fusion, shard):
     assert back.vision_config.fullatt_block_indexes == ours.config.vision_config.fullatt_block_indexes
     assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
     assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
+    # featstore reads the exported vggt.* too (build --weights / --vggt_weights of this folder).
+    from featstore.encoders import get_encoder
+
+    x = torch.rand(1, 2, 3, 42, 56, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(get_encoder("vggt-tiny", weights=out).encode(x), get_encoder("vggt-tiny", weights=vggt_path).encode(x))
 
 
 @pytest.mark.parametrize("fusion,scale", [("last_to_all", 0.2), ("per_image", 0.5)])
@@ -524,13 +529,14 @@ def _their_class(monkeypatch, which):
         import qwen_vl.model.modeling_qwen2_5_vl as M
         from qwen_vl.model.configuration_qwen2_5_vl import Qwen2_5_VLConfig
         from qwen_vl.model.vggt.models.aggregator import Aggregator
+        from featstore.encoders import TINY_CONFIG
     except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip, reported
         pytest.skip(f"cannot import {which}'s modeling code with transformers here: {type(e).__name__}: {e}")
 
     class TinyVGGT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.aggregator = Aggregator(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2)
+            self.aggregator = Aggregator(**TINY_CONFIG)  # featstore's tiny preset, in the official argument names
             self.camera_head, self.track_head = nn.Linear(2, 2), nn.Linear(2, 2)
             self.depth_head, self.point_head = nn.Linear(4, 2), nn.Linear(4, 4)
 
