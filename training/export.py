@@ -47,7 +47,7 @@ import torch
 from training.checkpoints import (JANUSVLN_ARCHITECTURE, VGLLM_ARCHITECTURE, CheckpointError, read_tensors,
                                   to_reference_key)
 
-__all__ = ["export", "ExportReport", "reference_config", "main", "DEFAULT_MAX_SHARD_SIZE"]
+__all__ = ["export", "ExportReport", "reference_config", "build_parser", "main", "DEFAULT_MAX_SHARD_SIZE"]
 
 logger = logging.getLogger("training")
 
@@ -320,17 +320,19 @@ def export(checkpoint: str, output: str, *, vggt_weights: Optional[str] = None, 
     return ExportReport(out, files, architecture, len(tensors), bool(vggt))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry of `python -m training.export`; returns the exit status (2 for bad input)."""
-    from featstore.errors import FeatstoreError
-
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m training.export` (docs/CLI.md shows its help)."""
     parser = argparse.ArgumentParser(
         prog="python -m training.export", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a checkpoint of training.train in the layout VG-LLM and JanusVLN load (config.json in "
-                    "transformers 4.50's form with their fields; visual.*, model.*, lm_head.weight, merger.*, "
-                    "vggt.*). See docs/TRAINING.md.",
-        epilog="Example:\n  python -m training.export --checkpoint runs/out --output runs/out-vgllm \\\n"
-               "      --vggt_weights /ckpt/VGGT-1B/model.safetensors")
+        description="Write a checkpoint of training.train in the layout VG-LLM and JanusVLN load, strictly:\n"
+                    "config.json in transformers 4.50's form with their fields, and visual.*, model.*,\n"
+                    "lm_head.weight, merger.*, vggt.* (with --vggt_weights). See docs/TRAINING.md.",
+        epilog="Examples:\n"
+               "  # the quick start's tiny run (docs/TRAINING.md), without VGGT weights\n"
+               "  python -m training.export --checkpoint /tmp/run --output /tmp/run-vgllm\n"
+               "  # a real run, with the frozen VGGT-1B included as vggt.*\n"
+               "  python -m training.export --checkpoint runs/out --output runs/out-vgllm \\\n"
+               "      --vggt_weights /ckpt/VGGT-1B/model.safetensors --dtype bfloat16")
     parser.add_argument("--checkpoint", required=True, help="a folder training.train saved (--output_dir, or a "
                         "checkpoint-N folder in it)")
     parser.add_argument("--output", required=True, help="the folder to write (new, or empty)")
@@ -345,6 +347,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default %(default)s, as their save_pretrained)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="cast every floating tensor "
                         "(default: keep the checkpoint's dtypes)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry of `python -m training.export`; returns the exit status (2 for bad input)."""
+    from featstore.errors import FeatstoreError
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
