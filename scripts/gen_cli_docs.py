@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Write docs/CLI.md: the --help of `featstore`, of each of its commands, and of
-`python -m training.train` (its description and the project's own options), as they print at
-100 columns.
+"""Write docs/CLI.md: the --help of `featstore`, of each of its commands, of
+`python -m training.train` (its description and the project's own options) and of
+`python -m training.export`, as they print at 100 columns.
 
     python scripts/gen_cli_docs.py            # rewrite docs/CLI.md
     python scripts/gen_cli_docs.py --check    # exit 1 when docs/CLI.md differs from the help
@@ -113,6 +113,10 @@ def render() -> str:
     sections = dict(featstore_helps())
     train_title = "python -m training.train"
     sections[train_title] = training_help()
+    from training.export import build_parser as export_parser
+
+    with _columns():
+        sections["python -m training.export"] = export_parser().format_help()
     lines = [HEADER.format(columns=COLUMNS)]
     lines += [f"- [`{title}`](#{_anchor(title)})\n" for title in sections]
     for title, text in sections.items():

@@ -26,7 +26,9 @@ __all__ = ["GeometryMerger", "RMSNorm", "merged_grid", "group_2x2"]
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, with a learned scale (`weight`)."""
+    """Root-mean-square norm computed in float32, rounded to the input's dtype, then scaled by the
+    learned `weight` in that dtype (Qwen2RMSNorm's order: the norm's output is rounded before the
+    scale, and the product once more)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -37,7 +39,10 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # weight.to(dtype): a no-op when weight and input share a dtype (as in VG-LLM / JanusVLN, whose
+        # merger is bf16 under --bf16); with float32 weights under bf16 autocast it rounds the weight
+        # as their bf16 copy is rounded, so the product is the same number.
+        return self.weight.to(dtype) * x32.to(dtype)
 
 
 def merged_grid(h: int, w: int) -> tuple:
@@ -78,10 +83,25 @@ class GeometryMerger(nn.Module):
         self.ln_q = RMSNorm(in_channels, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(4 * in_channels, hidden), nn.GELU(), nn.Linear(hidden, out_channels))
 
+    def compute_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype the features are cast to before the norm: autocast's when it is on (the dtype
+        the MLP computes in), else the merger's weights' dtype.
+
+        VG-LLM and JanusVLN cast the features to the vision tower's dtype (`.to(self.visual.dtype)`,
+        bf16 under --bf16, the whole model loaded in bf16) and run the merger in that dtype. A bf16
+        merger here does the same; a float32 merger under bf16 autocast (float32 master weights)
+        computes the same numbers, since autocast rounds the weights to bf16 as their bf16 copy is.
+        """
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.ln_q.weight.dtype
+
+    def _norm(self, features: Tensor) -> Tensor:
+        return self.ln_q(features.to(self.compute_dtype(features.device.type)))
+
     def forward(self, features: Tensor, h: int, w: int) -> Tensor:
-        """[F, h*w, C] (any float dtype) -> [F, (h//2)*(w//2), out_channels] in the merger's dtype."""
-        x = self.ln_q(features.to(self.ln_q.weight.dtype))
-        return self.mlp(group_2x2(x, h, w))
+        """[F, h*w, C] (any float dtype) -> [F, (h//2)*(w//2), out_channels] in `compute_dtype`."""
+        return self.mlp(group_2x2(self._norm(features), h, w))
 
     def forward_many(self, items: List[Tuple[Tensor, int, int]]) -> List[Tensor]:
         """Several samples' (features [F, h*w, C], h, w) through ONE MLP call -> per sample
@@ -90,7 +110,7 @@ class GeometryMerger(nn.Module):
         differently), with one kernel launch per layer instead of one per sample."""
         if not items:
             return []
-        grouped = [group_2x2(self.ln_q(x.to(self.ln_q.weight.dtype)), h, w) for x, h, w in items]
+        grouped = [group_2x2(self._norm(x), h, w) for x, h, w in items]
         out = self.mlp(torch.cat([g.reshape(-1, g.shape[-1]) for g in grouped]))
         sizes = [g.shape[0] * g.shape[1] for g in grouped]
         return [o.reshape(g.shape[0], g.shape[1], -1) for o, g in zip(out.split(sizes), grouped)]

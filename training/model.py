@@ -17,7 +17,10 @@ the LLM at random init, so the class registers Qwen2.5-VL's conversion mapping u
 name at import. Loading a hub checkpoint then leaves exactly the merger's keys missing.
 
 The merger lives at `merger.*` in the layout VG-LLM and JanusVLN publish; the online VGGT (if
-any) is attached with `attach_vggt` OUTSIDE the module tree (see training.vggt_online).
+any) is attached with `attach_vggt` OUTSIDE the module tree (see training.vggt_online). Their
+checkpoints also hold the frozen VGGT as `vggt.*`: those keys are ignored when loading (not
+reported as unexpected); `--vggt_weights` / `featstore build --weights` read them from the folder
+(training.checkpoints, featstore.encoders.weights).
 
 Cached vision features (`config.vision_cached`, set by `--use_vision_cache`): the frozen vision
 tower's output is read from the store instead of computed. Per image it is the hidden state
@@ -70,6 +73,9 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
         >>> model = Qwen2_5_VLWithGeometry._from_config(cfg)
         >>> out = model(**batch)          # a batch from training.data.Collator
     """
+
+    # VG-LLM / JanusVLN checkpoints hold their frozen VGGT as vggt.*; here it lives outside the model.
+    _keys_to_ignore_on_load_unexpected = [r"^vggt\."]
 
     def __init__(self, config):
         super().__init__(config)

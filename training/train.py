@@ -15,6 +15,7 @@ Example (the bundled sample data, tiny presets, CPU):
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import List, Optional
@@ -27,8 +28,8 @@ from training.data import Collator, ConversationDataset, DataError
 from training.trainer import FeatstoreTrainer
 from training.vggt_online import OnlineVGGT, resolve_spec
 
-__all__ = ["main", "run", "check_coverage", "open_feature_cache", "open_vision_cache", "vision_spec", "build_model", "load_tokenizer_and_processor",
-           "VISION_FEATURE_SET"]
+__all__ = ["main", "run", "check_coverage", "open_feature_cache", "open_vision_cache", "vision_spec", "build_model",
+           "load_tokenizer_and_processor", "checkpoint_recipe", "VISION_FEATURE_SET"]
 
 VISION_FEATURE_SET = "qwen_vision"  # the store's feature set of the frozen Qwen vision tower's output
 
@@ -171,17 +172,27 @@ def load_tokenizer_and_processor(name: str, min_pixels=None, max_pixels=None):
     return AutoTokenizer.from_pretrained(name), Qwen2VLImageProcessorPil.from_pretrained(name, size=bounds)
 
 
-def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_cached: bool = False):
+def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_cached: bool = False,
+                dtype: Optional[torch.dtype] = None):
     """The Qwen2_5_VLWithGeometry model: random tiny weights, or `from_pretrained(name)`.
 
     A hub checkpoint loads with exactly the merger's keys missing (initialised fresh); a
-    checkpoint of this class also restores its merger. With `vision_cached` the model is built
-    without vision blocks (training.model): `visual.merger` and the LLM still load, the blocks'
-    checkpoint keys are unexpected. A checkpoint saved so holds no vision blocks, and is
-    refused without `vision_cached` (its tower would be random)."""
+    checkpoint of this class, or of VG-LLM / JanusVLN (their `merger.*`; their `vggt.*` is
+    ignored here), also restores its merger, whose shapes are checked first (a mismatch names the
+    key). The merger's width: `geometry["hidden"]` (--vggt_merger_hidden), else the checkpoint's
+    (`vggt_merger_hidden_dim`, or this package's saved `vggt_geometry`). With `vision_cached` the
+    model is built without vision blocks (training.model): `visual.merger` and the LLM still load,
+    the blocks' checkpoint keys are unexpected. A checkpoint saved so holds no vision blocks, and
+    is refused without `vision_cached` (its tower would be random).
+
+    `dtype`: the weights' dtype (`run` passes bfloat16 under --bf16, else float32, as VG-LLM and
+    JanusVLN load theirs: `torch_dtype=torch.bfloat16 if training_args.bf16 else None`); None
+    keeps transformers' default ("auto": the checkpoint's dtype; float32 for the tiny model)."""
     from transformers import AutoConfig
 
     from training import presets
+    from training.checkpoints import CheckpointError, check_merger_shapes, merger_hidden, read_recipe
+    from training.merger import GeometryMerger
     from training.model import GEOMETRY_CONFIG_KEY, VISION_CACHED_CONFIG_KEY, Qwen2_5_VLWithGeometry
 
     if presets.is_tiny(name):
@@ -189,7 +200,7 @@ def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_
         setattr(config, GEOMETRY_CONFIG_KEY, geometry)
         setattr(config, VISION_CACHED_CONFIG_KEY, bool(vision_cached))
         torch.manual_seed(seed)
-        return Qwen2_5_VLWithGeometry._from_config(config)
+        return Qwen2_5_VLWithGeometry._from_config(config, **({} if dtype is None else {"dtype": dtype}))
     config = AutoConfig.from_pretrained(name)
     saved = getattr(config, GEOMETRY_CONFIG_KEY, None) or {}
     if saved and saved.get("in_channels") != geometry["in_channels"]:
@@ -200,9 +211,39 @@ def build_model(name: str, tokenizer, geometry: dict, *, seed: int = 42, vision_
         raise ArgumentError(f"--model_name_or_path {name}: this checkpoint was trained with --use_vision_cache and "
                             "holds no vision blocks (only visual.merger); continue with --use_vision_cache, or "
                             "copy the frozen tower's weights (visual.blocks.*, visual.patch_embed.*) back into it")
-    setattr(config, GEOMETRY_CONFIG_KEY, dict(saved, **geometry))
+    try:
+        hidden = merger_hidden(read_recipe(config), geometry.get("hidden"), name)
+    except CheckpointError as e:
+        raise ArgumentError(str(e)) from None
+    geometry = dict(saved, **geometry)
+    geometry["hidden"] = hidden if hidden is not None else saved.get("hidden")
+    if os.path.isdir(name):  # the merger's shapes, before the loader meets them (a hub id: the loader checks)
+        with torch.device("meta"):
+            merger = GeometryMerger(geometry["in_channels"], config.text_config.hidden_size, geometry["hidden"])
+        try:
+            check_merger_shapes(name, merger.state_dict())
+        except CheckpointError as e:
+            raise ArgumentError(str(e)) from None
+    setattr(config, GEOMETRY_CONFIG_KEY, geometry)
     setattr(config, VISION_CACHED_CONFIG_KEY, bool(vision_cached))
-    return Qwen2_5_VLWithGeometry.from_pretrained(name, config=config)
+    return Qwen2_5_VLWithGeometry.from_pretrained(name, config=config,
+                                                  **({} if dtype is None else {"dtype": dtype}))
+
+
+def checkpoint_recipe(name: str):
+    """The VG-LLM / JanusVLN recipe fields of checkpoint `name`'s config.json (training.checkpoints),
+    or None (the tiny model, a base Qwen2.5-VL checkpoint)."""
+    from training import presets
+    from training.checkpoints import CheckpointError, read_recipe
+
+    if presets.is_tiny(name):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return read_recipe(AutoConfig.from_pretrained(name))
+    except CheckpointError as e:
+        raise ArgumentError(f"--model_name_or_path {name}: {e}") from None
 
 
 def pixel_dtype(model, train_args) -> Optional[torch.dtype]:
@@ -229,11 +270,16 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
 
     `vision_store`: with --use_vision_cache, a store object to read the vision features from
     instead of `open_vision_cache(settings)` (e.g. a separate store of them)."""
+    from training.checkpoints import apply_recipe, check_recipe_spec
     from training.model import geometry_config, set_trainable, vision_block_parameter_count
 
     model_args, data_args, train_args = parse_args(argv)
     settings = resolve_vggt(model_args, data_args)
+    # A VG-LLM / JanusVLN checkpoint: its recipe fields (lam, reference_frame), its vggt.* as the VGGT weights.
+    recipe = checkpoint_recipe(model_args.model_name_or_path)
+    settings = apply_recipe(recipe, model_args, settings, model_args.model_name_or_path)
     spec = resolve_spec(settings.encoder, weights=settings.weights, **settings.overrides)  # builds no VGGT
+    check_recipe_spec(recipe, spec, model_args.model_name_or_path)
     store = open_feature_cache(settings.store_path, spec) if settings.cached else None
     if not settings.vision_cached:
         vision_store = None
@@ -251,8 +297,11 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
     check_coverage(dataset, store, vision_store, settings.cache_miss)  # before any model is built
     geometry = geometry_config(2 * int(spec.config["embed_dim"]), hidden=model_args.vggt_merger_hidden,
                                fusion=settings.fusion, scale=settings.scale)
+    # bf16 weights under --bf16, float32 otherwise: as VG-LLM and JanusVLN load their model.
     model = build_model(model_args.model_name_or_path, tokenizer, geometry, seed=train_args.seed,
-                        vision_cached=settings.vision_cached)
+                        vision_cached=settings.vision_cached,
+                        dtype=torch.bfloat16 if train_args.bf16 else torch.float32)
+    model.config.reference_frame = spec.reference_frame  # saved: the recipe field training.export writes
     dataset.pixel_dtype = pixel_dtype(model, train_args)  # before the workers start: they get it
     if not settings.cached or settings.cache_miss == "compute":
         # Online modes, or cached with misses computed: built lazily, outside the module tree.

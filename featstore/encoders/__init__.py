@@ -391,10 +391,10 @@ class VGGTPreset:
 
     def spec(self, *, weights=None, **options) -> EncoderSpec:
         """The spec `build` would give, without a model (the weights file is hashed, not loaded)."""
-        from .weights import sha256_file
+        from .weights import weights_sha256
 
         spec, path, _, _ = self._prepare(weights, options)
-        digest = sha256_file(path) if path is not None else f"random-seed-{self.random_seed}"
+        digest = weights_sha256(path) if path is not None else f"random-seed-{self.random_seed}"
         return spec.replace(weights_sha256=digest)
 
     def build(self, *, weights=None, device="cpu", **options):
@@ -408,7 +408,7 @@ class VGGTPreset:
                                    f"{OFFICIAL_INSTALL_HINT}") from e
         from . import vggt as V
         from .vggt_encoder import VGGTEncoder
-        from .weights import load_aggregator_state, load_into, sha256_file
+        from .weights import load_aggregator_state, load_into, weights_sha256
 
         config = dict(spec.config)
         # Build on CPU, load, then move: a 5 GB checkpoint never sits twice on the GPU.
@@ -427,7 +427,7 @@ class VGGTPreset:
         load_into(model, state, source)
         del state
         if path is not None:
-            digest = sha256_file(path)  # after the strict load: a wrong file fails fast, unhashed
+            digest = weights_sha256(path)  # after the strict load: a wrong file fails fast, unhashed
         spec = spec.replace(weights_sha256=digest)
         model = model.to(device).eval().requires_grad_(False)
         if compile:

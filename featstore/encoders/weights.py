@@ -5,6 +5,16 @@ silently with random init. Here every aggregator key the model expects must be i
 the file may hold no aggregator key the model lacks; other heads' keys (camera_head., depth_head.,
 point_head., track_head.) are ignored. The sha256 of the file enters the encoder fingerprint; it
 is streamed (files are ~5 GB) and cached by (real path, size, mtime_ns) in a small JSON file.
+
+Key layouts: the official checkpoint's `aggregator.*`; a VG-LLM / JanusVLN checkpoint's
+`vggt.aggregator.*` (their model holds VGGT as `self.vggt`; its folder is then the VGGT weights,
+single model.safetensors or model.safetensors.index.json with shards); a bare aggregator
+state_dict. A file with both prefixes is refused (ambiguous).
+
+Identity (`weights_sha256`, the spec's weights_sha256): the sha256 of the one file; for a sharded
+checkpoint (its index) the sha256 of the lines "<shard file name> <shard sha256>\n", sorted, over
+the shards that hold aggregator keys (the rule featstore.encoders.qwen_weights uses for the vision
+tower). The same folder gives the same identity in `featstore build --weights` and training.
 """
 
 from __future__ import annotations
@@ -23,10 +33,13 @@ from featstore.errors import WeightsError
 if TYPE_CHECKING:  # torch is imported where tensors are read: resolving and hashing need none
     import torch
 
-__all__ = ["resolve_weights", "load_aggregator_state", "load_into", "sha256_file", "hash_cache_path",
-           "HUB_FILENAME"]
+__all__ = ["resolve_weights", "load_aggregator_state", "load_into", "sha256_file", "weights_sha256",
+           "hash_cache_path", "HUB_FILENAME"]
 
 PREFIX = "aggregator."
+REFERENCE_PREFIX = "vggt.aggregator."  # VG-LLM / JanusVLN checkpoints: the VGGT is their model's `vggt`
+INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json: a sharded checkpoint's weight map
+_QWEN_PREFIXES = ("visual.", "model.", "lm_head.")
 HUB_FILENAME = "model.safetensors"
 _CACHE_ENV = "FEATSTORE_CACHE_DIR"
 
@@ -43,17 +56,25 @@ def _looks_like_hub_id(s: str) -> bool:
 def resolve_weights(weights: str | os.PathLike) -> Path:
     """A local weights file for `weights`: an existing path, or a hub id ("facebook/VGGT-1B").
 
-    A directory is searched for model.safetensors, then model.pt. A hub id is fetched with
-    huggingface_hub (optional dependency; uses its cache, so a second run is offline).
+    A directory is searched for model.safetensors, then model.safetensors.index.json (a sharded
+    checkpoint, e.g. VG-LLM's or JanusVLN's: the index is returned and names the shards), then
+    model.pt. A hub id is fetched with huggingface_hub (optional dependency; uses its cache, so a
+    second run is offline).
     """
     p = Path(os.path.expanduser(os.fspath(weights)))
     if p.is_dir():
-        for name in ("model.safetensors", "model.pt"):
+        for name in ("model.safetensors", "model.safetensors" + INDEX_SUFFIX, "model.pt"):
             if (p / name).is_file():
+                if name.endswith(INDEX_SUFFIX):
+                    _aggregator_shards(p / name)  # an index naming no VGGT key fails here, not at build time
                 return p / name
-        raise WeightsError(f"weights directory {str(p)!r} holds neither model.safetensors nor model.pt; pass the "
-                           "weights file itself (--weights /path/to/model.safetensors)")
+        raise WeightsError(f"weights directory {str(p)!r} holds neither model.safetensors, "
+                           "model.safetensors.index.json nor model.pt; pass the weights file itself "
+                           "(--weights /path/to/model.safetensors)")
     if p.is_file():
+        if p.name.endswith(INDEX_SUFFIX):
+            _aggregator_shards(p)
+            return p
         _check_format(p)
         return p
     s = os.fspath(weights)
@@ -99,23 +120,72 @@ def _check_format(path: Path) -> None:
 # ---- reading ----------------------------------------------------------------------------
 
 
-def load_aggregator_state(path: str | os.PathLike) -> Dict[str, "torch.Tensor"]:
-    """The aggregator's tensors from a checkpoint, keys without the `aggregator.` prefix.
+def _aggregator_prefix(keys, source: str) -> str | None:
+    """The prefix of the aggregator's keys: `aggregator.` (official), `vggt.aggregator.` (VG-LLM /
+    JanusVLN), or None for a bare aggregator state_dict."""
+    keys = list(keys)
+    official = any(k.startswith(PREFIX) for k in keys)
+    reference = any(k.startswith(REFERENCE_PREFIX) for k in keys)
+    if official and reference:
+        raise WeightsError(f"weights {source!r} hold aggregator keys under both aggregator.* and vggt.aggregator.*: "
+                           "ambiguous; pass a file with one VGGT")
+    if official or reference:
+        return PREFIX if official else REFERENCE_PREFIX
+    if any(k.startswith(_QWEN_PREFIXES) for k in keys):
+        raise WeightsError(f"weights {source!r} are a Qwen2.5-VL checkpoint without VGGT weights (no aggregator.* "
+                           "nor vggt.aggregator.* key); pass VGGT-1B's model.safetensors, or a VG-LLM / JanusVLN "
+                           "checkpoint folder that holds vggt.*")
+    return None
 
-    A file with no `aggregator.`-prefixed key is taken as a bare aggregator state_dict.
+
+def _aggregator_shards(index: Path) -> list:
+    """The shard files of a safetensors index that hold aggregator keys, sorted by name."""
+    try:
+        with open(index, "r", encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"cannot read the shard index {str(index)!r} ({type(e).__name__}: {e}); re-download "
+                           "the checkpoint") from None
+    prefix = _aggregator_prefix(weight_map, str(index))
+    if prefix is None:
+        raise WeightsError(f"shard index {str(index)!r} names no VGGT aggregator key (aggregator.* or "
+                           "vggt.aggregator.*); pass VGGT-1B's model.safetensors or a checkpoint that holds VGGT")
+    shards = []
+    for name in sorted({str(v) for k, v in weight_map.items() if k.startswith(prefix)}):
+        shard = index.parent / name
+        if not shard.is_file():
+            raise WeightsError(f"shard {str(shard)!r} named by {str(index)!r} (it holds VGGT keys) is missing; "
+                               "re-download the checkpoint")
+        _check_format(shard)
+        shards.append(shard)
+    return shards
+
+
+def load_aggregator_state(path: str | os.PathLike) -> Dict[str, "torch.Tensor"]:
+    """The aggregator's tensors from a checkpoint, keys without the `aggregator.` (official) or
+    `vggt.aggregator.` (VG-LLM / JanusVLN) prefix. `path` may be a safetensors index: its shards
+    that hold aggregator keys are read.
+
+    A file with neither prefix is taken as a bare aggregator state_dict (unless its keys are a
+    Qwen2.5-VL checkpoint's: then it holds no VGGT, and that is said).
     """
     import torch
 
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
+        if path.name.endswith(INDEX_SUFFIX) or path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            # safe_open reads only the aggregator's tensors out of the ~5 GB file.
-            with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-                keys = list(f.keys())
-                wanted = [k for k in keys if k.startswith(PREFIX)] or keys
-                raw = {k: f.get_tensor(k) for k in wanted}
+            raw = {}
+            for file in (_aggregator_shards(path) if path.name.endswith(INDEX_SUFFIX) else [path]):
+                # safe_open reads only the aggregator's tensors out of the multi-GB file.
+                with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+                    keys = list(f.keys())
+                    prefix = _aggregator_prefix(keys, str(file))
+                    wanted = [k for k in keys if k.startswith(prefix)] if prefix else keys
+                    raw.update({k: f.get_tensor(k) for k in wanted})
         else:
             # weights_only: never unpickle arbitrary objects; mmap: don't read the heads' bytes.
             try:
@@ -134,8 +204,9 @@ def load_aggregator_state(path: str | os.PathLike) -> Dict[str, "torch.Tensor"]:
     except Exception as e:
         raise WeightsError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}; the file is "
                            "damaged or incomplete: download it again") from e
-    if any(k.startswith(PREFIX) for k in raw):
-        return {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)}
+    prefix = _aggregator_prefix(raw, str(path))
+    if prefix is not None:
+        return {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     return dict(raw)
 
 
@@ -195,6 +266,22 @@ def _few(keys, n=8, *, prefix: str = PREFIX):
 
 
 # ---- hashing ----------------------------------------------------------------------------
+
+
+def weights_sha256(path: str | os.PathLike, *, use_cache: bool = True) -> str:
+    """The weights' identity for the spec (module docstring): `sha256_file` of the file, or for a
+    safetensors index the sha256 of the sorted "<shard name> <shard sha256>\\n" lines of the shards
+    holding aggregator keys (a change of the other shards alone leaves it unchanged).
+
+    Example:
+        >>> weights_sha256("ckpt/model.safetensors") == sha256_file("ckpt/model.safetensors")  # doctest: +SKIP
+        True
+    """
+    p = Path(path)
+    if not p.name.endswith(INDEX_SUFFIX):
+        return sha256_file(p, use_cache=use_cache)
+    lines = sorted(f"{f.name} {sha256_file(f, use_cache=use_cache)}\n" for f in _aggregator_shards(p))
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
 def hash_cache_path() -> Path:
