@@ -290,6 +290,7 @@ def check_recipe_spec(recipe: Optional[ReferenceRecipe], spec, source: str) -> N
     ours = getattr(spec, "reference_frame", "first")
     if recipe.reference_frame != ours:
         logger.warning("%s's config.json has reference_frame %r, this run's VGGT spec %r: its merger was trained on "
-                       "features anchored at the %s frame. Set the spec's reference_frame to %r (the training flag "
-                       "for it, and the same for `featstore build`) to continue its recipe", source,
-                       recipe.reference_frame, ours, recipe.reference_frame, recipe.reference_frame)
+                       "features anchored at the %s frame. Pass --vggt_reference_frame %s (and build the store with "
+                       "featstore build --reference-frame %s) to continue its recipe", source,
+                       recipe.reference_frame, ours, recipe.reference_frame, recipe.reference_frame,
+                       recipe.reference_frame)
