@@ -18,6 +18,11 @@ Where each value comes from (the public repositories, LaVi-Lab/VG-LLM and MIV-XJ
 - what trains: VG-LLM `train_sr.sh` tune_mm_llm True, tune_mm_vision False, tune_mm_mlp False;
   JanusVLN `train.sh` the same but tune_mm_mlp True (Qwen's `visual.merger`); both always train
   the geometry merger and keep VGGT frozen.
+- optimisation: `--learning_rate` 5e-6 (VG-LLM) / 2e-5 (JanusVLN), `--mm_projector_lr 1e-5
+  --vision_tower_lr 1e-6` (training/optim.py groups), `--weight_decay 0.01 --warmup_ratio 0.03
+  --lr_scheduler_type cosine` in both (transformers 5: `--warmup_steps 0.03`). Batch size,
+  accumulation, epochs, DeepSpeed stage and `--bf16` depend on the hardware and are left to the
+  command line.
 
 Example:
     >>> from featstore.recipes import RECIPES
@@ -52,6 +57,12 @@ class Recipe:
     tune_llm: bool = True
     tune_vision: bool = False
     tune_merger: bool = True
+    learning_rate: float = 2e-5
+    mm_projector_lr: float = 1e-5
+    vision_tower_lr: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
 
     def encoder_options(self) -> Dict[str, object]:
         """The encoder spec options (`resolve_spec` / `featstore build` words) of this recipe."""
@@ -68,13 +79,17 @@ class Recipe:
             "--vggt_scale": self.scale, "--min_pixels": self.min_pixels, "--max_pixels": self.max_pixels,
             "--tune_llm": self.tune_llm, "--tune_vision": self.tune_vision,
             "--tune_vision_merger": self.tune_vision_merger, "--tune_merger": self.tune_merger,
+            "--learning_rate": self.learning_rate, "--mm_projector_lr": self.mm_projector_lr,
+            "--vision_tower_lr": self.vision_tower_lr, "--weight_decay": self.weight_decay,
+            # transformers 5 takes the ratio as a float --warmup_steps in [0, 1) (--warmup_ratio is gone).
+            "--warmup_steps": self.warmup_ratio, "--lr_scheduler_type": self.lr_scheduler_type,
         }
         return [str(x) for flag, value in flags.items() for x in (flag, value)]
 
 
 RECIPES: Dict[str, Recipe] = {
     "vgllm": Recipe("vgllm", attention="full", frames_kept="all", target_size=518, fusion="per_image", scale=1.0,
-                    tune_vision_merger=False),
+                    tune_vision_merger=False, learning_rate=5e-6),
     "janusvln": Recipe("janusvln", attention="causal", frames_kept="last", target_size=644, fusion="last_to_all",
                        scale=0.2, tune_vision_merger=True),
 }

@@ -54,8 +54,11 @@ def test_training_recipe_sets_every_knob_and_a_flag_wins(tmp_path):
 
     base = ["--data_root", "sample_data", "--annotations", "sample_data/annotations.json", "--output_dir",
             str(tmp_path / "o"), "--use_cpu"]
-    model_args, data_args, _ = parse_args(["--recipe", "janusvln", *base])
+    model_args, data_args, train_args = parse_args(["--recipe", "janusvln", *base])
     s = resolve_vggt(model_args, data_args)
+    assert (train_args.learning_rate, train_args.mm_projector_lr, train_args.vision_tower_lr) == (2e-5, 1e-5, 1e-6)
+    assert (train_args.weight_decay, train_args.warmup_steps) == (0.01, 0.03)
+    assert getattr(train_args.lr_scheduler_type, "value", train_args.lr_scheduler_type) == "cosine"
     assert (s.mode, s.fusion, s.scale) == ("online_causal_stream", "last_to_all", 0.2)
     assert s.overrides["attention"] == "causal" and s.overrides["frames_kept"] == "last"
     assert s.overrides["target_size"] == 644 and s.overrides["reference_frame"] == "first"
@@ -108,6 +111,9 @@ def test_recipe_values_match_the_published_scripts(name, repo, script):
     assert (_flag(text, "tune_mm_llm") == "True") == recipe.tune_llm
     assert (_flag(text, "tune_mm_vision") == "True") == recipe.tune_vision
     assert (_flag(text, "tune_mm_mlp") == "True") == recipe.tune_vision_merger
+    for flag in ("learning_rate", "mm_projector_lr", "vision_tower_lr", "weight_decay", "warmup_ratio"):
+        assert float(_flag(text, flag)) == getattr(recipe, flag), flag
+    assert _flag(text, "lr_scheduler_type").strip('"') == recipe.lr_scheduler_type
     load_fn = _read(repo, "src/qwen_vl/model/vggt/utils/load_fn.py")
     sizes = re.findall(r"^\s*target_size\s*=\s*(\d+)", load_fn, flags=re.M)
     assert sizes and int(sizes[-1]) == recipe.target_size
@@ -117,3 +123,36 @@ def test_recipe_values_match_the_published_scripts(name, repo, script):
     assert (float(lam.group(1)) if lam else 1.0) == recipe.scale
     streams = "past_key_values_vggt" in modeling
     assert streams == (recipe.attention == "causal")
+
+
+def test_the_mergers_train_at_mm_projector_lr_as_in_their_trainer(tmp_path):
+    """--mm_projector_lr gives every parameter whose name holds 'merger' (geometry merger and
+    visual.merger) that rate, --vision_tower_lr the other visual.* ones, the rest --learning_rate;
+    decay on parameters outside LayerNorm without 'bias' (their transformers 4.50 rule)."""
+    from _training_helpers import spec_for, tiny_model
+    from training.args import parse_args
+    from training.model import set_trainable
+    from training.trainer import FeatstoreTrainer
+
+    model = tiny_model(spec_for())
+    set_trainable(model, merger=True, llm=True, vision=True, vision_merger=True)
+    _, _, args = parse_args(["--data_root", "sample_data", "--output_dir", str(tmp_path / "o"), "--use_cpu",
+                             "--learning_rate", "2e-5", "--mm_projector_lr", "1e-5", "--vision_tower_lr", "1e-6",
+                             "--weight_decay", "0.01", "--report_to", "none"])
+    trainer = FeatstoreTrainer(model=model, args=args)
+    opt = trainer.create_optimizer()
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(where) == sum(1 for p in named.values() if p.requires_grad)  # each parameter once
+    for name, p in named.items():
+        g = where[id(p)]
+        want_lr = 1e-5 if "merger" in name else 1e-6 if "visual" in name else 2e-5
+        assert g["lr"] == want_lr, name
+        want_decay = 0.0 if "bias" in name else 0.01
+        assert g["weight_decay"] == want_decay, name
+    assert any("merger.mlp" in n and not n.startswith("model.visual") for n in named)  # the geometry merger
+    assert any(n.startswith("model.visual.merger") for n in named)
+    _, _, plain = parse_args(["--data_root", "sample_data", "--output_dir", str(tmp_path / "p"), "--use_cpu",
+                              "--report_to", "none"])
+    opt = FeatstoreTrainer(model=model, args=plain).create_optimizer()
+    assert {g["lr"] for g in opt.param_groups} == {plain.learning_rate}  # without it: one rate

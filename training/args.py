@@ -216,6 +216,14 @@ class TrainingArguments(transformers.TrainingArguments):
                 "tens of MB of features. Sets accelerate's non_blocking unless --accelerator_config sets it "
                 "(default on; --dataloader_non_blocking False for blocking copies)"})
 
+    mm_projector_lr: Optional[float] = field(default=None, metadata={
+        "help": "learning rate of every parameter whose name holds 'merger' (the geometry merger and Qwen's "
+                "visual.merger), as VG-LLM's and JanusVLN's --mm_projector_lr (their scripts: 1e-5); default: "
+                "--learning_rate for all (training/optim.py)"})
+    vision_tower_lr: Optional[float] = field(default=None, metadata={
+        "help": "with --mm_projector_lr: the learning rate of the other visual.* parameters (their scripts: 1e-6; "
+                "only trained with --tune_vision)"})
+
     dataloader_batch_slots: bool = field(default=True, metadata={
         "help": "DataLoader workers (--dataloader_num_workers > 0) write each batch into shared-memory slots "
                 "they keep, which the main process maps once and registers as pinned memory: the copy to the "

@@ -85,6 +85,22 @@ class FeatstoreTrainer(transformers.Trainer):
         self._last_log_wall = None  # set at the first data fetch
 
     # -- 1 + 2: time the data wait, take the counters out of the batches -------------------
+    def create_optimizer(self, model=None):
+        """transformers' optimizer, with VG-LLM's and JanusVLN's per-group learning rates when
+        --mm_projector_lr is set (training.optim: the mergers at that rate, with --vision_tower_lr
+        the other visual.* parameters at that one)."""
+        from training.optim import parameter_groups
+
+        opt_model = self.model if model is None else model
+        groups = None if self.optimizer is not None else parameter_groups(
+            opt_model, weight_decay=self.args.weight_decay, projector_lr=getattr(self.args, "mm_projector_lr", None),
+            vision_lr=getattr(self.args, "vision_tower_lr", None))
+        if groups is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch one optimizer step's batches (timed) and remove `STAT_KEYS` from each."""
         start = time.perf_counter()
