@@ -50,7 +50,7 @@ import lmdb
 
 from featstore.cli import STORE_HELP, store_path_arg
 from featstore.dtypes import is_quantised
-from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
+from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError, StoreBusyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
 from featstore.progress import NO_PROGRESS_HELP
@@ -629,6 +629,7 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
         if not os.path.isfile(a):
             raise FeatstoreError(f"--annotations {a}: no such file; pass the annotation files the store was built from")
     workers = workers or _DEFAULT_WORKERS
+    _refuse_live_build(path, feature_set)
     report = Report(path=path, data_root=data_root, workers=workers)
 
     if not _check_structure(path, report, full=structure) or not _check_size(path, report):
@@ -666,6 +667,23 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
                    f"featstore verify: {path}: {'ok' if report.ok else 'problems found (' + found + ')'}, "
                    f"{report.seconds:.1f} s")
     return report
+
+
+def _refuse_live_build(path: str, feature_set) -> None:
+    """Raise StoreBusyError when a build is writing a set about to be verified (the named ones,
+    else any): its entries, counts and build state are changing, and an incomplete state then
+    means "still running", not "killed" (the build lock tells the two apart, `live_build`)."""
+    from featstore.claim import describe_build, live_build, sets_with_lock_files
+
+    if feature_set is None:
+        names = sets_with_lock_files(path)
+    else:
+        names = [feature_set] if isinstance(feature_set, str) else list(feature_set)
+    for name in names:
+        holder = live_build(path, check_feature_set(name))
+        if holder is not None:
+            raise StoreBusyError(f"{feature_set_label(path, name)} is being written by a build "
+                                 f"({describe_build(holder)}): verify when it finishes")
 
 
 def _chosen_sets(feature_set, present: list[str], path: str) -> list[str]:
