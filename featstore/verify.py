@@ -48,7 +48,7 @@ from typing import Iterable, Mapping, Sequence
 
 import lmdb
 
-from featstore.cli import STORE_HELP, store_path_arg
+from featstore.cli import STORE_HELP, add_annotations_argument, store_path_arg
 from featstore.dtypes import is_quantised
 from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError, StoreBusyError
 from featstore.keys import normalize_key
@@ -856,9 +856,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks (default: "
                    "STORE when it is a data root, else none and those checks are skipped)")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE",
-                   help="training's annotation files: the plan is one unit per sample (as for build). Default: "
-                   "a scan of the data root, one unit per image; pass the files the store was built from")
+    add_annotations_argument(p, "training's annotation files: the plan is one unit per sample (as for build). "
+                             "Default: a scan of the data root, one unit per image; pass the files the store was "
+                             "built from")
     p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find content "
                    "changes that kept size and mtime (reads every image; default: size and mtime only)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",
