@@ -22,7 +22,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from featstore.cli import STORE_HELP, store_path_arg
+from featstore.cli import STORE_HELP, add_annotations_argument, store_path_arg
 from featstore.errors import FeatstoreError
 from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import PRIMARY_FEATURE_SET
@@ -155,9 +155,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "stale entries are found against it")
     p.add_argument("--feature-set", action="append", metavar="NAME", help="collect only this feature set "
                    "(repeat for several; default: every set of the store)")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
-                   help="training's annotation files: the plan for --unplanned (as for build, the same "
-                   "FILE@IMAGE_DIR and FILE%%N forms; default: a scan of the data root, one unit per image)")
+    add_annotations_argument(p, "training's annotation files: the plan for --unplanned, as for build. Default: a "
+                             "scan of the data root, one unit per image")
     p.add_argument("--deep", action="store_true", help="stale also when the content hash (sha256) changed, not "
                    "only size or mtime; reads every source image (default off)")
     p.add_argument("--unplanned", action="store_true", help="also remove entries the plan does not ask for (e.g. "

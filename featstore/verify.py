@@ -48,9 +48,9 @@ from typing import Iterable, Mapping, Sequence
 
 import lmdb
 
-from featstore.cli import STORE_HELP, store_path_arg
+from featstore.cli import STORE_HELP, add_annotations_argument, store_path_arg
 from featstore.dtypes import is_quantised
-from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
+from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError, StoreBusyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
 from featstore.progress import NO_PROGRESS_HELP
@@ -630,6 +630,7 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
 
         annotation_sources(annotations, data_root)  # every FILE[@IMAGE_DIR][%N] checked before any work
     workers = workers or _DEFAULT_WORKERS
+    _refuse_live_build(path, feature_set)
     report = Report(path=path, data_root=data_root, workers=workers)
 
     if not _check_structure(path, report, full=structure) or not _check_size(path, report):
@@ -667,6 +668,23 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
                    f"featstore verify: {path}: {'ok' if report.ok else 'problems found (' + found + ')'}, "
                    f"{report.seconds:.1f} s")
     return report
+
+
+def _refuse_live_build(path: str, feature_set) -> None:
+    """Raise StoreBusyError when a build is writing a set about to be verified (the named ones,
+    else any): its entries, counts and build state are changing, and an incomplete state then
+    means "still running", not "killed" (the build lock tells the two apart, `live_build`)."""
+    from featstore.claim import describe_build, live_build, sets_with_lock_files
+
+    if feature_set is None:
+        names = sets_with_lock_files(path)
+    else:
+        names = [feature_set] if isinstance(feature_set, str) else list(feature_set)
+    for name in names:
+        holder = live_build(path, check_feature_set(name))
+        if holder is not None:
+            raise StoreBusyError(f"{feature_set_label(path, name)} is being written by a build "
+                                 f"({describe_build(holder)}): verify when it finishes")
 
 
 def _chosen_sets(feature_set, present: list[str], path: str) -> list[str]:
@@ -839,10 +857,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks (default: "
                    "STORE when it is a data root, else none and those checks are skipped)")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
-                   help="training's annotation files: the plan is one unit per sample (as for build, the same "
-                   "FILE@IMAGE_DIR and FILE%%N forms). Default: a scan of the data root, one unit per image; pass "
-                   "the values the store was built with")
+    add_annotations_argument(p, "training's annotation files: the plan is one unit per sample (as for build). "
+                             "Default: a scan of the data root, one unit per image; pass the files the store was "
+                             "built from")
     p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find content "
                    "changes that kept size and mtime (reads every image; default: size and mtime only)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",

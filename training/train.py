@@ -92,8 +92,20 @@ def open_vision_cache(settings, expected_encoder=None):
     path = settings.vision_store_path
     from featstore.store import check_fingerprint
 
+    from featstore.errors import FeatureSetNotFoundError
+
     probe = FeatureStore(path, feature_set=VISION_FEATURE_SET)
     try:
+        try:
+            probe.manifest
+        except FeatureSetNotFoundError:
+            # Name the encoder: `featstore build --feature-set qwen_vision` alone would write the
+            # default encoder's VGGT features into that set.
+            raise FeatureSetNotFoundError(
+                f"--use_vision_cache: {probe.path} holds no cached Qwen vision features (feature set "
+                f"{VISION_FEATURE_SET!r}); build them into it: featstore build --data-root DATA_ROOT --annotations "
+                f"FILE --store {probe.path} --encoder {_vision_build_flags(settings)} (with the --target-size/"
+                "--preprocess-mode of the VGGT features), or train without --use_vision_cache") from None
         if expected_encoder is not None:
             check_fingerprint(probe.manifest, expected_encoder, path=f"{probe.path} (feature set {VISION_FEATURE_SET})",
                               advice=_VISION_MISMATCH_ADVICE)
@@ -103,6 +115,12 @@ def open_vision_cache(settings, expected_encoder=None):
     logger.info("Qwen vision feature cache enabled: %s (feature set %s, %d entries)", probe.path,
                 VISION_FEATURE_SET, entries)
     return FeatureStore(path, feature_set=VISION_FEATURE_SET, expected_encoder=expected_encoder)
+
+
+def _vision_build_flags(settings) -> str:
+    """`--encoder NAME [--weights CHECKPOINT]` of the build that writes the vision features training expects."""
+    weights = f" --weights {settings.vision_weights}" if settings.vision_weights else " --weights CHECKPOINT"
+    return settings.vision_encoder + ("" if settings.vision_encoder.endswith("-tiny") else weights)
 
 
 def vision_spec(settings, vggt_spec):
