@@ -692,7 +692,11 @@ def _encode_and_commit(opts: BuildOptions, spec: EncoderSpec, encoder, mine: lis
                 total.elapsed_s = time.perf_counter() - t0
                 summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
                                shard=f"{index}/{count}", ranks=world, feature_set=feature_set)
-                writer.finish(summary, complete=True)
+                from featstore.plan_record import record_of
+
+                # The set remembers what it was built from: verify, gc and info plan it by default.
+                writer.finish(summary, complete=True,
+                              plan=record_of(opts.data_root, opts.annotations, _unit_kind(spec.encoder)))
             _barrier(world)
             return total
         finally:

@@ -242,6 +242,11 @@ def _print_set(info: dict, file_bytes: int, labelled: bool) -> None:
     for key in ("layer", "attention", "frames_kept", "reference_frame", "preprocess"):  # reference_frame: when "last"
         if key in enc:
             print(f"  {key:<12} {enc[key]}")
+    from featstore.plan_record import describe_plan, plan_of_manifest
+
+    record = plan_of_manifest(m)
+    print(f"plan         {describe_plan(record)}" + ("" if record is not None else
+          " (built before featstore recorded plans: rerun the same `featstore build` to record it)"))
     if info["first_keys"]:
         print(f"keys         {info['key_kind']}; first {', '.join(map(repr, info['first_keys']))}"
               + (", ..." if info["entries"] > len(info["first_keys"]) else "") + " (--keys lists them)")

@@ -109,6 +109,17 @@ def _release(rec: "_OpenEnv") -> None:
         rec.close()
 
 
+def _stat_frame(root: str, frame: str) -> os.stat_result:
+    """stat of the file a frame key names: the plain join first (one syscall), else the file
+    stored under another Unicode form of its name (`featstore.plan.source_path`)."""
+    try:
+        return os.stat(os.path.join(root, frame))
+    except FileNotFoundError:
+        from featstore.plan import source_path
+
+        return os.stat(source_path(root, frame))
+
+
 def _forget_inherited(path: str, rec: "_OpenEnv") -> None:
     """Drop an environment this process inherited through fork, so it can be opened afresh."""
     del _OPEN_ENVS[rec.ident]
@@ -591,25 +602,26 @@ class FeatureStore:
 
     def _check_sources(self, key: str, entry: Entry, data_root) -> None:
         """Each frame's size and mtime against the entry's record (`sources`): the image a
-        training run reads now must be the one the features were computed from."""
-        from featstore.plan import source_path
-
+        training run reads now must be the one the features were computed from. One `stat` a
+        frame (a few microseconds; docs/OPERATIONS.md has the measured cost)."""
         if "sources" not in entry.metadata:
             return  # written without a record (StoreWriter.put by hand): nothing to compare against
+        frames = entry.frames
         try:
             sources = json.loads(entry.metadata["sources"])
         except ValueError:
             sources = None
-        if not isinstance(sources, list) or len(sources) != len(entry.frames):
+        if not isinstance(sources, list) or len(sources) != len(frames):
             raise StaleEntryError(f"key {key!r} in {self._where} has a malformed source record for its frames, so "
                                   "their freshness cannot be checked; rebuild it (featstore build --force)")
-        for frame, src in zip(entry.frames, sources):
-            path = source_path(data_root, frame)
+        root = os.fspath(data_root)
+        for frame, src in zip(frames, sources):
             try:
-                st = os.stat(path)
+                st = _stat_frame(root, frame)
             except OSError as e:
                 raise StaleEntryError(f"key {key!r} in {self._where}: frame {frame!r} cannot be read now "
-                                      f"({path}: {e.strerror}); its features belong to a file that is gone") from None
+                                      f"({e.filename}: {e.strerror}); its features belong to a file that is "
+                                      "gone") from None
             if not isinstance(src, dict) or src.get("size") != st.st_size or src.get("mtime_ns") != st.st_mtime_ns:
                 raise StaleEntryError(
                     f"key {key!r} in {self._where} is stale: frame {frame!r} changed since the features were "

@@ -313,6 +313,11 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
                                   store=store, vision_store=vision_store, cache_miss=settings.cache_miss,
                                   system_prompt=data_args.system_prompt)
     check_coverage(dataset, store, vision_store, settings.cache_miss)  # before any model is built
+    if store is not None:  # a plan other than the one the store was built from: said once
+        from featstore.plan_record import plan_notes, plan_of_manifest
+
+        for line in plan_notes(plan_of_manifest(store.manifest), data_args.data_root, data_args.annotations):
+            logger.info(f"featstore plan: {line}")
     geometry = geometry_config(2 * int(spec.config["embed_dim"]), hidden=model_args.vggt_merger_hidden,
                                fusion=settings.fusion, scale=settings.scale)
     # bf16 weights under --bf16, float32 otherwise: as VG-LLM and JanusVLN load their model.
