@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from _training_helpers import annotations, build_store, sample_root
 from _training_launch import REPO, child_env, free_port, kill_groups, read_metrics, start_group, torchrun, wait_group
@@ -237,3 +238,30 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(c
     code, text = _run(launch(out, "--resume_from_checkpoint", checkpoint), str(tmp_path / "log2"))
     assert code == 0, text[-3000:]
     assert _losses(out, 0) == _losses(straight, 0) and sorted(_losses(out, 0)) == list(range(1, STEPS + 1))
+
+
+def test_a_resumed_run_holds_the_checkpoints_weights_and_a_checkpoint_that_does_not_fit_is_refused(cached_root,
+                                                                                                   tmp_path, capsys):
+    """In-process: the checkpoint's model.safetensors (hub layout) loads into every parameter."""
+    from safetensors.torch import load_file, save_file
+
+    from training.train import main, run
+
+    out = str(tmp_path / "out")
+    first = run(_argv(cached_root, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
+    checkpoint = os.path.join(out, "checkpoint-2")
+    trained = {k: v.clone() for k, v in first.model.state_dict().items()}
+    resumed = run(_argv(cached_root, str(tmp_path / "again"), "--max_steps", "2",
+                        "--resume_from_checkpoint", checkpoint))  # nothing left to train: the weights as loaded
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, trained[name]), name  # the LLM and the vision tower too, not only the merger
+
+    weights = os.path.join(checkpoint, "model.safetensors")
+    state = load_file(weights)
+    del state["model.norm.weight"]  # the hub layout's name of model.language_model.norm.weight
+    save_file(state, weights, metadata={"format": "pt"})
+    assert main(_argv(cached_root, str(tmp_path / "third"), "--resume_from_checkpoint", checkpoint)) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --resume_from_checkpoint {checkpoint}: its model.safetensors does not fit this model: missing "
+        "['model.language_model.norm.weight'], unexpected []; resume with the flags (model, --use_vision_cache, "
+        "--vggt_*) of the run that wrote it")

@@ -61,10 +61,10 @@ def resume_hint(signum: int, step: int, checkpoint: str, seconds: float) -> str:
     Example:
         >>> import signal
         >>> resume_hint(signal.SIGTERM, 3, "runs/a/checkpoint-3", 0.4)
-        'training stopped by SIGTERM after step 3: checkpoint saved in runs/a/checkpoint-3 (0.4 s); resume with --resume_from_checkpoint runs/a/checkpoint-3'
+        'training stopped by SIGTERM after step 3: checkpoint saved in runs/a/checkpoint-3 (0.40 s); resume with --resume_from_checkpoint runs/a/checkpoint-3'
     """
     return (f"training stopped by {signal.Signals(signum).name} after step {step}: checkpoint saved in {checkpoint} "
-            f"({seconds:.1f} s); resume with --resume_from_checkpoint {checkpoint}")
+            f"({seconds:.2f} s); resume with --resume_from_checkpoint {checkpoint}")
 
 
 class Preemption(transformers.TrainerCallback):

@@ -53,6 +53,7 @@ import torch
 import transformers
 
 from featstore.interrupt import ignore_stop_signals, signals_blocked
+from training.args import ArgumentError
 from training.batch_slots import SlotBatch, SlotCollator
 
 __all__ = ["STAT_KEYS", "FeatstoreTrainer", "metrics_path"]
@@ -131,7 +132,7 @@ class FeatstoreTrainer(transformers.Trainer):
             shared[tensor.data_ptr()].add(name)
         missing = [k for k in result.missing_keys if not shared[own[k].data_ptr()] & set(state)]
         if missing or result.unexpected_keys:
-            raise ValueError(
+            raise ArgumentError(
                 f"--resume_from_checkpoint {resume_from_checkpoint}: its {transformers.utils.SAFE_WEIGHTS_NAME} does "
                 f"not fit this model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
                 f"{result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}; resume with the "
