@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from featstore.claim import BuildLock, prepare_store_dir
+from featstore.cli import add_annotations_argument
 from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES, is_quantised, torch_dtype
 from featstore.encoders.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
 from featstore.errors import FeatstoreError, ImageDecodeError, PlanError, StoreFullError
@@ -691,7 +692,11 @@ def _encode_and_commit(opts: BuildOptions, spec: EncoderSpec, encoder, mine: lis
                 total.elapsed_s = time.perf_counter() - t0
                 summary = dict(total.to_dict(), finished=utc_now(), encoder=spec.encoder, fingerprint=fingerprint,
                                shard=f"{index}/{count}", ranks=world, feature_set=feature_set)
-                writer.finish(summary, complete=True)
+                from featstore.plan_record import record_of
+
+                # The set remembers what it was built from: verify, gc and info plan it by default.
+                writer.finish(summary, complete=True,
+                              plan=record_of(opts.data_root, opts.annotations, _unit_kind(spec.encoder)))
             _barrier(world)
             return total
         finally:
@@ -725,14 +730,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, help="folder of the images (required); the store's keys are "
                    f"image paths relative to it, and the store goes beside them, in DATA_ROOT/{DEFAULT_STORE_NAME}, "
                    "unless --store")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
-                   help="training's LLaVA/Qwen JSON/JSONL files: one unit per sample (its ordered frame list); "
-                   "for an encoder of single images, one unit per distinct image of the samples. Default: none, "
-                   "every image under the data root is its own unit. Pass the files training gets, so that "
-                   "`python -m training.train --use_vggt_cache` finds every sample. FILE@IMAGE_DIR: the file's "
-                   "relative image paths start from IMAGE_DIR (a folder inside DATA_ROOT; VG-LLM's data_path); "
-                   "FILE%%N: keep N percent of its samples (1-100), the same ones in build and training "
-                   "(docs/BUILD.md)")
+    add_annotations_argument(p, "training's LLaVA/Qwen JSON/JSONL files: one unit per sample (its ordered frame "
+                             "list); for an encoder of single images, one unit per distinct image of the samples. "
+                             "Default: none, every image under the data root is its own unit. Pass the files "
+                             "training gets, so that `python -m training.train --use_vggt_cache` finds every sample")
     p.add_argument("--store", help=f"the store to write (default: DATA_ROOT/{DEFAULT_STORE_NAME}, where training "
                    "and the other commands look; DATA_ROOT/vggt_features.shard-I-of-N.lmdb with --shard). Use it "
                    "for a store on another disk, or a second store of another spec")

@@ -17,6 +17,10 @@ other descriptor of the file in the process would silently drop a record lock.) 
 dying after its build was SIGKILLed would hold the lock, and the rerun right after would be
 refused. Closing a copy never releases the flock while the build's own descriptor is open.
 (On NFS flock is emulated with record locks and needs a working lock daemon; build on local disk.)
+
+`live_build` tells a reader (`featstore verify`) whether a build holds a set's lock now, without
+taking it for more than an instant: a build starting in that instant retries its own attempt
+(`_ACQUIRE_TRIES`), so a verify never makes a build be refused.
 """
 
 from __future__ import annotations
@@ -29,15 +33,21 @@ import logging
 import os
 import re
 import socket
+import time
 
 from featstore.errors import FeatstoreError, StoreBusyError
 
-__all__ = ["LOCK_NAME", "STORE_FILES", "lock_name", "prepare_store_dir", "BuildLock"]
+__all__ = ["LOCK_NAME", "STORE_FILES", "lock_name", "prepare_store_dir", "BuildLock", "live_build", "sets_with_lock_files",
+           "describe_build"]
 
 logger = logging.getLogger("featstore")
 
 LOCK_NAME = "featstore-build.lock"  # the primary set's; set NAME's is featstore-build.NAME.lock
 _SET_LOCK = re.compile(r"featstore-build\.[a-z0-9_]{1,32}\.lock")
+# A refused flock is retried this often, _ACQUIRE_PAUSE_S apart, before a build is refused: a
+# `live_build` probe holds a shared lock for microseconds, and must not turn a build away.
+_ACQUIRE_TRIES = 3
+_ACQUIRE_PAUSE_S = 0.05
 # Descriptors of the locks this process holds; a forked child closes its copies (module docstring).
 _held: set[int] = set()
 
@@ -113,6 +123,69 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _flock_retrying(fd: int, how: int) -> None:
+    """flock(fd, how | LOCK_NB), retried briefly while another holder has it (see _ACQUIRE_TRIES)."""
+    for attempt in range(_ACQUIRE_TRIES):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or attempt == _ACQUIRE_TRIES - 1:
+                raise
+            time.sleep(_ACQUIRE_PAUSE_S)
+
+
+def live_build(store_path: str, feature_set: str | None = None) -> dict | None:
+    """The build writing `feature_set` (None: the primary set) of the store now: its record
+    ``{"pid", "host", "started"}`` (``{}`` when it left none yet), or None when no build holds the
+    lock (none ran, it finished, or it was killed: a killed build leaves its record but not the
+    lock). Creates nothing: a store on read-only storage, or one without a lock file, has no
+    live build.
+
+    Example:
+        >>> from featstore.claim import BuildLock, live_build
+        >>> live_build("data/vggt_features.lmdb") is None
+        True
+        >>> with BuildLock("data/vggt_features.lmdb"):
+        ...     sorted(live_build("data/vggt_features.lmdb"))
+        ['host', 'pid', 'started']
+    """
+    path = os.path.join(store_path, lock_name(feature_set))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            # A shared lock is granted unless a build holds the exclusive one; released at once.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            return BuildLock._read(fd)
+        return None
+    finally:
+        os.close(fd)  # closing drops the shared lock, if taken
+
+
+def sets_with_lock_files(store_path: str) -> list[str]:
+    """The feature sets that have a build lock file in the store directory (a build of each ran
+    or runs; `live_build` says which runs), sorted; [] for a folder that cannot be listed."""
+    from featstore.store import PRIMARY_FEATURE_SET
+
+    try:
+        names = os.listdir(store_path)
+    except OSError:
+        return []
+    return sorted(PRIMARY_FEATURE_SET if n == LOCK_NAME else n[len("featstore-build."):-len(".lock")]
+                  for n in names if n == LOCK_NAME or _SET_LOCK.fullmatch(n))
+
+
+def describe_build(info: dict) -> str:
+    """A build lock's record (`live_build`) in words: ``pid N on host H, started T``."""
+    return BuildLock._describe(info)
+
+
 class BuildLock:
     """Exclusive right to build `feature_set` (None: the primary set) of the store at
     `store_path`, held until `release` (or exit).
@@ -133,7 +206,7 @@ class BuildLock:
         """Take the lock, or raise StoreBusyError naming the build that holds it."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_retrying(fd, fcntl.LOCK_EX)
         except OSError as e:
             holder = self._read(fd)
             os.close(fd)

@@ -50,6 +50,26 @@ def store_path_arg(store: str | None, data_root: str | None) -> str:
     return "."
 
 
+def add_annotations_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """`--annotations FILE [FILE ...]` as every subcommand takes it: repeatable, and every file of
+    every occurrence is kept (``--annotations a.json --annotations b.json`` is both files)."""
+    p.add_argument("--annotations", action="extend", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
+                   help=help + ". FILE@IMAGE_DIR: the file's relative image paths start from IMAGE_DIR (a folder "
+                   "inside the data root; VG-LLM's data_path); FILE%%N: keep N percent of its samples (1-100), the "
+                   "same ones in build, verify, gc and training (docs/BUILD.md). Repeat the flag, or list several "
+                   "values after it")
+
+
+def store_after_annotations(args: argparse.Namespace) -> None:
+    """Give STORE back when ``--annotations`` took it: in ``featstore verify --annotations a.json
+    STORE`` argparse hands STORE to the option's list. An annotation file is never a directory and
+    a store (or a data root) always is, so a directory at the end of the list, with no STORE
+    given, is the STORE. Anything else stays an annotation file (and is checked as one)."""
+    files = getattr(args, "annotations", None)
+    if files and getattr(args, "store", "") is None and os.path.isdir(files[-1]):
+        args.store = files.pop()
+
+
 # `featstore --help`'s examples: one per command, a first session on the bundled sample data
 # (each is also an example of its command's --help, where tests/test_cli_help.py runs it).
 EXAMPLES = """\
@@ -106,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        store_after_annotations(args)
         command = f"featstore {args.command}" if getattr(args, "command", None) else command
         if getattr(args, "_run", None) is None:
             parser.print_help()

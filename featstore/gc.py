@@ -6,7 +6,9 @@
   corrupt  the value does not decode, fails its checksum, or holds NaN or infinite features
            (`featstore build` skips a present
            entry without reading its tensor bytes, so it would never recompute this one)
-and, with --unplanned, entries that the plan (scan or --annotations) does not ask for.
+and, with --unplanned, entries that neither the plan the set records (the annotation files its
+builds used, featstore.plan_record) nor --annotations asks for. Before deleting, it says on
+stderr what it removes and how many bytes.
 
 Each feature set of the store is collected on its own (its findings, its plan: one unit per
 image for an image encoder's set); `--feature-set NAME` restricts gc to some sets.
@@ -22,7 +24,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from featstore.cli import STORE_HELP, store_path_arg
+from featstore.cli import STORE_HELP, add_annotations_argument, store_path_arg
 from featstore.errors import FeatstoreError
 from featstore.progress import NO_PROGRESS_HELP
 from featstore.store import PRIMARY_FEATURE_SET
@@ -67,16 +69,24 @@ class GcResult:
 
 
 def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None, deep: bool = False,
-                    unplanned: bool = False, dry_run: bool = False, force: bool = False,
-                    workers: int | None = None, progress: bool = False) -> GcResult:
+                    unplanned: bool = False, replace_plan: bool = False, dry_run: bool = False,
+                    force: bool = False, workers: int | None = None, progress: bool = False,
+                    announce=None) -> GcResult:
     """Find and (unless `dry_run`) delete orphan, stale and corrupt entries of a store, set by set.
 
     Args:
         store: the store, or a data root holding ``vggt_features.lmdb`` (then also the data root).
         feature_set: the feature set(s) to collect (a name or several); None: every set.
         data_root / annotations / deep / workers: as for `featstore.verify.verify_store`.
-        unplanned: also delete entries the plan does not ask for (each set's own plan).
+        unplanned: also delete entries that neither the set's recorded plan (featstore.plan_record)
+            nor the given `annotations` ask for. Refused where that cannot be told (a recorded
+            annotation file gone; multi-frame entries of a store that records no plan, without
+            `annotations`).
+        replace_plan: with `annotations`: the given plan replaces the recorded one (written to
+            the manifest), and --unplanned removes what the given plan does not ask for.
         dry_run: only report what would be deleted.
+        announce: called with one line per set before its entries are deleted (what and how
+            many bytes), e.g. `print`; the CLI prints it on stderr.
         force: run even when the store's build is in progress (the build may write again what
             gc deletes; harmless, but usually you want the build to finish first).
         progress: show the checks' progress on stderr, with an ETA (as `verify_store`'s).
@@ -93,9 +103,15 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
         >>> collect_garbage("data/", dry_run=True).keys        # a fresh build: nothing to remove
         {'orphan': [], 'stale': [], 'corrupt': []}
     """
+    if replace_plan and not annotations:
+        raise FeatstoreError("--replace-plan needs --annotations: the files whose plan the store should record")
     report = verify_store(store, feature_set=feature_set, data_root=data_root, annotations=annotations, deep=deep,
-                          workers=workers, progress=progress)
+                          workers=workers, progress=progress, recorded_plan=not replace_plan)
     result = GcResult(path=report.path, dry_run=dry_run, report=report)
+    if unplanned and report.plan_gaps:
+        raise FeatstoreError(f"{report.path}: gc --unplanned cannot tell which entries no plan needs: "
+                             + "; ".join(report.plan_gaps) + ". Pass --annotations with every file training uses "
+                             "(and --replace-plan to make that the recorded plan); nothing was removed")
     if report.data_root is None:
         raise FeatstoreError(f"{report.path}: gc needs the data root to tell orphans and stale entries: "
                              "pass --data-root DIR")
@@ -117,11 +133,20 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
         doomed[name] = sorted({k for r in reasons for k in keys[r]})
     if dry_run:
         return result
+    from featstore.plan_record import record_of
     from featstore.writer import StoreWriter
 
     for name, keys in doomed.items():
+        if replace_plan:
+            _replace_plan(report, name, record_of(report.data_root, annotations, _unit_of_set(report, name)))
         if not keys:
             continue
+        if announce is not None:
+            reasons_here = ", ".join(f"{len(result.feature_sets[name][r])} {r}" for r in reasons
+                                     if result.feature_sets[name][r])
+            announce(f"featstore gc: removing {len(keys)} entries ({reasons_here}), "
+                     f"{_value_bytes(report.path, name, keys) / 1e6:.1f} MB of values, from "
+                     f"{report.path}" + ("" if name == PRIMARY_FEATURE_SET else f" (feature set {name!r})"))
         was_complete = (report.feature_sets[name].manifest or {}).get("build", {}).get("state") == "complete"
         # No encoder: the set's manifest spec stays; the store's other sets are not touched.
         writer = StoreWriter(report.path, feature_set=name, handle_signals=False)
@@ -138,12 +163,44 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
     return result
 
 
+def _unit_of_set(report: Report, name: str) -> str:
+    from featstore.verify import plan_unit_of
+
+    return plan_unit_of(report.feature_sets[name].manifest or {}, name) or "sequence"
+
+
+def _value_bytes(path: str, feature_set: str, keys: list[str]) -> int:
+    """Sum of the stored value sizes of `keys` (what deleting them frees), from one read transaction."""
+    from featstore.keys import key_to_bytes
+    from featstore.store import features_db, open_env
+
+    env = open_env(path, readonly=True, lock=False)
+    try:
+        db = env.open_db(features_db(feature_set), create=False)
+        with env.begin(db=db, buffers=True) as txn:
+            return sum(len(v) for v in (txn.get(key_to_bytes(k)) for k in keys) if v is not None)
+    finally:
+        env.close()
+
+
+def _replace_plan(report: Report, name: str, record: dict) -> None:
+    """Write `record` as set `name`'s recorded plan (gc --replace-plan)."""
+    from featstore.writer import StoreWriter
+
+    was_complete = (report.feature_sets[name].manifest or {}).get("build", {}).get("state") == "complete"
+    writer = StoreWriter(report.path, feature_set=name, handle_signals=False)
+    try:
+        writer.finish(complete=was_complete, plan=record, replace_plan=True)
+    finally:
+        writer.close()
+
+
 EXAMPLES = """\
 Examples:
   # the bundled sample data, after `featstore build --data-root sample_data --encoder vggt-tiny`
   featstore gc sample_data --dry-run              # list what would go; change nothing
   featstore gc sample_data                        # remove orphan, stale and corrupt entries
-  featstore gc sample_data --annotations sample_data/annotations.json --unplanned --dry-run
+  featstore gc sample_data --unplanned --dry-run  # entries no recorded plan asks for
   # your data
   featstore gc /nvme/vggt_features.lmdb --data-root data/ --annotations data/train.json --unplanned
 """
@@ -155,13 +212,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "stale entries are found against it")
     p.add_argument("--feature-set", action="append", metavar="NAME", help="collect only this feature set "
                    "(repeat for several; default: every set of the store)")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
-                   help="training's annotation files: the plan for --unplanned (as for build, the same "
-                   "FILE@IMAGE_DIR and FILE%%N forms; default: a scan of the data root, one unit per image)")
+    add_annotations_argument(p, "training's annotation files: a plan for --unplanned, as for build, kept beside "
+                             "the plan the store records. Default: the recorded plan (a store that records none: "
+                             "a scan of the data root, one unit per image)")
     p.add_argument("--deep", action="store_true", help="stale also when the content hash (sha256) changed, not "
                    "only size or mtime; reads every source image (default off)")
-    p.add_argument("--unplanned", action="store_true", help="also remove entries the plan does not ask for (e.g. "
-                   "samples dropped from the annotations); check with --dry-run first (default off)")
+    p.add_argument("--unplanned", action="store_true", help="also remove entries that neither the plan the store "
+                   "records (the annotation files it was built from) nor --annotations asks for (e.g. samples "
+                   "dropped from the annotations); check with --dry-run first (default off)")
+    p.add_argument("--replace-plan", action="store_true", help="with --annotations: record the given files as the "
+                   "store's plan instead of the one its builds recorded, so that --unplanned removes what they do "
+                   "not ask for (default off)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
     p.add_argument("--force", action="store_true", help="run even while the store's build is in progress (or "
                    "after it was killed); usually let the build finish first (default off)")
@@ -173,8 +234,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = collect_garbage(store_path_arg(args.store, args.data_root), feature_set=args.feature_set,
                              data_root=args.data_root, annotations=args.annotations, deep=args.deep,
-                             unplanned=args.unplanned, dry_run=args.dry_run, force=args.force,
-                             progress=not args.no_progress and not args.json)
+                             unplanned=args.unplanned, replace_plan=args.replace_plan, dry_run=args.dry_run,
+                             force=args.force, progress=not args.no_progress and not args.json,
+                             announce=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

@@ -13,7 +13,7 @@ import unicodedata
 
 from featstore.errors import InvalidKeyError
 
-__all__ = ["MAX_KEY_BYTES", "normalize_key", "key_to_bytes", "relative_key"]
+__all__ = ["MAX_KEY_BYTES", "normalize_key", "key_to_bytes", "relative_key", "key_kind"]
 
 # LMDB's compile-time key limit (MDB_MAXKEYSIZE); a longer key raises BadValsizeError deep
 # inside a write transaction, so it is checked here, before any work starts.
@@ -109,3 +109,30 @@ def relative_key(path: str | os.PathLike, root: str | os.PathLike) -> str:
         raise InvalidKeyError(f"{abs_path} is not inside the data root {abs_root}; move the image under it, or pass "
                               "the folder that holds every image as the data root")
     return normalize_key(rel)
+
+
+def key_kind(keys) -> str:
+    """What `keys` (some keys of one store) are, in words, for messages: image paths or sample ids.
+
+    A build keys a single-image unit by the image's path (relative to the data root) and a
+    multi-frame sample by its annotation "id" (`featstore.plan`), so a key that ends in an image
+    extension is an image path and any other key a sample id. (A multi-frame sample without an
+    "id" is keyed by its last frame: an image path too.)
+
+    Example:
+        >>> from featstore.keys import key_kind
+        >>> key_kind(["scene_a/000.jpg", "scene_a/001.jpg"])
+        'image paths relative to the data root (a build without --annotations, or of single-image samples)'
+        >>> key_kind(["misc/portrait.png", "scene_a_step1"])
+        "sample ids (the 'id' of each multi-frame annotated sample) and image paths (single-image samples)"
+    """
+    from featstore.plan import IMAGE_EXTENSIONS  # plan imports this module: imported when used
+
+    keys = list(keys)
+    paths = sum(1 for k in keys if k.lower().endswith(IMAGE_EXTENSIONS))
+    ids = len(keys) - paths
+    if ids and paths:
+        return "sample ids (the 'id' of each multi-frame annotated sample) and image paths (single-image samples)"
+    if ids:
+        return "sample ids (the 'id' of each annotated sample)"
+    return "image paths relative to the data root (a build without --annotations, or of single-image samples)"

@@ -96,6 +96,7 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> None:
 
 
 def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter) -> dict:
+    from featstore.plan_record import PLAN_FIELD, merge_plan
     from featstore.progress import Progress
 
     first = group[0].manifest
@@ -114,7 +115,11 @@ def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter) ->
                   "identical": read - writer.committed, "finished": utc_now(), "failed": []}
         if name != PRIMARY_FEATURE_SET:
             report["feature_set"] = name
-        writer.finish(report)
+        plan = None  # the shards' recorded plans, united (one build split in shards records one plan)
+        for s in group:
+            if s.manifest.get(PLAN_FIELD) is not None:
+                plan = merge_plan(plan, s.manifest[PLAN_FIELD])
+        writer.finish(report, plan=plan)
         report.update(entries=writer.manifest["entries"], bytes=writer.manifest["bytes"])
     return report
 

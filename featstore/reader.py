@@ -13,6 +13,7 @@ of them read from one LMDB read transaction (one consistent state of the store).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from featstore.errors import (CorruptEntryError, CorruptStoreError, EntrySchemaE
                               InheritedLockedStoreError, MissingKeyError, StaleEntryError)
 from featstore.format import Entry, decode_entry, decode_tensor, tensor_span
 from featstore.quant import FP8_DTYPE, SCALE_TENSOR, dequantize, dequantize_into, read_dtype
-from featstore.keys import key_to_bytes, normalize_key
+from featstore.keys import key_kind, key_to_bytes, normalize_key
 from featstore.store import (META_DB, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint, feature_set_label,
                              features_db, list_feature_sets, open_env, read_manifest, resolve_store_path,
                              storage_dtype_of)
@@ -108,6 +109,17 @@ def _release(rec: "_OpenEnv") -> None:
         rec.close()
 
 
+def _stat_frame(root: str, frame: str) -> os.stat_result:
+    """stat of the file a frame key names: the plain join first (one syscall), else the file
+    stored under another Unicode form of its name (`featstore.plan.source_path`)."""
+    try:
+        return os.stat(os.path.join(root, frame))
+    except FileNotFoundError:
+        from featstore.plan import source_path
+
+        return os.stat(source_path(root, frame))
+
+
 def _forget_inherited(path: str, rec: "_OpenEnv") -> None:
     """Drop an environment this process inherited through fork, so it can be opened afresh."""
     del _OPEN_ENVS[rec.ident]
@@ -130,6 +142,25 @@ def _byte_rows(out: torch.Tensor | None):
     if out is None or out.device.type != "cpu" or not out.is_contiguous() or out.dim() < 1 or out.requires_grad:
         return None
     return out.reshape(out.shape[0], -1).view(torch.uint8).numpy()
+
+
+# Keys read on each side of a missing key's place for its error's hint (`_neighbour_keys`).
+_HINT_WINDOW = 16
+
+
+def _neighbour_keys(cur, kb: bytes, n: int) -> list[str]:
+    """Up to `n` keys before and `n` from where `kb` sorts, in key order (keys only)."""
+    after: list[str] = []
+    ok = cur.set_range(kb)
+    while ok and len(after) < n:
+        after.append(bytes(cur.key()).decode("utf-8", "replace"))
+        ok = cur.next()
+    before: list[str] = []
+    ok = cur.set_range(kb) and cur.prev() if after else cur.last()
+    while ok and len(before) < n:
+        before.append(bytes(cur.key()).decode("utf-8", "replace"))
+        ok = cur.prev()
+    return before[::-1] + after
 
 
 # Read-path defaults, chosen by benchmarks/read_bench.py (docs/BENCHMARKS.md, "Read path").
@@ -445,8 +476,28 @@ class FeatureStore:
     __iter__ = keys
 
     # -- reads -------------------------------------------------------------------------------
-    def _missing(self, key) -> MissingKeyError:
-        return MissingKeyError(f"key {str(key)!r} is not in the store {self._where}")
+    def _missing(self, key, txn=None) -> MissingKeyError:
+        """The error for `key`, absent: it says what the store's keys look like and the nearest
+        ones, read in `txn` (the read that missed) around the place `key` would sort."""
+        return MissingKeyError(f"key {str(key)!r} is not in the store {self._where}" + self._hint(key, txn))
+
+    def _hint(self, key, txn) -> str:
+        # Bounded cost (a miss may be frequent: --vggt_cache_miss compute): keys only, no value
+        # page is touched, _HINT_WINDOW keys each side of where `key` would sort.
+        if txn is None:
+            return ""
+        try:
+            kb = key_to_bytes(key)
+            window = _neighbour_keys(txn.cursor(db=self._db), kb, _HINT_WINDOW)
+        except (FeatstoreError, lmdb.Error):
+            return ""
+        if not window:
+            return ": it holds no entries (build it: featstore build)"
+        near = difflib.get_close_matches(kb.decode(), window, n=3, cutoff=0.0)
+        listing = "featstore info --keys " + (self.path if self.feature_set == PRIMARY_FEATURE_SET
+                                               else f"--feature-set {self.feature_set} {self.path}")
+        return (f": its keys are {key_kind(window)}; the nearest are {', '.join(map(repr, near))} "
+                f"(`{listing}` lists them)")
 
     def get(self, key, *, copy: bool = True, frames: Sequence[str] | None = None) -> Entry:
         """Return the entry stored under `key`, as tensors that own their memory.
@@ -489,7 +540,7 @@ class FeatureStore:
                 return self._get(own, key, copy=copy, frames=frames)
         value = txn.get(kb, db=self._db)
         if value is None:
-            raise self._missing(key)
+            raise self._missing(key, txn)
         if self.prefetch:
             _prefetch(self._rec, (value,))
         entry = self._decode(value, kb, copy=copy)
@@ -551,25 +602,26 @@ class FeatureStore:
 
     def _check_sources(self, key: str, entry: Entry, data_root) -> None:
         """Each frame's size and mtime against the entry's record (`sources`): the image a
-        training run reads now must be the one the features were computed from."""
-        from featstore.plan import source_path
-
+        training run reads now must be the one the features were computed from. One `stat` a
+        frame (a few microseconds; docs/OPERATIONS.md has the measured cost)."""
         if "sources" not in entry.metadata:
             return  # written without a record (StoreWriter.put by hand): nothing to compare against
+        frames = entry.frames
         try:
             sources = json.loads(entry.metadata["sources"])
         except ValueError:
             sources = None
-        if not isinstance(sources, list) or len(sources) != len(entry.frames):
+        if not isinstance(sources, list) or len(sources) != len(frames):
             raise StaleEntryError(f"key {key!r} in {self._where} has a malformed source record for its frames, so "
                                   "their freshness cannot be checked; rebuild it (featstore build --force)")
-        for frame, src in zip(entry.frames, sources):
-            path = source_path(data_root, frame)
+        root = os.fspath(data_root)
+        for frame, src in zip(frames, sources):
             try:
-                st = os.stat(path)
+                st = _stat_frame(root, frame)
             except OSError as e:
                 raise StaleEntryError(f"key {key!r} in {self._where}: frame {frame!r} cannot be read now "
-                                      f"({path}: {e.strerror}); its features belong to a file that is gone") from None
+                                      f"({e.filename}: {e.strerror}); its features belong to a file that is "
+                                      "gone") from None
             if not isinstance(src, dict) or src.get("size") != st.st_size or src.get("mtime_ns") != st.st_mtime_ns:
                 raise StaleEntryError(
                     f"key {key!r} in {self._where} is stale: frame {frame!r} changed since the features were "
@@ -610,7 +662,7 @@ class FeatureStore:
         for kb, key in zip(kbs, keys):
             value = txn.get(kb, db=self._db)
             if value is None:
-                raise self._missing(key)
+                raise self._missing(key, txn)
             values.append(value)
         if self.prefetch:
             _prefetch(self._rec, values)

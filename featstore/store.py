@@ -46,6 +46,7 @@ __all__ = [
     "MAX_FEATURE_SETS",
     "check_feature_set",
     "default_feature_set",
+    "build_command_for_set",
     "features_db",
     "manifest_key",
     "last_build_key",
@@ -116,6 +117,27 @@ def default_feature_set(encoder=None) -> str:
     if isinstance(name, str) and name in available_encoders():
         return check_feature_set(feature_set_of(name))
     return PRIMARY_FEATURE_SET
+
+
+def build_command_for_set(feature_set: str) -> str:
+    """The `featstore build` flags that write `feature_set`: the encoder whose features go there
+    (`--encoder`), since the set alone does not choose the encoder (the default encoder would
+    write VGGT features into any set named with --feature-set).
+
+    Example:
+        >>> from featstore.store import build_command_for_set
+        >>> build_command_for_set("qwen_vision")
+        '`featstore build --encoder qwen2.5-vl-vision` (or qwen2.5-vl-vision-tiny), which writes this set'
+        >>> build_command_for_set("mine")
+        '`featstore build --feature-set mine --encoder ENCODER`'
+    """
+    from featstore.encoders import available_encoders, feature_set_of
+
+    writers = [e for e in available_encoders() if feature_set_of(e) == feature_set]
+    if not writers:
+        return f"`featstore build --feature-set {feature_set} --encoder ENCODER`"
+    others = f" (or {', '.join(writers[1:])})" if len(writers) > 1 else ""
+    return f"`featstore build --encoder {writers[0]}`{others}, which writes this set"
 
 
 def features_db(feature_set: str = PRIMARY_FEATURE_SET) -> bytes:
@@ -436,7 +458,7 @@ def read_manifest(env: lmdb.Environment, txn: lmdb.Transaction | None = None, *,
         raise FeatureSetNotFoundError(
             f"{path}: the store has no feature set {feature_set!r}; it has {', '.join(map(repr, have))}. Open one "
             f"of those (FeatureStore(..., feature_set=NAME), --feature-set NAME), or build this one into the store "
-            f"(`featstore build --feature-set {feature_set}`)")
+            f"({build_command_for_set(feature_set)})")
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -48,9 +48,9 @@ from typing import Iterable, Mapping, Sequence
 
 import lmdb
 
-from featstore.cli import STORE_HELP, store_path_arg
+from featstore.cli import STORE_HELP, add_annotations_argument, store_path_arg
 from featstore.dtypes import is_quantised
-from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError
+from featstore.errors import CorruptEntryError, CorruptStoreError, FeatstoreError, InvalidKeyError, StoreBusyError
 from featstore.keys import normalize_key
 from featstore.plan import source_path
 from featstore.progress import NO_PROGRESS_HELP
@@ -131,7 +131,12 @@ class Report:
     notes: list[str] = field(default_factory=list)
     recomputed: list[dict] = field(default_factory=list)
     unplanned: list[str] = field(default_factory=list)
-    """Keys the plan does not ask for (not a problem; `featstore gc --unplanned` removes them)."""
+    """Keys neither the recorded nor the given plan asks for (not a problem; `featstore gc
+    --unplanned` removes them)."""
+    plan_gaps: list[str] = field(default_factory=list)
+    """Why `unplanned` may hold entries of a plan that cannot be planned now (a recorded
+    annotation file gone; multi-frame entries under a scan of a store that records no plan):
+    gc --unplanned refuses then."""
     seconds: float = 0.0
     feature_sets: dict[str, "Report"] = field(default_factory=dict)
     """Per feature set verified, its own report (the store's report only)."""
@@ -202,6 +207,7 @@ class Report:
         self.read_seconds += sub.read_seconds
         self.recomputed += [dict(r, feature_set=name) for r in sub.recomputed]
         self.unplanned += sub.unplanned
+        self.plan_gaps += sub.plan_gaps
         if self.manifest is None or name == PRIMARY_FEATURE_SET:
             self.manifest = sub.manifest
 
@@ -478,12 +484,35 @@ def plan_unit_of(manifest: dict, feature_set: str) -> str | None:
 
 
 def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, annotations,
-                report: Report, unit_kind: str = "sequence") -> None:
+                report: Report, unit_kind: str = "sequence", manifest: dict | None = None) -> None:
+    """Coverage against the plan: the given --annotations, else the plan the set records
+    (featstore.plan_record), else (a store that records none) a scan of the data root. Entries
+    outside both the given and the recorded plan are `unplanned`."""
     from featstore.plan import plan_units
+    from featstore.plan_record import (NO_RECORD_NOTE, describe_plan, plan_notes, plan_of_manifest,
+                                       recorded_sources)
 
-    units = plan_units(data_root, annotations, unit=unit_kind)
+    record = plan_of_manifest(manifest or {})
+    given = list(annotations or [])
+    recorded_units = None
+    if record is not None:
+        sources, gone = recorded_sources(record, data_root)
+        report.notes += gone + plan_notes(record, data_root, given)
+        report.plan_gaps += gone
+        recorded_units = plan_units(data_root, sources, unit=unit_kind) if sources else []
+        if record.get("scan"):
+            recorded_units += plan_units(data_root, None, unit=unit_kind)
+    if given:
+        units, how = plan_units(data_root, given, unit=unit_kind), "annotations"
+    elif recorded_units is not None:
+        units, how = recorded_units, f"the recorded plan ({describe_plan(record)})"
+    else:
+        units, how = plan_units(data_root, None, unit=unit_kind), "a scan of the data root"
+        report.notes.append(NO_RECORD_NOTE)
     planned = set()
     for unit in units:
+        if unit.key in planned:
+            continue
         planned.add(unit.key)
         rec = records.get(unit.key)
         if rec is None and unit.key in present:
@@ -493,14 +522,20 @@ def _check_plan(records: dict[str, _Record], present: set[str], data_root: str, 
         elif rec.frames is not None and rec.frames != list(unit.frames):
             report.add("frames", f"entry {unit.key!r}: stored for frames {rec.frames}, the plan asks "
                                  f"for {list(unit.frames)}", unit.key)
-    extra = sorted(k for k in records if k not in planned)
+    keep = planned | {u.key for u in recorded_units or []}
+    extra = sorted(k for k in records if k not in keep)
     report.unplanned = extra
-    how = "annotations" if annotations else "a scan of the data root (pass --annotations if built from them)"
-    per = ", one per image" if unit_kind == "image" and annotations else ""
-    report.notes.append(f"plan: {len(units)} units from {how}{per}")
+    if record is None and not given:
+        # A scan plans single frames only: a multi-frame entry comes from annotations nobody named.
+        multi = [k for k in extra if records[k].frames is not None and len(records[k].frames) > 1]
+        if multi:
+            report.plan_gaps.append(f"{len(multi)} unplanned entries hold several frames (e.g. {multi[0]!r}): they "
+                                    "were built from annotations, which this store does not record")
+    per = ", one per image" if unit_kind == "image" and (given or record) else ""
+    report.notes.append(f"plan: {len(planned)} units from {how}{per}")
     if extra:
-        report.notes.append(f"{len(extra)} entries are not in the plan (e.g. {extra[0]!r}); harmless, "
-                            "`featstore gc --unplanned` removes them")
+        report.notes.append(f"{len(extra)} entries are in no recorded or given plan (e.g. {extra[0]!r}); harmless: "
+                            "`featstore gc --unplanned --dry-run` lists what gc would remove")
 
 
 # -- 6. recompute ---------------------------------------------------------------------------
@@ -567,7 +602,7 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
                  annotations: Sequence[str] | None = None, deep: bool = False, recompute: int = 0,
                  seed: int | None = None, weights: str | Mapping[str | None, str] | None = None,
                  device: str = "cpu", workers: int | None = None, structure: bool = True,
-                 progress: bool = False, log: bool = True) -> Report:
+                 progress: bool = False, log: bool = True, recorded_plan: bool = True) -> Report:
     """Check a store; see the module docstring for the checks.
 
     Args:
@@ -577,8 +612,11 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
             store, each against its own manifest, spec and plan.
         data_root: the images' folder; enables the source and plan checks. Default: none, or
             `store` when it is a data root.
-        annotations: training's annotation files; the plan is one unit per sample (default: one
-            unit per image found under `data_root`).
+        annotations: training's annotation files; the plan is one unit per sample. Default: the
+            plan each set records (featstore.plan_record: the files its builds used), else one
+            unit per image found under `data_root`. Given ones are checked for coverage; entries
+            of the recorded plan are kept out of `unplanned` as well.
+        recorded_plan: False ignores the recorded plan (gc --replace-plan).
         deep: also compare each source's sha256 with the one recorded at build time.
         recompute: re-encode this many random fresh units and compare (needs a data root).
         seed: for choosing the recomputed units (default: random; the report notes it).
@@ -630,6 +668,7 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
 
         annotation_sources(annotations, data_root)  # every FILE[@IMAGE_DIR][%N] checked before any work
     workers = workers or _DEFAULT_WORKERS
+    _refuse_live_build(path, feature_set)
     report = Report(path=path, data_root=data_root, workers=workers)
 
     if not _check_structure(path, report, full=structure) or not _check_size(path, report):
@@ -654,7 +693,7 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
             try:
                 _verify_set(fs, sub, data_root=data_root, annotations=annotations, deep=deep, recompute=recompute,
                             seed=seed, weights=per_set_weights.get(name), device=device, workers=workers,
-                            progress=progress)
+                            progress=progress, recorded_plan=recorded_plan)
             finally:
                 fs.close()
             report._merge(sub, labelled=len(present) > 1 or name != PRIMARY_FEATURE_SET)
@@ -667,6 +706,23 @@ def verify_store(store: str | os.PathLike, *, feature_set: str | Sequence[str] |
                    f"featstore verify: {path}: {'ok' if report.ok else 'problems found (' + found + ')'}, "
                    f"{report.seconds:.1f} s")
     return report
+
+
+def _refuse_live_build(path: str, feature_set) -> None:
+    """Raise StoreBusyError when a build is writing a set about to be verified (the named ones,
+    else any): its entries, counts and build state are changing, and an incomplete state then
+    means "still running", not "killed" (the build lock tells the two apart, `live_build`)."""
+    from featstore.claim import describe_build, live_build, sets_with_lock_files
+
+    if feature_set is None:
+        names = sets_with_lock_files(path)
+    else:
+        names = [feature_set] if isinstance(feature_set, str) else list(feature_set)
+    for name in names:
+        holder = live_build(path, check_feature_set(name))
+        if holder is not None:
+            raise StoreBusyError(f"{feature_set_label(path, name)} is being written by a build "
+                                 f"({describe_build(holder)}): verify when it finishes")
 
 
 def _chosen_sets(feature_set, present: list[str], path: str) -> list[str]:
@@ -710,7 +766,7 @@ def _progress_desc(report: Report, phase: str) -> str:
 
 
 def _verify_set(fs, report: Report, *, data_root, annotations, deep: bool, recompute: int, seed, weights,
-                device: str, workers: int, progress: bool) -> None:
+                device: str, workers: int, progress: bool, recorded_plan: bool = True) -> None:
     """Checks 2-6 of one feature set (the store's `fs.feature_set`), into its own `report`."""
     path = fs.path
     t0 = time.perf_counter()
@@ -734,7 +790,7 @@ def _verify_set(fs, report: Report, *, data_root, annotations, deep: bool, recom
             else:
                 report.checks.append("plan coverage")
                 _check_plan(records, set(report.keys_with("corrupt")) | set(records), data_root, annotations,
-                            report, unit_kind=unit)
+                            report, unit_kind=unit, manifest=manifest if recorded_plan else None)
         else:
             report.notes.append("no data root: coverage, orphans and staleness not checked "
                                 "(pass --data-root)")
@@ -839,10 +895,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
     p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks (default: "
                    "STORE when it is a data root, else none and those checks are skipped)")
-    p.add_argument("--annotations", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
-                   help="training's annotation files: the plan is one unit per sample (as for build, the same "
-                   "FILE@IMAGE_DIR and FILE%%N forms). Default: a scan of the data root, one unit per image; pass "
-                   "the values the store was built with")
+    add_annotations_argument(p, "training's annotation files: the plan is one unit per sample (as for build). "
+                             "Default: a scan of the data root, one unit per image; pass the files the store was "
+                             "built from")
     p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find content "
                    "changes that kept size and mtime (reads every image; default: size and mtime only)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",

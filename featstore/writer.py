@@ -292,12 +292,20 @@ class StoreWriter:
         self.manifest = manifest
         return removed
 
-    def finish(self, report: dict | None = None, *, complete: bool = True) -> None:
-        """Commit, record the build report, and mark the build complete (or still in progress)."""
+    def finish(self, report: dict | None = None, *, complete: bool = True, plan: dict | None = None,
+               replace_plan: bool = False) -> None:
+        """Commit, record the build report, and mark the build complete (or still in progress).
+
+        `plan`: the build's plan record (`featstore.plan_record.record_of`), merged into the
+        set's recorded plan (the manifest's "plan"), or replacing it with `replace_plan`."""
         self.commit()
         with self.env.begin(write=True) as txn:
             manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
             manifest["build"] = {"state": "complete" if complete else "in_progress", "updated": utc_now()}
+            if plan is not None:
+                from featstore.plan_record import PLAN_FIELD, merge_plan
+
+                manifest[PLAN_FIELD] = plan if replace_plan else merge_plan(manifest.get(PLAN_FIELD), plan)
             txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
             if report is not None:
                 txn.put(last_build_key(self.feature_set), json.dumps(report, sort_keys=True).encode(), db=self._meta)

@@ -6,6 +6,7 @@ import importlib
 import os
 import pkgutil
 import re
+import shlex
 import shutil
 
 import pytest
@@ -61,13 +62,29 @@ def test_docstring_examples_run(module, in_docs_dir):
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {module} failed (see stdout)"
 
 
-def test_readme_python_block_runs(docs_dir, tmp_path, monkeypatch):
+def _readme_build_command(text: str) -> list[str]:
+    """The `featstore build` of the README's command 1 (its first bash block), as arguments."""
+    first = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    joined = re.sub(r"\\\n\s*", " ", first)
+    parts = [p.strip() for p in joined.split("&&")]
+    build = next(p for p in parts if re.match(r"(\S*/)?featstore build ", p))
+    return shlex.split(build)[1:]
+
+
+def test_readme_python_block_runs_on_the_store_command_1_builds(tmp_path, monkeypatch):
+    from featstore.cli import main
+
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "README has no python block"
-    shutil.copytree(docs_dir / "data", tmp_path / "sample_data", symlinks=True)
+    shutil.copytree(os.path.join(REPO, "sample_data"), tmp_path / "sample_data",
+                    ignore=shutil.ignore_patterns("*.lmdb"))
     monkeypatch.chdir(tmp_path)
+    argv = _readme_build_command(text)  # exactly as a new user runs it, right before the example
+    assert argv[:2] == ["build", "--data-root"] and "--annotations" in argv, argv
+    assert main([*argv, "--no-progress"]) == 0
     for block in blocks:
         scope: dict = {}
         exec(compile(block, "README.md", "exec"), scope)
-    assert scope["feats"].shape == (1, 48, 128) and scope["batch"].shape == (2, 1, 48, 128)
+    assert scope["feats"].shape == (2, 48, 128) and scope["batch"].shape == (2, 2, 48, 128)
+    assert scope["keys"] == ["misc/portrait.png", "scene_a_step1", "scene_a_step3", "scene_b_step1", "scene_b_step3"]

@@ -139,7 +139,9 @@ def test_missing_key_error_names_key_and_store(core_make_store, core_features):
     store = FeatureStore(path)
     with pytest.raises(KeyError) as e:
         store.get("scene/nope.jpg")
-    assert str(e.value) == f"key 'scene/nope.jpg' is not in the store {path}"
+    assert str(e.value) == (f"key 'scene/nope.jpg' is not in the store {path}: its keys are image paths relative to "
+                            "the data root (a build without --annotations, or of single-image samples); the nearest "
+                            f"are 'scene/000.jpg' (`featstore info --keys {path}` lists them)")
 
 
 def test_frames_mismatch_is_a_miss(core_make_store, core_features):

@@ -404,3 +404,35 @@ def test_a_vision_set_built_with_the_old_resize_is_refused_and_the_vggt_set_stil
     msg = str(e.value)
     assert "qwen_view" in msg and "rebuild that set" in msg and "qwen2.5-vl-vision" in msg
     assert len(open_feature_cache(store, vggt_spec)) == 5  # the VGGT set: unaffected
+
+
+def test_a_store_without_vision_features_names_the_vision_encoder_and_its_advice_works(tmp_path, capsys):
+    import re
+    import shlex
+
+    from featstore.cli import main as featstore_main
+    from featstore.errors import FeatureSetNotFoundError
+    from featstore.reader import FeatureStore
+    from training.train import main
+
+    root = sample_root(tmp_path)
+    store = build_store(root)  # VGGT features only
+    argv = ["--data_root", root, "--annotations", annotations(root), "--output_dir", str(tmp_path / "o"),
+            "--use_vggt_cache", "--use_vision_cache", "--max_steps", "1", "--use_cpu", "--report_to", "none"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # Not `--feature-set qwen_vision`: with the default encoder that writes VGGT features into the set.
+    assert "--feature-set" not in err
+    assert err == (f"error: --use_vision_cache: {store} holds no cached Qwen vision features (feature set "
+                   f"'qwen_vision'); build them into it: featstore build --data-root DATA_ROOT --annotations FILE "
+                   f"--store {store} --encoder qwen2.5-vl-vision-tiny (with the --target-size/--preprocess-mode of "
+                   "the VGGT features), or train without --use_vision_cache\n")
+    with pytest.raises(FeatureSetNotFoundError) as e:  # the library's own message names the encoder too
+        FeatureStore(store, feature_set="qwen_vision").manifest
+    assert str(e.value).endswith("or build this one into the store (`featstore build --encoder qwen2.5-vl-vision` "
+                                 "(or qwen2.5-vl-vision-tiny), which writes this set)")
+    # The advice, as printed (placeholders filled in), writes what training reads.
+    command = re.search(r"featstore build (.*?) \(with", err).group(1)
+    command = command.replace("DATA_ROOT", root).replace("FILE", annotations(root))
+    assert featstore_main([*shlex.split("build " + command), "--workers", "0", "--no-progress"]) == 0
+    assert main(argv) == 0

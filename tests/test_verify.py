@@ -381,3 +381,70 @@ def test_fp8_nan_bytes_are_found_and_finite_fp8_passes():
         y.view(torch.uint8)[500] = nan_byte
         assert not _all_finite(y), hex(nan_byte)
     assert _all_finite(torch.empty(0)) and _all_finite(torch.arange(5))
+
+
+# -- a build that is still running -------------------------------------------------------------
+
+# A build in progress, as `featstore build` leaves a store mid-way: the build lock held, 5 of 20
+# entries committed, the manifest's state "in_progress"; it prints "ready" and waits to be killed.
+_RUNNING_BUILD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from _featstore_helpers import make_store
+from featstore.claim import BuildLock, prepare_store_dir
+store = sys.argv[1] + "/vggt_features.lmdb"
+prepare_store_dir(store)
+lock = BuildLock(store).acquire()
+make_store(sys.argv[1], n=5, finish=False)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_verify_of_a_store_whose_build_runs_says_so_and_after_a_kill_says_rerun(tmp_path):
+    import subprocess
+    import sys
+
+    from _featstore_helpers import REPO
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tests = os.path.join(REPO, "tests")
+    holder = subprocess.Popen([sys.executable, "-c", _RUNNING_BUILD, str(data), tests], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        record = json.load(open(os.path.join(store_of(str(data)), "featstore-build.lock")))
+        out = run_cli("verify", str(data))
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr == (f"featstore verify: error: {store_of(str(data))} is being written by a build (pid "
+                              f"{holder.pid} on host {record['host']}, started {record['started']}): verify when it "
+                              "finishes\n")
+        assert "rerun" not in out.stdout + out.stderr
+        with pytest.raises(FeatstoreError, match="is being written by a build"):  # the API, one set named
+            verify_store(str(data), feature_set="vggt")
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed: the lock is gone with the process, its record stays; now it is a build to rerun.
+    out = run_cli("verify", str(data))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "[build] the last build did not complete (killed or interrupted): rerun" in out.stdout
+
+
+def test_a_probe_of_the_build_lock_never_turns_a_starting_build_away(tmp_path):
+    import fcntl
+    import threading
+
+    from featstore.claim import BuildLock, live_build, prepare_store_dir
+
+    store = str(tmp_path / "s")
+    prepare_store_dir(store)
+    assert live_build(store) is None  # no lock file yet: none is created
+    assert os.listdir(store) == []
+    fd = os.open(os.path.join(store, "featstore-build.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # what `live_build` holds for an instant
+    threading.Timer(0.03, os.close, [fd]).start()
+    with BuildLock(store):  # starts while the probe holds it: retried, not refused
+        assert live_build(store)["pid"] == os.getpid()
+    assert live_build(store) is None

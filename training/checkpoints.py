@@ -259,24 +259,24 @@ def apply_recipe(recipe: Optional[ReferenceRecipe], model_args, settings, source
     """
     if recipe is not None:
         if recipe.fusion is not None and recipe.fusion != settings.fusion:
-            logger.warning("%s is a %s checkpoint (%s), which fuses %s; this run fuses %s. Pass --vggt_fusion %s to "
-                           "continue its recipe", source, recipe.name, recipe.architecture, recipe.fusion,
-                           settings.fusion, recipe.fusion)
+            logger.warning(f"{source} is a {recipe.name} checkpoint ({recipe.architecture}), which fuses "
+                           f"{recipe.fusion}; this run fuses {settings.fusion}. Pass --vggt_fusion {recipe.fusion} to "
+                           "continue its recipe")
         if recipe.lam is not None and settings.fusion == "last_to_all":
             if model_args.vggt_scale is None:
                 if recipe.lam != settings.scale:
                     logger.info("merger output scale %g from %s's config.json (lam)", recipe.lam, source)
                 settings = dataclasses.replace(settings, scale=float(recipe.lam))
             elif float(model_args.vggt_scale) != recipe.lam:
-                logger.warning("--vggt_scale %g differs from %s's lam %g (config.json); training with %g. Drop "
-                               "--vggt_scale (or pass --vggt_scale %g) to continue its recipe", model_args.vggt_scale,
-                               source, recipe.lam, model_args.vggt_scale, recipe.lam)
+                logger.warning(f"--vggt_scale {model_args.vggt_scale:g} differs from {source}'s lam {recipe.lam:g} "
+                               f"(config.json); training with {model_args.vggt_scale:g}. Drop --vggt_scale (or pass "
+                               f"--vggt_scale {recipe.lam:g}) to continue its recipe")
         elif recipe.lam is not None and recipe.lam != 1.0:
-            logger.warning("%s's config.json has lam %g, which only JanusVLN's last_to_all fusion applies; this run "
-                           "fuses per_image at scale %g", source, recipe.lam, settings.scale)
+            logger.warning(f"{source}'s config.json has lam {recipe.lam:g}, which only JanusVLN's last_to_all fusion "
+                           f"applies; this run fuses per_image at scale {settings.scale:g}")
         if recipe.use_dense_supervision:
-            logger.warning("%s was trained with use_dense_supervision (VG-LLM's distillation heads); this package "
-                           "trains without that loss", source)
+            logger.warning(f"{source} was trained with use_dense_supervision (VG-LLM's distillation heads); this "
+                           "package trains without that loss")
     if settings.weights is None and holds_vggt(source):
         logger.info("VGGT weights: vggt.* of %s (pass --vggt_weights to use others)", source)
         settings = dataclasses.replace(settings, weights=os.fspath(source))
@@ -289,8 +289,7 @@ def check_recipe_spec(recipe: Optional[ReferenceRecipe], spec, source: str) -> N
         return
     ours = getattr(spec, "reference_frame", "first")
     if recipe.reference_frame != ours:
-        logger.warning("%s's config.json has reference_frame %r, this run's VGGT spec %r: its merger was trained on "
-                       "features anchored at the %s frame. Pass --vggt_reference_frame %s (and build the store with "
-                       "featstore build --reference-frame %s) to continue its recipe", source,
-                       recipe.reference_frame, ours, recipe.reference_frame, recipe.reference_frame,
-                       recipe.reference_frame)
+        ref = recipe.reference_frame
+        logger.warning(f"{source}'s config.json has reference_frame {ref!r}, this run's VGGT spec {ours!r}: its merger "
+                       f"was trained on features anchored at the {ref} frame. Pass --vggt_reference_frame {ref} (and "
+                       f"build the store with featstore build --reference-frame {ref}) to continue its recipe")

@@ -275,8 +275,8 @@ def export(checkpoint: str, output: str, *, vggt_weights: Optional[str] = None, 
     hidden = int(tensors["merger.mlp.0.weight"].shape[0])
     fusion, scale = geometry.get("fusion", "per_image"), float(geometry.get("scale", 1.0))
     if in_channels != 2048:
-        logger.warning("the merger takes %d channels; VG-LLM's and JanusVLN's classes build it for 2048 (VGGT-1B, "
-                       "context_dim=2048) and will not load it", in_channels)
+        logger.warning(f"the merger takes {in_channels} channels; VG-LLM's and JanusVLN's classes build it for 2048 "
+                       "(VGGT-1B, context_dim=2048) and will not load it")
     if fusion == "last_to_all":
         architecture, lam = JANUSVLN_ARCHITECTURE, scale
     else:

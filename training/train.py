@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -25,6 +26,7 @@ import torch
 from featstore.errors import FeatstoreError
 from training.args import ArgumentError, parse_args, resolve_vggt
 from training.data import Collator, ConversationDataset, DataError
+from training.preempt import Preemption, exit_status, resume_hint
 from training.trainer import FeatstoreTrainer
 from training.vggt_online import OnlineVGGT, resolve_spec
 
@@ -92,8 +94,20 @@ def open_vision_cache(settings, expected_encoder=None):
     path = settings.vision_store_path
     from featstore.store import check_fingerprint
 
+    from featstore.errors import FeatureSetNotFoundError
+
     probe = FeatureStore(path, feature_set=VISION_FEATURE_SET)
     try:
+        try:
+            probe.manifest
+        except FeatureSetNotFoundError:
+            # Name the encoder: `featstore build --feature-set qwen_vision` alone would write the
+            # default encoder's VGGT features into that set.
+            raise FeatureSetNotFoundError(
+                f"--use_vision_cache: {probe.path} holds no cached Qwen vision features (feature set "
+                f"{VISION_FEATURE_SET!r}); build them into it: featstore build --data-root DATA_ROOT --annotations "
+                f"FILE --store {probe.path} --encoder {_vision_build_flags(settings)} (with the --target-size/"
+                "--preprocess-mode of the VGGT features), or train without --use_vision_cache") from None
         if expected_encoder is not None:
             check_fingerprint(probe.manifest, expected_encoder, path=f"{probe.path} (feature set {VISION_FEATURE_SET})",
                               advice=_VISION_MISMATCH_ADVICE)
@@ -103,6 +117,12 @@ def open_vision_cache(settings, expected_encoder=None):
     logger.info("Qwen vision feature cache enabled: %s (feature set %s, %d entries)", probe.path,
                 VISION_FEATURE_SET, entries)
     return FeatureStore(path, feature_set=VISION_FEATURE_SET, expected_encoder=expected_encoder)
+
+
+def _vision_build_flags(settings) -> str:
+    """`--encoder NAME [--weights CHECKPOINT]` of the build that writes the vision features training expects."""
+    weights = f" --weights {settings.vision_weights}" if settings.vision_weights else " --weights CHECKPOINT"
+    return settings.vision_encoder + ("" if settings.vision_encoder.endswith("-tiny") else weights)
 
 
 def vision_spec(settings, vggt_spec):
@@ -295,6 +315,11 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
                                   store=store, vision_store=vision_store, cache_miss=settings.cache_miss,
                                   system_prompt=data_args.system_prompt)
     check_coverage(dataset, store, vision_store, settings.cache_miss)  # before any model is built
+    if store is not None:  # a plan other than the one the store was built from: said once
+        from featstore.plan_record import plan_notes, plan_of_manifest
+
+        for line in plan_notes(plan_of_manifest(store.manifest), data_args.data_root, data_args.annotations):
+            logger.info(f"featstore plan: {line}")
     geometry = geometry_config(2 * int(spec.config["embed_dim"]), hidden=model_args.vggt_merger_hidden,
                                fusion=settings.fusion, scale=settings.scale)
     # bf16 weights under --bf16, float32 otherwise: as VG-LLM and JanusVLN load their model.
@@ -321,14 +346,20 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
                 settings.scale, len(dataset), counts)
     if train_args.label_names is None:
         train_args.label_names = ["labels"]
+    # SIGINT/SIGTERM while training: a checkpoint at the next step boundary, then stop (training.preempt).
+    preemption = Preemption()
     # processing_class: checkpoints then hold the tokenizer, so --model_name_or_path can resume from them.
     trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
-                               data_collator=Collator(tokenizer.pad_token_id))
-    # --resume_from_checkpoint DIR continues from a checkpoint-N folder (model, optimizer, RNG, data position)
-    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
-    trainer.save_model(train_args.output_dir)
-    if trainer.is_world_process_zero():
-        image_processor.save_pretrained(train_args.output_dir)
+                               data_collator=Collator(tokenizer.pad_token_id), callbacks=[preemption])
+    trainer.preemption = preemption
+    with preemption.handling_signals():  # also over the final save: a signal then must not cut it short
+        # --resume_from_checkpoint DIR continues from a checkpoint-N folder (model, optimizer, RNG, data position)
+        trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+        if preemption.signum is not None:
+            return trainer  # stopped early: the checkpoint holds the run; no final model
+        trainer.save_model(train_args.output_dir)
+        if trainer.is_world_process_zero():
+            image_processor.save_pretrained(train_args.output_dir)
     return trainer
 
 
@@ -338,12 +369,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     logger.setLevel(logging.INFO)
     try:
-        run(argv)
+        trainer = run(argv)
     except (ArgumentError, DataError, FeatstoreError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (or after it ended): nothing to save
+        print("training: interrupted before the first training step; nothing was saved", file=sys.stderr)
+        return exit_status(signal.SIGINT)
     finally:
         close_distributed()
+    stop = trainer.preemption
+    if stop.signum is not None:
+        if trainer.is_world_process_zero():
+            print(resume_hint(stop.signum, stop.step, stop.checkpoint, stop.save_seconds), file=sys.stderr, flush=True)
+        return exit_status(stop.signum)
+    if stop.received is not None and trainer.is_world_process_zero():
+        # After the last step's end: the run finished, and the final save was not cut short.
+        print(f"training: {signal.Signals(stop.received).name} arrived after the last step: training had finished, "
+              f"and its model is saved in {trainer.args.output_dir}", file=sys.stderr, flush=True)
     return 0
 
 

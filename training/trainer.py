@@ -26,10 +26,24 @@ Each rank also appends every logged dict, with its rank and wall time, to
 and `scripts/monitor_training.sh` reads these files.
 
 Not guaranteed: totals restart from zero when training resumes from a checkpoint.
+
+`--resume_from_checkpoint` (without DeepSpeed, whose engine reloads its own checkpoint) loads
+the checkpoint's `model.safetensors` by the model's own parameter names: `save_pretrained`
+writes it in the hub's layout (`model.layers.*`, `visual.*`: the class's key renames reversed),
+and the stock Trainer loads it with a non-strict `load_state_dict` that applies no rename, which
+left the LLM and the vision tower at their initial weights with only a warning. A checkpoint that
+still does not fit (a key missing or left over) is refused, naming the keys.
+
+Its DataLoader workers ignore SIGINT and SIGTERM: the main process decides when to stop
+(training.preempt saves a checkpoint at the next step boundary), and a worker killed by a
+Ctrl-C sent to the whole process group would fail the step before that save.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import json
 import os
 import time
@@ -38,6 +52,8 @@ from typing import Any
 import torch
 import transformers
 
+from featstore.interrupt import ignore_stop_signals, signals_blocked
+from training.args import ArgumentError
 from training.batch_slots import SlotBatch, SlotCollator
 
 __all__ = ["STAT_KEYS", "FeatstoreTrainer", "metrics_path"]
@@ -84,6 +100,44 @@ class FeatstoreTrainer(transformers.Trainer):
         self._data_steps = 0
         self._last_log_wall = None  # set at the first data fetch
 
+    def get_train_dataloader(self):
+        """The Trainer's loader, its workers ignoring SIGINT/SIGTERM (module docstring)."""
+        loader = super().get_train_dataloader()
+        if self.args.dataloader_num_workers > 0:
+            # An attribute read when the workers start (each epoch, or once if persistent), of
+            # the torch DataLoader that accelerate's wrapper holds (`base_dataloader`, accelerate
+            # >= 1.x; setting it on the wrapper would not reach it); a loader rebuilt to skip
+            # batches on resume (accelerate's skip_first_batches) copies it.
+            base = getattr(loader, "base_dataloader", loader)
+            base.worker_init_fn = functools.partial(_worker_init, base.worker_init_fn)
+        return loader
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load a checkpoint folder's model.safetensors into the model by its own names (module
+        docstring); other layouts (sharded, .bin, FSDP, PEFT) go to the Trainer's loader."""
+        target = self.model if model is None else model
+        weights = os.path.join(resume_from_checkpoint, transformers.utils.SAFE_WEIGHTS_NAME)
+        if not os.path.isfile(weights) or not isinstance(target, transformers.PreTrainedModel) \
+                or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        names = _module_names_of_saved_keys(target)
+        state = {names.get(k, k): v for k, v in load_file(weights, device="cpu").items()}
+        result = target.load_state_dict(state, strict=False)
+        # A tied parameter (lm_head and the embeddings, where tied) is saved once, under one name.
+        own = target.state_dict()
+        shared = collections.defaultdict(set)
+        for name, tensor in own.items():
+            shared[tensor.data_ptr()].add(name)
+        missing = [k for k in result.missing_keys if not shared[own[k].data_ptr()] & set(state)]
+        if missing or result.unexpected_keys:
+            raise ArgumentError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: its {transformers.utils.SAFE_WEIGHTS_NAME} does "
+                f"not fit this model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+                f"{result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}; resume with the "
+                "flags (model, --use_vision_cache, --vggt_*) of the run that wrote it")
+
     # -- 1 + 2: time the data wait, take the counters out of the batches -------------------
     def create_optimizer(self, model=None):
         """transformers' optimizer, with VG-LLM's and JanusVLN's per-group learning rates when
@@ -108,7 +162,13 @@ class FeatstoreTrainer(transformers.Trainer):
             self._last_log_wall = start
         # A loader without accelerate's device placement gives SlotBatch messages: as dicts here.
         as_dicts = (b.to(self.args.device) if isinstance(b, SlotBatch) else b for b in epoch_iterator)
-        batch_samples, num_items_in_batch = super().get_batch_samples(as_dicts, num_batches, device)
+        # Workers are forked inside a fetch (an epoch's first): with SIGINT/SIGTERM blocked, so
+        # that one sent to the process group stays pending in a new worker until it ignores it
+        # (`_worker_init`), instead of killing it in torch's SIGTERM handler first. Here, the
+        # signal is handled when the fetch returns (training.preempt: at the step's end anyway).
+        blocked = signals_blocked() if self.args.dataloader_num_workers > 0 else contextlib.nullcontext()
+        with blocked:
+            batch_samples, num_items_in_batch = super().get_batch_samples(as_dicts, num_batches, device)
         self._data_seconds += time.perf_counter() - start
         self._data_steps += 1
         for batch in batch_samples:
@@ -175,3 +235,29 @@ class FeatstoreTrainer(transformers.Trainer):
         line = {"rank": self.args.process_index, "time": time.time(), **record}
         with open(metrics_path(self.args.output_dir, self.args.process_index), "a") as f:
             f.write(json.dumps(line, default=float) + "\n")
+
+
+def _worker_init(then, worker_id: int) -> None:
+    """A DataLoader worker's first act: ignore SIGINT/SIGTERM, then the Trainer's own init
+    (`then`, seeding). Module level, so that it pickles for 'spawn' workers."""
+    ignore_stop_signals()
+    if then is not None:
+        then(worker_id)
+
+
+def _module_names_of_saved_keys(model) -> dict:
+    """{name in a saved checkpoint: the model's own parameter name}, from the very renames
+    `save_pretrained` applies (transformers' `revert_weight_conversion`, run on placeholders
+    whose identity tells which own name each saved one came from); {} where that function
+    does not exist or a conversion is more than a rename (the names are then used as saved)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {}
+    probe = {name: torch.empty(0) for name in model.state_dict()}
+    own = {id(t): name for name, t in probe.items()}
+    try:
+        saved = revert_weight_conversion(model, probe)
+    except Exception:  # a converter that computes (not this model's): no renames known
+        return {}
+    return {key: own[id(t)] for key, t in saved.items() if id(t) in own}
