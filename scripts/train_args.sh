@@ -15,6 +15,9 @@
 #           VGGT_FUSION (per_image|last_to_all), VGGT_SCALE (JanusVLN: 0.2), VGGT_ENCODER,
 #           VGGT_LAYER, VGGT_ATTENTION, VGGT_FRAMES_KEPT, VGGT_TARGET_SIZE, VGGT_PREPROCESS_MODE
 #           (unset: training's defaults, which match `featstore build`'s).
+# Recipe:   RECIPE=vgllm|janusvln passes --recipe: every VGGT, fusion, pixel, what-trains and
+#           learning-rate setting of that repository's published script (docs/TRAINING.md); the
+#           TUNE_* and LR variables then override it only where given, and VGGT_* as always.
 # Vision:   USE_VISION_CACHE=true reads the frozen Qwen vision tower's output from the same store
 #           (feature set qwen_vision; VGGT_CACHE_PATH names it); the model holds no vision block.
 # Training: TUNE_MERGER (true), TUNE_LLM (true), TUNE_VISION (false), TUNE_VISION_MERGER (true:
@@ -35,11 +38,22 @@ USE_VGGT_CACHE=${USE_VGGT_CACHE:-false}
 USE_VISION_CACHE=${USE_VISION_CACHE:-false}
 
 train_args=(--model_name_or_path "$MODEL" --data_root "$DATA_ROOT" --annotations $ANNOTATIONS
-            --output_dir "$OUTPUT_DIR"
-            --tune_merger "${TUNE_MERGER:-true}" --tune_llm "${TUNE_LLM:-true}" --tune_vision "${TUNE_VISION:-false}"
-            --tune_vision_merger "${TUNE_VISION_MERGER:-true}"
-            --per_device_train_batch_size "${BATCH_SIZE:-1}" --gradient_accumulation_steps "${GRAD_ACCUM:-8}"
-            --learning_rate "${LR:-1e-5}" --num_train_epochs "${EPOCHS:-1}" --max_steps "${MAX_STEPS:--1}"
+            --output_dir "$OUTPUT_DIR")
+if [ -n "${RECIPE:-}" ]; then
+  # The recipe sets what trains and the learning rates: only the variables given override it.
+  train_args+=(--recipe "$RECIPE")
+  for pair in TUNE_MERGER:tune_merger TUNE_LLM:tune_llm TUNE_VISION:tune_vision \
+              TUNE_VISION_MERGER:tune_vision_merger LR:learning_rate; do
+    name=${pair%%:*}
+    [ -n "${!name:-}" ] && train_args+=("--${pair#*:}" "${!name}")
+  done
+else
+  train_args+=(--tune_merger "${TUNE_MERGER:-true}" --tune_llm "${TUNE_LLM:-true}"
+               --tune_vision "${TUNE_VISION:-false}" --tune_vision_merger "${TUNE_VISION_MERGER:-true}"
+               --learning_rate "${LR:-1e-5}")
+fi
+train_args+=(--per_device_train_batch_size "${BATCH_SIZE:-1}" --gradient_accumulation_steps "${GRAD_ACCUM:-8}"
+            --num_train_epochs "${EPOCHS:-1}" --max_steps "${MAX_STEPS:--1}"
             --dataloader_num_workers "${WORKERS:-4}" --logging_steps "${LOGGING_STEPS:-10}"
             --save_steps "${SAVE_STEPS:-1000}" --bf16 "${BF16:-true}"
             --gradient_checkpointing "${GRADIENT_CHECKPOINTING:-true}" --seed "${SEED:-42}" --report_to none)

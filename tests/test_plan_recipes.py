@@ -196,12 +196,16 @@ def test_image_folders_and_percent_build_and_train_the_same_samples(tmp_path, ca
         assert "media_b/clip0.png" in store
     code, err = _cli(capsys, "verify", root, "--annotations", *specs)
     assert code == 0, err
-    # gc plans the same: nothing unplanned; at 20% the 6 samples of the 50% outside it are.
+    # gc plans the same: nothing unplanned; at 20% the 6 samples of the 50% outside it are, once
+    # the 20% plan replaces the recorded one (the recorded 50% plan keeps them otherwise).
     from featstore.cli import main
 
     assert main(["gc", root, "--annotations", *specs, "--unplanned", "--dry-run"]) == 0
     assert "would remove 0 entries" in capsys.readouterr().out
-    assert main(["gc", root, "--annotations", f"{a}@{root}/media_a%20", specs[1], "--unplanned", "--dry-run"]) == 0
+    narrower = [f"{a}@{root}/media_a%20", specs[1]]
+    assert main(["gc", root, "--annotations", *narrower, "--unplanned", "--dry-run"]) == 0
+    assert "would remove 0 entries" in capsys.readouterr().out
+    assert main(["gc", root, "--annotations", *narrower, "--unplanned", "--replace-plan", "--dry-run"]) == 0
     assert "would remove 6 entries (0 orphan, 0 stale, 0 corrupt, 6 unplanned)" in capsys.readouterr().out
 
     random.seed(12345)  # the choice never depends on Python's random state

@@ -140,14 +140,9 @@ def _single(path: Path, source: str) -> QwenCheckpoint:
 
 def _index_shards(index: Path) -> List[str]:
     """The shard names that hold vision keys, from the index's weight_map."""
-    try:
-        with open(index, "r", encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"cannot read the shard index {str(index)!r} ({type(e).__name__}: {e}); "
-                           "re-download the checkpoint") from None
+    from .weights import read_weight_map
+
+    weight_map = read_weight_map(index)
     shards = sorted({str(v) for k, v in weight_map.items() if k.startswith(VISION_PREFIXES)})
     if not shards:
         raise WeightsError(f"shard index {str(index)!r} names no vision key (visual.* or model.visual.*): not a "

@@ -138,8 +138,9 @@ def _aggregator_prefix(keys, source: str) -> str | None:
     return None
 
 
-def _aggregator_shards(index: Path) -> list:
-    """The shard files of a safetensors index that hold aggregator keys, sorted by name."""
+def read_weight_map(index: Path) -> dict:
+    """A safetensors index's `weight_map` (tensor name -> shard file name); WeightsError naming
+    the file when it cannot be read (the VGGT and the Qwen vision readers share it)."""
     try:
         with open(index, "r", encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -148,6 +149,12 @@ def _aggregator_shards(index: Path) -> list:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"cannot read the shard index {str(index)!r} ({type(e).__name__}: {e}); re-download "
                            "the checkpoint") from None
+    return weight_map
+
+
+def _aggregator_shards(index: Path) -> list:
+    """The shard files of a safetensors index that hold aggregator keys, sorted by name."""
+    weight_map = read_weight_map(index)
     prefix = _aggregator_prefix(weight_map, str(index))
     if prefix is None:
         raise WeightsError(f"shard index {str(index)!r} names no VGGT aggregator key (aggregator.* or "
