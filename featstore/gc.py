@@ -156,7 +156,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-set", action="append", metavar="NAME", help="collect only this feature set "
                    "(repeat for several; default: every set of the store)")
     add_annotations_argument(p, "training's annotation files: the plan for --unplanned, as for build. Default: a "
-                             "scan of the data root, one unit per image")
+                             "scan of the data root, one unit per image", store_may_follow=True)
     p.add_argument("--deep", action="store_true", help="stale also when the content hash (sha256) changed, not "
                    "only size or mtime; reads every source image (default off)")
     p.add_argument("--unplanned", action="store_true", help="also remove entries the plan does not ask for (e.g. "
