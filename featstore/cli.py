@@ -50,14 +50,18 @@ def store_path_arg(store: str | None, data_root: str | None) -> str:
     return "."
 
 
-def add_annotations_argument(p: argparse.ArgumentParser, help: str) -> None:
+def add_annotations_argument(p: argparse.ArgumentParser, help: str, *, store_may_follow: bool = False) -> None:
     """`--annotations FILE [FILE ...]` as every subcommand takes it: repeatable, and every file of
-    every occurrence is kept (``--annotations a.json --annotations b.json`` is both files)."""
+    every occurrence is kept (``--annotations a.json --annotations b.json`` is both files).
+    `store_may_follow`: the subcommand has a positional STORE, which may come after the files
+    (`store_after_annotations`)."""
     p.add_argument("--annotations", action="extend", nargs="+", default=[], metavar="FILE[@IMAGE_DIR][%N]",
                    help=help + ". FILE@IMAGE_DIR: the file's relative image paths start from IMAGE_DIR (a folder "
                    "inside the data root; VG-LLM's data_path); FILE%%N: keep N percent of its samples (1-100), the "
                    "same ones in build, verify, gc and training (docs/BUILD.md). Repeat the flag, or list several "
                    "values after it")
+    if store_may_follow:
+        p.set_defaults(_store_may_follow_annotations=True)
 
 
 def store_after_annotations(args: argparse.Namespace) -> None:
@@ -66,7 +70,9 @@ def store_after_annotations(args: argparse.Namespace) -> None:
     a store (or a data root) always is, so a directory at the end of the list, with no STORE
     given, is the STORE. Anything else stays an annotation file (and is checked as one)."""
     files = getattr(args, "annotations", None)
-    if files and getattr(args, "store", "") is None and os.path.isdir(files[-1]):
+    if not getattr(args, "_store_may_follow_annotations", False):
+        return  # build names its store with --store only: a directory there stays an error
+    if files and args.store is None and os.path.isdir(files[-1]):
         args.store = files.pop()
 
 

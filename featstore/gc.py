@@ -214,7 +214,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "(repeat for several; default: every set of the store)")
     add_annotations_argument(p, "training's annotation files: a plan for --unplanned, as for build, kept beside "
                              "the plan the store records. Default: the recorded plan (a store that records none: "
-                             "a scan of the data root, one unit per image)")
+                             "a scan of the data root, one unit per image)", store_may_follow=True)
     p.add_argument("--deep", action="store_true", help="stale also when the content hash (sha256) changed, not "
                    "only size or mtime; reads every source image (default off)")
     p.add_argument("--unplanned", action="store_true", help="also remove entries that neither the plan the store "

@@ -897,7 +897,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "STORE when it is a data root, else none and those checks are skipped)")
     add_annotations_argument(p, "training's annotation files: the plan is one unit per sample (as for build). "
                              "Default: a scan of the data root, one unit per image; pass the files the store was "
-                             "built from")
+                             "built from", store_may_follow=True)
     p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find content "
                    "changes that kept size and mtime (reads every image; default: size and mtime only)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",

@@ -67,3 +67,13 @@ def test_a_missing_annotation_file_is_still_named(built, capsys):
     capsys.readouterr()
     assert main(["verify", "--data-root", root, "--annotations", os.path.join(root, "nope.json"), store]) == 2
     assert "--annotations " + os.path.join(root, "nope.json") + ": no such file" in capsys.readouterr().err
+
+
+def test_build_has_no_positional_store_so_a_directory_after_the_files_is_still_refused(tmp_path, capsys):
+    root = sample_root(tmp_path)
+    other = tmp_path / "not_a_store"
+    other.mkdir()
+    assert main(["build", "--data-root", root, "--annotations", annotations(root), str(other),
+                 "--encoder", "vggt-tiny", "--workers", "0", "--no-progress"]) == 2
+    assert f"--annotations {other}: no such file" in capsys.readouterr().err
+    assert os.listdir(other) == []  # not taken for --store

@@ -265,3 +265,37 @@ def test_a_resumed_run_holds_the_checkpoints_weights_and_a_checkpoint_that_does_
         f"error: --resume_from_checkpoint {checkpoint}: its model.safetensors does not fit this model: missing "
         "['model.language_model.norm.weight'], unexpected []; resume with the flags (model, --use_vision_cache, "
         "--vggt_*) of the run that wrote it")
+
+
+_LEFTOVER_WORKER = r"""
+import functools, os, sys, time
+import torch
+from training.trainer import _worker_init
+
+loader = torch.utils.data.DataLoader(list(range(100)), batch_size=1, num_workers=1,
+                                     worker_init_fn=functools.partial(_worker_init, None))
+it = iter(loader)
+next(it)
+print(it._workers[0].pid, flush=True)
+sys.stdin.readline()  # the test signals the worker meanwhile
+print("alive" if it._workers[0].is_alive() else "dead", flush=True)
+# exit with the iterator alive: multiprocessing's exit handler terminates the daemonic worker
+"""
+
+
+def test_a_worker_ignores_sigterm_from_others_but_not_from_its_parent_so_the_parent_exits(tmp_path):
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", _LEFTOVER_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=child_env(), cwd=REPO)
+    try:
+        worker = int(proc.stdout.readline())
+        os.kill(worker, signal.SIGTERM)  # a scheduler's SIGTERM, not the parent's
+        os.kill(worker, signal.SIGINT)  # a Ctrl-C to the process group
+        time.sleep(0.5)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "alive"
+        assert proc.wait(timeout=60) == 0  # the parent's own SIGTERM at exit ends the worker: no hang
+    finally:
+        proc.kill()

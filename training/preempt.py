@@ -18,8 +18,9 @@ a gloo group of their own (a CPU tensor: no GPU sync in the step), and all stop 
 step. Every rank exits with the same status.
 
 A second signal while the checkpoint is written is not acted on (the first rank prints that it
-is saving); the save completes. DataLoader workers ignore both signals: a Ctrl-C reaches the
-whole process group, and a worker that dies of it would fail the step before the save.
+is saving); the save completes. DataLoader workers ignore SIGINT, and SIGTERM from anyone but
+their parent (training.trainer): a Ctrl-C or a scheduler's SIGTERM reaches the whole process
+group, and a worker that died of it would fail the step before the save.
 
 Not guaranteed: a signal that arrives before training starts (model loading, planning) ends
 the run at once ("interrupted", nothing saved), and a launcher or scheduler that kills the

@@ -34,9 +34,11 @@ and the stock Trainer loads it with a non-strict `load_state_dict` that applies 
 left the LLM and the vision tower at their initial weights with only a warning. A checkpoint that
 still does not fit (a key missing or left over) is refused, naming the keys.
 
-Its DataLoader workers ignore SIGINT and SIGTERM: the main process decides when to stop
-(training.preempt saves a checkpoint at the next step boundary), and a worker killed by a
-Ctrl-C sent to the whole process group would fail the step before that save.
+Its DataLoader workers ignore SIGINT, and SIGTERM from anyone but their parent: the main
+process decides when to stop (training.preempt saves a checkpoint at the next step boundary),
+and a worker killed by a Ctrl-C or a scheduler's SIGTERM sent to the whole process group would
+fail the step before that save. The parent's own SIGTERM (how it ends leftover workers) still
+ends them.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 import torch
 import transformers
 
-from featstore.interrupt import ignore_stop_signals, signals_blocked
+from featstore.interrupt import signals_blocked
 from training.args import ArgumentError
 from training.batch_slots import SlotBatch, SlotCollator
 
@@ -238,11 +242,37 @@ class FeatstoreTrainer(transformers.Trainer):
 
 
 def _worker_init(then, worker_id: int) -> None:
-    """A DataLoader worker's first act: ignore SIGINT/SIGTERM, then the Trainer's own init
-    (`then`, seeding). Module level, so that it pickles for 'spawn' workers."""
-    ignore_stop_signals()
+    """A DataLoader worker's first act: ignore SIGINT, and SIGTERM from anyone but its parent;
+    then the Trainer's own init (`then`, seeding). Module level, so that it pickles for 'spawn'
+    workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while it was forked
+    _sigterm_from_parent_only()
     if then is not None:
         then(worker_id)
+
+
+def _sigterm_from_parent_only() -> None:
+    """SIGTERM from the parent ends this worker at once (as torch's own worker handler does);
+    from anyone else (a scheduler signalling the process group) it is ignored.
+
+    Not a plain SIG_IGN: the parent itself stops leftover daemonic workers with SIGTERM
+    (multiprocessing's exit handler, `Process.terminate`, then an unbounded `join`), and a worker
+    deaf to it hangs the parent's exit. A Python handler does not see the sender, so SIGTERM
+    stays blocked and one thread takes it with `sigwaitinfo`, which does (`si_pid`). Threads the
+    worker starts later inherit the blocked mask."""
+    if not hasattr(signal, "sigwaitinfo"):  # not Linux: leave torch's handler (exit if from parent, else die)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="featstore-worker-sigterm", daemon=True).start()
 
 
 def _module_names_of_saved_keys(model) -> dict:
