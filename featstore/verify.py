@@ -896,8 +896,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="the images' folder: enables the orphan/stale/coverage checks (default: "
                    "STORE when it is a data root, else none and those checks are skipped)")
     add_annotations_argument(p, "training's annotation files: the plan is one unit per sample (as for build). "
-                             "Default: a scan of the data root, one unit per image; pass the files the store was "
-                             "built from", store_may_follow=True)
+                             "Default: the plan the store records (the files it was built from; a store that "
+                             "records none: a scan of the data root, one unit per image)", store_may_follow=True)
     p.add_argument("--deep", action="store_true", help="also hash every source file (sha256) to find content "
                    "changes that kept size and mtime (reads every image; default: size and mtime only)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",
