@@ -60,7 +60,6 @@ ALLOWLIST = {
     ("featstore/encoders/vggt.py", "all frames of a stream must share"): "aggregator streaming step",
     # Caught in the same function and re-raised as the listed WeightsError ("cannot read the
     # shard index ...").
-    ("featstore/encoders/qwen_weights.py", "weight_map is not an object"): "internal TypeError",
 }
 
 
