@@ -85,7 +85,7 @@ def model_config(tokenizer, *, smoke: bool):
 
 def vggt_choice(smoke: bool):
     """(encoder preset name, aggregator config): the tiny VGGT for smoke runs, else VGGT-1B."""
-    from featstore.encoders.vggt_config import TINY_CONFIG, VGGT_1B_CONFIG
+    from featstore.encoders.vggt.config import TINY_CONFIG, VGGT_1B_CONFIG
 
     return ("vggt-tiny", TINY_CONFIG) if smoke else ("vggt-1b", VGGT_1B_CONFIG)
 
@@ -96,7 +96,7 @@ def write_vggt_checkpoint(path: str, config: dict, *, seed: int = 0) -> str:
     (half the bytes to hash and read); the encoder loads it into its fp32 weights."""
     from safetensors.torch import save_file
 
-    from featstore.encoders.vggt import VGGTAggregator, init_random_
+    from featstore.encoders.vggt.model import VGGTAggregator, init_random_
 
     model = init_random_(VGGTAggregator(**config), seed)
     state = {"aggregator." + k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()

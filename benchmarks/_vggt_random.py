@@ -2,7 +2,7 @@
 benchmarks measure the real architecture on a machine that cannot download the checkpoint."""
 
 from featstore.encoders import VGGTPreset, register_encoder
-from featstore.encoders.vggt_config import VGGT_1B_CONFIG
+from featstore.encoders.vggt.config import VGGT_1B_CONFIG
 
 NAME = "vggt-1b-random"
 

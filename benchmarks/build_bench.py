@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from featstore.build import BuildOptions, build  # noqa: E402
+from featstore.build.pipeline import BuildOptions, build  # noqa: E402
 import _vggt_random  # noqa: E402,F401  (registers vggt-1b-random)
 
 
@@ -39,8 +39,8 @@ def stored_vs_direct(encoder, root: str, store: str, n: int = 8) -> dict:
     import torch.nn.functional as F
 
     from featstore import FeatureStore
-    from featstore.encode import encode_unit
-    from featstore.plan import plan_units
+    from featstore.build.encode import encode_unit
+    from featstore.build.plan import plan_units
 
     units = plan_units(root)[:: max(1, len(plan_units(root)) // n)][:n]
     worst = {"min_cosine": 1.0, "max_abs_err": 0.0, "units": len(units)}

@@ -3,7 +3,7 @@
 Builds a store of N sample-sized images (96x72, like sample_data/) with the tiny random
 encoder on the CPU, once per setting, in this process, and reports frames/s of the pipeline
 (decode + encode + commit; model loading and planning excluded) for each encoder thread count
-(featstore.build.CPU_ENCODER_THREADS; None is featstore's choice). The decode workers run one
+(featstore.build.pipeline.CPU_ENCODER_THREADS; None is featstore's choice). The decode workers run one
 thread each in every setting: torch's DataLoader sets that in each worker.
 
 Usage:
@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
-import featstore.build as fb
+import featstore.build.pipeline as fb
 
 DEFAULT = os.cpu_count() or 1  # torch's default intra-op threads: one per core
 SETTINGS = sorted({DEFAULT, 1, 2}) + [None]  # None: featstore's choice

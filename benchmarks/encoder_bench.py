@@ -37,7 +37,7 @@ VENDOR = ROOT / ".vendor" / "vggt_official"
 if VENDOR.is_dir():
     sys.path.insert(0, str(VENDOR))
 
-from featstore.encoders.vggt import VGGT_1B_CONFIG, VGGTAggregator  # noqa: E402
+from featstore.encoders.vggt.model import VGGT_1B_CONFIG, VGGTAggregator  # noqa: E402
 
 RESOLUTIONS = {"518x392": (392, 518), "518x518": (518, 518)}  # name: (H, W)
 SHAPES = [(1, 1), (1, 8), (1, 16), (8, 1)]  # (B, S)

@@ -46,8 +46,8 @@ sys.path.insert(0, REPO)
 
 from featstore import FeatureStore, StoreWriter  # noqa: E402
 from featstore.encoders import VGGTPreset, get_encoder, register_encoder, resolve_spec  # noqa: E402
-from featstore.encoders.vggt_config import VGGT_1B_CONFIG  # noqa: E402
-from featstore.quant import dequantize, quantize_fp8  # noqa: E402
+from featstore.encoders.vggt.config import VGGT_1B_CONFIG  # noqa: E402
+from featstore.format.fp8 import dequantize, quantize_fp8  # noqa: E402
 
 TOKENS, CHANNELS = 37 * 28, 2048
 SHAPE = (1, TOKENS, CHANNELS)
@@ -70,8 +70,8 @@ def realistic(seed: int) -> torch.Tensor:
 
 def vggt_arch(depth: int) -> torch.Tensor:
     """The VGGT-1B architecture at `depth` with random weights on a sample photo, bf16 [1, 1036, 2048]."""
-    from featstore.encode import read_unit_frames
-    from featstore.plan import Unit
+    from featstore.build.encode import read_unit_frames
+    from featstore.build.plan import Unit
 
     name = f"vggt-1b-arch-depth{depth}"
     config = dict(VGGT_1B_CONFIG, depth=depth, patch_embed="conv")

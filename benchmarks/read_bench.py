@@ -45,10 +45,10 @@ import time
 import safetensors.torch
 import torch
 
-from featstore.format import tensor_span
-from featstore.keys import key_to_bytes
-from featstore.reader import FeatureStore
-from featstore.writer import StoreWriter
+from featstore.format.blob import tensor_span
+from featstore.format.keys import key_to_bytes
+from featstore.store.reader import FeatureStore
+from featstore.store.writer import StoreWriter
 
 SIZES = {
     # name: (shape [frames, tokens, channels], default entry count)

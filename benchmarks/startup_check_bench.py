@@ -24,8 +24,8 @@ import torch
 
 
 def _store_with_keys(path: str, n: int) -> list[str]:
-    from featstore.format import encode_entry
-    from featstore.writer import StoreWriter
+    from featstore.format.blob import encode_entry
+    from featstore.store.writer import StoreWriter
 
     blob = encode_entry({"features": torch.zeros(1, 4, 8, dtype=torch.bfloat16)}, {"frames": json.dumps(["x.jpg"])})
     keys = [f"ep{i // 100:05d}/step{i % 100:03d}" for i in range(n)]
@@ -37,8 +37,8 @@ def _store_with_keys(path: str, n: int) -> list[str]:
 
 
 def bench_startup(n: int) -> dict:
-    from featstore.plan import Unit
-    from featstore.reader import FeatureStore
+    from featstore.build.plan import Unit
+    from featstore.store.reader import FeatureStore
     from training.train import check_coverage
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,8 +62,8 @@ def bench_freshness(reps: int = 2000) -> dict:
     import numpy as np
     from PIL import Image
 
-    from featstore.build import BuildOptions, build
-    from featstore.reader import FeatureStore
+    from featstore.build.pipeline import BuildOptions, build
+    from featstore.store.reader import FeatureStore
 
     with tempfile.TemporaryDirectory() as root:
         frames = []

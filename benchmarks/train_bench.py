@@ -575,9 +575,9 @@ def _vision_build_numbers(build: dict, tower: str, inputs, spec, device) -> dict
     and on the device already, batches of 16 as the build makes), and its bytes per image."""
     import time as _time
 
-    from featstore.encode import read_frame
+    from featstore.build.encode import read_frame
     from featstore.encoders import get_encoder
-    from featstore.plan import plan_units
+    from featstore.build.plan import plan_units
 
     out = {"build": build}
     frames = build.get("frames") or 0

@@ -21,8 +21,8 @@ import zlib
 
 import torch
 
-from featstore.verify import verify_store
-from featstore.writer import StoreWriter
+from featstore.ops.verify import verify_store
+from featstore.store.writer import StoreWriter
 from read_bench import _fadvise_dontneed  # same folder: scripts run from benchmarks/ on sys.path
 
 

@@ -33,11 +33,11 @@ __all__ = ["__version__", "FeatureStore", "StoreWriter", *_errors_all]
 def __getattr__(name):
     # Lazy so that `import featstore` stays cheap (no lmdb/torch import for `--help`).
     if name == "FeatureStore":
-        from featstore.reader import FeatureStore
+        from featstore.store.reader import FeatureStore
 
         return FeatureStore
     if name == "StoreWriter":
-        from featstore.writer import StoreWriter
+        from featstore.store.writer import StoreWriter
 
         return StoreWriter
     raise AttributeError(f"module 'featstore' has no attribute {name!r}")

@@ -10,17 +10,17 @@ import sys
 
 from featstore import __version__
 from featstore.errors import FeatstoreError
-from featstore.store import DEFAULT_STORE_NAME
+from featstore.store.layout import DEFAULT_STORE_NAME
 from featstore.interrupt import ignore_stop_signals, interrupts_deferred, sigterm_as_keyboard_interrupt
 
 # subcommand -> module that defines `configure_parser(parser)` and `run(args) -> int`
 COMMANDS = {
-    "build": "featstore.build",
-    "verify": "featstore.verify",
-    "info": "featstore.info",
-    "gc": "featstore.gc",
-    "copy": "featstore.copy",
-    "merge": "featstore.merge",
+    "build": "featstore.build.pipeline",
+    "verify": "featstore.ops.verify",
+    "info": "featstore.ops.info",
+    "gc": "featstore.ops.collect",
+    "copy": "featstore.ops.copy_store",
+    "merge": "featstore.ops.merge",
 }
 
 

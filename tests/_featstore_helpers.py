@@ -82,7 +82,7 @@ def make_store(data_root: str, n: int = 20, *, finish: bool = True, batch_entrie
                store: str | None = None) -> str:
     """A store of `n` single-frame entries at DATA_ROOT/vggt_features.lmdb (or `store`), with a
     source file per entry under `data_root`, consistent with the vggt-tiny spec. Returns its path."""
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
 
     store = store or os.path.join(data_root, "vggt_features.lmdb")
     with StoreWriter(store, spec=tiny_spec(), batch_entries=batch_entries, handle_signals=False) as w:
@@ -157,7 +157,7 @@ def make_images(data_root: str, keys, size=(64, 48), seed: int = 0) -> None:
 
 def read_store(store: str) -> dict[str, tuple[torch.Tensor, dict]]:
     """key -> (features copy, metadata) of every entry, with checksums verified."""
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     out = {}
     with FeatureStore(store, verify_checksums=True) as fs:

@@ -35,7 +35,7 @@ def core_map_range():
 def core_make_store(tmp_path):
     """Factory: core_make_store(entries={key: tensor or {name: tensor}}, complete=True, **writer_kw)
     -> path of a new store whose entries record their key as their one frame (spec: core_spec())."""
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
 
     from _featstore_helpers import core_spec
 

@@ -18,15 +18,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from featstore import FeatureStore
-from featstore.build import BuildOptions, build
-from featstore.encode import encode_unit
+from featstore.build.pipeline import BuildOptions, build
+from featstore.build.encode import encode_unit
 from featstore.encoders import get_encoder
 from featstore.encoders.preprocess import preprocess_image
-from featstore.encoders.vggt import VGGTAggregator
-from featstore.encoders.weights import sha256_file
+from featstore.encoders.vggt.model import VGGTAggregator
+from featstore.encoders.vggt.weights import sha256_file
 from featstore.errors import FingerprintMismatchError, MergeConflictError, PlanError
-from featstore.merge import merge_stores
-from featstore.plan import plan_units
+from featstore.ops.merge import merge_stores
+from featstore.build.plan import plan_units
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "sample_data")
@@ -372,12 +372,12 @@ def test_frames_cross_as_uint8_and_the_store_is_bit_identical_to_float32_frames(
 def test_decode_workers_start_before_the_model_loads(data_root, tmp_path, monkeypatch):
     """The workers are forked before the encoder is built, so the first units are decoded while
     the model loads (on a GPU host: seconds of weights and compile)."""
-    import featstore.encode
+    import featstore.build.encode
     import featstore.encoders
 
     marks = tmp_path / "decoded"
     marks.mkdir()
-    read = featstore.encode.read_unit_frames
+    read = featstore.build.encode.read_unit_frames
 
     def marked(data_root_, unit, *a, **kw):  # runs in the forked workers
         (marks / str(abs(hash(unit.key)))).touch()
@@ -394,7 +394,7 @@ def test_decode_workers_start_before_the_model_loads(data_root, tmp_path, monkey
         seen["decoded while loading"] = len(list(marks.iterdir()))
         return load(*a, **kw)
 
-    monkeypatch.setattr(featstore.encode, "read_unit_frames", marked)
+    monkeypatch.setattr(featstore.build.encode, "read_unit_frames", marked)
     monkeypatch.setattr(featstore.encoders, "get_encoder", slow_load)
     r = build(options(data_root, workers=2))
     assert r.computed == 10 and not r.failed
@@ -410,7 +410,7 @@ def test_the_steady_rate_counts_from_the_first_commit(data_root):
 def test_nan_or_infinite_features_are_never_stored_and_a_rerun_retries_them(data_root, monkeypatch):
     """A unit whose encoder output holds a NaN or an infinity is reported as failed, naming its key,
     and not committed; the others are; once the encoder is sound, a rerun computes exactly it."""
-    import featstore.encode as encode_mod
+    import featstore.build.encode as encode_mod
 
     Image.new("RGB", (64, 48)).save(os.path.join(data_root, "black.png"))  # the unit the fault picks
     real = encode_mod.encode_frames

@@ -48,7 +48,7 @@ def test_verify_with_several_files_after_one_flag_and_the_store_last(built, tmp_
 
 
 def test_build_keeps_every_file_of_a_repeated_flag(tmp_path, capsys):
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     root = sample_root(tmp_path)
     samples = json.load(open(annotations(root)))

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featstore.errors import FeatstoreError
-from featstore.reader import FeatureStore
+from featstore.store.reader import FeatureStore
 
 N = 24
 
@@ -40,7 +40,7 @@ def _keys():
 
 @pytest.fixture(scope="module")
 def core_dl_store(tmp_path_factory):
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
 
     path = str(tmp_path_factory.mktemp("dl") / "vggt_features.lmdb")
     with StoreWriter(path, handle_signals=False) as w:
@@ -95,7 +95,7 @@ class _LockedProbe(Dataset):
 
 
 def test_in_progress_store_opened_before_fork_gives_a_clear_error(tmp_path):
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
 
     path = str(tmp_path / "s")
     with StoreWriter(path, handle_signals=False) as w:  # no finish(): build in progress, locked reads

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 import featstore
-from featstore.build import BuildOptions, build
+from featstore.build.pipeline import BuildOptions, build
 
 from _featstore_helpers import REPO
 
@@ -45,7 +45,7 @@ def in_docs_dir(docs_dir, tmp_path, monkeypatch):
 
 def test_every_module_with_examples_is_collected():
     with_examples = [m for m in _modules() if ">>>" in (importlib.util.find_spec(m).loader.get_source(m) or "")]
-    assert {"featstore.plan", "featstore.reader", "featstore.encode", "featstore.encoders"} <= set(with_examples)
+    assert {"featstore.build.plan", "featstore.store.reader", "featstore.build.encode", "featstore.encoders"} <= set(with_examples)
 
 
 @pytest.mark.parametrize("module", _modules())

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from featstore.encoders import TINY_CONFIG, get_encoder
-from featstore.encoders.vggt import VGGT_1B_CONFIG, VGGTAggregator, init_random_
-from featstore.encoders.weights import load_aggregator_state, sha256_file
+from featstore.encoders.vggt.model import VGGT_1B_CONFIG, VGGTAggregator, init_random_
+from featstore.encoders.vggt.weights import load_aggregator_state, sha256_file
 from featstore.errors import WeightsError
 
 HEAD_KEYS = {"camera_head.trunk.0.weight": torch.zeros(3, 3), "depth_head.proj.bias": torch.zeros(4)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from featstore.encoders import TINY_CONFIG, get_encoder
-from featstore.encoders.vggt import VGGTAggregator, init_random_
+from featstore.encoders.vggt.model import VGGTAggregator, init_random_
 
 LAYER = 2  # = -2 at depth 4
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from featstore.encoders import get_encoder
-from featstore.encoders.vggt import VGGTAggregator, init_random_
+from featstore.encoders.vggt.model import VGGTAggregator, init_random_
 
 VENDOR = Path(__file__).resolve().parents[1] / ".vendor" / "vggt_official"
 

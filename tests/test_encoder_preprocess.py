@@ -12,7 +12,7 @@ from PIL import Image
 
 from featstore.encoders import get_encoder
 from featstore.encoders.preprocess import preprocess_image, stack_frames
-from featstore.encoders.spec import PreprocessSpec
+from featstore.contract.spec import PreprocessSpec
 from featstore.errors import EncoderError, ImageDecodeError
 
 VENDOR = Path(__file__).resolve().parents[1] / ".vendor" / "vggt_official"

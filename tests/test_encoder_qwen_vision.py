@@ -19,13 +19,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from featstore.encode import encode_unit, read_frame
+from featstore.build.encode import encode_unit, read_frame
 from featstore.encoders import encoder_for_spec, feature_set_of, get_encoder, resolve_spec, unit_of
 from featstore.encoders.preprocess import preprocess_image, qwen_frame, qwen_view
-from featstore.encoders.qwen_config import IMAGE_MEAN, IMAGE_STD, TINY_VISION_CONFIG, spec_config
-from featstore.encoders.spec import PreprocessSpec
+from featstore.encoders.qwen_vision.config import IMAGE_MEAN, IMAGE_STD, TINY_VISION_CONFIG, spec_config
+from featstore.contract.spec import PreprocessSpec
 from featstore.errors import EncoderError, FingerprintMismatchError, ImageDecodeError, WeightsError
-from featstore.plan import Unit
+from featstore.build.plan import Unit
 
 TINY = "qwen2.5-vl-vision-tiny"
 FULL = "qwen2.5-vl-vision"

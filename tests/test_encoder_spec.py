@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from featstore.encoders import available_encoders, get_encoder, register_encoder
-from featstore.encoders.spec import EncoderSpec, PreprocessSpec
+from featstore.contract.spec import EncoderSpec, PreprocessSpec
 from featstore.errors import EncoderError, WeightsError
 
 

@@ -11,9 +11,9 @@ import torch
 import featstore
 import featstore.errors as E
 from featstore.cli import main as cli_main
-from featstore.reader import FeatureStore
-from featstore.verify import verify_store
-from featstore.writer import StoreWriter
+from featstore.store.reader import FeatureStore
+from featstore.ops.verify import verify_store
+from featstore.store.writer import StoreWriter
 
 from _featstore_helpers import make_data_root
 
@@ -63,7 +63,7 @@ def test_verify_raises_corrupt_store_error_for_an_unreadable_lmdb_file(tmp_path,
 
 
 def test_lmdb_errors_are_translated_once_in_the_cli(monkeypatch, capsys):
-    import featstore.info as info
+    import featstore.ops.info as info
 
     def broken(args):
         raise lmdb.ReadonlyError("mdb_txn_begin: Permission denied")

@@ -17,20 +17,21 @@ import pytest
 import torch
 
 from featstore import FeatureStore, StoreWriter
-from featstore.build import BuildOptions, build
-from featstore.claim import BuildLock
+from featstore.build.pipeline import BuildOptions, build
+from featstore.store.lock import BuildLock
 from featstore.cli import main as cli_main
-from featstore.copy import copy_store
-from featstore.encoders import TINY_CONFIG, TINY_TARGET_SIZE, VGGTPreset, register_encoder, resolve_spec
+from featstore.ops.copy_store import copy_store
+from featstore.encoders import TINY_CONFIG, VGGTPreset, register_encoder, resolve_spec
+from featstore.encoders.vggt.config import TINY_TARGET_SIZE
 from featstore.errors import (FeatureSetNotFoundError, FingerprintMismatchError, InvalidFeatureSetError, ManifestError,
                               MergeConflictError, StoreBusyError)
-from featstore.format import encode_entry
-from featstore.gc import collect_garbage
-from featstore.info import store_info
-from featstore.merge import merge_stores
-from featstore.plan import plan_units
-from featstore.store import MAX_FEATURE_SETS, check_feature_set, features_db, manifest_key
-from featstore.verify import parse_weights, verify_store
+from featstore.format.blob import encode_entry
+from featstore.ops.collect import collect_garbage
+from featstore.ops.info import store_info
+from featstore.ops.merge import merge_stores
+from featstore.build.plan import plan_units
+from featstore.store.layout import MAX_FEATURE_SETS, check_feature_set, features_db, manifest_key
+from featstore.ops.verify import parse_weights, verify_store
 
 from _featstore_helpers import REPO, core_spec
 
@@ -207,7 +208,7 @@ def test_too_many_sets_are_refused(tmp_path):
 _COMMIT_BETWEEN = """
 import json, sys, torch
 from featstore import StoreWriter
-from featstore.format import encode_entry
+from featstore.format.blob import encode_entry
 from _featstore_helpers import core_spec
 path = sys.argv[1]
 def blob(key, value):

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from featstore.errors import CorruptEntryError
-from featstore.format import ALIGNMENT, DTYPES, align_blob, decode_entry, encode_entry
+from featstore.format.blob import ALIGNMENT, DTYPES, align_blob, decode_entry, encode_entry
 
 
 def _blob(header: dict, data: bytes = b"") -> bytes:
@@ -290,7 +290,7 @@ def test_encode_refuses_bad_input():
 
 # -- the hot path: decode_tensor ---------------------------------------------------------------
 def test_decode_tensor_equals_decode_entry_and_caches_only_validated_layouts():
-    import featstore.format as fmt
+    import featstore.format.blob as fmt
 
     fmt._LAYOUTS.clear()
     blobs = [encode_entry({"features": _sample(torch.bfloat16, (1, 3, 8)), "grid": torch.tensor([1, 3])},
@@ -316,7 +316,7 @@ def test_decode_tensor_equals_decode_entry_and_caches_only_validated_layouts():
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_decode_tensor_fuzzed_raises_only_its_own_errors(data):
-    import featstore.format as fmt
+    import featstore.format.blob as fmt
 
     blob = bytearray(encode_entry({"features": torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)},
                                   {"frames": '["a.jpg"]'}))
@@ -334,7 +334,7 @@ def test_decode_tensor_fuzzed_raises_only_its_own_errors(data):
 def test_tensor_span_memo_tells_apart_layouts_of_equal_lengths():
     """The per-batch memo is keyed by header and value length but answers only when the header's
     tensor part is byte-identical: two layouts of equal lengths never share an answer."""
-    from featstore.format import tensor_span
+    from featstore.format.blob import tensor_span
 
     a = bytes(encode_entry({"features": torch.zeros(1, 32, 64, dtype=torch.bfloat16)}, {"frames": '["a"]'}))
     b = bytes(encode_entry({"features": torch.zeros(2, 16, 64, dtype=torch.bfloat16)}, {"frames": '["b"]'}))

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from _featstore_helpers import flip_byte_in_value, make_images, run_cli
-from featstore.compare import compare_features
+from featstore.ops.compare import compare_features
 from featstore.errors import CorruptEntryError, FingerprintMismatchError
-from featstore.quant import SCALE_TENSOR, dequantize, quantize_fp8
-from featstore.reader import FeatureStore
-from featstore.store import FORMAT_VERSION, FP8_FORMAT_VERSION
-from featstore.verify import verify_store
+from featstore.format.fp8 import SCALE_TENSOR, dequantize, quantize_fp8
+from featstore.store.reader import FeatureStore
+from featstore.store.layout import FORMAT_VERSION, FP8_FORMAT_VERSION
+from featstore.ops.verify import verify_store
 
 KEYS = [f"s/{i}.png" for i in range(4)]
 

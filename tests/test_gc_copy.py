@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from _featstore_helpers import make_data_root, features_for, flip_byte_in_value, key_of, make_store, read_store, run_cli
-from featstore.copy import copy_store
+from featstore.ops.copy_store import copy_store
 from featstore.errors import FeatstoreError, StoreFullError
-from featstore.gc import collect_garbage
-from featstore.reader import FeatureStore
-from featstore.verify import verify_store
+from featstore.ops.collect import collect_garbage
+from featstore.store.reader import FeatureStore
+from featstore.ops.verify import verify_store
 
 
 @pytest.fixture

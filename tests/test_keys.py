@@ -8,7 +8,7 @@ import re
 import pytest
 
 from featstore.errors import InvalidKeyError
-from featstore.keys import MAX_KEY_BYTES, key_to_bytes, normalize_key, relative_key
+from featstore.format.keys import MAX_KEY_BYTES, key_to_bytes, normalize_key, relative_key
 
 
 @pytest.mark.parametrize(

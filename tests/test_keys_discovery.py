@@ -11,7 +11,7 @@ import pytest
 from _featstore_helpers import key_of, make_store, run_cli
 from _training_helpers import build_store, sample_root
 from featstore.errors import MissingKeyError
-from featstore.reader import FeatureStore
+from featstore.store.reader import FeatureStore
 
 ANNOTATED_KEYS = ["misc/portrait.png", "scene_a_step1", "scene_a_step3", "scene_b_step1", "scene_b_step3"]
 
@@ -75,7 +75,7 @@ def test_info_keys_lists_every_key_in_order_and_limit_and_json(annotated):
 
 
 def test_info_keys_streams_a_store_larger_than_one_read_chunk(tmp_path):
-    from featstore.info import iter_keys
+    from featstore.ops.info import iter_keys
 
     data = tmp_path / "data"
     data.mkdir()

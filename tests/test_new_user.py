@@ -26,7 +26,7 @@ def _data(tmp_path, n=UNITS, name="data") -> str:
 
 
 def _build(data: str, **kw):
-    from featstore.build import BuildOptions, build
+    from featstore.build.pipeline import BuildOptions, build
 
     return build(BuildOptions(data_root=data, encoder="vggt-tiny", workers=0, progress=False, **kw))
 
@@ -118,7 +118,7 @@ def test_merge_reports_counts_and_json(tmp_path):
 
 # -- two builds on one store ----------------------------------------------------------------------
 def test_a_second_build_is_refused_naming_the_running_one(tmp_path):
-    from featstore.claim import BuildLock, prepare_store_dir
+    from featstore.store.lock import BuildLock, prepare_store_dir
 
     data = _data(tmp_path, 2)
     store = os.path.join(data, "vggt_features.lmdb")
@@ -163,7 +163,7 @@ def test_two_concurrent_builds_do_the_work_once(tmp_path):
         else:  # started while the other one held the store
             assert rc == 2 and "is being written by another build (pid " in stderr, stderr
     assert computed == n, results
-    from featstore.verify import verify_store
+    from featstore.ops.verify import verify_store
 
     assert verify_store(store, data_root=data).exit_code == 0
 
@@ -187,7 +187,7 @@ def test_the_lock_of_a_killed_build_is_taken_over(tmp_path):
 
 _HOLDER_WITH_A_CHILD = r"""
 import os, signal, sys, time
-from featstore.claim import BuildLock, prepare_store_dir
+from featstore.store.lock import BuildLock, prepare_store_dir
 prepare_store_dir(sys.argv[1])
 lock = BuildLock(sys.argv[1]).acquire()
 child = os.fork()
@@ -201,7 +201,7 @@ time.sleep(60)
 
 
 def test_a_forked_child_of_a_killed_build_does_not_hold_its_lock(tmp_path):
-    from featstore.claim import BuildLock
+    from featstore.store.lock import BuildLock
 
     store = str(tmp_path / "s")
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER_WITH_A_CHILD, store], stdout=subprocess.PIPE, text=True,
@@ -228,7 +228,7 @@ def test_torchrun_reports_each_unit_once(tmp_path):
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
     assert (report["planned"], report["missing"], report["computed"]) == (4, 4, 4)
-    from featstore.info import store_info
+    from featstore.ops.info import store_info
 
     assert store_info(data)["last_build"]["planned"] == 4
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
@@ -247,7 +247,7 @@ def test_build_reports_through_the_featstore_logger(tmp_path, caplog):
 
 
 def test_verify_logs_its_outcome_once_and_the_cli_prints_no_second_summary(tmp_path, caplog):
-    from featstore.verify import verify_store
+    from featstore.ops.verify import verify_store
 
     data = _data(tmp_path, 2)
     _build(data)
@@ -262,7 +262,7 @@ def test_verify_logs_its_outcome_once_and_the_cli_prints_no_second_summary(tmp_p
 
 _WRITER = r"""
 import sys, torch
-from featstore.writer import StoreWriter
+from featstore.store.writer import StoreWriter
 with StoreWriter(sys.argv[1], handle_signals=False, batch_entries=1) as w:
     for key in ("a.jpg", "b.jpg"):
         w.put(key, {"features": torch.zeros(1, 2, 2)})
@@ -305,8 +305,8 @@ def test_cpu_build_thread_counts(tmp_path, monkeypatch):
     docs/BENCHMARKS.md), the workers on one thread each, and the caller's setting comes back."""
     import torch
 
-    import featstore.build as fb
-    import featstore.encode as fe
+    import featstore.build.pipeline as fb
+    import featstore.build.encode as fe
     from featstore.encoders import get_encoder
 
     data = _data(tmp_path, 4)

@@ -90,7 +90,7 @@ def _train_argv(root: str, out: str, annotations: list, *extra: str, batch: int,
 
 
 def _build(root: str, annotations: list, **overrides):
-    from featstore.build import BuildOptions, build
+    from featstore.build.pipeline import BuildOptions, build
 
     return build(BuildOptions(data_root=root, annotations=list(annotations), encoder="vggt-tiny",
                               spec_overrides=overrides, progress=False, workers=0))
@@ -121,9 +121,9 @@ def test_the_generated_file_is_what_janusvln_create_data_writes(tmp_path, monkey
 
 
 def test_janusvln_file_as_is_builds_causal_last_and_trains_cached_on_every_sample(tmp_path):
-    from featstore.plan import plan_samples
-    from featstore.reader import FeatureStore
-    from featstore.verify import verify_store
+    from featstore.build.plan import plan_samples
+    from featstore.store.reader import FeatureStore
+    from featstore.ops.verify import verify_store
     from training.train import run
 
     root, ann, samples = _janus_data(tmp_path)
@@ -179,8 +179,8 @@ def _vgllm_data(tmp_path) -> tuple[str, str, str]:
 
 
 def test_image_folders_and_percent_build_and_train_the_same_samples(tmp_path, capsys):
-    from featstore.plan import plan_samples, plan_units
-    from featstore.reader import FeatureStore
+    from featstore.build.plan import plan_samples, plan_units
+    from featstore.store.reader import FeatureStore
     from training.train import run
 
     root, a, b = _vgllm_data(tmp_path)
@@ -218,7 +218,7 @@ def test_image_folders_and_percent_build_and_train_the_same_samples(tmp_path, ca
 
 
 def test_percent_is_fixed_by_the_file_content_and_100_keeps_all(tmp_path):
-    from featstore.plan import plan_samples, subsample_indices
+    from featstore.build.plan import plan_samples, subsample_indices
 
     root, a, _ = _vgllm_data(tmp_path)
     whole = plan_samples(root, [f"{a}@{root}/media_a"])
@@ -238,7 +238,7 @@ def test_percent_is_fixed_by_the_file_content_and_100_keeps_all(tmp_path):
 @pytest.mark.skipif(not os.path.isfile(VGLLM_REGISTRY), reason="vendored VG-LLM code absent (.vendor/)")
 def test_percent_keeps_as_many_samples_as_vgllm(tmp_path):
     """VG-LLM: parse_sampling_rate('spar%3') = 0.03, then int(len(annotations) * rate) samples."""
-    from featstore.plan import subsample_indices
+    from featstore.build.plan import subsample_indices
 
     registry = _load_module(VGLLM_REGISTRY, "vgllm_registry")
     for name, count in (("spar%3", 1000), ("llava_hound%25", 255), ("x%29", 100), ("x%7", 13), ("x%100", 9)):
@@ -250,7 +250,7 @@ def test_percent_keeps_as_many_samples_as_vgllm(tmp_path):
 
 def test_annotation_values_that_cannot_be_read_one_way_are_refused(tmp_path, capsys):
     from featstore.errors import PlanError
-    from featstore.plan import parse_annotation_source
+    from featstore.build.plan import parse_annotation_source
 
     root, a, _ = _vgllm_data(tmp_path)
     outside = tmp_path / "elsewhere"
@@ -372,7 +372,7 @@ def test_a_data_root_holding_none_of_the_images_stops_build_and_training_at_once
 
 def test_the_fail_fast_check_looks_at_the_first_20_images_only(tmp_path):
     from featstore.errors import PlanError
-    from featstore.plan import FAIL_FAST_IMAGES, plan_samples
+    from featstore.build.plan import FAIL_FAST_IMAGES, plan_samples
 
     root = str(tmp_path / "data")
     make_images(root, ["seen/20.png", "seen/19.png"])

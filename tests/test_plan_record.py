@@ -22,7 +22,7 @@ def _cli(argv, capsys):
 
 
 def _keys(store: str) -> list[str]:
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     with FeatureStore(store) as fs:
         return list(fs.keys())
@@ -30,7 +30,7 @@ def _keys(store: str) -> list[str]:
 
 def _drop_record(store: str) -> None:
     """Make the store what featstore wrote before plans were recorded: no "plan" in the manifest."""
-    from featstore.store import META_DB, manifest_key, open_env
+    from featstore.store.layout import META_DB, manifest_key, open_env
 
     env = open_env(store, readonly=False)
     try:
@@ -58,7 +58,7 @@ def test_after_command_1_verify_and_gc_plan_the_recorded_annotations(tmp_path, c
 
 
 def test_a_store_without_a_record_keeps_opening_with_a_note_and_gc_refuses_to_guess(tmp_path, capsys):
-    from featstore.gc import collect_garbage
+    from featstore.ops.collect import collect_garbage
 
     root = sample_root(tmp_path)
     store = build_store(root)
@@ -78,7 +78,7 @@ def test_a_store_without_a_record_keeps_opening_with_a_note_and_gc_refuses_to_gu
 
 
 def _rebuild(root: str, files=None):
-    from featstore.build import BuildOptions, build
+    from featstore.build.pipeline import BuildOptions, build
 
     return build(BuildOptions(data_root=root, annotations=list(files or [annotations(root)]), encoder="vggt-tiny",
                               progress=False, workers=0))
@@ -127,9 +127,9 @@ def test_edited_or_vanished_annotation_files_are_said_and_gc_will_not_guess(tmp_
 
 
 def test_shards_merge_with_their_plan(tmp_path, capsys):
-    from featstore.build import BuildOptions, build
-    from featstore.merge import merge_stores
-    from featstore.reader import FeatureStore
+    from featstore.build.pipeline import BuildOptions, build
+    from featstore.ops.merge import merge_stores
+    from featstore.store.reader import FeatureStore
 
     root = sample_root(tmp_path)
     shards = []

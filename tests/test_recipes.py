@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from featstore.encoders.preprocess import view_size
-from featstore.encoders.spec import PreprocessSpec
-from featstore.recipes import RECIPES, get_recipe
+from featstore.contract.spec import PreprocessSpec
+from featstore.build.recipes import RECIPES, get_recipe
 
 VENDOR = Path(__file__).resolve().parents[1] / ".vendor"
 
 
 def _build_options(argv):
-    from featstore.build import configure_parser, options_from_args
+    from featstore.build.pipeline import configure_parser, options_from_args
     import argparse
 
     p = argparse.ArgumentParser()

@@ -169,7 +169,7 @@ def test_an_old_store_without_the_key_still_opens_and_trains(tmp_path):
     """A store written before reference_frame existed: its spec dict has no such key, and its
     fingerprint is the sha256 of that dict's canonical JSON. It still opens as "first"."""
     from featstore.errors import FingerprintMismatchError
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     root = sample_root(tmp_path)
     path = build_store(root)
@@ -195,7 +195,7 @@ def _train_argv(root: str, out: str, *extra: str) -> list:
 
 def test_a_last_store_is_refused_by_first_and_served_to_last(tmp_path, capsys):
     from featstore.cli import main as featstore_main
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.train import main as train_main
     from training.train import run as train_run
 
@@ -248,7 +248,7 @@ def test_the_flag_reaches_the_online_encoder(tmp_path):
 def test_online_last_gives_the_cached_loss_and_merger_grads(tmp_path, fusion, mode):
     """As tests/test_training_model.py's cached == online, with reference_frame "last": the
     same batch through the store built with it and through the online encoder."""
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     stream = mode == "online_causal_stream"
     overrides = dict(attention="causal" if stream else "full", frames_kept="all" if fusion == "per_image" else "last",

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _featstore_helpers import REPO, died_of_signal, make_images, read_store, run_cli, signal_name
-from featstore.verify import verify_store
+from featstore.ops.verify import verify_store
 
 UNITS = 36
 
@@ -52,8 +52,8 @@ def _assert_same(got: dict, want: dict) -> None:
 
 _SMALL_MAP_BUILD = """
 import sys
-import featstore.writer
-featstore.writer.DEFAULT_MAP_SIZE = 64 << 10  # 64 KiB: the first commits already fill it
+import featstore.store.writer
+featstore.store.writer.DEFAULT_MAP_SIZE = 64 << 10  # 64 KiB: the first commits already fill it
 from featstore.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -141,8 +141,8 @@ def test_disk_full_message_is_clear(images, small_disk):
 # -- a reader in another process during a build ------------------------------------------------
 
 def test_reader_during_build_sees_only_committed_entries(images, reference, tmp_path):
-    from featstore.format import decode_entry
-    from featstore.store import FEATURES_DB, open_env, read_manifest
+    from featstore.format.blob import decode_entry
+    from featstore.store.layout import FEATURES_DB, open_env, read_manifest
 
     store = str(tmp_path / "live.lmdb")
     args = _args(images, store)

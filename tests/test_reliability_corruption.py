@@ -19,8 +19,8 @@ import pytest
 from _featstore_helpers import (REPO, died_of_signal, flip_byte_in_value, key_of, make_store, run_cli,
                                 signal_name)
 from featstore.errors import CorruptEntryError
-from featstore.reader import FeatureStore
-from featstore.verify import verify_store
+from featstore.store.reader import FeatureStore
+from featstore.ops.verify import verify_store
 
 N = 40
 
@@ -45,7 +45,7 @@ def _store(root: str) -> str:
 
 _READ_ALL = textwrap.dedent("""
     import sys
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from featstore.errors import FeatstoreError
     try:
         with FeatureStore(sys.argv[1], verify_checksums=True) as fs:

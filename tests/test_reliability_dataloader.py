@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from _featstore_helpers import features_for, key_of, make_store
-from featstore.reader import FeatureStore
+from featstore.store.reader import FeatureStore
 
 N = 120
 # 8 workers on a 2-core CI machine is the point of the test, not a mistake.

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from featstore.errors import CorruptEntryError
-from featstore.format import DTYPES, decode_entry, encode_entry
+from featstore.format.blob import DTYPES, decode_entry, encode_entry
 
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 

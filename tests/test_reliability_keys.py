@@ -11,9 +11,9 @@ import torch
 
 from _featstore_helpers import entry_metadata, features_for, make_images, make_store, run_cli, write_source
 from featstore.errors import InvalidKeyError, MissingKeyError
-from featstore.reader import FeatureStore
-from featstore.verify import verify_store
-from featstore.writer import StoreWriter
+from featstore.store.reader import FeatureStore
+from featstore.ops.verify import verify_store
+from featstore.store.writer import StoreWriter
 
 NFC = unicodedata.normalize("NFC", "café/été 1.jpg")
 NFD = unicodedata.normalize("NFD", NFC)

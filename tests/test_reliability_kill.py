@@ -36,7 +36,7 @@ UNITS = 32
 
 _ZYGOTE = r"""
 import sys
-import featstore.cli, featstore.build, featstore.encoders, featstore.writer  # the slow imports, done up front
+import featstore.cli, featstore.build.pipeline, featstore.encoders, featstore.store.writer  # the slow imports, done up front
 print("ready", flush=True)
 if sys.stdin.readline().strip() != "go":
     sys.exit(3)
@@ -127,7 +127,7 @@ def dataset(tmp_path_factory):
 
 
 def _committed(store: str) -> int | None:
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     if not os.path.isfile(os.path.join(store, "data.mdb")):
         return None
@@ -147,7 +147,7 @@ def _same_content(got: dict, want: dict) -> list[str]:
 
 def test_sigkill_at_random_moments_then_resume(dataset, tmp_path):
     from featstore.cli import main as featstore_main
-    from featstore.verify import verify_store
+    from featstore.ops.verify import verify_store
 
     root, ann = dataset
     ref = str(tmp_path / "reference.lmdb")

@@ -19,7 +19,7 @@ def _run(tmp_path, body: str) -> subprocess.CompletedProcess:
     code = textwrap.dedent("""
         import json, torch
         from featstore import FeatureStore, FeatstoreError
-        from featstore.writer import StoreWriter
+        from featstore.store.writer import StoreWriter
         p = {path!r}
         with StoreWriter(p, handle_signals=False) as w:   # 5.6 MB-like value on overflow pages
             w.put("a.jpg", {{"features": torch.full((1, 64, 256), 3.0, dtype=torch.bfloat16)}})
@@ -57,7 +57,7 @@ def test_a_got_entry_outlives_close(tmp_path):
 def test_view_is_zero_copy_inside_its_block_and_closed_after(tmp_path):
     got = _ok(_run(tmp_path, """
         import numpy as np
-        from featstore.reader import _map_range
+        from featstore.store.reader import _map_range
         with store.view() as v:
             feats = v.get("a.jpg").features
             start, end = _map_range(store._rec.fd)
@@ -86,7 +86,7 @@ def test_close_inside_a_view_keeps_the_map_until_the_block_ends(tmp_path):
 
 
 def test_get_copy_false_points_to_view(tmp_path):
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
     from featstore import FeatureStore
     import torch
 

@@ -1,4 +1,4 @@
-"""The names training imports: resolve_spec, featstore.encode, featstore.compare, the Encoder
+"""The names training imports: resolve_spec, featstore.build.encode, featstore.ops.compare, the Encoder
 protocol and VGGTEncoder, the dtype map; and the layering that keeps cache mode model-free."""
 
 import hashlib
@@ -11,16 +11,16 @@ import torch
 from safetensors.torch import save_file
 
 import featstore.encoders as encoders
-from featstore.compare import COMPUTE_TOLERANCES, RECOMPUTE_TOLERANCES, compare_features
-from featstore.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES, TORCH_DTYPES, torch_dtype
-from featstore.encode import encode_frames, encode_unit, read_frame, read_unit_frames, unit_metadata
+from featstore.ops.compare import COMPUTE_TOLERANCES, RECOMPUTE_TOLERANCES, compare_features
+from featstore.contract.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES, TORCH_DTYPES, torch_dtype
+from featstore.build.encode import encode_frames, encode_unit, read_frame, read_unit_frames, unit_metadata
 from featstore.encoders import TINY_CONFIG, get_encoder, resolve_spec
 from featstore.encoders.base import Encoder
-from featstore.encoders.vggt import VGGTAggregator, init_random_
-from featstore.encoders.vggt_config import VGGT_1B_CONFIG
-from featstore.encoders.vggt_encoder import VGGTEncoder
+from featstore.encoders.vggt.model import VGGTAggregator, init_random_
+from featstore.encoders.vggt.config import VGGT_1B_CONFIG
+from featstore.encoders.vggt.encoder import VGGTEncoder
 from featstore.errors import EncoderError, ImageDecodeError, WeightsError
-from featstore.plan import Unit, plan_units
+from featstore.build.plan import Unit, plan_units
 
 from _featstore_helpers import REPO, make_images
 
@@ -61,7 +61,7 @@ def test_resolve_spec_equals_the_built_encoders_spec_vggt_1b(tmp_path, monkeypat
     path = _checkpoint(tmp_path / "model.safetensors")
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     # The real VGGT-1B config: resolving reads and hashes the file, loads nothing.
-    import featstore.encoders.weights as W
+    import featstore.encoders.vggt.weights as W
 
     monkeypatch.setattr(W, "load_aggregator_state", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     spec = resolve_spec("vggt-1b", weights=path, layer=-1)
@@ -82,7 +82,7 @@ def test_resolve_spec_equals_the_built_encoders_spec_vggt_1b(tmp_path, monkeypat
 def test_resolve_spec_uses_the_hash_cache(tmp_path, monkeypatch):
     path = _checkpoint(tmp_path / "model.safetensors")
     first = resolve_spec("vggt-tiny", weights=path)
-    import featstore.encoders.weights as W
+    import featstore.encoders.vggt.weights as W
 
     monkeypatch.setattr(W.hashlib, "sha256", lambda *a: (_ for _ in ()).throw(AssertionError("re-hashed")))
     assert resolve_spec("vggt-tiny", weights=path) == first
@@ -186,13 +186,13 @@ def test_compare_features_is_public_with_its_tolerances():
 
 
 def test_one_dtype_map():
-    from featstore.build import configure_parser
+    from featstore.build.pipeline import configure_parser
     import argparse
 
     p = argparse.ArgumentParser()
     configure_parser(p)
     choices = {a.dest: a.choices for a in p._actions if a.dest in ("storage_dtype", "compute_dtype")}
-    # fp8 is a storage dtype only (stored with its per-token scale, featstore.quant).
+    # fp8 is a storage dtype only (stored with its per-token scale, featstore.format.fp8).
     assert choices == {"storage_dtype": STORAGE_DTYPE_NAMES, "compute_dtype": DTYPE_NAMES}
     assert STORAGE_DTYPE_NAMES == DTYPE_NAMES + ("float8_e4m3fn",)
     assert set(TORCH_DTYPES) == set(STORAGE_DTYPE_NAMES)
@@ -212,10 +212,10 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_layering_cache_mode_imports_neither_the_build_nor_the_model():
     r = _python(
         "import sys\n"
-        "import featstore.plan, featstore.reader, featstore.encoders\n"
+        "import featstore.build.plan, featstore.store.reader, featstore.encoders\n"
         "featstore.encoders.resolve_spec('vggt-tiny', attention='causal').fingerprint()\n"
-        "bad = [m for m in ('featstore.build', 'featstore.encoders.vggt', 'featstore.encoders.vggt_encoder',\n"
-        "                   'featstore.encode') if m in sys.modules]\n"
+        "bad = [m for m in ('featstore.build.pipeline', 'featstore.encoders.vggt.model', 'featstore.encoders.vggt.encoder',\n"
+        "                   'featstore.build.encode') if m in sys.modules]\n"
         "print('LOADED', bad)\n")
     assert r.returncode == 0, r.stderr
     assert "LOADED []" in r.stdout

@@ -18,10 +18,10 @@ import torch
 from featstore.cli import main as cli_main
 from featstore.errors import (CorruptEntryError, EntrySchemaError, FeatstoreError, FingerprintMismatchError, InvalidKeyError,
                               MissingKeyError, StoreNotFoundError)
-from featstore.format import ALIGNMENT, decode_entry, encode_entry
-from featstore.reader import FeatureStore
-from featstore.store import FEATURES_DB, FORMAT_VERSION, MANIFEST_KEY, META_DB, open_env
-from featstore.writer import StoreWriter
+from featstore.format.blob import ALIGNMENT, decode_entry, encode_entry
+from featstore.store.reader import FeatureStore
+from featstore.store.layout import FEATURES_DB, FORMAT_VERSION, MANIFEST_KEY, META_DB, open_env
+from featstore.store.writer import StoreWriter
 
 from _featstore_helpers import core_spec
 
@@ -97,8 +97,8 @@ def test_lmdb_1_0_page_header_is_aligned_too(tmp_path):
     # LMDB 1.0 (data format v3) puts large values 24 bytes past a page boundary, not 16.
     code = textwrap.dedent(f"""
         import torch, json, os
-        from featstore.writer import StoreWriter
-        from featstore.reader import FeatureStore
+        from featstore.store.writer import StoreWriter
+        from featstore.store.reader import FeatureStore
         p = {str(tmp_path / 's')!r}
         with StoreWriter(p, handle_signals=False) as w:
             assert w.value_offset == 24, w.value_offset
@@ -109,7 +109,7 @@ def test_lmdb_1_0_page_header_is_aligned_too(tmp_path):
         assert s._environment().lib_version()[0] == 1
         with s.view() as v:  # zero-copy views: their address is the value's place in the map
             print(json.dumps([v.get(k).features.data_ptr() % 64 for k in "ab"]))
-    """).replace("encode(", "__import__('featstore.format').format.encode_entry({'features': ").replace(
+    """).replace("encode(", "__import__('featstore.format.blob').format.blob.encode_entry({'features': ").replace(
         "torch.bfloat16)))", "torch.bfloat16)}))")
     env = dict(os.environ, LMDB_DEFAULT_LIB_VERSION="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

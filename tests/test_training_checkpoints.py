@@ -36,7 +36,7 @@ def _tiny_qwen(seed=1):
 
 def _aggregator(seed=5):
     from featstore.encoders import TINY_CONFIG
-    from featstore.encoders.vggt import VGGTAggregator, init_random_
+    from featstore.encoders.vggt.model import VGGTAggregator, init_random_
 
     return init_random_(VGGTAggregator(**TINY_CONFIG), seed).eval()
 
@@ -195,7 +195,7 @@ def test_a_qwen_checkpoint_without_vggt_is_refused_as_vggt_weights(tmp_path):
 def test_build_and_train_from_a_reference_folder(tmp_path, caplog):
     """`featstore build --weights FOLDER`, then training from FOLDER without --vggt_weights: the
     store's spec matches (same weights identity), the Qwen weights and merger load."""
-    from featstore.build import BuildOptions, build
+    from featstore.build.pipeline import BuildOptions, build
     from training.train import run
 
     folder, _, written = write_reference(tmp_path / "ref", vggt_seed=9)
@@ -374,7 +374,7 @@ class ReferenceLayout(nn.Module):
     def __init__(self, stock, in_channels, hidden, out, heads):
         super().__init__()
         from featstore.encoders import TINY_CONFIG
-        from featstore.encoders.vggt import VGGTAggregator
+        from featstore.encoders.vggt.model import VGGTAggregator
 
         self.visual = stock.model.visual
         self.model = stock.model.language_model

@@ -211,7 +211,7 @@ def test_collator_pads_every_sequence_key(tmp_path):
 
 
 def test_cached_read_returns_the_stored_features(tmp_path):
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     root = sample_root(tmp_path)
     spec = spec_for()
@@ -225,7 +225,7 @@ def test_cached_read_returns_the_stored_features(tmp_path):
 
 
 def test_missing_entry_raises_naming_the_key_and_the_sample(tmp_path):
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.data import CacheMissError
 
     root = sample_root(tmp_path)
@@ -245,7 +245,7 @@ def test_missing_entry_raises_naming_the_key_and_the_sample(tmp_path):
 def test_frame_list_mismatch_is_a_miss_never_a_wrong_feature(tmp_path):
     """The store holds key 'scene_a_step3' computed on frames 000-003; a sample with the same id
     but other frames must not get those features."""
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.data import CacheMissError
 
     root = sample_root(tmp_path)

@@ -33,7 +33,7 @@ def test_cached_loss_and_merger_grads_equal_online(tmp_path, fusion, mode):
     root = sample_root(tmp_path)
     store_path = build_store(root, **overrides)
     spec = spec_for(**overrides)
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     cached = collate(dataset(root, spec, store=FeatureStore(store_path, expected_encoder=spec.to_dict())))
     live = collate(dataset(root, spec))

@@ -60,7 +60,7 @@ def test_a_gap_in_the_store_stops_training_before_any_model_is_built(tmp_path, m
 
 
 def test_a_complete_store_passes_the_check(tmp_path):
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.train import check_coverage
 
     root = sample_root(tmp_path)
@@ -84,7 +84,7 @@ def _replace_image(path: str, seed: int) -> None:
 
 
 def test_a_replaced_image_is_stale_never_served(tmp_path):
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.data import CacheMissError
 
     root = sample_root(tmp_path)
@@ -111,7 +111,7 @@ def test_a_replaced_image_is_stale_never_served(tmp_path):
 
 def test_the_stat_check_costs_microseconds(tmp_path):
     """The per-read freshness check is a stat per frame: measured, and bounded loosely here."""
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     root = sample_root(tmp_path)
     store = FeatureStore(build_store(root))

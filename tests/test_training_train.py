@@ -30,7 +30,7 @@ def _argv(root: str, out: str, *extra: str, steps: int = 2) -> list:
 
 
 def test_twenty_cached_steps_lower_the_loss_and_never_build_vggt(tmp_path, monkeypatch, caplog):
-    from featstore.encoders import vggt as V
+    from featstore.encoders.vggt import model as V
     from training.model import vggt_parameter_count
     from training.train import run
 

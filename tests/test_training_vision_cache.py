@@ -66,7 +66,7 @@ def _merger_input(model, item) -> torch.Tensor:
 
 def write_vision_store(path: str, features: dict, dtype: torch.dtype) -> str:
     """A real LMDB store: one entry per frame key, features [1, N, C], stored for [that frame]."""
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
 
     with StoreWriter(path, spec=None) as w:
         for key, f in features.items():
@@ -108,7 +108,7 @@ def loss_and_grads(model, batch: dict):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Sample data with a VGGT store, the full tiny model, and every frame's tower features."""
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     tmp = tmp_path_factory.mktemp("vision")
     root = sample_root(tmp)
@@ -131,7 +131,7 @@ def test_cached_vision_and_vggt_give_the_online_towers_loss_and_gradients(parts,
 
     fp32 storage: the merger receives the tower's own values (only its rows permuted), so loss and
     gradients agree to float rounding; a wrong patch order fails both bounds. bf16 storage rounds each feature by <= 2^-9 relative."""
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.model import set_trainable
 
     root, spec, full = parts["root"], parts["spec"], parts["full"]
@@ -236,7 +236,7 @@ def test_use_vision_cache_with_tune_vision_is_refused_and_online_vggt_is_allowed
 def test_dataloader_workers_read_the_vision_store(parts):
     """Two worker processes, online VGGT (frames shipped): the batch equals the one made in
     this process, and its vision features are the tower's."""
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.data import Collator
 
     root, spec = parts["root"], parts["spec"]
@@ -255,7 +255,7 @@ def test_dataloader_workers_read_the_vision_store(parts):
 
 
 def test_a_miss_or_a_shape_mismatch_names_the_key_and_the_sample(parts):
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.data import VisionCacheMissError
 
     root, spec, feats = parts["root"], parts["spec"], parts["feats"]
@@ -279,7 +279,7 @@ def test_a_miss_or_a_shape_mismatch_names_the_key_and_the_sample(parts):
 def test_training_runs_without_vision_blocks_and_its_checkpoint_needs_the_cache(parts, tmp_path, caplog):
     import logging
 
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.args import ArgumentError
     from training.model import vision_block_parameter_count
     from training.train import run
@@ -311,9 +311,9 @@ def test_featstore_builds_the_vision_set_beside_vggt_and_training_reads_both(par
     """`featstore build --encoder qwen2.5-vl-vision --weights <the model's checkpoint>` into the
     store that holds the VGGT features stores exactly the tower features training's model computes
     (in bf16), and training's own spec check accepts that set (and refuses another checkpoint)."""
-    from featstore.build import BuildOptions, build
+    from featstore.build.pipeline import BuildOptions, build
     from featstore.errors import FingerprintMismatchError
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.args import parse_args, resolve_vggt
     from training.train import open_vision_cache, vision_spec
 
@@ -354,7 +354,7 @@ def test_with_both_caches_no_image_is_decoded(parts, tmp_path):
     import shutil
 
     from featstore.errors import ImageDecodeError
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     root, spec = parts["root"], parts["spec"]
     vision = FeatureStore(write_vision_store(str(tmp_path / "vision.lmdb"), parts["feats"], torch.bfloat16))
@@ -381,7 +381,7 @@ def test_a_vision_set_built_with_the_old_resize_is_refused_and_the_vggt_set_stil
     config's old `resize` rule) is refused at open, naming qwen_view and saying to rebuild that set;
     the VGGT set of the same store keeps opening."""
     from featstore.errors import FingerprintMismatchError
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
     from training.args import parse_args, resolve_vggt
     from training.train import open_feature_cache, open_vision_cache, vision_spec
 
@@ -412,7 +412,7 @@ def test_a_store_without_vision_features_names_the_vision_encoder_and_its_advice
 
     from featstore.cli import main as featstore_main
     from featstore.errors import FeatureSetNotFoundError
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
     from training.train import main
 
     root = sample_root(tmp_path)

@@ -35,29 +35,29 @@ MIN_PIECE = 12  # constant pieces shorter than this ("image ", ": ") say nothing
 ALLOWLIST = {
     # Python's own wording for a missing module attribute (the lazy re-exports' __getattr__).
     ("featstore/__init__.py", "has no attribute"): "AttributeError of a module __getattr__",
-    ("featstore/dtypes.py", "has no attribute"): "AttributeError of a module __getattr__",
+    ("featstore/contract/dtypes.py", "has no attribute"): "AttributeError of a module __getattr__",
     # SIGTERM inside a StoreWriter: a KeyboardInterrupt, printed as "<command>: interrupted".
-    ("featstore/writer.py", "committing what is done"): "BuildInterrupted, shown as 'interrupted'",
+    ("featstore/store/writer.py", "committing what is done"): "BuildInterrupted, shown as 'interrupted'",
     # The build's normal summary on stderr (not a failure); its failure lines are listed.
-    ("featstore/build.py", "already fresh"): "the build's summary line",
-    ("featstore/build.py", "dry run, nothing computed"): "the summary line of build --dry-run",
-    ("featstore/merge.py", "identical skipped"): "merge's summary line",
-    # The VGGT aggregator module's own argument checks (featstore.encoders.vggt, met only by
+    ("featstore/build/pipeline.py", "already fresh"): "the build's summary line",
+    ("featstore/build/pipeline.py", "dry run, nothing computed"): "the summary line of build --dry-run",
+    ("featstore/ops/merge.py", "identical skipped"): "merge's summary line",
+    # The VGGT aggregator module's own argument checks (featstore.encoders.vggt.model, met only by
     # building a VGGTAggregator by hand): the presets pass fixed configs, and the encoder
     # (VGGTEncoder) checks frame shapes first, with the EncoderError messages listed.
-    ("featstore/encoders/vggt.py", "must be divisible by num_heads"): "aggregator constructor",
-    ("featstore/encoders/vggt.py", "2-D RoPE needs head_dim"): "aggregator constructor",
-    ("featstore/encoders/vggt.py", "must be divisible by aa_block_size"): "aggregator constructor",
-    ("featstore/encoders/vggt.py", "aa_order must contain"): "aggregator constructor",
-    ("featstore/encoders/vggt.py", "outputs "): "aggregator constructor (patch_embed width)",
-    ("featstore/encoders/vggt.py", "patch_embed must be 'conv'"): "aggregator constructor",
-    ("featstore/encoders/vggt.py", "go past last_layer"): "aggregator forward (keep_layers)",
-    ("featstore/encoders/vggt.py", "images must have 3 channels"): "aggregator forward",
-    ("featstore/encoders/vggt.py", "is not a multiple of patch_size"): "aggregator forward",
-    ("featstore/encoders/vggt.py", "attention must be 'full' or 'causal'"): "aggregator forward",
-    ("featstore/encoders/vggt.py", "is out of range for depth"): "aggregator layer index",
-    ("featstore/encoders/vggt.py", "stream_step takes one frame"): "aggregator streaming step",
-    ("featstore/encoders/vggt.py", "all frames of a stream must share"): "aggregator streaming step",
+    ("featstore/encoders/vggt/model.py", "must be divisible by num_heads"): "aggregator constructor",
+    ("featstore/encoders/vggt/model.py", "2-D RoPE needs head_dim"): "aggregator constructor",
+    ("featstore/encoders/vggt/model.py", "must be divisible by aa_block_size"): "aggregator constructor",
+    ("featstore/encoders/vggt/model.py", "aa_order must contain"): "aggregator constructor",
+    ("featstore/encoders/vggt/model.py", "outputs "): "aggregator constructor (patch_embed width)",
+    ("featstore/encoders/vggt/model.py", "patch_embed must be 'conv'"): "aggregator constructor",
+    ("featstore/encoders/vggt/model.py", "go past last_layer"): "aggregator forward (keep_layers)",
+    ("featstore/encoders/vggt/model.py", "images must have 3 channels"): "aggregator forward",
+    ("featstore/encoders/vggt/model.py", "is not a multiple of patch_size"): "aggregator forward",
+    ("featstore/encoders/vggt/model.py", "attention must be 'full' or 'causal'"): "aggregator forward",
+    ("featstore/encoders/vggt/model.py", "is out of range for depth"): "aggregator layer index",
+    ("featstore/encoders/vggt/model.py", "stream_step takes one frame"): "aggregator streaming step",
+    ("featstore/encoders/vggt/model.py", "all frames of a stream must share"): "aggregator streaming step",
     # Caught in the same function and re-raised as the listed WeightsError ("cannot read the
     # shard index ...").
 }
@@ -65,7 +65,7 @@ ALLOWLIST = {
 
 @dataclass(frozen=True)
 class Message:
-    where: str  # "featstore/build.py:517"
+    where: str  # "featstore/build/pipeline.py:517"
     what: str  # how it reaches the user: "raise PlanError", "print", "warning", ...
     pieces: tuple[str, ...]  # its constant text, split where a value is inserted
 
@@ -258,7 +258,7 @@ def test_every_allowlist_entry_matches_a_message():
 
 
 def test_every_verify_finding_kind_is_explained():
-    from featstore.verify import PROBLEM_KINDS
+    from featstore.ops.verify import PROBLEM_KINDS
 
     text = _norm(_doc())
     for kind, advice in PROBLEM_KINDS.items():
@@ -318,7 +318,7 @@ def setup(tmp_path_factory):
     as a file (the same features, another weights_sha256) and an annotation file."""
     from safetensors.torch import save_file
 
-    from featstore.build import BuildOptions, build
+    from featstore.build.pipeline import BuildOptions, build
     from featstore.encoders import get_encoder
 
     base = tmp_path_factory.mktemp("trouble")

@@ -13,11 +13,11 @@ import torch
 from _featstore_helpers import (features_for, make_data_root, flip_byte_in_value, key_of, make_images, make_store, run_cli,
                                 tiny_spec, write_source, entry_metadata, died_of_signal)
 from featstore.errors import CorruptEntryError, FeatstoreError
-from featstore.reader import FeatureStore
-from featstore.store import MANIFEST_KEY, META_DB
-from featstore.compare import compare_features
-from featstore.verify import verify_store
-from featstore.writer import StoreWriter
+from featstore.store.reader import FeatureStore
+from featstore.store.layout import MANIFEST_KEY, META_DB
+from featstore.ops.compare import compare_features
+from featstore.ops.verify import verify_store
+from featstore.store.writer import StoreWriter
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_every_flipped_header_byte_is_found(root):
     each one is refused. The checksum covers the canonical header, so no metadata value (here
     the encoder name) changes silently."""
     from featstore.errors import CorruptEntryError
-    from featstore.format import decode_entry
+    from featstore.format.blob import decode_entry
 
     store = store_of(root)
     key = key_of(9)
@@ -345,7 +345,7 @@ def test_recompute_with_other_weights_lists_every_differing_field(built, tmp_pat
     save_file(get_encoder("vggt-tiny").model.state_dict(), weights)
     with pytest.raises(FingerprintMismatchError) as e:
         verify_store(built, recompute=1, seed=0, weights=weights)
-    from featstore.encoders.weights import sha256_file
+    from featstore.encoders.vggt.weights import sha256_file
 
     assert str(e.value) == (
         "the rebuilt encoder differs from the spec: weights_sha256: store has 'random-seed-0', expected "
@@ -356,7 +356,7 @@ def test_recompute_with_other_weights_lists_every_differing_field(built, tmp_pat
 @pytest.mark.parametrize("dtype,bad", [(torch.bfloat16, float("nan")), (torch.float16, float("inf")),
                                        (torch.float32, -float("inf"))])
 def test_nan_or_infinite_features_are_corrupt_and_gc_removes_them(root, dtype, bad):
-    from featstore.gc import collect_garbage
+    from featstore.ops.collect import collect_garbage
 
     store = store_of(root)
     src = write_source(root, "extra/nan.jpg", 100)
@@ -372,7 +372,7 @@ def test_nan_or_infinite_features_are_corrupt_and_gc_removes_them(root, dtype, b
 
 
 def test_fp8_nan_bytes_are_found_and_finite_fp8_passes():
-    from featstore.quant import all_finite as _all_finite
+    from featstore.format.fp8 import all_finite as _all_finite
 
     x = torch.linspace(-448, 448, 1000).to(torch.float8_e4m3fn)
     assert _all_finite(x)
@@ -391,7 +391,7 @@ _RUNNING_BUILD = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from _featstore_helpers import make_store
-from featstore.claim import BuildLock, prepare_store_dir
+from featstore.store.lock import BuildLock, prepare_store_dir
 store = sys.argv[1] + "/vggt_features.lmdb"
 prepare_store_dir(store)
 lock = BuildLock(store).acquire()
@@ -436,7 +436,7 @@ def test_a_probe_of_the_build_lock_never_turns_a_starting_build_away(tmp_path):
     import fcntl
     import threading
 
-    from featstore.claim import BuildLock, live_build, prepare_store_dir
+    from featstore.store.lock import BuildLock, live_build, prepare_store_dir
 
     store = str(tmp_path / "s")
     prepare_store_dir(store)

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from featstore.reader import FeatureStore
+from featstore.store.reader import FeatureStore
 
 BATCH = 5
 
@@ -22,7 +22,7 @@ BATCH = 5
 # with `pause_at` it stops (sleeps) after that many puts, i.e. in the middle of a batch.
 WRITER = textwrap.dedent("""
     import sys, time, torch
-    from featstore.writer import StoreWriter
+    from featstore.store.writer import StoreWriter
     path, total, pause_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     with StoreWriter(path, batch_entries={batch}) as w:
         for i in range(total):
@@ -113,7 +113,7 @@ def test_sigterm_during_close_does_not_lose_the_batch(tmp_path):
     # A second SIGTERM while the interrupted writer is committing its last batch is ignored.
     code = textwrap.dedent("""
         import os, signal, sys, torch
-        from featstore.writer import StoreWriter
+        from featstore.store.writer import StoreWriter
         w = StoreWriter(sys.argv[1], batch_entries=100)
         for i in range(3):
             w.put(f"k{i:04d}", {"features": torch.full((1, 64, 64), float(i), dtype=torch.bfloat16)})
@@ -133,7 +133,7 @@ def test_sigterm_during_close_does_not_lose_the_batch(tmp_path):
 def test_sigterm_during_a_commit_is_raised_after_it(tmp_path):
     code = textwrap.dedent("""
         import os, signal, sys, torch
-        from featstore.writer import StoreWriter, BuildInterrupted
+        from featstore.store.writer import StoreWriter, BuildInterrupted
         w = StoreWriter(sys.argv[1], batch_entries=100)
         w.put("k0000", {"features": torch.zeros(1, 64, 64, dtype=torch.bfloat16)})
         real_commit = w._commit_once

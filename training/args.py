@@ -310,12 +310,12 @@ def build_parser() -> transformers.HfArgumentParser:
 def parse_args(argv: Optional[List[str]] = None):
     """Parse `argv` (default sys.argv[1:]) -> (ModelArguments, DataArguments, TrainingArguments).
 
-    `--recipe NAME` puts that recipe's flags (featstore.recipes) before the given ones, so that a
+    `--recipe NAME` puts that recipe's flags (featstore.build.recipes) before the given ones, so that a
     flag given explicitly overrides the preset's value (argparse keeps the last)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name = _recipe_in(argv)
     if name is not None:
-        from featstore.recipes import get_recipe
+        from featstore.build.recipes import get_recipe
 
         argv = get_recipe(name).training_flags() + argv
     parser = build_parser()
@@ -325,7 +325,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def _recipe_in(argv: List[str]) -> Optional[str]:
     """The value of the last --recipe in argv (None: none, or an unknown value argparse will name)."""
-    from featstore.recipes import RECIPE_NAMES
+    from featstore.build.recipes import RECIPE_NAMES
 
     name = None
     for i, arg in enumerate(argv):
@@ -350,7 +350,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     if not data_args.annotations:
         raise ArgumentError("--annotations FILE... is required (LLaVA/Qwen conversation JSON or JSONL)")
     from featstore.errors import PlanError
-    from featstore.plan import annotation_sources
+    from featstore.build.plan import annotation_sources
 
     try:  # every FILE[@IMAGE_DIR][%N] checked before any work, with the words featstore build uses
         annotation_sources(data_args.annotations, data_args.data_root)

@@ -1,7 +1,7 @@
 """Training data: conversation samples -> token ids, labels, Qwen pixels and the VGGT inputs.
 
 Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers):
-  1. unit     `featstore.plan.plan_samples` (at construction, for every file): the samples
+  1. unit     `featstore.build.plan.plan_samples` (at construction, for every file): the samples
               kept (`FILE%N`), each with the key and ordered frame list that
               `featstore build --annotations` stored (the same code, so they agree)
   2. frames   each image read and preprocessed as the build does ([S, 3, H, W], one VGGT
@@ -44,7 +44,7 @@ import torch
 
 from featstore.encoders.preprocess import qwen_view
 from featstore.errors import MissingKeyError, StaleEntryError
-from featstore.plan import describe_skipped, plan_samples
+from featstore.build.plan import describe_skipped, plan_samples
 from training.vggt_online import read_unit_frames
 
 __all__ = ["ConversationDataset", "Collator", "DataError", "IMAGE_PLACEHOLDER", "SOURCE_NONE",
@@ -74,7 +74,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     Args:
         annotations: JSON/JSONL files, as `--annotations` takes them (``FILE[@IMAGE_DIR][%N]``,
-            `featstore.plan.parse_annotation_source`); samples carry "images" (ordered) or
+            `featstore.build.plan.parse_annotation_source`); samples carry "images" (ordered) or
             "image", and "conversations" (from/value or role/content turns).
         data_root: the folder image paths and store keys are relative to.
         tokenizer, image_processor: Qwen's (see training.presets).
@@ -96,7 +96,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         DataError: at construction, for a sample whose `<image>` count differs from its images
             or whose turns are malformed, and for video samples (not supported yet: they would
             train as text); every sample is checked before training starts.
-        PlanError: what `featstore build` refuses too (`featstore.plan.plan_samples`): samples with
+        PlanError: what `featstore build` refuses too (`featstore.build.plan.plan_samples`): samples with
             `spar_info`, a data root (or IMAGE_DIR) that holds none of a file's first images, a
             key collision.
     """
@@ -182,7 +182,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
         from featstore.encoders.preprocess import view_size
         from featstore.errors import ImageDecodeError
-        from featstore.plan import source_path
+        from featstore.build.plan import source_path
 
         sizes = set()
         for key in unit.frames:

@@ -128,7 +128,7 @@ def _expected_keys(config) -> Dict[str, tuple]:
 def _vggt_state(weights: str) -> Dict[str, torch.Tensor]:
     """The VGGT's aggregator and dense heads from `weights` (VGGT-1B's file, folder or hub id, or a
     VG-LLM / JanusVLN checkpoint holding vggt.*), keys without the `vggt.` prefix."""
-    from featstore.encoders import weights as W
+    from featstore.encoders.vggt import weights as W
 
     path = W.resolve_weights(weights)
     if path.name.endswith(W.INDEX_SUFFIX):
@@ -165,7 +165,7 @@ def _fill_vision(tensors: Dict[str, torch.Tensor], expected: Dict[str, tuple], v
             f"--checkpoint {checkpoint} holds no vision blocks ({len(lacking)} keys such as {lacking[0]}; trained with "
             "--use_vision_cache); pass --vision_weights with the Qwen2.5-VL checkpoint the cached features were "
             "built from (e.g. the base model's folder)")
-    from featstore.encoders.qwen_weights import load_vision_state, resolve_checkpoint
+    from featstore.encoders.qwen_vision.weights import load_vision_state, resolve_checkpoint
 
     state = load_vision_state(resolve_checkpoint(vision_weights))
     for k in lacking:

@@ -20,7 +20,7 @@ The merger lives at `merger.*` in the layout VG-LLM and JanusVLN publish; the on
 any) is attached with `attach_vggt` OUTSIDE the module tree (see training.vggt_online). Their
 checkpoints also hold the frozen VGGT as `vggt.*`: those keys are ignored when loading (not
 reported as unexpected); `--vggt_weights` / `featstore build --weights` read them from the folder
-(training.checkpoints, featstore.encoders.weights).
+(training.checkpoints, featstore.encoders.vggt.weights).
 
 Cached vision features (`config.vision_cached`, set by `--use_vision_cache`): the frozen vision
 tower's output is read from the store instead of computed. Per image it is the hidden state
@@ -282,6 +282,6 @@ def vision_block_parameter_count(model: Qwen2_5_VLWithGeometry) -> int:
 
 def vggt_parameter_count(model: torch.nn.Module) -> int:
     """Parameters of any VGGT module inside `model`'s tree (cached and online modes: 0)."""
-    from featstore.encoders.vggt import VGGTAggregator
+    from featstore.encoders.vggt.model import VGGTAggregator
 
     return sum(p.numel() for m in model.modules() if isinstance(m, VGGTAggregator) for p in m.parameters())

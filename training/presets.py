@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict
 
-from featstore.encoders.qwen_config import TINY_VISION_CONFIG
+from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG
 
 __all__ = ["TINY_MODEL", "TINY_VGGT", "TINY_VISION", "SPECIAL_TOKENS", "tiny_config", "tiny_tokenizer",
            "image_processor", "tiny_processor", "is_tiny"]

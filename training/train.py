@@ -60,8 +60,8 @@ def open_feature_cache(store_path: str, spec):
         FingerprintMismatchError: the store's manifest differs from `spec` (names the fields).
         StoreNotFoundError: nothing at `store_path`.
     """
-    from featstore.reader import FeatureStore
-    from featstore.store import check_fingerprint
+    from featstore.store.reader import FeatureStore
+    from featstore.store.layout import check_fingerprint
 
     probe = FeatureStore(store_path)
     try:
@@ -89,10 +89,10 @@ def open_vision_cache(settings, expected_encoder=None):
         StoreNotFoundError: nothing at the path.
         FingerprintMismatchError: the store's vision spec differs from `expected_encoder`.
     """
-    from featstore.reader import FeatureStore
+    from featstore.store.reader import FeatureStore
 
     path = settings.vision_store_path
-    from featstore.store import check_fingerprint
+    from featstore.store.layout import check_fingerprint
 
     from featstore.errors import FeatureSetNotFoundError
 
@@ -316,7 +316,7 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
                                   system_prompt=data_args.system_prompt)
     check_coverage(dataset, store, vision_store, settings.cache_miss)  # before any model is built
     if store is not None:  # a plan other than the one the store was built from: said once
-        from featstore.plan_record import plan_notes, plan_of_manifest
+        from featstore.build.plan_record import plan_notes, plan_of_manifest
 
         for line in plan_notes(plan_of_manifest(store.manifest), data_args.data_root, data_args.annotations):
             logger.info(f"featstore plan: {line}")

@@ -8,7 +8,7 @@
   every forward (TRAINING.md), so a registered VGGT would be partitioned, gathered each step,
   saved in checkpoints and offered to the optimizer. Here it is replicated, eval, no grad,
   moved to the device by us, and built lazily on first use.
-- Frames go through the same encode-one-unit code as `featstore build` (`featstore.encode`:
+- Frames go through the same encode-one-unit code as `featstore build` (`featstore.build.encode`:
   one call of S frames, or one frame per call with the key/value cache), and the result is
   cast to the store's storage dtype, so the merger sees what a cache would hold.
 
@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 # The build's own code, re-exported: training computes units exactly as `featstore build` does.
-from featstore.encode import encode_frames, read_unit_frames
+from featstore.build.encode import encode_frames, read_unit_frames
 from featstore.encoders import resolve_spec  # no model built; the same fingerprint as get_encoder's
 
 __all__ = ["resolve_spec", "read_unit_frames", "encode_frames", "OnlineVGGT"]

@@ -1,8 +1,8 @@
 """The `Encoder` protocol: what the build, verify's recompute and training need of an encoder.
 
 An encoder turns preprocessed frames into the features a store holds. VGGT
-(`featstore.encoders.vggt_encoder.VGGTEncoder`, unit "sequence") and the Qwen2.5-VL vision tower
-(`featstore.encoders.qwen_vision.QwenVisionEncoder`, unit "image": each of the B*S images on its
+(`featstore.encoders.vggt.encoder.VGGTEncoder`, unit "sequence") and the Qwen2.5-VL vision tower
+(`featstore.encoders.qwen_vision.encoder.QwenVisionEncoder`, unit "image": each of the B*S images on its
 own, F = S) follow this protocol; another frozen encoder registers a preset with
 `featstore.encoders.register_encoder`.
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, Tuple, runtime_checkable
 if TYPE_CHECKING:  # no torch import for the protocol itself
     import torch
 
-    from .spec import EncoderSpec
+    from featstore.contract.spec import EncoderSpec
 
 __all__ = ["Encoder"]
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from featstore.errors import ImageDecodeError
 
-from .spec import PreprocessSpec
+from featstore.contract.spec import PreprocessSpec
 
 __all__ = ["preprocess_image", "qwen_view", "qwen_frame", "read_image_bytes", "stack_frames", "output_size",
            "view_size", "MIN_SOURCE_SIDE"]
@@ -78,7 +78,7 @@ def view_size(width: int, height: int, spec: Optional[PreprocessSpec] = None, pa
 
     Example:
         >>> from featstore.encoders.preprocess import view_size
-        >>> from featstore.encoders.spec import PreprocessSpec
+        >>> from featstore.contract.spec import PreprocessSpec
         >>> view_size(640, 480), view_size(480, 640), view_size(480, 640, PreprocessSpec(mode="pad"))
         ((518, 392), (518, 518), (518, 518))
     """
@@ -115,7 +115,7 @@ def preprocess_image(
 
     Example:
         >>> from featstore.encoders.preprocess import preprocess_image
-        >>> from featstore.encoders.spec import PreprocessSpec
+        >>> from featstore.contract.spec import PreprocessSpec
         >>> x = preprocess_image("data/scene_a/000.jpg", PreprocessSpec(mode="crop", target_size=518))
         >>> x.shape  # a 96x72 image (4:3, like a 640x480 photo): width 518, height 392
         torch.Size([3, 392, 518])
@@ -218,7 +218,7 @@ def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_s
 
     Example:
         >>> from featstore.encoders.preprocess import qwen_frame
-        >>> from featstore.encoders.spec import PreprocessSpec
+        >>> from featstore.contract.spec import PreprocessSpec
         >>> qwen_frame("data/scene_a/000.jpg", PreprocessSpec(target_size=518)).shape
         torch.Size([3, 392, 504])
     """

@@ -1,0 +1,133 @@
+"""Encode one unit: read its frames, preprocess, run the encoder, cast to the storage dtype
+(bfloat16 for an fp8 store: `entry_tensors` quantises when the entry is serialised), and make
+the entry's metadata. The build, `verify --recompute` and training's online path all
+call this module, so the three compute a unit the same way.
+
+Shapes: a frame [3, H, W] float32 in [0, 1]; a unit's frames [S, 3, H, W]; a batch of units
+[B, S, 3, H, W]; features [B, F, N, C] (F = S for frames_kept "all", 1 for "last"; N = h*w
+patch tokens; C channels), stored per unit as [F, N, C].
+
+Example:
+    >>> from featstore.build.encode import encode_unit
+    >>> from featstore.encoders import get_encoder
+    >>> from featstore.build.plan import plan_units
+    >>> encoder = get_encoder("vggt-tiny")
+    >>> unit = plan_units("data")[0]                      # misc/portrait.png, a unit of one frame
+    >>> features, metadata = encode_unit(encoder, "data", unit)
+    >>> features.dtype, features.shape[0], sorted(metadata)
+    (torch.bfloat16, 1, ['encoder', 'fingerprint', 'frames', 'grid', 'sources'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from featstore.format.fp8 import read_dtype
+from featstore.encoders import preprocess_frame
+from featstore.errors import ImageDecodeError
+from featstore.build.plan import Unit, source_path
+
+__all__ = ["read_frame", "read_unit_frames", "encode_frames", "encode_unit", "unit_metadata",
+           "encoder_for_manifest"]
+
+
+def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[torch.Tensor, dict]:
+    """Read one frame file once: its preprocessed tensor and its identity.
+
+    Args:
+        data_root: the folder keys are relative to.
+        frame_key: the frame's key (relative path).
+        spec: the EncoderSpec: its family's frame reader (`featstore.encoders.preprocess_frame`:
+            the VGGT view, or the Qwen image derived from it) with its `preprocess`.
+        patch_size: the encoder's patch size.
+
+    Returns:
+        (tensor [3, H, W] float32 in [0, 1], source dict {"size", "mtime_ns", "sha256"} as the
+        entry's metadata records it).
+
+    Raises:
+        ImageDecodeError: the file cannot be read or decoded (the message names its path).
+    """
+    path = source_path(data_root, frame_key)
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as e:
+        raise ImageDecodeError(f"image {path!r}: {e.strerror}; check that the file exists and is readable") from None
+    source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+    return preprocess_frame(data, spec, patch_size, name=path), source
+
+
+def read_unit_frames(data_root: str, unit: Unit, spec, patch_size: int) -> tuple[torch.Tensor, list[dict]]:
+    """All frames of one unit, in call order: (frames [S, 3, H, W] float32, source dicts).
+
+    Raises:
+        ImageDecodeError: a frame cannot be read, or the frames preprocess to different sizes
+            (one encoder call needs one size); the message names the unit.
+    """
+    frames, sources = zip(*(read_frame(data_root, f, spec, patch_size) for f in unit.frames))
+    shapes = {tuple(t.shape) for t in frames}
+    if len(shapes) != 1:
+        raise ImageDecodeError(f"unit {unit.key!r}: frames preprocess to different sizes {sorted(shapes)}; "
+                               "one encoder call needs frames of one size (use pad mode or extra_resize)")
+    return torch.stack(frames), list(sources)
+
+
+def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False) -> torch.Tensor:
+    """Run the encoder on a batch of units: [B, S, 3, H, W] -> [B, F, N, C] in the spec's
+    storage dtype (bfloat16 for fp8 storage, see `featstore.format.fp8.read_dtype`), on the encoder's device (no copy to the host: training's online path keeps
+    it on the GPU; the cast happens there too).
+
+    Args:
+        encoder: an Encoder (featstore.encoders.base).
+        frames: [B, S, 3, H, W] float32 in [0, 1], on any device.
+        stream: feed one frame per call through the key/value cache (`encoder.encode_stream`),
+            as streaming models train; needs a causal spec on the featstore backend.
+
+    Returns:
+        features [B, F, N, C], dtype = read_dtype(spec.storage_dtype), device = encoder.device.
+    """
+    feats = encoder.encode_stream(frames) if stream else encoder.encode(frames)
+    return feats.to(read_dtype(encoder.spec.storage_dtype))
+
+
+def unit_metadata(unit: Unit, sources: list[dict], grid: tuple[int, int], spec) -> dict[str, str]:
+    """The `__metadata__` of a stored entry (docs/FORMAT.md): frame list, source identities,
+    patch grid (rows, cols), the spec's fingerprint and the encoder name (all strings)."""
+    return {
+        "frames": json.dumps(list(unit.frames), ensure_ascii=False),
+        "sources": json.dumps(sources, sort_keys=True),
+        "grid": json.dumps(list(grid)),
+        "fingerprint": spec.fingerprint(),
+        "encoder": spec.encoder,
+    }
+
+
+def encode_unit(encoder, data_root: str, unit: Unit) -> tuple[torch.Tensor, dict[str, str]]:
+    """Encode one unit directly: (features [F, N, C] as `encode_frames` returns them, on the CPU;
+    metadata). `featstore.format.fp8.entry_tensors(features, spec.storage_dtype)` makes the stored tensors.
+
+    Raises:
+        ImageDecodeError: a frame cannot be read, or the frames differ in size.
+    """
+    frames, sources = read_unit_frames(data_root, unit, encoder.spec, encoder.patch_size)
+    feats = encode_frames(encoder, frames[None])[0].cpu()
+    grid = encoder.patch_grid(*frames.shape[-2:])
+    return feats, unit_metadata(unit, sources, grid, encoder.spec)
+
+
+def encoder_for_manifest(manifest: dict, *, weights: str | None = None, device: str = "cpu"):
+    """Rebuild the encoder a store was built with (verify --recompute), from its manifest spec.
+
+    Raises:
+        FingerprintMismatchError: the rebuilt encoder's spec differs (other weights were
+            given); every differing field is named with both values.
+    """
+    from featstore.encoders import EncoderSpec, encoder_for_spec
+
+    return encoder_for_spec(EncoderSpec.from_dict(manifest["encoder"]), weights=weights, device=device)

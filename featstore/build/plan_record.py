@@ -1,0 +1,155 @@
+"""What a feature set remembers of its plan: the annotation files it was built from.
+
+Without it, `verify` and `gc` could only plan what they were told: `featstore verify sample_data`
+on a store built from annotations planned one unit per image, called every image "missing" and
+every multi-frame entry "unplanned", and `gc --unplanned` then deleted exactly the entries
+training needs. So each build records its plan in the set's manifest (`"plan"`), merged with
+what earlier builds of the set recorded:
+
+    {"unit": "sequence", "scan": false,
+     "annotations": [{"value": "sample_data/annotations.json", "file": "annotations.json",
+                      "image_dir": null, "percent": 100, "size": 2710, "sha256": "9f2c..."}]}
+
+- `file` and `image_dir` are relative to the data root when inside it (so a store copied with
+  its data keeps its plan), else absolute; `value` is the argument as given, for messages.
+- `scan` is true once a build planned every image under the data root (no annotations).
+- `size` and `sha256` name the content planned; a file edited since is said (`plan_notes`) and
+  planned as it is now.
+
+`verify`, `gc` and `info` plan the recorded files by default; `--annotations` overrides (a
+difference from the record is said in one line) and `gc --unplanned` keeps every entry of the
+recorded OR given plan (`--replace-plan` makes the given plan the record). A store built before
+plans were recorded has no `"plan"`: today's behaviour, with a note saying how to record one.
+Plain data and file hashing: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from featstore.errors import PlanError
+from featstore.build.plan import AnnotationSource, _prefix_in_root, annotation_sources, file_sha256
+
+__all__ = ["PLAN_FIELD", "record_of", "merge_plan", "recorded_sources", "plan_notes", "describe_plan",
+           "plan_of_manifest", "NO_RECORD_NOTE"]
+
+PLAN_FIELD = "plan"  # the manifest field
+NO_RECORD_NOTE = ("this store records no plan (built before featstore recorded one): pass --annotations with the "
+                  "files it was built from, or rerun the same `featstore build` (it computes nothing that is "
+                  "fresh, and records its plan)")
+
+
+def _relative(path: str, data_root: str) -> str:
+    """`path` relative to `data_root` (POSIX) when inside it, else absolute."""
+    root, full = os.path.abspath(data_root), os.path.abspath(path)
+    rel = os.path.relpath(full, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return full
+    return rel.replace(os.sep, "/")
+
+
+def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | None, unit: str) -> dict:
+    """The plan record of one build: its annotation files (hashed) or a scan of the data root.
+
+    Example:
+        >>> from featstore.build.plan_record import record_of
+        >>> r = record_of("data", ["data/annotations.json"], "sequence")
+        >>> r["scan"], r["annotations"][0]["file"], len(r["annotations"][0]["sha256"])
+        (False, 'annotations.json', 64)
+    """
+    root = os.fspath(data_root)
+    files = []
+    for src in annotation_sources(annotations, root):
+        files.append({"value": src.text or src.path, "file": _relative(src.path, root),
+                      "image_dir": None if src.image_dir is None else _relative(src.image_dir, root),
+                      "percent": src.percent, "size": os.path.getsize(src.path), "sha256": file_sha256(src.path)})
+    return {"unit": unit, "scan": not files, "annotations": files}
+
+
+def merge_plan(old: dict | None, new: dict) -> dict:
+    """The record after a build of plan `new` into a set that recorded `old`: the union (a file
+    planned again replaces its earlier entry, keyed by file, image folder and percent)."""
+    if not old:
+        return new
+    ident = lambda f: (f["file"], f.get("image_dir"), f.get("percent", 100))  # noqa: E731
+    files = {ident(f): f for f in old.get("annotations", [])}
+    for f in new.get("annotations", []):
+        files[ident(f)] = f
+    return {"unit": new.get("unit", old.get("unit")), "scan": bool(old.get("scan")) or bool(new.get("scan")),
+            "annotations": list(files.values())}
+
+
+def _absolute(path: str, data_root: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(data_root, path)
+
+
+def _source(entry: dict, data_root: str) -> AnnotationSource:
+    """The AnnotationSource a recorded file stands for under `data_root` (no re-parsing of its
+    value: a recorded file name may hold '@' or '%')."""
+    root = os.fspath(data_root)
+    image_dir = None if entry.get("image_dir") is None else _absolute(entry["image_dir"], root)
+    prefix = "" if image_dir is None else _prefix_in_root(image_dir, root)
+    if prefix is None:
+        raise PlanError(f"the recorded image folder {entry['image_dir']!r} of {entry['file']!r} is not inside the "
+                        f"data root {root}: pass --annotations for this data root")
+    return AnnotationSource(_absolute(entry["file"], root), image_dir, int(entry.get("percent", 100)), prefix,
+                            entry.get("value") or entry["file"])
+
+
+def recorded_sources(record: dict | None, data_root: str) -> tuple[list[AnnotationSource], list[str]]:
+    """(the recorded files that can be planned now, notes on those that cannot: gone files).
+
+    Raises:
+        PlanError: a recorded value no longer parses (an image folder gone), as for a given one.
+    """
+    sources, notes = [], []
+    for entry in (record or {}).get("annotations", []):
+        if not os.path.isfile(_absolute(entry["file"], data_root)):
+            notes.append(f"recorded annotation file {entry['file']!r} (given as {entry.get('value')!r}) is gone: "
+                         "its units are not planned")
+            continue
+        sources.append(_source(entry, data_root))
+    return sources, notes
+
+
+def plan_notes(record: dict | None, data_root: str, given: Sequence[str | AnnotationSource] | None) -> list[str]:
+    """One line each for: a recorded file edited since the build, and a given plan that differs
+    from the recorded one."""
+    notes = []
+    for entry in (record or {}).get("annotations", []):
+        path = _absolute(entry["file"], data_root)
+        if os.path.isfile(path) and (os.path.getsize(path) != entry.get("size") or
+                                     file_sha256(path) != entry.get("sha256")):
+            notes.append(f"recorded annotation file {entry['file']!r} changed since the build (sha256 "
+                         f"{str(entry.get('sha256'))[:12]} -> {file_sha256(path)[:12]}): planned as it is now")
+    if given and record is not None:
+        want = record_of(data_root, given, record.get("unit", "sequence"))
+        key = lambda r: sorted((f["file"], f.get("image_dir"), f.get("percent"), f["sha256"])  # noqa: E731
+                               for f in r.get("annotations", []))
+        if key(want) != key(record) or bool(record.get("scan")):
+            notes.append(f"the --annotations given ({describe_plan(want)}) differ from the plan the store records "
+                         f"({describe_plan(record)})")
+    return notes
+
+
+def describe_plan(record: dict | None) -> str:
+    """One phrase: 'annotations a.json, b.json@media%3' / 'a scan of the data root' / 'none recorded'.
+
+    Example:
+        >>> from featstore.build.plan_record import describe_plan
+        >>> describe_plan({"scan": False, "annotations": [{"file": "a.json", "image_dir": "media", "percent": 3}]})
+        'annotations a.json@media%3'
+    """
+    if record is None:
+        return "none recorded"
+    parts = [f["file"] + (f"@{f['image_dir']}" if f.get("image_dir") is not None else "")
+             + (f"%{f['percent']}" if f.get("percent", 100) != 100 else "") for f in record.get("annotations", [])]
+    scan = ["a scan of the data root"] if record.get("scan") else []
+    return " and ".join(([f"annotations {', '.join(parts)}"] if parts else []) + scan) or "nothing"
+
+
+def plan_of_manifest(manifest: dict[str, Any]) -> dict | None:
+    """The set's recorded plan, or None for a store built before plans were recorded."""
+    plan = manifest.get(PLAN_FIELD)
+    return plan if isinstance(plan, dict) else None

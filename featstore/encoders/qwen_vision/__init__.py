@@ -1,0 +1,1 @@
+"""featstore/encoders/qwen_vision."""

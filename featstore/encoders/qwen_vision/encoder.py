@@ -1,0 +1,207 @@
+"""`QwenVisionEncoder`: the frozen Qwen2.5-VL vision tower without its patch merger (`visual.merger`).
+
+The tower is transformers' `Qwen2_5_VisionTransformerPretrainedModel`, run by its own forward
+(patch_embed, the 2-D rotary embedding, the window index, every block with window or full
+attention over cu_seqlens, then the window permutation undone). Only its merger is replaced, by
+a parameterless module that groups the merge**2 tokens of a block as the merger's input view does:
+the forward then hands back the pre-merge hidden states in the image processor's token order,
+which is exactly what `visual.merger` consumes (`merger(out[i])` == the stock merged tokens).
+
+The Qwen ViT attends within one image only, so every image is its own unit: `encode` runs the
+B*S images of [B, S, 3, H, W] as B*S independent images (several per forward, separated by
+cu_seqlens), and `encode_images` takes images of different sizes in one forward.
+
+Pixels: the Qwen image (`featstore.encoders.preprocess.qwen_view`, [3, H, W] in [0, 1], H and W
+multiples of patch * merge = 28) is normalised with the image processor's mean/std and patchified
+exactly as `Qwen2VLImageProcessorPil` does (temporal_patch_size copies of the image, merge x merge
+blocks): `pixel_values` equals the processor's output for the same float image with
+`do_rescale=False` (the call VG-LLM and JanusVLN make on the crop).
+
+Shapes: frames [B, S, 3, H, W]; features [B, S, N, C] float32, N = (H/14)*(W/14) patches in the
+processor's order (row-major over merge blocks, each block's 2x2 patches row-major), C = hidden_size.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from featstore.contract.dtypes import torch_dtype
+from featstore.errors import EncoderError
+
+__all__ = ["QwenVisionEncoder", "build_vision_tower", "init_random_"]
+
+
+class _MergeGroups(nn.Module):
+    """Stands where `visual.merger` was: the merger's input view ([seq, C] -> [seq / m^2, m^2 * C],
+    one row per merge block) with no weights, so the forward's un-permutation of the windows
+    (which moves whole rows) returns the pre-merge tokens in the processor's order."""
+
+    def __init__(self, hidden_size: int, spatial_merge_size: int):
+        super().__init__()
+        self.width = hidden_size * spatial_merge_size ** 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, self.width)
+
+
+def build_vision_tower(vision_config: dict) -> nn.Module:
+    """transformers' Qwen2.5-VL vision tower for a config dict, float32, its merger replaced
+    (no merger parameter; module docstring). Weights are transformers' init: load or seed them.
+
+    Raises:
+        EncoderError: transformers is not installed.
+    """
+    try:
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    except ImportError as e:
+        raise EncoderError(f"the Qwen2.5-VL vision encoders need transformers>=5.17 ({e}); "
+                           "`pip install 'transformers>=5.17'` (or featstore[qwen])") from e
+    config = Qwen2_5_VLVisionConfig(**dict(vision_config))
+    model = Qwen2_5_VisionTransformerPretrainedModel(config).float()
+    del model.merger
+    model.merger = _MergeGroups(config.hidden_size, config.spatial_merge_size)
+    return model
+
+
+def init_random_(model: nn.Module, seed: int) -> nn.Module:
+    """Seeded weights independent of transformers' init code: RMSNorm scales 1, every other
+    parameter N(0, 0.02) from one generator, in name order. Returns `model`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith(("norm1.weight", "norm2.weight")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+class QwenVisionEncoder:
+    """Qwen images -> pre-merge vision features for one `EncoderSpec` (build with
+    `featstore.encoders.get_encoder("qwen2.5-vl-vision", weights=...)`).
+
+    `encode` output: [B, S, N, C] float32 on `device`. On CUDA it runs under
+    autocast(compute_dtype) with float32 weights (as VGGTEncoder); on CPU in float32.
+
+    Attributes:
+        spec, device, patch_size, model: see `featstore.encoders.base.Encoder`.
+        merge_size, temporal_patch_size: Qwen's spatial merge (2) and temporal patch (2).
+
+    Example:
+        >>> import torch
+        >>> from featstore.encoders import get_encoder
+        >>> enc = get_encoder("qwen2.5-vl-vision-tiny")
+        >>> x = torch.rand(1, 2, 3, 84, 112)                 # [B, S, 3, H, W]: two 84x112 Qwen images
+        >>> enc.encode(x).shape                              # [B, S, N, C]: 6x8 patches each
+        torch.Size([1, 2, 48, 32])
+    """
+
+    def __init__(self, spec, model: nn.Module, device):
+        self.spec = spec
+        self.model = model
+        self.device = torch.device(device)
+        cfg = spec.config
+        self.patch_size = int(cfg["patch_size"])
+        self.merge_size = int(cfg["spatial_merge_size"])
+        self.temporal_patch_size = int(cfg["temporal_patch_size"])
+        self._mean = torch.tensor(cfg["image_mean"], dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(cfg["image_std"], dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self._autocast_dtype = None
+        if self.device.type == "cuda":
+            dt = torch_dtype(spec.compute_dtype)
+            if dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+                raise EncoderError(
+                    f"compute_dtype=bfloat16 is not supported on {torch.cuda.get_device_name(self.device)}; "
+                    "pass compute_dtype='float16'")
+            self._autocast_dtype = None if dt == torch.float32 else dt
+
+    def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """(h, w) patch grid of an H x W Qwen image (before the merge)."""
+        return height // self.patch_size, width // self.patch_size
+
+    def load_image(self, path) -> Tensor:
+        """One image file -> the Qwen image [3, H, W] float32 in [0, 1] (`preprocess.qwen_frame`)."""
+        from featstore.encoders.preprocess import qwen_frame
+
+        return qwen_frame(path, self.spec.preprocess, patch_size=self.patch_size, merge_size=self.merge_size)
+
+    def _check_image(self, image: Tensor, what: str) -> None:
+        side = self.patch_size * self.merge_size
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise EncoderError(f"{what} takes images [3, H, W]; got shape {tuple(image.shape)}")
+        hh, ww = image.shape[-2:]
+        if hh % side or ww % side or not hh or not ww:
+            raise EncoderError(f"image size {hh}x{ww} is not a positive multiple of patch * merge = {side} px; "
+                               "make the image with featstore.encoders.preprocess.qwen_view")
+
+    def pixel_values(self, images: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Normalise and patchify images as `Qwen2VLImageProcessorPil` does.
+
+        Args:
+            images: Qwen images [3, H_i, W_i] float32 in [0, 1] (sides multiples of 28).
+
+        Returns:
+            (pixel_values [sum N_i, 3 * temporal_patch * patch * patch] float32, grid_thw [n, 3]
+            int64 rows (1, H_i / patch, W_i / patch)), on `device`.
+        """
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        rows, grids = [], []
+        for k, image in enumerate(images):
+            self._check_image(image, f"pixel_values (image {k})")
+            # (x - mean) / std in float32, the processor's own order of operations (not a fused
+            # multiply by 1/std), so the values agree bit for bit.
+            x = (image.to(self.device, torch.float32) - self._mean) / self._std
+            gh, gw = x.shape[1] // p, x.shape[2] // p
+            x = x.reshape(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
+            x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)  # the image repeated over the temporal patch
+            rows.append(x.reshape(gh * gw, 3 * t * p * p))
+            grids.append((1, gh, gw))
+        return torch.cat(rows), torch.tensor(grids, dtype=torch.int64, device=self.device)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.float32,
+                              enabled=self._autocast_dtype is not None)
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Tensor]) -> List[Tensor]:
+        """Images of any sizes (multiples of 28) in one forward -> one [N_i, C] float32 per image.
+
+        Each image attends only within itself (cu_seqlens), so an image's features do not
+        depend on the others in the call (up to floating-point rounding).
+        """
+        if not len(images):
+            return []
+        pixels, grid = self.pixel_values(images)
+        with self._autocast():
+            out = self.model(pixels, grid_thw=grid)
+        # 5.x returns BaseModelOutputWithPooling (pooler_output = the merger's output, un-permuted);
+        # 4.x returned that tensor itself.
+        grouped = out if isinstance(out, Tensor) else getattr(out, "pooler_output", None)
+        if not isinstance(grouped, Tensor):
+            raise EncoderError(f"the installed transformers' vision forward returned {type(out).__name__} without a "
+                               "pooler_output tensor; featstore supports transformers>=5.17")
+        feats = grouped.reshape(pixels.shape[0], -1).float()  # [sum N_i, C], processor order
+        return list(feats.split([int(g[1] * g[2]) for g in grid.tolist()]))
+
+    def encode(self, frames: Tensor) -> Tensor:
+        """[B, S, 3, H, W] Qwen images in [0, 1] -> [B, S, N, C] float32, every image on its own."""
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise EncoderError(f"encode takes frames [B, S, 3, H, W]; got shape {tuple(frames.shape)}")
+        b, s = frames.shape[:2]
+        if not b * s:
+            raise EncoderError(f"encode got no image (frames of shape {tuple(frames.shape)})")
+        feats = self.encode_images(list(frames.reshape(b * s, *frames.shape[2:])))
+        return torch.stack(feats).reshape(b, s, *feats[0].shape).contiguous()
+
+    def encode_stream(self, frames: Tensor) -> Tensor:
+        """Not offered: the Qwen vision tower has no causal mode or key/value cache."""
+        raise EncoderError(f"encode_stream needs a causal encoder; {self.spec.encoder!r} attends within one image "
+                           "only: use encode()")
+
+    def __repr__(self) -> str:
+        return (f"QwenVisionEncoder({self.spec.encoder!r}, device={str(self.device)!r}, "
+                f"fingerprint={self.spec.fingerprint()[:12]})")

@@ -1,0 +1,276 @@
+"""The encoder registry: named presets that resolve an `EncoderSpec` and build an `Encoder`.
+
+`resolve_spec(name, **options)` gives the spec (and so the fingerprint) WITHOUT building the
+model or loading weights: training in cache mode and `featstore build --dry-run` use it.
+`get_encoder(name, **options)` builds the encoder; its `.spec` equals `resolve_spec` of the
+same arguments. A family registers its presets here (featstore/encoders/<family>/preset.py) with
+its frame reader and its stored-shape rule; nothing else in featstore knows a family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional
+
+from featstore.contract.spec import EncoderSpec, PreprocessSpec, spec_mismatch_details
+from featstore.contract.naming import PRIMARY_FEATURE_SET
+from featstore.errors import EncoderError
+
+# Spec fields a caller may override, and the short names for the preprocessing ones.
+SPEC_OPTIONS = ("layer", "attention", "frames_kept", "compute_dtype", "storage_dtype", "preprocess",
+                "reference_frame")
+_PREPROCESS_SHORT = {"preprocess_mode": "mode", "mode": "mode", "target_size": "target_size",
+                     "extra_resize": "extra_resize", "resample": "resample"}
+# Options that choose how the spec is computed, not what it is (compile) or which code runs it.
+BUILD_OPTIONS = ("backend", "compile")
+
+
+# What one encoder call covers: "sequence" (a sample's ordered frames in one call, VGGT) or
+# "image" (each image alone: an encoder that attends within one image, Qwen's vision tower).
+UNIT_KINDS = ("sequence", "image")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registered:
+    factory: Callable[..., Any]
+    spec: Optional[Callable[..., EncoderSpec]]
+    unit: str = "sequence"
+    feature_set: str = PRIMARY_FEATURE_SET
+    preprocess: Optional[Callable[..., Any]] = None
+    shape: Optional[Callable[..., Any]] = None
+
+
+_REGISTRY: Dict[str, _Registered] = {}
+
+
+def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[Callable[..., EncoderSpec]] = None,
+                     unit: str = "sequence", feature_set: str = PRIMARY_FEATURE_SET,
+                     preprocess: Optional[Callable[..., Any]] = None, shape: Optional[Callable[..., Any]] = None,
+                     overwrite: bool = False) -> None:
+    """Register an encoder preset.
+
+    Args:
+        name: the registry name (`--encoder NAME`).
+        factory: ``factory(*, weights, device, **options) -> Encoder``.
+        spec: ``spec(*, weights, **options) -> EncoderSpec`` that builds no model (for
+            `resolve_spec`); without it `resolve_spec(name)` raises EncoderError.
+        unit: what one encoder call covers, "sequence" (a sample's frames, in order) or "image"
+            (each image alone); the build plans its units by it.
+        feature_set: the store's feature set the build writes by default (`--feature-set`).
+        preprocess: ``preprocess(source, spec, *, patch_size, name) -> [3, H, W]``, the frame
+            reader of this family (`preprocess_frame`); None: the VGGT view (`preprocess_image`).
+        shape: ``shape(spec, width, height, num_frames) -> (F, N, C)``, the stored shape of a unit
+            of source images that size (`stored_shape`); None: VGGT's.
+        overwrite: replace an existing registration instead of refusing.
+    """
+    if not name or not isinstance(name, str):
+        raise EncoderError(f"encoder name must be a non-empty string. Found {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise EncoderError(f"encoder {name!r} is already registered (pass overwrite=True to replace it)")
+    if unit not in UNIT_KINDS:
+        raise EncoderError(f"encoder {name!r}: unit must be one of {UNIT_KINDS}. Found {unit!r}")
+    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set, preprocess, shape)
+
+
+def available_encoders() -> List[str]:
+    """Registered encoder names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def unit_of(name: str) -> str:
+    """What one call of the registered encoder `name` covers: "sequence" or "image".
+
+    Example:
+        >>> from featstore.encoders import unit_of
+        >>> unit_of("vggt-tiny")
+        'sequence'
+    """
+    return _registered(name).unit
+
+
+def feature_set_of(name: str) -> str:
+    """The feature set a build with encoder `name` writes unless told otherwise.
+
+    Example:
+        >>> from featstore.encoders import feature_set_of
+        >>> feature_set_of("vggt-1b")
+        'vggt'
+    """
+    return _registered(name).feature_set
+
+
+def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Optional[str] = None):
+    """One image (path or bytes) -> the encoder input [3, H, W] float32 in [0, 1] of `spec`'s family.
+
+    VGGT presets (and a spec whose encoder is not registered here): the VGGT view,
+    `preprocess_image(source, spec.preprocess)`. Qwen vision presets: the Qwen image derived
+    from that view (`featstore.encoders.preprocess.qwen_frame`), as training makes it.
+
+    Args:
+        source: a path, or the image bytes.
+        spec: the EncoderSpec (its `encoder` picks the family, its `preprocess` the view).
+        patch_size: the encoder's patch size.
+        name: how errors name the image when `source` is bytes.
+
+    Raises:
+        ImageDecodeError: the image cannot be decoded or is too small (the message names it).
+
+    Example:
+        >>> from featstore.encoders import preprocess_frame, resolve_spec
+        >>> preprocess_frame("data/scene_a/000.jpg", resolve_spec("vggt-tiny"), 14).shape
+        torch.Size([3, 84, 112])
+        >>> preprocess_frame("data/scene_a/000.jpg", resolve_spec("qwen2.5-vl-vision-tiny"), 14).shape
+        torch.Size([3, 84, 112])
+    """
+    entry = _REGISTRY.get(spec.encoder)
+    if entry is not None and entry.preprocess is not None:
+        return entry.preprocess(source, spec, patch_size=patch_size, name=name)
+    from featstore.encoders.preprocess import preprocess_image
+
+    return preprocess_image(source, spec.preprocess, patch_size=patch_size, name=name)
+
+
+def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1):
+    """The [F, N, C] a unit of `num_frames` width x height source images is stored as, without
+    decoding or encoding anything (the build's size estimate). The family is chosen as in
+    `preprocess_frame`.
+
+    Example:
+        >>> from featstore.encoders import resolve_spec, stored_shape
+        >>> stored_shape(resolve_spec("vggt-tiny"), 640, 480, 3)                # 112x84 view: 8x6 patches
+        (3, 48, 128)
+        >>> stored_shape(resolve_spec("qwen2.5-vl-vision-tiny"), 480, 640)     # 112x112 -> 8x8
+        (1, 64, 32)
+    """
+    entry = _REGISTRY.get(spec.encoder)
+    if entry is not None and entry.shape is not None:
+        return entry.shape(spec, width, height, num_frames)
+    from featstore.encoders.preprocess import view_size
+
+    p = int(spec.config["patch_size"])
+    w, h = view_size(width, height, spec.preprocess, p)
+    return (1 if spec.frames_kept == "last" else num_frames), (h // p) * (w // p), 2 * int(spec.config["embed_dim"])
+
+
+def _registered(name: str) -> _Registered:
+    if name not in _REGISTRY:
+        raise EncoderError(f"unknown encoder {name!r}; available: {available_encoders()}; pass one of them "
+                           "(CLI: --encoder)")
+    return _REGISTRY[name]
+
+
+def resolve_spec(name: str = "vggt-1b", *, weights: Optional[str] = None, **overrides) -> EncoderSpec:
+    """The `EncoderSpec` that `get_encoder(name, weights=weights, **overrides)` would have,
+    without building the model or loading the weights.
+
+    The weights' sha256 comes from the hash cache (`featstore.encoders.vggt.weights.sha256_file`),
+    or from hashing the file once (the file is read, not loaded).
+
+    Args:
+        name, weights, **overrides: as for `get_encoder` (device is not needed; compile is
+            accepted and ignored: it does not change the features).
+
+    Returns:
+        The spec; ``resolve_spec(...).fingerprint() == get_encoder(...).spec.fingerprint()``.
+
+    Raises:
+        EncoderError: unknown name or option; WeightsError: a preset that needs weights got
+            none (the error names the preset), or the weights file is missing / not a checkpoint.
+
+    Example:
+        >>> from featstore.encoders import resolve_spec
+        >>> resolve_spec("vggt-tiny", layer=-1).layer_resolved
+        3
+    """
+    entry = _registered(name)
+    if entry.spec is None:
+        raise EncoderError(f"encoder {name!r} registers no spec resolver; build it with get_encoder({name!r})")
+    return entry.spec(weights=weights, **overrides)
+
+
+def get_encoder(name: str = "vggt-1b", *, weights: Optional[str] = None, device: str = "cpu",
+                **spec_overrides):
+    """Build a registered encoder.
+
+    Args:
+        name: registry name (default "vggt-1b"); see `available_encoders()`.
+        weights: weights file (model.safetensors / model.pt), a directory holding one, or a hub id.
+        device: torch device string (default "cpu"): "cpu", "cuda", "cuda:N".
+        **spec_overrides: layer (default -2), attention ("full"/"causal"), frames_kept
+            ("all"/"last"), compute_dtype, storage_dtype, preprocess (PreprocessSpec or dict) or its
+            fields preprocess_mode / target_size / extra_resize; plus backend ("featstore" or
+            "official") and compile (bool: torch.compile the blocks, featstore backend).
+
+    Raises:
+        EncoderError: unknown name, option or device; WeightsError: weights missing or not matching.
+
+    Example:
+        >>> from featstore.encoders import get_encoder
+        >>> get_encoder("vggt-tiny", layer=-1).spec.layer_resolved
+        3
+    """
+    entry = _registered(name)
+    check_device(device)
+    return entry.factory(weights=weights, device=device, **spec_overrides)
+
+
+def encoder_for_spec(spec: EncoderSpec, *, weights: Optional[str] = None, device: str = "cpu"):
+    """Rebuild the encoder that computed `spec` (a store's manifest spec), for a recompute.
+
+    Raises:
+        FingerprintMismatchError: the rebuilt encoder's spec differs (other weights, other
+            code version); the message names every differing field with both values.
+    """
+    from featstore.errors import FingerprintMismatchError
+
+    encoder = get_encoder(spec.encoder, weights=weights, device=device, **spec.overrides())
+    differ = spec.diff(encoder.spec)
+    if differ:
+        raise FingerprintMismatchError(
+            "the rebuilt encoder differs from the spec: " + spec_mismatch_details(spec, encoder.spec)
+            + ". Pass the --weights the store was built with (and the featstore version it was built with)")
+    return encoder
+
+
+def check_device(device) -> None:
+    """Refuse a device string torch cannot use here, naming it and what to pass instead."""
+    if str(device) == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EncoderError(f"device {str(device)!r} is not a torch device; pass cpu, cuda or cuda:N "
+                           "(CLI: --device)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EncoderError(
+                f"device {str(device)!r}: this torch {torch.__version__} sees no CUDA GPU (a CPU-only build, "
+                "or no driver); pass --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EncoderError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) "
+                               f"are visible; pass cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+
+def apply_overrides(spec: EncoderSpec, overrides: Dict[str, Any]) -> EncoderSpec:
+    changes: Dict[str, Any] = {}
+    pre: Dict[str, Any] = {}
+    for k, v in overrides.items():
+        if k in _PREPROCESS_SHORT:
+            pre[_PREPROCESS_SHORT[k]] = v
+        elif k in SPEC_OPTIONS:
+            changes[k] = v
+        else:
+            raise EncoderError(
+                f"unknown encoder option {k!r}; known: {sorted(SPEC_OPTIONS + tuple(_PREPROCESS_SHORT))} "
+                f"and {', '.join(BUILD_OPTIONS)}"
+            )
+    if "preprocess" in changes and not isinstance(changes["preprocess"], PreprocessSpec):
+        changes["preprocess"] = PreprocessSpec(**dict(changes["preprocess"]))
+    if pre:
+        base = changes.get("preprocess", spec.preprocess)
+        changes["preprocess"] = dataclasses.replace(base, **pre)
+    return spec.replace(**changes) if changes else spec
+

@@ -1,0 +1,173 @@
+"""Merge shard stores (one per host, `featstore build --shard I/N`) into one store.
+
+Merged feature set by set (docs/FORMAT.md, "Feature sets"): the shards holding a set must name
+the same encoder spec for it (the fields that differ are named); a key of one set present in
+two shards with different bytes is a conflict and stops the merge before anything is written.
+Identical duplicates are kept once. Merging into an existing store keeps its entries, so a
+rerun, or adding a shard later, is safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from featstore.cli import store_path_arg
+from featstore.errors import FeatstoreError, MergeConflictError
+from featstore.progress import NO_PROGRESS_HELP
+from featstore.store.layout import PRIMARY_FEATURE_SET, check_fingerprint, feature_set_label, resolve_store_path, utc_now
+
+__all__ = ["merge_stores", "configure_parser", "run", "EXAMPLES"]
+
+
+def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
+    """Copy every entry of `shards` into the store `out` (created if absent), feature set by set.
+    `progress`: show the check and the write of each set on stderr, with an ETA (featstore.progress).
+
+    Every feature set found in any shard is merged into the same set of `out`; the shards that
+    hold a set must agree on its encoder spec, and a key of one set with different bytes in two
+    shards is a conflict. Everything is checked before anything is written.
+
+    Returns:
+        the report: ``merged`` (each shard's path and entries), ``read`` (entries read from all
+        shards), ``written`` (entries written into `out`), ``identical`` (entries skipped as
+        byte-identical to one already there: a key in two shards, or a rerun), ``entries`` and
+        ``bytes`` of `out` afterwards, all over every set; ``feature_sets`` holds the same per
+        set (each also stored as that set's last build report in `out`).
+    """
+    from featstore.store.reader import FeatureStore, feature_set_names  # torch: imported when run, not for `--help`
+    from featstore.store.writer import StoreWriter
+
+    if not shards:
+        raise FeatstoreError("merge needs at least one shard: pass the shard stores to merge")
+    paths = [resolve_store_path(s) for s in shards]
+    stores: dict[str, list] = {}  # set -> the FeatureStores of the shards that hold it, in shard order
+    try:
+        for path in paths:
+            for name in feature_set_names(path):
+                stores.setdefault(name, []).append(FeatureStore(path, feature_set=name))
+        for name in sorted(stores):
+            _check_set(name, stores[name], progress=progress)
+        per_set = {}
+        for name in sorted(stores):
+            per_set[name] = _merge_set(out, name, stores[name], progress, StoreWriter)
+    finally:
+        for group in stores.values():
+            for s in group:
+                s.close()
+    if list(per_set) == [PRIMARY_FEATURE_SET]:
+        return dict(per_set[PRIMARY_FEATURE_SET], feature_sets=per_set)
+    totals = {k: sum(r[k] for r in per_set.values()) for k in ("read", "written", "identical", "entries", "bytes")}
+    merged = [{"shard": p, "entries": sum(r["entries"] for rep in per_set.values() for r in rep["merged"]
+                                          if r["shard"] == p)} for p in paths]
+    return {"out": next(iter(per_set.values()))["out"], "merged": merged, **totals, "finished": utc_now(),
+            "failed": [], "feature_sets": per_set}
+
+
+def _check_set(name: str, group: list, *, progress: bool = False) -> None:
+    """One set across the shards that hold it: the same spec, complete builds, no conflicting key.
+    Reads and checksums every entry (`progress`: shown on stderr)."""
+    from featstore.progress import Progress
+    first = group[0].manifest
+    for s in group[1:]:
+        check_fingerprint(s.manifest, first["encoder"], path=feature_set_label(s.path, name),
+                          advice=f"Merge only shards built with the same encoder flags: rebuild this shard with "
+                                 f"those of {group[0].path} (expected above is its spec)")
+    incomplete = [s.path for s in group if s.manifest.get("build", {}).get("state") != "complete"]
+    if incomplete:
+        which = "" if name == PRIMARY_FEATURE_SET else f" (feature set {name!r})"
+        raise FeatstoreError(f"shards whose build did not complete{which}: {incomplete}; rerun their builds first")
+    # Conflicts are found before writing anything: key -> (checksum, shard) over all shards.
+    seen: dict[str, tuple[str, str]] = {}
+    total = sum(s.manifest.get("entries", 0) for s in group)
+    with Progress(total, desc=f"featstore merge: check {name}", unit="entry", enabled=progress) as bar:
+        for s in group:
+            for key, value in s.raw_items():
+                checksum = _checksum_of(value, key)
+                prior = seen.get(key)
+                if prior is not None and prior[0] != checksum:
+                    of = "" if name == PRIMARY_FEATURE_SET else f" of feature set {name!r}"
+                    raise MergeConflictError(
+                        f"key {key!r}{of} differs between shards {prior[1]} and {s.path}; the shards were built "
+                        "from different sources or plans. Rebuild one of them.")
+                seen[key] = (checksum, s.path)
+                bar.update(1)
+
+
+def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter) -> dict:
+    from featstore.build.plan_record import PLAN_FIELD, merge_plan
+    from featstore.progress import Progress
+
+    first = group[0].manifest
+    reports = []
+    total = sum(s.manifest["entries"] for s in group)
+    with StoreWriter(out, spec=first.get("encoder") or None, feature_set=name) as writer:
+        with Progress(total, desc=f"featstore merge: write {name}", unit="entry", enabled=progress) as bar:
+            for s in group:
+                for key, value in s.raw_items():
+                    writer.put(key, value)
+                    bar.update(1)
+                reports.append({"shard": s.path, "entries": s.manifest["entries"]})
+        writer.commit()
+        read = sum(r["entries"] for r in reports)
+        report = {"out": writer.path, "merged": reports, "read": read, "written": writer.committed,
+                  "identical": read - writer.committed, "finished": utc_now(), "failed": []}
+        if name != PRIMARY_FEATURE_SET:
+            report["feature_set"] = name
+        plan = None  # the shards' recorded plans, united (one build split in shards records one plan)
+        for s in group:
+            if s.manifest.get(PLAN_FIELD) is not None:
+                plan = merge_plan(plan, s.manifest[PLAN_FIELD])
+        writer.finish(report, plan=plan)
+        report.update(entries=writer.manifest["entries"], bytes=writer.manifest["bytes"])
+    return report
+
+
+def _checksum_of(value: bytes, key: str) -> str:
+    from featstore.format.blob import decode_entry
+
+    return decode_entry(value, key=key, verify=True).metadata["checksum"]
+
+
+EXAMPLES = """\
+Examples:
+  # the bundled sample data in two shards, as two hosts would build them, then merged
+  featstore build --data-root sample_data --encoder vggt-tiny --shard 0/2
+  featstore build --data-root sample_data --encoder vggt-tiny --shard 1/2
+  featstore merge /tmp/merged.lmdb \\
+      sample_data/vggt_features.shard-0-of-2.lmdb sample_data/vggt_features.shard-1-of-2.lmdb
+  # your data
+  featstore merge data/vggt_features.lmdb /nfs/shard-0.lmdb /nfs/shard-1.lmdb
+  featstore merge --data-root data/ /nfs/shard-*.lmdb     # into data/vggt_features.lmdb
+"""
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", metavar="[OUT] SHARD",
+                   help="OUT: the merged store (created; existing entries are kept; leave it out with "
+                   "--data-root), then the shard stores to merge")
+    p.add_argument("--data-root", help="merge into DATA_ROOT/vggt_features.lmdb (the store build names there, "
+                   "where training looks) instead of OUT")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--json", action="store_true", help="print the report (entries per shard, written, identical "
+                   "skipped, per feature set) as one JSON object on stdout instead of the summary on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_root is not None:
+        out, shards = store_path_arg(None, args.data_root), args.stores
+    elif len(args.stores) >= 2:
+        out, shards = args.stores[0], args.stores[1:]
+    else:
+        raise FeatstoreError(f"merge takes OUT SHARD [SHARD ...], or --data-root DATA_ROOT SHARD [...]. "
+                             f"Found {args.stores}")
+    report = merge_stores(out, shards, progress=not args.no_progress and not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    per_shard = " + ".join(str(r["entries"]) for r in report["merged"])
+    print(f"featstore merge: {len(report['merged'])} shards ({per_shard} entries) -> {out}: {report['written']} "
+          f"written, {report['identical']} identical skipped; {report['entries']} entries, "
+          f"{report['bytes'] / 1e6:.1f} MB in the store", file=sys.stderr)
+    return 0
