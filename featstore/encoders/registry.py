@@ -67,6 +67,10 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         channels: ``channels(spec) -> C``, the channels of a stored token (`stored_channels`):
             the family's rule (VGGT: 2 x embed_dim). Without it `stored_channels` and the
             default `stored_shape` raise EncoderError.
+
+    A hook left None is taken from the preset the factory belongs to, when it offers them: a
+    bound method of an object with a `family_hooks` dict (`VGGTPreset`, `QwenVisionPreset`),
+    so ``register_encoder(name, preset.build, spec=preset.spec)`` registers the family's rules.
         overwrite: replace an existing registration instead of refusing.
 
     Example (a family's channels rule, as encoders/vggt/preset.py registers it):
@@ -82,6 +86,10 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
     if unit not in UNIT_KINDS:
         raise EncoderError(f"encoder {name!r}: unit must be one of {UNIT_KINDS}. Found {unit!r}")
     check_feature_set(feature_set)
+    family = getattr(getattr(factory, "__self__", None), "family_hooks", None) or {}
+    preprocess = preprocess if preprocess is not None else family.get("preprocess")
+    shape = shape if shape is not None else family.get("shape")
+    channels = channels if channels is not None else family.get("channels")
     _REGISTRY[name] = _Registered(factory, spec, unit, feature_set, preprocess, shape, channels)
     register_set_writer(name, feature_set)
 

@@ -118,6 +118,12 @@ class QwenVisionPreset:
                     f"merger, each image on its own). Found {getattr(spec, field)!r}")
         return spec, ckpt
 
+    @property
+    def family_hooks(self) -> Dict[str, Any]:
+        """The Qwen vision hooks for the registry (`register_encoder` takes them from `build`'s
+        preset): the Qwen image as frame, the merge-trimmed grid, hidden_size channels."""
+        return {"preprocess": _qwen_frame, "shape": qwen_shape, "channels": qwen_channels}
+
     def spec(self, *, weights=None, **options) -> EncoderSpec:
         """The spec `build` would give, without a model (the checkpoint is hashed, not loaded)."""
         spec, ckpt = self._prepare(weights, options)
@@ -149,6 +155,5 @@ _QWEN_TINY = QwenVisionPreset("qwen2.5-vl-vision-tiny", QWEN_TINY_TARGET, vision
 
 for _preset in (_QWEN, _QWEN_TINY):
     # One unit per image: the tower attends within one image only.
-    register_encoder(_preset.name, _preset.build, spec=_preset.spec, unit="image", feature_set="qwen_vision",
-                     preprocess=_qwen_frame, shape=qwen_shape, channels=qwen_channels)
+    register_encoder(_preset.name, _preset.build, spec=_preset.spec, unit="image", feature_set="qwen_vision")
 del _preset

@@ -63,10 +63,16 @@ class VGGTPreset:
     backend: Optional[str] = None
     spec_name: Optional[str] = None
 
+    @property
+    def family_hooks(self) -> Dict[str, Any]:
+        """VGGT's hooks for the registry (`register_encoder` takes them from `build`'s preset):
+        stored channels 2 x embed_dim; the view itself is the frame (no `preprocess` hook) and
+        every frame's whole patch grid is stored (no `shape` hook)."""
+        return {"channels": vggt_channels}
+
     def register(self, *, overwrite: bool = False) -> None:
-        """Register this preset under its name with VGGT's hooks (stored channels 2 x embed_dim;
-        the view itself is the frame, every frame's patch grid is stored)."""
-        register_encoder(self.name, self.build, spec=self.spec, channels=vggt_channels, overwrite=overwrite)
+        """Register this preset under its name (with `family_hooks`)."""
+        register_encoder(self.name, self.build, spec=self.spec, overwrite=overwrite)
 
     def _prepare(self, weights, options: Dict[str, Any]):
         """Every argument checked before any work (building VGGT-1B takes seconds and 3.6 GB)."""
