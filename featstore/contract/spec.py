@@ -164,7 +164,7 @@ class EncoderSpec:
     # ---- serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON-able dict (the manifest's `encoder_spec`). Fields added after stores were
+        """Plain JSON-able dict (the manifest's `encoder` field). Fields added after stores were
         first written (`ADDED_FIELDS`) appear only when not at their default, so those stores'
         fingerprints (and their stored spec dicts) stay what they were."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
