@@ -44,11 +44,8 @@ DEFAULT_CODEC = "bfloat16"
 
 def register_codec(codec: Codec, *, overwrite: bool = False) -> Codec:
     """Register `codec` under its `name`; refuse a second codec of one name unless `overwrite`."""
-    if not isinstance(codec, Codec):
-        raise TypeError(f"{codec!r} does not follow the Codec protocol (featstore.format.codecs.base.Codec)")
     if codec.name in _CODECS and not overwrite:
-        raise ValueError(f"a codec for storage dtype {codec.name!r} is already registered (pass overwrite=True "
-                         "to replace it)")
+        raise ValueError(f"codec {codec.name!r} is already registered (pass overwrite=True to replace it)")
     _CODECS[codec.name] = codec
     RECOMPUTE_TOLERANCES[codec.name] = tuple(codec.tolerance)
     return codec
@@ -64,7 +61,7 @@ def codec_for(storage_dtype: Optional[str]) -> Codec:
     try:
         return _CODECS[DEFAULT_CODEC if storage_dtype is None else storage_dtype]
     except (KeyError, TypeError):
-        raise ValueError(f"storage dtype must be one of {codec_names()}. Found {storage_dtype!r}") from None
+        raise ValueError(f"dtype must be one of {codec_names()}. Found {storage_dtype!r}") from None
 
 
 def codec_names() -> list:
