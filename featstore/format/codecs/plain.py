@@ -39,10 +39,6 @@ class PlainCodec:
     format_version: int = FORMAT_VERSION
     tensors: Tuple[str, ...] = (FEATURES,)
 
-    def __post_init__(self):
-        if self.name not in _ITEMSIZE:
-            raise ValueError(f"a plain codec stores {sorted(_ITEMSIZE)}. Found {self.name!r}")
-
     @property
     def read_dtype_name(self) -> str:
         return self.name
