@@ -82,8 +82,8 @@ def test_extra_resize_and_bytes_input(tmp_path):
     x = preprocess_image(p, spec)
     assert x.shape == (3, 392, 504) and x.min() >= 0 and x.max() <= 1
     assert torch.equal(preprocess_image(p.read_bytes(), spec), x)  # pure function of bytes + spec
-    with pytest.raises(EncoderError, match="extra_resize"):
-        PreprocessSpec(extra_resize=(390, 504))
+    with pytest.raises(EncoderError, match="extra_resize must be .* positive multiples of 14. Found \\(390, 504\\)"):
+        PreprocessSpec(extra_resize=(390, 504)).check_patch_size(14)
 
 
 def test_stack_frames_pads_mixed_sizes_white_centred():

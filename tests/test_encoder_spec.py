@@ -58,7 +58,32 @@ def test_validation_names_argument_and_value():
     with pytest.raises(EncoderError, match="layer_resolved=3 does not match layer=-2"):
         _spec(layer_resolved=3)
     with pytest.raises(EncoderError, match=r"preprocess.target_size must be a positive multiple of 14 \(the patch size\). Found 500"):
-        PreprocessSpec(target_size=500)
+        _spec(config={"depth": 24, "patch_size": 14}, preprocess=PreprocessSpec(target_size=500))
+
+
+def test_patch_size_comes_from_the_encoder_config():
+    """Sides are multiples of the encoder's own patch size (config["patch_size"]), not of 14: an
+    encoder with 16-px patches (SigLIP-style) takes 512 and 256x384, and is refused 518."""
+    sixteen = {"depth": 24, "patch_size": 16}
+    s = _spec(config=sixteen, preprocess=PreprocessSpec(target_size=512, extra_resize=(256, 384)))
+    assert EncoderSpec.from_dict(s.to_dict()) == s
+    with pytest.raises(EncoderError, match=r"^preprocess.target_size must be a positive multiple of 16 \(the patch "
+                                           r"size\). Found 518$"):
+        _spec(config=sixteen)
+    with pytest.raises(EncoderError, match=r"^preprocess.extra_resize must be \(height, width\), positive multiples "
+                                           r"of 16. Found \(392, 504\)$"):
+        _spec(config=sixteen, preprocess=PreprocessSpec(target_size=512, extra_resize=(392, 504)))
+    with pytest.raises(EncoderError, match=r"multiple of 14 \(the patch size\). Found 512"):
+        _spec(config={"depth": 24, "patch_size": 14}, preprocess=PreprocessSpec(target_size=512))
+    with pytest.raises(EncoderError, match=r"^config\['patch_size'\] must be a positive int. Found 0$"):
+        _spec(config={"depth": 24, "patch_size": 0})
+    # Alone, a PreprocessSpec knows no patch size: plain positive ints.
+    assert PreprocessSpec(target_size=500).target_size == 500
+    for bad in (0, -14, "518", True, 51.8):
+        with pytest.raises(EncoderError, match=r"^preprocess.target_size must be a positive int \(pixels\). Found "):
+            PreprocessSpec(target_size=bad)
+    with pytest.raises(EncoderError, match=r"^preprocess.extra_resize must be \(height, width\), positive ints "):
+        PreprocessSpec(extra_resize=(0, 504))
 
 
 def test_presets_and_overrides():

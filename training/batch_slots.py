@@ -38,6 +38,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from featstore.store.lock import pid_alive
+
 __all__ = ["SlotCollator", "SlotBatch", "slots_in_use"]
 
 HEADER = 64       # bytes before a slot's data: two int64 words, then padding to a cache line
@@ -247,7 +249,7 @@ class _MainSide:
 
     def _forget_dead_workers(self, token: str) -> None:
         # Workers restarted (non-persistent workers, each epoch): the old ones' slots are unused.
-        for key in [k for k in self.buffers if k[0] != token and not _alive(int(k[0].split("-")[0]))]:
+        for key in [k for k in self.buffers if k[0] != token and not pid_alive(int(k[0].split("-")[0]))]:
             self._forget(self.buffers.pop(key))
 
     def _forget(self, buffer: torch.Tensor) -> None:
@@ -298,16 +300,6 @@ class _MainSide:
             event.record(torch.cuda.current_stream(device))
             self.pending.append((event, buffer))
             return moved
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _MAIN = _MainSide()

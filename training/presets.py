@@ -18,7 +18,7 @@ from typing import Any, Dict
 from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG
 
 __all__ = ["TINY_MODEL", "TINY_VGGT", "TINY_VISION", "SPECIAL_TOKENS", "tiny_config", "tiny_tokenizer",
-           "image_processor", "tiny_processor", "is_tiny"]
+           "image_processor", "is_tiny"]
 
 TINY_MODEL = "qwen2.5-vl-tiny"
 TINY_VGGT = "vggt-tiny"
@@ -118,14 +118,3 @@ def image_processor(min_pixels=None, max_pixels=None):
     return Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                     size=processor_size(min_pixels, max_pixels))
 
-
-def tiny_processor(tokenizer=None):
-    """A Qwen2.5-VL processor without the video processor (which needs torchvision)."""
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-
-    class _ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor, tokenizer, chat_template=None, **kwargs):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                             chat_template=chat_template, **kwargs)
-
-    return _ImageOnlyProcessor(image_processor(), tokenizer or tiny_tokenizer())

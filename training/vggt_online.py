@@ -25,6 +25,7 @@ import torch
 
 # The build's own code, re-exported: training computes units exactly as `featstore build` does.
 from featstore.build.encode import encode_frames, read_unit_frames
+from featstore.errors import FingerprintMismatchError
 from featstore.encoders import resolve_spec  # no model built; the same fingerprint as get_encoder's
 
 __all__ = ["resolve_spec", "read_unit_frames", "encode_frames", "OnlineVGGT"]
@@ -70,9 +71,10 @@ class OnlineVGGT:
                 enc = get_encoder(self.name, weights=self.weights, device=str(device), **self.overrides)
                 fp = enc.spec.fingerprint()
                 if self.expected_fingerprint is not None and fp != self.expected_fingerprint:
-                    raise RuntimeError(f"online VGGT {self.name}: built spec fingerprint {fp} differs from the "
-                                       f"resolved {self.expected_fingerprint}; did the --vggt_weights file change "
-                                       "after training started? Restart training")
+                    raise FingerprintMismatchError(
+                        f"online VGGT {self.name}: built spec fingerprint {fp} differs from the "
+                        f"resolved {self.expected_fingerprint}; did the --vggt_weights file change "
+                        "after training started? Restart training")
                 self._encoder = enc
             return self._encoder
 

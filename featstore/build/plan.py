@@ -50,7 +50,7 @@ from typing import Iterable, Sequence
 
 from featstore.encoders import UNIT_KINDS
 from featstore.errors import InvalidKeyError, PlanError
-from featstore.format.keys import normalize_key, relative_key
+from featstore.format.keys import IMAGE_EXTENSIONS, normalize_key, relative_key
 from featstore.store.layout import require_directory
 
 __all__ = [
@@ -74,7 +74,6 @@ __all__ = [
     "file_sha256",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _IMAGE_FIELDS = ("images", "image")  # LLaVA/Qwen conversation JSON: a list, or one path
 
 

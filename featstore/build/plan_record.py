@@ -30,11 +30,11 @@ from typing import Any, Sequence
 
 from featstore.errors import PlanError
 from featstore.build.plan import AnnotationSource, _prefix_in_root, annotation_sources, file_sha256
+from featstore.store.layout import PLAN_FIELD, merge_plan
 
 __all__ = ["PLAN_FIELD", "record_of", "merge_plan", "recorded_sources", "plan_notes", "describe_plan",
            "plan_of_manifest", "NO_RECORD_NOTE"]
 
-PLAN_FIELD = "plan"  # the manifest field
 NO_RECORD_NOTE = ("this store records no plan (built before featstore recorded one): pass --annotations with the "
                   "files it was built from, or rerun the same `featstore build` (it computes nothing that is "
                   "fresh, and records its plan)")
@@ -65,19 +65,6 @@ def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | No
                       "image_dir": None if src.image_dir is None else _relative(src.image_dir, root),
                       "percent": src.percent, "size": os.path.getsize(src.path), "sha256": file_sha256(src.path)})
     return {"unit": unit, "scan": not files, "annotations": files}
-
-
-def merge_plan(old: dict | None, new: dict) -> dict:
-    """The record after a build of plan `new` into a set that recorded `old`: the union (a file
-    planned again replaces its earlier entry, keyed by file, image folder and percent)."""
-    if not old:
-        return new
-    ident = lambda f: (f["file"], f.get("image_dir"), f.get("percent", 100))  # noqa: E731
-    files = {ident(f): f for f in old.get("annotations", [])}
-    for f in new.get("annotations", []):
-        files[ident(f)] = f
-    return {"unit": new.get("unit", old.get("unit")), "scan": bool(old.get("scan")) or bool(new.get("scan")),
-            "annotations": list(files.values())}
 
 
 def _absolute(path: str, data_root: str) -> str:

@@ -1,5 +1,12 @@
-"""Names every layer agrees on: the store's default folder name, the primary feature set, and
-what a feature set may be called (it names an LMDB sub-database and meta keys)."""
+"""Names every layer agrees on: the store's default folder name, the primary feature set, what a
+feature set may be called (it names an LMDB sub-database and meta keys), and which encoders
+write which set.
+
+The last is a table the encoder registry fills (`featstore.encoders.register_encoder` calls
+`register_set_writer`), so that the store below the encoders can name a set's default and the
+command that builds a set without importing them: a spec of a registered encoder comes from
+`featstore.encoders` (`resolve_spec`), which registers the built-in families on import.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ import re
 
 from featstore.errors import InvalidFeatureSetError
 
-__all__ = ["DEFAULT_STORE_NAME", "PRIMARY_FEATURE_SET", "FEATURE_SET_NAME", "check_feature_set", "feature_set_label"]
+__all__ = ["DEFAULT_STORE_NAME", "PRIMARY_FEATURE_SET", "FEATURE_SET_NAME", "check_feature_set", "feature_set_label",
+           "register_set_writer", "default_feature_set", "build_command_for_set"]
 
 # The store's folder beside the data (`featstore build --data-root D` writes D/vggt_features.lmdb).
 DEFAULT_STORE_NAME = "vggt_features.lmdb"
@@ -40,3 +48,49 @@ def feature_set_label(path: str, feature_set: str = PRIMARY_FEATURE_SET) -> str:
     """How messages name a set of a store: the path alone for the primary set (as before sets
     existed), ``PATH [feature set 'NAME']`` for the others."""
     return path if feature_set == PRIMARY_FEATURE_SET else f"{path} [feature set {feature_set!r}]"
+
+
+# encoder name -> the feature set its builds write by default, in registration order (filled by
+# featstore.encoders.registry.register_encoder).
+_SET_OF_ENCODER: dict[str, str] = {}
+
+
+def register_set_writer(encoder: str, feature_set: str) -> None:
+    """Record that builds with `encoder` write `feature_set` unless told otherwise (the encoder
+    registry calls it for every preset it registers)."""
+    _SET_OF_ENCODER[encoder] = check_feature_set(feature_set)
+
+
+def default_feature_set(encoder=None) -> str:
+    """The feature set that features of `encoder` go to unless told otherwise: the set a
+    registered encoder (a name, an EncoderSpec or its dict) writes, else the primary set "vggt"
+    (an unregistered encoder, or none).
+
+    Example:
+        >>> import featstore.encoders  # registers the built-in presets
+        >>> from featstore.contract.naming import default_feature_set
+        >>> default_feature_set("qwen2.5-vl-vision"), default_feature_set({"encoder": "vggt-1b"}), default_feature_set()
+        ('qwen_vision', 'vggt', 'vggt')
+    """
+    name = encoder.get("encoder") if isinstance(encoder, dict) else getattr(encoder, "encoder", encoder)
+    return _SET_OF_ENCODER.get(name, PRIMARY_FEATURE_SET) if isinstance(name, str) else PRIMARY_FEATURE_SET
+
+
+def build_command_for_set(feature_set: str) -> str:
+    """The `featstore build` flags that write `feature_set`: the encoder whose features go there
+    (`--encoder`), since the set alone does not choose the encoder (the default encoder would
+    write VGGT features into any set named with --feature-set).
+
+    Example:
+        >>> import featstore.encoders  # registers the built-in presets
+        >>> from featstore.contract.naming import build_command_for_set
+        >>> build_command_for_set("qwen_vision")
+        '`featstore build --encoder qwen2.5-vl-vision` (or qwen2.5-vl-vision-tiny), which writes this set'
+        >>> build_command_for_set("mine")
+        '`featstore build --feature-set mine --encoder ENCODER`'
+    """
+    writers = sorted(e for e, s in _SET_OF_ENCODER.items() if s == feature_set)
+    if not writers:
+        return f"`featstore build --feature-set {feature_set} --encoder ENCODER`"
+    others = f" (or {', '.join(writers[1:])})" if len(writers) > 1 else ""
+    return f"`featstore build --encoder {writers[0]}`{others}, which writes this set"

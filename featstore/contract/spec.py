@@ -4,7 +4,9 @@ The spec travels CLI -> store manifest -> training and is never derived again. T
 `diff()` names the fields that differ so a refusal can say which one.
 
 Stored features are [frames_kept, tokens, channels]: frames_kept = S ("all") or 1 ("last"),
-tokens = patch tokens only (h*w, after the 1 camera + R register tokens), channels = 2*embed_dim.
+tokens = patch tokens only, channels a rule of the encoder's family (VGGT: 2*embed_dim); the
+encoder registry computes the shape (`featstore.encoders.stored_shape`). The patch size is the
+encoder's own, `config["patch_size"]`: preprocessing sides are multiples of it.
 """
 
 from __future__ import annotations
@@ -42,25 +44,45 @@ class PreprocessSpec:
     extra_resize: Optional[Tuple[int, int]] = None
     """Optional (height, width), multiples of the patch size, applied after crop/pad (e.g. the
     Qwen grid); torch bicubic with antialias, clamped to [0, 1]."""
+    # Sides are checked as plain positive ints here; the patch size is the encoder's
+    # (config["patch_size"]), so EncoderSpec checks them as its multiples (`check_patch_size`).
 
     def __post_init__(self):
         if self.mode not in ("crop", "pad"):
             raise EncoderError(f"preprocess.mode must be 'crop' or 'pad'. Found {self.mode!r}")
-        if not isinstance(self.target_size, int) or self.target_size < 14 or self.target_size % 14:
-            raise EncoderError(
-                f"preprocess.target_size must be a positive multiple of 14 (the patch size). "
-                f"Found {self.target_size!r}"
-            )
+        if not _positive_int(self.target_size):
+            raise EncoderError(f"preprocess.target_size must be a positive int (pixels). Found {self.target_size!r}")
         if self.resample != "bicubic":
             raise EncoderError(f"preprocess.resample must be 'bicubic'. Found {self.resample!r}")
         if self.extra_resize is not None:
-            er = tuple(self.extra_resize)
-            if len(er) != 2 or any((not isinstance(v, int)) or v < 14 or v % 14 for v in er):
-                raise EncoderError(
-                    f"preprocess.extra_resize must be (height, width), positive multiples of 14. "
-                    f"Found {self.extra_resize!r}"
-                )
+            er = tuple(self.extra_resize) if isinstance(self.extra_resize, (list, tuple)) else ()
+            if len(er) != 2 or not all(_positive_int(v) for v in er):
+                raise EncoderError(f"preprocess.extra_resize must be (height, width), positive ints (pixels). "
+                                   f"Found {self.extra_resize!r}")
             object.__setattr__(self, "extra_resize", er)
+
+    def check_patch_size(self, patch_size: int) -> None:
+        """Refuse sides that are not multiples of the encoder's `patch_size` (EncoderSpec calls it
+        with its config's patch size: 14 for VGGT, 16 for a SigLIP-style encoder).
+
+        Example:
+            >>> from featstore.contract.spec import PreprocessSpec
+            >>> PreprocessSpec(target_size=512).check_patch_size(16)
+            >>> PreprocessSpec(target_size=512).check_patch_size(14)
+            Traceback (most recent call last):
+            ...
+            featstore.errors.EncoderError: preprocess.target_size must be a positive multiple of 14 (the patch size). Found 512
+        """
+        if self.target_size % patch_size:
+            raise EncoderError(f"preprocess.target_size must be a positive multiple of {patch_size} (the patch size). "
+                               f"Found {self.target_size!r}")
+        if self.extra_resize is not None and any(v % patch_size for v in self.extra_resize):
+            raise EncoderError(f"preprocess.extra_resize must be (height, width), positive multiples of {patch_size}. "
+                               f"Found {self.extra_resize!r}")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,11 @@ class EncoderSpec:
         object.__setattr__(self, "config", _canonical_config(self.config))
         if isinstance(self.preprocess, Mapping):
             object.__setattr__(self, "preprocess", _preprocess_from_dict(self.preprocess))
+        patch = self.config.get("patch_size")
+        if patch is not None:
+            if not _positive_int(patch):
+                raise EncoderError(f"config['patch_size'] must be a positive int. Found {patch!r}")
+            self.preprocess.check_patch_size(patch)
         depth = self.config.get("depth")
         if not isinstance(depth, int) or depth < 1:
             raise EncoderError(f"config['depth'] must be a positive int. Found {depth!r}")
@@ -137,7 +164,7 @@ class EncoderSpec:
     # ---- serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON-able dict (the manifest's `encoder_spec`). Fields added after stores were
+        """Plain JSON-able dict (the manifest's `encoder` field). Fields added after stores were
         first written (`ADDED_FIELDS`) appear only when not at their default, so those stores'
         fingerprints (and their stored spec dicts) stay what they were."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -37,8 +37,9 @@ from __future__ import annotations
 from featstore.contract.spec import EncoderSpec, PreprocessSpec
 from featstore.contract.naming import PRIMARY_FEATURE_SET
 from featstore.encoders.registry import (BUILD_OPTIONS, SPEC_OPTIONS, UNIT_KINDS, available_encoders, check_device,
-                                         encoder_for_spec, feature_set_of, get_encoder, preprocess_frame,
-                                         register_encoder, resolve_spec, stored_shape, unit_of)
+                                         encoder_for_spec, feature_set_of, frames_stored, get_encoder,
+                                         preprocess_frame, register_encoder, resolve_spec, stored_channels,
+                                         stored_shape, unit_of)
 # The built-in families register their presets on import.
 from featstore.encoders.vggt.config import TINY_CONFIG
 from featstore.encoders.vggt.preset import OFFICIAL_INSTALL_HINT, VGGTPreset
@@ -46,5 +47,5 @@ from featstore.encoders.qwen_vision.preset import QwenVisionPreset
 
 __all__ = ["register_encoder", "available_encoders", "get_encoder", "resolve_spec", "encoder_for_spec",
            "unit_of", "feature_set_of", "UNIT_KINDS", "PRIMARY_FEATURE_SET",
-           "preprocess_frame", "stored_shape", "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset",
+           "preprocess_frame", "stored_shape", "stored_channels", "frames_stored", "check_device", "EncoderSpec", "PreprocessSpec", "VGGTPreset",
            "QwenVisionPreset", "TINY_CONFIG", "OFFICIAL_INSTALL_HINT", "SPEC_OPTIONS", "BUILD_OPTIONS"]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # no torch import for the protocol itself
 
     from featstore.contract.spec import EncoderSpec
 
-__all__ = ["Encoder"]
+__all__ = ["Encoder", "autocast_dtype"]
 
 
 @runtime_checkable
@@ -50,3 +50,30 @@ class Encoder(Protocol):
 
     def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
         """(h, w) patch grid of an H x W frame."""
+
+
+def autocast_dtype(compute_dtype: str, device, *, advice: str = "pass compute_dtype='float16'"):
+    """The autocast dtype an encoder runs under on `device`: None on a CPU (float32) or for
+    float32, else the torch dtype of `compute_dtype`.
+
+    Raises:
+        EncoderError: bfloat16 asked for on a GPU without bf16 support (the message names the
+            GPU and `advice`).
+
+    Example:
+        >>> from featstore.encoders.base import autocast_dtype
+        >>> autocast_dtype("bfloat16", "cpu") is None
+        True
+    """
+    import torch
+
+    from featstore.contract.dtypes import torch_dtype
+    from featstore.errors import EncoderError
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    dt = torch_dtype(compute_dtype)
+    if dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise EncoderError(f"compute_dtype=bfloat16 is not supported on {torch.cuda.get_device_name(device)}; {advice}")
+    return None if dt == torch.float32 else dt

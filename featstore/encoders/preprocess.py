@@ -8,9 +8,9 @@ result is a pure function of the image bytes and the `PreprocessSpec`:
   official code, only mode "RGBA" is composited: "LA" or palette images with transparency are
   converted by PIL directly (their transparent pixels do not become white), and EXIF orientation
   is NOT applied.
-- crop: width -> T, height -> round(h * T / w / 14) * 14, PIL bicubic; centre-crop the height
-  to T if larger. 640x480 -> 518x392 (W x H) at T=518.
-- pad: longest side -> T, other side rounded to a multiple of 14, bicubic, then padded with white
+- crop: width -> T, height -> round(h * T / w / P) * P, PIL bicubic (P: the encoder's patch size,
+  VGGT's by default); centre-crop the height to T if larger. 640x480 -> 518x392 (W x H) at T=518.
+- pad: longest side -> T, other side rounded to a multiple of P, bicubic, then padded with white
   (1.0) to T x T, centred (odd remainder at the bottom/right).
 - uint8 -> float32 / 255 (torchvision ToTensor semantics).
 - extra_resize (H', W'): torch bicubic with antialias on the [0, 1] tensor, clamped to [0, 1].
@@ -19,7 +19,8 @@ The Qwen image (`qwen_view`) derives from that VGGT view, as VG-LLM and JanusVLN
 (TRAINING.md grid rule): the view CROPPED to its patch grid trimmed to even, e.g. 518x392 -> 37x28
 patches -> 36x28 -> the top-left 504x392 pixels (a crop, not a resize: Qwen token j covers the
 pixels of geometry token j). `qwen_frame` is the Qwen vision encoders' frame reader:
-preprocess_image, then qwen_view.
+preprocess_image, then qwen_view. `trimmed_grid` is that trim, the one place it is computed
+(`grid_tokens` counts a view's stored tokens with it, for the encoder registry's `stored_shape`).
 
 Shapes: tensors are [3, H, W] (channels first); `stack_frames` returns [S, 3, H, W].
 """
@@ -35,16 +36,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featstore.contract.spec import PreprocessSpec
+from featstore.encoders.vggt.config import VGGT_1B_CONFIG
 from featstore.errors import ImageDecodeError
 
-from featstore.contract.spec import PreprocessSpec
-
 __all__ = ["preprocess_image", "qwen_view", "qwen_frame", "read_image_bytes", "stack_frames", "output_size",
-           "view_size", "MIN_SOURCE_SIDE"]
+           "view_size", "trimmed_grid", "grid_tokens", "OFFICIAL_PATCH_SIZE"]
 
-# Images whose shorter side is below one patch are rejected: the upscale would invent all the
-# content, and in datasets such files are almost always placeholders or broken thumbnails.
-MIN_SOURCE_SIDE = 14
+# The official loader's patch size (VGGT's): the default of every `patch_size` here. An encoder
+# passes its own (`Encoder.patch_size`, its spec's config["patch_size"]).
+OFFICIAL_PATCH_SIZE = int(VGGT_1B_CONFIG["patch_size"])
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -62,7 +63,7 @@ def read_image_bytes(path: Union[str, os.PathLike]) -> bytes:
     return data
 
 
-def output_size(width: int, height: int, mode: str, target_size: int, patch: int = 14):
+def output_size(width: int, height: int, mode: str, target_size: int, patch: int = OFFICIAL_PATCH_SIZE):
     """(resized_w, resized_h) of the bicubic resize, before crop/pad, as the official code rounds it."""
     if mode == "pad" and height > width:
         new_h = target_size
@@ -73,7 +74,8 @@ def output_size(width: int, height: int, mode: str, target_size: int, patch: int
     return new_w, new_h
 
 
-def view_size(width: int, height: int, spec: Optional[PreprocessSpec] = None, patch_size: int = 14):
+def view_size(width: int, height: int, spec: Optional[PreprocessSpec] = None,
+              patch_size: int = OFFICIAL_PATCH_SIZE):
     """(W, H) of `preprocess_image`'s output for a width x height source, without decoding it.
 
     Example:
@@ -92,11 +94,38 @@ def view_size(width: int, height: int, spec: Optional[PreprocessSpec] = None, pa
     return new_w, min(new_h, t)
 
 
+def trimmed_grid(h: int, w: int, merge_size: int = 1):
+    """(h', w'): a patch grid h x w trimmed to whole merge x merge blocks (the last patch row and
+    column go where h or w is odd, for Qwen's merge 2); merge 1 keeps the grid.
+
+    Example:
+        >>> from featstore.encoders.preprocess import trimmed_grid
+        >>> trimmed_grid(28, 37, 2), trimmed_grid(28, 37)
+        ((28, 36), (28, 37))
+    """
+    return h // merge_size * merge_size, w // merge_size * merge_size
+
+
+def grid_tokens(width: int, height: int, spec: Optional[PreprocessSpec] = None,
+                patch_size: int = OFFICIAL_PATCH_SIZE, merge_size: int = 1) -> int:
+    """The patch tokens stored for one width x height source image: its view's patch grid
+    (`view_size` / `patch_size`), trimmed to whole merge blocks (`trimmed_grid`).
+
+    Example:
+        >>> from featstore.encoders.preprocess import grid_tokens
+        >>> grid_tokens(640, 480), grid_tokens(640, 480, merge_size=2)   # 518x392: 37x28 patches
+        (1036, 1008)
+    """
+    w, h = view_size(width, height, spec, patch_size)
+    gh, gw = trimmed_grid(h // patch_size, w // patch_size, merge_size)
+    return gh * gw
+
+
 def preprocess_image(
     source: Source,
     spec: Optional[PreprocessSpec] = None,
     *,
-    patch_size: int = 14,
+    patch_size: int = OFFICIAL_PATCH_SIZE,
     name: Optional[str] = None,
 ) -> torch.Tensor:
     """Decode and preprocess one image.
@@ -104,14 +133,15 @@ def preprocess_image(
     Args:
         source: a path, or the image bytes.
         spec: the preprocessing (default: official crop at 518).
-        patch_size: side of a patch in pixels; every output side is a multiple of it.
+        patch_size: side of a patch in pixels (the encoder's; default VGGT's); every output side
+            is a multiple of it.
         name: how errors name the image when `source` is bytes (default: the path).
 
     Returns:
         float32 tensor [3, H, W] in [0, 1].
 
     Raises:
-        ImageDecodeError: empty, truncated or unreadable file, or shorter side < MIN_SOURCE_SIDE.
+        ImageDecodeError: empty, truncated or unreadable file, or shorter side < one patch.
 
     Example:
         >>> from featstore.encoders.preprocess import preprocess_image
@@ -130,10 +160,12 @@ def preprocess_image(
         data, label = read_image_bytes(source), name or os.fspath(source)
     img = _decode(data, label)
     w, h = img.size
-    if min(w, h) < MIN_SOURCE_SIDE:
+    # Images whose shorter side is below one patch are rejected: the upscale would invent all the
+    # content, and in datasets such files are almost always placeholders or broken thumbnails.
+    if min(w, h) < patch_size:
         raise ImageDecodeError(
             f"image {label!r} is {w}x{h} pixels; featstore rejects images whose shorter side is below "
-            f"{MIN_SOURCE_SIDE} px (less than one {patch_size}-px patch: almost always a placeholder "
+            f"{patch_size} px (less than one {patch_size}-px patch: almost always a placeholder "
             f"or broken file). Remove it from the data or the annotations."
         )
     t = spec.target_size
@@ -159,7 +191,7 @@ def preprocess_image(
     return x.contiguous()
 
 
-def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2,
+def qwen_view(view: torch.Tensor, *, patch_size: int = OFFICIAL_PATCH_SIZE, merge_size: int = 2,
               name: Optional[str] = None) -> torch.Tensor:
     """The Qwen image for one VGGT view: the view CROPPED to its first whole merge blocks.
 
@@ -172,7 +204,7 @@ def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2,
     Args:
         view: the VGGT-preprocessed view [3, H, W] in [0, 1] (`preprocess_image`), H and W
             multiples of `patch_size`.
-        patch_size: the VGGT and Qwen patch side (14).
+        patch_size: the VGGT and Qwen patch side (VGGT's, 14).
         merge_size: Qwen's spatial merge (2): the grid is trimmed to a multiple of it.
         name: how the error names the image.
 
@@ -192,16 +224,16 @@ def qwen_view(view: torch.Tensor, *, patch_size: int = 14, merge_size: int = 2,
         ((3, 392, 504), True)
     """
     h, w = view.shape[-2] // patch_size, view.shape[-1] // patch_size
-    hh, ww = h // merge_size, w // merge_size
-    if hh == 0 or ww == 0:
+    th, tw = trimmed_grid(h, w, merge_size)
+    if th == 0 or tw == 0:
         raise ImageDecodeError(
             f"image {name or '<view>'!r}: its VGGT grid {h}x{w} is smaller than {merge_size}x{merge_size} patches, "
             "so no Qwen token fits; use a larger preprocessing target size or drop the image")
-    side = patch_size * merge_size  # 28 px per merged Qwen token
-    return view[..., : hh * side, : ww * side]
+    return view[..., : th * patch_size, : tw * patch_size]
 
 
-def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_size: int = 14, merge_size: int = 2,
+def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_size: int = OFFICIAL_PATCH_SIZE,
+               merge_size: int = 2,
                name: Optional[str] = None) -> torch.Tensor:
     """Decode one image into the Qwen image as a tensor: `preprocess_image`, then `qwen_view`.
 

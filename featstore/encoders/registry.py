@@ -10,10 +10,11 @@ its frame reader and its stored-shape rule; nothing else in featstore knows a fa
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from featstore.contract.spec import EncoderSpec, PreprocessSpec, spec_mismatch_details
-from featstore.contract.naming import PRIMARY_FEATURE_SET
+from featstore.contract.naming import (PRIMARY_FEATURE_SET, build_command_for_set, check_feature_set,
+                                       default_feature_set, register_set_writer)
 from featstore.errors import EncoderError
 
 # Spec fields a caller may override, and the short names for the preprocessing ones.
@@ -38,6 +39,7 @@ class _Registered:
     feature_set: str = PRIMARY_FEATURE_SET
     preprocess: Optional[Callable[..., Any]] = None
     shape: Optional[Callable[..., Any]] = None
+    channels: Optional[Callable[..., int]] = None
 
 
 _REGISTRY: Dict[str, _Registered] = {}
@@ -46,7 +48,7 @@ _REGISTRY: Dict[str, _Registered] = {}
 def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[Callable[..., EncoderSpec]] = None,
                      unit: str = "sequence", feature_set: str = PRIMARY_FEATURE_SET,
                      preprocess: Optional[Callable[..., Any]] = None, shape: Optional[Callable[..., Any]] = None,
-                     overwrite: bool = False) -> None:
+                     channels: Optional[Callable[..., int]] = None, overwrite: bool = False) -> None:
     """Register an encoder preset.
 
     Args:
@@ -58,10 +60,24 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
             (each image alone); the build plans its units by it.
         feature_set: the store's feature set the build writes by default (`--feature-set`).
         preprocess: ``preprocess(source, spec, *, patch_size, name) -> [3, H, W]``, the frame
-            reader of this family (`preprocess_frame`); None: the VGGT view (`preprocess_image`).
+            reader of this family (`preprocess_frame`); None: the view itself (`preprocess_image`).
         shape: ``shape(spec, width, height, num_frames) -> (F, N, C)``, the stored shape of a unit
-            of source images that size (`stored_shape`); None: VGGT's.
+            of source images that size (`stored_shape`); None: ``(frames_stored, tokens of the
+            view's whole patch grid, channels(spec))``.
+        channels: ``channels(spec) -> C``, the channels of a stored token (`stored_channels`):
+            the family's rule (VGGT: 2 x embed_dim). Without it `stored_channels` and the
+            default `stored_shape` raise EncoderError.
+
+    A hook left None is taken from the preset the factory belongs to, when it offers them: a
+    bound method of an object with a `family_hooks` dict (`VGGTPreset`, `QwenVisionPreset`),
+    so ``register_encoder(name, preset.build, spec=preset.spec)`` registers the family's rules.
         overwrite: replace an existing registration instead of refusing.
+
+    Example (a family's channels rule, as encoders/vggt/preset.py registers it):
+        >>> from featstore.encoders import resolve_spec
+        >>> from featstore.encoders.vggt.preset import vggt_channels
+        >>> vggt_channels(resolve_spec("vggt-tiny"))   # frame-attention || global-attention output
+        128
     """
     if not name or not isinstance(name, str):
         raise EncoderError(f"encoder name must be a non-empty string. Found {name!r}")
@@ -69,7 +85,13 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         raise EncoderError(f"encoder {name!r} is already registered (pass overwrite=True to replace it)")
     if unit not in UNIT_KINDS:
         raise EncoderError(f"encoder {name!r}: unit must be one of {UNIT_KINDS}. Found {unit!r}")
-    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set, preprocess, shape)
+    check_feature_set(feature_set)
+    family = getattr(getattr(factory, "__self__", None), "family_hooks", None) or {}
+    preprocess = preprocess if preprocess is not None else family.get("preprocess")
+    shape = shape if shape is not None else family.get("shape")
+    channels = channels if channels is not None else family.get("channels")
+    _REGISTRY[name] = _Registered(factory, spec, unit, feature_set, preprocess, shape, channels)
+    register_set_writer(name, feature_set)
 
 
 def available_encoders() -> List[str]:
@@ -130,10 +152,41 @@ def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Option
     return preprocess_image(source, spec.preprocess, patch_size=patch_size, name=name)
 
 
-def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1):
+def frames_stored(spec: EncoderSpec, num_frames: int) -> int:
+    """F, the frames a unit of `num_frames` frames keeps: all of them, or 1 (frames_kept "last").
+
+    Example:
+        >>> from featstore.encoders import frames_stored, resolve_spec
+        >>> frames_stored(resolve_spec("vggt-tiny"), 8), frames_stored(resolve_spec("vggt-tiny", frames_kept="last"), 8)
+        (8, 1)
+    """
+    return 1 if spec.frames_kept == "last" else int(num_frames)
+
+
+def stored_channels(spec: EncoderSpec) -> int:
+    """C, the channels of one stored token of `spec`'s family (VGGT: 2 x embed_dim, the frame-
+    and global-attention outputs side by side; Qwen vision: hidden_size).
+
+    Raises:
+        EncoderError: `spec.encoder` is not registered in this process (its family is unknown).
+
+    Example:
+        >>> from featstore.encoders import resolve_spec, stored_channels
+        >>> stored_channels(resolve_spec("vggt-tiny")), stored_channels(resolve_spec("qwen2.5-vl-vision-tiny"))
+        (128, 32)
+    """
+    entry = _registered(spec.encoder)
+    if entry.channels is None:
+        raise EncoderError(f"encoder {spec.encoder!r} registers no channels rule; register it with "
+                           "register_encoder(..., channels=lambda spec: C), the channels of one stored token")
+    return int(entry.channels(spec))
+
+
+def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1) -> Tuple[int, int, int]:
     """The [F, N, C] a unit of `num_frames` width x height source images is stored as, without
-    decoding or encoding anything (the build's size estimate). The family is chosen as in
-    `preprocess_frame`.
+    decoding or encoding anything (the build's size estimate, verify's shape check). The
+    family's `shape` hook when it registered one, else F = `frames_stored`, N = the tokens of
+    the view's patch grid (`featstore.encoders.preprocess.grid_tokens`), C = `stored_channels`.
 
     Example:
         >>> from featstore.encoders import resolve_spec, stored_shape
@@ -142,14 +195,13 @@ def stored_shape(spec: EncoderSpec, width: int, height: int, num_frames: int = 1
         >>> stored_shape(resolve_spec("qwen2.5-vl-vision-tiny"), 480, 640)     # 112x112 -> 8x8
         (1, 64, 32)
     """
-    entry = _REGISTRY.get(spec.encoder)
-    if entry is not None and entry.shape is not None:
-        return entry.shape(spec, width, height, num_frames)
-    from featstore.encoders.preprocess import view_size
+    entry = _registered(spec.encoder)
+    if entry.shape is not None:
+        return tuple(int(v) for v in entry.shape(spec, width, height, num_frames))
+    from featstore.encoders.preprocess import grid_tokens
 
-    p = int(spec.config["patch_size"])
-    w, h = view_size(width, height, spec.preprocess, p)
-    return (1 if spec.frames_kept == "last" else num_frames), (h // p) * (w // p), 2 * int(spec.config["embed_dim"])
+    tokens = grid_tokens(width, height, spec.preprocess, int(spec.config["patch_size"]))
+    return frames_stored(spec, num_frames), tokens, stored_channels(spec)
 
 
 def _registered(name: str) -> _Registered:

@@ -31,14 +31,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from featstore.contract.dtypes import is_quantised, torch_dtype
+from featstore.contract.dtypes import is_quantised
+from featstore.format.codecs import codec_for
+from featstore.format.codecs.base import all_finite
+from featstore.format.codecs.fp8 import SCALE_TENSOR
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "SCALE_TENSOR", "is_quantised", "read_dtype", "all_finite", "quantize_fp8",
            "entry_tensors", "dequantize_into", "dequantize"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-SCALE_TENSOR = "features_scale"
 # Tokens per conversion block: 64 x 2048 channels is 256 KiB of bf16 output, which stays in L2
 # between the table lookup and the scale multiply (measured: 1 GB/s of bf16 output on one core of
 # the 2-core VM, against 0.27 GB/s for torch's own fp8 -> bf16 cast, docs/BENCHMARKS.md).
@@ -50,22 +52,8 @@ _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.floa
 def read_dtype(storage_dtype: str) -> torch.dtype:
     """The dtype features of a store read back as by default, and the dtype `encode_frames`
     returns for its spec: the storage dtype itself, or bfloat16 (what the merger takes) for fp8,
-    which is quantised only when an entry is serialised."""
-    return torch.bfloat16 if is_quantised(storage_dtype) else torch_dtype(storage_dtype)
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN and no infinity in `t`: one aminmax pass (a NaN propagates into both ends), on a
-    CPU some 30x faster than isfinite().all() and about 3x a CRC-32 of the same bytes.
-    float8_e4m3fn has no infinity, and its NaN is S.1111.111."""
-    if t.numel() == 0:
-        return True
-    if t.dtype == FP8_DTYPE:
-        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
-    if not t.is_floating_point():
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    which is quantised only when an entry is serialised (the codec's `read_dtype`)."""
+    return codec_for(storage_dtype).read_dtype()
 
 
 def quantize_fp8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +79,8 @@ def quantize_fp8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def entry_tensors(features: torch.Tensor, storage_dtype: str) -> dict[str, torch.Tensor]:
     """The tensors of one stored entry: ``{"features": ...}`` in the storage dtype, plus
     ``features_scale`` for an fp8 store (features already fp8 are taken as they are only with
-    their scale, so they are refused here)."""
-    if not is_quantised(storage_dtype):
-        return {"features": features}
-    if features.dtype == FP8_DTYPE:
-        raise ValueError("features are already float8_e4m3fn without their scale; pass the unquantised features")
-    q, scale = quantize_fp8(features)
-    return {"features": q, SCALE_TENSOR: scale}
+    their scale, so they are refused here). The codec's `encode`."""
+    return codec_for(storage_dtype).encode(features)
 
 
 def _lut(dtype: torch.dtype) -> np.ndarray:

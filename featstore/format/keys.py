@@ -13,7 +13,11 @@ import unicodedata
 
 from featstore.errors import InvalidKeyError
 
-__all__ = ["MAX_KEY_BYTES", "normalize_key", "key_to_bytes", "relative_key", "key_kind"]
+__all__ = ["MAX_KEY_BYTES", "IMAGE_EXTENSIONS", "normalize_key", "key_to_bytes", "relative_key", "key_kind"]
+
+# File extensions taken as images (lower case): a scan of a data root plans these files
+# (featstore.build.plan.scan_images), and a key ending in one names an image, not a sample id.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # LMDB's compile-time key limit (MDB_MAXKEYSIZE); a longer key raises BadValsizeError deep
 # inside a write transaction, so it is checked here, before any work starts.
@@ -126,8 +130,6 @@ def key_kind(keys) -> str:
         >>> key_kind(["misc/portrait.png", "scene_a_step1"])
         "sample ids (the 'id' of each multi-frame annotated sample) and image paths (single-image samples)"
     """
-    from featstore.build.plan import IMAGE_EXTENSIONS  # plan imports this module: imported when used
-
     keys = list(keys)
     paths = sum(1 for k in keys if k.lower().endswith(IMAGE_EXTENSIONS))
     ids = len(keys) - paths

@@ -16,22 +16,12 @@ from __future__ import annotations
 
 import math
 
+# storage dtype -> (max |stored - recomputed| / max |stored|, min cosine): each storage codec's
+# `tolerance` (featstore.format.codecs); the loosest of it and the compute dtype's row applies.
+from featstore.format.codecs import RECOMPUTE_TOLERANCES
+
 __all__ = ["compare_features", "RECOMPUTE_TOLERANCES", "COMPUTE_TOLERANCES"]
 
-# dtype -> (max |stored - recomputed| / max |stored|, min cosine similarity); the loosest of the
-# storage dtype's row and the compute dtype's row applies.
-# Storage rounding costs at most half an ulp of a value, i.e. of the tensor's max: bf16 2^-9,
-# fp16 2^-12, fp32 2^-25 (rows below leave ~5x headroom).
-RECOMPUTE_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float32": (1e-4, 0.999999),
-    "float16": (2e-3, 0.99999),
-    "bfloat16": (1e-2, 0.9999),
-    # Per-token scaled e4m3 (featstore.format.fp8): rounding costs at most half an ulp, 2^-4 of a
-    # value, so at most 0.0625 of the token's (hence the tensor's) max; cosine measured 0.9997
-    # on VGGT-1B-shaped features (benchmarks/fp8_bench.py). A hard bound: the row leaves 1.3x
-    # on the error and ~3x on 1 - cosine.
-    "float8_e4m3fn": (8e-2, 0.999),
-}
 # A CUDA build computes under autocast(compute_dtype); a CPU recompute runs float32, so errors
 # compound through the network. Measured on vggt-tiny (4 blocks), sample_data, autocast vs fp32:
 # bf16 0.6% of max |x|, cosine 0.99999; fp16 0.08%, cosine 0.9999998. VGGT-1B has 24 blocks, not

@@ -28,7 +28,9 @@ import lmdb
 
 from featstore import __version__
 from featstore.contract.naming import (DEFAULT_STORE_NAME, FEATURE_SET_NAME, PRIMARY_FEATURE_SET,
-                                       check_feature_set, feature_set_label)
+                                       build_command_for_set, check_feature_set, default_feature_set,
+                                       feature_set_label)
+from featstore.format.codecs import FORMAT_VERSION, FP8_FORMAT_VERSION, codec_for, supported_format_versions
 from featstore.errors import (CorruptStoreError, FeatstoreError, FeatureSetNotFoundError, FingerprintMismatchError,
                               InvalidFeatureSetError, ManifestError, StoreAlreadyOpenError, StoreNotFoundError,
                               StorePermissionError)
@@ -62,16 +64,17 @@ __all__ = [
     "new_manifest",
     "check_fingerprint",
     "storage_dtype_of",
+    "codec_of",
+    "PLAN_FIELD",
+    "merge_plan",
     "lmdb_value_offset",
     "truncated_size",
     "utc_now",
 ]
 
-FORMAT_VERSION = 1  # stores of unquantised features (bf16, fp16, fp32): unchanged since version 1
-# fp8 stores (docs/FORMAT.md §4.1): `features` alone would be misread without its per-token
-# scale by a version-1 reader, so they carry version 2, which such readers refuse.
-FP8_FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, FP8_FORMAT_VERSION)
+# A set's format version is its storage codec's (featstore.format.codecs): FORMAT_VERSION (1) for
+# plain bf16 / fp16 / fp32 features, FP8_FORMAT_VERSION (2) for fp8 (docs/FORMAT.md §4.1).
+SUPPORTED_FORMAT_VERSIONS = supported_format_versions()
 FEATURES_DB = b"features"
 META_DB = b"meta"
 MANIFEST_KEY = b"manifest"
@@ -84,39 +87,6 @@ _MANIFEST_PREFIX = MANIFEST_KEY + b"."
 # the file holds.
 MAX_DBS = 64
 MAX_FEATURE_SETS = 32  # the writer refuses more (each set is a sub-database: MAX_DBS bounds them)
-def default_feature_set(encoder=None) -> str:
-    """The feature set that features of `encoder` go to unless told otherwise: the registry's
-    `feature_set_of(name)` for a registered encoder (a name, an EncoderSpec or its dict), else
-    the primary set "vggt" (an unregistered encoder, or none)."""
-    from featstore.encoders import available_encoders, feature_set_of
-
-    name = encoder.get("encoder") if isinstance(encoder, dict) else getattr(encoder, "encoder", encoder)
-    if isinstance(name, str) and name in available_encoders():
-        return check_feature_set(feature_set_of(name))
-    return PRIMARY_FEATURE_SET
-
-
-def build_command_for_set(feature_set: str) -> str:
-    """The `featstore build` flags that write `feature_set`: the encoder whose features go there
-    (`--encoder`), since the set alone does not choose the encoder (the default encoder would
-    write VGGT features into any set named with --feature-set).
-
-    Example:
-        >>> from featstore.store.layout import build_command_for_set
-        >>> build_command_for_set("qwen_vision")
-        '`featstore build --encoder qwen2.5-vl-vision` (or qwen2.5-vl-vision-tiny), which writes this set'
-        >>> build_command_for_set("mine")
-        '`featstore build --feature-set mine --encoder ENCODER`'
-    """
-    from featstore.encoders import available_encoders, feature_set_of
-
-    writers = [e for e in available_encoders() if feature_set_of(e) == feature_set]
-    if not writers:
-        return f"`featstore build --feature-set {feature_set} --encoder ENCODER`"
-    others = f" (or {', '.join(writers[1:])})" if len(writers) > 1 else ""
-    return f"`featstore build --encoder {writers[0]}`{others}, which writes this set"
-
-
 def features_db(feature_set: str = PRIMARY_FEATURE_SET) -> bytes:
     """The sub-database holding the entries of `feature_set`: b"features" for the primary set,
     b"features.NAME" for the others."""
@@ -377,11 +347,10 @@ def is_uninitialised(env: lmdb.Environment, txn: lmdb.Transaction) -> bool:
 
 
 def format_version_for(spec) -> int:
-    """The format version of a store of `spec`'s features (an EncoderSpec, its dict, or None)."""
-    from featstore.contract.dtypes import is_quantised
-
+    """The format version of a store of `spec`'s features (an EncoderSpec, its dict, or None):
+    its storage codec's (`codec_for(spec.storage_dtype).format_version`)."""
     storage = spec.get("storage_dtype") if isinstance(spec, dict) else getattr(spec, "storage_dtype", None)
-    return FP8_FORMAT_VERSION if is_quantised(storage) else FORMAT_VERSION
+    return codec_for(storage).format_version
 
 
 def new_manifest(spec=None) -> dict:
@@ -499,3 +468,33 @@ def check_fingerprint(manifest: dict, expected, *, path: str = "", advice: str =
 def storage_dtype_of(manifest: dict) -> str | None:
     """The dtype name of the stored features: the manifest's encoder spec keeps it (once)."""
     return (manifest.get("encoder") or {}).get("storage_dtype")
+
+
+def codec_of(manifest: dict):
+    """The storage codec of a set (`featstore.format.codecs.codec_for` of its storage dtype; the
+    plain default for a set written without a spec)."""
+    return codec_for(storage_dtype_of(manifest))
+
+
+PLAN_FIELD = "plan"  # the manifest field of the set's recorded plan (featstore.build.plan_record)
+
+
+def merge_plan(old: dict | None, new: dict) -> dict:
+    """The record after a build of plan `new` into a set that recorded `old`: the union (a file
+    planned again replaces its earlier entry, keyed by file, image folder and percent). The
+    writer merges it inside the transaction that marks the build complete.
+
+    Example:
+        >>> from featstore.store.layout import merge_plan
+        >>> a = {"unit": "sequence", "scan": False, "annotations": [{"file": "a.json"}]}
+        >>> merge_plan(a, {"unit": "sequence", "scan": True, "annotations": [{"file": "b.json"}]})["annotations"]
+        [{'file': 'a.json'}, {'file': 'b.json'}]
+    """
+    if not old:
+        return new
+    ident = lambda f: (f["file"], f.get("image_dir"), f.get("percent", 100))  # noqa: E731
+    files = {ident(f): f for f in old.get("annotations", [])}
+    for f in new.get("annotations", []):
+        files[ident(f)] = f
+    return {"unit": new.get("unit", old.get("unit")), "scan": bool(old.get("scan")) or bool(new.get("scan")),
+            "annotations": list(files.values())}

@@ -25,7 +25,6 @@ taking it for more than an instant: a build starting in that instant retries its
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import fcntl
 import json
@@ -35,10 +34,12 @@ import re
 import socket
 import time
 
+from featstore.contract.naming import PRIMARY_FEATURE_SET, check_feature_set
 from featstore.errors import FeatstoreError, StoreBusyError
+from featstore.store.layout import utc_now
 
 __all__ = ["LOCK_NAME", "STORE_FILES", "lock_name", "prepare_store_dir", "BuildLock", "live_build", "sets_with_lock_files",
-           "describe_build"]
+           "describe_build", "pid_alive"]
 
 logger = logging.getLogger("featstore")
 
@@ -68,8 +69,6 @@ STORE_FILES = frozenset({"data.mdb", "lock.mdb", LOCK_NAME})
 
 def lock_name(feature_set: str | None = None) -> str:
     """The build lock file of `feature_set` in a store directory (None: the primary set)."""
-    from featstore.store.layout import PRIMARY_FEATURE_SET, check_feature_set
-
     if feature_set is None or check_feature_set(feature_set) == PRIMARY_FEATURE_SET:
         return LOCK_NAME
     return f"featstore-build.{feature_set}.lock"
@@ -109,11 +108,15 @@ def prepare_store_dir(path: str, *, create: bool = True) -> None:
         raise FeatstoreError(f"store path {path}: a parent of it is a file; pass a path under a directory") from None
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (someone else's process counts: it exists).
 
-
-def _pid_alive(pid: int) -> bool:
+    Example:
+        >>> import os
+        >>> from featstore.store.lock import pid_alive
+        >>> pid_alive(os.getpid())
+        True
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,8 +174,6 @@ def live_build(store_path: str, feature_set: str | None = None) -> dict | None:
 def sets_with_lock_files(store_path: str) -> list[str]:
     """The feature sets that have a build lock file in the store directory (a build of each ran
     or runs; `live_build` says which runs), sorted; [] for a folder that cannot be listed."""
-    from featstore.store.layout import PRIMARY_FEATURE_SET
-
     try:
         names = os.listdir(store_path)
     except OSError:
@@ -219,11 +220,11 @@ class BuildLock:
             ) from None
         left = self._read(fd)
         if left:  # the previous holder ended without releasing: it was killed
-            alive = left.get("host") == socket.gethostname() and _pid_alive(int(left.get("pid", 0)))
+            alive = left.get("host") == socket.gethostname() and pid_alive(int(left.get("pid", 0)))
             logger.warning(f"featstore: taking over the build lock of {self._describe(left)}, which "
                            f"{'no longer holds it' if alive else 'is no longer running'} (killed?); "
                            "its committed entries are kept and resumed from")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd

@@ -38,75 +38,14 @@ __all__ = ["FeatureStore", "StoreView", "StoreSnapshot"]
 
 logger = logging.getLogger("featstore")
 
-# One environment per store per process, shared by every FeatureStore on it: py-lmdb refuses to
-# open the same environment twice in one process. Keyed like py-lmdb's own guard, by the data
-# file's (st_dev, st_ino): a store deleted and rebuilt at the same path is a different store.
-_OPEN_ENVS: dict[tuple, "_OpenEnv"] = {}
-# Environments inherited through fork whose lock table the parent still uses: closing them in
-# the child would clear the parent's reader slots (mdb_env_close clears slots by the opener's
-# pid), so they are kept referenced and never touched.
-_INHERITED_LOCKED_ENVS: list = []
-
-
-def _store_id(path: str) -> tuple:
-    try:
-        st = os.stat(os.path.join(path, "data.mdb"))
-        return ("ino", st.st_dev, st.st_ino)
-    except OSError:
-        return ("path", os.path.realpath(path))
-
-
-class _OpenEnv:
-    """One process's open environment of a store, plus what reads need besides it."""
-
-    def __init__(self, ident: tuple, path: str, env: lmdb.Environment, locked: bool):
-        self.ident, self.env, self.locked, self.pid, self.refs = ident, env, locked, os.getpid(), 0
-        # Per thread: the read transaction a `snapshot()` block pins (`txn`) and how deeply
-        # blocks are nested (`depth`); every FeatureStore on this environment reads through it.
-        self.pins = threading.local()
-        self.fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        # For prefetching exact value pages with posix_fadvise: a value's file offset is its
-        # address minus the map's base address. (env.info()["map_addr"] is 0 unless LMDB was
-        # opened with MDB_FIXEDMAP, so the base comes from /proc/self/maps; None elsewhere.)
-        self.map_addr, self.map_end = _map_range(self.fd) or (None, None)
-
-    def pinned(self):
-        """The read transaction a snapshot block pins in this thread, or None."""
-        return getattr(self.pins, "txn", None)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        self.env.close()
-
-
-def _map_range(fd: int) -> tuple[int, int] | None:
-    """[start, end) of this process's mapping of the file open as `fd` (offset 0), or None."""
-    st = os.fstat(fd)
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        # "7f7c6e800000-7f7c7be1c000 r--s 00000000 fe:00 2146723   /path/data.mdb"
-        parts = line.split(None, 5)
-        if len(parts) < 5 or int(parts[2], 16) != 0 or int(parts[4]) != st.st_ino:
-            continue
-        major, minor = (int(x, 16) for x in parts[3].split(":"))
-        if os.makedev(major, minor) != st.st_dev:
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if found is None or end - start > found[1] - found[0]:
-            found = (start, end)
-    return found
-
-
-def _release(rec: "_OpenEnv") -> None:
-    rec.refs -= 1
-    if rec.refs <= 0 and _OPEN_ENVS.get(rec.ident) is rec:
-        del _OPEN_ENVS[rec.ident]
-        rec.close()
+# The per-process environment registry (featstore.store.environments).
+from featstore.store.environments import INHERITED_LOCKED_ENVS as _INHERITED_LOCKED_ENVS  # noqa: F401
+from featstore.store.environments import OPEN_ENVS as _OPEN_ENVS
+from featstore.store.environments import OpenEnv as _OpenEnv
+from featstore.store.environments import forget_inherited as _forget_inherited
+from featstore.store.environments import map_range as _map_range  # noqa: F401
+from featstore.store.environments import release as _release
+from featstore.store.environments import store_id as _store_id
 
 
 def _stat_frame(root: str, frame: str) -> os.stat_result:
@@ -118,22 +57,6 @@ def _stat_frame(root: str, frame: str) -> os.stat_result:
         from featstore.build.plan import source_path
 
         return os.stat(source_path(root, frame))
-
-
-def _forget_inherited(path: str, rec: "_OpenEnv") -> None:
-    """Drop an environment this process inherited through fork, so it can be opened afresh."""
-    del _OPEN_ENVS[rec.ident]
-    if rec.locked:
-        _INHERITED_LOCKED_ENVS.append(rec)
-        raise InheritedLockedStoreError(
-            f"{path}: this store was opened with locking (its build is in progress) before the "
-            "process forked, and LMDB cannot reopen it in the child. Open it only inside the "
-            "workers, use the 'spawn' start method, or wait for the build to complete."
-        )
-    # No lock table: closing only unmaps this child's copy of the map, closes its copies of the
-    # fds and frees py-lmdb's "already open" registration. Views the child inherited from the
-    # parent become invalid (they must not be used across fork anyway).
-    rec.close()
 
 
 def _byte_rows(out: torch.Tensor | None):

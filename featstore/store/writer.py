@@ -19,17 +19,17 @@ from typing import Mapping
 import lmdb
 import torch
 
-from featstore.store.lock import prepare_store_dir
-from featstore.contract.dtypes import is_quantised
+from featstore.contract.naming import check_feature_set, default_feature_set, feature_set_label
 from featstore.contract.spec import EncoderSpec
 from featstore.errors import ManifestError, StoreFullError
 from featstore.format.blob import align_blob, decode_entry, encode_entry
+from featstore.format.codecs.base import FEATURES
 from featstore.format.keys import key_to_bytes
-from featstore.format.fp8 import SCALE_TENSOR, entry_tensors
-from featstore.store.layout import (MAX_FEATURE_SETS, META_DB, REBUILD_ADVICE, check_feature_set, check_fingerprint,
-                             default_feature_set, feature_set_label, features_db, format_version_for, is_uninitialised,
-                             last_build_key, list_feature_sets, lmdb_value_offset, manifest_key, new_manifest,
-                             open_env, read_manifest, storage_dtype_of, utc_now)
+from featstore.store.layout import (MAX_FEATURE_SETS, META_DB, PLAN_FIELD, REBUILD_ADVICE, check_fingerprint, codec_of,
+                                    features_db, format_version_for, is_uninitialised, last_build_key,
+                                    list_feature_sets, lmdb_value_offset, manifest_key, merge_plan, new_manifest,
+                                    open_env, read_manifest, utc_now)
+from featstore.store.lock import prepare_store_dir
 
 __all__ = ["StoreWriter", "BuildInterrupted"]
 
@@ -51,9 +51,10 @@ class StoreWriter:
             field, unless `reset`. None: an existing store keeps its spec (gc, merge tools).
         feature_set: the feature set written (docs/FORMAT.md, "Feature sets"): its own entries,
             manifest and build report; other sets of the store are never touched. Default:
-            the registry's set for `spec.encoder` (`featstore.encoders.feature_set_of`), or
-            "vggt" (the primary set, the store's original layout) without a spec or for an
-            unregistered encoder. A new name adds the set to an existing store.
+            the set `spec.encoder` was registered to write (`featstore.contract.naming.
+            default_feature_set`: the encoder registry records it), or "vggt" (the primary set,
+            the store's original layout) without a spec or for an encoder not registered in
+            this process. A new name adds the set to an existing store.
         mismatch_advice: what the mismatch error tells the caller to do (build: --force or
             another --store).
         batch_entries / batch_bytes: commit when either is reached. Larger batches commit less
@@ -120,8 +121,9 @@ class StoreWriter:
             # open of this store in this process fails with "already open".
             self.env.close()
             raise
-        # An fp8 store quantises features put as tensors (blobs come already quantised).
-        self._quantised = is_quantised(storage_dtype_of(self.manifest))
+        # The set's storage codec: an fp8 set quantises features put as tensors (blobs come
+        # already encoded); a plain set stores them as they are.
+        self._codec = codec_of(self.manifest)
         self._old_sigterm = None
         # SIGTERM handling: raised as BuildInterrupted, except while a commit runs on the main
         # thread (then it is raised right after the commit) or while closing (then ignored:
@@ -192,8 +194,9 @@ class StoreWriter:
                 was encoded for another `value_offset`.
             metadata: string metadata (frames, sources, grid, ...) when passing tensors.
 
-        In an fp8 store (storage dtype float8_e4m3fn), `features` passed as a tensor without
-        ``features_scale`` are quantised here (featstore.format.fp8.entry_tensors).
+        `features` passed as a tensor without the other tensors of the set's codec are encoded
+        here (`codec.encode`): an fp8 store's (storage dtype float8_e4m3fn) are quantised, with
+        their ``features_scale``.
         """
         kb = key_to_bytes(key)
         if isinstance(tensors, (bytes, bytearray, memoryview)):
@@ -203,8 +206,10 @@ class StoreWriter:
             decode_entry(tensors, key=kb.decode())
             blob = align_blob(tensors, self.value_offset)
         else:
-            if self._quantised and tensors.get("features") is not None and SCALE_TENSOR not in tensors:
-                tensors = {**tensors, **entry_tensors(tensors["features"], storage_dtype_of(self.manifest))}
+            codec = self._codec
+            if (len(codec.tensors) > 1 and tensors.get(FEATURES) is not None
+                    and not all(name in tensors for name in codec.tensors)):
+                tensors = {**tensors, **codec.encode(tensors[FEATURES])}
             blob = encode_entry(tensors, metadata, value_offset=self.value_offset)
         self._pending.append((kb, blob))
         self._pending_bytes += len(blob)
@@ -297,14 +302,13 @@ class StoreWriter:
         """Commit, record the build report, and mark the build complete (or still in progress).
 
         `plan`: the build's plan record (`featstore.build.plan_record.record_of`), merged into the
-        set's recorded plan (the manifest's "plan"), or replacing it with `replace_plan`."""
+        set's recorded plan (the manifest's "plan", `featstore.store.layout.merge_plan`), or
+        replacing it with `replace_plan`."""
         self.commit()
         with self.env.begin(write=True) as txn:
             manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
             manifest["build"] = {"state": "complete" if complete else "in_progress", "updated": utc_now()}
             if plan is not None:
-                from featstore.build.plan_record import PLAN_FIELD, merge_plan
-
                 manifest[PLAN_FIELD] = plan if replace_plan else merge_plan(manifest.get(PLAN_FIELD), plan)
             txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
             if report is not None:

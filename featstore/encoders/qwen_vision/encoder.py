@@ -28,7 +28,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from featstore.contract.dtypes import torch_dtype
+from featstore.encoders.base import autocast_dtype
 from featstore.errors import EncoderError
 
 __all__ = ["QwenVisionEncoder", "build_vision_tower", "init_random_"]
@@ -110,14 +110,7 @@ class QwenVisionEncoder:
         self.temporal_patch_size = int(cfg["temporal_patch_size"])
         self._mean = torch.tensor(cfg["image_mean"], dtype=torch.float32, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(cfg["image_std"], dtype=torch.float32, device=self.device).view(3, 1, 1)
-        self._autocast_dtype = None
-        if self.device.type == "cuda":
-            dt = torch_dtype(spec.compute_dtype)
-            if dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-                raise EncoderError(
-                    f"compute_dtype=bfloat16 is not supported on {torch.cuda.get_device_name(self.device)}; "
-                    "pass compute_dtype='float16'")
-            self._autocast_dtype = None if dt == torch.float32 else dt
+        self._autocast_dtype = autocast_dtype(spec.compute_dtype, self.device)
 
     def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
         """(h, w) patch grid of an H x W Qwen image (before the merge)."""

@@ -24,13 +24,19 @@ def _qwen_frame(source, spec: EncoderSpec, *, patch_size: int, name: Optional[st
                       merge_size=int(spec.config["spatial_merge_size"]), name=name)
 
 
-def _qwen_shape(spec: EncoderSpec, width: int, height: int, num_frames: int):
-    from featstore.encoders.preprocess import view_size
+def qwen_channels(spec: EncoderSpec) -> int:
+    """C of a stored Qwen vision token: the tower's hidden size (its output before the merger)."""
+    return int(spec.config["hidden_size"])
 
-    p, m = int(spec.config["patch_size"]), int(spec.config["spatial_merge_size"])
-    w, h = view_size(width, height, spec.preprocess, p)
-    grid_h, grid_w = (h // p) // m * m, (w // p) // m * m  # qwen_view's trim to whole merge blocks
-    return num_frames, grid_h * grid_w, int(spec.config["hidden_size"])
+
+def qwen_shape(spec: EncoderSpec, width: int, height: int, num_frames: int):
+    """(F, N, C) of a unit of `num_frames` images: one feature per image (F = num_frames), the
+    view's patch grid trimmed to whole merge blocks (qwen_view's crop), C = hidden_size."""
+    from featstore.encoders.preprocess import grid_tokens
+
+    tokens = grid_tokens(width, height, spec.preprocess, int(spec.config["patch_size"]),
+                         int(spec.config["spatial_merge_size"]))
+    return num_frames, tokens, qwen_channels(spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +118,12 @@ class QwenVisionPreset:
                     f"merger, each image on its own). Found {getattr(spec, field)!r}")
         return spec, ckpt
 
+    @property
+    def family_hooks(self) -> Dict[str, Any]:
+        """The Qwen vision hooks for the registry (`register_encoder` takes them from `build`'s
+        preset): the Qwen image as frame, the merge-trimmed grid, hidden_size channels."""
+        return {"preprocess": _qwen_frame, "shape": qwen_shape, "channels": qwen_channels}
+
     def spec(self, *, weights=None, **options) -> EncoderSpec:
         """The spec `build` would give, without a model (the checkpoint is hashed, not loaded)."""
         spec, ckpt = self._prepare(weights, options)
@@ -143,6 +155,5 @@ _QWEN_TINY = QwenVisionPreset("qwen2.5-vl-vision-tiny", QWEN_TINY_TARGET, vision
 
 for _preset in (_QWEN, _QWEN_TINY):
     # One unit per image: the tower attends within one image only.
-    register_encoder(_preset.name, _preset.build, spec=_preset.spec, unit="image", feature_set="qwen_vision",
-                     preprocess=_qwen_frame, shape=_qwen_shape)
+    register_encoder(_preset.name, _preset.build, spec=_preset.spec, unit="image", feature_set="qwen_vision")
 del _preset

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from featstore.errors import WeightsError
 
-from featstore.encoders.vggt.weights import _looks_like_hub_id, sha256_file
+from featstore.encoders.checkpoint_files import check_keys, looks_like_hub_id, read_weight_map, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +99,7 @@ def resolve_checkpoint(weights: str | os.PathLike) -> QwenCheckpoint:
             return _sharded(p, os.fspath(weights))
         return _single(p, os.fspath(weights))
     s = os.fspath(weights)
-    if not _looks_like_hub_id(s):
+    if not looks_like_hub_id(s):
         raise WeightsError(f"Qwen2.5-VL weights {s!r} do not exist; {_HINT}")
     return _from_hub(s)
 
@@ -140,8 +140,6 @@ def _single(path: Path, source: str) -> QwenCheckpoint:
 
 def _index_shards(index: Path) -> List[str]:
     """The shard names that hold vision keys, from the index's weight_map."""
-    from featstore.encoders.vggt.weights import read_weight_map
-
     weight_map = read_weight_map(index)
     shards = sorted({str(v) for k, v in weight_map.items() if k.startswith(VISION_PREFIXES)})
     if not shards:
@@ -237,8 +235,6 @@ def load_vision_into(model: "torch.nn.Module", state: Dict[str, "torch.Tensor"],
         WeightsError: a key the tower expects is missing, a vision key it lacks is present, or a
             shape differs from the config's.
     """
-    from featstore.encoders.vggt.weights import check_keys
-
     expected = model.state_dict()
     check_keys(expected, state, ckpt.where(), what="the vision config", unexpected_name="unexpected vision key(s)",
                prefix="visual.",

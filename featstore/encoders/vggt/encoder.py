@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from featstore.contract.dtypes import torch_dtype
+from featstore.encoders.base import autocast_dtype
 from featstore.errors import EncoderError
 
 __all__ = ["VGGTEncoder"]
@@ -51,15 +51,9 @@ class VGGTEncoder:
         self.device = torch.device(device)
         self.backend = backend
         self.patch_size = int(spec.config["patch_size"])
-        self._autocast_dtype = None
-        if self.device.type == "cuda":
-            dt = torch_dtype(spec.compute_dtype)
-            if dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-                raise EncoderError(
-                    f"compute_dtype=bfloat16 is not supported on {torch.cuda.get_device_name(self.device)}; "
-                    f"pass compute_dtype='float16' (VGGT's recipe below compute capability 8.0)"
-                )
-            self._autocast_dtype = None if dt == torch.float32 else dt
+        self._autocast_dtype = autocast_dtype(
+            spec.compute_dtype, self.device,
+            advice="pass compute_dtype='float16' (VGGT's recipe below compute capability 8.0)")
 
     def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
         """(h, w) patch grid of an H x W input."""

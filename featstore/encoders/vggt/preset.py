@@ -19,6 +19,12 @@ OFFICIAL_INSTALL_HINT = (
 BACKENDS = ("featstore", "official")
 
 
+def vggt_channels(spec: EncoderSpec) -> int:
+    """C of a stored VGGT token: 2 x embed_dim, the frame-attention and global-attention outputs
+    of the layer side by side (the official aggregator's concatenation)."""
+    return 2 * int(spec.config["embed_dim"])
+
+
 def _official_version() -> str:
     try:
         from importlib.metadata import version
@@ -43,11 +49,11 @@ class VGGTPreset:
         spec_name: the `encoder` field of the spec (default `name`).
 
     Example:
-        >>> from featstore.encoders import TINY_CONFIG, VGGTPreset, register_encoder
+        >>> from featstore.encoders import TINY_CONFIG, VGGTPreset, stored_channels
         >>> p = VGGTPreset("tiny-seed-3", TINY_CONFIG, default_target=112, random_seed=3)
-        >>> register_encoder(p.name, p.build, spec=p.spec, overwrite=True)
-        >>> p.spec().weights_sha256
-        'random-seed-3'
+        >>> p.register(overwrite=True)
+        >>> p.spec().weights_sha256, stored_channels(p.spec())
+        ('random-seed-3', 128)
     """
 
     name: str
@@ -56,6 +62,17 @@ class VGGTPreset:
     random_seed: Optional[int] = None
     backend: Optional[str] = None
     spec_name: Optional[str] = None
+
+    @property
+    def family_hooks(self) -> Dict[str, Any]:
+        """VGGT's hooks for the registry (`register_encoder` takes them from `build`'s preset):
+        stored channels 2 x embed_dim; the view itself is the frame (no `preprocess` hook) and
+        every frame's whole patch grid is stored (no `shape` hook)."""
+        return {"channels": vggt_channels}
+
+    def register(self, *, overwrite: bool = False) -> None:
+        """Register this preset under its name (with `family_hooks`)."""
+        register_encoder(self.name, self.build, spec=self.spec, overwrite=overwrite)
 
     def _prepare(self, weights, options: Dict[str, Any]):
         """Every argument checked before any work (building VGGT-1B takes seconds and 3.6 GB)."""
@@ -142,6 +159,6 @@ _VGGT_OFFICIAL = VGGTPreset("vggt-official", VGGT_1B_CONFIG, default_target=518,
                             spec_name="vggt-1b")
 
 
-register_encoder("vggt-1b", _VGGT_1B.build, spec=_VGGT_1B.spec)
-register_encoder("vggt-tiny", _VGGT_TINY.build, spec=_VGGT_TINY.spec)
-register_encoder("vggt-official", _VGGT_OFFICIAL.build, spec=_VGGT_OFFICIAL.spec)
+for _preset in (_VGGT_1B, _VGGT_TINY, _VGGT_OFFICIAL):
+    _preset.register()
+del _preset

@@ -20,14 +20,13 @@ tower). The same folder gives the same identity in `featstore build --weights` a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
-import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Mapping
 
+from featstore.encoders.checkpoint_files import (check_keys, few, hash_cache_path, looks_like_hub_id,  # noqa: F401
+                                                 read_weight_map, sha256_file)
 from featstore.errors import WeightsError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: resolving and hashing need none
@@ -41,16 +40,9 @@ REFERENCE_PREFIX = "vggt.aggregator."  # VG-LLM / JanusVLN checkpoints: the VGGT
 INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json: a sharded checkpoint's weight map
 _QWEN_PREFIXES = ("visual.", "model.", "lm_head.")
 HUB_FILENAME = "model.safetensors"
-_CACHE_ENV = "FEATSTORE_CACHE_DIR"
 
 
 # ---- locating the file ------------------------------------------------------------------
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    parts = s.split("/")
-    return (len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
-            and not s.endswith((".pt", ".pth", ".safetensors", ".bin")))
 
 
 def resolve_weights(weights: str | os.PathLike) -> Path:
@@ -78,7 +70,7 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
         _check_format(p)
         return p
     s = os.fspath(weights)
-    if not _looks_like_hub_id(s):
+    if not looks_like_hub_id(s):
         raise WeightsError(
             f"weights file {s!r} does not exist. Pass a path to model.safetensors / model.pt, "
             f"or a hub id such as 'facebook/VGGT-1B'."
@@ -136,20 +128,6 @@ def _aggregator_prefix(keys, source: str) -> str | None:
                            "nor vggt.aggregator.* key); pass VGGT-1B's model.safetensors, or a VG-LLM / JanusVLN "
                            "checkpoint folder that holds vggt.*")
     return None
-
-
-def read_weight_map(index: Path) -> dict:
-    """A safetensors index's `weight_map` (tensor name -> shard file name); WeightsError naming
-    the file when it cannot be read (the VGGT and the Qwen vision readers share it)."""
-    try:
-        with open(index, "r", encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"cannot read the shard index {str(index)!r} ({type(e).__name__}: {e}); re-download "
-                           "the checkpoint") from None
-    return weight_map
 
 
 def _aggregator_shards(index: Path) -> list:
@@ -234,26 +212,10 @@ def _unwrap_state_dict(obj, path: Path) -> Mapping[str, "torch.Tensor"]:
     )
 
 
-def check_keys(expected: Mapping, state: Mapping, source: str, *, what: str, advice: str,
-               unexpected_name: str = "unexpected key(s)", prefix: str = PREFIX) -> None:
-    """Raise WeightsError naming the missing and the unexpected keys of `state` against the
-    `expected` state dict (a few of each, named with the checkpoint's `prefix` so they can be
-    grepped), the file `source`, `what` it should match, and `advice`."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s) {_few(missing, prefix=prefix)}")
-        if unexpected:
-            parts.append(f"{unexpected_name} {_few(unexpected, prefix=prefix)}")
-        raise WeightsError(f"weights {source!r} do not match {what}: " + "; ".join(parts) + ". " + advice)
-
-
 def load_into(model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"], source: str) -> None:
     """`model.load_state_dict(state, strict=True)` with errors that name keys and the file."""
     expected = model.state_dict()
-    check_keys(expected, state, source, what="the encoder config",
+    check_keys(expected, state, source, what="the encoder config", prefix=PREFIX,
                advice="Check the encoder preset / config (depth, patch_embed, qk_norm, registers) against "
                       "the checkpoint, or re-download a complete file.")
     for k, v in state.items():
@@ -264,12 +226,6 @@ def load_into(model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"], sou
                 "checkpoint of the --encoder preset (vggt-1b: VGGT-1B)"
             )
     model.load_state_dict(state, strict=True)
-
-
-def _few(keys, n=8, *, prefix: str = PREFIX):
-    # Named as in the checkpoint (e.g. with the official `aggregator.` prefix) so they can be grepped.
-    shown = ", ".join(prefix + k for k in keys[:n])
-    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
 
 
 # ---- hashing ----------------------------------------------------------------------------
@@ -289,77 +245,3 @@ def weights_sha256(path: str | os.PathLike, *, use_cache: bool = True) -> str:
         return sha256_file(p, use_cache=use_cache)
     lines = sorted(f"{f.name} {sha256_file(f, use_cache=use_cache)}\n" for f in _aggregator_shards(p))
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
-def hash_cache_path() -> Path:
-    """$FEATSTORE_CACHE_DIR/sha256.json, else $XDG_CACHE_HOME (or ~/.cache)/featstore/sha256.json."""
-    base = os.environ.get(_CACHE_ENV)
-    if not base:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featstore")
-    return Path(base) / "sha256.json"
-
-
-def sha256_file(path: str | os.PathLike, *, use_cache: bool = True, chunk: int = 8 << 20) -> str:
-    """sha256 hex of a file, streamed in 8 MiB chunks; cached by (real path, size, mtime_ns).
-
-    The cache is advisory: an unreadable or corrupt cache file is ignored and rewritten; a failed
-    write only costs a re-hash next time. A file replaced in place with the same size and mtime
-    would be missed (as with make); touch it to force a re-hash.
-    """
-    p = Path(path)
-    try:
-        st = p.stat()
-        real = os.path.realpath(p)
-    except OSError as e:
-        raise WeightsError(f"cannot stat weights file {str(p)!r}: {e}; check the path and its permissions") from e
-    stamp = [st.st_size, st.st_mtime_ns]
-    cache_file = hash_cache_path()
-    cache = _read_cache(cache_file) if use_cache else {}
-    hit = cache.get(real)
-    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
-        return hit["sha256"]
-    h = hashlib.sha256()
-    try:
-        with open(p, "rb") as f:
-            while True:
-                b = f.read(chunk)
-                if not b:
-                    break
-                h.update(b)
-    except OSError as e:
-        raise WeightsError(f"cannot read weights file {str(p)!r}: {e}; check its permissions, or download it "
-                           "again") from e
-    digest = h.hexdigest()
-    if use_cache:
-        cache = _read_cache(cache_file)  # re-read: another process may have added entries
-        cache[real] = {"stamp": stamp, "sha256": digest}
-        _write_cache(cache_file, cache)
-    return digest
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(path: Path, cache: dict) -> None:
-    # Atomic replace so a concurrent reader never sees half a file.
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(cache, f, sort_keys=True, indent=0)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-    except OSError as e:
-        warnings.warn(f"featstore: could not write the weights hash cache {str(path)!r}: {e}", stacklevel=3)
