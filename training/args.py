@@ -350,7 +350,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     if not data_args.annotations:
         raise ArgumentError("--annotations FILE... is required (LLaVA/Qwen conversation JSON or JSONL)")
     from featstore.errors import PlanError
-    from featstore.build.plan import annotation_sources
+    from featstore.build.annotations import annotation_sources
 
     try:  # every FILE[@IMAGE_DIR][%N] checked before any work, with the words featstore build uses
         annotation_sources(data_args.annotations, data_args.data_root)
