@@ -90,7 +90,7 @@ def _train_argv(root: str, out: str, annotations: list, *extra: str, batch: int,
 
 
 def _build(root: str, annotations: list, **overrides):
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
 
     return build(BuildOptions(data_root=root, annotations=list(annotations), encoder="vggt-tiny",
                               spec_overrides=overrides, progress=False, workers=0))

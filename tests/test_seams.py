@@ -186,7 +186,7 @@ def test_compare_features_is_public_with_its_tolerances():
 
 
 def test_one_dtype_map():
-    from featstore.build.pipeline import configure_parser
+    from featstore.build.cli import configure_parser
     import argparse
 
     p = argparse.ArgumentParser()

@@ -318,7 +318,7 @@ def setup(tmp_path_factory):
     as a file (the same features, another weights_sha256) and an annotation file."""
     from safetensors.torch import save_file
 
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from featstore.encoders import get_encoder
 
     base = tmp_path_factory.mktemp("trouble")
