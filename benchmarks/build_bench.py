@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from featstore.build.pipeline import BuildOptions, build  # noqa: E402
+from featstore.build.runner import BuildOptions, build  # noqa: E402
 import _vggt_random  # noqa: E402,F401  (registers vggt-1b-random)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import featstore.build.pipeline as fb
+from featstore.build.runner import BuildOptions, build
 
 DEFAULT = os.cpu_count() or 1  # torch's default intra-op threads: one per core
 SETTINGS = sorted({DEFAULT, 1, 2}) + [None]  # None: featstore's choice
@@ -43,8 +44,7 @@ def make_images(root: str, n: int) -> None:
 def run(data: str, store: str, workers: int, setting) -> float:
     fb.CPU_ENCODER_THREADS = setting
     shutil.rmtree(store, ignore_errors=True)
-    report = fb.build(fb.BuildOptions(data_root=data, store=store, encoder="vggt-tiny", workers=workers,
-                                      progress=False))
+    report = build(BuildOptions(data_root=data, store=store, encoder="vggt-tiny", workers=workers, progress=False))
     return report.frames / report.pipeline_s
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _vggt_random  # noqa: E402  (registers vggt-1b-random)
 from build_bench import make_images  # noqa: E402
 
-from featstore.build.pipeline import BuildOptions, build  # noqa: E402
+from featstore.build.runner import BuildOptions, build  # noqa: E402
 from featstore.ops.verify import verify_store  # noqa: E402
 
 

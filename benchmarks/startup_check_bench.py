@@ -62,7 +62,7 @@ def bench_freshness(reps: int = 2000) -> dict:
     import numpy as np
     from PIL import Image
 
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from featstore.store.reader import FeatureStore
 
     with tempfile.TemporaryDirectory() as root:

@@ -15,7 +15,7 @@ from featstore.interrupt import ignore_stop_signals, interrupts_deferred, sigter
 
 # subcommand -> module that defines `configure_parser(parser)` and `run(args) -> int`
 COMMANDS = {
-    "build": "featstore.build.pipeline",
+    "build": "featstore.build.cli",
     "verify": "featstore.ops.verify",
     "info": "featstore.ops.info",
     "gc": "featstore.ops.collect",

@@ -24,7 +24,7 @@ def annotations(root: str) -> str:
 
 def build_store(root: str, *, annotation_files=None, store=None, **overrides) -> str:
     """`featstore build --encoder vggt-tiny` on `root` with the given spec overrides; returns the store path."""
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
 
     opts = BuildOptions(data_root=root, annotations=list(annotation_files or [annotations(root)]), store=store,
                         encoder="vggt-tiny", spec_overrides=dict(overrides), progress=False, workers=0)

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from featstore import FeatureStore
-from featstore.build.pipeline import BuildOptions, build
+from featstore.build.runner import BuildOptions, build
 from featstore.build.encode import encode_unit
 from featstore.encoders import get_encoder
 from featstore.encoders.preprocess import preprocess_image
@@ -352,13 +352,13 @@ def test_frames_cross_as_uint8_and_the_store_is_bit_identical_to_float32_frames(
     """The decode workers hand frames over as uint8 where every value is k/255; the features
     stored are bit for bit those of the float32 path (a spec with extra_resize, whose values are
     not k/255, keeps float32 and builds alike)."""
-    from featstore import build as build_mod
+    from featstore.build.frames import UnitDataset
 
-    frames = build_mod._UnitDataset(plan_units(data_root), data_root, get_encoder("vggt-tiny").spec, 14, True)[0][1]
+    frames = UnitDataset(plan_units(data_root), data_root, get_encoder("vggt-tiny").spec, 14, True)[0][1]
     assert frames.dtype == torch.uint8
     for overrides in (dict(), dict(spec_overrides=dict(preprocess={"mode": "crop", "extra_resize": [56, 70]}))):
         spec = get_encoder("vggt-tiny", **overrides.get("spec_overrides", {})).spec
-        kept = build_mod._UnitDataset(plan_units(data_root), data_root, spec, 14, True)[0][1]
+        kept = UnitDataset(plan_units(data_root), data_root, spec, 14, True)[0][1]
         assert kept.dtype == (torch.uint8 if not overrides else torch.float32)
         a = build(options(data_root, store=str(tmp_path / f"u8{len(overrides)}.lmdb"), workers=workers,
                           batch_frames=3, **overrides))

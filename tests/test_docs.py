@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 import featstore
-from featstore.build.pipeline import BuildOptions, build
+from featstore.build.runner import BuildOptions, build
 
 from _featstore_helpers import REPO
 

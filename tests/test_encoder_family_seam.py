@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from featstore import FeatureStore
-from featstore.build.pipeline import BuildOptions, build
+from featstore.build.runner import BuildOptions, build
 from featstore.contract.spec import EncoderSpec, PreprocessSpec
 from featstore.encoders import get_encoder, register_encoder, resolve_spec, stored_shape
 from featstore.encoders.preprocess import preprocess_image

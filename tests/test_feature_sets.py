@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from featstore import FeatureStore, StoreWriter
-from featstore.build.pipeline import BuildOptions, build
+from featstore.build.runner import BuildOptions, build
 from featstore.store.lock import BuildLock
 from featstore.cli import main as cli_main
 from featstore.ops.copy_store import copy_store

@@ -40,7 +40,7 @@ EXIT_WITHIN_S = 15.0  # "a few seconds", with room for a loaded 2-core CI runner
 
 _ZYGOTE = r"""
 import sys
-import featstore.cli, featstore.build.pipeline, featstore.encoders, featstore.store.writer  # the slow imports, done up front
+import featstore.cli, featstore.build.cli, featstore.encoders, featstore.store.writer  # the slow imports, done up front
 print("ready", flush=True)
 if sys.stdin.readline().strip() != "go":
     sys.exit(3)
@@ -120,7 +120,7 @@ def _wait_for_first_commit(proc: subprocess.Popen, store: str) -> None:
 
 
 def _rerun_and_verify(data: str, store: str) -> None:
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from featstore.ops.verify import verify_store
 
     report = build(BuildOptions(data_root=data, store=store, encoder="vggt-tiny", workers=0, progress=False))

@@ -26,7 +26,7 @@ def _data(tmp_path, n=UNITS, name="data") -> str:
 
 
 def _build(data: str, **kw):
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
 
     return build(BuildOptions(data_root=data, encoder="vggt-tiny", workers=0, progress=False, **kw))
 
@@ -305,7 +305,7 @@ def test_cpu_build_thread_counts(tmp_path, monkeypatch):
     docs/BENCHMARKS.md), the workers on one thread each, and the caller's setting comes back."""
     import torch
 
-    import featstore.build.pipeline as fb
+    import featstore.build.runner as fb
     import featstore.build.encode as fe
     from featstore.encoders import get_encoder
 

@@ -90,7 +90,7 @@ def _train_argv(root: str, out: str, annotations: list, *extra: str, batch: int,
 
 
 def _build(root: str, annotations: list, **overrides):
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
 
     return build(BuildOptions(data_root=root, annotations=list(annotations), encoder="vggt-tiny",
                               spec_overrides=overrides, progress=False, workers=0))
@@ -218,7 +218,8 @@ def test_image_folders_and_percent_build_and_train_the_same_samples(tmp_path, ca
 
 
 def test_percent_is_fixed_by_the_file_content_and_100_keeps_all(tmp_path):
-    from featstore.build.plan import plan_samples, subsample_indices
+    from featstore.build.annotations import subsample_indices
+    from featstore.build.plan import plan_samples
 
     root, a, _ = _vgllm_data(tmp_path)
     whole = plan_samples(root, [f"{a}@{root}/media_a"])
@@ -238,7 +239,7 @@ def test_percent_is_fixed_by_the_file_content_and_100_keeps_all(tmp_path):
 @pytest.mark.skipif(not os.path.isfile(VGLLM_REGISTRY), reason="vendored VG-LLM code absent (.vendor/)")
 def test_percent_keeps_as_many_samples_as_vgllm(tmp_path):
     """VG-LLM: parse_sampling_rate('spar%3') = 0.03, then int(len(annotations) * rate) samples."""
-    from featstore.build.plan import subsample_indices
+    from featstore.build.annotations import subsample_indices
 
     registry = _load_module(VGLLM_REGISTRY, "vgllm_registry")
     for name, count in (("spar%3", 1000), ("llava_hound%25", 255), ("x%29", 100), ("x%7", 13), ("x%100", 9)):
@@ -250,7 +251,7 @@ def test_percent_keeps_as_many_samples_as_vgllm(tmp_path):
 
 def test_annotation_values_that_cannot_be_read_one_way_are_refused(tmp_path, capsys):
     from featstore.errors import PlanError
-    from featstore.build.plan import parse_annotation_source
+    from featstore.build.annotations import parse_annotation_source
 
     root, a, _ = _vgllm_data(tmp_path)
     outside = tmp_path / "elsewhere"

@@ -78,7 +78,7 @@ def test_a_store_without_a_record_keeps_opening_with_a_note_and_gc_refuses_to_gu
 
 
 def _rebuild(root: str, files=None):
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
 
     return build(BuildOptions(data_root=root, annotations=list(files or [annotations(root)]), encoder="vggt-tiny",
                               progress=False, workers=0))
@@ -127,7 +127,7 @@ def test_edited_or_vanished_annotation_files_are_said_and_gc_will_not_guess(tmp_
 
 
 def test_shards_merge_with_their_plan(tmp_path, capsys):
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from featstore.ops.merge import merge_stores
     from featstore.store.reader import FeatureStore
 

@@ -18,7 +18,7 @@ VENDOR = Path(__file__).resolve().parents[1] / ".vendor"
 
 
 def _build_options(argv):
-    from featstore.build.pipeline import configure_parser, options_from_args
+    from featstore.build.cli import configure_parser, options_from_args
     import argparse
 
     p = argparse.ArgumentParser()

@@ -36,7 +36,7 @@ UNITS = 32
 
 _ZYGOTE = r"""
 import sys
-import featstore.cli, featstore.build.pipeline, featstore.encoders, featstore.store.writer  # the slow imports, done up front
+import featstore.cli, featstore.build.cli, featstore.encoders, featstore.store.writer  # the slow imports, done up front
 print("ready", flush=True)
 if sys.stdin.readline().strip() != "go":
     sys.exit(3)

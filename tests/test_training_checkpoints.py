@@ -195,7 +195,7 @@ def test_a_qwen_checkpoint_without_vggt_is_refused_as_vggt_weights(tmp_path):
 def test_build_and_train_from_a_reference_folder(tmp_path, caplog):
     """`featstore build --weights FOLDER`, then training from FOLDER without --vggt_weights: the
     store's spec matches (same weights identity), the Qwen weights and merger load."""
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from training.train import run
 
     folder, _, written = write_reference(tmp_path / "ref", vggt_seed=9)

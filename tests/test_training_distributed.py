@@ -152,7 +152,7 @@ def test_zero3_online_vggt_checkpoint_reloads_and_vggt_is_not_partitioned(cached
 def test_zero3_with_both_caches_trains_a_model_without_vision_blocks(tmp_path):
     """--use_vggt_cache --use_vision_cache under ZeRO-3 on two ranks: the model built without
     vision blocks partitions, trains the merger, saves visual.merger and no block."""
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from safetensors import safe_open
 
     from _training_helpers import spec_for

@@ -311,7 +311,7 @@ def test_featstore_builds_the_vision_set_beside_vggt_and_training_reads_both(par
     """`featstore build --encoder qwen2.5-vl-vision --weights <the model's checkpoint>` into the
     store that holds the VGGT features stores exactly the tower features training's model computes
     (in bf16), and training's own spec check accepts that set (and refuses another checkpoint)."""
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from featstore.errors import FingerprintMismatchError
     from featstore.store.reader import FeatureStore
     from training.args import parse_args, resolve_vggt

@@ -39,8 +39,8 @@ ALLOWLIST = {
     # SIGTERM inside a StoreWriter: a KeyboardInterrupt, printed as "<command>: interrupted".
     ("featstore/store/writer.py", "committing what is done"): "BuildInterrupted, shown as 'interrupted'",
     # The build's normal summary on stderr (not a failure); its failure lines are listed.
-    ("featstore/build/pipeline.py", "already fresh"): "the build's summary line",
-    ("featstore/build/pipeline.py", "dry run, nothing computed"): "the summary line of build --dry-run",
+    ("featstore/build/cli.py", "already fresh"): "the build's summary line",
+    ("featstore/build/cli.py", "dry run, nothing computed"): "the summary line of build --dry-run",
     ("featstore/ops/merge.py", "identical skipped"): "merge's summary line",
     # The VGGT aggregator module's own argument checks (featstore.encoders.vggt.model, met only by
     # building a VGGTAggregator by hand): the presets pass fixed configs, and the encoder
@@ -318,7 +318,7 @@ def setup(tmp_path_factory):
     as a file (the same features, another weights_sha256) and an annotation file."""
     from safetensors.torch import save_file
 
-    from featstore.build.pipeline import BuildOptions, build
+    from featstore.build.runner import BuildOptions, build
     from featstore.encoders import get_encoder
 
     base = tmp_path_factory.mktemp("trouble")

@@ -24,15 +24,36 @@ from typing import List, Literal, Optional
 
 import transformers
 
+from featstore.build.options import BuildOptions
+from featstore.build.recipes import RECIPE_NAMES
+from featstore.contract.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES
+from featstore.contract.naming import DEFAULT_STORE_NAME
+from featstore.contract.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
 from training.presets import TINY_MODEL, TINY_VGGT, TINY_VISION, is_tiny
 
 __all__ = ["ModelArguments", "DataArguments", "TrainingArguments", "VGGTSettings", "ArgumentError",
-           "parse_args", "build_parser", "resolve_vggt", "DEFAULT_STORE_NAME", "PROG", "DESCRIPTION", "EPILOG"]
-
-DEFAULT_STORE_NAME = "vggt_features.lmdb"  # featstore's default: <data_root>/vggt_features.lmdb
+           "parse_args", "build_parser", "resolve_vggt", "DEFAULT_STORE_NAME", "PROG", "DESCRIPTION",
+           "EPILOG"]
 
 Mode = Literal["online_full", "online_causal_stream", "cached"]
 Fusion = Literal["per_image", "last_to_all"]
+
+# The --vggt_* spec flags take their choices and defaults from featstore's contract, the same
+# source as `featstore build`'s flags, so that the two vocabularies cannot drift apart
+# (tests/test_training_flags_contract.py). Literal[tuple] is Literal of its items.
+Recipe = Literal[RECIPE_NAMES]
+Attention = Literal[field_choices(EncoderSpec, "attention")]
+FramesKept = Literal[field_choices(EncoderSpec, "frames_kept")]
+ReferenceFrame = Literal[field_choices(EncoderSpec, "reference_frame")]
+PreprocessMode = Literal[field_choices(PreprocessSpec, "mode")]
+StorageDtype = Literal[STORAGE_DTYPE_NAMES]
+ComputeDtype = Literal[DTYPE_NAMES]
+_DEFAULT_ENCODER = field_default(BuildOptions, "encoder")  # `featstore build --encoder`'s default
+_LAYER = field_default(EncoderSpec, "layer")
+_REFERENCE_FRAME = field_default(EncoderSpec, "reference_frame")
+_PREPROCESS_MODE = field_default(PreprocessSpec, "mode")
+_STORAGE_DTYPE = field_default(EncoderSpec, "storage_dtype")
+_COMPUTE_DTYPE = field_default(EncoderSpec, "compute_dtype")
 
 # Published recipes: VG-LLM adds each frame's features to its own image at scale 1;
 # JanusVLN streams causally, keeps the last frame and adds it x0.2 to every image.
@@ -99,7 +120,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class ModelArguments:
     _argument_group_name = "model: Qwen2.5-VL, what trains, the merger and the VGGT spec (as `featstore build`)"
 
-    recipe: Optional[Literal["vgllm", "janusvln"]] = field(default=None, metadata={
+    recipe: Optional[Recipe] = field(default=None, metadata={
         "help": "set every knob as that repository's published training script does (layer, attention, frames "
                 "kept, target size, reference frame, fusion and scale, min/max pixels, what trains; docs/TRAINING.md "
                 "'Coming from JanusVLN / VG-LLM'); a flag given as well overrides the preset's value"})
@@ -137,30 +158,31 @@ class ModelArguments:
         "help": "hidden width of the merger MLP (default 2 x VGGT channels: 4096 for VGGT-1B)"})
     vggt_encoder: Optional[str] = field(default=None, metadata={
         "help": f"featstore encoder preset, as `featstore build --encoder` (default {TINY_VGGT} with the tiny "
-                "model, else vggt-1b)"})
+                f"model, else {_DEFAULT_ENCODER})"})
     vggt_weights: Optional[str] = field(default=None, metadata={
         "help": "VGGT weights (model.safetensors path, folder or hub id), as `featstore build --weights`"})
-    vggt_layer: int = field(default=-2, metadata={
-        "help": "aggregator layer, as `featstore build --layer` (default -2: VG-LLM, JanusVLN)"})
-    vggt_attention: Optional[Literal["full", "causal"]] = field(default=None, metadata={
+    vggt_layer: int = field(default=_LAYER, metadata={
+        "help": f"aggregator layer, as `featstore build --layer` (default {_LAYER}: VG-LLM, JanusVLN)"})
+    vggt_attention: Optional[Attention] = field(default=None, metadata={
         "help": "as `featstore build --attention` (default: full for per_image, causal for last_to_all; "
                 "online modes imply it)"})
-    vggt_frames_kept: Optional[Literal["all", "last"]] = field(default=None, metadata={
+    vggt_frames_kept: Optional[FramesKept] = field(default=None, metadata={
         "help": "as `featstore build --frames-kept` (default: all for per_image, last for last_to_all)"})
-    vggt_reference_frame: Literal["first", "last"] = field(default="first", metadata={
-        "help": "as `featstore build --reference-frame`: first (default; the frames in their order, as VG-LLM's "
-                "and JanusVLN's published scripts pass --reference_frame first) or last (VGGT sees them reversed, "
-                "the features come back in the sample's order; with last_to_all the kept frame is the first)"})
+    vggt_reference_frame: ReferenceFrame = field(default=_REFERENCE_FRAME, metadata={
+        "help": f"as `featstore build --reference-frame` (default {_REFERENCE_FRAME}): first (the frames in their "
+                "order, as VG-LLM's and JanusVLN's published scripts pass --reference_frame first) or last (VGGT "
+                "sees them reversed, the features come back in the sample's order; with last_to_all the kept frame "
+                "is the first)"})
     vggt_target_size: Optional[int] = field(default=None, metadata={
         "help": "as `featstore build --target-size` (default: the encoder preset's, 518 for vggt-1b)"})
-    vggt_preprocess_mode: Literal["crop", "pad"] = field(default="crop", metadata={
-        "help": "as `featstore build --preprocess-mode` (default crop)"})
-    vggt_storage_dtype: Literal["bfloat16", "float16", "float32", "float8_e4m3fn"] = field(default="bfloat16", metadata={
-        "help": "as `featstore build --storage-dtype`: the store's dtype (default bfloat16). float8_e4m3fn opts in "
-                "to an fp8 store, whose features the merger receives dequantised to bfloat16; without it an fp8 "
-                "store is refused"})
-    vggt_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
-        "help": "as `featstore build --compute-dtype`: VGGT's autocast dtype on GPU (default bfloat16)"})
+    vggt_preprocess_mode: PreprocessMode = field(default=_PREPROCESS_MODE, metadata={
+        "help": f"as `featstore build --preprocess-mode` (default {_PREPROCESS_MODE})"})
+    vggt_storage_dtype: StorageDtype = field(default=_STORAGE_DTYPE, metadata={
+        "help": f"as `featstore build --storage-dtype`: the store's dtype (default {_STORAGE_DTYPE}). float8_e4m3fn "
+                "opts in to an fp8 store, whose features the merger receives dequantised to bfloat16; without it an "
+                "fp8 store is refused"})
+    vggt_compute_dtype: ComputeDtype = field(default=_COMPUTE_DTYPE, metadata={
+        "help": f"as `featstore build --compute-dtype`: VGGT's autocast dtype on GPU (default {_COMPUTE_DTYPE})"})
 
 
 @dataclass
@@ -325,8 +347,6 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def _recipe_in(argv: List[str]) -> Optional[str]:
     """The value of the last --recipe in argv (None: none, or an unknown value argparse will name)."""
-    from featstore.build.recipes import RECIPE_NAMES
-
     name = None
     for i, arg in enumerate(argv):
         if arg == "--recipe" and i + 1 < len(argv):
@@ -350,7 +370,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     if not data_args.annotations:
         raise ArgumentError("--annotations FILE... is required (LLaVA/Qwen conversation JSON or JSONL)")
     from featstore.errors import PlanError
-    from featstore.build.plan import annotation_sources
+    from featstore.build.annotations import annotation_sources
 
     try:  # every FILE[@IMAGE_DIR][%N] checked before any work, with the words featstore build uses
         annotation_sources(data_args.annotations, data_args.data_root)
@@ -382,7 +402,7 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
     if data_args.vggt_cache_path and mode != "cached" and not vision_cached:
         raise ArgumentError(f"--vggt_cache_path is only read with --use_vggt_cache or --use_vision_cache "
                             f"(mode is {mode}); add one of them, or drop --vggt_cache_path")
-    encoder = model_args.vggt_encoder or (TINY_VGGT if is_tiny(model_args.model_name_or_path) else "vggt-1b")
+    encoder = model_args.vggt_encoder or (TINY_VGGT if is_tiny(model_args.model_name_or_path) else _DEFAULT_ENCODER)
     overrides = dict(layer=model_args.vggt_layer, attention=attention, frames_kept=frames_kept,
                      preprocess_mode=model_args.vggt_preprocess_mode, storage_dtype=model_args.vggt_storage_dtype,
                      compute_dtype=model_args.vggt_compute_dtype, reference_frame=model_args.vggt_reference_frame)

@@ -29,7 +29,8 @@ import os
 from typing import Any, Sequence
 
 from featstore.errors import PlanError
-from featstore.build.plan import AnnotationSource, _prefix_in_root, annotation_sources, file_sha256
+from featstore.build.annotations import AnnotationSource, annotation_sources, prefix_in_root
+from featstore.build.plan import file_sha256
 from featstore.store.layout import PLAN_FIELD, merge_plan
 
 __all__ = ["PLAN_FIELD", "record_of", "merge_plan", "recorded_sources", "plan_notes", "describe_plan",
@@ -76,7 +77,7 @@ def _source(entry: dict, data_root: str) -> AnnotationSource:
     value: a recorded file name may hold '@' or '%')."""
     root = os.fspath(data_root)
     image_dir = None if entry.get("image_dir") is None else _absolute(entry["image_dir"], root)
-    prefix = "" if image_dir is None else _prefix_in_root(image_dir, root)
+    prefix = "" if image_dir is None else prefix_in_root(image_dir, root)
     if prefix is None:
         raise PlanError(f"the recorded image folder {entry['image_dir']!r} of {entry['file']!r} is not inside the "
                         f"data root {root}: pass --annotations for this data root")
