@@ -1,5 +1,5 @@
 """Encode one unit: read its frames, preprocess, run the encoder, cast to the storage dtype
-(bfloat16 for an fp8 store: `entry_tensors` quantises when the entry is serialised), and make
+(bfloat16 for an fp8 store: its codec quantises when the entry is serialised), and make
 the entry's metadata. The build, `verify --recompute` and training's online path all
 call this module, so the three compute a unit the same way.
 
@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from featstore.format.fp8 import read_dtype
+from featstore.format.codecs import codec_for
 from featstore.encoders import preprocess_frame
 from featstore.errors import ImageDecodeError
 from featstore.build.plan import Unit, source_path
@@ -80,7 +80,7 @@ def read_unit_frames(data_root: str, unit: Unit, spec, patch_size: int) -> tuple
 
 def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False) -> torch.Tensor:
     """Run the encoder on a batch of units: [B, S, 3, H, W] -> [B, F, N, C] in the spec's
-    storage dtype (bfloat16 for fp8 storage, see `featstore.format.fp8.read_dtype`), on the encoder's device (no copy to the host: training's online path keeps
+    storage dtype (bfloat16 for fp8 storage, see the codec's `read_dtype`), on the encoder's device (no copy to the host: training's online path keeps
     it on the GPU; the cast happens there too).
 
     Args:
@@ -90,10 +90,10 @@ def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False) -> tor
             as streaming models train; needs a causal spec on the featstore backend.
 
     Returns:
-        features [B, F, N, C], dtype = read_dtype(spec.storage_dtype), device = encoder.device.
+        features [B, F, N, C], dtype = codec_for(spec.storage_dtype).read_dtype(), device = encoder.device.
     """
     feats = encoder.encode_stream(frames) if stream else encoder.encode(frames)
-    return feats.to(read_dtype(encoder.spec.storage_dtype))
+    return feats.to(codec_for(encoder.spec.storage_dtype).read_dtype())
 
 
 def unit_metadata(unit: Unit, sources: list[dict], grid: tuple[int, int], spec) -> dict[str, str]:
@@ -110,7 +110,7 @@ def unit_metadata(unit: Unit, sources: list[dict], grid: tuple[int, int], spec) 
 
 def encode_unit(encoder, data_root: str, unit: Unit) -> tuple[torch.Tensor, dict[str, str]]:
     """Encode one unit directly: (features [F, N, C] as `encode_frames` returns them, on the CPU;
-    metadata). `featstore.format.fp8.entry_tensors(features, spec.storage_dtype)` makes the stored tensors.
+    metadata). `codec_for(spec.storage_dtype).encode(features)` makes the stored tensors.
 
     Raises:
         ImageDecodeError: a frame cannot be read, or the frames differ in size.

@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 
 from featstore.build.plan import Unit, source_path
-from featstore.contract.dtypes import is_quantised, torch_dtype
+from featstore.format.codecs import codec_for
 from featstore.errors import StoreFullError
 
 __all__ = ["SizeEstimate", "estimate_size", "estimate_entry_bytes"]
@@ -65,8 +65,7 @@ def estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
 
     from featstore.encoders import stored_shape
 
-    itemsize = torch_dtype(spec.storage_dtype).itemsize
-    scale_bytes = 4 if is_quantised(spec.storage_dtype) else 0  # fp8: one float32 scale per token
+    codec = codec_for(spec.storage_dtype)
     for unit in units[:32]:
         try:
             with Image.open(source_path(data_root, unit.frames[0])) as im:
@@ -74,7 +73,7 @@ def estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
         except OSError:
             continue
         kept, tokens, channels = stored_shape(spec, w, h, unit.num_frames)
-        return kept * tokens * (channels * itemsize + scale_bytes) + HEADER_ESTIMATE
+        return kept * tokens * codec.bytes_per_token(channels) + HEADER_ESTIMATE
     return HEADER_ESTIMATE
 
 

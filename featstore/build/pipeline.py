@@ -83,19 +83,20 @@ def _serialise(spec, report: BuildReport, units, sources, host, finite, done, gr
     Returns (units to commit, their blobs, how many failed)."""
     from featstore.build.encode import unit_metadata
     from featstore.format.blob import encode_entry
-    from featstore.format.fp8 import entry_tensors
+    from featstore.format.codecs import codec_for
 
     t0 = time.perf_counter()
     if done is not None:
         done.synchronize()
     t1 = time.perf_counter()
     kept, blobs = [], []
+    codec = codec_for(spec.storage_dtype)
     for unit, src, feats, ok in zip(units, sources, host, finite.tolist()):
         if not ok:
             report.failed.append({"key": unit.key, "frames": list(unit.frames), "error": NONFINITE_ERROR})
             continue
         kept.append(unit)
-        blobs.append(encode_entry(entry_tensors(feats, spec.storage_dtype), unit_metadata(unit, src, grid, spec)))
+        blobs.append(encode_entry(codec.encode(feats), unit_metadata(unit, src, grid, spec)))
     report.d2h_wait_s += t1 - t0
     report.serialise_s += time.perf_counter() - t1
     return kept, blobs, len(units) - len(kept)
