@@ -952,7 +952,7 @@ _FRAMES_NAME = b'"frames":'
 
 
 def _frames_record(frames: Sequence[str]) -> bytes:
-    """The bytes of a `frames` metadata item as `featstore build` writes it for `frames` (the
+    r"""The bytes of a `frames` metadata item as `featstore build` writes it for `frames` (the
     list as JSON, `featstore.build.encode.unit_metadata`, then that string in the header's JSON).
 
     Example:
