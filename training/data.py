@@ -210,12 +210,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         return height // self.patch, width // self.patch
 
     def _snapshot(self):
-        """One read transaction for every store read of this sample (`FeatureStore.snapshot`: it
-        covers every feature set of the store file), or nothing to hold without a store."""
+        """One read transaction per store file for every store read of this sample or batch
+        (`FeatureStore.snapshot`: it covers every feature set of the store file, so the VGGT
+        and vision sets of one file share it; a vision store in a file of its own gets its own)."""
         import contextlib
 
-        store = self.store if self.store is not None else self.vision_store
-        return store.snapshot() if store is not None else contextlib.nullcontext()
+        scope = contextlib.ExitStack()
+        try:
+            for store in (self.store, self.vision_store):
+                if store is not None:
+                    scope.enter_context(store.snapshot())
+        except BaseException:
+            scope.close()  # not yet inside a `with`: leave what was entered
+            raise
+        return scope
 
     def _qwen_grid(self, h: int, w: int, where: str) -> tuple:
         """(hh, ww): the merged Qwen grid of a VGGT patch grid h x w (trimmed to even, halved)."""
