@@ -143,3 +143,30 @@ def test_slots_make_non_blocking_copies_safe_without_the_pin_memory_thread(tmp_p
     assert nb() is False  # no workers: no slots, and no pinned memory
     assert nb("--dataloader_num_workers", "2") is True
     assert nb("--dataloader_num_workers", "2", "--dataloader_batch_slots", "False") is False
+
+
+def test_a_cached_batch_is_read_straight_into_its_slot(tmp_path, monkeypatch):
+    """The training collator in a worker: the store's features are copied out of the map into
+    the slot (plan_read + copy_into), never into a batch that is then copied into a slot; the
+    batch equals the one collated in the main process."""
+    from _training_helpers import build_store, collate as collate_items, dataset, sample_root, spec_for
+    from featstore.store.reader import FeatureStore
+    from training import batch_slots
+    from training.data import Collator
+
+    root = sample_root(tmp_path)
+    spec = spec_for()
+    ds = dataset(root, spec, store=FeatureStore(build_store(root)))
+    want = collate_items(ds, [0, 1, 2])
+
+    def no_pack(*args, **kwargs):
+        raise AssertionError("the batch was collated, then copied into a slot")
+
+    monkeypatch.setattr(batch_slots._WorkerSlots, "pack", no_pack)  # inherited by the forked workers
+    dl = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, multiprocessing_context="fork",
+                                     collate_fn=SlotCollator(Collator(ds.tokenizer.pad_token_id)))
+    batch = next(iter(dl))
+    assert isinstance(batch, SlotBatch)
+    got = batch.to("cpu")
+    assert int(got["cache_hits"]) == 3 and got["vggt_features"].numel() > 0
+    assert_same(got, want, "cached")

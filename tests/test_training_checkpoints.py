@@ -313,9 +313,9 @@ def test_bf16_image_token_embeddings_follow_their_cast_order(tmp_path, fusion, w
         model(**batch)
         image_feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
                                                      return_dict=True).pooler_output
-        per_sample = model._batch_features(batch["vggt_source"], batch["vggt_grid"], batch["vggt_features"],
-                                           batch["vggt_feature_frames"], batch["vggt_frames"],
-                                           batch["vggt_frame_count"], "cpu")
+        ds = dataset(root, spec)  # each sample's features as the model encodes them (one call a frame shape)
+        encoded = model.online_vggt.features_many([ds[i]["frames"].float().div(255) for i in range(len(ds))], "cpu")
+        per_sample = [(i, x, tuple(batch["vggt_grid"][i].tolist())) for i, x in enumerate(encoded)]
     hook.remove()
     # Their merger holds bf16 weights: ours rounded to bf16 (what DeepSpeed's / their bf16 copy holds).
     merger_state = {k: v.to(torch.bfloat16) for k, v in model.merger.state_dict().items()}

@@ -66,10 +66,7 @@ def test_last_to_all_adds_each_samples_own_features_to_its_images_only(tmp_path)
     model.attach_vggt(online(spec))
     feats = [model.online_vggt.features(ds[i]["frames"].float().div(255), "cpu") for i in (0, 2, 4)]
     with torch.no_grad():
-        offsets = model.geometry_offsets(batch["image_grid_thw"], batch["vggt_source"], batch["vggt_grid"],
-                                         batch["vggt_images"], batch["vggt_features"],
-                                         batch["vggt_feature_frames"], batch["vggt_frames"],
-                                         batch["vggt_frame_count"])
+        offsets = _per_image(model, batch, model.geometry_offsets(batch))
         grids = batch["vggt_grid"].tolist()
         expect = [0.2 * model.merger(f, *g)[-1] for f, g in zip(feats, grids)]
     assert len(offsets) == 9
@@ -103,10 +100,7 @@ def test_per_image_adds_frame_k_to_image_k(tmp_path):
     model = tiny_model(spec).eval()
     model.attach_vggt(online(spec))
     with torch.no_grad():
-        offsets = model.geometry_offsets(batch["image_grid_thw"], batch["vggt_source"], batch["vggt_grid"],
-                                         batch["vggt_images"], batch["vggt_features"],
-                                         batch["vggt_feature_frames"], batch["vggt_frames"],
-                                         batch["vggt_frame_count"])
+        offsets = _per_image(model, batch, model.geometry_offsets(batch))
         f1 = model.online_vggt.features(ds[1]["frames"].float().div(255), "cpu")
         f4 = model.online_vggt.features(ds[4]["frames"].float().div(255), "cpu")
         m1, m4 = model.merger(f1, 6, 8), model.merger(f4, 8, 8)
@@ -115,6 +109,96 @@ def test_per_image_adds_frame_k_to_image_k(tmp_path):
     assert torch.allclose(offsets[0], m1[0], **close) and torch.allclose(offsets[1], m1[1], **close)
     assert torch.allclose(offsets[2], m4[0], **close)
     assert not torch.allclose(offsets[0], m1[1], rtol=1e-2, atol=1e-4)
+
+
+def _per_image(model, batch, offsets):
+    """The model's [T, hidden] offsets split per image (image_grid_thw order)."""
+    merge = model.config.vision_config.spatial_merge_size
+    return list(offsets.split((batch["image_grid_thw"].prod(-1) // merge ** 2).tolist()))
+
+
+def _old_offsets(model, per_sample, counts):
+    """The geometry offsets as the model computed them before the batch-shaped read path: each
+    sample's features [F, h*w, C] in stored token order, `forward_many` (norm and 2x2 grouping
+    per sample, one MLP call), then per image `scale * m[k]` (per_image) or `scale * m[-1]`."""
+    merged = model.merger.forward_many([(x, h, w) for _, x, (h, w) in per_sample])
+    offsets = []
+    for (i, _, _), m in zip(per_sample, merged):
+        n = counts[i]
+        offsets.extend(model.scale * m[k] for k in range(n)) if model.fusion == "per_image" else \
+            offsets.extend(model.scale * m[-1] for _ in range(n))
+    return torch.cat(offsets)
+
+
+@pytest.mark.parametrize("fusion,frames_kept,target_size", [("per_image", "all", 112), ("per_image", "all", 126),
+                                                            ("last_to_all", "last", 126), ("last_to_all", "all", 112)])
+def test_merger_order_batch_equals_the_old_per_sample_path_bit_for_bit(tmp_path, fusion, frames_kept, target_size):
+    """fp32 storage, fp32 model, CPU. The worker lays stored features out in merger order (one
+    gather on the copy out of the map) and the model runs one norm, one MLP and one gather: the
+    offsets equal the old per-sample path's bit for bit. target_size 126 gives odd 9x7 grids,
+    whose last row and column the copy leaves out."""
+    from featstore.store.reader import FeatureStore
+    from training.merger import group_2x2
+
+    overrides = dict(storage_dtype="float32", frames_kept=frames_kept, target_size=target_size,
+                     **({"attention": "causal"} if fusion == "last_to_all" else {}))
+    root = sample_root(tmp_path)
+    spec = spec_for(**overrides)
+    store = FeatureStore(build_store(root, **overrides))
+    ds = dataset(root, spec, store=store)
+    batch = collate(ds)
+    assert batch["vggt_source"].tolist() == [1] * 5
+    model = tiny_model(spec, fusion=fusion, scale=0.2 if fusion == "last_to_all" else 1.0).eval()
+    with torch.no_grad():  # a merger far from its init, so that roundings would show
+        for p in model.merger.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    grids = [tuple(g) for g in batch["vggt_grid"].tolist()]
+    per_sample = [(i, store.get(ds.units[i].key).features, grids[i]) for i in range(len(ds))]
+    with torch.no_grad():
+        new = model.geometry_offsets(batch)
+        old = _old_offsets(model, per_sample, batch["vggt_images"].tolist())
+    assert new.dtype == torch.float32 and new.shape == old.shape
+    assert torch.equal(new, old)
+    # The layout: each sample's stored rows gathered into merger order, odd rows and columns left out.
+    want = torch.cat([group_2x2(x, *g).reshape(-1, x.shape[-1]) for _, x, g in per_sample])
+    assert torch.equal(batch["vggt_features"].view(-1, want.shape[-1] // 4), want.view(-1, want.shape[-1] // 4))
+    assert (target_size == 126) == (batch["vggt_features"].shape[0] < sum(x.shape[0] * x.shape[1] for _, x, _ in per_sample))
+
+
+def test_merger_order_embeddings_equal_the_old_path_with_online_samples_mixed_in(tmp_path):
+    """A batch of cached samples and one encoded online (its entry deleted: a miss under policy
+    compute) gives the image-token embeddings of the old path bit for bit (fp32, CPU)."""
+    from featstore.store.reader import FeatureStore
+    from featstore.store.writer import StoreWriter
+
+    root = sample_root(tmp_path)
+    spec = spec_for(storage_dtype="float32")
+    path = build_store(root, storage_dtype="float32")
+    ds = dataset(root, spec, store=FeatureStore(path), cache_miss="compute")
+    with StoreWriter(path, handle_signals=False, spec=spec) as w:
+        assert w.delete([ds.units[2].key]) == 1
+        w.finish()
+    batch = collate(ds, [0, 2, 4])
+    assert batch["vggt_source"].tolist() == [1, 2, 1] and int(batch["cache_computed"]) == 1
+    model = tiny_model(spec).eval()
+    model.attach_vggt(online(spec))
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"].detach()), with_kwargs=True)
+    store = FeatureStore(path)
+    with torch.no_grad():
+        model(**model_inputs(batch))
+        image_feats = torch.cat(model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                                               return_dict=True).pooler_output)
+        per_sample = []
+        for slot, i in enumerate((0, 2, 4)):
+            grid = tuple(batch["vggt_grid"][slot].tolist())
+            x = (store.get(ds.units[i].key).features if i != 2 else
+                 model.online_vggt.features(ds[i]["frames"].float().div(255), "cpu"))
+            per_sample.append((slot, x, grid))
+        old = image_feats + _old_offsets(model, per_sample, batch["vggt_images"].tolist())
+    hook.remove()
+    assert torch.equal(seen["embeds"][batch["input_ids"] == model.config.image_token_id], old)
 
 
 def test_merger_groups_2x2_blocks_in_qwen_order_and_trims_odd_grids():

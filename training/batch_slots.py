@@ -11,7 +11,11 @@ worker fills a few slots it created once, the main process maps each slot once a
 with CUDA as pinned memory (cudaHostRegister), and the copy to the GPU is one asynchronous copy
 out of the slot.
 
-`SlotCollator(collate)` wraps the collator (worker side). In a worker it returns a `SlotBatch`,
+`SlotCollator(collate)` wraps the collator (worker side). A collator with
+`collate_into(items, alloc)` (training.collate.Collator) writes the batch straight into a free
+slot: it states the batch's layout, `alloc` returns views into the slot, and no byte of the
+batch is copied into it afterwards (a cached batch's features come out of the store map into
+the slot, one host copy). Another collator's dict is copied into a slot. In a worker it returns a `SlotBatch`,
 which is a small message (slot id and layout); `SlotBatch.to(device, non_blocking)` (what
 accelerate's device placement and `send_to_device` call) gives the batch dict on `device`.
 `host_keys` (the cache counters) come back as CPU tensors, so reading them costs no GPU sync.
@@ -30,6 +34,7 @@ dict: slower, never wrong.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import threading
@@ -86,8 +91,17 @@ class SlotCollator:
         self.headroom = float(headroom)
 
     def __call__(self, items: List[Any]) -> Any:
+        in_worker = torch.utils.data.get_worker_info() is not None
+        collate_into = getattr(self.collate, "collate_into", None)
+        if in_worker and collate_into is not None:
+            # The collator writes the batch straight into a slot: no copy of the batch into it.
+            worker = _worker_slots(self)
+            alloc = _SlotAllocator(worker)
+            batch = collate_into(items, alloc)
+            return batch if alloc.index is None else worker.seal(alloc.index, alloc.layout, alloc.nbytes,
+                                                                  self.host_keys)
         batch = self.collate(items)
-        if torch.utils.data.get_worker_info() is None:
+        if not in_worker:
             return batch  # the main process: nothing to hand over
         if not isinstance(batch, dict) or not all(isinstance(v, torch.Tensor) for v in batch.values()):
             return batch  # only dicts of tensors travel in slots
@@ -134,23 +148,53 @@ class _WorkerSlots:
         return buffer
 
     def pack(self, batch: Dict[str, torch.Tensor], host_keys: Tuple[str, ...] = ()) -> Any:
-        layout, offset = [], 0
-        for key, tensor in batch.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            layout.append((key, tensor.dtype, tuple(tensor.shape), offset, nbytes))
-            offset = _align(offset + nbytes)
+        """Copy a finished batch into a free slot -> its SlotBatch (the batch itself when every
+        slot is filled). For collators without `collate_into`."""
+        layout, offset = _slot_layout((key, t.dtype, tuple(t.shape)) for key, t in batch.items())
         index = self._slot_for(offset)
         if index is None:
             self.fallbacks += 1
             return batch
-        buffer = self.buffers[index]
         for (key, dtype, shape, start, nbytes), tensor in zip(layout, batch.values()):
             if nbytes:
-                _view(buffer, HEADER + start, nbytes, dtype, shape).copy_(tensor)
-        header = _header(buffer)
+                _view(self.buffers[index], HEADER + start, nbytes, dtype, shape).copy_(tensor)
+        return self.seal(index, layout, offset, host_keys)
+
+    def seal(self, index: int, layout: list, nbytes: int, host_keys: Tuple[str, ...] = ()) -> "SlotBatch":
+        """Mark slot `index`, written in `layout`, filled -> the message that announces it."""
+        header = _header(self.buffers[index])
         header[STATE] = FILLED
         unmapped = int(header[MAPPED]) == 0
-        return SlotBatch((self.token, index), layout, offset, buffer if unmapped else None, host_keys)
+        return SlotBatch((self.token, index), layout, nbytes, self.buffers[index] if unmapped else None, host_keys)
+
+
+def _slot_layout(specs) -> Tuple[list, int]:
+    """(key, dtype, shape) per tensor -> ((key, dtype, shape, byte offset, bytes) per tensor, total
+    bytes): tensors one after another, each on a 64-byte boundary."""
+    layout, offset = [], 0
+    for key, dtype, shape in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        layout.append((key, dtype, tuple(shape), offset, nbytes))
+        offset = _align(offset + nbytes)
+    return layout, offset
+
+
+class _SlotAllocator:
+    """The allocator a collator's `collate_into(items, alloc)` writes the batch into: views into a
+    free slot of this worker (`index` set), or plain tensors when every slot is filled."""
+
+    def __init__(self, worker: _WorkerSlots):
+        self.worker, self.index, self.layout, self.nbytes = worker, None, None, 0
+
+    def __call__(self, specs) -> Dict[str, torch.Tensor]:
+        layout, nbytes = _slot_layout(specs)
+        index = self.worker._slot_for(nbytes)
+        if index is None:
+            self.worker.fallbacks += 1
+            return {key: torch.empty(shape, dtype=dtype) for key, dtype, shape, _, _ in layout}
+        self.index, self.layout, self.nbytes = index, layout, nbytes
+        buffer = self.worker.buffers[index]
+        return {key: _view(buffer, HEADER + start, size, dtype, shape) for key, dtype, shape, start, size in layout}
 
 
 def _view(buffer: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype, shape: Tuple[int, ...]):

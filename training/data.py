@@ -9,31 +9,27 @@ Stages per sample (`ConversationDataset.__getitem__`, run in DataLoader workers)
               (TRAINING.md grid rule: 518x392 -> 37x28 patches -> 36x28 -> the top-left 504x392
               pixels -> 252 tokens), given to the processor as a float crop with do_rescale=False,
               as VG-LLM and JanusVLN do
-  3. features cached mode: one `read_into` (one transaction, one copy) of the unit's key, with
-              the stored frame list checked against the sample's: another list is a miss, never
-              a wrong feature. A miss raises (naming key and sample) or, under policy compute,
-              ships the frames so the model encodes them online (counted). Online modes ship
-              the frames.
-  3b. vision  with a `vision_store` (--use_vision_cache) the image processor does not run: one
-              `read_into` of the unit's frame keys gives each frame's cached vision-tower output
-              [S, 1, N, C_vis] (each entry stored for exactly [that frame]); N must be the Qwen
-              grid's patches (2hh x 2ww, the grid rule), and image_grid_thw is [1, 2hh, 2ww] per
-              image without the processor. A miss raises naming the key and the sample.
+  3. features cached mode: the unit's key, its stored frame list checked against the sample's
+              (compared as stored bytes): another list is a miss, never a wrong feature. A
+              miss raises (naming key and sample) or, under policy compute, ships the frames
+              so the model encodes them online (counted). Online modes ship the frames.
+  3b. vision  with a `vision_store` (--use_vision_cache) the image processor does not run: the
+              unit's frame keys give each frame's cached vision-tower output [1, N, C_vis]
+              (each entry stored for exactly [that frame]); N must be the Qwen grid's patches
+              (2hh x 2ww, the grid rule), and image_grid_thw is [1, 2hh, 2ww] per image
+              without the processor. A miss raises naming the key and the sample.
+              Store reads (3, 3b) of a batch: `__getitems__` (what the DataLoader calls) leaves
+              them to the collator, which plans them all in one read transaction
+              (`FeatureStore.plan_read`) and copies each feature byte ONCE, out of the map
+              straight into the batch's memory (a shared-memory batch slot in a worker), the
+              VGGT features in merger order. `__getitem__` (one sample) does them at once, into
+              tensors of the item's own.
   4. text     `<|im_start|>role\\ncontent<|im_end|>\\n` turns; each `<image>` becomes
               `<|vision_start|>` + `<|image_pad|>` x tokens + `<|vision_end|>` ("<image>\\n" in the
               first turn first loses its newline); labels on what follows an assistant turn's
               header: its content, `<|im_end|>` and the closing newline (as VG-LLM and JanusVLN).
-`Collator` pads input_ids / labels / attention_mask / mm_token_type_ids and concatenates the rest.
-
-Batch keys (B samples, L tokens): input_ids, labels, attention_mask, mm_token_type_ids [B, L];
-pixel_values [patches, D] (float32, or `pixel_dtype` when training sets it; or, with a vision
-store, vision_features [patches, C_vis] in the store's read dtype), image_grid_thw [images, 3]
-(absent when no sample has an image); vggt_source [B] (0 no image, 1 features below, 2 frames below), vggt_grid [B, 2] (VGGT patch
-grid h, w), vggt_images [B] (images per sample), vggt_features [tokens, C] (source-1 samples,
-F*h*w rows each, in the store's read dtype: the storage dtype, bfloat16 for an fp8 store, which
-`read_into` dequantises), vggt_feature_frames [B] (F), vggt_frames (source-2 samples'
-[S, 3, H, W] flattened, uint8 when the preprocessing is exact in 8 bits, else float32),
-vggt_frame_count [B] (S); cache_hits, cache_misses, cache_computed (0-d int64).
+`training.collate.Collator` (also importable from here) makes the batch: its keys, shapes and
+dtypes are `training.batch.ModelInputs`.
 """
 
 from __future__ import annotations
@@ -45,13 +41,13 @@ import torch
 from featstore.encoders.preprocess import qwen_view
 from featstore.errors import MissingKeyError, StaleEntryError
 from featstore.build.plan import describe_skipped, plan_samples
+from training.batch import SOURCE_FEATURES, SOURCE_FRAMES, SOURCE_NONE
 from training.vggt_online import read_unit_frames
 
 __all__ = ["ConversationDataset", "Collator", "DataError", "IMAGE_PLACEHOLDER", "SOURCE_NONE",
            "SOURCE_FEATURES", "SOURCE_FRAMES", "CacheMissError", "VisionCacheMissError"]
 
 IMAGE_PLACEHOLDER = "<image>"
-SOURCE_NONE, SOURCE_FEATURES, SOURCE_FRAMES = 0, 1, 2
 IGNORE_INDEX = -100  # labels the loss skips (transformers' default ignore_index)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -136,9 +132,28 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
+        """One sample, its store reads done: features [F, N, C] and vision_features in tensors
+        of their own (a DataLoader takes `__getitems__` instead, which leaves the reads to the
+        collator's batch buffer)."""
+        item = self._prepare(index)
+        if item["pending"] is not None:
+            with self._snapshot():
+                self._resolve([item])
+                _materialise(item)
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
+        """The samples of one batch, their store reads left pending (`item["pending"]`): the
+        collator does them, all in one read transaction, straight into the batch's memory
+        (`training.collate.Collator`: one copy of each feature byte on the host). torch's
+        DataLoader calls this in place of `__getitem__` for a batch."""
+        return [self._prepare(i) for i in indices]
+
+    def _prepare(self, index: int) -> Dict[str, Any]:
+        """Everything of a sample but its store reads (`_Pending` in item["pending"], or None)."""
         sample, where, unit = self.samples[index], self.wheres[index], self.units[index]
         item: Dict[str, Any] = {"hits": 0, "misses": 0, "computed": 0, "source": SOURCE_NONE,
-                                "grid": (0, 0), "features": None, "frames": None, "images": 0}
+                                "grid": (0, 0), "features": None, "frames": None, "images": 0, "pending": None}
         token_counts: List[int] = []
         if unit is not None:
             frames = None
@@ -150,21 +165,16 @@ class ConversationDataset(torch.utils.data.Dataset):
                 frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)  # [S, 3, H, W]
                 h, w = frames.shape[-2] // self.patch, frames.shape[-1] // self.patch
             item.update(grid=(h, w), images=unit.num_frames)
-            # Both caches of a sample from one consistent snapshot of the store (one read transaction).
-            with self._snapshot():
-                if self.vision_store is not None:
-                    item.update(self._cached_vision(unit, h, w, where))
-                else:
-                    item.update(self._qwen_images(frames, h, w, where))
-                if self.store is not None:
-                    self._read_features(item, unit, where, unit.num_frames, h * w)
-            token_counts = [int(t.prod()) // (self.merge ** 2) for t in item["image_grid_thw"]]
-            if item["features"] is None:
-                if frames is None:  # a VGGT miss under --vggt_cache_miss compute: its frames after all
-                    frames, _ = read_unit_frames(self.data_root, unit, self.spec, self.patch)
-                item["source"], item["frames"] = SOURCE_FRAMES, _pack_frames(frames)
+            if self.vision_store is not None:
+                hh, ww = self._qwen_grid(h, w, where)
+                item["image_grid_thw"] = torch.tensor([[1, 2 * hh, 2 * ww]] * unit.num_frames, dtype=torch.long)
             else:
-                item["source"] = SOURCE_FEATURES
+                item.update(self._qwen_images(frames, h, w, where))
+            token_counts = [int(t.prod()) // (self.merge ** 2) for t in item["image_grid_thw"]]
+            if self.store is not None or self.vision_store is not None:
+                item["pending"] = _Pending(self, unit, where, h, w, frames)
+            else:
+                item["source"], item["frames"] = SOURCE_FRAMES, _pack_frames(frames)
         item.update(self._tokenize(sample, token_counts))
         return item
 
@@ -200,12 +210,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         return height // self.patch, width // self.patch
 
     def _snapshot(self):
-        """One read transaction for every store read of this sample (`FeatureStore.snapshot`: it
-        covers every feature set of the store file), or nothing to hold without a store."""
+        """One read transaction per store file for every store read of this sample or batch
+        (`FeatureStore.snapshot`: it covers every feature set of the store file, so the VGGT
+        and vision sets of one file share it; a vision store in a file of its own gets its own)."""
         import contextlib
 
-        store = self.store if self.store is not None else self.vision_store
-        return store.snapshot() if store is not None else contextlib.nullcontext()
+        scope = contextlib.ExitStack()
+        try:
+            for store in (self.store, self.vision_store):
+                if store is not None:
+                    scope.enter_context(store.snapshot())
+        except BaseException:
+            scope.close()  # not yet inside a `with`: leave what was entered
+            raise
+        return scope
 
     def _qwen_grid(self, h: int, w: int, where: str) -> tuple:
         """(hh, ww): the merged Qwen grid of a VGGT patch grid h x w (trimmed to even, halved)."""
@@ -214,38 +232,6 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise DataError(f"{where}: the VGGT grid {h}x{w} is smaller than 2x2 patches: no Qwen token fits; use a "
                             "larger --vggt_target_size, or remove the image from the annotations")
         return hh, ww
-
-    def _cached_vision(self, unit, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
-        """The unit's frames' cached vision features (one read) -> vision_features, image_grid_thw."""
-        hh, ww = self._qwen_grid(h, w, where)
-        patches = (2 * hh) * (2 * ww)
-        keys = list(unit.frames)
-        try:
-            # One transaction for all frames; each entry must be stored for exactly its own frame.
-            feats = self.vision_store.read_into(keys, frames=[[k] for k in keys], data_root=self.data_root)
-        except StaleEntryError as e:
-            raise VisionCacheMissError(
-                f"stale vision features for {where}: {e}. Rebuild the changed frames' vision features (featstore "
-                "build --encoder qwen2.5-vl-vision recomputes stale entries), or train without --use_vision_cache"
-            ) from None
-        except MissingKeyError as e:
-            raise VisionCacheMissError(
-                f"vision feature cache miss for {where}: {e}. Build the vision features of every frame into "
-                f"the store with the model's vision tower, or train without --use_vision_cache"
-            ) from None
-        except ValueError as e:  # entries of different shapes within one sample
-            raise VisionCacheMissError(f"{where}: cached vision features of frames {keys}: {e}. The frames' "
-                                       "vision features differ in shape or dtype (built with other preprocessing): "
-                                       "rebuild them with this preprocessing (featstore build --encoder "
-                                       "qwen2.5-vl-vision --force)") from None
-        if feats.dim() != 4 or feats.shape[1] != 1 or feats.shape[2] != patches:
-            raise VisionCacheMissError(
-                f"{where}: cached vision features for key {keys[0]!r} have shape {tuple(feats.shape[1:])}, expected "
-                f"[1, {patches}, C] (the Qwen grid {2 * hh}x{2 * ww} patches of the VGGT grid {h}x{w}); the vision "
-                "features were computed at another image size (rebuild them with this preprocessing)"
-            )
-        grid = torch.tensor([[1, 2 * hh, 2 * ww]] * len(keys), dtype=torch.long)
-        return {"vision_features": feats.reshape(-1, feats.shape[-1]), "image_grid_thw": grid}
 
     def _qwen_images(self, frames: torch.Tensor, h: int, w: int, where: str) -> Dict[str, torch.Tensor]:
         """Each VGGT view cropped to the even-trimmed grid -> pixel_values, image_grid_thw, by the
@@ -270,33 +256,96 @@ class ConversationDataset(torch.utils.data.Dataset):
             pixels = pixels.to(self.pixel_dtype)
         return {"pixel_values": pixels, "image_grid_thw": grid}
 
-    def _read_features(self, item: Dict[str, Any], unit, where: str, num_frames: int, tokens: int) -> None:
-        try:
-            # One transaction, one copy out of the map; the stored frame list must equal the unit's.
-            # Its frames must also be the files it was computed from (one stat each, no read).
-            feats = self.store.read_into([unit.key], frames=[list(unit.frames)], data_root=self.data_root)[0]
-        except MissingKeyError as e:
+    def _resolve(self, items: List[Dict[str, Any]]) -> None:
+        """The store reads of `items` (pending, in batch order), checked and planned inside the
+        caller's snapshot block: each item gets its hit/miss counters and source, and
+        `vision_read` / `feature_read` = (ReadPlan, entry indices) for the copy out of the map.
+
+        Per sample, as a read per sample would: the vision features (each frame's entry stored
+        for exactly [that frame]), then the VGGT features (the stored frame list must equal the
+        unit's, its frames the files it was computed from). A miss raises naming key and sample
+        or, for VGGT under policy compute, ships the frames for the online encoder (counted)."""
+        pending = [it["pending"] for it in items]
+        vision = vggt = None
+        if self.vision_store is not None:
+            keys = [k for p in pending for k in p.unit.frames]
+            vision = self.vision_store.plan_read(keys, frames=[[k] for k in keys], data_root=self.data_root,
+                                                 missing="skip")
+        if self.store is not None:
+            vggt = self.store.plan_read([p.unit.key for p in pending], frames=[list(p.unit.frames) for p in pending],
+                                        data_root=self.data_root, missing="skip")
+        first = 0
+        for j, (item, p) in enumerate(zip(items, pending)):
+            if vision is not None:
+                indices = list(range(first, first + p.unit.num_frames))
+                first += p.unit.num_frames
+                self._check_vision(vision, indices, p)
+                item["vision_read"] = (vision, indices)
+            if vggt is not None and self._check_features(vggt, j, p, item):
+                item["hits"], item["source"], item["feature_read"] = 1, SOURCE_FEATURES, (vggt, [j])
+            else:
+                if p.frames is None:  # a VGGT miss under --vggt_cache_miss compute: its frames after all
+                    p.frames, _ = read_unit_frames(self.data_root, p.unit, self.spec, self.patch)
+                item["source"], item["frames"] = SOURCE_FRAMES, _pack_frames(p.frames)
+            item["pending"] = None
+
+    def _check_vision(self, plan, indices: List[int], p: "_Pending") -> None:
+        keys = [plan.keys[i] for i in indices]
+        failed = [i for i in indices if plan.absent[i]] or [i for i in indices if plan.errors[i] is not None]
+        if failed:
+            e = plan.errors[failed[0]]
+            if isinstance(e, StaleEntryError):
+                raise VisionCacheMissError(
+                    f"stale vision features for {p.where}: {e}. Rebuild the changed frames' vision features (featstore "
+                    "build --encoder qwen2.5-vl-vision recomputes stale entries), or train without --use_vision_cache")
+            raise VisionCacheMissError(
+                f"vision feature cache miss for {p.where}: {e}. Build the vision features of every frame into "
+                f"the store with the model's vision tower, or train without --use_vision_cache")
+        shape = plan.shapes[indices[0]]
+        for i in indices[1:]:  # one sample's frames in one tensor: one shape, as one read_into needs
+            if plan.shapes[i] != shape or plan._spans[i][0] != plan._spans[indices[0]][0]:
+                e = (f"entry {keys[indices.index(i)]!r} holds {plan.shapes[i]} {plan._spans[i][0]} but the output "
+                     f"slot is {shape} {plan.dtype}; batch only entries of one shape")
+                raise VisionCacheMissError(f"{p.where}: cached vision features of frames {keys}: {e}. The frames' "
+                                           "vision features differ in shape or dtype (built with other preprocessing): "
+                                           "rebuild them with this preprocessing (featstore build --encoder "
+                                           "qwen2.5-vl-vision --force)")
+        hh, ww = self._qwen_grid(p.h, p.w, p.where)
+        patches = (2 * hh) * (2 * ww)
+        if len(shape) != 3 or shape[0] != 1 or shape[1] != patches:
+            raise VisionCacheMissError(
+                f"{p.where}: cached vision features for key {keys[0]!r} have shape {shape}, expected "
+                f"[1, {patches}, C] (the Qwen grid {2 * hh}x{2 * ww} patches of the VGGT grid {p.h}x{p.w}); the "
+                "vision features were computed at another image size (rebuild them with this preprocessing)"
+            )
+
+    def _check_features(self, plan, j: int, p: "_Pending", item: Dict[str, Any]) -> bool:
+        """Whether sample `p`'s VGGT features hit (checked); a miss is counted, and raises
+        under policy error."""
+        e = plan.errors[j]
+        if e is not None:
             item["misses"] = 1
             if self.cache_miss == "error" and isinstance(e, StaleEntryError):
                 raise CacheMissError(
-                    f"stale VGGT features for {where}: {e}; or pass --vggt_cache_miss compute to encode such "
+                    f"stale VGGT features for {p.where}: {e}; or pass --vggt_cache_miss compute to encode such "
                     "samples online") from None
             if self.cache_miss == "error":
                 raise CacheMissError(
-                    f"VGGT feature cache miss for {where}: key {unit.key!r} ({e}). Build the store with "
+                    f"VGGT feature cache miss for {p.where}: key {p.unit.key!r} ({e}). Build the store with "
                     f"`featstore build --data-root {self.data_root} --annotations ...` using the same encoder "
                     "flags, or pass --vggt_cache_miss compute to encode misses online"
                 ) from None
             item["computed"] = 1
-            return
+            return False
+        shape, num_frames = plan.shapes[j], p.unit.num_frames
         kept = num_frames if self.spec.frames_kept == "all" else 1
-        if feats.dim() != 3 or feats.shape[0] != kept or feats.shape[1] != tokens:
+        if len(shape) != 3 or shape[0] != kept or shape[1] != p.h * p.w:
             raise CacheMissError(
-                f"{where}: stored features for key {unit.key!r} have shape {tuple(feats.shape)}, expected "
-                f"[{kept}, {tokens}, C] for {num_frames} frames on this grid; the store does not match the "
+                f"{p.where}: stored features for key {p.unit.key!r} have shape {shape}, expected "
+                f"[{kept}, {p.h * p.w}, C] for {num_frames} frames on this grid; the store does not match the "
                 "data (rebuild it)"
             )
-        item["hits"], item["features"] = 1, feats
+        return True
 
     def _text_ids(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -369,57 +418,27 @@ def _pack_frames(frames: torch.Tensor) -> torch.Tensor:
     return u8 if torch.equal(u8.float().div_(255), frames) else frames.float()
 
 
-class Collator:
-    """Pads and concatenates `ConversationDataset` items into one batch (module docstring).
+class _Pending:
+    """A sample's store reads, not done yet (`ConversationDataset._resolve` does them)."""
 
-    Args:
-        pad_token_id: the id `input_ids` are padded with (the tokenizer's pad token).
-    """
+    __slots__ = ("dataset", "unit", "where", "h", "w", "frames")
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = int(pad_token_id)
+    def __init__(self, dataset, unit, where: str, h: int, w: int, frames: Optional[torch.Tensor]):
+        self.dataset, self.unit, self.where, self.h, self.w, self.frames = dataset, unit, where, h, w, frames
 
-    def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        length = max(len(it["input_ids"]) for it in items)
 
-        def pad(key: str, value: int) -> torch.Tensor:
-            out = torch.full((len(items), length), value, dtype=torch.long)
-            for i, it in enumerate(items):
-                out[i, : len(it[key])] = it[key]
-            return out
+def _materialise(item: Dict[str, Any]) -> None:
+    """Copy a resolved item's planned reads into tensors of its own (inside the snapshot block):
+    vision_features [S*N, C_vis], features [F, N, C] in stored token order."""
+    plan, indices = item.pop("vision_read", (None, ()))
+    if plan is not None:
+        n, c = plan.shapes[indices[0]][1:]
+        item["vision_features"] = out = torch.empty(len(indices) * n, c, dtype=plan.dtype)
+        for k, i in enumerate(indices):
+            plan.copy_into(i, out[k * n:(k + 1) * n])
+    plan, (j,) = item.pop("feature_read", (None, (None,)))
+    if plan is not None:
+        item["features"] = plan.copy_into(j, torch.empty(plan.shapes[j], dtype=plan.dtype))
 
-        batch: Dict[str, torch.Tensor] = {
-            "input_ids": pad("input_ids", self.pad_token_id),
-            "labels": pad("labels", IGNORE_INDEX),
-            "mm_token_type_ids": pad("mm_token_type_ids", 0),
-        }
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, it in enumerate(items):
-            mask[i, : len(it["input_ids"])] = 1
-        batch["attention_mask"] = mask
-        with_images = [it for it in items if it["source"] != SOURCE_NONE]
-        if with_images:
-            cached = ["vision_features" in it for it in with_images]
-            if any(cached) and not all(cached):
-                raise ValueError("a batch mixes samples with cached vision features and samples with pixel_values: "
-                                 "one dataset gives one kind")
-            key = "vision_features" if cached[0] else "pixel_values"
-            batch[key] = torch.cat([it[key] for it in with_images])
-            batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
-        batch["vggt_source"] = torch.tensor([it["source"] for it in items], dtype=torch.long)
-        batch["vggt_grid"] = torch.tensor([it["grid"] for it in items], dtype=torch.long).reshape(len(items), 2)
-        batch["vggt_images"] = torch.tensor([it["images"] for it in items], dtype=torch.long)
-        feats = [it["features"] for it in items if it["features"] is not None]
-        batch["vggt_features"] = (torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if feats
-                                  else torch.zeros(0))
-        batch["vggt_feature_frames"] = torch.tensor(
-            [0 if it["features"] is None else it["features"].shape[0] for it in items], dtype=torch.long)
-        frames = [it["frames"] for it in items if it["frames"] is not None]
-        if len({f.dtype for f in frames}) > 1:  # one sample not exact in 8 bits: all as float
-            frames = [f.float().div(255) if f.dtype == torch.uint8 else f for f in frames]
-        batch["vggt_frames"] = torch.cat([f.reshape(-1) for f in frames]) if frames else torch.zeros(0)
-        batch["vggt_frame_count"] = torch.tensor(
-            [0 if it["frames"] is None else it["frames"].shape[0] for it in items], dtype=torch.long)
-        for key in ("hits", "misses", "computed"):
-            batch[f"cache_{key}"] = torch.tensor(sum(it[key] for it in items), dtype=torch.long)
-        return batch
+
+from training.collate import Collator  # noqa: E402  (re-exported: training.data.Collator)

@@ -12,17 +12,24 @@ a 37x28 VGGT-1B grid becomes 36x28), then merged tokens come out row-major over 
 from its 2x2 block in (row, col) order: the order of Qwen2.5-VL's own patch merger, so merged
 token j lands on Qwen image token j.
 
+Merger order: the patch tokens of a batch as the MLP consumes them, each merged token's four
+patches on consecutive rows (`merger_rows`). DataLoader workers copy stored features out of the
+store in this order (the one copy, a row gather), so the model runs one norm over all rows of
+the batch and one MLP over them seen as [rows / 4, 4C], with no regrouping on the GPU.
+
 Shapes: F frames, h x w patch grid, N = h*w tokens, C channels, M = (h//2)*(w//2) merged tokens.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GeometryMerger", "RMSNorm", "merged_grid", "group_2x2"]
+__all__ = ["GeometryMerger", "RMSNorm", "merged_grid", "group_2x2", "merger_rows"]
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +67,24 @@ def group_2x2(x: Tensor, h: int, w: int) -> Tensor:
     x = x.reshape(f, h, w, c)[:, : 2 * hh, : 2 * ww]
     x = x.reshape(f, hh, 2, ww, 2, c).permute(0, 1, 3, 2, 4, 5)  # [F, h/2, w/2, 2, 2, C]
     return x.reshape(f, hh * ww, 4 * c)
+
+
+@functools.lru_cache(maxsize=256)
+def merger_rows(frames: int, h: int, w: int) -> np.ndarray:
+    """The token rows of [F, h*w, C] features (seen as [F*h*w, C]) in merger order: the rows
+    `group_2x2` concatenates, in its order, so that ``x.reshape(-1, C)[merger_rows(F, h, w)]``
+    seen as [F*M, 4C] equals ``group_2x2(x, h, w)`` seen the same way. An odd grid's last row
+    and column appear nowhere. Read-only int64 (cached per grid).
+
+    Example:
+        >>> merger_rows(1, 2, 3).tolist()   # a 2x3 grid: one merged token, column 2 dropped
+        [0, 1, 3, 4]
+    """
+    hh, ww = merged_grid(h, w)
+    index = np.arange(frames * h * w, dtype=np.int64).reshape(frames, h, w)[:, : 2 * hh, : 2 * ww]
+    rows = np.ascontiguousarray(index.reshape(frames, hh, 2, ww, 2).transpose(0, 1, 3, 2, 4).reshape(-1))
+    rows.flags.writeable = False
+    return rows
 
 
 class GeometryMerger(nn.Module):
@@ -114,3 +139,14 @@ class GeometryMerger(nn.Module):
         out = self.mlp(torch.cat([g.reshape(-1, g.shape[-1]) for g in grouped]))
         sizes = [g.shape[0] * g.shape[1] for g in grouped]
         return [o.reshape(g.shape[0], g.shape[1], -1) for o, g in zip(out.split(sizes), grouped)]
+
+    def forward_rows(self, rows: Tensor) -> Tensor:
+        """Patch tokens in merger order [R, C] (R = 4 x merged tokens, any float dtype; see
+        `merger_rows`), all samples and frames of a batch -> [R / 4, out_channels] in
+        `compute_dtype`: one norm and one MLP call. Row for row the same numbers as `forward`
+        on each sample's [F, h*w, C] and `forward_many` (the norm and the MLP act per token)."""
+        if rows.shape[0] % 4:
+            raise ValueError(f"merger-order features have {rows.shape[0]} rows, not a multiple of 4 (four patches "
+                             "a merged token)")
+        normed = self._norm(rows)
+        return self.mlp(normed.reshape(rows.shape[0] // 4, 4 * normed.shape[-1]))

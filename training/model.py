@@ -37,7 +37,7 @@ reports the dropped modules' keys as unexpected; missing keys are unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Unpack
 
 import torch
 from torch import Tensor
@@ -45,8 +45,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
                                              register_checkpoint_conversion_mapping)
 
-from training.data import SOURCE_FEATURES, SOURCE_FRAMES
-from training.merger import GeometryMerger
+from training.batch import GEOMETRY_KEYS, SOURCE_FEATURES, SOURCE_FRAMES, ModelInputs
+from training.merger import GeometryMerger, merger_rows
 
 __all__ = ["Qwen2_5_VLWithGeometry", "GEOMETRY_CONFIG_KEY", "VISION_CACHED_CONFIG_KEY", "geometry_config",
            "set_trainable", "vggt_parameter_count", "vision_block_parameter_count"]
@@ -112,75 +112,83 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
 
     # ---- geometry -------------------------------------------------------------------------
 
-    def _batch_features(self, vggt_source: Tensor, vggt_grid: Tensor, vggt_features: Tensor,
-                        vggt_feature_frames: Tensor, vggt_frames: Tensor, vggt_frame_count: Tensor,
-                        device) -> List[tuple]:
-        """(sample index, features [F, h*w, C], (h, w)) of every sample with images, in batch order.
+    def _merger_rows(self, inputs: ModelInputs, device) -> Tuple[Tensor, List[tuple]]:
+        """(patch rows [R, C] of every sample with images, in merger order and batch order;
+        (sample, frames F, merged tokens M a frame, (h, w)) per such sample).
 
-        Stored features are sliced out of `vggt_features`; frames are encoded online, samples of
-        one frame shape in one call (as the build batches units)."""
-        out, pending = [], []  # pending: (slot in out, frames [S, 3, H, W])
+        Stored features arrive in merger order (training.batch) and are used as they are;
+        frames are encoded online, samples of one frame shape in one call (as the build batches
+        units), and their rows gathered into merger order."""
+        sources, grids = inputs["vggt_source"].tolist(), inputs["vggt_grid"].tolist()
+        feature_frames, frame_counts = inputs["vggt_feature_frames"].tolist(), inputs["vggt_frame_count"].tolist()
+        features, frames = inputs["vggt_features"], inputs["vggt_frames"]
+        samples, pieces, pending = [], [], []  # pending: (index in pieces, frames [S, 3, H, W])
         feats_at = frames_at = 0
-        sources, grids = vggt_source.tolist(), vggt_grid.tolist()
         for i, source in enumerate(sources):
             h, w = grids[i]
+            merged = (h // 2) * (w // 2)
             if source == 0:
                 continue
             if source == SOURCE_FEATURES:
-                n = int(vggt_feature_frames[i]) * h * w
-                x = vggt_features[feats_at: feats_at + n].reshape(int(vggt_feature_frames[i]), h * w, -1)
+                n = feature_frames[i] * 4 * merged
+                pieces.append(features[feats_at: feats_at + n])
                 feats_at += n
-                out.append((i, x, (h, w)))
+                samples.append((i, feature_frames[i], merged, (h, w)))
             elif source == SOURCE_FRAMES:
                 if self.online_vggt is None:
                     raise RuntimeError(
                         f"batch sample {i} carries frames for the online VGGT, but none is attached (cached mode "
                         "builds none unless --vggt_cache_miss compute)")
-                s, patch = int(vggt_frame_count[i]), self.online_vggt.patch_size
+                s, patch = frame_counts[i], self.online_vggt.patch_size
                 n = s * 3 * h * patch * w * patch
-                raw = vggt_frames[frames_at: frames_at + n].reshape(s, 3, h * patch, w * patch)
+                raw = frames[frames_at: frames_at + n].reshape(s, 3, h * patch, w * patch)
                 frames_at += n
-                pending.append((len(out), raw.float().div(255) if raw.dtype == torch.uint8 else raw.float()))
-                out.append((i, None, (h, w)))
+                pending.append((len(pieces), raw.float().div(255) if raw.dtype == torch.uint8 else raw.float()))
+                pieces.append(None)
+                samples.append((i, None, merged, (h, w)))
             else:
                 raise ValueError(f"batch sample {i}: unknown vggt_source {source}")
         if pending:
             encoded = self.online_vggt.features_many([f for _, f in pending], device)
-            for (slot, _), x in zip(pending, encoded):
-                out[slot] = (out[slot][0], x, out[slot][2])
-        return out
+            for (at, _), x in zip(pending, encoded):  # x [F, h*w, C]
+                i, _, merged, (h, w) = samples[at]
+                rows = torch.tensor(merger_rows(x.shape[0], h, w), device=x.device)
+                pieces[at] = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+                samples[at] = (i, x.shape[0], merged, (h, w))
+        if not pending and feats_at == features.shape[0]:
+            return features, samples  # all stored, in order: the worker's rows as they are
+        return (torch.cat([p.to(device) for p in pieces]) if pieces else features[:0]), samples
 
-    def geometry_offsets(self, image_grid_thw: Tensor, vggt_source: Tensor, vggt_grid: Tensor,
-                         vggt_images: Tensor, vggt_features: Tensor, vggt_feature_frames: Tensor,
-                         vggt_frames: Tensor, vggt_frame_count: Tensor) -> List[Tensor]:
-        """One offset [tokens_k, hidden] per image of the batch, in image_grid_thw order."""
+    def geometry_offsets(self, inputs: ModelInputs) -> Tensor:
+        """The geometry offset of every Qwen image token of the batch [T, hidden], in the order
+        of image_grid_thw's images: one norm and one MLP over all merged tokens of the batch
+        (`GeometryMerger.forward_rows`), then one gather by a small index tensor that names,
+        per image token, the merged token whose output is added (fusion: module docstring)."""
+        image_grid_thw = inputs["image_grid_thw"]
         merge = self.config.vision_config.spatial_merge_size
-        counts = vggt_images.tolist()
-        per_sample = self._batch_features(vggt_source, vggt_grid, vggt_features, vggt_feature_frames, vggt_frames,
-                                          vggt_frame_count, image_grid_thw.device)
-        # One merger call for the whole batch (RMSNorm and the MLP act per token): fewer launches.
-        merged = self.merger.forward_many([(x, h, w) for _, x, (h, w) in per_sample])
-        offsets: List[Tensor] = []
-        image = 0
-        for (i, x, (h, w)), m in zip(per_sample, merged):
+        counts = inputs["vggt_images"].tolist()
+        rows, samples = self._merger_rows(inputs, image_grid_thw.device)
+        merged_out = self.merger.forward_rows(rows)  # [R / 4, hidden]
+        got = (image_grid_thw.prod(-1) // (merge * merge)).tolist()
+        index, image, base = [], 0, 0
+        for i, frames, want, (h, w) in samples:
             n_images = counts[i]
-            grid = image_grid_thw[image: image + n_images]
-            want = (h // 2) * (w // 2)
-            got = (grid.prod(-1) // (merge * merge)).tolist()
-            if any(g != want for g in got):
-                raise ValueError(f"batch sample {i}: Qwen image tokens {got} differ from the VGGT grid's merged "
-                                 f"tokens {want} ({h}x{w} patches trimmed to even)")
-            if self.fusion == "per_image":
-                if m.shape[0] != n_images:
+            if any(g != want for g in got[image: image + n_images]):
+                raise ValueError(f"batch sample {i}: Qwen image tokens {got[image: image + n_images]} differ from the "
+                                 f"VGGT grid's merged tokens {want} ({h}x{w} patches trimmed to even)")
+            if self.fusion == "per_image":  # frame k's tokens on image k
+                if frames != n_images:
                     raise ValueError(f"batch sample {i}: per_image fusion needs one feature frame per image; "
-                                     f"got {m.shape[0]} frames for {n_images} images")
-                offsets.extend(self.scale * m[k] for k in range(n_images))
+                                     f"got {frames} frames for {n_images} images")
+                index.append(torch.arange(base, base + n_images * want))
             else:  # last_to_all: this sample's last frame, on this sample's images only
-                offsets.extend(self.scale * m[-1] for _ in range(n_images))
+                index.append(torch.arange(base + (frames - 1) * want, base + frames * want).repeat(n_images))
+            base += frames * want
             image += n_images
         if image != image_grid_thw.shape[0]:
             raise ValueError(f"the batch has {image_grid_thw.shape[0]} images but its samples account for {image}")
-        return offsets
+        index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+        return self.scale * merged_out.index_select(0, index.to(merged_out.device, non_blocking=True))
 
     # ---- Qwen image features -----------------------------------------------------------------
 
@@ -198,46 +206,47 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
 
     # ---- forward --------------------------------------------------------------------------
 
-    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
-                image_grid_thw: Optional[Tensor] = None, mm_token_type_ids: Optional[Tensor] = None,
-                vision_features: Optional[Tensor] = None,
-                vggt_source: Optional[Tensor] = None, vggt_grid: Optional[Tensor] = None,
-                vggt_images: Optional[Tensor] = None, vggt_features: Optional[Tensor] = None,
-                vggt_feature_frames: Optional[Tensor] = None, vggt_frames: Optional[Tensor] = None,
-                vggt_frame_count: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None, **kwargs):
-        """The stock forward's arguments plus `vision_features` (cached vision-tower output, in
-        place of pixel_values) and the VGGT batch keys of training.data (all optional: without
-        images or VGGT keys this is plain Qwen2.5-VL)."""
+    def forward(self, **inputs: Unpack[ModelInputs]):
+        """One batch as the worker hands it (`training.batch.ModelInputs`: the stock Qwen keys,
+        `vision_features` in place of pixel_values with cached vision features, the geometry
+        keys), plus any keyword of the stock forward (`inputs_embeds`, `use_cache`, ...). Without
+        images or geometry keys this is plain Qwen2.5-VL.
+
+        Example:
+            >>> out = model(**batch)             # a batch from training.collate.Collator
+            >>> out.loss
+        """
+        pixel_values, vision_features = inputs.pop("pixel_values", None), inputs.pop("vision_features", None)
+        geometry = {key: inputs.pop(key) for key in GEOMETRY_KEYS if inputs.get(key) is not None}
+        if geometry and len(geometry) != len(GEOMETRY_KEYS):
+            raise ValueError(f"the batch has geometry keys {sorted(geometry)} but not "
+                             f"{sorted(set(GEOMETRY_KEYS) - set(geometry))}; training.batch.ModelInputs has all or none")
+        for key in GEOMETRY_KEYS:
+            inputs.pop(key, None)
         if pixel_values is not None and (self.vision_cached or vision_features is not None):
             raise ValueError("pixel_values given, but " + (
                 "this model holds no vision blocks (built for cached vision features): pass vision_features"
                 if self.vision_cached else "vision_features too: pass one of them"))
         images = pixel_values is not None or vision_features is not None
-        if not images or inputs_embeds is not None or (vggt_source is None and vision_features is None):
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                   pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                   mm_token_type_ids=mm_token_type_ids, inputs_embeds=inputs_embeds, **kwargs)
+        input_ids, image_grid_thw = inputs.pop("input_ids", None), inputs.get("image_grid_thw")
+        if not images or inputs.get("inputs_embeds") is not None or (not geometry and vision_features is None):
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, **inputs)
         embeds = self.get_input_embeddings()(input_ids)
         if vision_features is not None:
             image_feats = self.cached_image_features(vision_features, image_grid_thw)
         else:
             image_feats = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-        if vggt_source is None:  # cached vision features without geometry
-            fused = list(image_feats)
-        else:
-            offsets = self.geometry_offsets(image_grid_thw, vggt_source, vggt_grid, vggt_images, vggt_features,
-                                            vggt_feature_frames, vggt_frames, vggt_frame_count)
-            fused = [img + off.to(img.dtype) for img, off in zip(image_feats, offsets)]
-        fused = torch.cat(fused).to(embeds.device, embeds.dtype)
+        fused = torch.cat(list(image_feats))
+        if geometry:
+            fused = fused + self.geometry_offsets(dict(geometry, image_grid_thw=image_grid_thw)).to(fused.dtype)
+        fused = fused.to(embeds.device, embeds.dtype)
         mask = (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(embeds)
         if int(mask[..., 0].sum()) != fused.shape[0]:
             raise ValueError(f"the batch has {int(mask[..., 0].sum())} image tokens but its images give "
                              f"{fused.shape[0]}")
-        embeds = embeds.masked_scatter(mask, fused)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                               pixel_values=None, image_grid_thw=image_grid_thw,
-                               mm_token_type_ids=mm_token_type_ids, inputs_embeds=embeds, **kwargs)
+        embeds = embeds.masked_scatter(mask, fused)  # the one scatter
+        inputs.pop("inputs_embeds", None)
+        return super().forward(input_ids=input_ids, pixel_values=None, inputs_embeds=embeds, **inputs)
 
 
 # Hub checkpoints of Qwen2.5-VL use the 4.x layout; give this class the stock class's renames.

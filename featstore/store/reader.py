@@ -34,7 +34,7 @@ from featstore.store.layout import (META_DB, PRIMARY_FEATURE_SET, check_feature_
                              features_db, list_feature_sets, open_env, read_manifest, resolve_store_path,
                              storage_dtype_of)
 
-__all__ = ["FeatureStore", "StoreView", "StoreSnapshot"]
+__all__ = ["FeatureStore", "StoreView", "StoreSnapshot", "ReadPlan"]
 
 logger = logging.getLogger("featstore")
 
@@ -657,10 +657,12 @@ class FeatureStore:
         with self._read_txn() as txn:
             values = self._values(txn, kbs, keys)
             for i, (kb, value) in enumerate(zip(kbs, values)):
-                if (frames is None and data_root is None and not self.verify_checksums
-                        and (out is None or rows is not None)):
-                    # Hot path: locate the tensor's bytes (metadata unparsed, known header
-                    # layouts not parsed again) and copy exactly those bytes into row i.
+                if not self.verify_checksums and (out is None or rows is not None):
+                    # Hot path: check the entry's frames by their stored bytes (and its sources
+                    # with `data_root`), locate the tensor's bytes (known header layouts not
+                    # parsed again) and copy exactly those bytes into row i.
+                    if frames is not None or data_root is not None:
+                        self._check_entry(kb, value, None if frames is None else frames[i], data_root)
                     try:
                         stored, shape, offset, nbytes = tensor_span(value, tensor, key=kb, memo=memo)
                     except KeyError:
@@ -721,6 +723,118 @@ class FeatureStore:
                                     "the entry was not written by featstore: run `featstore verify` and rebuild it")
         return torch.from_numpy(np.frombuffer(value, np.float32, nbytes // 4, offset).copy())
 
+    def _check_entry(self, kb: bytes, value, wanted: Sequence[str] | None, data_root) -> None:
+        """The checks `frames=` and `data_root=` ask for, on one entry, without decoding it.
+
+        The frame list is compared as bytes: the record `featstore build` writes for `wanted`
+        (`_frames_record`) must appear once as the header's `frames` metadata. When it does
+        not (another list, or a record written another way), the entry is decoded and checked
+        as a whole, so a miss raises exactly what `get(..., frames=)` raises. With `data_root`
+        only the metadata is parsed, for the `sources` record the freshness check compares."""
+        name = kb.decode()
+        if wanted is None or _stores_frames(value, _frames_record(wanted)):
+            if data_root is None:
+                return
+            meta = _header_metadata(value)
+            if meta is not None:
+                self._check_sources(name, Entry(tensors={}, metadata=meta), data_root)
+                return
+        entry = decode_entry(value, key=name)
+        if wanted is not None:
+            self._check_frames(name, entry, wanted)
+        if data_root is not None:
+            self._check_sources(name, entry, data_root)
+
+    def plan_read(self, keys: Iterable, *, tensor: str = "features", frames: Sequence[Sequence[str]] | None = None,
+                  data_root: str | os.PathLike | None = None, missing: str = "raise") -> "ReadPlan":
+        """Locate and check the `tensor` of each key inside the current `snapshot()` block,
+        copying nothing yet: the first half of a batch read whose output is sized from it.
+
+        A DataLoader worker that lays a whole batch into one buffer (training's batch slots)
+        needs the entries' shapes before it can size the buffer, and then wants each feature
+        byte copied once, straight into it: `plan_read` gives the shapes (and the misses),
+        `ReadPlan.copy_into` the one copy, both from the snapshot's one read transaction.
+
+        Args:
+            keys: the keys (entries may differ in shape).
+            tensor, frames, data_root: as for `read_into` (the frame lists are compared as
+                stored bytes; a list written another way is decoded and compared as a list).
+            missing: "raise" (MissingKeyError, or StaleEntryError, for the first key that
+                misses, as `read_into` raises) or "skip" (kept in `ReadPlan.errors`; the
+                other keys are planned).
+
+        Returns:
+            a `ReadPlan`, valid until the snapshot block ends.
+
+        Raises:
+            FeatstoreError: not inside a `snapshot()` block of this process and thread.
+            EntrySchemaError, CorruptEntryError: as `read_into` (not skipped).
+
+        Example:
+            >>> from featstore import FeatureStore
+            >>> store = FeatureStore("data/")
+            >>> with store.snapshot():
+            ...     plan = store.plan_read(["scene_a/000.jpg", "scene_b/000.jpg"])
+            ...     out = torch.empty(plan.numel(), dtype=plan.dtype)      # or a shared-memory slot
+            ...     a = plan.copy_into(0, out[:plan.numel(0)])               # one copy each
+            ...     b = plan.copy_into(1, out[plan.numel(0):])
+            >>> plan.shapes
+            [(1, 48, 128), (1, 48, 128)]
+            >>> store.close()
+        """
+        if missing not in ("raise", "skip"):
+            raise ValueError(f"missing must be 'raise' or 'skip'. Found {missing!r}")
+        keys = list(keys)
+        if frames is not None and len(frames) != len(keys):
+            raise ValueError(f"frames has {len(frames)} lists for {len(keys)} keys; pass one frame list per key")
+        kbs = [key_to_bytes(k) for k in keys]
+        self._environment()
+        txn = self._rec.pinned()
+        if txn is None:
+            raise FeatstoreError(f"{self._where}: plan_read needs a read scope: call it inside "
+                                 "`with store.snapshot():` and copy before the block ends")
+        quantised = tensor == "features" and is_quantised(storage_dtype_of(self._manifest))
+        errors: list = [None] * len(keys)
+        absent = [False] * len(keys)
+        values: list = []
+        for i, (kb, key) in enumerate(zip(kbs, keys)):  # every key looked up before any is checked
+            value = txn.get(kb, db=self._db)
+            if value is None:
+                errors[i], absent[i] = self._missing(key, txn), True
+                if missing == "raise":
+                    raise errors[i]
+            values.append(value)
+        if self.prefetch:
+            _prefetch(self._rec, [v for v in values if v is not None])
+        spans: list = [None] * len(keys)
+        memo: dict = {}
+        for i, (kb, value) in enumerate(zip(kbs, values)):
+            if value is None:
+                continue
+            try:
+                if self.verify_checksums:
+                    decode_entry(value, key=kb.decode(), verify=True)
+                if frames is not None or data_root is not None:
+                    self._check_entry(kb, value, None if frames is None else frames[i], data_root)
+            except MissingKeyError as e:
+                if missing == "raise":
+                    raise
+                errors[i], values[i] = e, None
+                continue
+            try:
+                span = tensor_span(value, tensor, key=kb, memo=memo)
+            except KeyError:
+                raise self._no_tensor(kb, value, tensor) from None
+            if quantised and span[0] != FP8_DTYPE:
+                raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {span[0]}, but the "
+                                        "store holds float8_e4m3fn features (its manifest says so); the entry was "
+                                        "not written by featstore: run `featstore verify` and rebuild it")
+            spans[i] = span
+        dtype = read_dtype(storage_dtype_of(self._manifest)) if quantised else None
+        plan = ReadPlan(self, txn, keys, kbs, values, spans, errors, dtype)
+        plan.absent = absent
+        return plan
+
     def get_many(self, keys: Iterable) -> list[Entry]:
         """Copies of the entries of `keys`, read in one transaction (entries may differ in shape).
 
@@ -753,6 +867,155 @@ class FeatureStore:
             for k, v in chunk:
                 yield k.decode("utf-8"), v
             last, skip_first = chunk[-1][0], True
+
+
+# The metadata mark featstore's encoder writes between a header's tensors and its metadata.
+_METADATA_MARK = b',"__metadata__":'
+_FRAMES_NAME = b'"frames":'
+
+
+def _frames_record(frames: Sequence[str]) -> bytes:
+    r"""The bytes of a `frames` metadata item as `featstore build` writes it for `frames` (the
+    list as JSON, `featstore.build.encode.unit_metadata`, then that string in the header's JSON).
+
+    Example:
+        >>> _frames_record(["a/0.jpg", "a/1.jpg"])
+        b'"frames":"[\\"a/0.jpg\\", \\"a/1.jpg\\"]"'
+    """
+    listed = json.dumps([normalize_key(f) for f in frames], ensure_ascii=False)
+    return _FRAMES_NAME + json.dumps(listed, ensure_ascii=False).encode("utf-8")
+
+
+def _header_bytes(value) -> bytes | None:
+    view = memoryview(value)
+    if len(view) < 8:
+        return None
+    n = int.from_bytes(view[:8], "little")
+    return bytes(view[8:8 + n]) if 8 + n <= len(view) else None
+
+
+def _stores_frames(value, record: bytes) -> bool:
+    """Whether the header of `value` holds `record` as its one `frames` metadata item (bytes only).
+
+    True is a verdict: inside a JSON string every quote is escaped, so `"frames":` can only be
+    a key, and `record` bounded by `{`/`,` and `,`/`}` is that key's whole value. False means
+    "not shown here" (another list, or one written another way): the caller decodes and compares."""
+    head = _header_bytes(value)
+    cut = -1 if head is None else head.find(_METADATA_MARK)
+    if cut < 0:
+        return False
+    meta = head[cut + len(_METADATA_MARK):]
+    at = meta.find(record)
+    end = at + len(record)
+    return (at > 0 and meta[at - 1:at] in (b"{", b",") and meta[end:end + 1] in (b",", b"}")
+            and meta.count(_FRAMES_NAME) == 1)
+
+
+def _header_metadata(value) -> dict | None:
+    """The `__metadata__` of a value's header (one JSON parse of the header, no tensor built),
+    or None when it is not a well-formed dict of strings (the caller then decodes in full)."""
+    head = _header_bytes(value)
+    try:
+        meta = json.loads(head).get("__metadata__", {}) if head is not None else None
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        return None
+    return meta
+
+
+class ReadPlan:
+    """The located, checked entries of one `FeatureStore.plan_read`, to copy out of the map.
+
+    Attributes:
+        keys: the keys, in the order given.
+        shapes: each entry's tensor shape ([frames, tokens, channels] for features), None for a
+            key that missed (under ``missing="skip"``).
+        errors: the MissingKeyError (StaleEntryError, ...) of each key that missed, else None.
+        absent: per key, whether it missed because it has no entry at all (`read_into` raises
+            those first: it looks every key up before it checks any entry).
+        dtype: what `copy_into` writes: the stored dtype, bfloat16 for an fp8 store's features.
+
+    Valid only inside the snapshot block it was planned in: `copy_into` refuses afterwards
+    (the views it copies from belong to that block's read transaction).
+    """
+
+    def __init__(self, store: FeatureStore, txn, keys, kbs, values, spans, errors, dtype):
+        self._store, self._txn, self._kbs, self._values, self._spans = store, txn, kbs, values, spans
+        self.keys, self.errors = keys, errors
+        self.absent = [False] * len(keys)
+        self.shapes = [None if s is None else tuple(s[1]) for s in spans]
+        stored = next((s[0] for s in spans if s is not None), None)
+        self.dtype = dtype or stored
+        self._quantised = dtype is not None
+
+    def numel(self, i: int | None = None) -> int:
+        """Elements of entry `i` (0 for a miss), or of all entries when `i` is None."""
+        if i is None:
+            return sum(self.numel(j) for j in range(len(self.keys)))
+        shape = self.shapes[i]
+        return 0 if shape is None else int(np.prod(shape, dtype=np.int64))
+
+    def copy_into(self, i: int, out: torch.Tensor, rows=None) -> torch.Tensor:
+        """Copy entry `i`'s tensor into `out`, the one copy out of the map (an fp8 store's
+        codes dequantised on the way).
+
+        Args:
+            i: the entry (a planned key, not a miss).
+            out: a contiguous CPU tensor of `dtype` with as many elements as the rows copied
+                (any shape: it is filled as [rows, channels]); e.g. a view into shared memory.
+            rows: None (the whole tensor, in order) or an int64 numpy array of token rows of
+                the tensor seen as [frames * tokens, channels], copied in that order (a gather:
+                e.g. training's merger order, which also leaves out the rows of an odd grid's
+                last row and column).
+
+        Returns:
+            `out`.
+
+        Raises:
+            FeatstoreError: the snapshot block of the plan has ended.
+            ValueError: entry `i` missed, or `out` does not fit.
+        """
+        store, span = self._store, self._spans[i]
+        if store._rec is None or store._rec.pinned() is not self._txn or store._pid != os.getpid():
+            raise FeatstoreError(f"{store._where}: this read plan's snapshot block has ended; plan and copy "
+                                 "inside one `with store.snapshot():` block")
+        if span is None:
+            raise ValueError(f"key {self.keys[i]!r} missed ({self.errors[i]}); it has nothing to copy")
+        stored, shape, offset, nbytes = span
+        channels = shape[-1] if shape else 1
+        total = nbytes // stored.itemsize // max(channels, 1)
+        count = total if rows is None else len(rows)
+        if rows is not None and count and (int(rows.min()) < 0 or int(rows.max()) >= total):
+            raise ValueError(f"rows index {total} rows of key {self.keys[i]!r}: values from {int(rows.min())} "
+                             f"to {int(rows.max())} lie outside")
+        if (out.device.type != "cpu" or not out.is_contiguous() or out.dtype != self.dtype
+                or out.numel() != count * channels):
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; key {self.keys[i]!r} needs "
+                             f"{count} x {channels} {self.dtype} elements, contiguous on the CPU")
+        if count == 0:
+            return out
+        value, kb = self._values[i], self._kbs[i]
+        if stored != self.dtype and not self._quantised:
+            raise ValueError(f"entry {kb.decode()!r} holds {stored} but the plan's other entries {self.dtype}; "
+                             "plan entries of one dtype")
+        flat = out.view(count, channels)
+        if not self._quantised:
+            src = np.frombuffer(value, np.uint8, nbytes, offset).reshape(total, -1)
+            dst = flat.view(torch.uint8).numpy()
+            if rows is None:
+                np.copyto(dst, src)  # the one copy
+            else:  # the one copy, gathering rows ("clip": bounds checked above, so unbuffered)
+                np.take(src, rows, axis=0, out=dst, mode="clip")
+            return out
+        # fp8: codes x per-token scale, written once into `out` (a gather first takes the
+        # codes' rows, a quarter of the output's bytes for bf16, into a temporary).
+        codes = np.frombuffer(value, np.uint8, nbytes, offset).reshape(total, channels)
+        scale = store._scale(value, kb).reshape(-1)
+        if rows is not None:
+            codes, scale = np.take(codes, rows, axis=0), scale[torch.tensor(rows)]
+        dequantize_into(codes, scale.reshape(-1, 1), flat)
+        return out
 
 
 def feature_set_names(path: str | os.PathLike) -> list[str]:
