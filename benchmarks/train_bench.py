@@ -62,6 +62,7 @@ from _step_timing import GIB, BudgetExceeded, StepClock, alarm_at, install_hooks
 from _step_timing import batch_bytes, run_paired, timed_online_vggt  # noqa: E402
 from _train_report import write_outputs  # noqa: E402
 
+from featstore.encoders import stored_channels  # noqa: E402
 from training.trainer import STAT_KEYS  # noqa: E402
 
 MODES = ("floor", "cached", "online_full", "online_causal_stream", "vision_cached")
@@ -227,7 +228,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         train_args = train_args or t_args
     spec = specs["cached"]
     config = inputs_mod.model_config(tokenizer, smoke=a.smoke)
-    setattr(config, GEOMETRY_CONFIG_KEY, geometry_config(2 * int(spec.config["embed_dim"])))
+    setattr(config, GEOMETRY_CONFIG_KEY, geometry_config(stored_channels(spec)))
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLWithGeometry._from_config(config, dtype=dtype)

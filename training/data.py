@@ -38,9 +38,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from featstore.encoders import frames_stored
 from featstore.encoders.preprocess import qwen_view
 from featstore.errors import MissingKeyError, StaleEntryError
 from featstore.build.plan import describe_skipped, plan_samples
+from training.merger import merged_grid
 from training.batch import SOURCE_FEATURES, SOURCE_FRAMES, SOURCE_NONE
 from training.vggt_online import read_unit_frames
 
@@ -227,7 +229,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _qwen_grid(self, h: int, w: int, where: str) -> tuple:
         """(hh, ww): the merged Qwen grid of a VGGT patch grid h x w (trimmed to even, halved)."""
-        hh, ww = h // 2, w // 2
+        hh, ww = merged_grid(h, w)
         if hh == 0 or ww == 0:
             raise DataError(f"{where}: the VGGT grid {h}x{w} is smaller than 2x2 patches: no Qwen token fits; use a "
                             "larger --vggt_target_size, or remove the image from the annotations")
@@ -338,7 +340,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             item["computed"] = 1
             return False
         shape, num_frames = plan.shapes[j], p.unit.num_frames
-        kept = num_frames if self.spec.frames_kept == "all" else 1
+        kept = frames_stored(self.spec, num_frames)
         if len(shape) != 3 or shape[0] != kept or shape[1] != p.h * p.w:
             raise CacheMissError(
                 f"{p.where}: stored features for key {p.unit.key!r} have shape {shape}, expected "

@@ -37,6 +37,7 @@ reports the dropped modules' keys as unexpected; missing keys are unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Tuple, Unpack
 
 import torch
@@ -46,7 +47,7 @@ from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
                                              register_checkpoint_conversion_mapping)
 
 from training.batch import GEOMETRY_KEYS, SOURCE_FEATURES, SOURCE_FRAMES, ModelInputs
-from training.merger import GeometryMerger, merger_rows
+from training.merger import GeometryMerger, merged_grid, merger_rows
 
 __all__ = ["Qwen2_5_VLWithGeometry", "GEOMETRY_CONFIG_KEY", "VISION_CACHED_CONFIG_KEY", "geometry_config",
            "set_trainable", "vggt_parameter_count", "vision_block_parameter_count"]
@@ -126,7 +127,7 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
         feats_at = frames_at = 0
         for i, source in enumerate(sources):
             h, w = grids[i]
-            merged = (h // 2) * (w // 2)
+            merged = math.prod(merged_grid(h, w))
             if source == 0:
                 continue
             if source == SOURCE_FEATURES:

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 
+from featstore.encoders import stored_channels
 from featstore.errors import FeatstoreError
 from training.args import ArgumentError, parse_args, resolve_vggt
 from training.data import Collator, ConversationDataset, DataError
@@ -320,7 +321,7 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
 
         for line in plan_notes(plan_of_manifest(store.manifest), data_args.data_root, data_args.annotations):
             logger.info(f"featstore plan: {line}")
-    geometry = geometry_config(2 * int(spec.config["embed_dim"]), hidden=model_args.vggt_merger_hidden,
+    geometry = geometry_config(stored_channels(spec), hidden=model_args.vggt_merger_hidden,
                                fusion=settings.fusion, scale=settings.scale)
     # bf16 weights under --bf16, float32 otherwise: as VG-LLM and JanusVLN load their model.
     model = build_model(model_args.model_name_or_path, tokenizer, geometry, seed=train_args.seed,
