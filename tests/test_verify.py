@@ -12,9 +12,9 @@ import torch
 
 from _featstore_helpers import (features_for, make_data_root, flip_byte_in_value, key_of, make_images, make_store, run_cli,
                                 tiny_spec, write_source, entry_metadata, died_of_signal)
-from featstore.errors import CorruptEntryError, FeatstoreError
+from featstore.errors import CorruptEntryError, FeatstoreError, ManifestError
 from featstore.store.reader import FeatureStore
-from featstore.store.layout import MANIFEST_KEY, META_DB
+from featstore.store.layout import LAST_BUILD_KEY, MANIFEST_KEY, META_DB
 from featstore.ops.compare import compare_features
 from featstore.ops.verify import verify_store
 from featstore.store.writer import StoreWriter
@@ -186,6 +186,30 @@ def test_incomplete_build_and_failed_units(tmp_path):
     assert "build" not in report.counts()
     assert report.keys_with("failed") == ["bad/x.jpg"]
     assert "truncated JPEG" in report.summary()
+
+
+def test_a_damaged_last_build_report_is_a_manifest_finding_and_a_clear_error(tmp_path):
+    root = str(tmp_path)
+    make_store(root, n=3)
+    store = store_of(root)
+    with StoreWriter(store, handle_signals=False) as w:
+        w.finish(report={"failed": [{"key": "bad/x.jpg", "error": "truncated JPEG"}]})
+    with FeatureStore(store) as fs:
+        assert fs.last_build()["failed"] == [{"key": "bad/x.jpg", "error": "truncated JPEG"}]
+    env = lmdb.open(store, max_dbs=8, subdir=True)
+    try:
+        with env.begin(write=True, db=env.open_db(META_DB)) as txn:
+            txn.put(LAST_BUILD_KEY, b'{"failed": [')
+    finally:
+        env.close()
+    report = verify_store(root)
+    assert [f.message for f in report.problems] == ["the last build report is not valid JSON"]
+    with FeatureStore(store) as fs, pytest.raises(ManifestError, match="the last build report is not valid JSON"):
+        fs.last_build()
+    r = run_cli("info", root)
+    assert r.returncode == 2 and r.stderr == (f"featstore info: error: {store}: the last build report is not valid "
+                                              "JSON; the store is damaged: run `featstore verify`, rebuild the set or "
+                                              "restore the store\n")
 
 
 # -- sources and plan --------------------------------------------------------------------------
