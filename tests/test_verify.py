@@ -10,7 +10,7 @@ import lmdb
 import pytest
 import torch
 
-from _featstore_helpers import (features_for, make_data_root, flip_byte_in_value, key_of, make_images, make_store, run_cli,
+from _featstore_helpers import (core_spec, features_for, make_data_root, flip_byte_in_value, key_of, make_images, make_store, run_cli,
                                 tiny_spec, write_source, entry_metadata, died_of_signal)
 from featstore.errors import CorruptEntryError, FeatstoreError, ManifestError
 from featstore.store.reader import FeatureStore
@@ -158,6 +158,26 @@ def test_wrong_dtype_shape_and_fingerprint_are_named(root):
     assert report.keys_with("shape") == ["extra/b.jpg"]
     assert report.keys_with("fingerprint") == ["extra/c.jpg"]
     assert "expected [1, 48, 128]" in next(f.message for f in report.problems if f.kind == "shape")
+
+
+def test_the_channel_check_asks_the_encoder_family(tmp_path, monkeypatch):
+    # A family whose stored channels are 3 x embed_dim (not VGGT's 2 x): verify takes the
+    # registry's stored-shape rule, so the family's own entries pass and a 2 x one is named.
+    from featstore.encoders import registry
+
+    spec = core_spec(encoder="test-triple")  # embed_dim 32
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_encoder("test-triple", lambda **kw: None, spec=lambda **kw: spec,
+                              shape=lambda s, w, h, n: (n, 4, 3 * s.config["embed_dim"]))
+    store = str(tmp_path / "store.lmdb")
+    with StoreWriter(store, spec=spec.to_dict(), handle_signals=False) as w:
+        for key, channels in (("a.jpg", 96), ("b.jpg", 64)):
+            meta = entry_metadata([key], [{"size": 1, "mtime_ns": 1}], grid=(2, 2), fingerprint=spec.fingerprint())
+            w.put(key, {"features": torch.ones(1, 4, channels, dtype=torch.bfloat16)}, meta)
+        w.finish()
+    report = verify_store(store)
+    assert [(f.kind, f.key) for f in report.problems] == [("shape", "b.jpg")]
+    assert "features shape [1, 4, 64], expected [1, 4, 96]" in report.problems[0].message
 
 
 def test_manifest_disagreeing_with_entries(root):
