@@ -18,9 +18,10 @@ import os
 import sys
 from typing import Iterator
 
-from featstore.cli import STORE_HELP, store_path_arg
+from featstore.cli import add_output_arguments, add_store_arguments, store_path_arg
 from featstore.errors import CorruptEntryError, FeatstoreError, FeatureSetNotFoundError
 from featstore.format.keys import key_kind
+from featstore.ops.labels import labelled
 from featstore.contract.naming import PRIMARY_FEATURE_SET
 from featstore.store.layout import resolve_store_path, storage_dtype_of
 
@@ -164,11 +165,9 @@ Examples:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
-    p.add_argument("--data-root", help="the images' folder: the store is DATA_ROOT/vggt_features.lmdb (instead "
-                   "of STORE)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (every manifest field, the last "
-                   "build reports) on stdout instead of the text summary; for scripts")
+    add_store_arguments(p, "the images' folder: the store is DATA_ROOT/vggt_features.lmdb (instead of STORE)")
+    add_output_arguments(p, "print one JSON object (every manifest field, the last build reports) on stdout instead "
+                         "of the text summary; for scripts", progress=False)
     p.add_argument("--keys", action="store_true", help="list the keys of one feature set instead of the summary, "
                    "one per line in key order (streamed: any store size); with --json, one object {\"keys\": [...]}")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="with --keys: the first N keys only "
@@ -194,10 +193,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"store        {info['path']}")
     sets = info["feature_sets"]
-    labelled = [s["name"] for s in sets] != [PRIMARY_FEATURE_SET]
+    named = labelled(s["name"] for s in sets)
     for one in sets:
-        _print_set(one, info["file_bytes"], labelled)
-    if labelled:
+        _print_set(one, info["file_bytes"], named)
+    if named:
         print(f"file         {human_bytes(info['file_bytes'])} on disk, {len(sets)} feature set(s): "
               + ", ".join(f"{s['name']} ({s['entries']} entries, {s['state']})" for s in sets))
     return 0
