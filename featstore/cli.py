@@ -1,4 +1,6 @@
-"""The `featstore` command line: parse, then hand off to one module per subcommand."""
+"""The `featstore` command line: parse, then hand off to one module per subcommand (`COMMANDS`);
+and the options the subcommands share, defined once (the store, --annotations, --feature-set,
+--no-progress and --json)."""
 
 from __future__ import annotations
 
