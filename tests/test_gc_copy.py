@@ -131,6 +131,30 @@ def test_copy_refuses_to_overwrite(root, tmp_path):
         copy_store(root, str(empty))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["copy", "only_dst"], "copy takes SRC DST, or --data-root DATA_ROOT DST. Found ['only_dst'] with --data-root None"),
+    (["copy", "--data-root", "d", "a", "b"], "copy takes SRC DST, or --data-root DATA_ROOT DST. Found ['a', 'b'] with "
+                                             "--data-root d"),
+    (["merge", "out.lmdb"], "merge takes OUT SHARD [SHARD ...], or --data-root DATA_ROOT SHARD [...]. Found "
+                            "['out.lmdb']"),
+])
+def test_copy_and_merge_name_their_paths_or_say_how(argv, message, capsys):
+    from featstore.cli import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"featstore {argv[0]}: error: {message}\n"
+
+
+def test_copy_with_data_root_copies_the_store_build_made_there(root, tmp_path, capsys):
+    from featstore.cli import main
+
+    dst = str(tmp_path / "copy.lmdb")
+    assert main(["copy", "--data-root", root, dst, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"featstore copy: 30 entries {os.path.join(root, 'vggt_features.lmdb')} -> {dst} (")
+    assert read_store(dst).keys() == read_store(root).keys()
+
+
 def test_copy_refuses_an_incomplete_build(tmp_path):
     make_store(str(tmp_path), n=4, finish=False)
     with pytest.raises(FeatstoreError, match="in_progress"):

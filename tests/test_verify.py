@@ -10,11 +10,11 @@ import lmdb
 import pytest
 import torch
 
-from _featstore_helpers import (features_for, make_data_root, flip_byte_in_value, key_of, make_images, make_store, run_cli,
+from _featstore_helpers import (core_spec, features_for, make_data_root, flip_byte_in_value, key_of, make_images, make_store, run_cli,
                                 tiny_spec, write_source, entry_metadata, died_of_signal)
-from featstore.errors import CorruptEntryError, FeatstoreError
+from featstore.errors import CorruptEntryError, FeatstoreError, ManifestError
 from featstore.store.reader import FeatureStore
-from featstore.store.layout import MANIFEST_KEY, META_DB
+from featstore.store.layout import LAST_BUILD_KEY, MANIFEST_KEY, META_DB
 from featstore.ops.compare import compare_features
 from featstore.ops.verify import verify_store
 from featstore.store.writer import StoreWriter
@@ -160,6 +160,26 @@ def test_wrong_dtype_shape_and_fingerprint_are_named(root):
     assert "expected [1, 48, 128]" in next(f.message for f in report.problems if f.kind == "shape")
 
 
+def test_the_channel_check_asks_the_encoder_family(tmp_path, monkeypatch):
+    # A family whose stored channels are 3 x embed_dim (not VGGT's 2 x): verify takes the
+    # registry's stored-shape rule, so the family's own entries pass and a 2 x one is named.
+    from featstore.encoders import registry
+
+    spec = core_spec(encoder="test-triple")  # embed_dim 32
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_encoder("test-triple", lambda **kw: None, spec=lambda **kw: spec,
+                              shape=lambda s, w, h, n: (n, 4, 3 * s.config["embed_dim"]))
+    store = str(tmp_path / "store.lmdb")
+    with StoreWriter(store, spec=spec.to_dict(), handle_signals=False) as w:
+        for key, channels in (("a.jpg", 96), ("b.jpg", 64)):
+            meta = entry_metadata([key], [{"size": 1, "mtime_ns": 1}], grid=(2, 2), fingerprint=spec.fingerprint())
+            w.put(key, {"features": torch.ones(1, 4, channels, dtype=torch.bfloat16)}, meta)
+        w.finish()
+    report = verify_store(store)
+    assert [(f.kind, f.key) for f in report.problems] == [("shape", "b.jpg")]
+    assert "features shape [1, 4, 64], expected [1, 4, 96]" in report.problems[0].message
+
+
 def test_manifest_disagreeing_with_entries(root):
     _edit_manifest(store_of(root), entries=21, bytes=5)
     report = verify_store(root)
@@ -186,6 +206,30 @@ def test_incomplete_build_and_failed_units(tmp_path):
     assert "build" not in report.counts()
     assert report.keys_with("failed") == ["bad/x.jpg"]
     assert "truncated JPEG" in report.summary()
+
+
+def test_a_damaged_last_build_report_is_a_manifest_finding_and_a_clear_error(tmp_path):
+    root = str(tmp_path)
+    make_store(root, n=3)
+    store = store_of(root)
+    with StoreWriter(store, handle_signals=False) as w:
+        w.finish(report={"failed": [{"key": "bad/x.jpg", "error": "truncated JPEG"}]})
+    with FeatureStore(store) as fs:
+        assert fs.last_build()["failed"] == [{"key": "bad/x.jpg", "error": "truncated JPEG"}]
+    env = lmdb.open(store, max_dbs=8, subdir=True)
+    try:
+        with env.begin(write=True, db=env.open_db(META_DB)) as txn:
+            txn.put(LAST_BUILD_KEY, b'{"failed": [')
+    finally:
+        env.close()
+    report = verify_store(root)
+    assert [f.message for f in report.problems] == ["the last build report is not valid JSON"]
+    with FeatureStore(store) as fs, pytest.raises(ManifestError, match="the last build report is not valid JSON"):
+        fs.last_build()
+    r = run_cli("info", root)
+    assert r.returncode == 2 and r.stderr == (f"featstore info: error: {store}: the last build report is not valid "
+                                              "JSON; the store is damaged: run `featstore verify`, rebuild the set or "
+                                              "restore the store\n")
 
 
 # -- sources and plan --------------------------------------------------------------------------

@@ -167,8 +167,11 @@ def stored_channels(spec: EncoderSpec) -> int:
     """C, the channels of one stored token of `spec`'s family (VGGT: 2 x embed_dim, the frame-
     and global-attention outputs side by side; Qwen vision: hidden_size).
 
+    A family that registered only a `shape` hook gets the C of its shape rule.
+
     Raises:
-        EncoderError: `spec.encoder` is not registered in this process (its family is unknown).
+        EncoderError: `spec.encoder` is not registered in this process (its family is unknown),
+            or registered neither a channels nor a shape rule.
 
     Example:
         >>> from featstore.encoders import resolve_spec, stored_channels
@@ -176,6 +179,10 @@ def stored_channels(spec: EncoderSpec) -> int:
         (128, 32)
     """
     entry = _registered(spec.encoder)
+    if entry.channels is None and entry.shape is not None:
+        # A family with only a stored-shape rule: its channels do not depend on the image size.
+        size = spec.preprocess.target_size
+        return int(entry.shape(spec, size, size, 1)[2])
     if entry.channels is None:
         raise EncoderError(f"encoder {spec.encoder!r} registers no channels rule; register it with "
                            "register_encoder(..., channels=lambda spec: C), the channels of one stored token")

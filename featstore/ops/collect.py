@@ -24,11 +24,11 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from featstore.cli import STORE_HELP, add_annotations_argument, store_path_arg
+from featstore.cli import (add_annotations_argument, add_feature_set_filter, add_output_arguments, add_store_arguments,
+                           shows_progress, store_path_arg)
 from featstore.errors import FeatstoreError
-from featstore.progress import NO_PROGRESS_HELP
-from featstore.store.layout import PRIMARY_FEATURE_SET
-from featstore.ops.verify import Report, verify_store
+from featstore.ops.labels import labelled, set_note
+from featstore.ops.verify import Report, plan_unit_of, verify_store
 
 __all__ = ["GcResult", "collect_garbage", "configure_parser", "run", "EXAMPLES"]
 
@@ -120,7 +120,7 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
                              "repair it: restore a copy or rebuild")
     building = [name for name, sub in report.feature_sets.items() if sub.counts().get("build")]
     if building and not force:
-        sets = "" if building == [PRIMARY_FEATURE_SET] else f" (feature set {', '.join(building)})"
+        sets = f" (feature set {', '.join(building)})" if labelled(building) else ""
         raise FeatstoreError(f"{report.path}: its build is in progress (or was killed){sets}; let `featstore build` "
                              "finish first, or pass --force")
     reasons = _REMOVABLE + (("unplanned",) if unplanned else ())
@@ -146,7 +146,7 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
                                      if result.feature_sets[name][r])
             announce(f"featstore gc: removing {len(keys)} entries ({reasons_here}), "
                      f"{_value_bytes(report.path, name, keys) / 1e6:.1f} MB of values, from "
-                     f"{report.path}" + ("" if name == PRIMARY_FEATURE_SET else f" (feature set {name!r})"))
+                     f"{report.path}{set_note(name)}")
         was_complete = (report.feature_sets[name].manifest or {}).get("build", {}).get("state") == "complete"
         # No encoder: the set's manifest spec stays; the store's other sets are not touched.
         writer = StoreWriter(report.path, feature_set=name, handle_signals=False)
@@ -164,23 +164,15 @@ def collect_garbage(store, *, feature_set=None, data_root=None, annotations=None
 
 
 def _unit_of_set(report: Report, name: str) -> str:
-    from featstore.ops.verify import plan_unit_of
-
     return plan_unit_of(report.feature_sets[name].manifest or {}, name) or "sequence"
 
 
 def _value_bytes(path: str, feature_set: str, keys: list[str]) -> int:
     """Sum of the stored value sizes of `keys` (what deleting them frees), from one read transaction."""
-    from featstore.format.keys import key_to_bytes
-    from featstore.store.layout import features_db, open_env
+    from featstore.store.reader import FeatureStore
 
-    env = open_env(path, readonly=True, lock=False)
-    try:
-        db = env.open_db(features_db(feature_set), create=False)
-        with env.begin(db=db, buffers=True) as txn:
-            return sum(len(v) for v in (txn.get(key_to_bytes(k)) for k in keys) if v is not None)
-    finally:
-        env.close()
+    with FeatureStore(path, feature_set=feature_set) as store:
+        return sum(len(v) for _, v in store.raw_values(keys) if v is not None)
 
 
 def _replace_plan(report: Report, name: str, record: dict) -> None:
@@ -207,11 +199,9 @@ Examples:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
-    p.add_argument("--data-root", help="the images' folder (needed unless STORE is the data root): orphans and "
-                   "stale entries are found against it")
-    p.add_argument("--feature-set", action="append", metavar="NAME", help="collect only this feature set "
-                   "(repeat for several; default: every set of the store)")
+    add_store_arguments(p, "the images' folder (needed unless STORE is the data root): orphans and stale entries "
+                        "are found against it")
+    add_feature_set_filter(p, "collect")
     add_annotations_argument(p, "training's annotation files: a plan for --unplanned, as for build, kept beside "
                              "the plan the store records. Default: the recorded plan (a store that records none: "
                              "a scan of the data root, one unit per image)", store_may_follow=True)
@@ -226,24 +216,23 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
     p.add_argument("--force", action="store_true", help="run even while the store's build is in progress (or "
                    "after it was killed); usually let the build finish first (default off)")
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    p.add_argument("--json", action="store_true", help="print one JSON object (every key by reason, per feature "
-                   "set) on stdout instead of the listing")
+    add_output_arguments(p, "print one JSON object (every key by reason, per feature set) on stdout instead of the "
+                         "listing")
 
 
 def run(args: argparse.Namespace) -> int:
     result = collect_garbage(store_path_arg(args.store, args.data_root), feature_set=args.feature_set,
                              data_root=args.data_root, annotations=args.annotations, deep=args.deep,
                              unplanned=args.unplanned, replace_plan=args.replace_plan, dry_run=args.dry_run,
-                             force=args.force, progress=not args.no_progress and not args.json,
+                             force=args.force, progress=shows_progress(args),
                              announce=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    labelled = set(result.feature_sets) != {PRIMARY_FEATURE_SET}
+    named = labelled(result.feature_sets)
     total = 0
     for name, by_reason in result.feature_sets.items():
-        prefix = f"[{name}] " if labelled else ""
+        prefix = f"[{name}] " if named else ""
         for reason, keys in by_reason.items():
             total += len(keys)
             for k in keys[:50]:

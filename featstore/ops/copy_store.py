@@ -21,10 +21,10 @@ import shutil
 import threading
 import time
 
-from featstore.cli import store_path_arg
+from featstore.cli import add_output_arguments, add_store_arguments, leading_store, shows_progress
+from featstore.contract.naming import feature_set_label
 from featstore.errors import FeatstoreError, StoreFullError
-from featstore.progress import NO_PROGRESS_HELP
-from featstore.store.layout import feature_set_label
+from featstore.ops.labels import labelled
 
 __all__ = ["copy_store", "configure_parser", "run", "EXAMPLES"]
 
@@ -94,10 +94,9 @@ def copy_store(src, dst, *, allow_incomplete: bool = False, verify: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:
-            env = next(iter(stores.values()))._environment()  # one environment: every set's
             try:
                 with _watch_size(os.path.join(tmp, "data.mdb"), need, progress):
-                    env.copy(tmp, compact=True)
+                    next(iter(stores.values())).copy_to(tmp, compact=True)  # one LMDB file: every set's
             except lmdb.Error as e:
                 if "No space" in str(e) or "ENOSPC" in str(e) or "Input/output" in str(e):
                     raise StoreFullError(f"{dst}: copy failed, the disk of {parent} is full or failing ({e}); "
@@ -196,36 +195,31 @@ Examples:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="[SRC] DST",
-                   help="SRC: the store, or a data root holding vggt_features.lmdb (leave it out with "
-                   "--data-root); DST: the new store directory (must not exist, or be empty)")
-    p.add_argument("--data-root", help="copy DATA_ROOT/vggt_features.lmdb (the store build made there) instead "
-                   "of SRC")
+    add_store_arguments(p, "copy DATA_ROOT/vggt_features.lmdb (the store build made there) instead of SRC",
+                        paths=("paths", "[SRC] DST", "SRC: the store, or a data root holding vggt_features.lmdb "
+                               "(leave it out with --data-root); DST: the new store directory (must not exist, or "
+                               "be empty)"))
     p.add_argument("--allow-incomplete", action="store_true",
                    help="copy even while the build is in progress (a snapshot of what is committed; the copy "
                    "says in_progress too). Default: refused, finish the build first")
     p.add_argument("--verify", action="store_true", help="verify every entry's checksum in the copy (reads it "
                    "once more; default off: the copy is checked for its manifests and entry counts only)")
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    p.add_argument("--json", action="store_true", help="print one JSON object (paths, entries per feature set, "
-                   "sizes, seconds, the verify report) on stdout instead of the summary line")
+    add_output_arguments(p, "print one JSON object (paths, entries per feature set, sizes, seconds, the verify "
+                         "report) on stdout instead of the summary line")
 
 
 def run(args: argparse.Namespace) -> int:
-    if len(args.paths) == 2 and args.data_root is None:
-        src, dst = args.paths
-    elif len(args.paths) == 1 and args.data_root is not None:
-        src, dst = store_path_arg(None, args.data_root), args.paths[0]
-    else:
+    src, rest = leading_store(args.paths, args.data_root)
+    if src is None or len(rest) != 1:
         raise FeatstoreError(f"copy takes SRC DST, or --data-root DATA_ROOT DST. Found {args.paths} "
                              f"with --data-root {args.data_root}")
-    result = copy_store(src, dst, allow_incomplete=args.allow_incomplete, verify=args.verify,
-                        progress=not args.no_progress and not args.json)
+    result = copy_store(src, rest[0], allow_incomplete=args.allow_incomplete, verify=args.verify,
+                        progress=shows_progress(args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         sets = result["feature_sets"]
-        per_set = f" ({', '.join(f'{k} {v}' for k, v in sets.items())})" if set(sets) != {"vggt"} else ""
+        per_set = f" ({', '.join(f'{k} {v}' for k, v in sets.items())})" if labelled(sets) else ""
         print(f"featstore copy: {result['entries']} entries{per_set} {result['src']} -> {result['dst']} "
               f"({result['src_bytes'] / 1e6:.1f} MB -> {result['dst_bytes'] / 1e6:.1f} MB compacted, "
               f"{result['seconds']:.1f} s)" + (", verified" if args.verify else ""))

@@ -18,10 +18,12 @@ import os
 import sys
 from typing import Iterator
 
-from featstore.cli import STORE_HELP, store_path_arg
+from featstore.cli import add_output_arguments, add_store_arguments, store_path_arg
 from featstore.errors import CorruptEntryError, FeatstoreError, FeatureSetNotFoundError
 from featstore.format.keys import key_kind
-from featstore.store.layout import META_DB, PRIMARY_FEATURE_SET, last_build_key, resolve_store_path, storage_dtype_of
+from featstore.ops.labels import labelled
+from featstore.contract.naming import PRIMARY_FEATURE_SET
+from featstore.store.layout import resolve_store_path, storage_dtype_of
 
 __all__ = ["store_info", "iter_keys", "configure_parser", "run", "EXAMPLES"]
 
@@ -118,25 +120,19 @@ def _set_info(store, max_scan: int) -> dict:
         shapes: collections.Counter = collections.Counter()
         corrupt: list[str] = []
         scanned = 0
-        with store._read_txn() as txn:  # the snapshot's; values are views, only headers are parsed
-            for key, value in txn.cursor(db=store._db):
-                if scanned >= max_scan:
-                    break
-                try:
-                    entry = decode_entry(value, key=bytes(key).decode())
-                except CorruptEntryError as e:
-                    # Summarise, don't stop: `featstore verify` is the tool that judges a store.
-                    corrupt.append(str(e))
-                    scanned += 1
-                    continue
-                for name, t in entry.tensors.items():
-                    shapes[f"{name} {str(t.dtype).replace('torch.', '')} {list(t.shape)}"] += 1
-                scanned += 1
-            cur = txn.cursor(db=store._db)
-            first_keys = [bytes(k).decode("utf-8", "replace")
-                          for k in itertools.islice(cur.iternext(keys=True, values=False), _KIND_SAMPLE)]
-            raw = txn.get(last_build_key(store.feature_set), db=store._env.open_db(META_DB, create=False))
-            last_build = json.loads(bytes(raw)) if raw else None
+        # Values are views of the snapshot's transaction; only their headers are parsed.
+        for key, value in itertools.islice(store.raw_values(), max_scan):
+            scanned += 1
+            try:
+                entry = decode_entry(value, key=key.decode())
+            except CorruptEntryError as e:
+                # Summarise, don't stop: `featstore verify` is the tool that judges a store.
+                corrupt.append(str(e))
+                continue
+            for name, t in entry.tensors.items():
+                shapes[f"{name} {str(t.dtype).replace('torch.', '')} {list(t.shape)}"] += 1
+        first_keys = [k.decode("utf-8", "replace") for k in store.raw_keys(limit=_KIND_SAMPLE)]
+        last_build = store.last_build()
         entries = len(store)
     return {
         "name": store.feature_set,
@@ -169,11 +165,9 @@ Examples:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", nargs="?", default=None, metavar="STORE", help=STORE_HELP)
-    p.add_argument("--data-root", help="the images' folder: the store is DATA_ROOT/vggt_features.lmdb (instead "
-                   "of STORE)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (every manifest field, the last "
-                   "build reports) on stdout instead of the text summary; for scripts")
+    add_store_arguments(p, "the images' folder: the store is DATA_ROOT/vggt_features.lmdb (instead of STORE)")
+    add_output_arguments(p, "print one JSON object (every manifest field, the last build reports) on stdout instead "
+                         "of the text summary; for scripts", progress=False)
     p.add_argument("--keys", action="store_true", help="list the keys of one feature set instead of the summary, "
                    "one per line in key order (streamed: any store size); with --json, one object {\"keys\": [...]}")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="with --keys: the first N keys only "
@@ -199,10 +193,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"store        {info['path']}")
     sets = info["feature_sets"]
-    labelled = [s["name"] for s in sets] != [PRIMARY_FEATURE_SET]
+    named = labelled(s["name"] for s in sets)
     for one in sets:
-        _print_set(one, info["file_bytes"], labelled)
-    if labelled:
+        _print_set(one, info["file_bytes"], named)
+    if named:
         print(f"file         {human_bytes(info['file_bytes'])} on disk, {len(sets)} feature set(s): "
               + ", ".join(f"{s['name']} ({s['entries']} entries, {s['state']})" for s in sets))
     return 0

@@ -13,10 +13,11 @@ import argparse
 import json
 import sys
 
-from featstore.cli import store_path_arg
+from featstore.cli import add_output_arguments, add_store_arguments, leading_store, shows_progress
+from featstore.contract.naming import PRIMARY_FEATURE_SET, feature_set_label
 from featstore.errors import FeatstoreError, MergeConflictError
-from featstore.progress import NO_PROGRESS_HELP
-from featstore.store.layout import PRIMARY_FEATURE_SET, check_fingerprint, feature_set_label, resolve_store_path, utc_now
+from featstore.ops.labels import set_note
+from featstore.store.layout import check_fingerprint, resolve_store_path, utc_now
 
 __all__ = ["merge_stores", "configure_parser", "run", "EXAMPLES"]
 
@@ -76,8 +77,8 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> None:
                                  f"those of {group[0].path} (expected above is its spec)")
     incomplete = [s.path for s in group if s.manifest.get("build", {}).get("state") != "complete"]
     if incomplete:
-        which = "" if name == PRIMARY_FEATURE_SET else f" (feature set {name!r})"
-        raise FeatstoreError(f"shards whose build did not complete{which}: {incomplete}; rerun their builds first")
+        raise FeatstoreError(f"shards whose build did not complete{set_note(name)}: {incomplete}; rerun their builds "
+                             "first")
     # Conflicts are found before writing anything: key -> (checksum, shard) over all shards.
     seen: dict[str, tuple[str, str]] = {}
     total = sum(s.manifest.get("entries", 0) for s in group)
@@ -87,9 +88,8 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> None:
                 checksum = _checksum_of(value, key)
                 prior = seen.get(key)
                 if prior is not None and prior[0] != checksum:
-                    of = "" if name == PRIMARY_FEATURE_SET else f" of feature set {name!r}"
                     raise MergeConflictError(
-                        f"key {key!r}{of} differs between shards {prior[1]} and {s.path}; the shards were built "
+                        f"key {key!r}{set_note(name, ' of feature set {!r}')} differs between shards {prior[1]} and {s.path}; the shards were built "
                         "from different sources or plans. Rebuild one of them.")
                 seen[key] = (checksum, s.path)
                 bar.update(1)
@@ -144,25 +144,20 @@ Examples:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stores", nargs="+", metavar="[OUT] SHARD",
-                   help="OUT: the merged store (created; existing entries are kept; leave it out with "
-                   "--data-root), then the shard stores to merge")
-    p.add_argument("--data-root", help="merge into DATA_ROOT/vggt_features.lmdb (the store build names there, "
-                   "where training looks) instead of OUT")
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    p.add_argument("--json", action="store_true", help="print the report (entries per shard, written, identical "
-                   "skipped, per feature set) as one JSON object on stdout instead of the summary on stderr")
+    add_store_arguments(p, "merge into DATA_ROOT/vggt_features.lmdb (the store build names there, where training "
+                        "looks) instead of OUT",
+                        paths=("stores", "[OUT] SHARD", "OUT: the merged store (created; existing entries are kept; "
+                               "leave it out with --data-root), then the shard stores to merge"))
+    add_output_arguments(p, "print the report (entries per shard, written, identical skipped, per feature set) as one "
+                         "JSON object on stdout instead of the summary on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.data_root is not None:
-        out, shards = store_path_arg(None, args.data_root), args.stores
-    elif len(args.stores) >= 2:
-        out, shards = args.stores[0], args.stores[1:]
-    else:
+    out, shards = leading_store(args.stores, args.data_root)
+    if not shards:
         raise FeatstoreError(f"merge takes OUT SHARD [SHARD ...], or --data-root DATA_ROOT SHARD [...]. "
                              f"Found {args.stores}")
-    report = merge_stores(out, shards, progress=not args.no_progress and not args.json)
+    report = merge_stores(out, shards, progress=shows_progress(args))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
