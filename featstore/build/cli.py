@@ -33,7 +33,7 @@ from featstore.build.annotations import annotation_sources
 from featstore.build.plan import describe_skipped
 from featstore.build.recipes import RECIPE_NAMES, get_recipe
 from featstore.build.runner import build
-from featstore.cli import add_annotations_argument
+from featstore.arguments import add_annotations_argument
 from featstore.contract.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES
 from featstore.contract.naming import DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set
 from featstore.contract.spec import EncoderSpec, PreprocessSpec, field_choices, field_default

@@ -24,7 +24,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from featstore.cli import (add_annotations_argument, add_feature_set_filter, add_output_arguments, add_store_arguments,
+from featstore.arguments import (add_annotations_argument, add_feature_set_filter, add_output_arguments, add_store_arguments,
                            shows_progress, store_path_arg)
 from featstore.errors import FeatstoreError
 from featstore.ops.labels import labelled, set_note

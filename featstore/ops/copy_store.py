@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 
-from featstore.cli import add_output_arguments, add_store_arguments, leading_store, shows_progress
+from featstore.arguments import add_output_arguments, add_store_arguments, leading_store, shows_progress
 from featstore.contract.naming import feature_set_label
 from featstore.errors import FeatstoreError, StoreFullError
 from featstore.ops.labels import labelled

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Iterator
 
-from featstore.cli import add_output_arguments, add_store_arguments, store_path_arg
+from featstore.arguments import add_output_arguments, add_store_arguments, store_path_arg
 from featstore.errors import CorruptEntryError, FeatstoreError, FeatureSetNotFoundError
 from featstore.format.keys import key_kind
 from featstore.ops.labels import labelled

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from featstore.cli import add_output_arguments, add_store_arguments, leading_store, shows_progress
+from featstore.arguments import add_output_arguments, add_store_arguments, leading_store, shows_progress
 from featstore.contract.naming import PRIMARY_FEATURE_SET, feature_set_label
 from featstore.errors import FeatstoreError, MergeConflictError
 from featstore.ops.labels import set_note

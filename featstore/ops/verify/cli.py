@@ -40,7 +40,7 @@ import sys
 
 import lmdb
 
-from featstore.cli import (add_annotations_argument, add_feature_set_filter, add_output_arguments,
+from featstore.arguments import (add_annotations_argument, add_feature_set_filter, add_output_arguments,
                            add_store_arguments, shows_progress, store_path_arg)
 from featstore.errors import FeatstoreError
 from featstore.ops.verify.orchestrate import DEFAULT_WORKERS, verify_store
