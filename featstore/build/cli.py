@@ -35,7 +35,7 @@ from featstore.build.recipes import RECIPE_NAMES, get_recipe
 from featstore.build.runner import build
 from featstore.arguments import add_annotations_argument
 from featstore.contract.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES
-from featstore.contract.naming import DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set
+from featstore.contract.naming import DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, set_note
 from featstore.contract.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
 from featstore.errors import FeatstoreError
 from featstore.progress import NO_PROGRESS_HELP
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                   f"computed, {report.fresh} are fresh; run without --dry-run to build", file=sys.stderr)
         elif not report.interrupted:  # then the one "interrupted: N units committed" line says it
             rate = report.frames / report.elapsed_s if report.elapsed_s else 0.0
-            into = "" if report.feature_set == PRIMARY_FEATURE_SET else f" (feature set {report.feature_set!r})"
+            into = set_note(report.feature_set)
             print(f"featstore build{into}: {report.computed} computed ({report.frames} frames, "
                   f"{report.bytes / 1e6:.1f} MB, {rate:.1f} frames/s), {report.fresh} already fresh, "
                   f"{len(report.failed)} failed, {report.elapsed_s:.1f} s", file=sys.stderr)

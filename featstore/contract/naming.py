@@ -11,10 +11,11 @@ command that builds a set without importing them: a spec of a registered encoder
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 from featstore.errors import InvalidFeatureSetError
 
-__all__ = ["DEFAULT_STORE_NAME", "PRIMARY_FEATURE_SET", "FEATURE_SET_NAME", "check_feature_set", "feature_set_label",
+__all__ = ["labelled", "set_note", "DEFAULT_STORE_NAME", "PRIMARY_FEATURE_SET", "FEATURE_SET_NAME", "check_feature_set", "feature_set_label",
            "register_set_writer", "default_feature_set", "build_command_for_set"]
 
 # The store's folder beside the data (`featstore build --data-root D` writes D/vggt_features.lmdb).
@@ -94,3 +95,29 @@ def build_command_for_set(feature_set: str) -> str:
         return f"`featstore build --feature-set {feature_set} --encoder ENCODER`"
     others = f" (or {', '.join(writers[1:])})" if len(writers) > 1 else ""
     return f"`featstore build --encoder {writers[0]}`{others}, which writes this set"
+
+
+# How the store's tools name a set in what they print: a store of the primary set alone (the
+# layout from before feature sets) prints as it did then, naming no set; every other set is named.
+
+def labelled(names: Iterable[str]) -> bool:
+    """Whether output about the sets `names` names each one: unless they are the primary set alone.
+
+    Example:
+        >>> from featstore.contract.naming import labelled
+        >>> labelled(["vggt"]), labelled(["vggt", "qwen_vision"]), labelled(["qwen_vision"])
+        (False, True, True)
+    """
+    return set(names) != {PRIMARY_FEATURE_SET}
+
+
+def set_note(name: str | None, template: str = " (feature set {!r})") -> str:
+    """`template` filled in with the set `name`; "" for the primary set, and for None (the
+    whole store).
+
+    Example:
+        >>> from featstore.contract.naming import set_note
+        >>> set_note("vggt"), set_note("qwen_vision"), set_note("extra", " of feature set {!r}")
+        ('', " (feature set 'qwen_vision')", " of feature set 'extra'")
+    """
+    return "" if name in (None, PRIMARY_FEATURE_SET) else template.format(name)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from featstore.arguments import (add_annotations_argument, add_feature_set_filter, add_output_arguments, add_store_arguments,
                            shows_progress, store_path_arg)
 from featstore.errors import FeatstoreError
-from featstore.ops.labels import labelled, set_note
+from featstore.contract.naming import labelled, set_note
 from featstore.ops.verify import Report, plan_unit_of, verify_store
 
 __all__ = ["GcResult", "collect_garbage", "configure_parser", "run", "EXAMPLES"]

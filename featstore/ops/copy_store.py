@@ -24,7 +24,7 @@ import time
 from featstore.arguments import add_output_arguments, add_store_arguments, leading_store, shows_progress
 from featstore.contract.naming import feature_set_label
 from featstore.errors import FeatstoreError, StoreFullError
-from featstore.ops.labels import labelled
+from featstore.contract.naming import labelled
 
 __all__ = ["copy_store", "configure_parser", "run", "EXAMPLES"]
 

@@ -21,7 +21,7 @@ from typing import Iterator
 from featstore.arguments import add_output_arguments, add_store_arguments, store_path_arg
 from featstore.errors import CorruptEntryError, FeatstoreError, FeatureSetNotFoundError
 from featstore.format.keys import key_kind
-from featstore.ops.labels import labelled
+from featstore.contract.naming import labelled
 from featstore.contract.naming import PRIMARY_FEATURE_SET
 from featstore.store.layout import resolve_store_path, storage_dtype_of
 

@@ -16,7 +16,7 @@ import sys
 from featstore.arguments import add_output_arguments, add_store_arguments, leading_store, shows_progress
 from featstore.contract.naming import PRIMARY_FEATURE_SET, feature_set_label
 from featstore.errors import FeatstoreError, MergeConflictError
-from featstore.ops.labels import set_note
+from featstore.contract.naming import set_note
 from featstore.store.layout import check_fingerprint, resolve_store_path, utc_now
 
 __all__ = ["merge_stores", "configure_parser", "run", "EXAMPLES"]

@@ -18,7 +18,7 @@ import lmdb
 
 from featstore.contract.naming import DEFAULT_STORE_NAME, check_feature_set, feature_set_label
 from featstore.errors import CorruptStoreError, FeatstoreError, StoreBusyError
-from featstore.ops.labels import labelled
+from featstore.contract.naming import labelled
 from featstore.ops.verify.coverage import check_plan, plan_unit_of
 from featstore.ops.verify.entries import read_entries
 from featstore.ops.verify.freshness import check_sources

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 from featstore.errors import FeatstoreError
-from featstore.ops.labels import labelled
+from featstore.contract.naming import labelled
 from featstore.ops.verify.entries import Record
 from featstore.ops.verify.report import Report
 from featstore.store.layout import storage_dtype_of

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from featstore.contract.naming import PRIMARY_FEATURE_SET
-from featstore.ops.labels import labelled, set_note
+from featstore.contract.naming import labelled, set_note
 
 __all__ = ["Finding", "Report", "PROBLEM_KINDS"]
 
