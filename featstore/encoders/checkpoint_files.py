@@ -45,6 +45,24 @@ def read_weight_map(index: Path) -> dict:
     return weight_map
 
 
+def index_shards(index: Path, names, what: str, check) -> list:
+    """The shard files `names` of the safetensors index `index`, in order, each one present and
+    passing `check(path)`; `what` says which keys they hold in the error ("VGGT keys").
+
+    Raises:
+        WeightsError: a shard the index names is missing (the message names it and the index).
+    """
+    shards = []
+    for name in names:
+        shard = index.parent / name
+        if not shard.is_file():
+            raise WeightsError(f"shard {str(shard)!r} named by {str(index)!r} (it holds {what}) is missing; "
+                               "re-download the checkpoint")
+        check(shard)
+        shards.append(shard)
+    return shards
+
+
 def check_keys(expected: Mapping, state: Mapping, source: str, *, what: str, advice: str,
                unexpected_name: str = "unexpected key(s)", prefix: str = "") -> None:
     """Raise WeightsError naming the missing and the unexpected keys of `state` against the

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from featstore.errors import WeightsError
 
-from featstore.encoders.checkpoint_files import check_keys, looks_like_hub_id, read_weight_map, sha256_file
+from featstore.encoders.checkpoint_files import check_keys, index_shards, looks_like_hub_id, read_weight_map, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -149,14 +149,7 @@ def _index_shards(index: Path) -> List[str]:
 
 
 def _sharded(index: Path, source: str) -> QwenCheckpoint:
-    files = []
-    for name in _index_shards(index):
-        shard = index.parent / name
-        if not shard.is_file():
-            raise WeightsError(f"shard {str(shard)!r} named by {str(index)!r} (it holds vision keys) is missing; "
-                               "re-download the checkpoint")
-        _check_safetensors(shard)
-        files.append(shard)
+    files = index_shards(index, _index_shards(index), "vision keys", _check_safetensors)
     vision, cfg = _read_config(index.parent)
     return QwenCheckpoint(source, tuple(files), index, vision, cfg)
 

@@ -25,7 +25,7 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Mapping
 
-from featstore.encoders.checkpoint_files import (check_keys, few, hash_cache_path, looks_like_hub_id,  # noqa: F401
+from featstore.encoders.checkpoint_files import (check_keys, few, hash_cache_path, index_shards, looks_like_hub_id,  # noqa: F401
                                                  read_weight_map, sha256_file)
 from featstore.errors import WeightsError
 
@@ -137,15 +137,8 @@ def _aggregator_shards(index: Path) -> list:
     if prefix is None:
         raise WeightsError(f"shard index {str(index)!r} names no VGGT aggregator key (aggregator.* or "
                            "vggt.aggregator.*); pass VGGT-1B's model.safetensors or a checkpoint that holds VGGT")
-    shards = []
-    for name in sorted({str(v) for k, v in weight_map.items() if k.startswith(prefix)}):
-        shard = index.parent / name
-        if not shard.is_file():
-            raise WeightsError(f"shard {str(shard)!r} named by {str(index)!r} (it holds VGGT keys) is missing; "
-                               "re-download the checkpoint")
-        _check_format(shard)
-        shards.append(shard)
-    return shards
+    names = sorted({str(v) for k, v in weight_map.items() if k.startswith(prefix)})
+    return index_shards(index, names, "VGGT keys", _check_format)
 
 
 def load_aggregator_state(path: str | os.PathLike) -> Dict[str, "torch.Tensor"]:
