@@ -212,7 +212,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
         results["card"] = torch.cuda.get_device_name(0)
     frames = 9
     inputs = inputs_mod.prepare(work, smoke=a.smoke, units=a.units, frames=frames,
-                                samples=max(64, 4 * (a.warmup + a.steps)), log=log)
+                                samples=max(12 if a.smoke else 64, 4 * (a.warmup + a.steps)), log=log)
     results["inputs"] = {"units": inputs.units, "samples": inputs.samples, "frames_per_sample": frames,
                          "encoder": inputs.encoder, "store_build": inputs.build}
     log(f"inputs ready: {inputs.units} units of {frames} frames, store built ({inputs.build.get('computed')} units)")

@@ -161,7 +161,8 @@ def main(argv=None) -> int:
         results["runs"] = {name: {"skipped": f"budget ({a.budget_s:.0f} s)"} for name in a.runs.split(",")}
         save()
         return 0
-    inputs = inputs_mod.prepare(work, smoke=a.smoke, units=3 if a.smoke else 16, frames=9, samples=64, log=log)
+    inputs = inputs_mod.prepare(work, smoke=a.smoke, units=3 if a.smoke else 16, frames=9,
+                                samples=12 if a.smoke else 64, log=log)  # smoke: as train_bench.py's (one work folder)
     encoder, vggt_config = inputs_mod.vggt_choice(a.smoke)
     folder = inputs_mod.write_model_folder(os.path.join(work, "qwen_random"), 2 * int(vggt_config["embed_dim"]),
                                            smoke=a.smoke, device=device)

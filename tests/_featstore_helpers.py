@@ -135,6 +135,54 @@ def run_cli(*args, timeout: float = 120, env=None, cwd=None) -> subprocess.Compl
                           env=full_env, cwd=cwd or REPO)
 
 
+_FORKED = r"""
+import json, os, sys, tempfile
+import featstore.cli, featstore.ops.verify, featstore.store.reader  # the slow imports (torch), done once
+codes = []
+for i, (kind, arg) in enumerate(json.loads(sys.argv[1])):
+    out = [os.path.join(sys.argv[2], f"{i}.{name}") for name in ("out", "err")]
+    pid = os.fork()
+    if pid == 0:  # one fresh process per run, as `python -m featstore` would be, less the imports
+        for fd, path in zip((1, 2), out):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        code = 1
+        try:
+            if kind == "cli":
+                code = featstore.cli.main(arg)
+            else:
+                sys.argv = ["-c", *arg[1:]]
+                exec(compile(arg[0], "<script>", "exec"), {"__name__": "__main__"})
+                code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))  # -N: killed by signal N
+print(json.dumps(codes))
+"""
+
+
+def run_forked(runs: list, folder: str, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Several runs from one interpreter that imports featstore (and torch) once and forks a fresh
+    process for each: ("cli", [ARGS]) runs `featstore ARGS`, ("script", [CODE, ARGS...]) runs
+    `python -c CODE ARGS`. Each result has that process's exit code (negative: the signal that
+    killed it, as subprocess reports it), stdout and stderr; a crash in one run cannot take the
+    others or the test run down. Saves an interpreter start (~3 s of imports) per run after the first.
+    """
+    os.makedirs(folder, exist_ok=True)
+    res = subprocess.run([sys.executable, "-c", _FORKED, json.dumps(runs), folder], capture_output=True,
+                         text=True, timeout=timeout, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 0, f"the forking driver failed: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+    codes = json.loads(res.stdout.strip().splitlines()[-1])
+    out = []
+    for i, (run, code) in enumerate(zip(runs, codes)):
+        text = [open(os.path.join(folder, f"{i}.{name}")).read() for name in ("out", "err")]
+        out.append(subprocess.CompletedProcess(run, code, *text))
+    return out
+
+
 def died_of_signal(returncode: int) -> bool:
     """True when a subprocess was killed by a signal (SIGSEGV, SIGBUS, ...), not exited."""
     return returncode < 0

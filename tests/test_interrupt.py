@@ -12,7 +12,7 @@ SIGTERM, sent to the build process alone or to its whole process group (a termin
 A third of the signals are aimed at start-up, a third come shortly after the store's first commit
 (data.mdb growing: inside the pipeline however loaded the runner is), a third anywhere.
 
-FEATSTORE_INTERRUPT_RUNS sets the number of runs (default 20; 100 for the full check), and
+FEATSTORE_INTERRUPT_RUNS sets the number of runs (default 12; 100 for the full check), and
 FEATSTORE_INTERRUPT_SEED the seed (default: a new one, printed on failure).
 """
 
@@ -33,7 +33,9 @@ from _featstore_helpers import REPO, make_images
 
 pytestmark = pytest.mark.slow
 
-RUNS = int(os.environ.get("FEATSTORE_INTERRUPT_RUNS", "20"))
+# 12 runs: four aimed at start-up, four inside the pipeline, four anywhere, half of them through a
+# zygote (FEATSTORE_INTERRUPT_RUNS=60 for a deeper search).
+RUNS = int(os.environ.get("FEATSTORE_INTERRUPT_RUNS", "12"))
 SEED = int(os.environ.get("FEATSTORE_INTERRUPT_SEED", str(random.randrange(1 << 30))))
 UNITS = 96  # enough that the pipeline is a good part of each run (the check at the end)
 EXIT_WITHIN_S = 15.0  # "a few seconds", with room for a loaded 2-core CI runner

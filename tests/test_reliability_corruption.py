@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from _featstore_helpers import (REPO, died_of_signal, flip_byte_in_value, key_of, make_store, run_cli,
-                                signal_name)
+                                run_forked, signal_name)
 from featstore.errors import CorruptEntryError
 from featstore.store.reader import FeatureStore
 from featstore.ops.verify import verify_store
@@ -83,13 +83,15 @@ def test_random_flipped_bytes_are_each_named(root):
 
 
 @pytest.mark.parametrize("size", [0, 100, 4096, 8192, 40000, "half", "minus-one-page"])
-def test_truncated_data_file_is_reported_never_a_crash(root, size):
+def test_truncated_data_file_is_reported_never_a_crash(root, size, tmp_path):
     path = os.path.join(_store(root), "data.mdb")
     full = os.path.getsize(path)
     size = full // 2 if size == "half" else full - 4096 if size == "minus-one-page" else size
     os.truncate(path, size)
-    for extra in ([], ["--no-structure"]):
-        r = run_cli("verify", root, *extra)
+    extras = ([], ["--no-structure"])
+    # both verifies from one interpreter, each in its own forked process (a crash is still its own)
+    runs = run_forked([("cli", ["verify", root, *extra]) for extra in extras], str(tmp_path / "runs"))
+    for extra, r in zip(extras, runs):
         assert not died_of_signal(r.returncode), f"verify {extra} died of {signal_name(r.returncode)}"
         assert r.returncode in (1, 2), r.stdout + r.stderr
         out = r.stdout + r.stderr
@@ -109,18 +111,18 @@ def test_reader_on_a_truncated_data_file_raises_instead_of_sigbus(root):
 
 
 @pytest.mark.parametrize("content", ["random", "zeros", "text"])
-def test_garbage_data_file_is_a_clear_error(root, content):
+def test_garbage_data_file_is_a_clear_error(root, content, tmp_path):
     path = os.path.join(_store(root), "data.mdb")
     size = os.path.getsize(path)
     data = {"random": os.urandom(size), "zeros": bytes(size), "text": b"not a database\n" * 100}[content]
     with open(path, "wb") as f:
         f.write(data)
-    r = run_cli("verify", root)
-    assert not died_of_signal(r.returncode), signal_name(r.returncode)
-    assert r.returncode == 2 and "data.mdb" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = _read_all_in_subprocess(_store(root))
-    assert not died_of_signal(r.returncode), signal_name(r.returncode)
-    assert r.returncode == 2 and "featstore error" in r.stdout, r.stdout + r.stderr
+    verify, read = run_forked([("cli", ["verify", root]), ("script", [_READ_ALL, _store(root)])],
+                              str(tmp_path / "runs"))  # one interpreter, a forked process each
+    assert not died_of_signal(verify.returncode), signal_name(verify.returncode)
+    assert verify.returncode == 2 and "data.mdb" in verify.stderr and "Traceback" not in verify.stderr, verify.stderr
+    assert not died_of_signal(read.returncode), signal_name(read.returncode)
+    assert read.returncode == 2 and "featstore error" in read.stdout, read.stdout + read.stderr
 
 
 def _btree_pages(path: str) -> list[int]:

@@ -30,7 +30,9 @@ from _featstore_helpers import REPO, make_images, read_store
 
 pytestmark = pytest.mark.slow
 
-N_KILLS = int(os.environ.get("FEATSTORE_KILL_TRIALS", "24"))
+# 12 kills: six at a random time, six at a random point of the build's writes (the property is
+# per kill; FEATSTORE_KILL_TRIALS=100 runs a deeper search).
+N_KILLS = int(os.environ.get("FEATSTORE_KILL_TRIALS", "12"))
 SEED = int(os.environ.get("FEATSTORE_KILL_SEED", "20261126"))
 UNITS = 32
 
@@ -217,11 +219,12 @@ def test_sigkill_at_random_moments_then_resume(dataset, tmp_path):
     counts = stats["committed_at_kill"]
     print(f"\n[kill] build {work_s:.2f} s (writes from {plan_s:.2f} s); {stats['trials']} SIGKILLs, {stats['killed_mid_build']} mid-build, "
           f"{stats['finished_before_kill']} after it finished; entries committed at kill: {counts}")
-    assert stats["trials"] >= min(N_KILLS, 20)
-    # The kills must have hit the interesting window, not only before or after the build.
-    if N_KILLS >= 20:
+    assert stats["trials"] == N_KILLS
+    # The kills must have hit the interesting window, not only before or after the build: a
+    # quarter of them at least (half are aimed at the writes).
+    if N_KILLS >= 8:
         partial = [c for c in counts if c is not None and 0 < c < UNITS]
-        assert len(partial) >= 5, f"too few kills landed mid-write: {counts}"
+        assert len(partial) >= N_KILLS // 4, f"too few kills landed mid-write: {counts}"
 
 
 @pytest.mark.parametrize("leftover", ["empty_env", "features_db_only"])

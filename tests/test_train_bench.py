@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from _training_launch import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, BENCH)
@@ -22,9 +24,10 @@ PHASES = ("vggt", "vision", "merger", "llm_forward", "forward_other", "backward"
 
 
 def _run(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # ninja for DeepSpeed's JIT
+    # The training tests' environment: DeepSpeed's JIT-built CPU extension comes from (and goes
+    # to) the same per-venv cache as test_training_*'s runs, so a fresh CI machine builds it once
+    # (~2 minutes on 2 cores), not once here into ~/.cache and again there.
+    env = child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, os.path.join(BENCH, script), *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -158,12 +161,16 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
 def test_train_zero_bench_smoke_zero3_leaves_vggt_alone(work, tmp_path):
     pytest.importorskip("deepspeed")
     out = str(tmp_path / "out")
+    # ZeRO-3 with the online VGGT only: a ZeRO-2 run from the store (the benchmark's other kind)
+    # is what test_training_distributed.py::test_zero2_two_ranks_through_the_single_node_script
+    # runs (cache hits 6, misses 0, on two ranks), and check_run's rules for it are
+    # test_zero_run_check_flags_a_partitioned_or_gathered_vggt's.
     res = _run("train_zero_bench.py", "--smoke", "--out", out, "--work", work, "--budget-s", "800",
-               "--runs", "zero3:online_full,zero2:cached", timeout=860)
+               "--runs", "zero3:online_full", timeout=860)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     with open(os.path.join(out, "train_zero_bench.json")) as f:
         r = json.load(f)
-    assert r["complete"] and list(r["runs"]) == ["zero3:online_full", "zero2:cached"]
+    assert r["complete"] and list(r["runs"]) == ["zero3:online_full"]
     for name, run in r["runs"].items():
         assert run["exit"] == 0 and run["logged_steps"] == 3 and run["step_ms"] > 0 and run["data_ms"] >= 0, name
     probe = r["runs"]["zero3:online_full"]["probe"]
@@ -172,8 +179,5 @@ def test_train_zero_bench_smoke_zero3_leaves_vggt_alone(work, tmp_path):
     assert probe["zero3_fetch_instrumented"] and probe["zero3_fetch_calls"] > 0
     assert probe["model_partitioned"] == probe["model_params"] > 0  # ZeRO-3 did partition the model ...
     assert probe["zero3_fetched_params"] > 0  # ... and gathered it
-    cached = r["runs"]["zero2:cached"]
-    assert (cached["cache_hits"], cached["cache_misses"]) == (3, 0) and not cached["probe"]["vggt_built"]
-    assert cached["probe"]["model_partitioned"] == 0  # ZeRO-2 partitions no parameter
     with open(os.path.join(out, "train_zero_bench.md")) as f:
         assert "| zero3:online_full | " in f.read()
