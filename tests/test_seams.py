@@ -247,9 +247,6 @@ UTILITIES = ("progress", "interrupt")
 # (importing module, imported module). Remove an entry when its import is gone (the test fails
 # on a stale entry, so the list stays true).
 KNOWN_EXCEPTIONS = {
-    # The store's freshness check stats a frame under another Unicode form of its name with the
-    # build's `source_path` (featstore/store/reader.py `_stat_frame`).
-    ("featstore.store.reader", "featstore.build.plan"),
     # The subcommands' shared argparse helpers (store_path_arg, STORE_HELP, add_annotations_argument)
     # live in featstore/cli.py, above the modules that build the subcommands' parsers.
     ("featstore.build.cli", "featstore.cli"),
