@@ -1,9 +1,8 @@
 """`FeatureStore`: the read side, used by training's DataLoader workers and by `verify`.
 
-The environment is opened lazily in the process that reads, and re-opened when the pid changes:
-an LMDB environment inherited through fork must not be used (LMDB's rule), and py-lmdb refuses
-to open a path twice in one process. The object pickles as its path and options only, so it
-travels to spawn workers too.
+The environment is opened lazily in the process that reads, and re-opened when the pid changes
+(featstore.store.handle: an LMDB environment inherited through fork must not be used). The
+object pickles as its path and options only, so it travels to spawn workers too.
 
 A FeatureStore reads ONE feature set of a store (docs/FORMAT.md, "Feature sets"); the objects
 for several sets of one store share the process's one environment, and `snapshot()` makes all
@@ -17,40 +16,29 @@ featstore.store.freshness; FeatureStore's methods are the public entry points to
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import logging
 import os
 from typing import Iterable, Iterator, Sequence
 
 import lmdb
 import torch
 
-from featstore.errors import CorruptStoreError, FeatstoreError, MissingKeyError
+from featstore.errors import FeatstoreError, MissingKeyError
 from featstore.format.blob import Entry, decode_entry
 from featstore.format.codecs.base import FEATURES
 from featstore.format.keys import key_kind, key_to_bytes
 from featstore.store import batch_read
 from featstore.store.batch_read import ReadPlan, reading_codec
 from featstore.store.entry_checks import check_frames
-from featstore.store.layout import (PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint, feature_set_label,
-                                    features_db, list_feature_sets, open_env, read_manifest, resolve_store_path)
+from featstore.store.environments import OpenEnv, release
+from featstore.store.handle import SetHandle
+from featstore.store.layout import (PRIMARY_FEATURE_SET, check_feature_set, list_feature_sets, read_manifest,
+                                    resolve_store_path)
 from featstore.store.prefetch import PREFETCH_DEFAULT, READAHEAD_DEFAULT, prefetch
 from featstore.store.raw import RawAccess
 from featstore.store.scopes import StoreSnapshot, StoreView
 
 __all__ = ["FeatureStore", "StoreView", "StoreSnapshot", "ReadPlan", "feature_set_names"]
-
-logger = logging.getLogger("featstore")
-
-# The per-process environment registry (featstore.store.environments).
-from featstore.store.environments import INHERITED_LOCKED_ENVS as _INHERITED_LOCKED_ENVS  # noqa: F401
-from featstore.store.environments import OPEN_ENVS as _OPEN_ENVS
-from featstore.store.environments import OpenEnv as _OpenEnv
-from featstore.store.environments import forget_inherited as _forget_inherited
-from featstore.store.environments import map_range as _map_range  # noqa: F401
-from featstore.store.environments import release as _release
-from featstore.store.environments import store_id as _store_id
 
 # Keys read on each side of a missing key's place for its error's hint (`_neighbour_keys`).
 _HINT_WINDOW = 16
@@ -72,7 +60,7 @@ def _neighbour_keys(cur, kb: bytes, n: int) -> list[str]:
 
 
 
-class FeatureStore(RawAccess):
+class FeatureStore(SetHandle, RawAccess):
     """Read-only access to a featstore database.
 
     Args:
@@ -149,7 +137,7 @@ class FeatureStore(RawAccess):
         self._pid: int | None = None
         self._manifest: dict | None = None
         self._locked = False
-        self._rec: _OpenEnv | None = None
+        self._rec: OpenEnv | None = None
 
     # -- pickling: path and options only ------------------------------------------------------
     def __getstate__(self) -> dict:
@@ -164,109 +152,6 @@ class FeatureStore(RawAccess):
         if self.feature_set == PRIMARY_FEATURE_SET:
             return f"FeatureStore({self.path!r})"
         return f"FeatureStore({self.path!r}, feature_set={self.feature_set!r})"
-
-    @property
-    def _where(self) -> str:
-        return feature_set_label(self.path, self.feature_set)
-
-    # -- opening -----------------------------------------------------------------------------
-    def _open(self, lock: bool) -> lmdb.Environment:
-        return open_env(self.path, readonly=True, lock=lock, readahead=self.readahead,
-                        max_readers=self.max_readers)
-
-    def _shared_env(self) -> _OpenEnv:
-        """This process's environment record of the store, opened if needed, with one more
-        reference held (the caller releases it)."""
-        pid = os.getpid()
-        ident = _store_id(self.path)
-        rec = _OPEN_ENVS.get(ident)
-        if rec is not None and rec.pid != pid:
-            _forget_inherited(self.path, rec)
-            rec = None
-        if rec is None:
-            env, locked = self._open_new()
-            try:
-                rec = _OpenEnv(ident, self.path, env, locked)
-            except BaseException:
-                env.close()
-                raise
-            _OPEN_ENVS[ident] = rec
-        rec.refs += 1
-        return rec
-
-    def _environment(self) -> lmdb.Environment:
-        pid = os.getpid()
-        if self._env is not None and self._pid == pid:
-            return self._env
-        # First use in this process (or first after a fork): never touch an inherited env.
-        self._env = self._db = self._rec = None
-        rec = self._shared_env()
-        try:
-            env = rec.env
-            # Inside a snapshot block the set is looked up in the pinned state of the store.
-            self._manifest = read_manifest(env, rec.pinned(), path=self.path, feature_set=self.feature_set)
-            if self.expected_encoder is not None:
-                check_fingerprint(self._manifest, self.expected_encoder, path=self._where)
-            # Outside any transaction: a handle opened inside a read transaction is closed when
-            # it ends (LMDB), and a snapshot has opened every set's handle before it began.
-            self._db = env.open_db(features_db(self.feature_set), create=False)
-        except lmdb.NotFoundError:
-            _release(rec)
-            raise CorruptStoreError(f"{self._where}: the manifest exists but the sub-database "
-                                    f"'{features_db(self.feature_set).decode()}' does not; the store is damaged: "
-                                    "restore it or rebuild the set") from None
-        except BaseException:
-            _release(rec)
-            raise
-        self._env, self._pid, self._locked, self._rec = env, pid, rec.locked, rec
-        logger.debug(f"featstore: opened {self._where} in pid {pid} (lock={'on' if rec.locked else 'off'}, "
-                     f"build {self._manifest.get('build', {}).get('state')}, {self._manifest.get('entries')} entries)")
-        return env
-
-    def _read_txn(self):
-        """The transaction a read runs in: the snapshot block's pinned one (left open), else a
-        new read transaction for this read (ended with it). Reads pass `db=` explicitly."""
-        env = self._environment()
-        pinned = self._rec.pinned()
-        if pinned is not None:
-            return contextlib.nullcontext(pinned)
-        return env.begin(buffers=True)
-
-    def _open_new(self) -> tuple[lmdb.Environment, bool]:
-        lock = self.lock
-        if lock is not None:
-            return self._open(lock=lock), lock
-        # Lock unless the manifests say no writer will come: read them under the lock first.
-        # The environment is shared by every set's readers, so one set whose build is in
-        # progress (a writer may reuse pages) needs the lock for all.
-        can_lock = os.access(os.path.join(self.path, "lock.mdb"), os.W_OK)
-        env = self._open(lock=can_lock)
-        try:
-            with env.begin() as txn:
-                sets = list_feature_sets(env, txn)
-                if not sets:
-                    read_manifest(env, txn, path=self.path)  # raises what the store lacks
-                complete = all(_build_complete(env, txn, self.path, name) for name in sets)
-        except BaseException:
-            env.close()
-            raise
-        if can_lock and complete:
-            env.close()
-            return self._open(lock=False), False
-        return env, can_lock
-
-    def close(self) -> None:
-        """Release the environment in this process (closed when no other FeatureStore on the
-        same store, of any feature set, uses it). Views become invalid once it closes."""
-        if self._rec is not None and self._pid == os.getpid():
-            _release(self._rec)
-        self._env = self._db = self._pid = self._rec = None
-
-    def __enter__(self) -> "FeatureStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -298,7 +183,7 @@ class FeatureStore(RawAccess):
         try:
             return list_feature_sets(rec.env, rec.pinned())
         finally:
-            _release(rec)
+            release(rec)
 
     def snapshot(self) -> "StoreSnapshot":
         """A read scope over one consistent state of the whole store: ``with store.snapshot():``.
@@ -617,11 +502,3 @@ def feature_set_names(path: str | os.PathLike) -> list[str]:
         return names
     finally:
         probe.close()
-
-
-def _build_complete(env, txn, path: str, feature_set: str) -> bool:
-    """Whether the set's manifest says its build is complete (False when it does not read)."""
-    try:
-        return read_manifest(env, txn, path=path, feature_set=feature_set).get("build", {}).get("state") == "complete"
-    except FeatstoreError:
-        return False
