@@ -2,16 +2,18 @@
 the map per entry) and `plan_read` + `ReadPlan` (locate and check first, copy later, for an
 output sized from the entries' shapes: training's batch slots).
 
-Each entry's bytes go through the set's storage codec (`featstore.store.layout.codec_of`,
-featstore.format.codecs): a codec whose features read back as stored (bfloat16, float16,
-float32) copies their bytes; one that converts (fp8's codes x scale) writes the converted values
-into the output in the same single pass. Nothing here knows a dtype by name.
+What an entry's bytes mean is the set's storage codec's (`featstore.store.layout.codec_of`,
+featstore.format.codecs; `reading_codec`). When the codec serves the values as stored (its read
+dtype is its storage dtype: bfloat16, float16, float32) and the output is of the stored dtype,
+the one copy is the located bytes, and the output's row is checked once per layout of a batch,
+not per entry. Otherwise the codec writes into the row: a cast the caller asked for
+(`decode_into`), or a conversion in the same single pass (fp8's codes x scale; a gather takes
+the rows of each tensor the codec stores, then `decode`). Nothing here knows a dtype by name.
 
 The per-entry work is kept to the copy: frame lists are compared as stored bytes
-(featstore.store.entry_checks), each tensor is located through `tensor_span`'s per-batch memo
-(one comparison of header bytes per entry, no parse), and the output's rows are cut once per
-batch. `FeatureStore.read_into` and `FeatureStore.plan_read` are the public entry points; their
-docstrings say what is guaranteed.
+(featstore.store.entry_checks), and each tensor is located through `tensor_span`'s per-batch
+memo (one comparison of header bytes per entry, no parse). `FeatureStore.read_into` and
+`FeatureStore.plan_read` are the public entry points; their docstrings say what is guaranteed.
 
 Example:
     >>> import torch
@@ -36,9 +38,9 @@ import torch
 
 from featstore.contract.dtypes import torch_dtype
 from featstore.errors import FeatstoreError, MissingKeyError
-from featstore.format.blob import decode_entry
+from featstore.format.blob import decode_entry, tensor_span
 from featstore.format.codecs import DEFAULT_CODEC, codec_for
-from featstore.format.codecs.base import FEATURES, corrupt_dtype, locate
+from featstore.format.codecs.base import FEATURES, check_slot, corrupt_dtype, locate, no_tensor
 from featstore.format.keys import key_to_bytes
 from featstore.store.entry_checks import check_entry, check_frames
 from featstore.store.freshness import check_sources
@@ -122,9 +124,8 @@ def read_into(store: "FeatureStore", keys: Iterable, out: torch.Tensor | None = 
     cast = dtype is not None or served is not None
     verify, checks = store.verify_checksums, frames is not None or data_root is not None
     memo: dict = {}  # tensor_span's per-batch memo: one layout, one byte comparison per entry
-    slots = rows = None
-    if out is not None:
-        slots, rows = out.unbind(0), _byte_rows(out)  # cut once per batch
+    rows = _byte_rows(out)
+    checked = None  # the (dtype, shape) of an entry already checked against out's row
     with store._read_txn() as txn:
         values = store._values(txn, kbs, keys)
         for i, (kb, value) in enumerate(zip(kbs, values)):
@@ -132,14 +133,24 @@ def read_into(store: "FeatureStore", keys: Iterable, out: torch.Tensor | None = 
                 _check_decoded(kb, value, None if frames is None else frames[i], data_root, where)
             elif checks:  # the frames by their stored bytes, the sources by the metadata only
                 check_entry(kb, value, None if frames is None else frames[i], data_root, where)
+            if served is None or out is None:  # (a converting codec locates its tensors itself)
+                try:  # tensor_span itself, not `locate`: this is the per-entry hot path
+                    stored, shape, offset, nbytes = tensor_span(value, tensor, key=kb, memo=memo)
+                except KeyError:
+                    raise no_tensor(kb, tensor, where, value=value) from None
             if out is None:
-                stored, shape = locate(value, tensor, key=kb, memo=memo, where=where)[:2]
                 want = dtype if dtype is not None else served if served is not None else stored
                 out = torch.empty((len(keys), *shape), dtype=want, pin_memory=pin_memory)
-                slots, rows = out.unbind(0), _byte_rows(out)
-            # The one copy out of the map (cast or converted on the way when asked / needed).
-            decode_into(value, slots[i], key=kb, memo=memo, cast=cast, where=where,
-                        out_bytes=None if rows is None else rows[i])
+                rows = _byte_rows(out)
+            if served is None and stored == out.dtype and rows is not None:
+                # Values as stored, in out's dtype: the one copy is the located bytes (the row
+                # checked once per layout of the batch, not per entry).
+                if checked != (stored, shape):
+                    check_slot(kb, shape, stored, out[i], cast)
+                    checked = (stored, shape)
+                np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))
+            else:  # the codec's copy, cast or conversion into the row (it checks the row)
+                decode_into(value, out[i], key=kb, memo=memo, cast=cast, where=where)
     return out
 
 
@@ -278,13 +289,16 @@ class ReadPlan:
         if stored != self.dtype and self._served is None:
             raise ValueError(f"entry {kb.decode()!r} holds {stored} but the plan's other entries {self.dtype}; "
                              "plan entries of one dtype")
-        if rows is None:  # the whole tensor: the codec's one copy (or conversion) into `out`
-            self._decode_into(value, out.view(shape), key=kb, memo=self._memo, where=self._where)
-            return out
-        flat = out.view(count, channels)
-        if self._served is None:  # stored as read: the one copy, gathering rows ("clip": bounds checked above)
+        if self._served is None:  # values as stored (dtype checked above): the one copy is their bytes
             src = np.frombuffer(value, np.uint8, nbytes, offset).reshape(total, -1)
-            np.take(src, rows, axis=0, out=flat.view(torch.uint8).numpy(), mode="clip")
+            dst = out.view(count, channels).view(torch.uint8).numpy()
+            if rows is None:
+                np.copyto(dst, src)
+            else:  # gathering rows ("clip": bounds checked above, so unbuffered)
+                np.take(src, rows, axis=0, out=dst, mode="clip")
+            return out
+        if rows is None:  # the whole tensor: the codec converts it into `out` in one pass
+            self._decode_into(value, out.view(shape), key=kb, memo=self._memo, where=self._where)
             return out
         # A converting codec: gather the rows of each tensor it stores (the codes' rows are a
         # fraction of the output's bytes), then convert them into `out`.
@@ -294,5 +308,5 @@ class ReadPlan:
                                                                    where=self._where)
             src = np.frombuffer(value, np.uint8, n, at).reshape(total, -1)
             gathered[name] = torch.from_numpy(np.take(src, rows, axis=0, mode="clip")).view(dt)
-        flat.copy_(self._codec.decode(gathered, self.dtype, key=kb.decode(), where=self._where))
+        out.view(count, channels).copy_(self._codec.decode(gathered, self.dtype, key=kb.decode(), where=self._where))
         return out
