@@ -177,15 +177,12 @@ def read_into_before(store: FeatureStore, keys: list, out: torch.Tensor) -> None
     import numpy as np
 
     kbs = [key_to_bytes(k) for k in keys]
-    env = store._environment()
     rows = out.reshape(out.shape[0], -1).view(torch.uint8).numpy()
-    with env.begin(db=store._db, buffers=True) as txn:
-        for i, kb in enumerate(kbs):
-            value = txn.get(kb)
-            dtype, shape, offset, nbytes = tensor_span(value, "features", key=kb.decode())
-            if (dtype, shape) != (out.dtype, tuple(out.shape[1:])):
-                raise ValueError(f"{kb!r}: {shape} {dtype}")
-            np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))
+    for i, (kb, value) in enumerate(store.raw_values(kbs)):  # one read transaction, values as stored
+        dtype, shape, offset, nbytes = tensor_span(value, "features", key=kb.decode())
+        if (dtype, shape) != (out.dtype, tuple(out.shape[1:])):
+            raise ValueError(f"{kb!r}: {shape} {dtype}")
+        np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))
 
 
 _OPEN: dict[str, FeatureStore] = {}  # featstore method -> store kept open between warm passes

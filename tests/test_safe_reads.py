@@ -57,7 +57,7 @@ def test_a_got_entry_outlives_close(tmp_path):
 def test_view_is_zero_copy_inside_its_block_and_closed_after(tmp_path):
     got = _ok(_run(tmp_path, """
         import numpy as np
-        from featstore.store.reader import _map_range
+        from featstore.store.environments import map_range as _map_range
         with store.view() as v:
             feats = v.get("a.jpg").features
             start, end = _map_range(store._rec.fd)

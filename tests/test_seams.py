@@ -239,18 +239,11 @@ def test_cli_help_runs_without_torch(argv):
 
 # A module may import its own layer and the layers below it, never one above (module-level and
 # function-level imports alike: a lazy import runs back up just the same). progress, interrupt
-# and arguments (the subcommands' shared argparse pieces) are utilities anyone may import; the package root (`featstore/__init__.py`: the
-# version and lazy re-exports of the public names) likewise.
+# and arguments (the subcommands' shared argparse pieces) are utilities anyone may import; the
+# package root (`featstore/__init__.py`: the version and lazy re-exports of the public names)
+# likewise.
 LAYERS = ("errors", "contract", "format", "store", "encoders", "build", "ops", "cli")
 UTILITIES = ("progress", "interrupt", "arguments")
-# Imports that still run back up, in modules other parts of the redesign are rewriting; each is
-# (importing module, imported module). Remove an entry when its import is gone (the test fails
-# on a stale entry, so the list stays true).
-KNOWN_EXCEPTIONS = {
-    # The store's freshness check stats a frame under another Unicode form of its name with the
-    # build's `source_path` (featstore/store/reader.py `_stat_frame`).
-    ("featstore.store.reader", "featstore.build.plan"),
-}
 
 
 def _layer(module: str) -> str | None:
@@ -303,11 +296,9 @@ def _upward_imports(package_dir: str) -> list[tuple[str, str, str]]:
 def test_no_import_runs_back_up_the_layers():
     found = _upward_imports(os.path.join(REPO, "featstore"))
     new = [f"{where}: {mod} ({_layer(mod)}) imports {imp} ({_layer(imp)})"
-           for where, mod, imp in found if (mod, imp) not in KNOWN_EXCEPTIONS]
+           for where, mod, imp in found]
     assert not new, ("imports that run back up the layers (errors < contract < format < store < encoders < build "
                      "< ops < cli); move the name down, or the import up:\n" + "\n".join(new))
-    stale = KNOWN_EXCEPTIONS - {(mod, imp) for _, mod, imp in found}
-    assert not stale, f"KNOWN_EXCEPTIONS lists imports that are gone; remove them: {sorted(stale)}"
 
 
 def test_the_layering_check_catches_an_upward_import(tmp_path):

@@ -194,7 +194,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
         from featstore.encoders.preprocess import view_size
         from featstore.errors import ImageDecodeError
-        from featstore.build.plan import source_path
+        from featstore.format.keys import source_path
 
         sizes = set()
         for key in unit.frames:

@@ -29,7 +29,8 @@ import torch
 from featstore.format.codecs import codec_for
 from featstore.encoders import preprocess_frame
 from featstore.errors import ImageDecodeError
-from featstore.build.plan import Unit, source_path
+from featstore.build.plan import Unit
+from featstore.format.keys import source_path
 
 __all__ = ["read_frame", "read_unit_frames", "encode_frames", "encode_unit", "unit_metadata",
            "encoder_for_manifest"]

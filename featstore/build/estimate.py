@@ -19,7 +19,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from featstore.build.plan import Unit, source_path
+from featstore.build.plan import Unit
+from featstore.format.keys import source_path
 from featstore.format.codecs import codec_for
 from featstore.errors import StoreFullError
 

@@ -14,7 +14,8 @@ import json
 import os
 
 from featstore.build.options import BuildContext
-from featstore.build.plan import Unit, source_path
+from featstore.build.plan import Unit
+from featstore.format.keys import source_path
 from featstore.contract.naming import PRIMARY_FEATURE_SET, feature_set_label
 from featstore.errors import FeatstoreError
 from featstore.store.layout import check_fingerprint, existing_manifest, features_db, open_env

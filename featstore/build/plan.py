@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -51,7 +50,8 @@ from featstore.build.annotations import (AnnotationSource, annotation_sources, l
                                          parse_annotation_source, read_annotations, subsample_indices)
 from featstore.encoders import UNIT_KINDS
 from featstore.errors import InvalidKeyError, PlanError
-from featstore.format.keys import IMAGE_EXTENSIONS, normalize_key, relative_key
+# source_path lives with the keys (the store's freshness check needs it too); it stays importable here.
+from featstore.format.keys import IMAGE_EXTENSIONS, normalize_key, relative_key, source_path
 from featstore.store.layout import require_directory
 
 __all__ = [
@@ -489,36 +489,6 @@ def plan_units(data_root: str | os.PathLike,
             return image_units_from_annotations(annotations, data_root, skipped=skipped)
         return units_from_annotations(annotations, data_root, skipped=skipped)
     return [Unit(k, (k,)) for k in scan_images(data_root)]
-
-
-def source_path(data_root: str | os.PathLike, key: str) -> str:
-    """The file a frame key names. Keys are NFC; a file whose name is stored in another Unicode
-    form (NFD from macOS, say) is found by comparing each path component in NFC. Returns the
-    plain join when nothing matches, so that opening it gives the usual "no such file".
-
-    Example:
-        >>> from featstore.build.plan import source_path
-        >>> source_path("data", "scene_a/000.jpg")
-        'data/scene_a/000.jpg'
-    """
-    root = os.fspath(data_root)
-    direct = os.path.join(root, key)
-    if os.path.lexists(direct) or key.isascii():
-        return direct
-    path = root
-    for part in key.split("/"):
-        candidate = os.path.join(path, part)
-        if not os.path.lexists(candidate):
-            try:
-                names = os.listdir(path)
-            except OSError:
-                return direct
-            match = [n for n in names if unicodedata.normalize("NFC", n) == part]
-            if not match:
-                return direct
-            candidate = os.path.join(path, match[0])
-        path = candidate
-    return path
 
 
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:

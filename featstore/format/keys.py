@@ -13,7 +13,8 @@ import unicodedata
 
 from featstore.errors import InvalidKeyError
 
-__all__ = ["MAX_KEY_BYTES", "IMAGE_EXTENSIONS", "normalize_key", "key_to_bytes", "relative_key", "key_kind"]
+__all__ = ["MAX_KEY_BYTES", "IMAGE_EXTENSIONS", "normalize_key", "key_to_bytes", "relative_key", "source_path",
+           "key_kind"]
 
 # File extensions taken as images (lower case): a scan of a data root plans these files
 # (featstore.build.plan.scan_images), and a key ending in one names an image, not a sample id.
@@ -113,6 +114,36 @@ def relative_key(path: str | os.PathLike, root: str | os.PathLike) -> str:
         raise InvalidKeyError(f"{abs_path} is not inside the data root {abs_root}; move the image under it, or pass "
                               "the folder that holds every image as the data root")
     return normalize_key(rel)
+
+
+def source_path(data_root: str | os.PathLike, key: str) -> str:
+    """The file a frame key names. Keys are NFC; a file whose name is stored in another Unicode
+    form (NFD from macOS, say) is found by comparing each path component in NFC. Returns the
+    plain join when nothing matches, so that opening it gives the usual "no such file".
+
+    Example:
+        >>> from featstore.format.keys import source_path
+        >>> source_path("data", "scene_a/000.jpg")
+        'data/scene_a/000.jpg'
+    """
+    root = os.fspath(data_root)
+    direct = os.path.join(root, key)
+    if os.path.lexists(direct) or key.isascii():
+        return direct
+    path = root
+    for part in key.split("/"):
+        candidate = os.path.join(path, part)
+        if not os.path.lexists(candidate):
+            try:
+                names = os.listdir(path)
+            except OSError:
+                return direct
+            match = [n for n in names if unicodedata.normalize("NFC", n) == part]
+            if not match:
+                return direct
+            candidate = os.path.join(path, match[0])
+        path = candidate
+    return path
 
 
 def key_kind(keys) -> str:

@@ -1,71 +1,44 @@
 """`FeatureStore`: the read side, used by training's DataLoader workers and by `verify`.
 
-The environment is opened lazily in the process that reads, and re-opened when the pid changes:
-an LMDB environment inherited through fork must not be used (LMDB's rule), and py-lmdb refuses
-to open a path twice in one process. The object pickles as its path and options only, so it
-travels to spawn workers too.
+The environment is opened lazily in the process that reads, and re-opened when the pid changes
+(featstore.store.handle: an LMDB environment inherited through fork must not be used). The
+object pickles as its path and options only, so it travels to spawn workers too.
 
 A FeatureStore reads ONE feature set of a store (docs/FORMAT.md, "Feature sets"); the objects
 for several sets of one store share the process's one environment, and `snapshot()` makes all
 of them read from one LMDB read transaction (one consistent state of the store).
+
+The batch read path (`read_into`, `plan_read`) is featstore.store.batch_read, the read scopes
+(`view`, `snapshot`) featstore.store.scopes, the raw access for the store's tools
+featstore.store.raw, the frame and freshness checks featstore.store.entry_checks and
+featstore.store.freshness; FeatureStore's methods are the public entry points to them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import json
-import logging
 import os
-import threading
 from typing import Iterable, Iterator, Sequence
 
 import lmdb
-import numpy as np
 import torch
 
-from featstore.contract.dtypes import is_quantised
-from featstore.errors import (CorruptEntryError, CorruptStoreError, EntrySchemaError, FeatstoreError,
-                              InheritedLockedStoreError, MissingKeyError, StaleEntryError)
-from featstore.format.blob import Entry, decode_entry, decode_tensor, tensor_span
-from featstore.format.fp8 import FP8_DTYPE, SCALE_TENSOR, dequantize, dequantize_into, read_dtype
-from featstore.format.keys import key_kind, key_to_bytes, normalize_key
-from featstore.store.layout import (META_DB, PRIMARY_FEATURE_SET, check_feature_set, check_fingerprint, feature_set_label,
-                             features_db, list_feature_sets, open_env, read_manifest, resolve_store_path,
-                             storage_dtype_of)
+from featstore.errors import FeatstoreError, MissingKeyError
+from featstore.format.blob import Entry, decode_entry
+from featstore.format.codecs.base import FEATURES
+from featstore.format.keys import key_kind, key_to_bytes
+from featstore.store import batch_read
+from featstore.store.batch_read import ReadPlan, reading_codec
+from featstore.store.entry_checks import check_frames
+from featstore.store.environments import OpenEnv, release
+from featstore.store.handle import SetHandle
+from featstore.store.layout import (PRIMARY_FEATURE_SET, check_feature_set, list_feature_sets, read_manifest,
+                                    resolve_store_path)
+from featstore.store.prefetch import PREFETCH_DEFAULT, READAHEAD_DEFAULT, prefetch
+from featstore.store.raw import RawAccess
+from featstore.store.scopes import StoreSnapshot, StoreView
 
-__all__ = ["FeatureStore", "StoreView", "StoreSnapshot", "ReadPlan"]
-
-logger = logging.getLogger("featstore")
-
-# The per-process environment registry (featstore.store.environments).
-from featstore.store.environments import INHERITED_LOCKED_ENVS as _INHERITED_LOCKED_ENVS  # noqa: F401
-from featstore.store.environments import OPEN_ENVS as _OPEN_ENVS
-from featstore.store.environments import OpenEnv as _OpenEnv
-from featstore.store.environments import forget_inherited as _forget_inherited
-from featstore.store.environments import map_range as _map_range  # noqa: F401
-from featstore.store.environments import release as _release
-from featstore.store.environments import store_id as _store_id
-
-
-def _stat_frame(root: str, frame: str) -> os.stat_result:
-    """stat of the file a frame key names: the plain join first (one syscall), else the file
-    stored under another Unicode form of its name (`featstore.build.plan.source_path`)."""
-    try:
-        return os.stat(os.path.join(root, frame))
-    except FileNotFoundError:
-        from featstore.build.plan import source_path
-
-        return os.stat(source_path(root, frame))
-
-
-def _byte_rows(out: torch.Tensor | None):
-    """`out` as a writable [rows, bytes] uint8 numpy array sharing its memory, or None when
-    that view does not exist (no out yet, not on the CPU, not contiguous)."""
-    if out is None or out.device.type != "cpu" or not out.is_contiguous() or out.dim() < 1 or out.requires_grad:
-        return None
-    return out.reshape(out.shape[0], -1).view(torch.uint8).numpy()
-
+__all__ = ["FeatureStore", "StoreView", "StoreSnapshot", "ReadPlan", "feature_set_names"]
 
 # Keys read on each side of a missing key's place for its error's hint (`_neighbour_keys`).
 _HINT_WINDOW = 16
@@ -86,33 +59,8 @@ def _neighbour_keys(cur, kb: bytes, n: int) -> list[str]:
     return before[::-1] + after
 
 
-# Read-path defaults, chosen by benchmarks/read_bench.py (docs/BENCHMARKS.md, "Read path").
-READAHEAD_DEFAULT = True
-PREFETCH_DEFAULT = False
 
-_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
-
-
-def _prefetch(rec: _OpenEnv, values: Sequence[memoryview]) -> None:
-    """Ask the kernel to read exactly the pages of `values` now, asynchronously.
-
-    One posix_fadvise(WILLNEED) per value queues all of a batch's reads at once (the disk sees
-    them in parallel) and reads no page outside them; the copy then finds them in the page
-    cache. On cached pages it costs a few microseconds per value.
-    """
-    if _WILLNEED is None or rec.map_addr is None:
-        return
-    for v in values:
-        if len(v) < 8192:  # a page or two: the fault reads it anyway
-            continue
-        offset = np.frombuffer(v, dtype=np.uint8).ctypes.data - rec.map_addr
-        if not 0 <= offset < rec.map_end - rec.map_addr:  # not in the map we know: skip, never guess
-            continue
-        start = offset & ~4095
-        os.posix_fadvise(rec.fd, start, offset + len(v) - start, _WILLNEED)
-
-
-class FeatureStore:
+class FeatureStore(SetHandle, RawAccess):
     """Read-only access to a featstore database.
 
     Args:
@@ -189,84 +137,7 @@ class FeatureStore:
         self._pid: int | None = None
         self._manifest: dict | None = None
         self._locked = False
-        self._rec: _OpenEnv | None = None
-
-    # -- the set as stored, for the store's tools (verify, info, copy, gc) --------------------
-    # Readers use `get` / `read_into`, which check and decode; these give what is stored.
-    def raw_keys(self, limit: int | None = None) -> list[bytes]:
-        """The set's keys as stored (bytes, in key order; the first `limit` when given), from one
-        read transaction (inside a `snapshot` block, the block's). Keys only: no value's pages
-        are touched. A key that is not valid UTF-8 is listed too (`keys()` would refuse it).
-
-        Example:
-            >>> from featstore import FeatureStore
-            >>> with FeatureStore("data/") as store:
-            ...     store.raw_keys(limit=2)
-            [b'misc/portrait.png', b'misc/rgba.png']
-        """
-        import itertools
-
-        with self._read_txn() as txn:
-            cursor = txn.cursor(db=self._db).iternext(keys=True, values=False)
-            return [bytes(k) for k in itertools.islice(cursor, limit)]
-
-    def raw_values(self, keys: Iterable | None = None) -> Iterator[tuple[bytes, memoryview | None]]:
-        """(key, value) pairs as stored, from one read transaction (inside a `snapshot` block,
-        the block's): of `keys` (bytes as `raw_keys` gives them, or str) in their order, with
-        None for a key the set lacks; or, when `keys` is None, of every entry in key order.
-
-        Not guaranteed: a value is a zero-copy view of the map, valid only until the iteration
-        ends (the transaction ends with it); ``bytes(value)`` keeps one. Threads may iterate at
-        once, each in its own transaction (verify checksums a store that way).
-
-        Example:
-            >>> from featstore import FeatureStore
-            >>> with FeatureStore("data/") as store:
-            ...     sum(len(v) for _, v in store.raw_values()) == store.manifest["bytes"]
-            True
-        """
-        with self._read_txn() as txn:
-            if keys is None:
-                for kb, value in txn.cursor(db=self._db):
-                    yield bytes(kb), value
-                return
-            for key in keys:
-                kb = key if isinstance(key, bytes) else key_to_bytes(key)
-                yield kb, txn.get(kb, db=self._db)
-
-    def last_build(self) -> dict | None:
-        """The report of the set's last build (units computed, the ones that failed and why,
-        ...), as `featstore info` shows it; None when no build wrote one.
-
-        Raises:
-            ManifestError: the stored report is not JSON (the store is damaged).
-
-        Example:
-            >>> from featstore import FeatureStore
-            >>> with FeatureStore("data/") as store:
-            ...     store.last_build()["failed"]
-            []
-        """
-        from featstore.errors import ManifestError
-        from featstore.store.layout import last_build_key
-
-        with self._read_txn() as txn:
-            raw = txn.get(last_build_key(self.feature_set), db=self._env.open_db(META_DB, txn=txn, create=False))
-            raw = bytes(raw) if raw is not None else None
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise ManifestError(f"{self._where}: the last build report is not valid JSON; the store is damaged: "
-                                "run `featstore verify`, rebuild the set or restore the store") from None
-
-    def copy_to(self, dst: str | os.PathLike, *, compact: bool = True) -> None:
-        """Write a copy of the whole store (every feature set: they share one LMDB file) into
-        the existing empty folder `dst`, from one read transaction (LMDB's ``env.copy``; with
-        `compact`, free pages are dropped). Raises lmdb.Error as LMDB does (e.g. a full disk);
-        `featstore.ops.copy_store` checks and publishes a copy safely."""
-        self._environment().copy(os.fspath(dst), compact=compact)
+        self._rec: OpenEnv | None = None
 
     # -- pickling: path and options only ------------------------------------------------------
     def __getstate__(self) -> dict:
@@ -281,109 +152,6 @@ class FeatureStore:
         if self.feature_set == PRIMARY_FEATURE_SET:
             return f"FeatureStore({self.path!r})"
         return f"FeatureStore({self.path!r}, feature_set={self.feature_set!r})"
-
-    @property
-    def _where(self) -> str:
-        return feature_set_label(self.path, self.feature_set)
-
-    # -- opening -----------------------------------------------------------------------------
-    def _open(self, lock: bool) -> lmdb.Environment:
-        return open_env(self.path, readonly=True, lock=lock, readahead=self.readahead,
-                        max_readers=self.max_readers)
-
-    def _shared_env(self) -> _OpenEnv:
-        """This process's environment record of the store, opened if needed, with one more
-        reference held (the caller releases it)."""
-        pid = os.getpid()
-        ident = _store_id(self.path)
-        rec = _OPEN_ENVS.get(ident)
-        if rec is not None and rec.pid != pid:
-            _forget_inherited(self.path, rec)
-            rec = None
-        if rec is None:
-            env, locked = self._open_new()
-            try:
-                rec = _OpenEnv(ident, self.path, env, locked)
-            except BaseException:
-                env.close()
-                raise
-            _OPEN_ENVS[ident] = rec
-        rec.refs += 1
-        return rec
-
-    def _environment(self) -> lmdb.Environment:
-        pid = os.getpid()
-        if self._env is not None and self._pid == pid:
-            return self._env
-        # First use in this process (or first after a fork): never touch an inherited env.
-        self._env = self._db = self._rec = None
-        rec = self._shared_env()
-        try:
-            env = rec.env
-            # Inside a snapshot block the set is looked up in the pinned state of the store.
-            self._manifest = read_manifest(env, rec.pinned(), path=self.path, feature_set=self.feature_set)
-            if self.expected_encoder is not None:
-                check_fingerprint(self._manifest, self.expected_encoder, path=self._where)
-            # Outside any transaction: a handle opened inside a read transaction is closed when
-            # it ends (LMDB), and a snapshot has opened every set's handle before it began.
-            self._db = env.open_db(features_db(self.feature_set), create=False)
-        except lmdb.NotFoundError:
-            _release(rec)
-            raise CorruptStoreError(f"{self._where}: the manifest exists but the sub-database "
-                                    f"'{features_db(self.feature_set).decode()}' does not; the store is damaged: "
-                                    "restore it or rebuild the set") from None
-        except BaseException:
-            _release(rec)
-            raise
-        self._env, self._pid, self._locked, self._rec = env, pid, rec.locked, rec
-        logger.debug(f"featstore: opened {self._where} in pid {pid} (lock={'on' if rec.locked else 'off'}, "
-                     f"build {self._manifest.get('build', {}).get('state')}, {self._manifest.get('entries')} entries)")
-        return env
-
-    def _read_txn(self):
-        """The transaction a read runs in: the snapshot block's pinned one (left open), else a
-        new read transaction for this read (ended with it). Reads pass `db=` explicitly."""
-        env = self._environment()
-        pinned = self._rec.pinned()
-        if pinned is not None:
-            return contextlib.nullcontext(pinned)
-        return env.begin(buffers=True)
-
-    def _open_new(self) -> tuple[lmdb.Environment, bool]:
-        lock = self.lock
-        if lock is not None:
-            return self._open(lock=lock), lock
-        # Lock unless the manifests say no writer will come: read them under the lock first.
-        # The environment is shared by every set's readers, so one set whose build is in
-        # progress (a writer may reuse pages) needs the lock for all.
-        can_lock = os.access(os.path.join(self.path, "lock.mdb"), os.W_OK)
-        env = self._open(lock=can_lock)
-        try:
-            with env.begin() as txn:
-                sets = list_feature_sets(env, txn)
-                if not sets:
-                    read_manifest(env, txn, path=self.path)  # raises what the store lacks
-                complete = all(_build_complete(env, txn, self.path, name) for name in sets)
-        except BaseException:
-            env.close()
-            raise
-        if can_lock and complete:
-            env.close()
-            return self._open(lock=False), False
-        return env, can_lock
-
-    def close(self) -> None:
-        """Release the environment in this process (closed when no other FeatureStore on the
-        same store, of any feature set, uses it). Views become invalid once it closes."""
-        if self._rec is not None and self._pid == os.getpid():
-            _release(self._rec)
-        self._env = self._db = self._pid = self._rec = None
-
-    def __enter__(self) -> "FeatureStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -415,7 +183,7 @@ class FeatureStore:
         try:
             return list_feature_sets(rec.env, rec.pinned())
         finally:
-            _release(rec)
+            release(rec)
 
     def snapshot(self) -> "StoreSnapshot":
         """A read scope over one consistent state of the whole store: ``with store.snapshot():``.
@@ -542,28 +310,26 @@ class FeatureStore:
         if value is None:
             raise self._missing(key, txn)
         if self.prefetch:
-            _prefetch(self._rec, (value,))
+            prefetch(self._rec, (value,))
         entry = self._decode(value, kb, copy=copy)
         if frames is not None:
-            self._check_frames(kb.decode(), entry, frames)
+            check_frames(kb.decode(), entry, frames, self._where)
         return entry
 
     def _decode(self, value, kb: bytes, *, copy: bool) -> Entry:
-        """Decode one value; copies of an fp8 store's entries carry `features` dequantised to
-        bfloat16 (straight from the map, one pass) and no `features_scale` (it is applied)."""
-        quantised = copy and is_quantised(storage_dtype_of(self._manifest))
-        entry = decode_entry(value, key=kb.decode(), verify=self.verify_checksums, copy=copy and not quantised)
-        if not quantised or "features" not in entry.tensors:
-            return entry
-        codes = entry.tensors.pop("features")
-        entry.tensors.pop(SCALE_TENSOR, None)
-        if codes.dtype != FP8_DTYPE:
-            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {codes.dtype}, but the "
-                                    "store holds float8_e4m3fn features (its manifest says so); the entry was not "
-                                    "written by featstore: run `featstore verify` and rebuild it")
-        features = dequantize(codes, self._scale(value, kb), read_dtype(storage_dtype_of(self._manifest)))
-        entry.tensors = {name: t.clone() for name, t in entry.tensors.items()}  # the rest: owned copies
-        entry.tensors["features"] = features
+        """Decode one value. Copies carry `features` as the set's storage codec serves them:
+        as stored, or converted straight from the map in one pass (an fp8 store's codes
+        dequantised to bfloat16, without the `features_scale` the codec applied)."""
+        name = kb.decode()
+        codec, served = reading_codec(self._manifest)
+        entry = decode_entry(value, key=name, verify=self.verify_checksums, copy=copy and served is None)
+        if not copy or served is None:
+            return entry  # as stored: copies, or views for `view`
+        stored = entry.tensors
+        features = codec.decode(stored, key=name, where=self._where) if FEATURES in stored else None
+        entry.tensors = {n: t.clone() for n, t in stored.items() if n not in codec.tensors}  # the rest: owned
+        if features is not None:
+            entry.tensors[FEATURES] = features
         return entry
 
     def view(self) -> "StoreView":
@@ -592,41 +358,6 @@ class FeatureStore:
         """
         return StoreView(self)
 
-    def _check_frames(self, key: str, entry: Entry, frames: Sequence[str]) -> None:
-        wanted = [normalize_key(f) for f in frames]
-        if entry.frames != wanted:
-            raise MissingKeyError(
-                f"key {key!r} in {self._where} was computed on frames {entry.frames}, but {wanted} "
-                "were asked for: the cached context differs (a miss). Rebuild with the same annotations."
-            )
-
-    def _check_sources(self, key: str, entry: Entry, data_root) -> None:
-        """Each frame's size and mtime against the entry's record (`sources`): the image a
-        training run reads now must be the one the features were computed from. One `stat` a
-        frame (a few microseconds; docs/OPERATIONS.md has the measured cost)."""
-        if "sources" not in entry.metadata:
-            return  # written without a record (StoreWriter.put by hand): nothing to compare against
-        frames = entry.frames
-        try:
-            sources = json.loads(entry.metadata["sources"])
-        except ValueError:
-            sources = None
-        if not isinstance(sources, list) or len(sources) != len(frames):
-            raise StaleEntryError(f"key {key!r} in {self._where} has a malformed source record for its frames, so "
-                                  "their freshness cannot be checked; rebuild it (featstore build --force)")
-        root = os.fspath(data_root)
-        for frame, src in zip(frames, sources):
-            try:
-                st = _stat_frame(root, frame)
-            except OSError as e:
-                raise StaleEntryError(f"key {key!r} in {self._where}: frame {frame!r} cannot be read now "
-                                      f"({e.filename}: {e.strerror}); its features belong to a file that is "
-                                      "gone") from None
-            if not isinstance(src, dict) or src.get("size") != st.st_size or src.get("mtime_ns") != st.st_mtime_ns:
-                raise StaleEntryError(
-                    f"key {key!r} in {self._where} is stale: frame {frame!r} changed since the features were "
-                    f"computed (size {src.get('size') if isinstance(src, dict) else '?'} -> {st.st_size}, mtime "
-                    "changed); rerun featstore build (it recomputes stale entries)")
 
     def missing(self, keys: Iterable) -> list[str]:
         """The keys of `keys` that have no entry, in the order given, from one read transaction
@@ -646,16 +377,6 @@ class FeatureStore:
                     out.append(key)
         return out
 
-    def _no_tensor(self, kb: bytes, value, tensor: str) -> EntrySchemaError:
-        return EntrySchemaError(f"entry {kb.decode()!r} in {self._where} has no tensor {tensor!r} "
-                               f"(it has {sorted(decode_entry(value, key=kb.decode()).tensors)})")
-
-    @staticmethod
-    def _wrong_slot(kb: bytes, shape: tuple, dtype: torch.dtype, out: torch.Tensor) -> ValueError:
-        return ValueError(
-            f"entry {kb.decode()!r} holds {shape} {dtype} but the output slot is "
-            f"{tuple(out.shape[1:])} {out.dtype}; batch only entries of one shape"
-        )
 
     def _values(self, txn, kbs: list[bytes], keys: list) -> list[memoryview]:
         values = []
@@ -665,7 +386,7 @@ class FeatureStore:
                 raise self._missing(key, txn)
             values.append(value)
         if self.prefetch:
-            _prefetch(self._rec, values)
+            prefetch(self._rec, values)
         return values
 
     def read_into(self, keys: Iterable, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
@@ -711,116 +432,8 @@ class FeatureStore:
             ...     store.read_into(["scene_a/000.jpg", "scene_b/000.jpg"], out) is out
             True
         """
-        keys = list(keys)
-        if not keys:
-            raise ValueError("read_into needs at least one key")
-        if frames is not None and len(frames) != len(keys):
-            raise ValueError(f"frames has {len(frames)} lists for {len(keys)} keys; pass one frame list per key")
-        if out is not None and (out.dim() < 1 or out.shape[0] != len(keys)):
-            raise ValueError(f"out has shape {tuple(out.shape)}: it needs one row per key ({len(keys)} keys)")
-        if out is not None and dtype is not None and out.dtype != dtype:
-            raise ValueError(f"out is {out.dtype} but dtype={dtype} was asked for; pass one of them")
-        kbs = [key_to_bytes(k) for k in keys]  # every key checked before any read
-        env = self._environment()
-        quantised = tensor == "features" and is_quantised(storage_dtype_of(self._manifest))
-        # A stored dtype other than out's is cast only when the caller asked for a dtype (an
-        # fp8 store's codes are always dequantised); an `out` of another dtype is a mistake.
-        cast = dtype is not None or quantised
-        if dtype is None and out is None and quantised:
-            dtype = read_dtype(storage_dtype_of(self._manifest))
-        rows = _byte_rows(out)
-        memo: dict = {}  # tensor_span's per-batch memo: one layout, one byte comparison per entry
-        checked = None  # the (dtype, shape) of an entry already checked against out's slot
-        with self._read_txn() as txn:
-            values = self._values(txn, kbs, keys)
-            for i, (kb, value) in enumerate(zip(kbs, values)):
-                if not self.verify_checksums and (out is None or rows is not None):
-                    # Hot path: check the entry's frames by their stored bytes (and its sources
-                    # with `data_root`), locate the tensor's bytes (known header layouts not
-                    # parsed again) and copy exactly those bytes into row i.
-                    if frames is not None or data_root is not None:
-                        self._check_entry(kb, value, None if frames is None else frames[i], data_root)
-                    try:
-                        stored, shape, offset, nbytes = tensor_span(value, tensor, key=kb, memo=memo)
-                    except KeyError:
-                        raise self._no_tensor(kb, value, tensor) from None
-                    if out is None:
-                        out = torch.empty((len(keys), *shape), dtype=dtype or stored, pin_memory=pin_memory)
-                        rows = _byte_rows(out)
-                    if checked != (stored, shape):  # once per batch, not per entry
-                        self._check_slot(kb, shape, stored, out, cast, quantised)
-                        checked = (stored, shape)
-                    if quantised:
-                        codes = np.frombuffer(value, np.uint8, nbytes, offset)
-                        dequantize_into(codes, self._scale(value, kb), out[i])
-                    elif stored == out.dtype:
-                        np.copyto(rows[i], np.frombuffer(value, np.uint8, nbytes, offset))  # the one copy
-                    else:  # the asked-for cast, during the one copy
-                        out[i].copy_(decode_tensor(value, tensor, key=kb.decode()))
-                    continue
-                name = kb.decode()
-                entry = decode_entry(value, key=name, verify=self.verify_checksums)
-                if frames is not None:
-                    self._check_frames(name, entry, frames[i])
-                if data_root is not None:
-                    self._check_sources(name, entry, data_root)
-                src = entry.tensors.get(tensor)
-                if src is None:
-                    raise self._no_tensor(kb, value, tensor)
-                if out is None:
-                    out = torch.empty((len(keys), *src.shape), dtype=dtype or src.dtype, pin_memory=pin_memory)
-                self._check_slot(kb, tuple(src.shape), src.dtype, out, cast, quantised)
-                if quantised and out[i].is_contiguous() and out.device.type == "cpu":
-                    dequantize_into(src.view(torch.uint8).numpy(), self._scale(value, kb), out[i])
-                elif quantised:  # a strided or device `out`: dequantise, then copy into it
-                    out[i].copy_(dequantize(src, self._scale(value, kb), out.dtype))
-                else:
-                    out[i].copy_(src)  # the one copy out of the map (the txn keeps `src` valid)
-        return out
-
-    def _check_slot(self, kb: bytes, shape: tuple, stored: torch.dtype, out: torch.Tensor, cast: bool,
-                    quantised: bool) -> None:
-        if tuple(shape) != tuple(out.shape[1:]):
-            raise self._wrong_slot(kb, tuple(shape), stored, out)
-        if quantised and stored != FP8_DTYPE:
-            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {stored}, but the store "
-                                    "holds float8_e4m3fn features (its manifest says so); the entry was not "
-                                    "written by featstore: run `featstore verify` and rebuild it")
-        if stored != out.dtype and not cast:
-            raise self._wrong_slot(kb, tuple(shape), stored, out)
-
-    def _scale(self, value, kb: bytes) -> torch.Tensor:
-        """The per-token scale of an fp8 entry (a small copy)."""
-        try:
-            dtype, shape, offset, nbytes = tensor_span(value, SCALE_TENSOR, key=kb.decode())
-        except KeyError:
-            raise self._no_tensor(kb, value, SCALE_TENSOR) from None
-        if dtype != torch.float32:
-            raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: {SCALE_TENSOR} is {dtype}, not float32; "
-                                    "the entry was not written by featstore: run `featstore verify` and rebuild it")
-        return torch.from_numpy(np.frombuffer(value, np.float32, nbytes // 4, offset).copy())
-
-    def _check_entry(self, kb: bytes, value, wanted: Sequence[str] | None, data_root) -> None:
-        """The checks `frames=` and `data_root=` ask for, on one entry, without decoding it.
-
-        The frame list is compared as bytes: the record `featstore build` writes for `wanted`
-        (`_frames_record`) must appear once as the header's `frames` metadata. When it does
-        not (another list, or a record written another way), the entry is decoded and checked
-        as a whole, so a miss raises exactly what `get(..., frames=)` raises. With `data_root`
-        only the metadata is parsed, for the `sources` record the freshness check compares."""
-        name = kb.decode()
-        if wanted is None or _stores_frames(value, _frames_record(wanted)):
-            if data_root is None:
-                return
-            meta = _header_metadata(value)
-            if meta is not None:
-                self._check_sources(name, Entry(tensors={}, metadata=meta), data_root)
-                return
-        entry = decode_entry(value, key=name)
-        if wanted is not None:
-            self._check_frames(name, entry, wanted)
-        if data_root is not None:
-            self._check_sources(name, entry, data_root)
+        return batch_read.read_into(self, keys, out, dtype=dtype, tensor=tensor, frames=frames, data_root=data_root,
+                                    pin_memory=pin_memory)
 
     def plan_read(self, keys: Iterable, *, tensor: str = "features", frames: Sequence[Sequence[str]] | None = None,
                   data_root: str | os.PathLike | None = None, missing: str = "raise") -> "ReadPlan":
@@ -859,58 +472,7 @@ class FeatureStore:
             [(1, 48, 128), (1, 48, 128)]
             >>> store.close()
         """
-        if missing not in ("raise", "skip"):
-            raise ValueError(f"missing must be 'raise' or 'skip'. Found {missing!r}")
-        keys = list(keys)
-        if frames is not None and len(frames) != len(keys):
-            raise ValueError(f"frames has {len(frames)} lists for {len(keys)} keys; pass one frame list per key")
-        kbs = [key_to_bytes(k) for k in keys]
-        self._environment()
-        txn = self._rec.pinned()
-        if txn is None:
-            raise FeatstoreError(f"{self._where}: plan_read needs a read scope: call it inside "
-                                 "`with store.snapshot():` and copy before the block ends")
-        quantised = tensor == "features" and is_quantised(storage_dtype_of(self._manifest))
-        errors: list = [None] * len(keys)
-        absent = [False] * len(keys)
-        values: list = []
-        for i, (kb, key) in enumerate(zip(kbs, keys)):  # every key looked up before any is checked
-            value = txn.get(kb, db=self._db)
-            if value is None:
-                errors[i], absent[i] = self._missing(key, txn), True
-                if missing == "raise":
-                    raise errors[i]
-            values.append(value)
-        if self.prefetch:
-            _prefetch(self._rec, [v for v in values if v is not None])
-        spans: list = [None] * len(keys)
-        memo: dict = {}
-        for i, (kb, value) in enumerate(zip(kbs, values)):
-            if value is None:
-                continue
-            try:
-                if self.verify_checksums:
-                    decode_entry(value, key=kb.decode(), verify=True)
-                if frames is not None or data_root is not None:
-                    self._check_entry(kb, value, None if frames is None else frames[i], data_root)
-            except MissingKeyError as e:
-                if missing == "raise":
-                    raise
-                errors[i], values[i] = e, None
-                continue
-            try:
-                span = tensor_span(value, tensor, key=kb, memo=memo)
-            except KeyError:
-                raise self._no_tensor(kb, value, tensor) from None
-            if quantised and span[0] != FP8_DTYPE:
-                raise CorruptEntryError(f"entry {kb.decode()!r} in {self._where}: features are {span[0]}, but the "
-                                        "store holds float8_e4m3fn features (its manifest says so); the entry was "
-                                        "not written by featstore: run `featstore verify` and rebuild it")
-            spans[i] = span
-        dtype = read_dtype(storage_dtype_of(self._manifest)) if quantised else None
-        plan = ReadPlan(self, txn, keys, kbs, values, spans, errors, dtype)
-        plan.absent = absent
-        return plan
+        return batch_read.plan_read(self, keys, tensor=tensor, frames=frames, data_root=data_root, missing=missing)
 
     def get_many(self, keys: Iterable) -> list[Entry]:
         """Copies of the entries of `keys`, read in one transaction (entries may differ in shape).
@@ -921,178 +483,6 @@ class FeatureStore:
         with self._read_txn() as txn:
             values = self._values(txn, kbs, keys)
             return [self._decode(v, kb, copy=True) for kb, v in zip(kbs, values)]
-
-    def raw_items(self, start: str | None = None) -> Iterator[tuple[str, bytes]]:
-        """Iterate (key, value bytes) in key order, copying each value (for verify and merge)."""
-        last = start.encode("utf-8") if start else None
-        skip_first = False
-        while True:
-            chunk = []
-            with self._read_txn() as txn:
-                cur = txn.cursor(db=self._db)
-                ok = cur.set_range(last) if last is not None else cur.first()
-                if ok and skip_first and bytes(cur.key()) == last:
-                    ok = cur.next()
-                size = 0
-                while ok and len(chunk) < 256 and size < (256 << 20):
-                    k, v = cur.item()
-                    chunk.append((bytes(k), bytes(v)))
-                    size += len(v)
-                    ok = cur.next()
-            if not chunk:
-                return
-            for k, v in chunk:
-                yield k.decode("utf-8"), v
-            last, skip_first = chunk[-1][0], True
-
-
-# The metadata mark featstore's encoder writes between a header's tensors and its metadata.
-_METADATA_MARK = b',"__metadata__":'
-_FRAMES_NAME = b'"frames":'
-
-
-def _frames_record(frames: Sequence[str]) -> bytes:
-    r"""The bytes of a `frames` metadata item as `featstore build` writes it for `frames` (the
-    list as JSON, `featstore.build.encode.unit_metadata`, then that string in the header's JSON).
-
-    Example:
-        >>> _frames_record(["a/0.jpg", "a/1.jpg"])
-        b'"frames":"[\\"a/0.jpg\\", \\"a/1.jpg\\"]"'
-    """
-    listed = json.dumps([normalize_key(f) for f in frames], ensure_ascii=False)
-    return _FRAMES_NAME + json.dumps(listed, ensure_ascii=False).encode("utf-8")
-
-
-def _header_bytes(value) -> bytes | None:
-    view = memoryview(value)
-    if len(view) < 8:
-        return None
-    n = int.from_bytes(view[:8], "little")
-    return bytes(view[8:8 + n]) if 8 + n <= len(view) else None
-
-
-def _stores_frames(value, record: bytes) -> bool:
-    """Whether the header of `value` holds `record` as its one `frames` metadata item (bytes only).
-
-    True is a verdict: inside a JSON string every quote is escaped, so `"frames":` can only be
-    a key, and `record` bounded by `{`/`,` and `,`/`}` is that key's whole value. False means
-    "not shown here" (another list, or one written another way): the caller decodes and compares."""
-    head = _header_bytes(value)
-    cut = -1 if head is None else head.find(_METADATA_MARK)
-    if cut < 0:
-        return False
-    meta = head[cut + len(_METADATA_MARK):]
-    at = meta.find(record)
-    end = at + len(record)
-    return (at > 0 and meta[at - 1:at] in (b"{", b",") and meta[end:end + 1] in (b",", b"}")
-            and meta.count(_FRAMES_NAME) == 1)
-
-
-def _header_metadata(value) -> dict | None:
-    """The `__metadata__` of a value's header (one JSON parse of the header, no tensor built),
-    or None when it is not a well-formed dict of strings (the caller then decodes in full)."""
-    head = _header_bytes(value)
-    try:
-        meta = json.loads(head).get("__metadata__", {}) if head is not None else None
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        return None
-    return meta
-
-
-class ReadPlan:
-    """The located, checked entries of one `FeatureStore.plan_read`, to copy out of the map.
-
-    Attributes:
-        keys: the keys, in the order given.
-        shapes: each entry's tensor shape ([frames, tokens, channels] for features), None for a
-            key that missed (under ``missing="skip"``).
-        errors: the MissingKeyError (StaleEntryError, ...) of each key that missed, else None.
-        absent: per key, whether it missed because it has no entry at all (`read_into` raises
-            those first: it looks every key up before it checks any entry).
-        dtype: what `copy_into` writes: the stored dtype, bfloat16 for an fp8 store's features.
-
-    Valid only inside the snapshot block it was planned in: `copy_into` refuses afterwards
-    (the views it copies from belong to that block's read transaction).
-    """
-
-    def __init__(self, store: FeatureStore, txn, keys, kbs, values, spans, errors, dtype):
-        self._store, self._txn, self._kbs, self._values, self._spans = store, txn, kbs, values, spans
-        self.keys, self.errors = keys, errors
-        self.absent = [False] * len(keys)
-        self.shapes = [None if s is None else tuple(s[1]) for s in spans]
-        stored = next((s[0] for s in spans if s is not None), None)
-        self.dtype = dtype or stored
-        self._quantised = dtype is not None
-
-    def numel(self, i: int | None = None) -> int:
-        """Elements of entry `i` (0 for a miss), or of all entries when `i` is None."""
-        if i is None:
-            return sum(self.numel(j) for j in range(len(self.keys)))
-        shape = self.shapes[i]
-        return 0 if shape is None else int(np.prod(shape, dtype=np.int64))
-
-    def copy_into(self, i: int, out: torch.Tensor, rows=None) -> torch.Tensor:
-        """Copy entry `i`'s tensor into `out`, the one copy out of the map (an fp8 store's
-        codes dequantised on the way).
-
-        Args:
-            i: the entry (a planned key, not a miss).
-            out: a contiguous CPU tensor of `dtype` with as many elements as the rows copied
-                (any shape: it is filled as [rows, channels]); e.g. a view into shared memory.
-            rows: None (the whole tensor, in order) or an int64 numpy array of token rows of
-                the tensor seen as [frames * tokens, channels], copied in that order (a gather:
-                e.g. training's merger order, which also leaves out the rows of an odd grid's
-                last row and column).
-
-        Returns:
-            `out`.
-
-        Raises:
-            FeatstoreError: the snapshot block of the plan has ended.
-            ValueError: entry `i` missed, or `out` does not fit.
-        """
-        store, span = self._store, self._spans[i]
-        if store._rec is None or store._rec.pinned() is not self._txn or store._pid != os.getpid():
-            raise FeatstoreError(f"{store._where}: this read plan's snapshot block has ended; plan and copy "
-                                 "inside one `with store.snapshot():` block")
-        if span is None:
-            raise ValueError(f"key {self.keys[i]!r} missed ({self.errors[i]}); it has nothing to copy")
-        stored, shape, offset, nbytes = span
-        channels = shape[-1] if shape else 1
-        total = nbytes // stored.itemsize // max(channels, 1)
-        count = total if rows is None else len(rows)
-        if rows is not None and count and (int(rows.min()) < 0 or int(rows.max()) >= total):
-            raise ValueError(f"rows index {total} rows of key {self.keys[i]!r}: values from {int(rows.min())} "
-                             f"to {int(rows.max())} lie outside")
-        if (out.device.type != "cpu" or not out.is_contiguous() or out.dtype != self.dtype
-                or out.numel() != count * channels):
-            raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; key {self.keys[i]!r} needs "
-                             f"{count} x {channels} {self.dtype} elements, contiguous on the CPU")
-        if count == 0:
-            return out
-        value, kb = self._values[i], self._kbs[i]
-        if stored != self.dtype and not self._quantised:
-            raise ValueError(f"entry {kb.decode()!r} holds {stored} but the plan's other entries {self.dtype}; "
-                             "plan entries of one dtype")
-        flat = out.view(count, channels)
-        if not self._quantised:
-            src = np.frombuffer(value, np.uint8, nbytes, offset).reshape(total, -1)
-            dst = flat.view(torch.uint8).numpy()
-            if rows is None:
-                np.copyto(dst, src)  # the one copy
-            else:  # the one copy, gathering rows ("clip": bounds checked above, so unbuffered)
-                np.take(src, rows, axis=0, out=dst, mode="clip")
-            return out
-        # fp8: codes x per-token scale, written once into `out` (a gather first takes the
-        # codes' rows, a quarter of the output's bytes for bf16, into a temporary).
-        codes = np.frombuffer(value, np.uint8, nbytes, offset).reshape(total, channels)
-        scale = store._scale(value, kb).reshape(-1)
-        if rows is not None:
-            codes, scale = np.take(codes, rows, axis=0), scale[torch.tensor(rows)]
-        dequantize_into(codes, scale.reshape(-1, 1), flat)
-        return out
 
 
 def feature_set_names(path: str | os.PathLike) -> list[str]:
@@ -1112,114 +502,3 @@ def feature_set_names(path: str | os.PathLike) -> list[str]:
         return names
     finally:
         probe.close()
-
-
-class StoreView:
-    """A read transaction whose entries are zero-copy views; see `FeatureStore.view`.
-
-    Entering opens the transaction and holds a reference on the environment (so `close()` of
-    the store cannot unmap it); leaving ends both, after which `get` raises FeatstoreError.
-    """
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-        self._txn = None
-        self._rec: _OpenEnv | None = None
-        self._pid: int | None = None
-        self._own = False  # whether the transaction is this view's (else a snapshot block's)
-
-    def __enter__(self) -> "StoreView":
-        if self._txn is not None:
-            raise FeatstoreError(f"{self.store.path}: this view is already open; use a new store.view()")
-        env = self.store._environment()
-        rec = self.store._rec
-        rec.refs += 1  # the map stays mapped until __exit__, whatever close() is called
-        try:
-            pinned = rec.pinned()  # inside a snapshot block: its transaction, which outlives the view
-            self._txn, self._own = (pinned, False) if pinned is not None else (env.begin(buffers=True), True)
-        except BaseException:
-            _release(rec)
-            raise
-        self._rec, self._pid = rec, os.getpid()
-        return self
-
-    def get(self, key, *, frames: Sequence[str] | None = None) -> Entry:
-        """The entry under `key` as zero-copy views valid until this block ends (values under
-        about 2 KiB, which sit unaligned in the map, are copied). An fp8 store's entries are
-        shown as stored: float8 ``features`` and their float32 ``features_scale`` (dequantise
-        with featstore.format.fp8.dequantize). Raises like `FeatureStore.get`."""
-        if self._txn is None or self._pid != os.getpid():
-            raise FeatstoreError(
-                f"{self.store.path}: this store view is closed (or was inherited across fork); "
-                "read inside `with store.view() as v:` in the process that opened it"
-            )
-        return self.store._get(self._txn, key, copy=False, frames=frames)
-
-    def __exit__(self, *exc) -> None:
-        txn, rec, self._txn, self._rec = self._txn, self._rec, None, None
-        if txn is not None and self._pid == os.getpid():
-            if self._own:
-                txn.abort()
-            _release(rec)
-
-
-class StoreSnapshot:
-    """One read transaction pinned for every read on a store's environment in this thread;
-    see `FeatureStore.snapshot`.
-
-    Entering the outermost block opens the handles of every feature set, begins the
-    transaction and holds a reference on the environment (so `close()` of a store inside the
-    block cannot unmap it); inner blocks reuse it; leaving the outermost block ends both.
-    """
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-        self._rec: _OpenEnv | None = None
-        self._pid: int | None = None
-
-    def __enter__(self) -> "StoreSnapshot":
-        if self._rec is not None:
-            raise FeatstoreError(f"{self.store.path}: this snapshot is already open; use a new store.snapshot()")
-        env = self.store._environment()
-        rec = self.store._rec
-        pins = rec.pins
-        if getattr(pins, "txn", None) is not None:
-            pins.depth += 1
-        else:
-            # A handle opened after a transaction began is unknown to it (LMDB), so every set's
-            # handle is opened first: stores of other sets may open inside the block.
-            with env.begin() as txn:
-                names = list_feature_sets(env, txn)
-            env.open_db(META_DB, create=False)
-            for name in names:
-                try:
-                    env.open_db(features_db(name), create=False)
-                except lmdb.NotFoundError:
-                    pass  # a damaged set: its reader reports it
-            rec.refs += 1
-            try:
-                pins.txn, pins.depth = env.begin(buffers=True), 1
-            except BaseException:
-                _release(rec)
-                raise
-        self._rec, self._pid = rec, os.getpid()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        rec, self._rec = self._rec, None
-        if rec is None or self._pid != os.getpid():
-            return
-        pins = rec.pins
-        pins.depth -= 1
-        if pins.depth == 0:
-            txn, pins.txn = pins.txn, None
-            txn.abort()
-            _release(rec)
-
-
-def _build_complete(env, txn, path: str, feature_set: str) -> bool:
-    """Whether the set's manifest says its build is complete (False when it does not read)."""
-    try:
-        return read_manifest(env, txn, path=path, feature_set=feature_set).get("build", {}).get("state") == "complete"
-    except FeatstoreError:
-        return False

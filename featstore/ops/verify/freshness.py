@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from featstore.build.plan import source_path
+from featstore.format.keys import source_path
 from featstore.ops.verify.entries import Record
 from featstore.ops.verify.report import Report
 
