@@ -13,6 +13,7 @@ import time
 import torch
 import transformers
 
+from training.train import close_distributed
 from training.trainer import STAT_KEYS, FeatstoreTrainer
 
 VOCAB, LENGTH = 64, 8
@@ -104,7 +105,12 @@ def main() -> int:
 
         deepspeed.init_distributed("gloo")  # before the model, for ZeRO-3 on CPU (TRAINING.md)
         extra["deepspeed"] = a.deepspeed
-    build(a.output_dir, n=a.num_samples, max_steps=a.max_steps, logging_steps=1, **extra).train()
+    try:
+        build(a.output_dir, n=a.num_samples, max_steps=a.max_steps, logging_steps=1, **extra).train()
+    finally:
+        # As training.train does: a process group left to the interpreter's exit can abort a
+        # finished rank ("terminate called without an active exception").
+        close_distributed()
     return 0
 
 
