@@ -185,3 +185,27 @@ def test_bad_requests_are_refused():
     cu, other = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 2, 4], dtype=torch.int32)
     with pytest.raises(EncoderError, match="segments differ"):
         one_call_attention(None, q, q, q, cu_seq_lens_q=cu, cu_seq_lens_k=other)
+
+
+def test_encoder_option_keeps_the_fingerprint_and_the_features():
+    from featstore.encoders import encoder_for_spec, get_encoder, resolve_spec
+    from featstore.ops.compare import compare_features
+
+    stock = get_encoder("qwen2.5-vl-vision-tiny")
+    one = get_encoder("qwen2.5-vl-vision-tiny", vision_attention="one_call")
+    assert one.model.config._attn_implementation == ONE_CALL_IMPLEMENTATION
+    assert stock.model.config._attn_implementation != ONE_CALL_IMPLEMENTATION
+    assert one.spec.fingerprint() == stock.spec.fingerprint()
+    assert resolve_spec("qwen2.5-vl-vision-tiny", vision_attention="one_call").fingerprint() == stock.spec.fingerprint()
+    images = [torch.rand(3, 224, 168, generator=torch.Generator().manual_seed(5)),
+              torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(6))]
+    for a, b in zip(one.encode_images(images), stock.encode_images(images)):
+        assert _rel(a, b) <= 1e-5
+        # ... so verify --recompute of a store built either way passes with the other.
+        assert compare_features(b, a, stock.spec.storage_dtype, stock.spec.compute_dtype)["ok"]
+    rebuilt = encoder_for_spec(stock.spec, vision_attention="one_call")
+    assert rebuilt.model.config._attn_implementation == ONE_CALL_IMPLEMENTATION
+    with pytest.raises(EncoderError, match="vision_attention 'fast' is not one of stock, one_call"):
+        get_encoder("qwen2.5-vl-vision-tiny", vision_attention="fast")
+    with pytest.raises(EncoderError, match="build options"):
+        encoder_for_spec(stock.spec, layer=0)

@@ -39,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featstore.encoders.qwen_vision.config import VISION_ATTENTION_CHOICES
 from featstore.errors import EncoderError
 
 __all__ = ["VISION_ATTENTION_CHOICES", "ONE_CALL_IMPLEMENTATION", "one_call_attention", "register",
            "set_vision_attention", "varlen_kernel"]
 
-# "stock": transformers' own path for the configured implementation; "one_call": this module.
-VISION_ATTENTION_CHOICES = ("stock", "one_call")
 # Must contain "flash": transformers passes cu_seqlens only to implementations so named
 # (utils/generic.py `is_flash_attention_requested`: `"flash" in config._attn_implementation`).
 ONE_CALL_IMPLEMENTATION = "featstore_one_call_flash_varlen"
