@@ -209,3 +209,46 @@ def test_encoder_option_keeps_the_fingerprint_and_the_features():
         get_encoder("qwen2.5-vl-vision-tiny", vision_attention="fast")
     with pytest.raises(EncoderError, match="build options"):
         encoder_for_spec(stock.spec, layer=0)
+
+
+@pytest.mark.parametrize("tune_vision", [False, True])
+def test_training_model_with_one_call_matches_stock(tune_vision):
+    """The whole tiny Qwen2.5-VL (training.presets), pixels in: the same logits, and with a trainable
+    tower the same tower gradients, under --vision_attention one_call as under stock."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from training.args import parse_args
+    from training.presets import tiny_config
+
+    model_args = parse_args(["--vision_attention", "one_call", "--output_dir", "/tmp/unused"])[0]
+    assert model_args.vision_attention == "one_call"
+    assert parse_args(["--output_dir", "/tmp/unused"])[0].vision_attention == "stock"
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    stock = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").float()
+    one = copy.deepcopy(stock)
+    set_vision_attention(one.model.visual, model_args.vision_attention)
+    pixels, grid = _inputs()
+    ids = torch.tensor([sum(([cfg.vision_start_token_id] + [cfg.image_token_id] * (int(g.prod()) // 4)
+                             + [cfg.vision_end_token_id] for g in grid), [])])  # one span per image
+    results = []
+    for model in (stock, one):
+        model.requires_grad_(False)
+        model.model.visual.requires_grad_(tune_vision)
+        logits = model(input_ids=ids, pixel_values=pixels.clone().requires_grad_(True), image_grid_thw=grid,
+                       mm_token_type_ids=(ids == cfg.image_token_id).long()).logits
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad for n, p in model.model.visual.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (ref, ref_grads), (got, got_grads) = results
+    assert _rel(got, ref) <= 1e-5
+    assert set(got_grads) == set(ref_grads) and (bool(ref_grads) == tune_vision)
+    for name in ref_grads:
+        assert _rel(got_grads[name], ref_grads[name]) <= 1e-5, name
+
+
+def test_choices_agree():
+    from featstore.encoders.qwen_vision import attention, config
+
+    assert attention.VISION_ATTENTION_CHOICES is config.VISION_ATTENTION_CHOICES
