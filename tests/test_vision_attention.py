@@ -252,3 +252,20 @@ def test_choices_agree():
     from featstore.encoders.qwen_vision import attention, config
 
     assert attention.VISION_ATTENTION_CHOICES is config.VISION_ATTENTION_CHOICES
+
+
+def test_benchmark_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from _featstore_helpers import REPO
+
+    run = subprocess.run([sys.executable, "benchmarks/vision_attention_bench.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "vision_attention_bench.json").read_text())
+    assert report["smoke"] and set(report["variants"]) >= {"stock", "one_call", "one_call_sdpa"}
+    for name in ("one_call", "one_call_sdpa"):
+        assert report["variants"][name]["max_rel_diff_vs_stock"] <= 1e-5
+        assert report["variants"][name]["forward_backward_ms"] > 0

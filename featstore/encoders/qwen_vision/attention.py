@@ -50,6 +50,8 @@ __all__ = ["VISION_ATTENTION_CHOICES", "ONE_CALL_IMPLEMENTATION", "one_call_atte
 ONE_CALL_IMPLEMENTATION = "featstore_one_call_flash_varlen"
 
 _VARLEN = None  # (function, takes scale=) once looked up; False: not in this torch
+# False: always the padded SDPA call (benchmarks/vision_attention_bench.py times both).
+PREFER_VARLEN = True
 
 
 def varlen_kernel():
@@ -70,7 +72,7 @@ def _varlen_applies(query: Tensor, scaling: Optional[float], dropout: float) -> 
     """The flash varlen kernel runs on CUDA in fp16/bf16 without dropout; a scale other than the
     default 1/sqrt(head_dim) needs a torch whose varlen_attn takes `scale=`."""
     kernel = varlen_kernel()
-    if kernel is None or query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+    if not PREFER_VARLEN or kernel is None or query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
         return False
     if dropout:
         return False
