@@ -269,3 +269,32 @@ def test_benchmark_smoke(tmp_path):
     for name in ("one_call", "one_call_sdpa"):
         assert report["variants"][name]["max_rel_diff_vs_stock"] <= 1e-5
         assert report["variants"][name]["forward_backward_ms"] > 0
+
+
+def test_build_one_call_writes_the_stock_fingerprint_and_features(tmp_path):
+    """`featstore build --vision-attention one_call` writes what the stock build writes (same
+    fingerprint, features within the recompute tolerance); a VGGT encoder refuses the option."""
+    from featstore.build.runner import BuildOptions, build
+    from featstore.errors import EncoderError
+    from featstore import FeatureStore
+    from featstore.ops.compare import compare_features
+
+    from _featstore_helpers import make_images
+
+    keys = [f"s/{i}.png" for i in range(2)]
+    stores = {}
+    for how in (None, "one_call"):
+        data = str(tmp_path / str(how))
+        make_images(data, keys, size=(96, 80))
+        report = build(BuildOptions(data_root=data, encoder="qwen2.5-vl-vision-tiny", device="cpu", progress=False,
+                                    workers=0, vision_attention=how))
+        assert report.computed == 2
+        stores[how] = FeatureStore(data, feature_set="qwen_vision")
+    a, b = stores[None], stores["one_call"]
+    assert a.manifest["fingerprint"] == b.manifest["fingerprint"]
+    for key in keys:
+        result = compare_features(a.get(key).features.float(), b.get(key).features.float(), "bfloat16")
+        assert result["ok"], result
+    with pytest.raises(EncoderError, match="vision_attention is an option of the qwen2.5-vl-vision encoders"):
+        build(BuildOptions(data_root=str(tmp_path / "None"), encoder="vggt-tiny", device="cpu", progress=False,
+                           workers=0, vision_attention="one_call"))
