@@ -334,6 +334,11 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
         model.attach_vggt(OnlineVGGT(settings.encoder, weights=settings.weights, overrides=settings.overrides,
                                      stream=settings.stream, expected_fingerprint=spec.fingerprint(),
                                      patch_size=int(spec.config["patch_size"])))
+    if not settings.vision_cached:  # a tower that runs on pixels: how it attends (--vision_attention)
+        from featstore.encoders.qwen_vision.attention import set_vision_attention
+
+        impl = set_vision_attention(model.model.visual, model_args.vision_attention)
+        logger.info("Qwen vision tower attention: %s (--vision_attention %s)", impl, model_args.vision_attention)
     counts = set_trainable(model, merger=model_args.tune_merger, llm=model_args.tune_llm,
                            vision=model_args.tune_vision,
                            vision_merger=model_args.tune_vision or model_args.tune_vision_merger)

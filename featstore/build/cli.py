@@ -37,6 +37,7 @@ from featstore.arguments import add_annotations_argument
 from featstore.contract.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES
 from featstore.contract.naming import DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, set_note
 from featstore.contract.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
+from featstore.encoders.qwen_vision.config import VISION_ATTENTION_CHOICES
 from featstore.errors import FeatstoreError
 from featstore.progress import NO_PROGRESS_HELP
 from featstore.store.layout import require_directory
@@ -128,6 +129,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.7x faster "
                    "VGGT-1B builds on an H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
                    "with eager within bf16 rounding. Worth it for large GPU builds (default off)")
+    g.add_argument("--vision-attention", choices=VISION_ATTENTION_CHOICES,
+                   help="the Qwen vision tower's attention (qwen2.5-vl-vision encoders only): stock (default: "
+                   "transformers' path, one sdpa call per window) or one_call (every window of a layer in one "
+                   "attention call; the same features within the recompute tolerance, the same fingerprint). "
+                   "verify --recompute always recomputes with the stock path"),
     g.add_argument("--device", default=_default("device"), help=f"cuda, cuda:N, cpu (default {_default('device')}: the "
                    "local rank's GPU, else CPU)")
     r = p.add_argument_group("run")
@@ -203,7 +209,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         feature_set=args.feature_set, weights=args.weights, device=args.device, spec_overrides=overrides,
         force=args.force, dry_run=args.dry_run, workers=args.workers, batch_frames=args.batch_frames,
         shard=_parse_shard(args.shard), commit_entries=args.commit_every, progress=not args.no_progress,
-        compile=args.compile)
+        compile=args.compile, vision_attention=args.vision_attention)
 
 
 def run(args: argparse.Namespace) -> int:

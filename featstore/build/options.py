@@ -46,11 +46,19 @@ class BuildOptions:
     commit_bytes: int = 512 << 20
     progress: bool = True
     compile: bool = False  # torch.compile the encoder's blocks (GPU; same features within bf16 noise)
+    # The Qwen vision tower's attention (qwen2.5-vl-vision encoders; featstore.encoders.qwen_vision.
+    # attention): None is transformers' stock path; "one_call" one attention call per layer.
+    vision_attention: str | None = None
     # Frames cross from the decode workers to the GPU loop as uint8 where that is exact (every
     # value k/255: the VGGT and Qwen views without extra_resize), a quarter of the float32 bytes
     # to pass, stack, pin and copy; they become float32 on the device. False: float32 all the way
     # (same features; kept for benchmarks/build_bench.py's before/after).
     uint8_frames: bool = True
+
+    def build_options(self) -> dict:
+        """The encoder options that choose how the features are computed, not what they are (beside
+        `compile`, which every preset takes): passed only when set, since most presets lack them."""
+        return {} if self.vision_attention is None else {"vision_attention": self.vision_attention}
 
     def store_path(self) -> str:
         if self.store:

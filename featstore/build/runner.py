@@ -60,7 +60,9 @@ def build(opts: BuildOptions, *, encoder=None) -> BuildReport:
     if encoder is None:
         device = distributed.local_device(opts.device)
         check_device(device)
-        spec = resolve_spec(opts.encoder, weights=opts.weights, **opts.spec_overrides)
+        # The build options are checked here too (a VGGT encoder refuses vision_attention) before
+        # anything is created; they do not change the spec.
+        spec = resolve_spec(opts.encoder, weights=opts.weights, **opts.build_options(), **opts.spec_overrides)
         name = opts.encoder
     else:
         spec, device, name = encoder.spec, str(encoder.device), encoder.spec.encoder
@@ -130,7 +132,7 @@ def _build_units(ctx: BuildContext, units: list[Unit], skipped: list[dict], devi
     try:
         if encoder is None:  # the workers decode the first units meanwhile
             encoder = get_encoder(opts.encoder, weights=opts.weights, device=device, compile=opts.compile,
-                                  **opts.spec_overrides)
+                                  **opts.build_options(), **opts.spec_overrides)
             assert encoder.spec == spec, spec.diff(encoder.spec)  # resolve_spec's contract
         return _encode_and_commit(ctx, encoder, mine, batches, report)
     finally:

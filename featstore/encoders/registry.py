@@ -22,8 +22,9 @@ SPEC_OPTIONS = ("layer", "attention", "frames_kept", "compute_dtype", "storage_d
                 "reference_frame")
 _PREPROCESS_SHORT = {"preprocess_mode": "mode", "mode": "mode", "target_size": "target_size",
                      "extra_resize": "extra_resize", "resample": "resample"}
-# Options that choose how the spec is computed, not what it is (compile) or which code runs it.
-BUILD_OPTIONS = ("backend", "compile")
+# Options that choose how the spec is computed, not what it is (compile, the Qwen tower's
+# vision_attention) or which code runs it.
+BUILD_OPTIONS = ("backend", "compile", "vision_attention")
 
 
 # What one encoder call covers: "sequence" (a sample's ordered frames in one call, VGGT) or
@@ -273,8 +274,10 @@ def get_encoder(name: str = "vggt-1b", *, weights: Optional[str] = None, device:
     return entry.factory(weights=weights, device=device, **spec_overrides)
 
 
-def encoder_for_spec(spec: EncoderSpec, *, weights: Optional[str] = None, device: str = "cpu"):
+def encoder_for_spec(spec: EncoderSpec, *, weights: Optional[str] = None, device: str = "cpu",
+                     **build_options: Any):
     """Rebuild the encoder that computed `spec` (a store's manifest spec), for a recompute.
+    `build_options`: BUILD_OPTIONS that change how it runs, not the spec (e.g. vision_attention).
 
     Raises:
         FingerprintMismatchError: the rebuilt encoder's spec differs (other weights, other
@@ -282,7 +285,11 @@ def encoder_for_spec(spec: EncoderSpec, *, weights: Optional[str] = None, device
     """
     from featstore.errors import FingerprintMismatchError
 
-    encoder = get_encoder(spec.encoder, weights=weights, device=device, **spec.overrides())
+    unknown = sorted(set(build_options) - set(BUILD_OPTIONS))
+    if unknown:
+        raise EncoderError(f"encoder_for_spec takes build options {', '.join(BUILD_OPTIONS)} besides the spec; "
+                           f"got {', '.join(unknown)}")
+    encoder = get_encoder(spec.encoder, weights=weights, device=device, **spec.overrides(), **build_options)
     differ = spec.diff(encoder.spec)
     if differ:
         raise FingerprintMismatchError(

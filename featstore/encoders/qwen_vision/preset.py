@@ -10,7 +10,7 @@ from featstore.contract.spec import EncoderSpec, PreprocessSpec
 from featstore.encoders.qwen_vision.config import DEFAULT_TARGET_SIZE as QWEN_DEFAULT_TARGET
 from featstore.encoders.qwen_vision.config import TINY_SEED as QWEN_TINY_SEED
 from featstore.encoders.qwen_vision.config import TINY_TARGET_SIZE as QWEN_TINY_TARGET
-from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG
+from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG, VISION_ATTENTION_CHOICES
 from featstore.encoders.registry import apply_overrides, register_encoder
 from featstore.errors import EncoderError, WeightsError
 
@@ -82,6 +82,13 @@ class QwenVisionPreset:
         if options.pop("compile", False):
             raise EncoderError(f"compile=True is not supported by encoder {self.name!r} (it runs transformers' "
                                "vision forward as is); leave --compile off")
+        # How the tower attends (featstore.encoders.qwen_vision.attention): a build option like
+        # compile, not a spec field: "one_call" gives the stock numbers up to rounding (within the
+        # recompute tolerance), so a store built either way has one fingerprint.
+        vision_attention = options.pop("vision_attention", "stock")
+        if vision_attention not in VISION_ATTENTION_CHOICES:
+            raise EncoderError(f"encoder {self.name!r}: vision_attention {vision_attention!r} is not one of "
+                               f"{', '.join(VISION_ATTENTION_CHOICES)}")
         if weights is None and self.random_seed is None:
             raise WeightsError(
                 f"encoder {self.name!r} needs weights: pass a Qwen2.5-VL checkpoint, e.g. "
@@ -116,7 +123,7 @@ class QwenVisionPreset:
                 raise EncoderError(
                     f"encoder {self.name!r} offers {field}={want!r} only (the vision tower's output before the "
                     f"merger, each image on its own). Found {getattr(spec, field)!r}")
-        return spec, ckpt
+        return spec, ckpt, vision_attention
 
     @property
     def family_hooks(self) -> Dict[str, Any]:
@@ -126,12 +133,13 @@ class QwenVisionPreset:
 
     def spec(self, *, weights=None, **options) -> EncoderSpec:
         """The spec `build` would give, without a model (the checkpoint is hashed, not loaded)."""
-        spec, ckpt = self._prepare(weights, options)
+        spec, ckpt, _ = self._prepare(weights, options)
         return spec.replace(weights_sha256=ckpt.sha256() if ckpt is not None else f"random-seed-{self.random_seed}")
 
     def build(self, *, weights=None, device="cpu", **options):
         """Build the tower on CPU, load the checkpoint strictly (or seed it), then move it to `device`."""
-        spec, ckpt = self._prepare(weights, options)
+        spec, ckpt, vision_attention = self._prepare(weights, options)
+        from featstore.encoders.qwen_vision.attention import set_vision_attention
         from featstore.encoders.qwen_vision.encoder import QwenVisionEncoder, build_vision_tower, init_random_
         from featstore.encoders.qwen_vision.weights import load_vision_into, load_vision_state
 
@@ -146,6 +154,7 @@ class QwenVisionPreset:
             del state
             digest = ckpt.sha256()  # after the strict load: a wrong checkpoint fails fast, unhashed
         model = model.to(device).eval().requires_grad_(False)
+        set_vision_attention(model, vision_attention)
         return QwenVisionEncoder(spec.replace(weights_sha256=digest), model, device)
 
 

@@ -81,6 +81,9 @@ class VGGTPreset:
         options = dict(options)
         backend = options.pop("backend", self.backend or "featstore")
         compile = options.pop("compile", False)
+        if options.pop("vision_attention", "stock") != "stock":
+            raise EncoderError(f"encoder {self.name!r} has no vision tower: vision_attention is an option of the "
+                               "qwen2.5-vl-vision encoders; leave --vision-attention out")
         if self.backend is not None and backend != self.backend:
             raise EncoderError(f"encoder {self.name!r} always uses backend={self.backend!r}; leave the backend "
                                "option out")
