@@ -50,8 +50,11 @@ def _relative(path: str, data_root: str) -> str:
     return rel.replace(os.sep, "/")
 
 
-def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | None, unit: str) -> dict:
-    """The plan record of one build: its annotation files (hashed) or a scan of the data root.
+def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | None, unit: str, *,
+              video_policy=None) -> dict:
+    """The plan record of one build: its annotation files (hashed) or a scan of the data root,
+    and, with annotation files, the video policy (`featstore.build.video`) their video samples
+    were planned with ("video_policy", canonical string).
 
     Example:
         >>> from featstore.build.plan_record import record_of
@@ -65,7 +68,12 @@ def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | No
         files.append({"value": src.text or src.path, "file": _relative(src.path, root),
                       "image_dir": None if src.image_dir is None else _relative(src.image_dir, root),
                       "percent": src.percent, "size": os.path.getsize(src.path), "sha256": file_sha256(src.path)})
-    return {"unit": unit, "scan": not files, "annotations": files}
+    record = {"unit": unit, "scan": not files, "annotations": files}
+    if files:
+        from featstore.build.video import parse_video_policy
+
+        record["video_policy"] = parse_video_policy(video_policy).name
+    return record
 
 
 def _absolute(path: str, data_root: str) -> str:
