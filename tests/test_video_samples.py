@@ -267,3 +267,96 @@ def test_missing_pyav_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(VideoSupportError, match=r"pip install 'featstore\[video\]'"):
         probe_video(str(tmp_path / "x.mp4"))
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def _dataset(root, ann, spec, **kw):
+    from _training_helpers import tiny_parts
+    from training.data import ConversationDataset
+
+    tok, proc = tiny_parts()
+    return ConversationDataset([ann], root, tok, proc, spec, **kw)
+
+
+def test_video_placeholder_becomes_one_image_per_frame_from_the_decoded_frames(tmp_path):
+    """VG-LLM's expansion: `<video>` -> one `<image>` per chosen frame; the Qwen images are the
+    crop (qwen_view) of the same decoded frames the build encodes."""
+    from _training_helpers import spec_for
+
+    from featstore.build.encode import read_unit_frames
+    from featstore.encoders.preprocess import qwen_view
+
+    root = str(tmp_path / "data")
+    ann = make_video_data(root)
+    spec = spec_for()
+    ds = _dataset(root, ann, spec)
+    by_key = {u.key: i for i, u in enumerate(ds.units)}
+    for key, count in (("walk", 6), ("clips/door.mp4#29", 4)):
+        i = by_key[key]
+        item = ds[i]
+        assert item["images"] == count
+        assert int((item["input_ids"] == ds.vision_start).sum()) == count
+        assert "<video>" not in ds.samples[i]["conversations"][0]["value"]
+        assert "<image>" * count in ds.samples[i]["conversations"][0]["value"]
+        frames, _ = read_unit_frames(root, ds.units[i], spec, ds.patch)
+        want = ds.image_processor(images=[qwen_view(f, patch_size=ds.patch) for f in frames], return_tensors="pt",
+                                  do_rescale=False)["pixel_values"]
+        assert torch.equal(item["pixel_values"], want)
+    assert json.load(open(ann))[2]["conversations"][0]["value"] == "<video>\nWhat happens?"  # the file's own sample untouched
+
+
+def test_cached_equals_online_features_and_loss_for_video_samples(tmp_path):
+    from _training_helpers import collate, loss_and_merger_grads, online, spec_for, tiny_model
+
+    from featstore.store.reader import FeatureStore
+
+    root = str(tmp_path / "data")
+    ann = make_video_data(root)
+    report, store_path = _build(root, ann)
+    assert not report.failed
+    spec = spec_for()
+    cached_ds = _dataset(root, ann, spec, store=FeatureStore(store_path, expected_encoder=spec.to_dict()))
+    cached, live = collate(cached_ds), collate(_dataset(root, ann, spec))
+    assert cached["vggt_source"].tolist() == [1] * 4 and live["vggt_source"].tolist() == [2] * 4
+    for key in ("input_ids", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids"):
+        assert torch.equal(cached[key], live[key]), key
+    model = tiny_model(spec)
+    model.attach_vggt(online(spec))
+    loss_c, grads_c = loss_and_merger_grads(model, cached)
+    loss_o, grads_o = loss_and_merger_grads(model, live)
+    assert torch.equal(loss_c, loss_o)
+    for name in grads_c:
+        assert grads_c[name].abs().sum() > 0 and torch.equal(grads_c[name], grads_o[name]), name
+    # another policy asks for other frame lists: a miss naming the key, never another sample's features
+    from training.data import CacheMissError
+
+    other = _dataset(root, ann, spec, store=FeatureStore(store_path), video_policy="linspace:3")
+    with pytest.raises(CacheMissError, match=r"key 'walk'"):
+        other[[u.key for u in other.units].index("walk")]
+
+
+def test_vision_cache_reads_container_frames_by_video_path_and_index(tmp_path):
+    """`featstore build --encoder qwen2.5-vl-vision-tiny` stores one entry per chosen frame, keyed
+    "VIDEO#INDEX" for the .mp4; training with --use_vision_cache reads them for the video sample."""
+    from _training_helpers import spec_for
+
+    from featstore.build.runner import BuildOptions, build
+    from featstore.store.reader import FeatureStore
+
+    root = str(tmp_path / "data")
+    ann = make_video_data(root)
+    _, store_path = _build(root, ann)
+    spec = spec_for()
+    report = build(BuildOptions(data_root=root, annotations=[ann], encoder="qwen2.5-vl-vision-tiny", workers=0,
+                                spec_overrides={"target_size": spec.preprocess.target_size}, progress=False))
+    assert not report.failed and report.computed == 3 + 6 + 4
+    vision = FeatureStore(store_path, feature_set="qwen_vision")
+    assert {"clips/door.mp4#0", "clips/door.mp4#9", "clips/door.mp4#19", "clips/door.mp4#29"} <= set(vision.keys())
+    ds = _dataset(root, ann, spec, store=FeatureStore(store_path), vision_store=vision)
+    i = [u.key for u in ds.units].index("clips/door.mp4#29")
+    item = ds[i]
+    assert "pixel_values" not in item and item["hits"] == 1
+    with vision.snapshot():
+        want = torch.cat([vision.get(k).features[0] for k in ds.units[i].frames])
+    assert torch.equal(item["vision_features"], want)
