@@ -360,3 +360,61 @@ def test_vision_cache_reads_container_frames_by_video_path_and_index(tmp_path):
     with vision.snapshot():
         want = torch.cat([vision.get(k).features[0] for k in ds.units[i].frames])
     assert torch.equal(item["vision_features"], want)
+
+
+# -- kill -9 and resume -----------------------------------------------------------------------------
+
+def test_a_mixed_image_and_video_build_resumes_after_sigkill(tmp_path):
+    """The annotation file mixes images, folder videos and .mp4s; builds SIGKILLed at several
+    points of their writes (decode workers in one of them) resume to the uninterrupted content."""
+    import random
+    import signal
+    import time
+
+    from test_reliability_kill import _build_args, _same_content, _Zygote
+
+    from featstore.cli import main as featstore_main
+    from featstore.encoders.video import write_test_video
+    from featstore.ops.verify import verify_store
+
+    root = str(tmp_path / "data")
+    keys = [f"scene/{i:03d}.png" for i in range(12)]
+    make_images(root, keys)
+    samples = [{"image": k} for k in keys]
+    os.makedirs(os.path.join(root, "clips"))
+    for j in range(3):
+        make_images(root, [f"vids/v{j}/{i:04d}.png" for i in range(5 + 4 * j)], seed=j + 1)
+        samples.append({"id": f"folder{j}", "video": f"vids/v{j}"})
+        write_test_video(os.path.join(root, "clips", f"c{j}.mp4"), 20 + 30 * j, fps=10)
+        samples.append({"video": f"clips/c{j}.mp4"})
+    ann = str(tmp_path / "mixed.json")
+    json.dump(samples, open(ann, "w"))
+    ref = str(tmp_path / "ref.lmdb")
+    z = _Zygote(_build_args(root, ann, ref, 0), str(tmp_path / "ref.log"))
+    z.go()
+    rc, err = z.finish()
+    assert rc == 0, err
+    want = read_store(ref)
+    assert len(want) == 18 and any("#" in k for k in want)
+    size = os.path.getsize(os.path.join(ref, "data.mdb"))
+    rng = random.Random(26)
+    partial = 0
+    for i, workers in enumerate((0, 2, 0)):
+        store = str(tmp_path / f"trial{i}.lmdb")
+        z = _Zygote(_build_args(root, ann, store, workers), str(tmp_path / f"t{i}.log"))
+        z.go()
+        data, target = os.path.join(store, "data.mdb"), rng.uniform(0.2, 0.8) * size
+        while z.proc.poll() is None and not (os.path.exists(data) and os.path.getsize(data) >= target):
+            time.sleep(0.001)
+        z.proc.send_signal(signal.SIGKILL)
+        rc, err = z.finish()
+        assert rc in (0, -signal.SIGKILL), err
+        if rc != 0 and os.path.isfile(data):
+            left = verify_store(store)
+            assert set(left.counts()) <= {"build"}, left.summary()
+            partial += 1
+        assert featstore_main(_build_args(root, ann, store, 0)) == 0
+        report = verify_store(store, data_root=root, annotations=[ann])
+        assert report.ok, report.summary()
+        assert not _same_content(read_store(store), want), i
+    assert partial >= 1  # at least one kill landed inside the build
