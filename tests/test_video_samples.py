@@ -235,6 +235,11 @@ def test_a_changed_policy_parameter_is_a_miss_never_a_wrong_answer(tmp_path):
             assert miss.errors[0] is not None and "frame" in str(miss.errors[0]), miss.errors
     report, _ = _build(root, ann, "vgllm:1:4:8")  # a build under the other policy recomputes both
     assert report.computed == 2 and not report.failed
+    from featstore.build.plan_record import describe_plan, plan_of_manifest
+    from featstore.store.layout import existing_manifest
+
+    plan = plan_of_manifest(existing_manifest(store, "vggt"))
+    assert plan["video_policy"] == "vgllm:1:4:8" and describe_plan(plan).endswith("(video policy vgllm:1:4:8)")
 
 
 def test_a_truncated_mp4_is_a_named_failed_unit(tmp_path):
