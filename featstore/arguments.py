@@ -44,6 +44,15 @@ def add_annotations_argument(p: argparse.ArgumentParser, help: str, *, store_may
         p.set_defaults(_store_may_follow_annotations=True)
 
 
+def add_video_policy_argument(p: argparse.ArgumentParser) -> None:
+    """`--video-policy` as the planning subcommands take it (featstore.build.video)."""
+    p.add_argument("--video-policy", metavar="POLICY", default=None,
+                   help="which frames of an annotation sample's 'video' (a folder of frames or a .mp4/.avi/.mov) "
+                   "form its unit: vgllm[:BASE_INTERVAL:MIN:MAX] (VG-LLM's rule, default vgllm:2:4:8) or linspace:N "
+                   "(N evenly spaced frames: Spatial-MLLM 16, VLM-3R 32). Part of the plan: training's "
+                   "--video_policy must match, or its samples miss the store (docs/BUILD.md)")
+
+
 def store_after_annotations(args: argparse.Namespace) -> None:
     """Give STORE back when ``--annotations`` took it: in ``featstore verify --annotations a.json
     STORE`` argparse hands STORE to the option's list. An annotation file is never a directory and

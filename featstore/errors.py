@@ -2,6 +2,7 @@
 
 __all__ = [
     "FeatstoreError",
+    "VideoSupportError",
     "CorruptEntryError",
     "InvalidKeyError",
     "MissingKeyError",
@@ -82,6 +83,10 @@ class WeightsError(EncoderError):
 
 class ImageDecodeError(FeatstoreError):
     """An image file cannot be read or is unusable (truncated, zero bytes, too small)."""
+
+
+class VideoSupportError(FeatstoreError, ImportError):
+    """A container video must be decoded and PyAV (featstore's `video` extra) is not installed."""
 
 
 class PlanError(FeatstoreError):

@@ -70,17 +70,17 @@ def test_skipped_annotation_samples_are_counted_and_named(tmp_path):
 
     data = _data(tmp_path, 2)
     videos = tmp_path / "videos.json"
-    videos.write_text(json.dumps([{"id": "v1", "video": "a.mp4"}, {"id": "t1", "conversations": []}]))
+    videos.write_text(json.dumps([{"id": "v1", "videos": ["a.mp4"]}, {"id": "t1", "conversations": []}]))
     with pytest.raises(PlanError, match=r"no sample with images in --annotations .*videos.json: 2 samples skipped: "
-                       r".*sample 0 \(id 'v1'\): a 'video' sample \(only images are encoded\); .*sample 1 \(id 't1'\): "
+                       r".*sample 0 \(id 'v1'\): a 'videos' sample \(only images are encoded\); .*sample 1 \(id 't1'\): "
                        r"no 'images' or 'image' field"):
         _build(data, annotations=[str(videos)])
     mixed = tmp_path / "mixed.json"
-    mixed.write_text(json.dumps([{"image": "s0/000.png"}, {"id": "v1", "video": "a.mp4"}]))
+    mixed.write_text(json.dumps([{"image": "s0/000.png"}, {"id": "v1", "videos": ["a.mp4"]}]))
     report = _build(data, annotations=[str(mixed)])
     assert report.computed == 1
     assert report.skipped == [{"sample": f"{mixed} sample 1 (id 'v1')",
-                               "reason": "a 'video' sample (only images are encoded)"}]
+                               "reason": "a 'videos' sample (only images are encoded)"}]
 
 
 # -- one way to name a store ----------------------------------------------------------------------

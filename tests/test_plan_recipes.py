@@ -311,14 +311,15 @@ def test_samples_with_spar_info_are_refused_by_build_verify_and_training(tmp_pat
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
 
 
-# -- 4. video samples: the build skips them, training refuses them ---------------------------------
+# -- 4. samples of several videos: the build skips them, training refuses them -----------------------
+# (a sample with one "video" is its frames: tests/test_video_samples.py)
 
-def test_video_samples_are_refused_at_training_start_in_the_build_reports_words(tmp_path, capsys, monkeypatch):
+def test_multi_video_samples_are_refused_at_training_start_in_the_build_reports_words(tmp_path, capsys, monkeypatch):
     import training.train as T
 
     root, a, _ = _vgllm_data(tmp_path)
     samples = json.load(open(a))[:4] + [
-        {"id": "v7", "video": "clips/7.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+        {"id": "v7", "videos": ["clips/7.mp4"], "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
                                                                {"from": "gpt", "value": "A door opens."}]}]
     mixed = os.path.join(root, "train", "mixed.json")
     with open(mixed, "w") as f:
@@ -329,7 +330,7 @@ def test_video_samples_are_refused_at_training_start_in_the_build_reports_words(
     assert code == 0, err
     reported = [line.strip() for line in err.splitlines() if "skipped" in line]
     assert reported == [f"1 annotation samples skipped (no image to encode), e.g. {mixed} sample 4 (id 'v7'): a "
-                        "'video' sample (only images are encoded)"]
+                        "'videos' sample (only images are encoded)"]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built for a run that refuses its data")
@@ -337,8 +338,8 @@ def test_video_samples_are_refused_at_training_start_in_the_build_reports_words(
     monkeypatch.setattr(T, "build_model", no_model)
     assert T.main(_train_argv(root, str(tmp_path / "out"), [value], "--use_vggt_cache", batch=1)) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {reported[0]}; training refuses them: video samples are not supported yet (no frames, no "
-        "features). Remove them from the annotations")
+        f"error: {reported[0]}; training refuses them: samples of several videos ('videos') "
+        "or of audio are not supported (no frames, no features). Remove them from the annotations")
 
 
 # -- 5. a wrong data root stops before anything is built -------------------------------------------

@@ -207,6 +207,12 @@ class DataArguments:
                 "the file's relative image paths start from IMAGE_DIR, a folder inside --data_root (VG-LLM's "
                 "data_path); FILE%%N: keep N percent of its samples (1-100; VG-LLM's name%%N), the same ones "
                 "`featstore build` keeps (docs/TRAINING.md)"})
+    video_policy: Optional[str] = field(default=None, metadata={
+        "metavar": "POLICY",
+        "help": "which frames of a sample's 'video' (a folder of frames or a .mp4/.avi/.mov) it trains on: "
+                "vgllm[:BASE_INTERVAL:MIN:MAX] (VG-LLM's rule, default vgllm:2:4:8) or linspace:N (N evenly "
+                "spaced frames: Spatial-MLLM 16, VLM-3R 32); '<video>' becomes one '<image>' per frame. The "
+                "--video-policy the store was built with (another is a miss: docs/TRAINING.md, Video samples)"})
     use_vggt_cache: bool = field(default=False, metadata={
         "help": f"read VGGT features from the store (<data_root>/{DEFAULT_STORE_NAME} unless "
                 "--vggt_cache_path); VGGT is then never built. Build the store first: `featstore build "
@@ -382,6 +388,9 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
 
     try:  # every FILE[@IMAGE_DIR][%N] checked before any work, with the words featstore build uses
         annotation_sources(data_args.annotations, data_args.data_root)
+        from featstore.build.video import parse_video_policy
+
+        parse_video_policy(data_args.video_policy)
     except PlanError as e:
         raise ArgumentError(str(e)) from None
     fusion = model_args.vggt_fusion

@@ -50,6 +50,7 @@ __all__ = ["ConversationDataset", "Collator", "DataError", "IMAGE_PLACEHOLDER", 
            "SOURCE_FEATURES", "SOURCE_FRAMES", "CacheMissError", "VisionCacheMissError"]
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 IGNORE_INDEX = -100  # labels the loss skips (transformers' default ignore_index)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -82,6 +83,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             (--use_vision_cache) or None (the image processor makes pixel_values).
         cache_miss: "error" or "compute" (ship the frames of a missing sample, counted).
         system_prompt: a system turn added to samples that have none ("" for none).
+        video_policy: which frames of a "video" sample (`featstore.build.video`; None: VG-LLM's
+            vgllm:2:4:8). As in VG-LLM, `<video>` in the first turn becomes one `<image>` per
+            chosen frame; from there the sample is an image sample.
 
     Attributes:
         pixel_dtype: the dtype pixel_values leave the worker in; None keeps the processor's
@@ -92,8 +96,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     Raises:
         DataError: at construction, for a sample whose `<image>` count differs from its images
-            or whose turns are malformed, and for video samples (not supported yet: they would
-            train as text); every sample is checked before training starts.
+            or whose turns are malformed, and for samples of several videos or audio (not
+            supported: they would train as text); every sample is checked before training starts.
         PlanError: what `featstore build` refuses too (`featstore.build.plan.plan_samples`): samples with
             `spar_info`, a data root (or IMAGE_DIR) that holds none of a file's first images, a
             key collision.
@@ -101,7 +105,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, annotations: Sequence[str], data_root: str, tokenizer, image_processor, spec, *,
                  store=None, vision_store=None, cache_miss: str = "error",
-                 system_prompt: str = "You are a helpful assistant."):
+                 system_prompt: str = "You are a helpful assistant.", video_policy=None):
         if cache_miss not in ("error", "compute"):
             raise ValueError(f"cache_miss must be 'error' or 'compute'. Found {cache_miss!r}")
         self.data_root, self.tokenizer, self.image_processor = data_root, tokenizer, image_processor
@@ -118,15 +122,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.samples: List[Dict[str, Any]] = []
         self.wheres: List[str] = []
         self.units = []
-        planned = plan_samples(data_root, annotations)
+        planned = plan_samples(data_root, annotations, video_policy=video_policy)
         videos = [{"sample": p.where, "reason": p.skipped} for p in planned if p.media]
         if videos:
             # Their frames would not be read: they would train as text with a literal "<video>".
-            raise DataError(f"{describe_skipped(videos, limit=1)}; training refuses them: video samples are not "
-                            "supported yet (no frames, no features). Remove them from the annotations")
+            raise DataError(f"{describe_skipped(videos, limit=1)}; training refuses them: samples of several "
+                            "videos ('videos') or of audio are not supported (no frames, no features). Remove them "
+                            "from the annotations")
         for p in planned:
-            _check_turns(p.sample, p.where, 0 if p.unit is None else p.unit.num_frames)
-            self.samples.append(p.sample)
+            sample = _expand_video(p.sample, p.unit)
+            _check_turns(sample, p.where, 0 if p.unit is None else p.unit.num_frames)
+            self.samples.append(sample)
             self.wheres.append(p.where)
             self.units.append(p.unit)
 
@@ -196,9 +202,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         from featstore.errors import ImageDecodeError
         from featstore.format.keys import source_path
 
+        from featstore.format.frame_ref import frame_file, is_video_path
+
         sizes = set()
         for key in unit.frames:
-            path = source_path(self.data_root, key)
+            path = source_path(self.data_root, frame_file(key))
+            if is_video_path(path):  # a container video's frame: the stream's size (no frame decoded)
+                from featstore.encoders.video import probe_video
+
+                info = probe_video(path)
+                sizes.add(view_size(info.width, info.height, self.spec.preprocess, self.patch))
+                continue
             try:
                 with Image.open(path) as im:
                     sizes.add(view_size(*im.size, self.spec.preprocess, self.patch))
@@ -384,6 +398,19 @@ class ConversationDataset(torch.utils.data.Dataset):
         input_ids = torch.tensor(ids, dtype=torch.long)
         return {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long),
                 "mm_token_type_ids": (input_ids == self.image_pad).long()}
+
+
+def _expand_video(sample: Dict[str, Any], unit) -> Dict[str, Any]:
+    """A "video" sample as VG-LLM trains it (`data_qwen.py` `_get_item`): `<video>` in the first
+    turn becomes one `<image>` per chosen frame (a copy; other samples come back as they are)."""
+    if "video" not in sample or unit is None:
+        return sample
+    turns = [dict(t) for t in sample.get("conversations") or []]
+    if turns and isinstance(turns[0], dict):
+        field = "value" if "value" in turns[0] else "content"
+        if isinstance(turns[0].get(field), str):
+            turns[0][field] = turns[0][field].replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER * unit.num_frames)
+    return dict(sample, conversations=turns)
 
 
 def _turn_field(turn: Dict[str, Any], *names: str) -> Any:

@@ -314,7 +314,7 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
                                                               data_args.max_pixels)
     dataset = ConversationDataset(data_args.annotations, data_args.data_root, tokenizer, image_processor, spec,
                                   store=store, vision_store=vision_store, cache_miss=settings.cache_miss,
-                                  system_prompt=data_args.system_prompt)
+                                  system_prompt=data_args.system_prompt, video_policy=data_args.video_policy)
     check_coverage(dataset, store, vision_store, settings.cache_miss)  # before any model is built
     if store is not None:  # a plan other than the one the store was built from: said once
         from featstore.build.plan_record import plan_notes, plan_of_manifest

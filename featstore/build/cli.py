@@ -30,10 +30,11 @@ import sys
 from featstore.build import distributed
 from featstore.build.options import BuildOptions
 from featstore.build.annotations import annotation_sources
+from featstore.build.video import parse_video_policy
 from featstore.build.plan import describe_skipped
 from featstore.build.recipes import RECIPE_NAMES, get_recipe
 from featstore.build.runner import build
-from featstore.arguments import add_annotations_argument
+from featstore.arguments import add_annotations_argument, add_video_policy_argument
 from featstore.contract.dtypes import DTYPE_NAMES, STORAGE_DTYPE_NAMES
 from featstore.contract.naming import DEFAULT_STORE_NAME, PRIMARY_FEATURE_SET, check_feature_set, set_note
 from featstore.contract.spec import EncoderSpec, PreprocessSpec, field_choices, field_default
@@ -76,6 +77,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                              "list); for an encoder of single images, one unit per distinct image of the samples. "
                              "Default: none, every image under the data root is its own unit. Pass the files "
                              "training gets, so that `python -m training.train --use_vggt_cache` finds every sample")
+    add_video_policy_argument(p)
     p.add_argument("--store", help=f"the store to write (default: DATA_ROOT/{DEFAULT_STORE_NAME}, where training "
                    "and the other commands look; DATA_ROOT/vggt_features.shard-I-of-N.lmdb with --shard). Use it "
                    "for a store on another disk, or a second store of another spec")
@@ -200,12 +202,14 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     if args.feature_set is not None:
         check_feature_set(args.feature_set)
     annotation_sources(args.annotations, args.data_root)  # every FILE[@IMAGE_DIR][%N] checked before any work
+    parse_video_policy(args.video_policy)
     for flag, value, least in (("--workers", args.workers, 0), ("--batch-frames", args.batch_frames, 1),
                                ("--commit-every", args.commit_every, 1)):
         if value < least:
             raise FeatstoreError(f"{flag} must be >= {least}. Found {value}")
     return BuildOptions(
-        data_root=args.data_root, annotations=args.annotations, store=args.store, encoder=args.encoder,
+        data_root=args.data_root, annotations=args.annotations, video_policy=args.video_policy, store=args.store,
+        encoder=args.encoder,
         feature_set=args.feature_set, weights=args.weights, device=args.device, spec_overrides=overrides,
         force=args.force, dry_run=args.dry_run, workers=args.workers, batch_frames=args.batch_frames,
         shard=_parse_shard(args.shard), commit_entries=args.commit_every, progress=not args.no_progress,

@@ -30,6 +30,8 @@ from featstore.format.codecs import codec_for
 from featstore.encoders import preprocess_frame
 from featstore.errors import ImageDecodeError
 from featstore.build.plan import Unit
+from featstore.encoders.video import decode_video_frames, probe_video
+from featstore.format.frame_ref import is_video_path, parse_frame_ref
 from featstore.format.keys import source_path
 
 __all__ = ["read_frame", "read_unit_frames", "encode_frames", "encode_unit", "unit_metadata",
@@ -67,16 +69,52 @@ def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[t
 def read_unit_frames(data_root: str, unit: Unit, spec, patch_size: int) -> tuple[torch.Tensor, list[dict]]:
     """All frames of one unit, in call order: (frames [S, 3, H, W] float32, source dicts).
 
+    A frame of a container video ("clips/a.mp4#12", `featstore.format.frame_ref`) is decoded
+    at its exact index (`featstore.encoders.video`), each video once per unit; its source dict
+    is the video file's.
+
     Raises:
-        ImageDecodeError: a frame cannot be read, or the frames preprocess to different sizes
+        ImageDecodeError: a frame cannot be read (a video: cannot be decoded, or is truncated), or the frames preprocess to different sizes
             (one encoder call needs one size); the message names the unit.
     """
-    frames, sources = zip(*(read_frame(data_root, f, spec, patch_size) for f in unit.frames))
+    videos = _decode_videos(data_root, unit)
+    frames, sources = zip(*(read_frame(data_root, f, spec, patch_size) if f not in videos
+                            else (preprocess_frame(videos[f][0], spec, patch_size, name=f), videos[f][1])
+                            for f in unit.frames))
     shapes = {tuple(t.shape) for t in frames}
     if len(shapes) != 1:
         raise ImageDecodeError(f"unit {unit.key!r}: frames preprocess to different sizes {sorted(shapes)}; "
                                "one encoder call needs frames of one size (use pad mode or extra_resize)")
     return torch.stack(frames), list(sources)
+
+
+def _decode_videos(data_root: str, unit: Unit) -> dict[str, tuple]:
+    """{frame ref: (PIL image, source dict)} for the unit's container-video frames."""
+    by_video: dict[str, list[tuple[str, int]]] = {}
+    for ref in unit.frames:
+        video, index = parse_frame_ref(ref)
+        if index is not None:
+            by_video.setdefault(video, []).append((ref, index))
+        elif is_video_path(ref):  # planned without indices: the video could not be opened then
+            probe_video(source_path(data_root, ref))  # raises, naming the file and why
+            raise ImageDecodeError(f"video {source_path(data_root, ref)!r} could not be read when the plan was made; "
+                                   "rerun the command (it plans the video's frames anew)")
+    out: dict[str, tuple] = {}
+    for video, refs in by_video.items():
+        path = source_path(data_root, video)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                h = hashlib.sha256()
+                while block := f.read(1 << 20):
+                    h.update(block)
+                digest = h.hexdigest()
+        except OSError as e:
+            raise ImageDecodeError(f"video {path!r}: {e.strerror}; check that the file exists and is readable") from None
+        source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        images = decode_video_frames(path, [i for _, i in refs])
+        out.update({ref: (image, source) for (ref, _), image in zip(refs, images)})
+    return out
 
 
 def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False) -> torch.Tensor:

@@ -65,13 +65,22 @@ def estimate_entry_bytes(spec, units: list[Unit], data_root: str) -> int:
     from PIL import Image
 
     from featstore.encoders import stored_shape
+    from featstore.errors import FeatstoreError
+    from featstore.format.frame_ref import frame_file, is_video_path
 
     codec = codec_for(spec.storage_dtype)
     for unit in units[:32]:
+        path = source_path(data_root, frame_file(unit.frames[0]))
         try:
-            with Image.open(source_path(data_root, unit.frames[0])) as im:
-                w, h = im.size
-        except OSError:
+            if is_video_path(path):  # a container video's frame: the stream's size
+                from featstore.encoders.video import probe_video
+
+                info = probe_video(path)
+                w, h = info.width, info.height
+            else:
+                with Image.open(path) as im:
+                    w, h = im.size
+        except (OSError, FeatstoreError):
             continue
         kept, tokens, channels = stored_shape(spec, w, h, unit.num_frames)
         return kept * tokens * codec.bytes_per_token(channels) + HEADER_ESTIMATE

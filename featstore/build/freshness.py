@@ -15,6 +15,7 @@ import os
 
 from featstore.build.options import BuildContext
 from featstore.build.plan import Unit
+from featstore.format.frame_ref import frame_file
 from featstore.format.keys import source_path
 from featstore.contract.naming import PRIMARY_FEATURE_SET, feature_set_label
 from featstore.errors import FeatstoreError
@@ -83,7 +84,7 @@ def _entry_state(value, unit: Unit, data_root: str, fingerprint: str) -> str:
         return "stale"
     for frame, src in zip(unit.frames, sources):
         try:
-            st = os.stat(source_path(data_root, frame))
+            st = os.stat(source_path(data_root, frame_file(frame)))  # a video frame: its video
         except OSError:
             return "stale"
         if not isinstance(src, dict) or src.get("size") != st.st_size or src.get("mtime_ns") != st.st_mtime_ns:

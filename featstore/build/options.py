@@ -31,6 +31,8 @@ class BuildOptions:
 
     data_root: str
     annotations: list[str] = field(default_factory=list)
+    # Which frames of a "video" sample (featstore.build.video; None: VG-LLM's vgllm:2:4:8).
+    video_policy: str | None = None
     store: str | None = None
     encoder: str = "vggt-1b"
     feature_set: str | None = None  # None: the encoder's (featstore.encoders.feature_set_of)

@@ -51,6 +51,7 @@ from featstore.build.annotations import (AnnotationSource, annotation_sources, l
 from featstore.encoders import UNIT_KINDS
 from featstore.errors import InvalidKeyError, PlanError
 # source_path lives with the keys (the store's freshness check needs it too); it stays importable here.
+from featstore.format.frame_ref import frame_file
 from featstore.format.keys import IMAGE_EXTENSIONS, normalize_key, relative_key, source_path
 from featstore.store.layout import require_directory
 
@@ -137,7 +138,7 @@ def scan_images(data_root: str | os.PathLike, *, extensions: Sequence[str] = IMA
 # Images looked for per annotation file before anything is built: a wrong --data-root (or
 # IMAGE_DIR) then stops at once instead of "succeeding" with every unit failed or an empty store.
 FAIL_FAST_IMAGES = 20
-_MEDIA_FIELDS = ("video", "videos", "audio")  # samples whose frames are not an image list
+_MEDIA_FIELDS = ("videos", "audio")  # samples whose frames are not encoded ("video" is: featstore.build.video)
 
 logger = logging.getLogger("featstore")
 
@@ -209,7 +210,8 @@ def sample_frames(sample: dict, data_root: str | os.PathLike, *, where: str = "s
     return tuple(frames)
 
 
-def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sample", prefix: str = "") -> Unit | None:
+def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sample", prefix: str = "",
+                video_policy=None) -> Unit | None:
     """The unit one annotation sample asks for on its own, or None when it has no image.
 
     `plan_samples` starts from this and re-keys the samples whose id is shared with another
@@ -220,6 +222,8 @@ def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sam
         data_root: the folder keys are relative to.
         where: how errors name the sample.
         prefix: as for `sample_frames`.
+        video_policy: for a sample with a "video": the sampling policy (a
+            `featstore.build.video.VideoPolicy` or its string; None: the default, VG-LLM's).
 
     Returns:
         Unit(key, frames): key = the image for one frame, else the sample's id, else its last frame.
@@ -234,7 +238,12 @@ def sample_unit(sample: dict, data_root: str | os.PathLike, *, where: str = "sam
         >>> sample_unit({"image": "scene_b/002.jpg"}, "data").key
         'scene_b/002.jpg'
     """
-    frames = sample_frames(sample, data_root, where=where, prefix=prefix)
+    if "video" in sample:  # VG-LLM: the video's chosen frames replace any "images" list
+        from featstore.build.video import parse_video_policy, video_frames
+
+        frames = video_frames(sample["video"], data_root, parse_video_policy(video_policy), where=where, prefix=prefix)
+    else:
+        frames = sample_frames(sample, data_root, where=where, prefix=prefix)
     if not frames:
         return None
     if len(frames) == 1:
@@ -255,7 +264,8 @@ def _where(path: str, index: int, sample: dict) -> str:
 
 
 def plan_samples(data_root: str | os.PathLike,
-                 annotations: Sequence[str | os.PathLike | AnnotationSource]) -> list[PlannedSample]:
+                 annotations: Sequence[str | os.PathLike | AnnotationSource], *,
+                 video_policy=None) -> list[PlannedSample]:
     """Every annotation sample the plan keeps, with the unit it asks for: what training trains
     on and what `featstore build --annotations` encodes (one code path, so they agree).
 
@@ -273,6 +283,8 @@ def plan_samples(data_root: str | os.PathLike,
     Args:
         data_root: the folder keys are relative to.
         annotations: the files (values as `--annotations` takes them, or AnnotationSources).
+        video_policy: which frames of a "video" sample (`featstore.build.video`; None: VG-LLM's
+            default, vgllm:2:4:8).
 
     Returns:
         One PlannedSample per kept sample, files in order, samples in file order.
@@ -298,8 +310,9 @@ def plan_samples(data_root: str | os.PathLike,
                 marked.append(where)
                 continue
             media = [k for k in _MEDIA_FIELDS if k in sample]
-            # A video sample is its video's frames in VG-LLM (an "images" list beside it is replaced).
-            unit = None if media else sample_unit(sample, data_root, where=where, prefix=src.prefix)
+            # A "video" sample is its video's chosen frames (featstore.build.video), as in VG-LLM.
+            unit = None if media else sample_unit(sample, data_root, where=where, prefix=src.prefix,
+                                                  video_policy=video_policy)
             skipped = None if unit is not None else _why_no_image(sample)
             planned.append(PlannedSample(where, sample, unit, skipped, src))
     _refuse_marked(marked)
@@ -328,7 +341,7 @@ def _check_images_exist(planned: list[PlannedSample], data_root: str | os.PathLi
             if len(seen) < FAIL_FAST_IMAGES:
                 seen.setdefault(frame, p.where)
     for src, seen in by_source.values():
-        if not seen or any(os.path.exists(source_path(data_root, k)) for k in seen):
+        if not seen or any(os.path.exists(source_path(data_root, frame_file(k))) for k in seen):
             continue
         key, where = next(iter(seen.items()))
         written = key[len(src.prefix) + 1:] if src.prefix and key.startswith(src.prefix + "/") else key
@@ -377,16 +390,17 @@ def describe_skipped(skipped: Sequence[dict], *, limit: int = 3) -> str:
 
     Example:
         >>> from featstore.build.plan import describe_skipped
-        >>> describe_skipped([{"sample": "a.json sample 0", "reason": "a 'video' sample (only images are encoded)"}])
-        "1 annotation samples skipped (no image to encode), e.g. a.json sample 0: a 'video' sample (only images are encoded)"
+        >>> describe_skipped([{"sample": "a.json sample 0", "reason": "a 'videos' sample (only images are encoded)"}])
+        "1 annotation samples skipped (no image to encode), e.g. a.json sample 0: a 'videos' sample (only images are encoded)"
     """
     named = "; ".join(f"{s['sample']}: {s['reason']}" for s in skipped[:limit])
     return f"{len(skipped)} annotation samples skipped (no image to encode), e.g. {named}"
 
 
 def units_from_annotations(annotation_files: Iterable[str | os.PathLike | AnnotationSource],
-                           data_root: str | os.PathLike, *, skipped: list[dict] | None = None) -> list[Unit]:
-    """One unit per sample with images, deduplicated, sorted by key.
+                           data_root: str | os.PathLike, *, skipped: list[dict] | None = None,
+                           video_policy=None) -> list[Unit]:
+    """One unit per sample with images (or a video), deduplicated, sorted by key.
 
     Args:
         annotation_files: training's annotation files (JSON or JSONL; values as `--annotations`).
@@ -407,7 +421,7 @@ def units_from_annotations(annotation_files: Iterable[str | os.PathLike | Annota
         ['misc/portrait.png', 'scene_a_step1', 'scene_a_step3', 'scene_b_step1', 'scene_b_step3']
     """
     by_key: dict[str, Unit] = {}
-    for p in plan_samples(data_root, list(annotation_files)):
+    for p in plan_samples(data_root, list(annotation_files), video_policy=video_policy):
         if p.unit is None:
             if skipped is not None:
                 skipped.append({"sample": p.where, "reason": p.skipped})
@@ -417,7 +431,8 @@ def units_from_annotations(annotation_files: Iterable[str | os.PathLike | Annota
 
 
 def image_units_from_annotations(annotation_files: Iterable[str | os.PathLike | AnnotationSource],
-                                 data_root: str | os.PathLike, *, skipped: list[dict] | None = None) -> list[Unit]:
+                                 data_root: str | os.PathLike, *, skipped: list[dict] | None = None,
+                                 video_policy=None) -> list[Unit]:
     """One single-image unit per distinct image of the annotated samples, for encoders that
     encode each image alone (unit kind "image").
 
@@ -436,7 +451,7 @@ def image_units_from_annotations(annotation_files: Iterable[str | os.PathLike | 
         ['scene_a/000.jpg', 'scene_a/001.jpg', 'scene_a/002.jpg']
     """
     images: dict[str, None] = {}  # ordered: the order of first appearance
-    for p in plan_samples(data_root, list(annotation_files)):
+    for p in plan_samples(data_root, list(annotation_files), video_policy=video_policy):
         if p.unit is None:
             if skipped is not None:
                 skipped.append({"sample": p.where, "reason": p.skipped})
@@ -455,7 +470,7 @@ def _why_no_image(sample: dict) -> str:
 
 def plan_units(data_root: str | os.PathLike,
                annotations: Sequence[str | os.PathLike | AnnotationSource] | None = None, *,
-               skipped: list[dict] | None = None, unit: str = "sequence") -> list[Unit]:
+               skipped: list[dict] | None = None, unit: str = "sequence", video_policy=None) -> list[Unit]:
     """All units of a data root for an encoder of unit kind `unit`. `featstore build`,
     `verify`, `gc` and training all call this (training through `plan_samples`).
 
@@ -468,6 +483,7 @@ def plan_units(data_root: str | os.PathLike,
             (default): one unit per annotated sample, sorted by key. "image": one unit per
             distinct image of the annotated samples, in order of first appearance. Without
             annotations both give one unit per image under the data root (S=1), sorted.
+        video_policy: which frames of a "video" sample (`featstore.build.video`; None: vgllm:2:4:8).
 
     Returns:
         The units.
@@ -486,8 +502,8 @@ def plan_units(data_root: str | os.PathLike,
         raise ValueError(f"unit must be one of {UNIT_KINDS}. Found {unit!r}")
     if annotations:
         if unit == "image":
-            return image_units_from_annotations(annotations, data_root, skipped=skipped)
-        return units_from_annotations(annotations, data_root, skipped=skipped)
+            return image_units_from_annotations(annotations, data_root, skipped=skipped, video_policy=video_policy)
+        return units_from_annotations(annotations, data_root, skipped=skipped, video_policy=video_policy)
     return [Unit(k, (k,)) for k in scan_images(data_root)]
 
 

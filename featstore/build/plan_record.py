@@ -31,6 +31,7 @@ from typing import Any, Sequence
 from featstore.errors import PlanError
 from featstore.build.annotations import AnnotationSource, annotation_sources, prefix_in_root
 from featstore.build.plan import file_sha256
+from featstore.build.video import DEFAULT_VIDEO_POLICY
 from featstore.store.layout import PLAN_FIELD, merge_plan
 
 __all__ = ["PLAN_FIELD", "record_of", "merge_plan", "recorded_sources", "plan_notes", "describe_plan",
@@ -50,8 +51,11 @@ def _relative(path: str, data_root: str) -> str:
     return rel.replace(os.sep, "/")
 
 
-def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | None, unit: str) -> dict:
-    """The plan record of one build: its annotation files (hashed) or a scan of the data root.
+def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | None, unit: str, *,
+              video_policy=None) -> dict:
+    """The plan record of one build: its annotation files (hashed) or a scan of the data root,
+    and, with annotation files, the video policy (`featstore.build.video`) their video samples
+    were planned with ("video_policy", canonical string).
 
     Example:
         >>> from featstore.build.plan_record import record_of
@@ -65,7 +69,12 @@ def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | No
         files.append({"value": src.text or src.path, "file": _relative(src.path, root),
                       "image_dir": None if src.image_dir is None else _relative(src.image_dir, root),
                       "percent": src.percent, "size": os.path.getsize(src.path), "sha256": file_sha256(src.path)})
-    return {"unit": unit, "scan": not files, "annotations": files}
+    record = {"unit": unit, "scan": not files, "annotations": files}
+    if files:
+        from featstore.build.video import parse_video_policy
+
+        record["video_policy"] = parse_video_policy(video_policy).name
+    return record
 
 
 def _absolute(path: str, data_root: str) -> str:
@@ -128,13 +137,18 @@ def describe_plan(record: dict | None) -> str:
         >>> from featstore.build.plan_record import describe_plan
         >>> describe_plan({"scan": False, "annotations": [{"file": "a.json", "image_dir": "media", "percent": 3}]})
         'annotations a.json@media%3'
+        >>> describe_plan({"scan": False, "annotations": [{"file": "a.json"}], "video_policy": "linspace:16"})
+        'annotations a.json (video policy linspace:16)'
     """
     if record is None:
         return "none recorded"
     parts = [f["file"] + (f"@{f['image_dir']}" if f.get("image_dir") is not None else "")
              + (f"%{f['percent']}" if f.get("percent", 100) != 100 else "") for f in record.get("annotations", [])]
     scan = ["a scan of the data root"] if record.get("scan") else []
-    return " and ".join(([f"annotations {', '.join(parts)}"] if parts else []) + scan) or "nothing"
+    text = " and ".join(([f"annotations {', '.join(parts)}"] if parts else []) + scan) or "nothing"
+    if record.get("video_policy") not in (None, DEFAULT_VIDEO_POLICY):  # said only when not VG-LLM's default
+        text += f" (video policy {record['video_policy']})"
+    return text
 
 
 def plan_of_manifest(manifest: dict[str, Any]) -> dict | None:

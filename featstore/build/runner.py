@@ -70,7 +70,8 @@ def build(opts: BuildOptions, *, encoder=None) -> BuildReport:
                    else default_feature_set(name))
     ctx = BuildContext(opts, spec, feature_set, rank=rank, world=world, t0=t0)
     skipped: list[dict] = []
-    units = plan_units(opts.data_root, opts.annotations, skipped=skipped, unit=_unit_kind(name))
+    units = plan_units(opts.data_root, opts.annotations, skipped=skipped, unit=_unit_kind(name),
+                       video_policy=opts.video_policy)
     if not units:
         raise PlanError(_nothing_planned(opts, skipped))
     prepare_store_dir(ctx.store_path, create=not opts.dry_run)
@@ -177,7 +178,8 @@ def _encode_and_commit(ctx: BuildContext, encoder, mine: list[Unit], batches, re
 
                 # The set remembers what it was built from: verify, gc and info plan it by default.
                 writer.finish(summary, complete=True,
-                              plan=record_of(opts.data_root, opts.annotations, _unit_kind(spec.encoder)))
+                              plan=record_of(opts.data_root, opts.annotations, _unit_kind(spec.encoder),
+                                             video_policy=opts.video_policy))
             distributed.barrier(world)
             return total
         finally:

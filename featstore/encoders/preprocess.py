@@ -131,7 +131,8 @@ def preprocess_image(
     """Decode and preprocess one image.
 
     Args:
-        source: a path, or the image bytes.
+        source: a path, the image bytes, or a decoded PIL image (a video frame: converted to
+            RGB as VG-LLM does, `Image.fromarray(frame).convert("RGB")`).
         spec: the preprocessing (default: official crop at 518).
         patch_size: side of a patch in pixels (the encoder's; default VGGT's); every output side
             is a multiple of it.
@@ -151,14 +152,17 @@ def preprocess_image(
         torch.Size([3, 392, 518])
     """
     spec = spec or PreprocessSpec()
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    if _is_pil(source):  # a decoded frame (a container video's, featstore.encoders.video)
+        img, label = source.convert("RGB"), name or "<frame>"
+    elif isinstance(source, (bytes, bytearray, memoryview)):
         data, label = bytes(source), name or "<bytes>"
         if not data:
             raise ImageDecodeError(f"image {label!r} is empty (0 bytes); replace it, or remove it from the data "
                                    "(or the annotations)")
+        img = _decode(data, label)
     else:
         data, label = read_image_bytes(source), name or os.fspath(source)
-    img = _decode(data, label)
+        img = _decode(data, label)
     w, h = img.size
     # Images whose shorter side is below one patch are rejected: the upscale would invent all the
     # content, and in datasets such files are almost always placeholders or broken thumbnails.
@@ -255,7 +259,8 @@ def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_s
         torch.Size([3, 392, 504])
     """
     view = preprocess_image(source, spec, patch_size=patch_size, name=name)
-    label = name or (None if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source))
+    label = name or (None if isinstance(source, (bytes, bytearray, memoryview)) or _is_pil(source)
+                     else os.fspath(source))
     return qwen_view(view, patch_size=patch_size, merge_size=merge_size, name=label).contiguous()
 
 
@@ -267,6 +272,12 @@ def stack_frames(frames: Sequence[torch.Tensor]) -> torch.Tensor:
     hh = max(f.shape[1] for f in frames)
     ww = max(f.shape[2] for f in frames)
     return torch.stack([_pad_white(f, hh, ww) for f in frames])
+
+
+def _is_pil(source) -> bool:
+    from PIL import Image
+
+    return isinstance(source, Image.Image)
 
 
 def _pad_white(x: torch.Tensor, hh: int, ww: int) -> torch.Tensor:

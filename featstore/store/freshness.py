@@ -19,6 +19,7 @@ import os
 
 from featstore.errors import StaleEntryError
 from featstore.format.blob import Entry
+from featstore.format.frame_ref import frame_file
 from featstore.format.keys import source_path
 
 __all__ = ["stat_frame", "check_sources"]
@@ -26,7 +27,9 @@ __all__ = ["stat_frame", "check_sources"]
 
 def stat_frame(root: str, frame: str) -> os.stat_result:
     """stat of the file a frame key names: the plain join first (one syscall), else the file
-    stored under another Unicode form of its name (`featstore.format.keys.source_path`)."""
+    stored under another Unicode form of its name (`featstore.format.keys.source_path`). A
+    frame of a container video ("clips/a.mp4#12") is its video file's stat."""
+    frame = frame_file(frame)
     try:
         return os.stat(os.path.join(root, frame))
     except FileNotFoundError:

@@ -496,5 +496,9 @@ def merge_plan(old: dict | None, new: dict) -> dict:
     files = {ident(f): f for f in old.get("annotations", [])}
     for f in new.get("annotations", []):
         files[ident(f)] = f
-    return {"unit": new.get("unit", old.get("unit")), "scan": bool(old.get("scan")) or bool(new.get("scan")),
-            "annotations": list(files.values())}
+    merged = {"unit": new.get("unit", old.get("unit")), "scan": bool(old.get("scan")) or bool(new.get("scan")),
+              "annotations": list(files.values())}
+    policy = new.get("video_policy", old.get("video_policy"))  # the last build's: its entries are current
+    if policy is not None:
+        merged["video_policy"] = policy
+    return merged

@@ -45,16 +45,18 @@ def check_plan(records: dict[str, Record], present: set[str], data_root: str, an
 
     record = plan_of_manifest(manifest or {})
     given = list(annotations or [])
+    # Video samples are planned with the policy the set was built with (featstore.build.video).
+    video = (record or {}).get("video_policy")
     recorded_units = None
     if record is not None:
         sources, gone = recorded_sources(record, data_root)
         report.notes += gone + plan_notes(record, data_root, given)
         report.plan_gaps += gone
-        recorded_units = plan_units(data_root, sources, unit=unit_kind) if sources else []
+        recorded_units = plan_units(data_root, sources, unit=unit_kind, video_policy=video) if sources else []
         if record.get("scan"):
             recorded_units += plan_units(data_root, None, unit=unit_kind)
     if given:
-        units, how = plan_units(data_root, given, unit=unit_kind), "annotations"
+        units, how = plan_units(data_root, given, unit=unit_kind, video_policy=video), "annotations"
     elif recorded_units is not None:
         units, how = recorded_units, f"the recorded plan ({describe_plan(record)})"
     else:

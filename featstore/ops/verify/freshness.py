@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from featstore.format.frame_ref import frame_file
 from featstore.format.keys import source_path
 from featstore.ops.verify.entries import Record
 from featstore.ops.verify.report import Report
@@ -21,13 +22,13 @@ def check_sources(records: list[Record], data_root: str, deep: bool, pool, repor
     from featstore.build.plan import file_sha256
     from featstore.progress import Progress
 
-    wanted: dict[str, None] = {}
+    wanted: dict[str, None] = {}  # frame references; the frames of one video share a file (stat'd per frame)
     for r in records:
         for f in r.frames or []:
             wanted.setdefault(f, None)
 
     def probe(frame: str):
-        path = source_path(data_root, frame)
+        path = source_path(data_root, frame_file(frame))  # a container video's frame: the video file
         try:
             st = os.stat(path)
         except FileNotFoundError:
