@@ -66,7 +66,7 @@ from featstore.encoders import stored_channels  # noqa: E402
 from training.trainer import STAT_KEYS  # noqa: E402
 
 MODES = ("floor", "cached", "online_full", "online_causal_stream", "vision_cached")
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTENTION = ("sdpa", "one_call", "eager", "flash_attention_2", "flex_attention")
 
 
 # ---- set-up -----------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def parse(argv=None):
     a.repeats = a.repeats or (1 if s else 3)
     a.paired = a.paired if a.paired is not None else (4 if s else 0)
     a.workers = a.workers if a.workers is not None else (2 if s else 4)
-    a.attention = a.attention or ",".join(ATTENTION[:3] if s else ATTENTION)
+    a.attention = a.attention or ",".join(ATTENTION[:4] if s else ATTENTION)
     return a
 
 
@@ -137,6 +137,16 @@ def set_vision_attention(model, impl: str) -> None:
     """
     visual = model.model.visual
     text_before = model.config.text_config._attn_implementation
+    if impl == "one_call":  # featstore's one attention call per layer (training's --vision_attention one_call)
+        from featstore.encoders.qwen_vision.attention import ONE_CALL_IMPLEMENTATION, set_vision_attention as set_one
+
+        visual.config._attn_implementation = "sdpa"  # from whatever ran before, then the switch
+        for m in visual.modules():
+            if type(m).__name__.endswith("VisionAttention"):
+                m.config._attn_implementation = "sdpa"
+        if set_one(visual, "one_call") != ONE_CALL_IMPLEMENTATION:
+            raise RuntimeError("vision attention one_call did not reach the vision tower")
+        return
     try:
         model.set_attn_implementation({"vision_config": impl})
     except ImportError:

@@ -9,9 +9,12 @@ in blocks 7, 15, 23, 31) with random weights, in bf16 on CUDA, on `--images` ima
     one_call       featstore.encoders.qwen_vision.attention: torch's varlen_attn where present
     one_call_sdpa  the same with the padded single-SDPA call forced (the path without varlen)
     flash_attn_2   transformers' flash_attention_2 (only where the flash_attn package is installed)
+    one_call_compiled  (--compile) one_call with the frozen tower under torch.compile, forward only
 Each variant: forward under no_grad (the frozen tower) and forward + backward with the tower's
 parameters trainable (loss: mean of the squared output); CUDA-event milliseconds, median over
-`--iters` after warm-up; the output's max relative difference from stock. Writes DIR/
+`--iters` after warm-up; the output's max relative difference (max |diff| / max |reference|) from
+stock, and from the stock path run in float32 on the same weights and pixels (bf16's own noise:
+stock's distance from float32 is the yardstick for the others). Writes DIR/
 vision_attention_bench.json (DIR: --out, else $OUT, else ./bench_out). A variant that fails is
 recorded with its error and the run goes on; exit 1 when any did.
 
@@ -76,7 +79,12 @@ def _timer(device):
     return run
 
 
-def _variant(name, model, pixels, grid, warmup, iters, timer, reference):
+def _max_rel_diff(result, reference) -> float:
+    """max |result - reference| over max |reference|, in float32."""
+    return float((result.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
+def _variant(name, model, pixels, grid, warmup, iters, timer, reference, fp32_reference=None, trains=True):
     out = {}
     model.requires_grad_(False)
     with torch.no_grad():
@@ -85,8 +93,11 @@ def _variant(name, model, pixels, grid, warmup, iters, timer, reference):
             model(pixels, grid_thw=grid)
         out["forward_ms"] = statistics.median(timer(lambda: model(pixels, grid_thw=grid)) for _ in range(iters))
     if reference is not None:
-        diff = (result.float() - reference.float()).abs().max() / reference.float().abs().max()
-        out["max_rel_diff_vs_stock"] = float(diff)
+        out["max_rel_diff_vs_stock"] = _max_rel_diff(result, reference)
+    if fp32_reference is not None:  # bf16 noise: stock's own distance from fp32 is the yardstick
+        out["max_rel_diff_vs_fp32"] = _max_rel_diff(result, fp32_reference)
+    if not trains:
+        return out, result
     model.requires_grad_(True)
 
     def step():
@@ -106,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10, help="timed iterations per number (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
     p.add_argument("--smoke", action="store_true", help="tiny tower on CPU, float32, one iteration (tests)")
+    p.add_argument("--compile", action="store_true", help="also time the frozen one-call tower under torch.compile "
+                   "(forward only; compiling takes a minute or two)")
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -140,6 +153,16 @@ def main(argv=None) -> int:
     report["transformers"] = transformers.__version__
     reference, failed = None, False
     base = _tower(vision_config, "sdpa", device, dtype)
+    # The stock path in float32 on the same (bf16-rounded) weights and pixels: how far bf16 itself
+    # moves the output, so that one_call's distance from stock can be read against it.
+    fp32_reference = None
+    if dtype != torch.float32:
+        with torch.no_grad():
+            fp32_tower = copy.deepcopy(base).float()
+            fp32_reference = fp32_tower(pixels.float(), grid_thw=grid).pooler_output
+            del fp32_tower
+    if args.compile and not args.smoke:
+        variants.append(("one_call_compiled", "sdpa", True))
     for name, implementation, prefer_varlen in variants:
         try:
             model = copy.deepcopy(base)
@@ -147,7 +170,12 @@ def main(argv=None) -> int:
             if name.startswith("one_call"):
                 attention.set_vision_attention(model, "one_call")
             attention.PREFER_VARLEN = prefer_varlen
-            numbers, result = _variant(name, model, pixels, grid, warmup, iters, timer, reference)
+            trains = True
+            if name.endswith("_compiled"):  # the frozen tower, compiled (forward only)
+                model.forward = torch.compile(model.forward, dynamic=False)
+                trains = False
+            numbers, result = _variant(name, model, pixels, grid, warmup, iters, timer, reference,
+                                       fp32_reference, trains)
             reference = result if reference is None else reference
             report["variants"][name] = numbers
             del model

@@ -141,8 +141,8 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     vision_paired = r["paired"]["vision_cached_vs_vision_floor"]
     assert vision_paired["pairs"] == 4 and "pixel_values" not in vision_paired["batch"]
     att = r["vision_attention"]
-    assert list(att) == ["sdpa", "eager", "flash_attention_2"]
-    for impl in ("sdpa", "eager"):
+    assert list(att) == ["sdpa", "one_call", "eager", "flash_attention_2"]
+    for impl in ("sdpa", "one_call", "eager"):
         assert att[impl]["step_ms"] > 0 and 0 < att[impl]["vision_share"] < 1, impl
     assert att["flash_attention_2"].get("error") or att["flash_attention_2"]["step_ms"] > 0
     with open(os.path.join(out, "train_bench.md")) as f:
