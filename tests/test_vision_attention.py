@@ -271,6 +271,25 @@ def test_benchmark_smoke(tmp_path):
         assert report["variants"][name]["forward_backward_ms"] > 0
 
 
+def test_vision_build_benchmark_smoke(tmp_path):
+    """benchmarks/vision_build_bench.py runs both builds and both bare forwards end to end."""
+    import json
+    import subprocess
+    import sys
+
+    from _featstore_helpers import REPO
+
+    run = subprocess.run([sys.executable, "benchmarks/vision_build_bench.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "vision_build_bench.json").read_text())
+    assert set(report["build"]) == set(report["bare"]) == {"stock", "one_call"}
+    for attention in ("stock", "one_call"):
+        assert report["build"][attention]["frames"] == report["images"] == 4
+        assert report["bare"][attention]["frames_per_s"] > 0
+    assert report["bare_max_rel_diff_one_call_vs_stock"] <= 1e-5
+
+
 def test_build_one_call_writes_the_stock_fingerprint_and_features(tmp_path):
     """`featstore build --vision-attention one_call` writes what the stock build writes (same
     fingerprint, features within the recompute tolerance); a VGGT encoder refuses the option."""
