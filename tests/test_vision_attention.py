@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featstore.encoders.qwen_vision.attention import (ONE_CALL_IMPLEMENTATION, one_call_attention,
-                                                      set_vision_attention)
+from featstore.encoders.qwen_vision import attention
+from featstore.encoders.qwen_vision.attention import (AUTO_IMPLEMENTATION, ONE_CALL_IMPLEMENTATION,
+                                                      one_call_attention, set_vision_attention)
 from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG
 from featstore.errors import EncoderError
 
@@ -135,8 +136,69 @@ def test_flash_request_and_stock_are_left_alone():
     assert tower.config._attn_implementation == "sdpa"
     tower.config._attn_implementation = "flash_attention_2"
     assert set_vision_attention(tower, "one_call") == "flash_attention_2"
-    with pytest.raises(EncoderError, match="not one of stock, one_call"):
+    with pytest.raises(EncoderError, match="not one of auto, stock, one_call"):
         set_vision_attention(tower, "fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_off_cuda_is_stock_bit_for_bit(dtype):
+    """"auto" (the default) where the varlen kernel does not run (CPU here) makes transformers'
+    own per-window calls: outputs and every gradient equal to stock's exactly, in fp32 and bf16."""
+    stock = _tower().to(dtype)
+    auto = copy.deepcopy(stock)
+    assert set_vision_attention(auto, "auto") == AUTO_IMPLEMENTATION
+    assert auto.blocks[0].attn.config._attn_implementation == AUTO_IMPLEMENTATION
+    pixels, grid = _inputs()
+    pixels = pixels.to(dtype)
+    weights = torch.randn(stock(pixels, grid_thw=grid).pooler_output.shape,
+                          generator=torch.Generator().manual_seed(2)).to(dtype)
+    ref_out, ref_dx, ref_dp = _run(stock, pixels, grid, weights)
+    out, dx, dp = _run(auto, pixels, grid, weights)
+    assert torch.equal(out, ref_out) and torch.equal(dx, ref_dx)
+    for name, grad in ref_dp.items():
+        assert torch.equal(dp[name], grad), name
+
+
+def test_auto_takes_one_call_where_the_varlen_kernel_applies(monkeypatch):
+    """Where `_varlen_applies` holds (CUDA bf16 on a GPU; forced here, with a CPU stand-in for the
+    kernel), "auto" makes ONE kernel call a layer and gives stock's numbers."""
+    calls = []
+
+    def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):  # [S, H, D] packed, as varlen_attn
+        calls.append(len(cu_q) - 1)
+        outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), scale=scale)[0]
+                for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(outs, dim=1).transpose(0, 1)
+
+    monkeypatch.setattr(attention, "_VARLEN", (stand_in, True))
+    monkeypatch.setattr(attention, "_varlen_applies", lambda query, scaling, dropout: True)
+    stock = _tower()
+    auto = copy.deepcopy(stock)
+    set_vision_attention(auto, "auto")
+    pixels, grid = _inputs()
+    with torch.no_grad():
+        ref = stock(pixels, grid_thw=grid).pooler_output
+        out = auto(pixels, grid_thw=grid).pooler_output
+    assert len(calls) == TINY_VISION_CONFIG["depth"] and max(calls) > len(GRIDS)  # windows, one call a layer
+    assert _rel(out, ref) < 1e-5
+
+
+def test_auto_leaves_a_chosen_implementation_and_stock_undoes_ours():
+    tower = _tower()
+    tower.config._attn_implementation = "eager"
+    assert set_vision_attention(tower, "auto") == "eager"  # eager (or flash, flex) as the user chose it
+    tower.config._attn_implementation = "sdpa"
+    assert set_vision_attention(tower, "auto") == AUTO_IMPLEMENTATION
+    assert set_vision_attention(tower, "one_call") == ONE_CALL_IMPLEMENTATION
+    assert set_vision_attention(tower, "stock") == "sdpa"
+    assert tower.blocks[0].attn.config._attn_implementation == "sdpa"
+
+
+def test_auto_is_the_encoders_default():
+    from featstore.encoders import get_encoder
+
+    encoder = get_encoder("qwen2.5-vl-vision-tiny")  # training's default: test_training_model_with_one_call_matches_stock
+    assert encoder.model.config._attn_implementation == AUTO_IMPLEMENTATION
 
 
 def _per_segment(q, k, v, cu, scale):
@@ -191,7 +253,7 @@ def test_encoder_option_keeps_the_fingerprint_and_the_features():
     from featstore.encoders import encoder_for_spec, get_encoder, resolve_spec
     from featstore.ops.compare import compare_features
 
-    stock = get_encoder("qwen2.5-vl-vision-tiny")
+    stock = get_encoder("qwen2.5-vl-vision-tiny", vision_attention="stock")
     one = get_encoder("qwen2.5-vl-vision-tiny", vision_attention="one_call")
     assert one.model.config._attn_implementation == ONE_CALL_IMPLEMENTATION
     assert stock.model.config._attn_implementation != ONE_CALL_IMPLEMENTATION
@@ -205,7 +267,7 @@ def test_encoder_option_keeps_the_fingerprint_and_the_features():
         assert compare_features(b, a, stock.spec.storage_dtype, stock.spec.compute_dtype)["ok"]
     rebuilt = encoder_for_spec(stock.spec, vision_attention="one_call")
     assert rebuilt.model.config._attn_implementation == ONE_CALL_IMPLEMENTATION
-    with pytest.raises(EncoderError, match="vision_attention 'fast' is not one of stock, one_call"):
+    with pytest.raises(EncoderError, match="vision_attention 'fast' is not one of auto, stock, one_call"):
         get_encoder("qwen2.5-vl-vision-tiny", vision_attention="fast")
     with pytest.raises(EncoderError, match="build options"):
         encoder_for_spec(stock.spec, layer=0)
@@ -222,7 +284,7 @@ def test_training_model_with_one_call_matches_stock(tune_vision):
 
     model_args = parse_args(["--vision_attention", "one_call", "--output_dir", "/tmp/unused"])[0]
     assert model_args.vision_attention == "one_call"
-    assert parse_args(["--output_dir", "/tmp/unused"])[0].vision_attention == "stock"
+    assert parse_args(["--output_dir", "/tmp/unused"])[0].vision_attention == "auto"  # the default
 
     cfg = tiny_config()
     torch.manual_seed(0)

@@ -132,10 +132,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "VGGT-1B builds on an H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
                    "with eager within bf16 rounding. Worth it for large GPU builds (default off)")
     g.add_argument("--vision-attention", choices=VISION_ATTENTION_CHOICES,
-                   help="the Qwen vision tower's attention (qwen2.5-vl-vision encoders only): stock (default: "
-                   "transformers' path, one sdpa call per window) or one_call (every window of a layer in one "
-                   "attention call; the same features within the recompute tolerance, the same fingerprint). "
-                   "verify --recompute always recomputes with the stock path"),
+                   help="the Qwen vision tower's attention (qwen2.5-vl-vision encoders only): auto (default: "
+                   "one attention call a layer through torch's varlen kernel on a CUDA bf16/fp16 build, "
+                   "transformers' per-window sdpa calls elsewhere), stock (transformers' path, one sdpa call per "
+                   "window) or one_call (every window of a layer in one call everywhere). All give the same "
+                   "features within the recompute tolerance and the same fingerprint; verify --recompute uses "
+                   "auto"),
     g.add_argument("--device", default=_default("device"), help=f"cuda, cuda:N, cpu (default {_default('device')}: the "
                    "local rank's GPU, else CPU)")
     r = p.add_argument_group("run")

@@ -49,7 +49,7 @@ class BuildOptions:
     progress: bool = True
     compile: bool = False  # torch.compile the encoder's blocks (GPU; same features within bf16 noise)
     # The Qwen vision tower's attention (qwen2.5-vl-vision encoders; featstore.encoders.qwen_vision.
-    # attention): None is transformers' stock path; "one_call" one attention call per layer.
+    # attention): None is the encoder's default ("auto"); "stock", "one_call" (qwen_vision.config).
     vision_attention: str | None = None
     # Frames cross from the decode workers to the GPU loop as uint8 where that is exact (every
     # value k/255: the VGGT and Qwen views without extra_resize), a quarter of the float32 bytes

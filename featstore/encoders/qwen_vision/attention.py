@@ -17,6 +17,10 @@ the vision config only; the function attends within every segment in ONE call:
   of the windowed ones for nine images) only to mask it away; the padded batch computes what the
   per-segment calls compute, plus padding.
 
+"auto" (`AUTO_IMPLEMENTATION`, the default of training and the encoders) takes the varlen call
+where it applies and otherwise makes transformers' own per-segment SDPA calls, so CPU and float32
+runs compute the stock numbers bit for bit and only a bf16/fp16 CUDA run changes path.
+
 The language model keeps its own implementation, and a real flash-attention request
 (`flash_attention_2`, ...) on the vision config is left as it is.
 
@@ -42,12 +46,14 @@ from torch import Tensor, nn
 from featstore.encoders.qwen_vision.config import VISION_ATTENTION_CHOICES
 from featstore.errors import EncoderError
 
-__all__ = ["VISION_ATTENTION_CHOICES", "ONE_CALL_IMPLEMENTATION", "one_call_attention", "register",
-           "set_vision_attention", "varlen_kernel"]
+__all__ = ["VISION_ATTENTION_CHOICES", "ONE_CALL_IMPLEMENTATION", "AUTO_IMPLEMENTATION", "one_call_attention",
+           "auto_attention", "register", "set_vision_attention", "varlen_kernel"]
 
 # Must contain "flash": transformers passes cu_seqlens only to implementations so named
 # (utils/generic.py `is_flash_attention_requested`: `"flash" in config._attn_implementation`).
 ONE_CALL_IMPLEMENTATION = "featstore_one_call_flash_varlen"
+AUTO_IMPLEMENTATION = "featstore_auto_flash_varlen"
+_OURS = (ONE_CALL_IMPLEMENTATION, AUTO_IMPLEMENTATION)
 
 _VARLEN = None  # (function, takes scale=) once looked up; False: not in this torch
 # False: always the padded SDPA call (benchmarks/vision_attention_bench.py times both).
@@ -150,11 +156,43 @@ def one_call_attention(module: Optional[nn.Module], query: Tensor, key: Tensor, 
     return _padded_sdpa(query, key, value, cu, longest, scaling, dropout), None
 
 
+def auto_attention(module: Optional[nn.Module], query: Tensor, key: Tensor, value: Tensor,
+                   attention_mask: Optional[Tensor] = None, scaling: Optional[float] = None,
+                   dropout: float = 0.0, cu_seq_lens_q: Optional[Tensor] = None,
+                   cu_seq_lens_k: Optional[Tensor] = None, max_length_q: Optional[int] = None,
+                   max_length_k: Optional[int] = None, is_causal: bool = False,
+                   **kwargs) -> Tuple[Tensor, None]:
+    """"auto": `one_call_attention` where torch's varlen kernel applies (CUDA, fp16/bf16), else
+    exactly what transformers' sdpa path does without a flash implementation: one SDPA call per
+    segment, the outputs concatenated (Qwen2_5_VLVisionAttention.forward's non-flash branch), so
+    a CPU or float32 run computes the stock numbers bit for bit."""
+    if is_causal or attention_mask is not None:
+        raise EncoderError(f"{AUTO_IMPLEMENTATION} serves the Qwen2.5-VL vision tower only (bidirectional "
+                           "attention within cu_seqlens, no mask); use 'sdpa' for other models")
+    in_use_dropout = 0.0 if module is not None and not module.training else dropout
+    if _varlen_applies(query, scaling, in_use_dropout):
+        return one_call_attention(module, query, key, value, attention_mask=None, scaling=scaling, dropout=dropout,
+                                  cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+                                  max_length_q=max_length_q, max_length_k=max_length_k, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        segments = [(query, key, value)]
+    else:
+        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+        segments = zip(*(torch.split(x, lengths, dim=2) for x in (query, key, value)))
+    outs = [sdpa_attention_forward(module, q, k, v, attention_mask=None, scaling=scaling, dropout=dropout,
+                                   is_causal=False, **kwargs)[0] for q, k, v in segments]
+    return torch.cat(outs, dim=1), None
+
+
 def register() -> str:
-    """Register `one_call_attention` in transformers' AttentionInterface (idempotent); returns its name."""
+    """Register `one_call_attention` and `auto_attention` in transformers' AttentionInterface
+    (idempotent); returns the one-call name."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ONE_CALL_IMPLEMENTATION, one_call_attention)
+    AttentionInterface.register(AUTO_IMPLEMENTATION, auto_attention)
     return ONE_CALL_IMPLEMENTATION
 
 
@@ -162,7 +200,9 @@ def set_vision_attention(visual: nn.Module, choice: str) -> str:
     """Choose how `visual` (transformers' Qwen2.5-VL vision tower, e.g. `model.model.visual`)
     attends: "stock" leaves it; "one_call" sets `ONE_CALL_IMPLEMENTATION` on its config and its
     attention modules' configs, unless a real flash-attention implementation is set (that path
-    already makes one varlen call per layer). The language model is not touched.
+    already makes one varlen call per layer); "auto" sets `AUTO_IMPLEMENTATION` where the tower
+    uses transformers' sdpa path (its default) and leaves any other implementation (eager, flash,
+    flex) as the user chose it. The language model is not touched.
 
     Returns:
         the vision tower's attention implementation afterwards.
@@ -183,8 +223,16 @@ def set_vision_attention(visual: nn.Module, choice: str) -> str:
         raise EncoderError(f"set_vision_attention takes transformers' Qwen2.5-VL vision tower (a module with a "
                            f"config); got {type(visual).__name__}")
     current = config._attn_implementation
-    if choice == "stock" or (current and "flash" in current and current != ONE_CALL_IMPLEMENTATION):
+    if choice == "stock":
+        if current not in _OURS:
+            return current
+        target = "sdpa"  # back from one of ours to transformers' default
+    elif current and "flash" in current and current not in _OURS:
         return current
+    elif choice == "auto" and current not in (None, "sdpa", *_OURS):
+        return current
+    else:
+        target = AUTO_IMPLEMENTATION if choice == "auto" else ONE_CALL_IMPLEMENTATION
     register()
     configs = {id(config): config}
     for m in visual.modules():
@@ -194,5 +242,5 @@ def set_vision_attention(visual: nn.Module, choice: str) -> str:
     for cfg in configs.values():
         # The attribute, not model.set_attn_implementation: that would look for a flash-attn
         # package for a name containing "flash".
-        cfg._attn_implementation = ONE_CALL_IMPLEMENTATION
-    return ONE_CALL_IMPLEMENTATION
+        cfg._attn_implementation = target
+    return target

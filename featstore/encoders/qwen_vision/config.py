@@ -18,7 +18,8 @@ from typing import Any, Dict, Mapping
 from featstore.errors import WeightsError
 
 __all__ = ["CODE_VERSION", "IMAGE_MEAN", "IMAGE_STD", "TOKEN_ORDER", "TINY_VISION_CONFIG",
-           "TINY_SEED", "TINY_TARGET_SIZE", "DEFAULT_TARGET_SIZE", "VISION_ATTENTION_CHOICES", "spec_config"]
+           "TINY_SEED", "TINY_TARGET_SIZE", "DEFAULT_TARGET_SIZE", "VISION_ATTENTION_CHOICES",
+           "DEFAULT_VISION_ATTENTION", "spec_config"]
 
 # Version of how featstore runs the tower (qwen_vision.py: patchify, the merger-less forward, the
 # un-permutation); enters the spec. Bump it when a change alters outputs beyond rounding.
@@ -45,8 +46,11 @@ DEFAULT_TARGET_SIZE = 518  # the official VGGT view: 518x392 -> 504x392 Qwen pix
 
 # How the tower attends (featstore.encoders.qwen_vision.attention; the encoders' vision_attention
 # build option and training's --vision_attention): "stock" is transformers' path for the configured
-# implementation (sdpa: one call per window), "one_call" one attention call per layer.
-VISION_ATTENTION_CHOICES = ("stock", "one_call")
+# implementation (sdpa: one call per window), "one_call" one attention call per layer, "auto" (the
+# default) one call where torch's varlen kernel runs (CUDA, bf16/fp16: 2.6x the stock forward on an
+# H100, docs/BENCHMARKS.md) and the stock per-window calls everywhere else (CPU, float32).
+VISION_ATTENTION_CHOICES = ("auto", "stock", "one_call")
+DEFAULT_VISION_ATTENTION = "auto"
 
 # Spec fields read from the vision config, in the order the spec lists them.
 _FIELDS = ("depth", "hidden_size", "num_heads", "intermediate_size", "hidden_act", "in_channels", "patch_size",

@@ -10,7 +10,7 @@ from featstore.contract.spec import EncoderSpec, PreprocessSpec
 from featstore.encoders.qwen_vision.config import DEFAULT_TARGET_SIZE as QWEN_DEFAULT_TARGET
 from featstore.encoders.qwen_vision.config import TINY_SEED as QWEN_TINY_SEED
 from featstore.encoders.qwen_vision.config import TINY_TARGET_SIZE as QWEN_TINY_TARGET
-from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG, VISION_ATTENTION_CHOICES
+from featstore.encoders.qwen_vision.config import DEFAULT_VISION_ATTENTION, TINY_VISION_CONFIG, VISION_ATTENTION_CHOICES
 from featstore.encoders.registry import apply_overrides, register_encoder
 from featstore.errors import EncoderError, WeightsError
 
@@ -85,7 +85,7 @@ class QwenVisionPreset:
         # How the tower attends (featstore.encoders.qwen_vision.attention): a build option like
         # compile, not a spec field: "one_call" gives the stock numbers up to rounding (within the
         # recompute tolerance), so a store built either way has one fingerprint.
-        vision_attention = options.pop("vision_attention", "stock")
+        vision_attention = options.pop("vision_attention", DEFAULT_VISION_ATTENTION)
         if vision_attention not in VISION_ATTENTION_CHOICES:
             raise EncoderError(f"encoder {self.name!r}: vision_attention {vision_attention!r} is not one of "
                                f"{', '.join(VISION_ATTENTION_CHOICES)}")

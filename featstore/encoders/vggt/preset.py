@@ -81,7 +81,7 @@ class VGGTPreset:
         options = dict(options)
         backend = options.pop("backend", self.backend or "featstore")
         compile = options.pop("compile", False)
-        if options.pop("vision_attention", "stock") != "stock":
+        if options.pop("vision_attention", "auto") not in ("auto", "stock"):  # the defaults: nothing to choose
             raise EncoderError(f"encoder {self.name!r} has no vision tower: vision_attention is an option of the "
                                "qwen2.5-vl-vision encoders; leave --vision-attention out")
         if self.backend is not None and backend != self.backend:
