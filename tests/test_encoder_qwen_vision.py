@@ -26,6 +26,7 @@ from featstore.encoders.qwen_vision.config import IMAGE_MEAN, IMAGE_STD, TINY_VI
 from featstore.contract.spec import PreprocessSpec
 from featstore.errors import EncoderError, FingerprintMismatchError, ImageDecodeError, WeightsError
 from featstore.build.plan import Unit
+from _featstore_helpers import weights_far_from_zero_
 
 TINY = "qwen2.5-vl-vision-tiny"
 FULL = "qwen2.5-vl-vision"
@@ -43,12 +44,7 @@ def _tiny_model(seed: int):
     from training.presets import tiny_config
 
     model = Qwen2_5_VLForConditionalGeneration(tiny_config()).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name or "ln_q" in name
-                    else 0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return weights_far_from_zero_(model, seed)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from featstore.encoders.qwen_vision.attention import (AUTO_IMPLEMENTATION, ONE_C
                                                       one_call_attention, set_vision_attention)
 from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG
 from featstore.errors import EncoderError
+from _featstore_helpers import weights_far_from_zero_
 
 # Patch grids (t, h, w) of three images: 16x12 patches is 8x6 merged tokens, so windows of 4x4
 # merged tokens of three sizes (4x4, 4x2); 8x8 one full window; 10x6 windows of 4x3 and 1x3.
@@ -30,12 +31,7 @@ def _tower(seed: int = 0):
     config = Qwen2_5_VLVisionConfig(**copy.deepcopy(TINY_VISION_CONFIG))
     config._attn_implementation = "sdpa"
     model = Qwen2_5_VisionTransformerPretrainedModel(config).float()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name or "ln_q" in name
-                    else 0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return weights_far_from_zero_(model, seed)
 
 
 def _inputs(seed: int = 1):
