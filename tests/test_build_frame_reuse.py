@@ -112,3 +112,20 @@ def test_distinct_frames_tells_a_changed_file_apart():
     first, index = distinct_frames(units, [[{"sha256": "x"}, {"sha256": "y"}], [{"sha256": "x"}, {"sha256": "z"}]])
     assert first == [(0, 0), (0, 1), (1, 1)] and index == [[0, 1], [0, 2]]
 
+
+def test_frame_reuse_benchmark_smoke(tmp_path):
+    """benchmarks/frame_reuse_bench.py builds per unit and with reuse, compares, and writes its JSON."""
+    import subprocess
+    import sys
+
+    from _featstore_helpers import REPO
+
+    run = subprocess.run([sys.executable, "benchmarks/frame_reuse_bench.py", "--smoke", "--batch-frames", "8",
+                          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    entry = json.loads((tmp_path / "frame_reuse_bench.json").read_text())["runs"]["8"]
+    per_unit, reuse = entry["per_unit"]["builds"][0], entry["reuse"]["builds"][0]
+    assert per_unit["frame_reuse"] == 1.0 and per_unit["distinct_frames"] == per_unit["frame_instances"]
+    assert reuse["frame_instances"] == per_unit["frame_instances"] and reuse["distinct_frames"] < reuse["frame_instances"]
+    assert entry["compare"]["entries"] == reuse["computed"] == 10
+    assert entry["compare"]["bit_identical"] == 10 and entry["compare"]["all_within_tolerance"]
