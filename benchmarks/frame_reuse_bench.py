@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--history", type=int, default=8, help="history frames per sample, by linspace (default 8)")
     p.add_argument("--batch-frames", default="16,72", help="comma-separated --batch-frames values (default 16,72)")
     p.add_argument("--repeats", type=int, default=2, help="builds per mode and batch size (default 2)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode workers (default min(8, CPUs))")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decode workers (default min(8, CPUs))")
     p.add_argument("--work", help="where the images and stores go (default: a temporary folder)")
     p.add_argument("--smoke", action="store_true", help="vggt-tiny on CPU, a few small images (tests)")
     a = p.parse_args(argv)
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
                             "median_steady_frames_per_s": statistics.median(b["steady_frames_per_s"] for b in builds)}
                      for mode, builds in runs.items()}
             entry["frame_reuse"] = runs["reuse"][-1]["frame_reuse"]
-            entry["encode_speedup"] = entry["per_unit"]["median_encode_s"] / max(entry["reuse"]["median_encode_s"], 1e-9)
+            entry["encode_speedup"] = (entry["per_unit"]["median_encode_s"]
+                                       / max(entry["reuse"]["median_encode_s"], 1e-9))
             entry["pipeline_speedup"] = (entry["per_unit"]["median_pipeline_s"]
                                          / max(entry["reuse"]["median_pipeline_s"], 1e-9))
             entry["compare"] = compare_stores(work / "store_reuse", work / "store_per_unit", storage)

@@ -77,8 +77,9 @@ class BuildReport:
         rank's `mine` among them).
 
         Every rank plans every unit and splits them fresh/missing/stale alike; only the work is
-        divided (a contiguous part of the to-do list per rank). So the plan counts are one rank's, the work counts a sum,
-        the times the slowest rank's and the steady rates a sum (ranks run side by side)."""
+        divided (a contiguous part of the to-do list per rank). So the plan counts are one rank's,
+        the work counts a sum, the times the slowest rank's and the steady rates a sum (ranks run
+        side by side); the frame reuse is that of the summed counts."""
         total = cls(feature_set=mine.feature_set, planned=mine.planned, fresh=mine.fresh, missing=mine.missing,
                     stale=mine.stale, skipped=mine.skipped)
         for p in parts:
