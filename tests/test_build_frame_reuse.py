@@ -75,6 +75,19 @@ def test_reuse_stores_the_same_entries_as_the_per_unit_path_and_reports_the_reus
     assert reused.distinct_frames < instances and reused.frame_reuse == instances / reused.distinct_frames > 1.5
 
 
+def test_reuse_under_janusvlns_causal_spec_stores_the_same_entries(janus, tmp_path):
+    """JanusVLN's own spec (causal attention, the last frame kept), the files that motivate reuse:
+    the shared embedding feeds the causal blocks as the per-unit path does."""
+    root, ann = janus
+    causal = {"storage_dtype": "float32", "attention": "causal", "frames_kept": "last"}
+    reused = _build(root, ann, str(tmp_path / "reuse.lmdb"), spec_overrides=causal)
+    plain = _build(root, ann, str(tmp_path / "plain.lmdb"), spec_overrides=causal, frame_reuse=False)
+    a, b = read_store(str(tmp_path / "reuse.lmdb")), read_store(str(tmp_path / "plain.lmdb"))
+    assert sorted(a) == sorted(b) and len(b) == EPISODES * STEPS
+    assert all(torch.equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] for k in b)
+    assert plain.frame_reuse == 1.0 and reused.frame_reuse > 1.5
+
+
 def test_frame_order_keeps_an_episode_together_and_the_plan_unchanged(janus):
     root, ann = janus
     units = plan_units(root, [ann])

@@ -10,7 +10,8 @@ from featstore.encoders.vggt.model import VGGTAggregator, init_random_
 from featstore.errors import EncoderError
 
 
-@pytest.mark.parametrize("options", [{}, {"reference_frame": "last"}, {"frames_kept": "last"}, {"layer": 1}])
+@pytest.mark.parametrize("options", [{}, {"reference_frame": "last"}, {"frames_kept": "last"}, {"layer": 1},
+                                     {"attention": "causal"}, {"attention": "causal", "frames_kept": "last"}])
 def test_encode_indexed_equals_encode_of_the_gathered_frames(options):
     enc = get_encoder("vggt-tiny", **options)
     assert enc.encodes_indexed
@@ -37,10 +38,11 @@ def test_dinov2_patch_embedding_once_per_distinct_frame():
 
 
 def test_encode_indexed_is_refused_where_it_is_not_offered():
-    causal = get_encoder("vggt-tiny", attention="causal")
-    assert not causal.encodes_indexed
-    with pytest.raises(EncoderError, match="encode_indexed needs attention='full'"):
-        causal.encode_indexed(torch.rand(2, 3, 28, 28), torch.zeros(1, 2, dtype=torch.long))
+    official = get_encoder("vggt-tiny")
+    official.backend = "official"  # the official package's aggregator takes no frame index
+    assert not official.encodes_indexed
+    with pytest.raises(EncoderError, match="encode_indexed needs backend='featstore'"):
+        official.encode_indexed(torch.rand(2, 3, 28, 28), torch.zeros(1, 2, dtype=torch.long))
     enc = get_encoder("vggt-tiny")
     with pytest.raises(EncoderError, match=r"index values must lie in \[0, 2\)"):
         enc.encode_indexed(torch.rand(2, 3, 28, 28), torch.tensor([[0, 2]]))

@@ -107,10 +107,10 @@ class VGGTEncoder:
 
     @property
     def encodes_indexed(self) -> bool:
-        """Whether `encode_indexed` is offered: the in-tree aggregator with full attention (the
-        build then embeds each distinct frame of a batch once). Causal specs and the official
-        backend keep the plain `encode`."""
-        return self.backend == "featstore" and self.spec.attention == "full"
+        """Whether `encode_indexed` is offered: the in-tree aggregator, full or causal attention
+        (the build then embeds each distinct frame of a batch once; the patch embedding sees one
+        frame, whatever the global blocks' mask). The official backend keeps the plain `encode`."""
+        return self.backend == "featstore"
 
     @torch.inference_mode()
     def encode_indexed(self, frames: Tensor, index: Tensor) -> Tensor:
@@ -129,8 +129,8 @@ class VGGTEncoder:
         """
         if not self.encodes_indexed:
             raise EncoderError(
-                f"encode_indexed needs attention='full' and backend='featstore'; this encoder has "
-                f"attention={self.spec.attention!r}, backend={self.backend!r}. Use encode()")
+                f"encode_indexed needs backend='featstore'; this encoder has backend={self.backend!r}. "
+                "Use encode()")
         if index.dim() != 2 or index.dtype != torch.long:
             raise EncoderError(f"encode_indexed takes index [B, S] of dtype long; got {index.dtype} {tuple(index.shape)}")
         x = self._check_frames(frames[None], "encode_indexed")[0]  # the distinct frames, [U, 3, H, W]
@@ -140,7 +140,8 @@ class VGGTEncoder:
         index = self._call_order(index.to(self.device))  # reference_frame "last" reverses each sequence
         layer = self.spec.layer_resolved
         with self._autocast():
-            outs, psi = self.model(x, attention="full", last_layer=layer, keep_layers=[layer], frame_index=index)
+            outs, psi = self.model(x, attention=self.spec.attention, last_layer=layer, keep_layers=[layer],
+                                   frame_index=index)
         y = outs[layer][:, :, psi:]
         if self.spec.frames_kept == "last":
             y = y[:, -1:]
