@@ -415,10 +415,11 @@ def test_nan_or_infinite_features_are_never_stored_and_a_rerun_retries_them(data
     Image.new("RGB", (64, 48)).save(os.path.join(data_root, "black.png"))  # the unit the fault picks
     real = encode_mod.encode_frames
 
-    def faulty(encoder, frames):
-        feats = real(encoder, frames)
-        for b in range(frames.shape[0]):
-            if not bool(frames[b].any()):  # the black image: its output turns NaN and infinite
+    def faulty(encoder, frames, index=None):
+        feats = real(encoder, frames, index=index)
+        units = frames if index is None else frames[index]  # frame reuse: the distinct frames and their index
+        for b in range(units.shape[0]):
+            if not bool(units[b].any()):  # the black image: its output turns NaN and infinite
                 feats[b, 0, 0, 0] = float("nan")
                 feats[b, -1, -1, -1] = float("inf")
         return feats

@@ -320,14 +320,15 @@ def test_cpu_build_thread_counts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fe, "read_unit_frames", recording_read_unit_frames)
     encoder = get_encoder("vggt-tiny")
-    encode = encoder.encode
     encoder_threads = []
 
-    def recording_encode(x):
-        encoder_threads.append(torch.get_num_threads())
-        return encode(x)
+    def recording(encode):  # the build calls encode, or encode_indexed with frame reuse
+        def call(*args):
+            encoder_threads.append(torch.get_num_threads())
+            return encode(*args)
+        return call
 
-    encoder.encode = recording_encode
+    encoder.encode, encoder.encode_indexed = recording(encoder.encode), recording(encoder.encode_indexed)
     before = torch.get_num_threads()
     report = fb.build(fb.BuildOptions(data_root=data, encoder="vggt-tiny", workers=2, progress=False),
                       encoder=encoder)

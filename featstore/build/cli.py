@@ -158,6 +158,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     r.add_argument("--commit-every", type=int, default=_default("commit_entries"), metavar="N",
                    help=f"entries per LMDB commit (default {_default('commit_entries')}); a crash or kill loses "
                    "at most the entries of one open batch, which a rerun recomputes")
+    r.add_argument("--no-frame-reuse", action="store_true", help="embed every frame of every unit: by default a "
+                   "frame shared by several units of a batch (an episode's first frame, overlapping histories) "
+                   "goes through the patch embedding once, with VGGT encoders of full attention and without "
+                   "--compile (same features within rounding; docs/BUILD.md, \"Frame reuse\")")
     r.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     r.add_argument("--json", action="store_true", help="print the build report (counts, failures, stage times) "
                    "as one JSON object on stdout instead of the summary on stderr")
@@ -215,7 +219,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         feature_set=args.feature_set, weights=args.weights, device=args.device, spec_overrides=overrides,
         force=args.force, dry_run=args.dry_run, workers=args.workers, batch_frames=args.batch_frames,
         shard=_parse_shard(args.shard), commit_entries=args.commit_every, progress=not args.no_progress,
-        compile=args.compile, vision_attention=args.vision_attention)
+        compile=args.compile, vision_attention=args.vision_attention, frame_reuse=not args.no_frame_reuse)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -234,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
             into = set_note(report.feature_set)
             print(f"featstore build{into}: {report.computed} computed ({report.frames} frames, "
                   f"{report.bytes / 1e6:.1f} MB, {rate:.1f} frames/s), {report.fresh} already fresh, "
-                  f"{len(report.failed)} failed, {report.elapsed_s:.1f} s", file=sys.stderr)
+                  f"{len(report.failed)} failed, {report.elapsed_s:.1f} s; frame reuse {report.frame_reuse:.2f}x "
+                  f"({report.frame_instances} frames embedded as {report.distinct_frames})", file=sys.stderr)
             print(f"  {report.stage_summary()}", file=sys.stderr)
             for f in report.failed[:20]:
                 print(f"  failed {f['key']}: {f['error']}", file=sys.stderr)

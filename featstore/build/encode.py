@@ -117,7 +117,8 @@ def _decode_videos(data_root: str, unit: Unit) -> dict[str, tuple]:
     return out
 
 
-def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False) -> torch.Tensor:
+def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
     """Run the encoder on a batch of units: [B, S, 3, H, W] -> [B, F, N, C] in the spec's
     storage dtype (bfloat16 for fp8 storage, see the codec's `read_dtype`), on the encoder's device (no copy to the host: training's online path keeps
     it on the GPU; the cast happens there too).
@@ -127,11 +128,17 @@ def encode_frames(encoder, frames: torch.Tensor, *, stream: bool = False) -> tor
         frames: [B, S, 3, H, W] float32 in [0, 1], on any device.
         stream: feed one frame per call through the key/value cache (`encoder.encode_stream`),
             as streaming models train; needs a causal spec on the featstore backend.
+        index: [B, S] long, or None. Given, `frames` are the batch's distinct frames [U, 3, H, W]
+            and unit b's frame k is frames[index[b, k]] (`encoder.encode_indexed`: each distinct
+            frame is embedded once; only for an encoder whose `encodes_indexed` is True).
 
     Returns:
         features [B, F, N, C], dtype = codec_for(spec.storage_dtype).read_dtype(), device = encoder.device.
     """
-    feats = encoder.encode_stream(frames) if stream else encoder.encode(frames)
+    if index is not None:
+        feats = encoder.encode_indexed(frames, index)
+    else:
+        feats = encoder.encode_stream(frames) if stream else encoder.encode(frames)
     return feats.to(codec_for(encoder.spec.storage_dtype).read_dtype())
 
 

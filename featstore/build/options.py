@@ -56,6 +56,12 @@ class BuildOptions:
     # to pass, stack, pin and copy; they become float32 on the device. False: float32 all the way
     # (same features; kept for benchmarks/build_bench.py's before/after).
     uint8_frames: bool = True
+    # Embed each distinct frame of a batch once (its patch embedding, VGGT's per-frame DINOv2 ViT,
+    # depends on the frame alone) where the encoder offers it (`encodes_indexed`: VGGT on the
+    # in-tree backend) and the blocks are not compiled; the rest of the call runs per unit as before.
+    # Same features within rounding (docs/BUILD.md, "Frame reuse"). False: every frame of every
+    # unit is embedded (`--no-frame-reuse`).
+    frame_reuse: bool = True
 
     def build_options(self) -> dict:
         """The encoder options that choose how the features are computed, not what they are (beside
@@ -81,7 +87,7 @@ class BuildContext:
     spec: EncoderSpec
     feature_set: str
     rank: int = 0
-    world: int = 1  # ranks of this build (torchrun); each computes todo[rank::world]
+    world: int = 1  # ranks of this build (torchrun); each computes a contiguous part of the to-do list
     t0: float = 0.0  # time.perf_counter() when the build started: elapsed_s counts from it
     fingerprint: str = ""  # spec.fingerprint(), computed once
 

@@ -5,7 +5,9 @@
                                   stacks a group into [B, S, 3, H, W] at --batch-frames frames,
                                   copies it to the GPU on a stream of its own, runs one forward
                                   (featstore.build.encode.encode_frames), and queues a
-                                  non-blocking device->host copy of [B, F, N, C] + a CUDA event
+                                  non-blocking device->host copy of [B, F, N, C] + a CUDA event.
+                                  With frame reuse, a frame shared by units of the batch is
+                                  copied and patch-embedded once (`distinct_frames`)
   serialiser thread               waits for a batch's copy, records a unit with a NaN or an
                                   infinity as failed, makes each other unit's blob (one copy +
                                   CRC-32, both release the GIL)
@@ -33,7 +35,7 @@ from featstore.interrupt import StopFlag
 
 # torch is imported inside the functions, so that `featstore build --help` needs no torch.
 
-__all__ = ["run_pipeline", "CPU_ENCODER_THREADS", "NONFINITE_ERROR"]
+__all__ = ["run_pipeline", "distinct_frames", "CPU_ENCODER_THREADS", "NONFINITE_ERROR"]
 
 # The CPU encoder's torch intra-op threads, chosen by benchmarks/cpu_threads_bench.py
 # (docs/BENCHMARKS.md, "CPU builds"). None: the cores the decode workers leave, at least one
@@ -150,6 +152,10 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
 
     opts = ctx.opts
     spec = encoder.spec
+    # Each distinct frame of a batch is embedded once where the encoder can (full-attention VGGT).
+    # Not with --compile: the number of distinct frames varies by batch and would recompile the
+    # compiled patch-embedding blocks for each new count.
+    reuse = opts.frame_reuse and getattr(encoder, "encodes_indexed", False) and not opts.compile
     device = encoder.device
     on_cuda = device.type == "cuda"
     threads = torch.get_num_threads()
@@ -182,7 +188,14 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
         items = buckets.pop(bucket)
         shape = bucket[:-1]
         units = [todo[i] for i, _, _ in items]
-        x = torch.stack([frames for _, frames, _ in items])  # [B, S, 3, H, W]
+        index = None
+        if reuse:
+            first, rows = distinct_frames(units, [src for _, _, src in items])
+            x = torch.stack([items[b][1][k] for b, k in first])  # [U, 3, H, W], the distinct frames
+            index = torch.tensor(rows, dtype=torch.long)  # [B, S]
+        else:
+            x = torch.stack([frames for _, frames, _ in items])  # [B, S, 3, H, W]
+        report.count_frames(len(items) * shape[0], x.shape[0] if reuse else len(items) * shape[0])
         full = -(-opts.batch_frames // shape[0])
         if opts.compile and len(items) < full:
             # A short last batch would make torch.compile recompile for a new B; pad it with
@@ -198,7 +211,7 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
                 x = pinned.to(device, non_blocking=True)
             compute.wait_stream(h2d)
             x.record_stream(compute)  # its memory is not reused before the forward has read it
-        feats = encode_frames(encoder, to_float(x))[: len(items)]  # [B, F, N, C], storage dtype, on the device
+        feats = encode_frames(encoder, to_float(x), index=index)[: len(items)]  # [B, F, N, C], storage dtype, on the device
         finite = torch.isfinite(feats.flatten(1)).all(1)  # [B]: a NaN or infinity is never stored
         done = None
         if on_cuda:
@@ -251,3 +264,35 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
         if stage.error is not None:
             raise stage.error
     return stopped
+
+
+def distinct_frames(units: list[Unit], sources: list[list[dict]]) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """The distinct frames of a batch and where each unit's frames are among them.
+
+    A frame is known by its reference (path, or video#index) and its file's sha256 as the decode
+    step read it: two units naming one file read the same bytes and preprocess them alike (the
+    preprocessing is per frame), unless the file changed between the two reads, which the hash
+    tells apart.
+
+    Returns:
+        (first, index): first[j] = (unit, frame) position of distinct frame j's first instance;
+        index[b][k] = the distinct frame of unit b's frame k.
+
+    Example:
+        >>> from featstore.build.plan import Unit
+        >>> src = lambda *h: [{"sha256": x} for x in h]
+        >>> distinct_frames([Unit("a", ("e/0", "e/1")), Unit("b", ("e/0", "e/2"))], [src("0", "1"), src("0", "2")])
+        ([(0, 0), (0, 1), (1, 1)], [[0, 1], [0, 2]])
+    """
+    ids: dict[tuple[str, str], int] = {}
+    first: list[tuple[int, int]] = []
+    index = []
+    for b, (unit, srcs) in enumerate(zip(units, sources)):
+        row = []
+        for k, (ref, src) in enumerate(zip(unit.frames, srcs)):
+            j = ids.setdefault((ref, src["sha256"]), len(ids))
+            if j == len(first):
+                first.append((b, k))
+            row.append(j)
+        index.append(row)
+    return first, index

@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -74,6 +75,7 @@ __all__ = [
     "plan_units",
     "source_path",
     "file_sha256",
+    "frame_order",
 ]
 
 _IMAGE_FIELDS = ("images", "image")  # LLaVA/Qwen conversation JSON: a list, or one path
@@ -505,6 +507,30 @@ def plan_units(data_root: str | os.PathLike,
             return image_units_from_annotations(annotations, data_root, skipped=skipped, video_policy=video_policy)
         return units_from_annotations(annotations, data_root, skipped=skipped, video_policy=video_policy)
     return [Unit(k, (k,)) for k in scan_images(data_root)]
+
+
+def frame_order(units: Iterable[Unit]) -> list[Unit]:
+    """`units` in the order the build encodes them: grouped by their first frame's folder (an
+    episode), then by that frame (a video's frames by the video), then by key.
+
+    A JanusVLN-style file gives every sample of an episode the episode's first frame, and
+    `linspace` histories overlap; adjacent units then land in one batch, whose patch embedding
+    runs once per distinct frame (featstore.build.pipeline). The order only decides which
+    units share a batch: which keys are computed and what they hold are the plan's, so a build
+    resumed after a kill computes the same entries whatever it did before.
+
+    Example:
+        >>> from featstore.build.plan import Unit, frame_order
+        >>> units = [Unit("a1", ("ep1/0.png", "ep1/3.png")), Unit("b1", ("ep2/0.png",)),
+        ...          Unit("a2", ("ep1/0.png", "ep1/5.png"))]
+        >>> [u.key for u in frame_order(units)]
+        ['a1', 'a2', 'b1']
+    """
+    def order(unit: Unit) -> tuple[str, str, str]:
+        first = frame_file(unit.frames[0])
+        return posixpath.dirname(first), first, unit.key
+
+    return sorted(units, key=order)
 
 
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:

@@ -48,10 +48,21 @@ class BuildReport:
     d2h_wait_s: float = 0.0  # serialiser waiting for a batch's device->host copy (and its kernels)
     serialise_s: float = 0.0  # serialiser: quantise (fp8), blob layout, one copy and CRC-32
     commit_s: float = 0.0  # writer: LMDB puts, commits and their fsync
+    # Frame reuse (docs/BUILD.md, "Frame reuse"): the frames of the units encoded (a frame in
+    # two units counts twice), the frames the patch embedding ran on, and their ratio.
+    frame_instances: int = 0
+    distinct_frames: int = 0
+    frame_reuse: float = 1.0
     interrupted: bool = False
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def count_frames(self, instances: int, distinct: int) -> None:
+        """Add one batch's frame instances and the distinct frames embedded for them."""
+        self.frame_instances += instances
+        self.distinct_frames += distinct
+        self.frame_reuse = self.frame_instances / self.distinct_frames if self.distinct_frames else 1.0
 
     def stage_summary(self) -> str:
         """One line of the stage times, e.g. for the build's summary on stderr."""
@@ -66,13 +77,16 @@ class BuildReport:
         rank's `mine` among them).
 
         Every rank plans every unit and splits them fresh/missing/stale alike; only the work is
-        divided (todo[rank::world]). So the plan counts are one rank's, the work counts a sum,
-        the times the slowest rank's and the steady rates a sum (ranks run side by side)."""
+        divided (a contiguous part of the to-do list per rank). So the plan counts are one rank's,
+        the work counts a sum, the times the slowest rank's and the steady rates a sum (ranks run
+        side by side); the frame reuse is that of the summed counts."""
         total = cls(feature_set=mine.feature_set, planned=mine.planned, fresh=mine.fresh, missing=mine.missing,
                     stale=mine.stale, skipped=mine.skipped)
         for p in parts:
             for k in ("computed", "frames", "bytes"):
                 setattr(total, k, getattr(total, k) + p[k])
+            # .get: the report of a rank of an older build has no frame counts
+            total.count_frames(p.get("frame_instances", 0), p.get("distinct_frames", 0))
             total.failed.extend(p["failed"])
             total.interrupted |= p["interrupted"]
             for k in ("pipeline_s", *STAGE_FIELDS):

@@ -26,7 +26,7 @@ from featstore.build.freshness import MISMATCH_ADVICE, split_units
 from featstore.build.frames import start_decoding
 from featstore.build.options import BuildContext, BuildOptions
 from featstore.build.pipeline import run_pipeline
-from featstore.build.plan import IMAGE_EXTENSIONS, Unit, plan_units
+from featstore.build.plan import IMAGE_EXTENSIONS, Unit, frame_order, plan_units
 from featstore.build.report import BuildReport
 from featstore.contract.naming import check_feature_set
 from featstore.errors import PlanError
@@ -112,7 +112,8 @@ def _build_units(ctx: BuildContext, units: list[Unit], skipped: list[dict], devi
     report = BuildReport(feature_set=ctx.feature_set, planned=len(units), skipped=skipped)
 
     split = split_units(ctx, units)
-    todo = sorted(split["missing"] + split["stale"], key=lambda u: u.key)
+    # Units sharing frames next to each other (one batch embeds a shared frame once).
+    todo = frame_order(split["missing"] + split["stale"])
     report.fresh, report.missing, report.stale = (len(split[k]) for k in ("fresh", "missing", "stale"))
 
     size = estimate_size(spec, todo, opts.data_root, store_path, sample=units)
@@ -126,7 +127,8 @@ def _build_units(ctx: BuildContext, units: list[Unit], skipped: list[dict], devi
     if opts.dry_run:
         report.elapsed_s = time.perf_counter() - ctx.t0
         return report
-    mine = todo[ctx.rank::ctx.world]
+    # Each rank takes a contiguous part of the to-do list, keeping an episode's units together.
+    mine = todo[len(todo) * ctx.rank // ctx.world: len(todo) * (ctx.rank + 1) // ctx.world]
     patch = encoder.patch_size if encoder is not None else int(spec.config["patch_size"])
     batches, stop_decoding = start_decoding(mine, opts.data_root, spec, patch, workers=opts.workers,
                                             uint8=opts.uint8_frames)

@@ -105,6 +105,48 @@ class VGGTEncoder:
             y = y[:, -1:]
         return self._call_order(y).float().contiguous()
 
+    @property
+    def encodes_indexed(self) -> bool:
+        """Whether `encode_indexed` is offered: the in-tree aggregator, full or causal attention
+        (the build then embeds each distinct frame of a batch once; the patch embedding sees one
+        frame, whatever the global blocks' mask). The official backend keeps the plain `encode`."""
+        return self.backend == "featstore"
+
+    @torch.inference_mode()
+    def encode_indexed(self, frames: Tensor, index: Tensor) -> Tensor:
+        """`encode` of B sequences that share frames, given each distinct frame once.
+
+        Args:
+            frames: [U, 3, H, W] in [0, 1], the distinct frames of the batch.
+            index: [B, S] long, sequence b's frame k (in the sample's order) is frames[index[b, k]].
+
+        Returns:
+            [B, F, N, C] float32, as `encode(frames[index])` returns it: the patch embedding (the
+            per-frame DINOv2 ViT) runs U times instead of B*S, the alternating blocks as before.
+
+        Raises:
+            EncoderError: `encodes_indexed` is False for this encoder, or the shapes are wrong.
+        """
+        if not self.encodes_indexed:
+            raise EncoderError(
+                f"encode_indexed needs backend='featstore'; this encoder has backend={self.backend!r}. "
+                "Use encode()")
+        if index.dim() != 2 or index.dtype != torch.long:
+            raise EncoderError(f"encode_indexed takes index [B, S] of dtype long; got {index.dtype} {tuple(index.shape)}")
+        x = self._check_frames(frames[None], "encode_indexed")[0]  # the distinct frames, [U, 3, H, W]
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < x.shape[0]:
+            raise EncoderError(f"encode_indexed: index values must lie in [0, {x.shape[0]}) (the frames given); "
+                               f"got [{int(index.min())}, {int(index.max())}]")
+        index = self._call_order(index.to(self.device))  # reference_frame "last" reverses each sequence
+        layer = self.spec.layer_resolved
+        with self._autocast():
+            outs, psi = self.model(x, attention=self.spec.attention, last_layer=layer, keep_layers=[layer],
+                                   frame_index=index)
+        y = outs[layer][:, :, psi:]
+        if self.spec.frames_kept == "last":
+            y = y[:, -1:]
+        return self._call_order(y).float().contiguous()
+
     @torch.inference_mode()
     def encode_stream(self, frames: Tensor) -> Tensor:
         """Causal streaming: feed frame k of every sequence through the aggregator's key/value

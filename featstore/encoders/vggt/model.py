@@ -412,15 +412,28 @@ class VGGTAggregator(nn.Module):
             raise ValueError(f"keep_layers {keep} go past last_layer={last}")
         return last, set(keep)
 
-    def _embed(self, images: Tensor, first_index: Optional[int] = None) -> Tuple[Tensor, int, int]:
-        """images [B, S, 3, H, W] in [0, 1] -> tokens [B*S, P, C], grid h, w."""
-        b, s, c, hh, ww = images.shape
+    def _embed(self, images: Tensor, first_index: Optional[int] = None,
+               frame_index: Optional[Tensor] = None) -> Tuple[Tensor, int, int]:
+        """images [B, S, 3, H, W] in [0, 1] -> tokens [B*S, P, C], grid h, w.
+
+        With `frame_index` [B, S] (long), `images` are distinct frames [U, 3, H, W] and sequence b's
+        frame k is images[frame_index[b, k]]: the patch embedding depends on the frame alone, so
+        it runs once per distinct frame and its tokens are gathered per sequence.
+        """
+        if frame_index is not None:
+            b, s = frame_index.shape
+            images = images.unsqueeze(1)  # [U, 1, 3, H, W]: the layout the checks below read
+        else:
+            b, s = images.shape[:2]
+        _, _, c, hh, ww = images.shape
         if c != 3:
             raise ValueError(f"images must have 3 channels at dim 2; got shape {tuple(images.shape)}")
         if hh % self.patch_size or ww % self.patch_size:
             raise ValueError(f"image size {hh}x{ww} is not a multiple of patch_size={self.patch_size}")
-        x = ((images - self._mean) / self._std).reshape(b * s, 3, hh, ww)
-        patches = self.patch_embed(x)  # [B*S, h*w, C]
+        x = ((images - self._mean) / self._std).flatten(0, 1)
+        patches = self.patch_embed(x)  # [B*S, h*w, C], or [U, h*w, C] with frame_index
+        if frame_index is not None:
+            patches = patches.index_select(0, frame_index.reshape(-1).to(patches.device))  # [B*S, h*w, C]
         # Frame 0 of a call takes variant 0 of the camera/register tokens, others variant 1.
         # `first_index` overrides the variant of frame 0 (streaming: 1 once the cache is non-empty).
         idx = torch.ones(s, dtype=torch.long, device=images.device)
@@ -465,11 +478,16 @@ class VGGTAggregator(nn.Module):
         attention: str = "full",
         last_layer: Optional[int] = None,
         keep_layers: Optional[Sequence[int]] = None,
+        frame_index: Optional[Tensor] = None,
     ) -> Tuple[List[Optional[Tensor]], int]:
         """Run the aggregator on one call of S frames.
 
         Args:
-            images: [B, S, 3, H, W], RGB in [0, 1] (not normalised), H, W multiples of patch_size.
+            images: [B, S, 3, H, W], RGB in [0, 1] (not normalised), H, W multiples of patch_size;
+                with `frame_index`, the distinct frames [U, 3, H, W] of the B sequences.
+            frame_index: [B, S] long, or None: sequence b's frame k is images[frame_index[b, k]];
+                the patch embedding then runs once per distinct frame (frames shared by several
+                sequences of the batch are embedded once), the rest as for [B, S, 3, H, W].
             attention: "full" (official) or "causal" (frame k sees frames 0..k in global blocks).
             last_layer: stop after this layer (negative counts from depth); default: the last kept
                 layer, or depth-1.
@@ -483,8 +501,8 @@ class VGGTAggregator(nn.Module):
         if attention not in ("full", "causal"):
             raise ValueError(f"attention must be 'full' or 'causal'; got {attention!r}")
         last, keep = self._resolve_layers(last_layer, keep_layers)
-        b, s = images.shape[:2]
-        tokens, h, w = self._embed(images)
+        b, s = images.shape[:2] if frame_index is None else frame_index.shape
+        tokens, h, w = self._embed(images, frame_index=frame_index)
         p, c = tokens.shape[1], tokens.shape[2]
         rope = self._rope_tables(h, w, images.device)
         mask = self._causal_mask(s, p, images.device) if (attention == "causal" and s > 1) else None
