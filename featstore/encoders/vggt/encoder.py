@@ -12,7 +12,7 @@ Shapes: frames [B, S, 3, H, W] float32 in [0, 1]; features [B, F, N, C], F = S (
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -93,13 +93,19 @@ class VGGTEncoder:
     def encode(self, frames: Tensor) -> Tensor:
         """[B, S, 3, H, W] in [0, 1] -> [B, F, N, C] float32 (see class docstring), one call. Frames
         come in the sample's order and the features go back in it (`spec.reference_frame`)."""
-        x = self._call_order(self._check_frames(frames, "encode"))
+        return self._features(self._call_order(self._check_frames(frames, "encode")))
+
+    def _features(self, x: Tensor, frame_index: Optional[Tensor] = None) -> Tensor:
+        """One aggregator call on `x` (in the call's order) -> the spec's layer, patch tokens only,
+        the kept frames, back in the sample's order: [B, F, N, C] float32."""
         layer = self.spec.layer_resolved
         with self._autocast():
             if self.backend == "official":
                 outs, psi = self.model(x)
             else:
-                outs, psi = self.model(x, attention=self.spec.attention, last_layer=layer, keep_layers=[layer])
+                extra = {} if frame_index is None else {"frame_index": frame_index}
+                outs, psi = self.model(x, attention=self.spec.attention, last_layer=layer, keep_layers=[layer],
+                                       **extra)
         y = outs[layer][:, :, psi:]
         if self.spec.frames_kept == "last":
             y = y[:, -1:]
@@ -138,14 +144,7 @@ class VGGTEncoder:
             raise EncoderError(f"encode_indexed: index values must lie in [0, {x.shape[0]}) (the frames given); "
                                f"got [{int(index.min())}, {int(index.max())}]")
         index = self._call_order(index.to(self.device))  # reference_frame "last" reverses each sequence
-        layer = self.spec.layer_resolved
-        with self._autocast():
-            outs, psi = self.model(x, attention=self.spec.attention, last_layer=layer, keep_layers=[layer],
-                                   frame_index=index)
-        y = outs[layer][:, :, psi:]
-        if self.spec.frames_kept == "last":
-            y = y[:, -1:]
-        return self._call_order(y).float().contiguous()
+        return self._features(x, frame_index=index)
 
     @torch.inference_mode()
     def encode_stream(self, frames: Tensor) -> Tensor:
