@@ -15,7 +15,8 @@ Modes (per_image fusion in all four, so only where the features come from differ
   online_full           frames from the workers; one full-attention VGGT call per sample
   online_causal_stream  frames from the workers; one VGGT call per frame with the KV cache
 Then the cached step again with each attention implementation the image offers for the Qwen
-vision tower (errors recorded), and the tower's share of the step. Last, with VGGT AND the
+vision tower (errors recorded; one_call_compiled is one_call with the blocks compiled, training's
+--compile_vision, its compile paid in the warm-up steps), and the tower's share of the step. Last, with VGGT AND the
 frozen Qwen vision tower cached (`--use_vision_cache`: the tower's output built by `featstore
 build --encoder qwen2.5-vl-vision` into the same store, from a checkpoint of this run's tower):
   vision_floor          such batches already on the GPU, in turn (as floor)
@@ -66,7 +67,8 @@ from featstore.encoders import stored_channels  # noqa: E402
 from training.trainer import STAT_KEYS  # noqa: E402
 
 MODES = ("floor", "cached", "online_full", "online_causal_stream", "vision_cached")
-ATTENTION = ("sdpa", "one_call", "eager", "flash_attention_2", "flex_attention")
+# one_call_compiled: one_call with the frozen tower's blocks compiled (training's --compile_vision).
+ATTENTION = ("sdpa", "one_call", "eager", "flash_attention_2", "flex_attention", "one_call_compiled")
 
 
 # ---- set-up -----------------------------------------------------------------------------------
@@ -137,6 +139,14 @@ def set_vision_attention(model, impl: str) -> None:
     """
     visual = model.model.visual
     text_before = model.config.text_config._attn_implementation
+    for block in visual.blocks:  # back to eager blocks; one_call_compiled compiles them again
+        block._compiled_call_impl = None
+    if impl == "one_call_compiled":
+        from featstore.encoders.qwen_vision.encoder import compile_tower_blocks
+
+        set_vision_attention(model, "one_call")
+        compile_tower_blocks(visual)
+        return
     if impl == "one_call":  # featstore's one attention call per layer (training's --vision_attention one_call)
         from featstore.encoders.qwen_vision.attention import ONE_CALL_IMPLEMENTATION, set_vision_attention as set_one
 
