@@ -99,8 +99,10 @@ def test_contradictory_flags_are_one_line_errors(tmp_path, capsys):
     assert main(_argv(root, str(tmp_path / "o"), "--vggt_fusion", "per_image", "--vggt_frames_kept", "last")) == 2
     assert "--vggt_frames_kept all (found last)" in capsys.readouterr().err
     assert main(_argv(root, str(tmp_path / "o"), "--compile_vision", "--tune_vision")) == 2
-    assert capsys.readouterr().err == ("error: --compile_vision compiles the frozen vision tower that runs on pixels; "
-                                       "--tune_vision trains it: drop --compile_vision\n")
+    assert capsys.readouterr().err.startswith("error: --compile_vision contradicts --tune_vision: it compiles a "
+                                              "frozen tower only. Drop --compile_vision")
+    assert main(_argv(root, str(tmp_path / "o"), "--compile_vision", "--use_vision_cache")) == 2
+    assert capsys.readouterr().err.startswith("error: --compile_vision contradicts --use_vision_cache")
     assert main(_argv(root, str(tmp_path / "o"), "--use_vggt_cache")) == 2  # no store built yet
     assert "vggt_features.lmdb" in capsys.readouterr().err
 

@@ -423,10 +423,13 @@ def resolve_vggt(model_args: ModelArguments, data_args: DataArguments) -> VGGTSe
         raise ArgumentError("--use_vision_cache contradicts --tune_vision: the cached vision features were computed "
                             "by the frozen tower's weights, so a trained tower would make them stale. Drop "
                             "--tune_vision (--tune_vision_merger still trains visual.merger) or --use_vision_cache")
-    if model_args.compile_vision and (vision_cached or model_args.tune_vision):
-        raise ArgumentError("--compile_vision compiles the frozen vision tower that runs on pixels; "
-                            + ("--use_vision_cache builds no tower" if vision_cached else
-                               "--tune_vision trains it") + ": drop --compile_vision")
+    if model_args.compile_vision and vision_cached:
+        raise ArgumentError("--compile_vision contradicts --use_vision_cache: with cached vision features no "
+                            "tower runs. Drop --compile_vision")
+    if model_args.compile_vision and model_args.tune_vision:
+        raise ArgumentError("--compile_vision contradicts --tune_vision: it compiles a frozen tower only. Drop "
+                            "--compile_vision, or train without --tune_vision (--tune_vision_merger still "
+                            "trains visual.merger)")
     if data_args.vggt_cache_path and mode != "cached" and not vision_cached:
         raise ArgumentError(f"--vggt_cache_path is only read with --use_vggt_cache or --use_vision_cache "
                             f"(mode is {mode}); add one of them, or drop --vggt_cache_path")
