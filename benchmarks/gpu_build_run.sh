@@ -11,6 +11,7 @@
 #   vision_build_bench.py --compile the qwen2.5-vl-vision build vs its bare forward
 #   vision_attention_bench.py --compile  the tower forward: stock, one_call, compiled blocks
 #   frame_reuse_bench.py --compile  as the first, with the blocks compiled
+# STEPS="vision_build frame_reuse_compiled" runs only the steps named.
 # Results: $OUT/<benchmark>.json (the compiled frame-reuse run in $OUT/compiled/), logs, env.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,7 @@ cat "$OUT/env.txt"
 rc=0
 step() {  # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left), log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi  # STEPS="a b": only those
   local left=$(( BUDGET_S - ($(date +%s) - start) ))
   (( limit > left )) && limit=$left
   if (( limit < 30 )); then echo "skipped $name: ${left} s left" | tee -a "$OUT/skipped.txt"; return; fi
@@ -43,10 +45,10 @@ step() {  # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left), 
   local status=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] || { echo "$name exited $status" | tee -a "$OUT/failed.txt"; rc=1; }
 }
-step frame_reuse 200 "$PY" benchmarks/frame_reuse_bench.py --out "$OUT" --episodes 4 --batch-frames 72 --repeats 1
-step vision_build 150 "$PY" benchmarks/vision_build_bench.py --out "$OUT" --compile
-step vision_attention 120 "$PY" benchmarks/vision_attention_bench.py --out "$OUT" --compile
-step frame_reuse_compiled 200 "$PY" benchmarks/frame_reuse_bench.py --out "$OUT/compiled" --episodes 4 \
+step frame_reuse 110 "$PY" benchmarks/frame_reuse_bench.py --out "$OUT" --episodes 3 --batch-frames 72 --repeats 1
+step vision_build 240 "$PY" benchmarks/vision_build_bench.py --out "$OUT" --compile --images 384
+step vision_attention 60 "$PY" benchmarks/vision_attention_bench.py --out "$OUT" --compile
+step frame_reuse_compiled 200 "$PY" benchmarks/frame_reuse_bench.py --out "$OUT/compiled" --episodes 3 \
   --batch-frames 72 --repeats 1 --compile
 echo "done in $(( $(date +%s) - start )) s"; ls -la "$OUT"
 exit $rc
