@@ -150,9 +150,10 @@ class ModelArguments:
                 "model keeps its own path"})
     compile_vision: bool = field(default=False, metadata={
         "help": "torch.compile the blocks of Qwen's frozen vision tower when it runs on pixels (not with "
-                "--tune_vision, --use_vision_cache or DeepSpeed ZeRO-3): the one-call tower forward 82.6 -> "
-                "36.5 ms for 9 images on an H100 (docs/PERFORMANCE.md), paid for by a compile in the first "
-                "steps (and one more when the token count first changes). Same numbers within rounding"})
+                "--tune_vision, --use_vision_cache or DeepSpeed ZeRO-3): the tower's forward in the cached step "
+                "343 ms stock -> 38.7 ms for 9 images on an H100 (docs/BENCHMARKS.md), paid for by a compile "
+                "in the first steps (and one more when the token count first changes). Same numbers within "
+                "rounding (default off)"})
     vision_weights: Optional[str] = field(default=None, metadata={
         "help": "with --use_vision_cache: the Qwen2.5-VL checkpoint (folder, file or hub id) the store's "
                 "vision features were built from, as `featstore build --encoder qwen2.5-vl-vision --weights`; "
