@@ -322,7 +322,7 @@ def test_compiled_tower_blocks_match_the_eager_tower_over_image_counts_and_sizes
     assert all(b._compiled_call_impl is not None for b in compiled.model.blocks)
     assert eager.spec == compiled.spec  # how it runs, not what it computes
     gen = torch.Generator().manual_seed(0)
-    for shape in [(2, 2, 3, 56, 84), (1, 3, 3, 56, 84), (1, 2, 3, 84, 112)]:
+    for shape in [(2, 2, 3, 56, 84), (1, 3, 3, 84, 112)]:  # then other image count and size: recompiled
         x = torch.rand(shape, generator=gen)
         want, got = eager.encode(x), compiled.encode(x)
         assert got.shape == want.shape
