@@ -2,7 +2,7 @@
 same images, same card.
 
     python benchmarks/frame_reuse_bench.py --out DIR [--episodes 6] [--steps 40] [--history 8]
-                                           [--batch-frames 16,72] [--repeats 2] [--smoke]
+                                           [--batch-frames 16,72] [--repeats 2] [--compile] [--smoke]
 
 Generates a JanusVLN-style data set: `--episodes` folders of `--steps`+1 640x480 JPEGs and one
 annotation file with a sample per step t >= 1 whose frames are up to `--history` frames spread
@@ -12,8 +12,10 @@ the episodes interleaved in the file as merged R2R/RxR files are. Then, for each
 weights, `vggt-1b-random`: no download; full attention, bf16 storage) into a fresh store:
   per_unit   `BuildOptions(frame_reuse=False)`: every frame of every unit patch-embedded
   reuse      the default: each distinct frame of a batch patch-embedded once
-alternating the two, and records per build the report's frame counts (`frame_instances`,
-`distinct_frames`, `frame_reuse`), `encode_s`, `pipeline_s` and `steady_frames_per_s`; then
+alternating the two (`--compile`: the encoder's blocks under torch.compile, with one untimed
+build of each mode first, so that the timed builds run compiled code), and records per build
+the report's frame counts (`frame_instances`, `distinct_frames`, `frame_reuse`), `encode_s`,
+`pipeline_s` and `steady_frames_per_s`; then
 compares every entry of the last two stores (`featstore.ops.compare.compare_features` at the
 storage tolerance: max relative difference, how many are bit-identical). Writes
 DIR/frame_reuse_bench.json (DIR: --out, else $OUT, else ./bench_out).
@@ -72,9 +74,10 @@ def janus_data(root: Path, episodes: int, steps: int, history: int, size: tuple[
     return ann
 
 
-def one_build(encoder, root: Path, ann: Path, store: Path, *, reuse: bool, batch_frames: int, workers: int) -> dict:
+def one_build(encoder, root: Path, ann: Path, store: Path, *, reuse: bool, batch_frames: int, workers: int,
+              compile: bool = False) -> dict:
     opts = BuildOptions(data_root=str(root), annotations=[str(ann)], store=str(store), workers=workers,
-                        batch_frames=batch_frames, progress=False, force=True, frame_reuse=reuse)
+                        batch_frames=batch_frames, progress=False, force=True, frame_reuse=reuse, compile=compile)
     start = time.perf_counter()
     report = build(opts, encoder=encoder)
     wall = time.perf_counter() - start
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decode workers (default min(8, CPUs))")
     p.add_argument("--work", help="where the images and stores go (default: a temporary folder)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks (build --compile); "
+                   "one untimed build per mode first")
     p.add_argument("--smoke", action="store_true", help="vggt-tiny on CPU, a few small images (tests)")
     a = p.parse_args(argv)
     batch_sizes = [int(x) for x in a.batch_frames.split(",")]
@@ -128,21 +133,24 @@ def main(argv=None) -> int:
             p.error("needs a CUDA GPU; pass --smoke for the CPU check")
         name, device, size = _vggt_random.NAME, "cuda", (640, 480)
 
-    encoder = get_encoder(name, device=device)
+    encoder = get_encoder(name, device=device, **({"compile": True} if a.compile else {}))
     storage = encoder.spec.storage_dtype
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "encoder": name, "smoke": a.smoke, "episodes": a.episodes, "steps": a.steps, "history": a.history,
-              "image_size": list(size), "storage_dtype": storage, "workers": a.workers,
+              "image_size": list(size), "storage_dtype": storage, "workers": a.workers, "compile": a.compile,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         ann = janus_data(work / "data", a.episodes, a.steps, a.history, size)
         for bf in batch_sizes:
             runs = {mode: [] for mode in MODES}
+            for mode, reuse in MODES.items() if a.compile else ():  # compiles for this batch size
+                one_build(encoder, work / "data", ann, work / f"store_{mode}", reuse=reuse, batch_frames=bf,
+                          workers=a.workers, compile=True)
             for r in range(a.repeats):
                 for mode, reuse in MODES.items():  # alternating, so drift hits both alike
                     got = one_build(encoder, work / "data", ann, work / f"store_{mode}", reuse=reuse,
-                                    batch_frames=bf, workers=a.workers)
+                                    batch_frames=bf, workers=a.workers, compile=a.compile)
                     runs[mode].append(got)
                     print(f"batch_frames {bf} {mode} #{r}", json.dumps(got), flush=True)
             entry = {mode: {"builds": builds,

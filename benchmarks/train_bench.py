@@ -14,9 +14,11 @@ Modes (per_image fusion in all four, so only where the features come from differ
                         DataLoader workers (`read_into`) and moved to the GPU by accelerate
   online_full           frames from the workers; one full-attention VGGT call per sample
   online_causal_stream  frames from the workers; one VGGT call per frame with the KV cache
-Then the cached step again with each attention implementation the image offers for the Qwen
-vision tower (errors recorded), and the tower's share of the step. Last, with VGGT AND the
-frozen Qwen vision tower cached (`--use_vision_cache`: the tower's output built by `featstore
+The vision tower attends as training does by default (`--vision_attention auto`). Then the
+cached step again with each attention implementation the image offers for the Qwen vision tower
+(errors recorded; sdpa is transformers' stock path; one_call_compiled is one_call with the blocks
+compiled, training's --compile_vision, its compile paid in the warm-up steps), and the tower's
+share of the step. Last, with VGGT AND the frozen Qwen vision tower cached (`--use_vision_cache`: the tower's output built by `featstore
 build --encoder qwen2.5-vl-vision` into the same store, from a checkpoint of this run's tower):
   vision_floor          such batches already on the GPU, in turn (as floor)
   vision_cached         read by the workers (one read_into per feature set), the model built
@@ -63,10 +65,12 @@ from _step_timing import batch_bytes, run_paired, timed_online_vggt  # noqa: E40
 from _train_report import write_outputs  # noqa: E402
 
 from featstore.encoders import stored_channels  # noqa: E402
+from featstore.encoders.qwen_vision.config import DEFAULT_VISION_ATTENTION  # noqa: E402
 from training.trainer import STAT_KEYS  # noqa: E402
 
 MODES = ("floor", "cached", "online_full", "online_causal_stream", "vision_cached")
-ATTENTION = ("sdpa", "one_call", "eager", "flash_attention_2", "flex_attention")
+# one_call_compiled: one_call with the frozen tower's blocks compiled (training's --compile_vision).
+ATTENTION = ("sdpa", "one_call", "eager", "flash_attention_2", "flex_attention", "one_call_compiled")
 
 
 # ---- set-up -----------------------------------------------------------------------------------
@@ -137,15 +141,28 @@ def set_vision_attention(model, impl: str) -> None:
     """
     visual = model.model.visual
     text_before = model.config.text_config._attn_implementation
-    if impl == "one_call":  # featstore's one attention call per layer (training's --vision_attention one_call)
-        from featstore.encoders.qwen_vision.attention import ONE_CALL_IMPLEMENTATION, set_vision_attention as set_one
+    for block in visual.blocks:  # back to eager blocks; one_call_compiled compiles them again
+        block._compiled_call_impl = None
+    if impl == "one_call_compiled":
+        from featstore.encoders.qwen_vision.encoder import compile_tower_blocks
+
+        set_vision_attention(model, "one_call")
+        compile_tower_blocks(visual)
+        return
+    from featstore.encoders.qwen_vision.attention import AUTO_IMPLEMENTATION, ONE_CALL_IMPLEMENTATION
+
+    ours = {"one_call": ONE_CALL_IMPLEMENTATION, ONE_CALL_IMPLEMENTATION: ONE_CALL_IMPLEMENTATION,
+            "auto": AUTO_IMPLEMENTATION, AUTO_IMPLEMENTATION: AUTO_IMPLEMENTATION}
+    if impl in ours:  # featstore's (training's --vision_attention one_call / auto)
+        from featstore.encoders.qwen_vision.attention import set_vision_attention as set_ours
 
         visual.config._attn_implementation = "sdpa"  # from whatever ran before, then the switch
         for m in visual.modules():
             if type(m).__name__.endswith("VisionAttention"):
                 m.config._attn_implementation = "sdpa"
-        if set_one(visual, "one_call") != ONE_CALL_IMPLEMENTATION:
-            raise RuntimeError("vision attention one_call did not reach the vision tower")
+        choice = "one_call" if ours[impl] == ONE_CALL_IMPLEMENTATION else "auto"
+        if set_ours(visual, choice) != ours[impl]:
+            raise RuntimeError(f"vision attention {choice} did not reach the vision tower")
         return
     try:
         model.set_attn_implementation({"vision_config": impl})
@@ -243,6 +260,11 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     with torch.device(device):
         model = Qwen2_5_VLWithGeometry._from_config(config, dtype=dtype)
     model.train()
+    # The tower attends as training's default (--vision_attention auto: one call a layer on a CUDA
+    # bf16 tower); the "sdpa" attention variant below is transformers' stock path.
+    from featstore.encoders.qwen_vision.attention import set_vision_attention as set_default_attention
+
+    set_default_attention(model.model.visual, DEFAULT_VISION_ATTENTION)
     counts = set_trainable(model, merger=True, llm=True, vision=False)
     results["model"] = {"parameters": sum(p.numel() for p in model.parameters()), "trainable": counts,
                         "dtype": str(dtype), "text_attention": model.config.text_config._attn_implementation,
@@ -536,6 +558,9 @@ def _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenize
 
     cfg = copy.deepcopy(config)
     setattr(cfg, VISION_CACHED_CONFIG_KEY, True)
+    # The tower's config carries featstore's attention name (set on the live config above); a new
+    # model is built as training builds one, from sdpa (the vision-cached model has no blocks).
+    cfg.vision_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLWithGeometry._from_config(cfg, dtype=dtype)

@@ -1,6 +1,7 @@
 """The `qwen2.5-vl-vision` build against its own bare forward, stock vs one-call vision attention.
 
-    python benchmarks/vision_build_bench.py [--out DIR] [--images 576] [--batch-frames 16] [--smoke]
+    python benchmarks/vision_build_bench.py [--out DIR] [--images 576] [--batch-frames 16] [--compile]
+                                            [--smoke]
 
 One run, side by side, on the same images and the same random-weight checkpoint (the Qwen2.5-VL-3B
 vision tower, written in the official `visual.*` layout with its config.json):
@@ -10,8 +11,9 @@ vision tower, written in the official `visual.*` layout with its config.json):
   bare/<attention>    the encoder alone (`get_encoder(..., vision_attention=...)`): `encode` on
                       `--batch-frames` decoded images already in memory, median of `--iters` calls
                       after warm-up: the ceiling the build's pipeline can reach
-and the largest relative difference (max |diff| / max |stock|) between the two attentions' bare
-features. Writes DIR/vision_build_bench.json (DIR: --out, else $OUT, else ./bench_out).
+With `--compile` also one_call_compiled: one_call with the tower's blocks compiled (`build
+--compile`; the bare forward's warm-up and the build's first batches pay the compile). Then the
+largest relative difference (max |diff| / max |stock|) of each variant's bare features from stock. Writes DIR/vision_build_bench.json (DIR: --out, else $OUT, else ./bench_out).
 
 `--smoke`: the tiny tower on CPU, a few small images, one call: checks the script runs
 (tests/test_vision_attention.py); its timings mean nothing.
@@ -69,10 +71,12 @@ def write_checkpoint(folder: Path, vision_config: dict) -> Path:
     return folder
 
 
-def run_build(data: Path, store: Path, ckpt: Path, attention: str, device: str, batch_frames: int) -> dict:
+def run_build(data: Path, store: Path, ckpt: Path, variant: str, device: str, batch_frames: int) -> dict:
+    attention, compiled = variant.removesuffix("_compiled"), variant.endswith("_compiled")
     cmd = [sys.executable, "-m", "featstore", "build", "--data-root", str(data), "--store", str(store),
            "--encoder", "qwen2.5-vl-vision", "--weights", str(ckpt), "--vision-attention", attention,
            "--device", device, "--batch-frames", str(batch_frames), "--no-progress", "--json"]
+    cmd += ["--compile"] if compiled else []
     start = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -84,8 +88,10 @@ def run_build(data: Path, store: Path, ckpt: Path, attention: str, device: str, 
             "frames_per_s_pipeline": report["frames"] / report["pipeline_s"] if report["pipeline_s"] else None}
 
 
-def bare_forward(ckpt: Path, attention: str, device: str, images: list, warmup: int, iters: int):
-    encoder = get_encoder("qwen2.5-vl-vision", weights=str(ckpt), device=device, vision_attention=attention)
+def bare_forward(ckpt: Path, variant: str, device: str, images: list, warmup: int, iters: int):
+    attention, compiled = variant.removesuffix("_compiled"), variant.endswith("_compiled")
+    encoder = get_encoder("qwen2.5-vl-vision", weights=str(ckpt), device=device, vision_attention=attention,
+                          **({"compile": True} if compiled else {}))
     frames = torch.stack(images).unsqueeze(0)  # [1, B, 3, H, W], as the build batches them
 
     def once():
@@ -114,8 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-frames", type=int, default=16, help="frames per forward, build and bare (default 16)")
     p.add_argument("--iters", type=int, default=10, help="timed bare forwards (default 10)")
     p.add_argument("--work", help="where images, checkpoint and stores go (default: a temporary folder)")
+    p.add_argument("--compile", action="store_true", help="also one_call with the blocks compiled (build --compile)")
     p.add_argument("--smoke", action="store_true", help="tiny tower on CPU, a few small images (tests)")
     a = p.parse_args(argv)
+    variants = ATTENTIONS + (("one_call_compiled",) if a.compile else ())
     if a.smoke:
         device, config, count, size, warmup, iters = "cpu", TINY_VISION_CONFIG, 4, (56, 56), 0, 1
         a.batch_frames = 2
@@ -136,17 +144,18 @@ def main(argv=None) -> int:
         batch = [encoder.load_image(data / f"img_{i:05d}.jpg") for i in range(min(a.batch_frames, count))]
         del encoder
         results = {}
-        for attention in ATTENTIONS:
-            report["bare"][attention], results[attention] = bare_forward(ckpt, attention, device, batch, warmup, iters)
-            print("bare", attention, json.dumps(report["bare"][attention]), flush=True)
-        for attention in ATTENTIONS:
-            report["build"][attention] = run_build(data, work / f"store_{attention}", ckpt, attention, device,
-                                                   a.batch_frames)
-            print("build", attention, json.dumps(report["build"][attention]), flush=True)
+        for variant in variants:
+            report["bare"][variant], results[variant] = bare_forward(ckpt, variant, device, batch, warmup, iters)
+            print("bare", variant, json.dumps(report["bare"][variant]), flush=True)
+        for variant in variants:
+            report["build"][variant] = run_build(data, work / f"store_{variant}", ckpt, variant, device,
+                                                 a.batch_frames)
+            print("build", variant, json.dumps(report["build"][variant]), flush=True)
         stock = results["stock"].float()
-        report["bare_max_rel_diff_one_call_vs_stock"] = float(
-            (results["one_call"].float() - stock).abs().max() / stock.abs().max())
-        for attention in ATTENTIONS:
+        for variant in variants[1:]:
+            report[f"bare_max_rel_diff_{variant}_vs_stock"] = float(
+                (results[variant].float() - stock).abs().max() / stock.abs().max())
+        for attention in variants:
             steady, bare = report["build"][attention]["steady_frames_per_s"], report["bare"][attention]["frames_per_s"]
             report["build"][attention]["of_bare_forward"] = steady / bare if steady else None
 

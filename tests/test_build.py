@@ -272,11 +272,12 @@ def test_shards_of_two_hosts_merge_into_the_single_build(data_root, tmp_path):
 @pytest.mark.slow
 def test_compiled_build_pads_the_short_last_batch_and_matches_eager(data_root, tmp_path):
     """--compile: 10 single-frame units in batches of 4 leave a last batch of 2, padded to 4 so
-    that compiled code is not rebuilt; the stored features match the eager build's."""
+    that compiled code is not rebuilt; the stored features match the eager build's. Without frame
+    reuse the frames are padded (with reuse the index is: tests/test_build_frame_reuse.py)."""
     eager = str(tmp_path / "eager.lmdb")
     build(options(data_root, store=eager, batch_frames=4))
     compiled = str(tmp_path / "compiled.lmdb")
-    report = build(options(data_root, store=compiled, batch_frames=4, compile=True))
+    report = build(options(data_root, store=compiled, batch_frames=4, compile=True, frame_reuse=False))
     assert report.computed == 10 and not report.failed
     a, b = store_contents(eager), store_contents(compiled)
     assert sorted(a) == sorted(b)

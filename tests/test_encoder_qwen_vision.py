@@ -307,12 +307,26 @@ def test_spec_resolves_without_a_model_and_fingerprints_what_decides_the_numbers
     (dict(attention="causal"), "offers attention='full' only"),
     (dict(frames_kept="last"), "offers frames_kept='all' only"),
     (dict(backend="official"), "backend must be 'transformers'"),
-    (dict(compile=True), "compile=True is not supported"),
     (dict(depth=3), "unknown encoder option 'depth'"),
 ])
 def test_refused_options(option, message):
     with pytest.raises(EncoderError, match=message):
         resolve_spec(TINY, **option)
+
+
+@pytest.mark.slow
+def test_compiled_tower_blocks_match_the_eager_tower_over_image_counts_and_sizes():
+    """compile=True (build --compile): every block under torch.compile; a new token count
+    recompiles (then dynamic), and the features stay those of the eager tower within rounding."""
+    eager, compiled = get_encoder(TINY), get_encoder(TINY, compile=True)
+    assert all(b._compiled_call_impl is not None for b in compiled.model.blocks)
+    assert eager.spec == compiled.spec  # how it runs, not what it computes
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, 2, 3, 56, 84), (1, 3, 3, 84, 112)]:  # then other image count and size: recompiled
+        x = torch.rand(shape, generator=gen)
+        want, got = eager.encode(x), compiled.encode(x)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), shape
 
 
 # ---- (f) one image as a unit --------------------------------------------------------------

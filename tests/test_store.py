@@ -237,6 +237,25 @@ def test_map_grows_from_a_tiny_initial_size(core_make_store, core_features):
         assert torch.equal(store.get(k).features, v)
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_reopening_a_full_map_grows_it_instead_of_failing(core_make_store, core_features, monkeypatch, reset):
+    """A store whose data file fills its map (a store over the default map size reopens with a
+    map of exactly its file's size): opening a writer on it, with --force's reset or without,
+    writes the manifest in its first transaction; the map grows there as it does in a commit."""
+    from featstore.store import writer as writer_mod
+
+    entries = _entries(core_features, 8, tokens=8192)  # 8 x 1 MiB: dropping them frees more pages than are spare
+    path = core_make_store(entries, map_size=64 << 10, batch_entries=5)
+    # The default map no larger than the file: what a store of more than DEFAULT_MAP_SIZE gets.
+    monkeypatch.setattr(writer_mod, "DEFAULT_MAP_SIZE", 64 << 10)
+    with StoreWriter(path, spec=core_spec(), reset=reset, handle_signals=False) as w:
+        w.put("new", {"features": core_features(99, tokens=1024)}, {"frames": '["new"]'})
+        w.finish(report={"failed": []})
+    store = FeatureStore(path, verify_checksums=True)
+    assert len(store) == (1 if reset else 9)
+    assert torch.equal(store.get("new").features, core_features(99, tokens=1024))
+
+
 def test_batches_commit_by_count_and_bytes(tmp_path, core_features):
     path = str(tmp_path / "s")
     with StoreWriter(path, batch_entries=3, batch_bytes=1 << 40, handle_signals=False) as w:

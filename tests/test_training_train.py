@@ -98,8 +98,33 @@ def test_contradictory_flags_are_one_line_errors(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --use_vggt_cache contradicts --vggt_mode online_full: drop one of them\n"
     assert main(_argv(root, str(tmp_path / "o"), "--vggt_fusion", "per_image", "--vggt_frames_kept", "last")) == 2
     assert "--vggt_frames_kept all (found last)" in capsys.readouterr().err
+    assert main(_argv(root, str(tmp_path / "o"), "--compile_vision", "--tune_vision")) == 2
+    assert capsys.readouterr().err.startswith("error: --compile_vision contradicts --tune_vision: it compiles a "
+                                              "frozen tower only. Drop --compile_vision")
+    assert main(_argv(root, str(tmp_path / "o"), "--compile_vision", "--use_vision_cache")) == 2
+    assert capsys.readouterr().err.startswith("error: --compile_vision contradicts --use_vision_cache")
     assert main(_argv(root, str(tmp_path / "o"), "--use_vggt_cache")) == 2  # no store built yet
     assert "vggt_features.lmdb" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compile_vision_trains_the_same_losses_under_gradient_checkpointing(tmp_path, caplog):
+    """--compile_vision: the frozen tower's blocks compiled, with the gradient checkpointing the
+    recipes turn on; two steps give the eager run's losses within rounding."""
+    from training.train import run
+
+    root = sample_root(tmp_path)
+    build_store(root)
+    losses = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile_vision",))):
+        with caplog.at_level(logging.INFO, logger="training"):
+            trainer = run(_argv(root, str(tmp_path / name), "--use_vggt_cache", "--gradient_checkpointing",
+                                "--tune_vision_merger", *extra))
+        blocks = trainer.model.model.visual.blocks
+        assert all((b._compiled_call_impl is not None) == (name == "compiled") for b in blocks)
+        losses[name] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert f"Qwen vision tower: {len(blocks)} blocks compiled (--compile_vision)" in caplog.messages
+    assert len(losses["eager"]) == 2 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
 
 
 def test_a_miss_under_policy_compute_is_encoded_online_and_counted(tmp_path):

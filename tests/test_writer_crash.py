@@ -118,9 +118,9 @@ def test_sigterm_during_close_does_not_lose_the_batch(tmp_path):
         for i in range(3):
             w.put(f"k{i:04d}", {"features": torch.full((1, 64, 64), float(i), dtype=torch.bfloat16)})
         real_commit = w._commit_once
-        def commit_once(batch):
+        def commit_once(txn, batch):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while close() commits
-            return real_commit(batch)
+            return real_commit(txn, batch)
         w._commit_once = commit_once
         w.close()
         print("closed")
@@ -137,9 +137,9 @@ def test_sigterm_during_a_commit_is_raised_after_it(tmp_path):
         w = StoreWriter(sys.argv[1], batch_entries=100)
         w.put("k0000", {"features": torch.zeros(1, 64, 64, dtype=torch.bfloat16)})
         real_commit = w._commit_once
-        def commit_once(batch):
+        def commit_once(txn, batch):
             os.kill(os.getpid(), signal.SIGTERM)
-            return real_commit(batch)
+            return real_commit(txn, batch)
         w._commit_once = commit_once
         try:
             w.commit()

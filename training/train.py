@@ -339,6 +339,17 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
 
         impl = set_vision_attention(model.model.visual, model_args.vision_attention)
         logger.info("Qwen vision tower attention: %s (--vision_attention %s)", impl, model_args.vision_attention)
+    if model_args.compile_vision:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        from featstore.encoders.qwen_vision.encoder import compile_tower_blocks
+
+        if is_deepspeed_zero3_enabled():
+            raise ArgumentError("--compile_vision is not offered under DeepSpeed ZeRO-3, which partitions the "
+                                "tower's weights and gathers them in hooks a compiled block does not run; use "
+                                "ZeRO-2 (training/configs/zero2.json) or drop --compile_vision")
+        compile_tower_blocks(model.model.visual)
+        logger.info("Qwen vision tower: %d blocks compiled (--compile_vision)", len(model.model.visual.blocks))
     counts = set_trainable(model, merger=model_args.tune_merger, llm=model_args.tune_llm,
                            vision=model_args.tune_vision,
                            vision_merger=model_args.tune_vision or model_args.tune_vision_merger)

@@ -128,9 +128,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute-dtype", choices=DTYPE_NAMES,
                    help=f"autocast dtype of the forward on GPU (default {field_default(EncoderSpec, 'compute_dtype')}); "
                    "CPU builds compute in float32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks: about 1.7x faster "
-                   "VGGT-1B builds on an H200 (docs/BENCHMARKS.md) after a one-time compile; features agree "
-                   "with eager within bf16 rounding. Worth it for large GPU builds (default off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks (VGGT's, or the Qwen "
+                   "vision tower's): about 1.7x faster VGGT-1B builds on an H200 (docs/BENCHMARKS.md) after a "
+                   "one-time compile; features agree with eager within bf16 rounding. Worth it for large GPU "
+                   "builds (default off)")
     g.add_argument("--vision-attention", choices=VISION_ATTENTION_CHOICES,
                    help="the Qwen vision tower's attention (qwen2.5-vl-vision encoders only): auto (default: "
                    "one attention call a layer through torch's varlen kernel on a CUDA bf16/fp16 build, "
@@ -160,8 +161,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "at most the entries of one open batch, which a rerun recomputes")
     r.add_argument("--no-frame-reuse", action="store_true", help="embed every frame of every unit: by default a "
                    "frame shared by several units of a batch (an episode's first frame, overlapping histories) "
-                   "goes through the patch embedding once, with VGGT encoders of full attention and without "
-                   "--compile (same features within rounding; docs/BUILD.md, \"Frame reuse\")")
+                   "goes through the patch embedding once, with VGGT encoders on the featstore backend (same "
+                   "features within rounding; docs/BUILD.md, \"Frame reuse\")")
     r.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     r.add_argument("--json", action="store_true", help="print the build report (counts, failures, stage times) "
                    "as one JSON object on stdout instead of the summary on stderr")

@@ -58,7 +58,7 @@ class BuildOptions:
     uint8_frames: bool = True
     # Embed each distinct frame of a batch once (its patch embedding, VGGT's per-frame DINOv2 ViT,
     # depends on the frame alone) where the encoder offers it (`encodes_indexed`: VGGT on the
-    # in-tree backend) and the blocks are not compiled; the rest of the call runs per unit as before.
+    # in-tree backend), compiled or not; the rest of the call runs per unit as before.
     # Same features within rounding (docs/BUILD.md, "Frame reuse"). False: every frame of every
     # unit is embedded (`--no-frame-reuse`).
     frame_reuse: bool = True

@@ -152,10 +152,10 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
 
     opts = ctx.opts
     spec = encoder.spec
-    # Each distinct frame of a batch is embedded once where the encoder can (full-attention VGGT).
-    # Not with --compile: the number of distinct frames varies by batch and would recompile the
-    # compiled patch-embedding blocks for each new count.
-    reuse = opts.frame_reuse and getattr(encoder, "encodes_indexed", False) and not opts.compile
+    # Each distinct frame of a batch is embedded once where the encoder can (VGGT, featstore
+    # backend). Under --compile the number of distinct frames varies by batch: torch.compile
+    # recompiles the patch-embedding blocks once with that dimension dynamic, then reuses them.
+    reuse = opts.frame_reuse and getattr(encoder, "encodes_indexed", False)
     device = encoder.device
     on_cuda = device.type == "cuda"
     threads = torch.get_num_threads()
@@ -200,7 +200,10 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
         if opts.compile and len(items) < full:
             # A short last batch would make torch.compile recompile for a new B; pad it with
             # copies (batch rows are independent in VGGT) and drop their outputs below.
-            x = torch.cat([x, x[-1:].expand(full - len(items), *x.shape[1:])])
+            if reuse:
+                index = torch.cat([index, index[-1:].expand(full - len(items), -1)])
+            else:
+                x = torch.cat([x, x[-1:].expand(full - len(items), *x.shape[1:])])
         grid = encoder.patch_grid(*x.shape[-2:])
         if on_cuda:
             # Copies run on their own streams, so that this batch's host->device copy overlaps the

@@ -115,7 +115,7 @@ class StoreWriter:
         self.committed = 0  # entries written by this writer
         self.skipped = 0  # puts skipped because an identical entry was already committed
         try:
-            self.manifest = self._load_or_create_manifest(spec, reset, mismatch_advice)
+            self.manifest = self._write(lambda txn: self._load_or_create_manifest(txn, spec, reset, mismatch_advice))
         except BaseException:
             # e.g. a fingerprint mismatch: do not leave the environment open, or the next
             # open of this store in this process fails with "already open".
@@ -135,43 +135,68 @@ class StoreWriter:
             self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # -- setup -------------------------------------------------------------------------------
-    def _load_or_create_manifest(self, spec, reset: bool, advice: str) -> dict:
+    def _write(self, body, extra_bytes: int = 0):
+        """`body(txn)` in one write transaction, committed; its result. Retried from the start
+        when the map is full (grown by doubling, plus `extra_bytes`: what the body will add) or
+        another process grew it; a full disk becomes StoreFullError. Every write of this writer
+        goes through here: reopening a store whose file fills its map (a store larger than
+        DEFAULT_MAP_SIZE opens with a map of its file's size), dropping a set (--force, whose
+        freed pages the same transaction cannot reuse) and committing a batch all need room."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return body(txn)
+            except lmdb.MapFullError:
+                # No transaction is open here (the failed one was aborted): safe to grow the map.
+                self.env.set_mapsize(self.env.info()["map_size"] * 2 + 2 * extra_bytes)
+            except lmdb.MapResizedError:
+                # Another process (a rank writing the same store) grew the map: adopt its size.
+                self.env.set_mapsize(0)
+            except (lmdb.Error, OSError) as e:
+                if _is_disk_full(e, self.path):
+                    entries = getattr(self, "manifest", {}).get("entries", 0)
+                    raise StoreFullError(
+                        f"{self._where}: the disk is full; {entries} entries committed "
+                        f"before are kept. Free space (or move the store) and rerun to resume."
+                    ) from e
+                raise
+
+    def _load_or_create_manifest(self, txn, spec, reset: bool, advice: str) -> dict:
         # The sub-databases and the first manifest are created in ONE transaction: a kill at any
         # instant leaves either an empty environment (treated as new) or a complete store.
         # A new feature set is added the same way to a store that holds others (their
         # sub-databases and meta keys are not touched).
-        with self.env.begin(write=True) as txn:
-            fresh_env = is_uninitialised(self.env, txn)
-            others = list_feature_sets(self.env, txn)
-            self._meta = self.env.open_db(META_DB, txn=txn)
-            raw = txn.get(self._manifest_key, db=self._meta)
-            if raw is None:
-                if not fresh_env and not others:
-                    raise ManifestError(
-                        f"{self.path}: this LMDB environment holds data but no featstore manifest; "
-                        "it is not a featstore store. Choose another --store path."
-                    )
-                if len(others) >= MAX_FEATURE_SETS:
-                    raise ManifestError(
-                        f"{self.path}: the store already holds {len(others)} feature sets, the most one store "
-                        f"may hold ({MAX_FEATURE_SETS}: each is an LMDB sub-database, and LMDB fixes their number "
-                        f"when a process opens the store); write {self.feature_set!r} into another store")
-                self._features = self.env.open_db(features_db(self.feature_set), txn=txn)
-                manifest = new_manifest(spec)
-            else:
-                self._features = self.env.open_db(features_db(self.feature_set), txn=txn)
-                manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
-                if spec is not None and not reset:
-                    check_fingerprint(manifest, spec, path=self._where, advice=advice)
-                if reset:
-                    txn.drop(self._features, delete=False)
-                    manifest.update(entries=0, bytes=0)
-                if spec is not None:
-                    manifest.update(encoder=spec.to_dict(), fingerprint=spec.fingerprint(),
-                                    format_version=format_version_for(spec))
-                    manifest.pop("storage_dtype", None)  # kept once: inside the spec
-                manifest["build"] = {"state": "in_progress", "updated": utc_now()}
-            txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+        fresh_env = is_uninitialised(self.env, txn)
+        others = list_feature_sets(self.env, txn)
+        self._meta = self.env.open_db(META_DB, txn=txn)
+        raw = txn.get(self._manifest_key, db=self._meta)
+        if raw is None:
+            if not fresh_env and not others:
+                raise ManifestError(
+                    f"{self.path}: this LMDB environment holds data but no featstore manifest; "
+                    "it is not a featstore store. Choose another --store path."
+                )
+            if len(others) >= MAX_FEATURE_SETS:
+                raise ManifestError(
+                    f"{self.path}: the store already holds {len(others)} feature sets, the most one store "
+                    f"may hold ({MAX_FEATURE_SETS}: each is an LMDB sub-database, and LMDB fixes their number "
+                    f"when a process opens the store); write {self.feature_set!r} into another store")
+            self._features = self.env.open_db(features_db(self.feature_set), txn=txn)
+            manifest = new_manifest(spec)
+        else:
+            self._features = self.env.open_db(features_db(self.feature_set), txn=txn)
+            manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
+            if spec is not None and not reset:
+                check_fingerprint(manifest, spec, path=self._where, advice=advice)
+            if reset:
+                txn.drop(self._features, delete=False)
+                manifest.update(entries=0, bytes=0)
+            if spec is not None:
+                manifest.update(encoder=spec.to_dict(), fingerprint=spec.fingerprint(),
+                                format_version=format_version_for(spec))
+                manifest.pop("storage_dtype", None)  # kept once: inside the spec
+            manifest["build"] = {"state": "in_progress", "updated": utc_now()}
+        txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
         return manifest
 
     def _on_sigterm(self, signum, frame):
@@ -224,23 +249,9 @@ class StoreWriter:
         main = threading.current_thread() is threading.main_thread()
         self._committing_main = main
         try:
-            while True:
-                try:
-                    written = self._commit_once(batch)
-                    break
-                except lmdb.MapFullError:
-                    # No transaction is open here (the failed one was aborted): safe to grow the map.
-                    self.env.set_mapsize(self.env.info()["map_size"] * 2 + 2 * self._pending_bytes)
-                except lmdb.MapResizedError:
-                    # Another process (a rank writing the same store) grew the map: adopt its size.
-                    self.env.set_mapsize(0)
-                except (lmdb.Error, OSError) as e:
-                    if _is_disk_full(e, self.path):
-                        raise StoreFullError(
-                            f"{self._where}: the disk is full; {self.manifest['entries']} entries committed "
-                            f"before are kept. Free space (or move the store) and rerun to resume."
-                        ) from e
-                    raise
+            written, skipped, self.manifest = self._write(lambda txn: self._commit_once(txn, batch),
+                                                          extra_bytes=self._pending_bytes)
+            self.skipped += skipped
             self._pending.clear()
             self._pending_bytes = 0
             self.committed += written
@@ -252,38 +263,38 @@ class StoreWriter:
             raise BuildInterrupted(f"signal {signum}: committing what is done")
         return written
 
-    def _commit_once(self, batch: list[tuple[bytes, bytes]]) -> int:
+    def _commit_once(self, txn, batch: list[tuple[bytes, bytes]]) -> tuple[int, int, dict]:
+        """Put `batch` and the updated manifest in `txn`: (written, skipped as identical, manifest)."""
         written = skipped = 0
-        with self.env.begin(write=True) as txn:
-            # Read the manifest and the last key inside the transaction: other processes
-            # (ranks of a multi-GPU build) may have committed since our last batch.
-            manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
-            cur = txn.cursor(db=self._features)
-            last_key = bytes(cur.key()) if cur.last() else None
-            append = last_key is None or batch[0][0] > last_key
-            for kb, blob in batch:
-                if not append:
-                    old = txn.get(kb, db=self._features)
-                    if old is not None:
-                        if bytes(old) == blob:
-                            skipped += 1
-                            continue
-                        manifest["bytes"] -= len(old)
-                txn.put(kb, blob, db=self._features, append=append)
-                manifest["bytes"] += len(blob)
-                written += 1
-            manifest["entries"] = txn.stat(self._features)["entries"]
-            manifest["build"] = dict(manifest.get("build", {}), updated=utc_now())
-            txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
-        self.manifest = manifest
-        self.skipped += skipped
-        return written
+        # Read the manifest and the last key inside the transaction: other processes
+        # (ranks of a multi-GPU build) may have committed since our last batch.
+        manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
+        cur = txn.cursor(db=self._features)
+        last_key = bytes(cur.key()) if cur.last() else None
+        append = last_key is None or batch[0][0] > last_key
+        for kb, blob in batch:
+            if not append:
+                old = txn.get(kb, db=self._features)
+                if old is not None:
+                    if bytes(old) == blob:
+                        skipped += 1
+                        continue
+                    manifest["bytes"] -= len(old)
+            txn.put(kb, blob, db=self._features, append=append)
+            manifest["bytes"] += len(blob)
+            written += 1
+        manifest["entries"] = txn.stat(self._features)["entries"]
+        manifest["build"] = dict(manifest.get("build", {}), updated=utc_now())
+        txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
+        return written, skipped, manifest
 
     def delete(self, keys) -> int:
         """Delete entries (commits the open batch first); return how many existed."""
         self.commit()
-        removed = 0
-        with self.env.begin(write=True) as txn:
+        keys = list(keys)
+
+        def body(txn):
+            removed = 0
             manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
             for key in keys:
                 kb = key_to_bytes(key)
@@ -294,7 +305,9 @@ class StoreWriter:
                     removed += 1
             manifest["entries"] = txn.stat(self._features)["entries"]
             txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
-        self.manifest = manifest
+            return removed, manifest
+
+        removed, self.manifest = self._write(body)
         return removed
 
     def finish(self, report: dict | None = None, *, complete: bool = True, plan: dict | None = None,
@@ -305,7 +318,8 @@ class StoreWriter:
         set's recorded plan (the manifest's "plan", `featstore.store.layout.merge_plan`), or
         replacing it with `replace_plan`."""
         self.commit()
-        with self.env.begin(write=True) as txn:
+
+        def body(txn):
             manifest = read_manifest(self.env, txn, path=self.path, feature_set=self.feature_set)
             manifest["build"] = {"state": "complete" if complete else "in_progress", "updated": utc_now()}
             if plan is not None:
@@ -313,7 +327,9 @@ class StoreWriter:
             txn.put(self._manifest_key, json.dumps(manifest, sort_keys=True).encode(), db=self._meta)
             if report is not None:
                 txn.put(last_build_key(self.feature_set), json.dumps(report, sort_keys=True).encode(), db=self._meta)
-        self.manifest = manifest
+            return manifest
+
+        self.manifest = self._write(body)
         self.env.sync(True)
 
     def close(self) -> None:

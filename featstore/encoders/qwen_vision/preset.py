@@ -79,9 +79,7 @@ class QwenVisionPreset:
         if backend != QWEN_BACKEND:
             raise EncoderError(f"encoder {self.name!r} runs transformers' Qwen2.5-VL code only: backend must be "
                                f"{QWEN_BACKEND!r}. Found {backend!r}")
-        if options.pop("compile", False):
-            raise EncoderError(f"compile=True is not supported by encoder {self.name!r} (it runs transformers' "
-                               "vision forward as is); leave --compile off")
+        compile = bool(options.pop("compile", False))  # how it runs, not what it computes: not in the spec
         # How the tower attends (featstore.encoders.qwen_vision.attention): a build option like
         # compile, not a spec field: "one_call" gives the stock numbers up to rounding (within the
         # recompute tolerance), so a store built either way has one fingerprint.
@@ -123,7 +121,7 @@ class QwenVisionPreset:
                 raise EncoderError(
                     f"encoder {self.name!r} offers {field}={want!r} only (the vision tower's output before the "
                     f"merger, each image on its own). Found {getattr(spec, field)!r}")
-        return spec, ckpt, vision_attention
+        return spec, ckpt, vision_attention, compile
 
     @property
     def family_hooks(self) -> Dict[str, Any]:
@@ -133,14 +131,15 @@ class QwenVisionPreset:
 
     def spec(self, *, weights=None, **options) -> EncoderSpec:
         """The spec `build` would give, without a model (the checkpoint is hashed, not loaded)."""
-        spec, ckpt, _ = self._prepare(weights, options)
+        spec, ckpt, _, _ = self._prepare(weights, options)
         return spec.replace(weights_sha256=ckpt.sha256() if ckpt is not None else f"random-seed-{self.random_seed}")
 
     def build(self, *, weights=None, device="cpu", **options):
         """Build the tower on CPU, load the checkpoint strictly (or seed it), then move it to `device`."""
-        spec, ckpt, vision_attention = self._prepare(weights, options)
+        spec, ckpt, vision_attention, compile = self._prepare(weights, options)
         from featstore.encoders.qwen_vision.attention import set_vision_attention
-        from featstore.encoders.qwen_vision.encoder import QwenVisionEncoder, build_vision_tower, init_random_
+        from featstore.encoders.qwen_vision.encoder import (QwenVisionEncoder, build_vision_tower,
+                                                            compile_tower_blocks, init_random_)
         from featstore.encoders.qwen_vision.weights import load_vision_into, load_vision_state
 
         vision_config = self.vision_config if self.vision_config is not None else ckpt.vision_config
@@ -155,6 +154,8 @@ class QwenVisionPreset:
             digest = ckpt.sha256()  # after the strict load: a wrong checkpoint fails fast, unhashed
         model = model.to(device).eval().requires_grad_(False)
         set_vision_attention(model, vision_attention)
+        if compile:
+            compile_tower_blocks(model)
         return QwenVisionEncoder(spec.replace(weights_sha256=digest), model, device)
 
 
