@@ -7,7 +7,8 @@ One run, side by side, on the same images and the same random-weight checkpoint 
 vision tower, written in the official `visual.*` layout with its config.json):
   build/<attention>   `featstore build --encoder qwen2.5-vl-vision --vision-attention <attention>`
                       as a subprocess on `--images` JPEGs of 504x392 (a fresh store each); its
-                      report's steady frames/s (first commit to last) and wall time
+                      report's steady frames/s (first commit to last), wall time and stage
+                      times (decode wait, encode, device-to-host wait, serialise, commit)
   bare/<attention>    the encoder alone (`get_encoder(..., vision_attention=...)`): `encode` on
                       `--batch-frames` decoded images already in memory, median of `--iters` calls
                       after warm-up: the ceiling the build's pipeline can reach
@@ -83,9 +84,12 @@ def run_build(data: Path, store: Path, ckpt: Path, variant: str, device: str, ba
     if res.returncode != 0:
         raise RuntimeError(f"build ({attention}) failed with exit {res.returncode}: {res.stderr[-2000:]}")
     report = json.loads(res.stdout)  # --json prints the build report alone on stdout
+    # The stage times say which stage binds when the build falls short of the bare forward.
+    stages = ("decode_wait_s", "encode_s", "d2h_wait_s", "serialise_s", "commit_s")
     return {"wall_s": wall, "frames": report["frames"], "elapsed_s": report["elapsed_s"],
             "pipeline_s": report["pipeline_s"], "steady_frames_per_s": report["steady_frames_per_s"],
-            "frames_per_s_pipeline": report["frames"] / report["pipeline_s"] if report["pipeline_s"] else None}
+            "frames_per_s_pipeline": report["frames"] / report["pipeline_s"] if report["pipeline_s"] else None,
+            **{k: report.get(k) for k in stages}}
 
 
 def bare_forward(ckpt: Path, variant: str, device: str, images: list, warmup: int, iters: int):

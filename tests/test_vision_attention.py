@@ -345,6 +345,9 @@ def test_vision_build_benchmark_smoke(tmp_path):
     for attention in ("stock", "one_call"):
         assert report["build"][attention]["frames"] == report["images"] == 4
         assert report["bare"][attention]["frames_per_s"] > 0
+        stages = [report["build"][attention][k] for k in ("decode_wait_s", "encode_s", "d2h_wait_s",
+                                                          "serialise_s", "commit_s")]
+        assert all(t >= 0 for t in stages) and report["build"][attention]["encode_s"] > 0
     assert report["bare_max_rel_diff_one_call_vs_stock"] <= 1e-5
 
 
