@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from featstore.build.runner import BuildOptions, build  # noqa: E402
 from featstore.encoders import get_encoder  # noqa: E402
 import _vggt_random  # noqa: E402  (registers vggt-1b-random)
+from _results import write_report  # noqa: E402
 
 MODES = {"per_unit": False, "reuse": True}  # mode -> BuildOptions.frame_reuse
 
@@ -168,10 +169,7 @@ def main(argv=None) -> int:
             print(f"batch_frames {bf}: frame reuse {entry['frame_reuse']:.2f}x, encode {entry['encode_speedup']:.2f}x, "
                   f"pipeline {entry['pipeline_speedup']:.2f}x; {json.dumps(entry['compare'])}", flush=True)
 
-    out = Path(a.out or os.environ.get("OUT") or "bench_out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "frame_reuse_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'frame_reuse_bench.json'}")
+    write_report(a.out, "frame_reuse_bench.json", report)
     return 0
 
 

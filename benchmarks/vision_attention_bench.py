@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -41,7 +40,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _results import write_report  # noqa: E402
 from featstore.encoders.qwen_vision import attention  # noqa: E402
 from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG  # noqa: E402
 
@@ -192,10 +193,7 @@ def main(argv=None) -> int:
             attention.PREFER_VARLEN = True
         print(name, json.dumps(report["variants"][name])[:300], flush=True)
 
-    out_dir = Path(args.out or os.environ.get("OUT") or "bench_out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vision_attention_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out_dir / 'vision_attention_bench.json'}")
+    write_report(args.out, "vision_attention_bench.json", report)
     return 1 if failed else 0
 
 

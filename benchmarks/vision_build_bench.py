@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from featstore.encoders.qwen_vision.encoder import build_vision_tower, init_rand
 
 # The same tower as benchmarks/vision_attention_bench.py (Qwen/Qwen2.5-VL-3B-Instruct's vision_config).
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import write_report  # noqa: E402
 from vision_attention_bench import QWEN25_VL_3B_VISION  # noqa: E402
 
 ATTENTIONS = ("stock", "one_call")
@@ -163,10 +163,7 @@ def main(argv=None) -> int:
             steady, bare = report["build"][attention]["steady_frames_per_s"], report["bare"][attention]["frames_per_s"]
             report["build"][attention]["of_bare_forward"] = steady / bare if steady else None
 
-    out = Path(a.out or os.environ.get("OUT") or "bench_out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vision_build_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'vision_build_bench.json'}")
+    write_report(a.out, "vision_build_bench.json", report)
     return 0
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # no torch import for the protocol itself
 
     from featstore.contract.spec import EncoderSpec
 
-__all__ = ["Encoder", "autocast_dtype"]
+__all__ = ["Encoder", "autocast_dtype", "compile_each"]
 
 
 @runtime_checkable
@@ -77,3 +77,19 @@ def autocast_dtype(compute_dtype: str, device, *, advice: str = "pass compute_dt
     if dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise EncoderError(f"compute_dtype=bfloat16 is not supported on {torch.cuda.get_device_name(device)}; {advice}")
     return None if dt == torch.float32 else dt
+
+
+def compile_each(blocks, **compile_kwargs) -> None:
+    """torch.compile each module of `blocks` in place (`nn.Module.compile`), for a frozen
+    encoder's repeated blocks (VGGT's, the Qwen vision tower's).
+
+    Blocks of one class share the compiled graph; each new input shape compiles once more (from
+    the second, the changed dimension is dynamic). Dynamo's cache limit is raised to 64 entries,
+    process-wide: several shapes and block kinds in one process must not exhaust the default of
+    8, past which torch falls back to eager without an error.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in blocks:
+        block.compile(**compile_kwargs)

@@ -28,7 +28,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from featstore.encoders.base import autocast_dtype
+from featstore.encoders.base import autocast_dtype, compile_each
 from featstore.errors import EncoderError
 
 __all__ = ["QwenVisionEncoder", "build_vision_tower", "compile_tower_blocks", "init_random_"]
@@ -93,16 +93,11 @@ def compile_tower_blocks(visual: nn.Module, **compile_kwargs) -> nn.Module:
     a CPU for the tiny tower). Outputs agree with the eager blocks within rounding.
 
     Only for a tower whose weights do not train (the build, verify --recompute, and training
-    without --tune_vision): compiled blocks are not checked against gradient checkpointing or
-    DeepSpeed's parameter partitioning.
+    without --tune_vision; tests/test_training_train.py trains with gradient checkpointing on).
+    Not under DeepSpeed ZeRO-3, whose partitioned weights a compiled block does not gather
+    (training refuses the combination).
     """
-    import torch._dynamo
-
-    # One graph per token count until the first recompile makes it dynamic; a few image sizes
-    # in one process must not exhaust the default limit of 8 and fall back to eager.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in visual.blocks:
-        block.compile(**compile_kwargs)
+    compile_each(visual.blocks, **compile_kwargs)
     return visual
 
 

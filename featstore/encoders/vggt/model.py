@@ -575,16 +575,12 @@ class VGGTAggregator(nn.Module):
         Blocks share one class, so compiled code is reused across the 2*depth blocks (and the
         DINOv2 blocks); recompiles happen per input shape (frame vs global, S, grid).
         """
-        import torch._dynamo
+        from featstore.encoders.base import compile_each
 
-        # One graph per (shape, block kind) is expected; the default limit of 8 is too low when
-        # several S and grids run in one process.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         blocks = list(self.frame_blocks) + list(self.global_blocks)
         if isinstance(self.patch_embed, _DinoV2PatchEmbed):
             blocks += list(self.patch_embed.blocks)
-        for blk in blocks:
-            blk.compile(**compile_kwargs)
+        compile_each(blocks, **compile_kwargs)  # one graph per (shape, block kind)
         return self
 
 
