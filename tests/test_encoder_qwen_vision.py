@@ -101,7 +101,7 @@ def test_pixel_values_equal_the_image_processor():
     proc = image_processor()
     assert list(proc.image_mean) == list(IMAGE_MEAN) and list(proc.image_std) == list(IMAGE_STD)
     enc = get_encoder(TINY)
-    images = [_image(224, 168, 0), _image(56, 84, 1)]
+    images = [_image(224, 168, 0), _image(224, 168, 9), _image(56, 84, 1)]  # a run of one size: patchified together
     images[0][:, :2, :128] = torch.arange(256).float().div(255).view(2, 128)  # every uint8 value at least once
     ours, grid = enc.pixel_values(images)
     # The call VG-LLM and JanusVLN make: the float image, do_rescale=False.
@@ -156,6 +156,43 @@ def test_merger_of_our_output_equals_the_stock_merged_output(ckpts):
     assert stock.abs().mean() > 0.1  # weights large enough that a tolerance means something
     for got, want in zip(merged, stock.split(sizes)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_forward_takes_its_index_tensors_precomputed_and_computes_the_same(monkeypatch):
+    """encode/encode_images hand the tower its position ids, cu_seqlens and window index made
+    once per list of grids on the host (no host sync in the forward); the features are those of
+    the forward computing them itself, bit for bit, and the tower computes none of them."""
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as modeling
+    from transformers import vision_utils
+
+    enc = get_encoder(TINY)
+    weights_far_from_zero_(enc.model, 7)
+    images = [_image(224, 168, 10), _image(224, 168, 11), _image(112, 84, 12), _image(56, 280, 13)]
+    pixels, grid = enc.pixel_values(images)
+    with torch.no_grad():
+        ref = enc.model(pixels, grid_thw=grid).pooler_output.reshape(pixels.shape[0], -1).split(
+            [int(g[1] * g[2]) for g in grid])
+    computed, made = [], []
+    for name, key in (("get_vision_position_ids", "position_ids"), ("get_vision_attention_seqlens", "cu_seqlens"),
+                      ("get_vision_window_index", "window_index")):
+        def in_forward(*args, kwargs=None, _fn=getattr(modeling, name), _name=name, _key=key, **kw):
+            if not kwargs or _key not in kwargs:
+                computed.append(_name)  # the forward would compute it from grid_thw on the device
+            return _fn(*args, kwargs=kwargs, **kw)
+        monkeypatch.setattr(modeling, name, in_forward)
+    monkeypatch.setattr(vision_utils, "get_vision_window_index",
+                        lambda *a, _fn=vision_utils.get_vision_window_index, **k: made.append(1) or _fn(*a, **k))
+    for got, want in zip(enc.encode_images(images), ref):
+        assert torch.equal(got, want)
+    assert computed == [] and len(made) == 1
+    frames = torch.stack(images[:2]).reshape(1, 2, 3, 224, 168)
+    out = enc.encode(frames)
+    enc.encode(frames)  # a second batch of the same grids reuses the tensors made for the first
+    assert computed == [] and len(made) == 2
+    assert torch.equal(out[0, 1], ref[1])
+    with torch.no_grad():
+        enc.model(pixels, grid_thw=grid)  # the spies see a forward that computes them
+    assert computed
 
 
 # ---- (c) one image per unit ---------------------------------------------------------------

@@ -132,6 +132,7 @@ class QwenVisionEncoder:
         self._mean = torch.tensor(cfg["image_mean"], dtype=torch.float32, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(cfg["image_std"], dtype=torch.float32, device=self.device).view(3, 1, 1)
         self._autocast_dtype = autocast_dtype(spec.compute_dtype, self.device)
+        self._layouts: dict = {}  # grids -> the forward's index tensors on the device (_tower_inputs)
 
     def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
         """(h, w) patch grid of an H x W Qwen image (before the merge)."""
@@ -162,25 +163,85 @@ class QwenVisionEncoder:
             (pixel_values [sum N_i, 3 * temporal_patch * patch * patch] float32, grid_thw [n, 3]
             int64 rows (1, H_i / patch, W_i / patch)), on `device`.
         """
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
-        rows, grids = [], []
+        pixels, grids = self._pixels_and_grids(images)
+        return pixels, torch.tensor(grids, dtype=torch.int64, device=self.device)
+
+    def _pixels_and_grids(self, images: Sequence[Tensor]) -> Tuple[Tensor, Tuple[Tuple[int, int, int], ...]]:
+        """`pixel_values` with the grids as host tuples: consecutive images of one size are
+        patchified together (a handful of kernels per size, not per image)."""
+        runs: List[List[Tensor]] = []
         for k, image in enumerate(images):
             self._check_image(image, f"pixel_values (image {k})")
-            # (x - mean) / std in float32, the processor's own order of operations (not a fused
-            # multiply by 1/std), so the values agree bit for bit.
-            x = (image.to(self.device, torch.float32) - self._mean) / self._std
-            gh, gw = x.shape[1] // p, x.shape[2] // p
-            x = x.reshape(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
-            x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)  # the image repeated over the temporal patch
-            rows.append(x.reshape(gh * gw, 3 * t * p * p))
-            grids.append((1, gh, gw))
-        return torch.cat(rows), torch.tensor(grids, dtype=torch.int64, device=self.device)
+            if runs and runs[-1][0].shape == image.shape:
+                runs[-1].append(image)
+            else:
+                runs.append([image])
+        p = self.patch_size
+        pixels = [self._patchify(torch.stack(run) if len(run) > 1 else run[0][None]) for run in runs]
+        grids = tuple((1, run[0].shape[1] // p, run[0].shape[2] // p) for run in runs for _ in run)
+        return torch.cat(pixels) if len(pixels) > 1 else pixels[0], grids
+
+    def _patchify(self, x: Tensor) -> Tensor:
+        """[n, 3, H, W] images of one size -> their pixel_values rows [n * H/p * W/p, 3 * t * p * p]."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        # (x - mean) / std in float32, the processor's own order of operations (not a fused
+        # multiply by 1/std), so the values agree bit for bit.
+        x = (x.to(self.device, torch.float32) - self._mean) / self._std
+        n, gh, gw = x.shape[0], x.shape[2] // p, x.shape[3] // p
+        x = x.reshape(n, 3, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (n, gh/m, gw/m, m, m, C, p, p)
+        x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # the image repeated over the temporal patch
+        return x.reshape(n * gh * gw, 3 * t * p * p)
+
+    def _tower_inputs(self, grids: Tuple[Tuple[int, int, int], ...]) -> dict:
+        """The forward's index tensors for images of these grids, as keyword arguments it takes
+        precomputed (transformers' `vision_utils`: position ids, cu_seqlens, the window index and
+        the longest segments).
+
+        Left to the forward, they are computed from grid_thw on the device on every call, with
+        several host syncs (`.tolist()`, a host-made index copied over, `.item()`), each of which
+        idles the GPU until the host has launched the next kernels. Here they are computed once
+        per distinct list of grids by the same functions, on the host, and kept on the device:
+        the same integers, so the features do not change, and a build's forward never waits
+        for the host."""
+        inputs = self._layouts.get(grids)
+        if inputs is None:
+            from transformers import vision_utils
+
+            cfg = self.model.config
+            grid = torch.tensor(grids, dtype=torch.int64)
+            cu = vision_utils.get_vision_cu_seqlens(grid)
+            window_index, cu_window = vision_utils.get_vision_window_index(
+                grid, spatial_merge_size=cfg.spatial_merge_size, window_size=cfg.window_size, patch_size=cfg.patch_size)
+            position_ids = vision_utils.get_vision_position_ids(grid, cfg.spatial_merge_size)
+            inputs = {"grid_thw": grid, "position_ids": position_ids, "cu_seqlens": cu, "window_index": window_index,
+                      "cu_window_seqlens": cu_window}
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            inputs["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+            inputs["max_window_seqlen"] = int((cu_window[1:] - cu_window[:-1]).max())
+            if len(self._layouts) >= 8:  # a build has one or a few; verify --recompute of mixed sizes more
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[grids] = inputs
+        return inputs
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.float32,
                               enabled=self._autocast_dtype is not None)
 
     @torch.inference_mode()
+    def _forward(self, pixels: Tensor, grids: Tuple[Tuple[int, int, int], ...]) -> Tensor:
+        """pixel_values of images with these grids -> [sum N_i, C] float32, processor order."""
+        inputs = dict(self._tower_inputs(grids))
+        grid = inputs.pop("grid_thw")
+        with self._autocast():
+            out = self.model(pixels, grid_thw=grid, **inputs)
+        # 5.x returns BaseModelOutputWithPooling (pooler_output = the merger's output, un-permuted);
+        # 4.x returned that tensor itself.
+        grouped = out if isinstance(out, Tensor) else getattr(out, "pooler_output", None)
+        if not isinstance(grouped, Tensor):
+            raise EncoderError(f"the installed transformers' vision forward returned {type(out).__name__} without a "
+                               "pooler_output tensor; featstore supports transformers>=5.17")
+        return grouped.reshape(pixels.shape[0], -1).float()
+
     def encode_images(self, images: Sequence[Tensor]) -> List[Tensor]:
         """Images of any sizes (multiples of 28) in one forward -> one [N_i, C] float32 per image.
 
@@ -189,27 +250,23 @@ class QwenVisionEncoder:
         """
         if not len(images):
             return []
-        pixels, grid = self.pixel_values(images)
-        with self._autocast():
-            out = self.model(pixels, grid_thw=grid)
-        # 5.x returns BaseModelOutputWithPooling (pooler_output = the merger's output, un-permuted);
-        # 4.x returned that tensor itself.
-        grouped = out if isinstance(out, Tensor) else getattr(out, "pooler_output", None)
-        if not isinstance(grouped, Tensor):
-            raise EncoderError(f"the installed transformers' vision forward returned {type(out).__name__} without a "
-                               "pooler_output tensor; featstore supports transformers>=5.17")
-        feats = grouped.reshape(pixels.shape[0], -1).float()  # [sum N_i, C], processor order
-        return list(feats.split([int(g[1] * g[2]) for g in grid.tolist()]))
+        pixels, grids = self._pixels_and_grids(images)
+        return list(self._forward(pixels, grids).split([h * w for _, h, w in grids]))
 
     def encode(self, frames: Tensor) -> Tensor:
-        """[B, S, 3, H, W] Qwen images in [0, 1] -> [B, S, N, C] float32, every image on its own."""
+        """[B, S, 3, H, W] Qwen images in [0, 1] -> [B, S, N, C] float32, every image on its own.
+
+        Nothing in it waits for the GPU: a caller can prepare the next batch meanwhile."""
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise EncoderError(f"encode takes frames [B, S, 3, H, W]; got shape {tuple(frames.shape)}")
         b, s = frames.shape[:2]
         if not b * s:
             raise EncoderError(f"encode got no image (frames of shape {tuple(frames.shape)})")
-        feats = self.encode_images(list(frames.reshape(b * s, *frames.shape[2:])))
-        return torch.stack(feats).reshape(b, s, *feats[0].shape).contiguous()
+        images = frames.reshape(b * s, *frames.shape[2:])
+        self._check_image(images[0], "encode")  # one size for all
+        gh, gw = self.patch_grid(*images.shape[-2:])
+        feats = self._forward(self._patchify(images), ((1, gh, gw),) * (b * s))
+        return feats.reshape(b, s, gh * gw, -1).contiguous()
 
     def encode_stream(self, frames: Tensor) -> Tensor:
         """Not offered: the Qwen vision tower has no causal mode or key/value cache."""
