@@ -11,7 +11,9 @@ vision tower, written in the official `visual.*` layout with its config.json):
                       times (decode wait, encode, device-to-host wait, serialise, commit)
   bare/<attention>    the encoder alone (`get_encoder(..., vision_attention=...)`): `encode` on
                       `--batch-frames` decoded images already in memory, median of `--iters` calls
-                      after warm-up: the ceiling the build's pipeline can reach
+                      after warm-up: the ceiling the build's pipeline can reach; also the
+                      same calls back to back with one sync at the end (pipelined_frames_per_s)
+                      and how often one call makes the host wait for the GPU (host_syncs_per_call)
 With `--compile` also one_call_compiled: one_call with the tower's blocks compiled (`build
 --compile`; the bare forward's warm-up and the build's first batches pay the compile). Then the
 largest relative difference (max |diff| / max |stock|) of each variant's bare features from stock. Writes DIR/vision_build_bench.json (DIR: --out, else $OUT, else ./bench_out).
@@ -113,8 +115,34 @@ def bare_forward(ckpt: Path, variant: str, device: str, images: list, warmup: in
         once()
         times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
+    out = {"batch_ms": 1e3 * seconds, "frames_per_s": len(images) / seconds}
+    if device.startswith("cuda"):
+        # Back to back, one sync at the end: what a pipeline that never waits could reach.
+        t = time.perf_counter()
+        for _ in range(iters):
+            encoder.encode(frames)
+        torch.cuda.synchronize()
+        out["pipelined_frames_per_s"] = iters * len(images) / (time.perf_counter() - t)
+        out["host_syncs_per_call"] = count_host_syncs(lambda: encoder.encode(frames))
     del encoder
-    return {"batch_ms": 1e3 * seconds, "frames_per_s": len(images) / seconds}, result
+    return out, result
+
+
+def count_host_syncs(call) -> int:
+    """How many times `call` makes the host wait for the GPU (torch's sync debug mode warns at
+    each synchronising call: .item(), .tolist(), a blocking copy)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def main(argv=None) -> int:
