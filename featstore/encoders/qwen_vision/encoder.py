@@ -23,6 +23,7 @@ processor's order (row-major over merge blocks, each block's 2x2 patches row-maj
 
 from __future__ import annotations
 
+import itertools
 from typing import List, Sequence, Tuple
 
 import torch
@@ -169,17 +170,12 @@ class QwenVisionEncoder:
     def _pixels_and_grids(self, images: Sequence[Tensor]) -> Tuple[Tensor, Tuple[Tuple[int, int, int], ...]]:
         """`pixel_values` with the grids as host tuples: consecutive images of one size are
         patchified together (a handful of kernels per size, not per image)."""
-        runs: List[List[Tensor]] = []
         for k, image in enumerate(images):
             self._check_image(image, f"pixel_values (image {k})")
-            if runs and runs[-1][0].shape == image.shape:
-                runs[-1].append(image)
-            else:
-                runs.append([image])
+        runs = [list(run) for _, run in itertools.groupby(images, key=lambda image: image.shape)]
         p = self.patch_size
-        pixels = [self._patchify(torch.stack(run) if len(run) > 1 else run[0][None]) for run in runs]
         grids = tuple((1, run[0].shape[1] // p, run[0].shape[2] // p) for run in runs for _ in run)
-        return torch.cat(pixels) if len(pixels) > 1 else pixels[0], grids
+        return torch.cat([self._patchify(torch.stack(run)) for run in runs]), grids
 
     def _patchify(self, x: Tensor) -> Tensor:
         """[n, 3, H, W] images of one size -> their pixel_values rows [n * H/p * W/p, 3 * t * p * p]."""
@@ -201,8 +197,9 @@ class QwenVisionEncoder:
         several host syncs (`.tolist()`, a host-made index copied over, `.item()`), each of which
         idles the GPU until the host has launched the next kernels. Here they are computed once
         per distinct list of grids by the same functions, on the host, and kept on the device:
-        the same integers, so the features do not change, and a build's forward never waits
-        for the host."""
+        the same integers, so the features do not change, and a call never makes the host wait
+        for the GPU. The dict is passed as `**` (grid_thw included): the forward pops from its
+        own copy, so the cached dict stays whole."""
         inputs = self._layouts.get(grids)
         if inputs is None:
             from transformers import vision_utils
@@ -230,10 +227,8 @@ class QwenVisionEncoder:
     @torch.inference_mode()
     def _forward(self, pixels: Tensor, grids: Tuple[Tuple[int, int, int], ...]) -> Tensor:
         """pixel_values of images with these grids -> [sum N_i, C] float32, processor order."""
-        inputs = dict(self._tower_inputs(grids))
-        grid = inputs.pop("grid_thw")
         with self._autocast():
-            out = self.model(pixels, grid_thw=grid, **inputs)
+            out = self.model(pixels, **self._tower_inputs(grids))
         # 5.x returns BaseModelOutputWithPooling (pooler_output = the merger's output, un-permuted);
         # 4.x returned that tensor itself.
         grouped = out if isinstance(out, Tensor) else getattr(out, "pooler_output", None)
