@@ -370,6 +370,19 @@ def test_frames_cross_as_uint8_and_the_store_is_bit_identical_to_float32_frames(
                              store_contents(str(tmp_path / f"f32{len(overrides)}.lmdb")))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the loader's pin-memory thread)")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_frames_pinned_by_the_loader_build_what_the_gpu_loop_pinning_them_builds(data_root, tmp_path, workers):
+    """On CUDA the loader's pin-memory thread receives and pins the decoded units
+    (BuildOptions.pin_frames); the stored features are the very same as when the GPU loop does."""
+    for pin in (True, False):
+        report = build(options(data_root, store=str(tmp_path / f"pin{pin}.lmdb"), device="cuda", workers=workers,
+                               batch_frames=3, pin_frames=pin))
+        assert report.computed == 10 and not report.failed
+    assert_same_contents(store_contents(str(tmp_path / "pinTrue.lmdb")), store_contents(str(tmp_path / "pinFalse.lmdb")))
+
+
 def test_decode_workers_start_before_the_model_loads(data_root, tmp_path, monkeypatch):
     """The workers are forked before the encoder is built, so the first units are decoded while
     the model loads (on a GPU host: seconds of weights and compile)."""

@@ -75,7 +75,8 @@ def to_float(x):
     return x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x
 
 
-def start_decoding(todo: list[Unit], data_root: str, spec, patch: int, *, workers: int, uint8: bool = True):
+def start_decoding(todo: list[Unit], data_root: str, spec, patch: int, *, workers: int, uint8: bool = True,
+                   pin_device=None):
     """Fork the decode workers and return (loader iterator, its shutdown). Called before the
     model loads, so that the first units are decoded while it does.
 
@@ -86,15 +87,23 @@ def start_decoding(todo: list[Unit], data_root: str, spec, patch: int, *, worker
         patch: the encoder's patch size.
         workers: worker processes (0: decode in this process, as the iterator is consumed).
         uint8: hand frames over as uint8 where exact (BuildOptions.uint8_frames).
+        pin_device: a CUDA device: the loader's pin-memory thread receives every unit from its
+            worker and copies its frames into pinned memory, off the GPU loop's thread
+            (BuildOptions.pin_frames). None: the iterator's caller receives them as they are.
     """
+    import contextlib
+
     import torch
 
     dataset = UnitDataset(todo, data_root, spec, patch, uint8)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers,
-        prefetch_factor=8 if workers else None, persistent_workers=False,
+        prefetch_factor=8 if workers else None, persistent_workers=False, pin_memory=pin_device is not None,
         collate_fn=lambda item: item, worker_init_fn=_die_with_parent)
-    with signals_blocked():
+    # The pin-memory thread works on the device current when the iterator is made: the build's
+    # (a context on another GPU would cost that GPU memory).
+    on_device = torch.cuda.device(pin_device) if pin_device is not None else contextlib.nullcontext()
+    with signals_blocked(), on_device:
         batches = iter(loader)  # forks the decode workers (see featstore.interrupt)
     # Join the workers when the build ends (absent with workers=0), not whenever it is collected.
     return batches, getattr(batches, "_shutdown_workers", lambda: None)

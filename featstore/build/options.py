@@ -56,6 +56,13 @@ class BuildOptions:
     # to pass, stack, pin and copy; they become float32 on the device. False: float32 all the way
     # (same features; kept for benchmarks/build_bench.py's before/after).
     uint8_frames: bool = True
+    # On CUDA, a thread of the decode loader receives each decoded unit from its worker and
+    # copies it into pinned memory (DataLoader's pin_memory), so that the GPU loop's thread only
+    # stacks pinned frames and launches the forward. Receiving (one pipe read, one shared-memory
+    # mapping, first touch of its pages) costs about 1-2 ms a unit; done in the GPU loop it kept
+    # a fast forward waiting (docs/BENCHMARKS.md, vision build). False: the GPU loop receives and
+    # pins (same features; kept for benchmarks/vision_build_bench.py's before/after).
+    pin_frames: bool = True
     # Embed each distinct frame of a batch once (its patch embedding, VGGT's per-frame DINOv2 ViT,
     # depends on the frame alone) where the encoder offers it (`encodes_indexed`: VGGT on the
     # in-tree backend), compiled or not; the rest of the call runs per unit as before.

@@ -1,8 +1,10 @@
 """The build's encode and commit stages: three threads, so that the GPU never waits on the disk.
 
   GPU loop (the calling thread)   takes decoded units from the decode workers
-                                  (featstore.build.frames), groups them by (S, 3, H, W, dtype),
-                                  stacks a group into [B, S, 3, H, W] at --batch-frames frames,
+                                  (featstore.build.frames; on CUDA already received and pinned
+                                  by the loader's pin-memory thread), groups them by
+                                  (S, 3, H, W, dtype), stacks a group into pinned memory as
+                                  [B, S, 3, H, W] at --batch-frames frames,
                                   copies it to the GPU on a stream of its own, runs one forward
                                   (featstore.build.encode.encode_frames), and queues a
                                   non-blocking device->host copy of [B, F, N, C] + a CUDA event.
@@ -191,11 +193,11 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
         index = None
         if reuse:
             first, rows = distinct_frames(units, [src for _, _, src in items])
-            x = torch.stack([items[b][1][k] for b, k in first])  # [U, 3, H, W], the distinct frames
+            parts = [items[b][1][k] for b, k in first]  # the distinct frames [3, H, W]
             index = torch.tensor(rows, dtype=torch.long)  # [B, S]
         else:
-            x = torch.stack([frames for _, frames, _ in items])  # [B, S, 3, H, W]
-        report.count_frames(len(items) * shape[0], x.shape[0] if reuse else len(items) * shape[0])
+            parts = [frames for _, frames, _ in items]  # [S, 3, H, W] each
+        report.count_frames(len(items) * shape[0], len(parts) if reuse else len(items) * shape[0])
         full = -(-opts.batch_frames // shape[0])
         if opts.compile and len(items) < full:
             # A short last batch would make torch.compile recompile for a new B; pad it with
@@ -203,15 +205,18 @@ def run_pipeline(ctx: BuildContext, encoder, todo: list[Unit], batches, writer, 
             if reuse:
                 index = torch.cat([index, index[-1:].expand(full - len(items), -1)])
             else:
-                x = torch.cat([x, x[-1:].expand(full - len(items), *x.shape[1:])])
+                parts += [parts[-1]] * (full - len(items))
+        # [U, 3, H, W] with reuse, else [B, S, 3, H, W]. On CUDA stacked straight into pinned
+        # memory, the host->device copy's source: one copy of the batch on the host, not two.
+        x = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, pin_memory=on_cuda)
+        torch.stack(parts, out=x)
         grid = encoder.patch_grid(*x.shape[-2:])
         if on_cuda:
             # Copies run on their own streams, so that this batch's host->device copy overlaps the
             # previous batch's forward and its device->host copy the next one's (on the compute
             # stream each copy would wait for the kernels before it, and they for it).
-            pinned = x.pin_memory()
             with torch.cuda.stream(h2d):
-                x = pinned.to(device, non_blocking=True)
+                x = x.to(device, non_blocking=True)
             compute.wait_stream(h2d)
             x.record_stream(compute)  # its memory is not reused before the forward has read it
         feats = encode_frames(encoder, to_float(x), index=index)[: len(items)]  # [B, F, N, C], storage dtype, on the device

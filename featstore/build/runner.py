@@ -130,8 +130,9 @@ def _build_units(ctx: BuildContext, units: list[Unit], skipped: list[dict], devi
     # Each rank takes a contiguous part of the to-do list, keeping an episode's units together.
     mine = todo[len(todo) * ctx.rank // ctx.world: len(todo) * (ctx.rank + 1) // ctx.world]
     patch = encoder.patch_size if encoder is not None else int(spec.config["patch_size"])
+    pin_device = device if opts.pin_frames and str(device).startswith("cuda") else None
     batches, stop_decoding = start_decoding(mine, opts.data_root, spec, patch, workers=opts.workers,
-                                            uint8=opts.uint8_frames)
+                                            uint8=opts.uint8_frames, pin_device=pin_device)
     try:
         if encoder is None:  # the workers decode the first units meanwhile
             encoder = get_encoder(opts.encoder, weights=opts.weights, device=device, compile=opts.compile,
