@@ -378,3 +378,21 @@ def test_build_one_call_writes_the_stock_fingerprint_and_features(tmp_path):
     with pytest.raises(EncoderError, match="vision_attention is an option of the qwen2.5-vl-vision encoders"):
         build(BuildOptions(data_root=str(tmp_path / "None"), encoder="vggt-tiny", device="cpu", progress=False,
                            workers=0, vision_attention="one_call"))
+
+
+def test_vision_build_probe_smoke(tmp_path):
+    """benchmarks/vision_build_probe.py runs a bare forward and a build through its child process
+    (BuildOptions with pin_frames off) end to end."""
+    import json
+    import subprocess
+    import sys
+
+    from _featstore_helpers import REPO
+
+    run = subprocess.run([sys.executable, "benchmarks/vision_build_probe.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "vision_build_probe.json").read_text())
+    assert report["smoke"] and report["bare_e16"]["host_ms"] > 0 and report["bare_e16"]["fps"] > 0
+    assert report["build_e16_w4_nopin"]["frames"] == report["images"] == 6
+    assert report["build_e16_w4_nopin"]["encode_s"] > 0
