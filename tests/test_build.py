@@ -370,6 +370,16 @@ def test_frames_cross_as_uint8_and_the_store_is_bit_identical_to_float32_frames(
                              store_contents(str(tmp_path / f"f32{len(overrides)}.lmdb")))
 
 
+def test_decode_benchmark_smoke(tmp_path):
+    """benchmarks/decode_bench.py decodes both ways, checks they agree, and reports every row."""
+    run = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads((tmp_path / "decode_bench.json").read_text())["ms_per_frame"]
+    assert set(rows) == {f"{e} {s}" for e in ("vggt", "qwen2.5-vl-vision") for s in ("640x480", "504x392")}
+    assert all(r["float_then_check"] > 0 and r["uint8_at_source"] > 0 for r in rows.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the loader's pin-memory thread)")
 @pytest.mark.parametrize("workers", [0, 2])

@@ -168,3 +168,65 @@ def test_equals_official_loader(tmp_path, official_load_fn, mode):
     want = official_load_fn([str(p) for p in paths[:2]], mode=mode)  # mixed sizes in one call
     got = stack_frames([preprocess_image(p, PreprocessSpec(mode=mode)) for p in paths[:2]])
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode, size", [("crop", (96, 72)), ("crop", (72, 96)), ("pad", (96, 72)), ("pad", (72, 97))])
+def test_uint8_view_holds_the_float_views_values_times_255(tmp_path, mode, size):
+    """The build's workers take the view as uint8 (`uint8=True`); made float32 by `to_float`, it
+    is the float32 view bit for bit, crop and pad (its white border) alike; the Qwen image too."""
+    from featstore.build.frames import to_float
+    from featstore.encoders.preprocess import qwen_frame
+
+    path = _save(_noise(*size), tmp_path / f"{mode}_{size[0]}x{size[1]}.png")
+    spec = PreprocessSpec(mode=mode, target_size=56)
+    as_float = preprocess_image(path, spec, patch_size=14)
+    as_u8 = preprocess_image(path, spec, patch_size=14, uint8=True)
+    assert as_u8.dtype == torch.uint8 and as_u8.is_contiguous() and as_u8.shape == as_float.shape
+    assert torch.equal(to_float(as_u8), as_float)
+    if mode == "pad":
+        assert (as_u8 == 255).any() and (as_float == 1.0).any()  # the white border is there in both
+    q_float = qwen_frame(path, spec, patch_size=14)
+    q_u8 = qwen_frame(path, spec, patch_size=14, uint8=True)
+    assert q_u8.dtype == torch.uint8 and torch.equal(to_float(q_u8), q_float)
+
+
+def test_uint8_is_declined_where_extra_resize_leaves_the_k_over_255_grid(tmp_path):
+    path = _save(_noise(96, 72), tmp_path / "a.png")
+    spec = PreprocessSpec(mode="crop", target_size=56, extra_resize=[28, 42])
+    out = preprocess_image(path, spec, patch_size=14, uint8=True)
+    assert out.dtype == torch.float32 and torch.equal(out, preprocess_image(path, spec, patch_size=14))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_to_float_is_the_decoders_division_for_every_byte(device):
+    """k/255 as the decoders compute it (float32 true division on the CPU), for all 256 k, also
+    on the GPU (where dividing by a Python number is a multiplication by its reciprocal)."""
+    from featstore.build.frames import to_float
+
+    k = torch.arange(256, dtype=torch.uint8)
+    expected = torch.from_numpy(np.arange(256, dtype=np.uint8)).float().div(255)
+    assert torch.equal(to_float(k.to(device)).cpu(), expected)
+
+
+def test_a_registered_reader_without_uint8_still_serves_the_build(tmp_path, monkeypatch):
+    """A frame reader registered before `uint8=` existed gets no such argument: it returns
+    float32, which the build's workers then check value by value (exact_uint8)."""
+    import dataclasses
+
+    from featstore.build.frames import exact_uint8
+    from featstore.encoders import preprocess_frame, registry, resolve_spec
+
+    path = _save(_noise(96, 72), tmp_path / "a.png")
+    spec = resolve_spec("vggt-tiny")
+    calls = []
+
+    def old_reader(source, spec, *, patch_size, name=None):
+        calls.append(name)
+        return preprocess_image(source, spec.preprocess, patch_size=patch_size, name=name)
+
+    monkeypatch.setitem(registry._REGISTRY, "vggt-tiny",
+                        dataclasses.replace(registry._REGISTRY["vggt-tiny"], preprocess=old_reader))
+    out = preprocess_frame(str(path), spec, 14, uint8=True)
+    assert calls and out.dtype == torch.float32
+    assert torch.equal(exact_uint8(out), preprocess_image(path, spec.preprocess, patch_size=14, uint8=True))

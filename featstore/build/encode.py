@@ -38,7 +38,7 @@ __all__ = ["read_frame", "read_unit_frames", "encode_frames", "encode_unit", "un
            "encoder_for_manifest"]
 
 
-def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[torch.Tensor, dict]:
+def read_frame(data_root: str, frame_key: str, spec, patch_size: int, *, uint8: bool = False) -> tuple[torch.Tensor, dict]:
     """Read one frame file once: its preprocessed tensor and its identity.
 
     Args:
@@ -47,10 +47,11 @@ def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[t
         spec: the EncoderSpec: its family's frame reader (`featstore.encoders.preprocess_frame`:
             the VGGT view, or the Qwen image derived from it) with its `preprocess`.
         patch_size: the encoder's patch size.
+        uint8: the uint8 values k of k/255 where exact (`featstore.encoders.preprocess_image`).
 
     Returns:
-        (tensor [3, H, W] float32 in [0, 1], source dict {"size", "mtime_ns", "sha256"} as the
-        entry's metadata records it).
+        (tensor [3, H, W] float32 in [0, 1] (uint8 with `uint8`, where exact), source dict
+        {"size", "mtime_ns", "sha256"} as the entry's metadata records it).
 
     Raises:
         ImageDecodeError: the file cannot be read or decoded (the message names its path).
@@ -63,11 +64,13 @@ def read_frame(data_root: str, frame_key: str, spec, patch_size: int) -> tuple[t
     except OSError as e:
         raise ImageDecodeError(f"image {path!r}: {e.strerror}; check that the file exists and is readable") from None
     source = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
-    return preprocess_frame(data, spec, patch_size, name=path), source
+    return preprocess_frame(data, spec, patch_size, name=path, uint8=uint8), source
 
 
-def read_unit_frames(data_root: str, unit: Unit, spec, patch_size: int) -> tuple[torch.Tensor, list[dict]]:
-    """All frames of one unit, in call order: (frames [S, 3, H, W] float32, source dicts).
+def read_unit_frames(data_root: str, unit: Unit, spec, patch_size: int, *,
+                     uint8: bool = False) -> tuple[torch.Tensor, list[dict]]:
+    """All frames of one unit, in call order: (frames [S, 3, H, W] float32, source dicts);
+    with `uint8`, uint8 frames where exact (`read_frame`).
 
     A frame of a container video ("clips/a.mp4#12", `featstore.format.frame_ref`) is decoded
     at its exact index (`featstore.encoders.video`), each video once per unit; its source dict
@@ -78,8 +81,8 @@ def read_unit_frames(data_root: str, unit: Unit, spec, patch_size: int) -> tuple
             (one encoder call needs one size); the message names the unit.
     """
     videos = _decode_videos(data_root, unit)
-    frames, sources = zip(*(read_frame(data_root, f, spec, patch_size) if f not in videos
-                            else (preprocess_frame(videos[f][0], spec, patch_size, name=f), videos[f][1])
+    frames, sources = zip(*(read_frame(data_root, f, spec, patch_size, uint8=uint8) if f not in videos
+                            else (preprocess_frame(videos[f][0], spec, patch_size, name=f, uint8=uint8), videos[f][1])
                             for f in unit.frames))
     shapes = {tuple(t.shape) for t in frames}
     if len(shapes) != 1:

@@ -127,6 +127,7 @@ def preprocess_image(
     *,
     patch_size: int = OFFICIAL_PATCH_SIZE,
     name: Optional[str] = None,
+    uint8: bool = False,
 ) -> torch.Tensor:
     """Decode and preprocess one image.
 
@@ -137,9 +138,13 @@ def preprocess_image(
         patch_size: side of a patch in pixels (the encoder's; default VGGT's); every output side
             is a multiple of it.
         name: how errors name the image when `source` is bytes (default: the path).
+        uint8: return the uint8 values k of the result k/255 instead, where they are exact
+            (without `extra_resize`, whose interpolation leaves the k/255 grid; float32 then):
+            the build's decode workers hand those over, a quarter of the bytes, and skip the
+            float conversion (`featstore.build.frames.to_float` makes the same float32).
 
     Returns:
-        float32 tensor [3, H, W] in [0, 1].
+        float32 tensor [3, H, W] in [0, 1] (uint8 [3, H, W] with `uint8` where exact).
 
     Raises:
         ImageDecodeError: empty, truncated or unreadable file, or shorter side < one patch.
@@ -183,7 +188,9 @@ def preprocess_image(
     from PIL import Image
 
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    if not (uint8 and spec.extra_resize is None):
+        x = x.float().div(255)
     if spec.mode == "crop" and new_h > t:
         top = (new_h - t) // 2
         x = x[:, top:top + t, :]
@@ -238,16 +245,18 @@ def qwen_view(view: torch.Tensor, *, patch_size: int = OFFICIAL_PATCH_SIZE, merg
 
 def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_size: int = OFFICIAL_PATCH_SIZE,
                merge_size: int = 2,
-               name: Optional[str] = None) -> torch.Tensor:
+               name: Optional[str] = None, uint8: bool = False) -> torch.Tensor:
     """Decode one image into the Qwen image as a tensor: `preprocess_image`, then `qwen_view`.
 
     Args:
-        source, spec, patch_size, name: as for `preprocess_image` (the VGGT view's preprocessing).
+        source, spec, patch_size, name, uint8: as for `preprocess_image` (the VGGT view's
+            preprocessing).
         merge_size: Qwen's spatial merge (2).
 
     Returns:
-        float32 tensor [3, H', W'] in [0, 1] (exactly k/255 without extra_resize), H' and W'
-        multiples of patch * merge: the VGGT view's top-left H' x W' pixels.
+        float32 tensor [3, H', W'] in [0, 1] (exactly k/255 without extra_resize; with `uint8`
+        then the uint8 k), H' and W' multiples of patch * merge: the VGGT view's top-left
+        H' x W' pixels.
 
     Raises:
         ImageDecodeError: as `preprocess_image`, or the view is too small for one Qwen token.
@@ -258,7 +267,7 @@ def qwen_frame(source: Source, spec: Optional[PreprocessSpec] = None, *, patch_s
         >>> qwen_frame("data/scene_a/000.jpg", PreprocessSpec(target_size=518)).shape
         torch.Size([3, 392, 504])
     """
-    view = preprocess_image(source, spec, patch_size=patch_size, name=name)
+    view = preprocess_image(source, spec, patch_size=patch_size, name=name, uint8=uint8)
     label = name or (None if isinstance(source, (bytes, bytearray, memoryview)) or _is_pil(source)
                      else os.fspath(source))
     return qwen_view(view, patch_size=patch_size, merge_size=merge_size, name=label).contiguous()
@@ -285,7 +294,8 @@ def _pad_white(x: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
     if dh <= 0 and dw <= 0:
         return x
     dh, dw = max(dh, 0), max(dw, 0)
-    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=1.0)
+    white = 255 if x.dtype == torch.uint8 else 1.0
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=white)
 
 
 def _decode(data: bytes, label: str):

@@ -10,6 +10,8 @@ its frame reader and its stored-shape rule; nothing else in featstore knows a fa
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from featstore.contract.spec import EncoderSpec, PreprocessSpec, spec_mismatch_details
@@ -60,8 +62,9 @@ def register_encoder(name: str, factory: Callable[..., Any], *, spec: Optional[C
         unit: what one encoder call covers, "sequence" (a sample's frames, in order) or "image"
             (each image alone); the build plans its units by it.
         feature_set: the store's feature set the build writes by default (`--feature-set`).
-        preprocess: ``preprocess(source, spec, *, patch_size, name) -> [3, H, W]``, the frame
-            reader of this family (`preprocess_frame`); None: the view itself (`preprocess_image`).
+        preprocess: ``preprocess(source, spec, *, patch_size, name[, uint8]) -> [3, H, W]``, the
+            frame reader of this family (`preprocess_frame`; `uint8` as for `preprocess_image`,
+            optional); None: the view itself (`preprocess_image`).
         shape: ``shape(spec, width, height, num_frames) -> (F, N, C)``, the stored shape of a unit
             of source images that size (`stored_shape`); None: ``(frames_stored, tokens of the
             view's whole patch grid, channels(spec))``.
@@ -122,8 +125,16 @@ def feature_set_of(name: str) -> str:
     return _registered(name).feature_set
 
 
-def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Optional[str] = None):
-    """One image (path or bytes) -> the encoder input [3, H, W] float32 in [0, 1] of `spec`'s family.
+@functools.cache
+def _takes_uint8(reader: Callable[..., Any]) -> bool:
+    """Whether a registered frame reader takes `uint8=` (one written before it did does not)."""
+    return "uint8" in inspect.signature(reader).parameters
+
+
+def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Optional[str] = None,
+                     uint8: bool = False):
+    """One image (path or bytes) -> the encoder input [3, H, W] float32 in [0, 1] of `spec`'s family
+    (with `uint8`, its uint8 values k of k/255 where exact: `preprocess_image`).
 
     VGGT presets (and a spec whose encoder is not registered here): the VGGT view,
     `preprocess_image(source, spec.preprocess)`. Qwen vision presets: the Qwen image derived
@@ -134,6 +145,7 @@ def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Option
         spec: the EncoderSpec (its `encoder` picks the family, its `preprocess` the view).
         patch_size: the encoder's patch size.
         name: how errors name the image when `source` is bytes.
+        uint8: as for `preprocess_image` (the build's decode workers).
 
     Raises:
         ImageDecodeError: the image cannot be decoded or is too small (the message names it).
@@ -147,10 +159,12 @@ def preprocess_frame(source, spec: EncoderSpec, patch_size: int, *, name: Option
     """
     entry = _REGISTRY.get(spec.encoder)
     if entry is not None and entry.preprocess is not None:
-        return entry.preprocess(source, spec, patch_size=patch_size, name=name)
+        if uint8 and _takes_uint8(entry.preprocess):
+            return entry.preprocess(source, spec, patch_size=patch_size, name=name, uint8=True)
+        return entry.preprocess(source, spec, patch_size=patch_size, name=name)  # float32: still correct
     from featstore.encoders.preprocess import preprocess_image
 
-    return preprocess_image(source, spec.preprocess, patch_size=patch_size, name=name)
+    return preprocess_image(source, spec.preprocess, patch_size=patch_size, name=name, uint8=uint8)
 
 
 def frames_stored(spec: EncoderSpec, num_frames: int) -> int:

@@ -17,11 +17,11 @@ from featstore.errors import EncoderError, WeightsError
 QWEN_BACKEND = "transformers"
 
 
-def _qwen_frame(source, spec: EncoderSpec, *, patch_size: int, name: Optional[str] = None):
+def _qwen_frame(source, spec: EncoderSpec, *, patch_size: int, name: Optional[str] = None, uint8: bool = False):
     from featstore.encoders.preprocess import qwen_frame
 
     return qwen_frame(source, spec.preprocess, patch_size=patch_size,
-                      merge_size=int(spec.config["spatial_merge_size"]), name=name)
+                      merge_size=int(spec.config["spatial_merge_size"]), name=name, uint8=uint8)
 
 
 def qwen_channels(spec: EncoderSpec) -> int:
