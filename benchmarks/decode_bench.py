@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,19 +36,10 @@ from featstore.build.encode import read_unit_frames  # noqa: E402
 from featstore.build.frames import UnitDataset, exact_uint8  # noqa: E402
 from featstore.build.plan import plan_units  # noqa: E402
 from featstore.encoders import resolve_spec  # noqa: E402
+from vision_build_bench import write_images  # noqa: E402  (smooth colour fields, as photos compress)
 
 ENCODERS = ("vggt-tiny", "qwen2.5-vl-vision-tiny")  # the preprocessing is the full-size presets'
 SIZES = ((640, 480), (504, 392))
-
-
-def write_jpegs(folder: Path, count: int, width: int, height: int) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        small = rng.integers(0, 256, (height // 28, width // 28, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((width, height), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
 
 
 def time_per_frame(fn, units, repeats: int) -> float:
@@ -75,7 +65,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for width, height in SIZES:
             root = Path(tmp) / f"{width}x{height}"
-            write_jpegs(root, count, width, height)
+            write_images(root, count, width, height)
             units = plan_units(str(root))
             for name in ENCODERS:
                 spec = resolve_spec(name, target_size=518)
