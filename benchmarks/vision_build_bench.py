@@ -11,7 +11,8 @@ vision tower, written in the official `visual.*` layout with its config.json):
                       times (decode wait, encode, device-to-host wait, serialise, commit)
   bare/<attention>    the encoder alone (`get_encoder(..., vision_attention=...)`): `encode` on
                       `--batch-frames` decoded images already in memory, median of `--iters` calls
-                      after warm-up: the ceiling the build's pipeline can reach; also the
+                      after warm-up (host_ms: the host's part, until `encode` returns): the
+                      ceiling the build's pipeline can reach; also the
                       same calls back to back with one sync at the end (pipelined_frames_per_s)
                       and how often one call makes the host wait for the GPU (host_syncs_per_call)
 With `--compile` also one_call_compiled: one_call with the tower's blocks compiled (`build
@@ -94,28 +95,33 @@ def run_build(data: Path, store: Path, ckpt: Path, variant: str, device: str, ba
             **{k: report.get(k) for k in stages}}
 
 
-def bare_forward(ckpt: Path, variant: str, device: str, images: list, warmup: int, iters: int):
+def bare_forward(ckpt: Path, variant: str, device: str, images: list, warmup: int, iters: int,
+                 inputs_on_device: bool = False):
+    """The encoder alone on `images`: median call time with the GPU's work (batch_ms,
+    frames_per_s) and the host's time until `encode` returns (host_ms: what launching costs).
+    `inputs_on_device`: the images sit on the device already (else in host memory, the copy
+    counted). Returns (those numbers, the features of the first call)."""
     attention, compiled = variant.removesuffix("_compiled"), variant.endswith("_compiled")
     encoder = get_encoder("qwen2.5-vl-vision", weights=str(ckpt), device=device, vision_attention=attention,
                           **({"compile": True} if compiled else {}))
     frames = torch.stack(images).unsqueeze(0)  # [1, B, 3, H, W], as the build batches them
+    if inputs_on_device:
+        frames = frames.to(device)
 
     def once():
+        t = time.perf_counter()
         out = encoder.encode(frames)
+        host = time.perf_counter() - t
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return out
+        return out, host, time.perf_counter() - t
 
-    result = once()
+    result = once()[0]
     for _ in range(warmup):
         once()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t)
+    hosts, times = zip(*(once()[1:] for _ in range(iters)))
     seconds = statistics.median(times)
-    out = {"batch_ms": 1e3 * seconds, "frames_per_s": len(images) / seconds}
+    out = {"batch_ms": 1e3 * seconds, "frames_per_s": len(images) / seconds, "host_ms": 1e3 * statistics.median(hosts)}
     if device.startswith("cuda"):
         # Back to back, one sync at the end: what a pipeline that never waits could reach.
         t = time.perf_counter()

@@ -7,9 +7,10 @@ says why. Side by side, on the same JPEGs (504x392) and random-weight checkpoint
 Qwen2.5-VL-3B vision tower), with one-call attention:
 
   bare_c16 / bare_e16     the encoder alone on 16 images already on the GPU, compiled blocks /
-                          eager: host_ms (host time until `encode` returns, no sync: what the
-                          host spends launching), call_ms (with the GPU's work), fps, and
-                          pipelined_fps (calls back to back, one sync at the end)
+                          eager (vision_build_bench.bare_forward): host_ms (host time until
+                          `encode` returns: what the host spends launching), batch_ms (with the
+                          GPU's work), frames_per_s; on a GPU also pipelined_frames_per_s
+                          (calls back to back, one sync at the end) and host_syncs_per_call
   build_<c|e>16_w<N>_pin  the build (in a child process, through featstore.build.runner.build),
                           compiled (c) or eager (e), 16 frames a forward, N decode workers, the
                           loader's pin-memory thread receiving the units (the default on CUDA)
@@ -47,38 +48,22 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from featstore import FeatureStore  # noqa: E402
-from featstore.encoders import get_encoder  # noqa: E402
+from featstore.encoders import preprocess_frame, resolve_spec  # noqa: E402
 from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG  # noqa: E402
 from _results import write_report  # noqa: E402
-from vision_build_bench import QWEN25_VL_3B_VISION, write_checkpoint, write_images  # noqa: E402
+from vision_build_bench import QWEN25_VL_3B_VISION, bare_forward, write_checkpoint, write_images  # noqa: E402
 
 STAGES = ("frames", "pipeline_s", "steady_frames_per_s", "decode_wait_s", "encode_s", "d2h_wait_s", "serialise_s",
           "commit_s")
 
 
 def bare(ckpt: Path, data: Path, device: str, batch: int, compiled: bool, iters: int) -> dict:
-    encoder = get_encoder("qwen2.5-vl-vision", weights=str(ckpt), device=device, vision_attention="one_call",
-                          **({"compile": True} if compiled else {}))
-    x = torch.stack([encoder.load_image(data / f"img_{i:05d}.jpg") for i in range(batch)]).unsqueeze(0).to(device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(3):
-        encoder.encode(x)
-        sync()
-    host, full = [], []
-    for _ in range(iters):
-        sync()
-        t = time.perf_counter()
-        encoder.encode(x)
-        host.append(time.perf_counter() - t)
-        sync()
-        full.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(iters):
-        encoder.encode(x)
-    sync()
-    pipelined = (time.perf_counter() - t) / iters
-    host_s, call_s = sorted(host)[iters // 2], sorted(full)[iters // 2]
-    return {"host_ms": 1e3 * host_s, "call_ms": 1e3 * call_s, "fps": batch / call_s, "pipelined_fps": batch / pipelined}
+    """`vision_build_bench.bare_forward` on `batch` of the images, already on the device."""
+    spec = resolve_spec("qwen2.5-vl-vision", weights=str(ckpt))  # no model: the images as the build reads them
+    images = [preprocess_frame(str(data / f"img_{i:05d}.jpg"), spec, int(spec.config["patch_size"]))
+              for i in range(batch)]
+    variant = "one_call_compiled" if compiled else "one_call"
+    return bare_forward(ckpt, variant, device, images, warmup=3, iters=iters, inputs_on_device=True)[0]
 
 
 def build(options: dict, spy: Path | None = None) -> dict:
@@ -171,7 +156,7 @@ def main(argv=None) -> int:
         for tag in ("c16_w4", "c16_w8", "e16_w4"):
             if f"build_{tag}_pin" in report and f"bare_{tag[:3]}" in report:
                 report[f"build_{tag}_pin"]["of_bare"] = (report[f"build_{tag}_pin"]["steady_frames_per_s"] or 0) / \
-                    report[f"bare_{tag[:3]}"]["fps"]
+                    report[f"bare_{tag[:3]}"]["frames_per_s"]
     write_report(a.out, "vision_build_probe.json", report)
     return 0
 

@@ -397,6 +397,6 @@ def test_vision_build_probe_smoke(tmp_path):
     spec.loader.exec_module(vision_build_probe)
     assert vision_build_probe.main(["--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "vision_build_probe.json").read_text())
-    assert report["smoke"] and report["bare_e16"]["host_ms"] > 0 and report["bare_e16"]["fps"] > 0
+    assert report["smoke"] and report["bare_e16"]["host_ms"] > 0 and report["bare_e16"]["frames_per_s"] > 0
     assert report["build_e16_w4_nopin"]["frames"] == report["images"] == 6
     assert report["build_e16_w4_nopin"]["encode_s"] > 0

@@ -4,7 +4,7 @@ frames (`featstore.build.encode.read_unit_frames`) ahead of the GPU loop.
 Frames cross from the workers to the GPU loop as uint8 where that is exact (every value k/255:
 the VGGT and Qwen views without extra_resize), a quarter of the float32 bytes to pass, stack,
 pin and copy; the readers return those bytes straight from the decoded image (no float32 round
-trip and check: 1.3-1.6x less worker time a frame, benchmarks/decode_bench.py), and `to_float`
+trip and check: about 1.4x less worker time a frame, benchmarks/decode_bench.py), and `to_float`
 makes them float32 on the device, bit-identical to decoding to float32.
 
 Shapes: a unit's frames [S, 3, H, W], uint8 or float32 in [0, 1].
