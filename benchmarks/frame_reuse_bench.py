@@ -89,14 +89,15 @@ def one_build(encoder, root: Path, ann: Path, store: Path, *, reuse: bool, batch
     return {"wall_s": wall, **{k: getattr(report, k) for k in keep}}
 
 
-def compare_stores(a: Path, b: Path, storage_dtype: str) -> dict:
-    """Every entry of store `a` against store `b`: the largest relative difference, the lowest
-    cosine, how many are bit-identical, and whether all are within the storage tolerance."""
+def compare_stores(a: Path, b: Path, storage_dtype: str, feature_set: str | None = None) -> dict:
+    """Every entry of store `a` against store `b` (feature set `feature_set`; None: the primary):
+    the largest relative difference, the lowest cosine, how many are bit-identical, and whether
+    all are within the storage tolerance."""
     from featstore import FeatureStore
     from featstore.ops.compare import compare_features
 
     worst = {"entries": 0, "bit_identical": 0, "max_rel_diff": 0.0, "min_cosine": 1.0, "all_within_tolerance": True}
-    with FeatureStore(str(a)) as sa, FeatureStore(str(b)) as sb:
+    with FeatureStore(str(a), feature_set=feature_set) as sa, FeatureStore(str(b), feature_set=feature_set) as sb:
         if sorted(sa.keys()) != sorted(sb.keys()):
             raise RuntimeError(f"the stores hold different keys: {sorted(set(sa.keys()) ^ set(sb.keys()))[:5]}")
         for key in sa.keys():

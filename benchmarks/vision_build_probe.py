@@ -16,8 +16,9 @@ Qwen2.5-VL-3B vision tower), with one-call attention:
                           loader's pin-memory thread receiving the units (the default on CUDA)
   ..._nopin               the same with BuildOptions(pin_frames=False): the GPU loop's thread
                           receives every unit from the workers itself (the build before)
-  same_pin_vs_nopin       the two compiled stores compared entry by entry (bit-equal count,
-                          largest relative difference)
+  same_pin_vs_nopin       the two compiled stores compared entry by entry
+                          (frame_reuse_bench.compare_stores: bit-identical count, largest
+                          relative difference, lowest cosine, all within the tolerance)
 
 Each build reports its steady frames/s and stage times. `--spy` also records the compiled
 pinned build with py-spy (carry its wheel; `py-spy` on PATH or in $SITE/bin), all threads and
@@ -47,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from featstore import FeatureStore  # noqa: E402
-from featstore.encoders import preprocess_frame, resolve_spec  # noqa: E402
+from featstore.encoders import feature_set_of, preprocess_frame, resolve_spec  # noqa: E402
 from featstore.encoders.qwen_vision.config import TINY_VISION_CONFIG  # noqa: E402
 from _results import write_report  # noqa: E402
+from frame_reuse_bench import compare_stores  # noqa: E402
 from vision_build_bench import QWEN25_VL_3B_VISION, bare_forward, write_checkpoint, write_images  # noqa: E402
 
 STAGES = ("frames", "pipeline_s", "steady_frames_per_s", "decode_wait_s", "encode_s", "d2h_wait_s", "serialise_s",
@@ -82,19 +83,6 @@ def build(options: dict, spy: Path | None = None) -> dict:
     return {"wall_s": time.perf_counter() - start, **{k: report.get(k) for k in STAGES}}
 
 
-def compare(a: str, b: str) -> dict:
-    with FeatureStore(a) as sa, FeatureStore(b) as sb:
-        keys = sorted(sa.keys())
-        if keys != sorted(sb.keys()):
-            raise RuntimeError(f"{a} and {b} hold different keys")
-        worst, equal = 0.0, 0
-        for key in keys:
-            fa, fb = sa.get(key).features.float(), sb.get(key).features.float()
-            diff = float((fa - fb).abs().max() / fa.abs().max().clamp(min=1e-30))
-            worst, equal = max(worst, diff), equal + (diff == 0)
-    return {"keys": len(keys), "bit_equal": equal, "max_rel_diff": worst}
-
-
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--child":
         from featstore.build.runner import BuildOptions
@@ -124,6 +112,8 @@ def main(argv=None) -> int:
         data = work / "data"
         write_images(data, count, *size)
         ckpt = write_checkpoint(work / "qwen_vision_ckpt", config)
+        storage = resolve_spec("qwen2.5-vl-vision", weights=str(ckpt)).storage_dtype
+        feature_set = feature_set_of("qwen2.5-vl-vision")
 
         def store(tag):
             return str(work / f"store_{tag}.lmdb")
@@ -138,7 +128,8 @@ def main(argv=None) -> int:
         steps = [("bare_c16", lambda: bare(ckpt, data, device, batch, True, iters)),
                  ("build_c16_w4_pin", build_step("c16_w4_pin", 4, True, True, spy=a.spy)),
                  ("build_c16_w4_nopin", build_step("c16_w4_nopin", 4, True, False)),
-                 ("same_pin_vs_nopin", lambda: compare(store("c16_w4_pin"), store("c16_w4_nopin"))),
+                 ("same_pin_vs_nopin",
+                  lambda: compare_stores(store("c16_w4_pin"), store("c16_w4_nopin"), storage, feature_set)),
                  ("bare_e16", lambda: bare(ckpt, data, device, batch, False, iters)),
                  ("build_e16_w4_pin", build_step("e16_w4_pin", 4, False, True)),
                  ("build_c16_w8_pin", build_step("c16_w8_pin", 8, True, True)),
