@@ -118,6 +118,29 @@ def test_frame_order_keeps_an_episode_together_and_the_plan_unchanged(janus):
     assert frame_order(list(reversed(units))) == ordered  # the order depends on the units alone
 
 
+def test_shards_keep_episodes_together_so_a_shared_frame_is_embedded_on_one_host(janus, tmp_path):
+    """`--shard I/3` over 3 episodes of 9 samples: each host gets one whole episode (every 3rd
+    sample would give each host a third of every episode, and every host would embed every
+    episode's first frame), so the hosts together embed as many frames as one host building
+    everything does (batches large enough to hold a frame-count group whole); the parts are
+    disjoint, hold every sample, and hold what the one-host build holds."""
+    root, ann = janus
+    keys, samples = janus_samples()
+    one = str(tmp_path / "one.lmdb")
+    whole_report = _build(root, ann, one, batch_frames=256)
+    parts, distinct = [], 0
+    for i in range(3):
+        store = str(tmp_path / f"shard{i}.lmdb")
+        report = _build(root, ann, store, shard=(i, 3), batch_frames=256)
+        parts.append(read_store(store))
+        distinct += report.distinct_frames
+        assert len({k.rsplit("_", 1)[0] for k in parts[-1]}) == 1, sorted(parts[-1])  # one episode
+    # Units are batched by frame count, so a frame shared by units of two counts is embedded twice.
+    assert distinct == whole_report.distinct_frames < whole_report.frame_instances
+    assert sorted(k for part in parts for k in part) == sorted(s["id"] for s in samples)  # disjoint, complete
+    assert _max_rel_diff({k: v for part in parts for k, v in part.items()}, read_store(one)) < 1e-5
+
+
 def test_a_build_resumed_in_other_batches_computes_the_same_entries(janus, tmp_path):
     """Resume: a store holding some units gets the rest in other batches (other distinct frames);
     the finished store equals one built in one go."""

@@ -155,7 +155,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "size are batched up to this many frames. Lower it if the GPU runs out of memory")
     r.add_argument("--shard", default=_SHARD_DEFAULT, metavar="I/N", help="build only part I of N (0-based; "
                    f"default {_SHARD_DEFAULT}: all), one part per host, each into its own store (default: "
-                   "vggt_features.shard-I-of-N.lmdb in DATA_ROOT); merge the parts with `featstore merge`")
+                   "vggt_features.shard-I-of-N.lmdb in DATA_ROOT); merge the parts with `featstore merge`. The "
+                   "parts are the planned units in episode order cut into N contiguous runs, so an episode's "
+                   "shared frames are embedded on one host; build all parts with one featstore version")
     r.add_argument("--commit-every", type=int, default=_default("commit_entries"), metavar="N",
                    help=f"entries per LMDB commit (default {_default('commit_entries')}); a crash or kill loses "
                    "at most the entries of one open batch, which a rerun recomputes")

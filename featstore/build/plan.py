@@ -76,6 +76,7 @@ __all__ = [
     "source_path",
     "file_sha256",
     "frame_order",
+    "shard_part",
 ]
 
 _IMAGE_FIELDS = ("images", "image")  # LLaVA/Qwen conversation JSON: a list, or one path
@@ -531,6 +532,30 @@ def frame_order(units: Iterable[Unit]) -> list[Unit]:
         return posixpath.dirname(first), first, unit.key
 
     return sorted(units, key=order)
+
+
+def shard_part(units: Iterable[Unit], index: int, count: int) -> list[Unit]:
+    """Part `index` of `count` (`featstore build --shard I/N`): the units in episode order
+    (`frame_order`), cut into `count` contiguous parts whose sizes differ by at most one.
+
+    Contiguous, so that an episode's units stay on one host (cut only where a part ends) and its
+    shared frames are patch-embedded there once; every N-th unit would hand each host a slice of
+    every episode and embed its shared frames on every host. The part depends on the planned
+    units and `count` alone, not on what the store holds, so the parts of one plan are disjoint
+    and together hold every unit, however often each host is rerun.
+
+    Example:
+        >>> from featstore.build.plan import Unit, shard_part
+        >>> units = [Unit(f"{ep}_{t}", (f"{ep}/0.png", f"{ep}/{t}.png")) for ep in ("ep2", "ep1") for t in (1, 2)]
+        >>> [[u.key for u in shard_part(units, i, 2)] for i in range(2)]
+        [['ep1_1', 'ep1_2'], ['ep2_1', 'ep2_2']]
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is not in 0..{count - 1}")
+    ordered = frame_order(units)
+    size, extra = divmod(len(ordered), count)
+    start = index * size + min(index, extra)  # the first `extra` parts hold one unit more
+    return ordered[start: start + size + (index < extra)]
 
 
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:

@@ -26,7 +26,7 @@ from featstore.build.freshness import MISMATCH_ADVICE, split_units
 from featstore.build.frames import start_decoding
 from featstore.build.options import BuildContext, BuildOptions
 from featstore.build.pipeline import run_pipeline
-from featstore.build.plan import IMAGE_EXTENSIONS, Unit, frame_order, plan_units
+from featstore.build.plan import IMAGE_EXTENSIONS, Unit, frame_order, plan_units, shard_part
 from featstore.build.report import BuildReport
 from featstore.contract.naming import check_feature_set
 from featstore.errors import PlanError
@@ -108,7 +108,7 @@ def _build_units(ctx: BuildContext, units: list[Unit], skipped: list[dict], devi
 
     opts, spec, store_path = ctx.opts, ctx.spec, ctx.store_path
     index, count = ctx.shard
-    units = units[index::count]
+    units = shard_part(units, index, count)  # contiguous in episode order: an episode on one host
     report = BuildReport(feature_set=ctx.feature_set, planned=len(units), skipped=skipped)
 
     split = split_units(ctx, units)
