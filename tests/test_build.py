@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from featstore.encoders.vggt.weights import sha256_file
 from featstore.errors import FingerprintMismatchError, MergeConflictError, PlanError
 from featstore.ops.merge import merge_stores
 from featstore.build.plan import plan_units
+
+from _training_launch import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "sample_data")
@@ -235,7 +236,7 @@ def test_two_process_build_equals_one_process_build(data_root, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-         str(random.randint(20000, 40000)), "-m", "featstore", "build", "--data-root", data_root,
+         str(free_port()), "-m", "featstore", "build", "--data-root", data_root,
          "--encoder", "vggt-tiny", "--store", multi, "--workers", "0", "--no-progress"],
         capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -143,7 +143,11 @@ class VGGTEncoder:
         if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < x.shape[0]:
             raise EncoderError(f"encode_indexed: index values must lie in [0, {x.shape[0]}) (the frames given); "
                                f"got [{int(index.min())}, {int(index.max())}]")
-        index = self._call_order(index.to(self.device))  # reference_frame "last" reverses each sequence
+        # non_blocking: a blocking host->device copy synchronizes the stream, so the host would wait
+        # for the previous batch's forward before launching this one. From pageable memory (the
+        # build's index) the bytes are staged before the call returns; a pinned index is read
+        # later, in stream order, so its caller must not change it in place meanwhile.
+        index = self._call_order(index.to(self.device, non_blocking=True))  # reference_frame "last" reverses each sequence
         return self._features(x, frame_index=index)
 
     @torch.inference_mode()
