@@ -12,6 +12,7 @@ import torch
 
 from featstore.build.pipeline import distinct_frames
 from featstore.build.plan import Unit, frame_order, plan_units
+from featstore.errors import PlanError
 from featstore.build.runner import BuildOptions, build
 
 from _featstore_helpers import make_images, read_store
@@ -139,6 +140,8 @@ def test_shards_keep_episodes_together_so_a_shared_frame_is_embedded_on_one_host
     assert distinct == whole_report.distinct_frames < whole_report.frame_instances
     assert sorted(k for part in parts for k in part) == sorted(s["id"] for s in samples)  # disjoint, complete
     assert _max_rel_diff({k: v for part in parts for k, v in part.items()}, read_store(one)) < 1e-5
+    with pytest.raises(PlanError, match=r"--shard must be I/N with 0 <= I < N. Found '3/3'"):
+        _build(root, ann, str(tmp_path / "bad.lmdb"), shard=(3, 3))
 
 
 def test_a_build_resumed_in_other_batches_computes_the_same_entries(janus, tmp_path):

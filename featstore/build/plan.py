@@ -551,7 +551,7 @@ def shard_part(units: Iterable[Unit], index: int, count: int) -> list[Unit]:
         [['ep1_1', 'ep1_2'], ['ep2_1', 'ep2_2']]
     """
     if not 0 <= index < count:
-        raise ValueError(f"shard index {index} is not in 0..{count - 1}")
+        raise PlanError(f"--shard must be I/N with 0 <= I < N. Found {f'{index}/{count}'!r}")
     ordered = frame_order(units)
     size, extra = divmod(len(ordered), count)
     start = index * size + min(index, extra)  # the first `extra` parts hold one unit more
