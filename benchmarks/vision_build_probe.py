@@ -19,15 +19,17 @@ Qwen2.5-VL-3B vision tower), with one-call attention:
   same_pin_vs_nopin       the two compiled stores compared entry by entry
                           (frame_reuse_bench.compare_stores: bit-identical count, largest
                           relative difference, lowest cosine, all within the tolerance)
+  same_e16_pin_vs_nopin   the same for the two eager stores
 
 Each build reports its steady frames/s and stage times. `--spy` also records the compiled
 pinned build with py-spy (carry its wheel; `py-spy` on PATH or in $SITE/bin), all threads and
 the decode workers, as collapsed stacks in DIR/spy_<build>.txt: which thread is busy with what.
 Writes DIR/vision_build_probe.json after every step (DIR: --out, else $OUT, else ./bench_out).
 
-`--smoke`: the tiny tower on CPU, a few images, bare_e16 and build_e16_w4_nopin only (compiling
-takes minutes on a CPU, pinning needs CUDA): checks the script runs
-(tests/test_vision_attention.py); its timings mean nothing.
+`--smoke`: the tiny tower on CPU, a few images, the eager steps only (compiling takes minutes
+on a CPU; the loader pins only for a CUDA build, so there both builds take the same path and
+their stores must be bit-identical): checks the script runs (tests/test_vision_attention.py);
+its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -133,10 +135,12 @@ def main(argv=None) -> int:
                  ("bare_e16", lambda: bare(ckpt, data, device, batch, False, iters)),
                  ("build_e16_w4_pin", build_step("e16_w4_pin", 4, False, True)),
                  ("build_c16_w8_pin", build_step("c16_w8_pin", 8, True, True)),
-                 ("build_e16_w4_nopin", build_step("e16_w4_nopin", 4, False, False))]
+                 ("build_e16_w4_nopin", build_step("e16_w4_nopin", 4, False, False)),
+                 ("same_e16_pin_vs_nopin",
+                  lambda: compare_stores(store("e16_w4_pin"), store("e16_w4_nopin"), storage, feature_set))]
         only = set(a.steps.split()) or {name for name, _ in steps}
-        if a.smoke:  # compiling on CPU takes minutes and pinning needs CUDA: one bare forward, one build
-            only = {"bare_e16", "build_e16_w4_nopin"}
+        if a.smoke:  # compiling on CPU takes minutes: one bare forward, the eager builds and their comparison
+            only = {"bare_e16", "build_e16_w4_pin", "build_e16_w4_nopin", "same_e16_pin_vs_nopin"}
         for name, step in steps:
             if name not in only:
                 continue

@@ -381,8 +381,9 @@ def test_build_one_call_writes_the_stock_fingerprint_and_features(tmp_path):
 
 
 def test_vision_build_probe_smoke(tmp_path):
-    """benchmarks/vision_build_probe.py runs a bare forward and a build through its child process
-    (BuildOptions with pin_frames off) end to end."""
+    """benchmarks/vision_build_probe.py runs a bare forward and two builds through its child
+    process (BuildOptions with pin_frames on and off; on the CPU the loader pins nothing) end to
+    end, and compares the two vision stores entry by entry."""
     import json
 
     from _featstore_helpers import REPO
@@ -400,3 +401,5 @@ def test_vision_build_probe_smoke(tmp_path):
     assert report["smoke"] and report["bare_e16"]["host_ms"] > 0 and report["bare_e16"]["frames_per_s"] > 0
     assert report["build_e16_w4_nopin"]["frames"] == report["images"] == 6
     assert report["build_e16_w4_nopin"]["encode_s"] > 0
+    same = report["same_e16_pin_vs_nopin"]
+    assert same["entries"] == same["bit_identical"] == 6 and same["all_within_tolerance"]
