@@ -126,7 +126,10 @@ def test_edited_or_vanished_annotation_files_are_said_and_gc_will_not_guess(tmp_
     assert rc != 0 and "is gone" in err and "nothing was removed" in err
 
 
-def test_shards_merge_with_their_plan(tmp_path, capsys):
+def test_shards_record_their_part_verify_checks_it_and_the_merge_checks_all(tmp_path, capsys):
+    """Each shard records its part of the plan: `verify` of a finished shard is clean (the other
+    part's units are another host's, not missing), with --annotations it checks every unit and
+    says why some are missing; the merged store records the whole plan and verifies clean."""
     from featstore.build.runner import BuildOptions, build
     from featstore.ops.merge import merge_stores
     from featstore.store.reader import FeatureStore
@@ -138,8 +141,33 @@ def test_shards_merge_with_their_plan(tmp_path, capsys):
                             workers=0, shard=(i, 2))
         build(opts)
         shards.append(opts.store_path())
+        build(opts)  # rerun of the same command: the part stays recorded
+        with FeatureStore(shards[-1]) as fs:
+            assert fs.manifest["plan"]["shard"] == [i, 2]
+        rc, out, _ = _cli(["verify", shards[-1], "--data-root", root], capsys)
+        assert rc == 0 and "result     OK" in out, out
+        assert f"shard {i}/2: this store holds part of the plan, so coverage is checked for its {3 - i} units" in out
+        assert f"(annotations annotations.json, shard {i}/2)" in out
+    rc, out, _ = _cli(["verify", shards[1], "--data-root", root, "--annotations", annotations(root)], capsys)
+    assert rc == 1 and "3 missing" in out and "this store is shard 1/2 of its recorded plan" in out
     out = str(tmp_path / "merged.lmdb")
     merge_stores(out, shards)
     with FeatureStore(out) as fs:
         plan = fs.manifest["plan"]
     assert [f["file"] for f in plan["annotations"]] == ["annotations.json"] and plan["scan"] is False
+    assert "shard" not in plan
+    rc, text, _ = _cli(["verify", out, "--data-root", root], capsys)
+    assert rc == 0 and "result     OK" in text and "/2" not in text and "plan: 5 units" in text
+
+
+def test_a_part_is_recorded_only_while_the_plan_is_the_one_it_is_part_of():
+    from featstore.store.layout import merge_plan
+
+    a = {"unit": "sequence", "scan": False, "annotations": [{"file": "a.json"}]}
+    part = dict(a, shard=[1, 2])
+    assert merge_plan(None, part)["shard"] == [1, 2]  # the first build of the set
+    assert merge_plan(part, part)["shard"] == [1, 2]  # the same command again
+    assert "shard" not in merge_plan(part, a)  # the whole plan built into it since
+    assert "shard" not in merge_plan(part, dict(a, shard=[0, 2]))  # another part
+    assert "shard" not in merge_plan(part, dict(part, annotations=[{"file": "b.json"}]))  # another plan
+    assert "shard" not in merge_plan(part, dict(part, scan=True))

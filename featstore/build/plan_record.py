@@ -15,6 +15,11 @@ what earlier builds of the set recorded:
 - `scan` is true once a build planned every image under the data root (no annotations).
 - `size` and `sha256` name the content planned; a file edited since is said (`plan_notes`) and
   planned as it is now.
+- `shard` ([I, N], only with `--shard I/N`, N > 1): the set holds part I of N of that plan
+  (`featstore.build.plan.shard_part`), so `verify` checks the coverage of that part only. It is
+  kept while later builds of the set plan the same files with the same shard, and dropped when
+  the plan changes (then the whole plan is checked) and by `merge` (a merged store holds all
+  parts).
 
 `verify`, `gc` and `info` plan the recorded files by default; `--annotations` overrides (a
 difference from the record is said in one line) and `gc --unplanned` keeps every entry of the
@@ -35,7 +40,7 @@ from featstore.build.video import DEFAULT_VIDEO_POLICY
 from featstore.store.layout import PLAN_FIELD, merge_plan
 
 __all__ = ["PLAN_FIELD", "record_of", "merge_plan", "recorded_sources", "plan_notes", "describe_plan",
-           "plan_of_manifest", "NO_RECORD_NOTE"]
+           "record_shard", "plan_of_manifest", "NO_RECORD_NOTE"]
 
 NO_RECORD_NOTE = ("this store records no plan (built before featstore recorded one): pass --annotations with the "
                   "files it was built from, or rerun the same `featstore build` (it computes nothing that is "
@@ -52,10 +57,11 @@ def _relative(path: str, data_root: str) -> str:
 
 
 def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | None, unit: str, *,
-              video_policy=None) -> dict:
+              video_policy=None, shard: tuple[int, int] = (0, 1)) -> dict:
     """The plan record of one build: its annotation files (hashed) or a scan of the data root,
     and, with annotation files, the video policy (`featstore.build.video`) their video samples
-    were planned with ("video_policy", canonical string).
+    were planned with ("video_policy", canonical string); for `--shard I/N` with N > 1, the
+    part it built ("shard": [I, N]: `featstore.build.plan.shard_part` of the plan).
 
     Example:
         >>> from featstore.build.plan_record import record_of
@@ -74,6 +80,8 @@ def record_of(data_root: str, annotations: Sequence[str | AnnotationSource] | No
         from featstore.build.video import parse_video_policy
 
         record["video_policy"] = parse_video_policy(video_policy).name
+    if shard[1] > 1:
+        record["shard"] = list(shard)
     return record
 
 
@@ -139,6 +147,8 @@ def describe_plan(record: dict | None) -> str:
         'annotations a.json@media%3'
         >>> describe_plan({"scan": False, "annotations": [{"file": "a.json"}], "video_policy": "linspace:16"})
         'annotations a.json (video policy linspace:16)'
+        >>> describe_plan({"scan": True, "annotations": [], "shard": [0, 2]})
+        'a scan of the data root, shard 0/2'
     """
     if record is None:
         return "none recorded"
@@ -148,7 +158,25 @@ def describe_plan(record: dict | None) -> str:
     text = " and ".join(([f"annotations {', '.join(parts)}"] if parts else []) + scan) or "nothing"
     if record.get("video_policy") not in (None, DEFAULT_VIDEO_POLICY):  # said only when not VG-LLM's default
         text += f" (video policy {record['video_policy']})"
+    if record_shard(record) is not None:
+        text += ", shard {}/{}".format(*record_shard(record))
     return text
+
+
+def record_shard(record: dict | None) -> tuple[int, int] | None:
+    """(I, N) when the set holds part I of N of its recorded plan (`featstore build --shard I/N`),
+    else None (the whole plan; a merged store).
+
+    Example:
+        >>> from featstore.build.plan_record import record_shard
+        >>> record_shard({"scan": True, "shard": [1, 4]}), record_shard({"scan": True})
+        ((1, 4), None)
+    """
+    shard = (record or {}).get("shard")
+    if isinstance(shard, list) and len(shard) == 2 and all(isinstance(x, int) for x in shard) \
+            and 0 <= shard[0] < shard[1]:
+        return shard[0], shard[1]
+    return None
 
 
 def plan_of_manifest(manifest: dict[str, Any]) -> dict | None:

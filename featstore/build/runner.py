@@ -182,7 +182,7 @@ def _encode_and_commit(ctx: BuildContext, encoder, mine: list[Unit], batches, re
                 # The set remembers what it was built from: verify, gc and info plan it by default.
                 writer.finish(summary, complete=True,
                               plan=record_of(opts.data_root, opts.annotations, _unit_kind(spec.encoder),
-                                             video_policy=opts.video_policy))
+                                             video_policy=opts.video_policy, shard=ctx.shard))
             distributed.barrier(world)
             return total
         finally:

@@ -117,8 +117,8 @@ def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter) ->
             report["feature_set"] = name
         plan = None  # the shards' recorded plans, united (one build split in shards records one plan)
         for s in group:
-            if s.manifest.get(PLAN_FIELD) is not None:
-                plan = merge_plan(plan, s.manifest[PLAN_FIELD])
+            if s.manifest.get(PLAN_FIELD) is not None:  # without the part: the merged store holds them all
+                plan = merge_plan(plan, {k: v for k, v in s.manifest[PLAN_FIELD].items() if k != "shard"})
         writer.finish(report, plan=plan)
         report.update(entries=writer.manifest["entries"], bytes=writer.manifest["bytes"])
     return report

@@ -501,4 +501,10 @@ def merge_plan(old: dict | None, new: dict) -> dict:
     policy = new.get("video_policy", old.get("video_policy"))  # the last build's: its entries are current
     if policy is not None:
         merged["video_policy"] = policy
+    # A part of the plan (`--shard I/N`) stays recorded only while the plan is the one it is a
+    # part of: the same files, the same scan, the same part. Otherwise the whole plan is checked.
+    same_plan = {ident(f) for f in old.get("annotations", [])} == {ident(f) for f in new.get("annotations", [])} \
+        and bool(old.get("scan")) == bool(new.get("scan"))
+    if new.get("shard") is not None and same_plan and old.get("shard") == new["shard"]:
+        merged["shard"] = new["shard"]
     return merged

@@ -1,7 +1,8 @@
 """Check 5, plan coverage (with a data root): every unit of the plan is present, with the
 planned frames. The plan: the given annotation files, else the one the set records
 (featstore.build.plan_record), else a scan of the data root; an image encoder's set plans one
-unit per image. Entries no plan asks for are `unplanned` (not a problem)."""
+unit per image. A set built with `--shard I/N` records its part, and only that part's units
+are checked against the recorded plan. Entries no plan asks for are `unplanned` (not a problem)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ def check_plan(records: dict[str, Record], present: set[str], data_root: str, an
     (featstore.build.plan_record; None: ignore it), else (a store that records none) a scan of
     the data root. Entries outside both the given and the recorded plan are `unplanned`.
     `present`: every stored key (a key stored but undecodable is corrupt, not missing)."""
-    from featstore.build.plan import plan_units
+    from featstore.build.plan import plan_units, shard_part
     from featstore.build.plan_record import (NO_RECORD_NOTE, describe_plan, plan_notes, plan_of_manifest,
-                                             recorded_sources)
+                                             record_shard, recorded_sources)
 
     record = plan_of_manifest(manifest or {})
     given = list(annotations or [])
@@ -62,11 +63,23 @@ def check_plan(records: dict[str, Record], present: set[str], data_root: str, an
     else:
         units, how = plan_units(data_root, None, unit=unit_kind), "a scan of the data root"
         report.notes.append(NO_RECORD_NOTE)
-    planned = set()
-    for unit in units:
-        if unit.key in planned:
+    planned = {unit.key for unit in units}
+    checked, shard = units, record_shard(record)
+    if shard is not None and not given:
+        # Part I of N (`--shard I/N`): the other parts' units are in other hosts' stores.
+        checked = shard_part(units, *shard)
+        report.notes.append(f"shard {shard[0]}/{shard[1]}: this store holds part of the plan, so coverage is "
+                            f"checked for its {len({u.key for u in checked})} units; verify the merged store "
+                            "(`featstore merge`) for all")
+    elif shard is not None:
+        report.notes.append(f"this store is shard {shard[0]}/{shard[1]} of its recorded plan: with --annotations "
+                            "every unit is checked, so the other parts' units are missing here; leave "
+                            "--annotations out to check its part")
+    seen = set()
+    for unit in checked:
+        if unit.key in seen:
             continue
-        planned.add(unit.key)
+        seen.add(unit.key)
         rec = records.get(unit.key)
         if rec is None and unit.key in present:
             continue  # stored but undecodable: already reported as corrupt
