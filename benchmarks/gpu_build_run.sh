@@ -7,10 +7,15 @@
 # Installs the carried wheels (.whl/, lmdb the GPU image lacks) into /tmp/site, records the card,
 # then runs, each under its own time limit and in this order (BUDGET_S seconds in all, default
 # 570; a step that no longer fits is skipped and says so):
+#   gpu_tests                       the tests marked `gpu` (CUDA-only paths of the build: pinned
+#                                   frames, uint8 frames made float32 on the GPU, frame reuse);
+#                                   needs the pytest wheels in .whl/ (docs/PERFORMANCE.md)
 #   frame_reuse_bench.py            VGGT-1B build on JanusVLN-style annotations, per-unit vs reuse
 #   vision_build_bench.py --compile the qwen2.5-vl-vision build vs its bare forward
 #   vision_attention_bench.py --compile  the tower forward: stock, one_call, compiled blocks
 #   frame_reuse_bench.py --compile  as the first, with the blocks compiled
+#   vision_build_probe.py           where the vision build's time goes: bare forward and builds,
+#                                   compiled and eager, the loader pinning or not, 4 or 8 workers
 # STEPS="vision_build frame_reuse_compiled" runs only the steps named.
 # Results: $OUT/<benchmark>.json (the compiled frame-reuse run in $OUT/compiled/), logs, env.txt.
 set -uo pipefail
@@ -45,10 +50,18 @@ step() {  # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left), 
   local status=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] || { echo "$name exited $status" | tee -a "$OUT/failed.txt"; rc=1; }
 }
+if "$PY" -c "import pytest" 2>/dev/null; then
+  mapfile -t gpu_files < <(grep -l 'mark.gpu' tests/test_*.py)  # the others import test-only packages
+  step gpu_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${gpu_files[@]}"
+elif [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" gpu_tests "* ]]; then
+  echo "skipped gpu_tests: no pytest (carry its wheels in .whl/: docs/PERFORMANCE.md)" | tee -a "$OUT/skipped.txt"
+fi
 step frame_reuse 110 "$PY" benchmarks/frame_reuse_bench.py --out "$OUT" --episodes 3 --batch-frames 72 --repeats 1
 step vision_build 240 "$PY" benchmarks/vision_build_bench.py --out "$OUT" --compile --images 384
 step vision_attention 60 "$PY" benchmarks/vision_attention_bench.py --out "$OUT" --compile
 step frame_reuse_compiled 200 "$PY" benchmarks/frame_reuse_bench.py --out "$OUT/compiled" --episodes 3 \
   --batch-frames 72 --repeats 1 --compile
+step vision_build_probe 330 "$PY" benchmarks/vision_build_probe.py --out "$OUT" --images 512 \
+  --steps "bare_c16 build_c16_w4_pin build_c16_w4_nopin same_pin_vs_nopin bare_e16 build_e16_w4_pin build_c16_w8_pin"
 echo "done in $(( $(date +%s) - start )) s"; ls -la "$OUT"
 exit $rc
