@@ -270,6 +270,57 @@ def test_shards_of_two_hosts_merge_into_the_single_build(data_root, tmp_path):
     assert not os.path.exists(str(tmp_path / "bad.lmdb"))
 
 
+def _put_entry(src: str, dst: str, key: str, change) -> None:
+    """Put `key` of store `src` into store `dst` with `change(features, metadata)` applied (the
+    new entry's own checksum), as another build of the same unit would have written it."""
+    from featstore.store.writer import StoreWriter
+
+    with FeatureStore(src) as fs:
+        entry, spec = fs.get(key, copy=True), fs.manifest["encoder"]
+    features, metadata = change(entry.features, {k: v for k, v in entry.metadata.items() if k != "checksum"})
+    with StoreWriter(dst, spec=spec, handle_signals=False) as w:
+        w.put(key, {"features": features}, metadata)
+        w.finish()  # a complete build, as merge requires
+
+
+def test_merge_keeps_one_of_two_entries_that_are_one_computation_and_refuses_others(data_root, tmp_path):
+    """Two shards holding one key (a part built under another split, or after the data grew):
+    entries of the same frames and source files whose features differ only in rounding (a GPU
+    encoding the unit in a batch of another size) are kept once, the first shard's; other
+    sources, or features beyond rounding, are a conflict and nothing is written."""
+    ann = [os.path.join(data_root, ANNOTATIONS)]
+    shards = [str(tmp_path / f"shard{i}.lmdb") for i in range(2)]
+    for i, path in enumerate(shards):
+        build(options(data_root, store=path, shard=(i, 2), annotations=ann))
+    key = next(iter(store_contents(shards[0])))
+    rounded = str(tmp_path / "rounded.lmdb")  # shard 1, also holding `key` computed in other batches
+    shutil.copytree(shards[1], rounded)
+    first = store_contents(shards[0])[key][0]
+    _put_entry(shards[0], rounded, key, lambda f, m: (first.float().mul(1 + 2 ** -7).to(first.dtype), m))
+    assert not torch.equal(store_contents(rounded)[key][0], first)
+    merged = str(tmp_path / "merged.lmdb")
+    report = merge_stores(merged, [shards[0], rounded], progress=False)
+    assert report["equivalent"] == 1 and report["written"] == 5
+    assert torch.equal(store_contents(merged)[key][0], first)  # the first shard's entry
+    single = str(tmp_path / "single.lmdb")
+    build(options(data_root, store=single, annotations=ann))
+    assert_same_contents(store_contents(single), store_contents(merged))
+
+    far = str(tmp_path / "far.lmdb")
+    shutil.copytree(shards[1], far)
+    _put_entry(shards[0], far, key, lambda f, m: (first.flip(1), m))
+    with pytest.raises(MergeConflictError, match=rf"key {key!r} differs between shards .* \(features beyond "
+                                                 r"rounding: max relative difference .*, cosine"):
+        merge_stores(str(tmp_path / "bad1.lmdb"), [shards[0], far], progress=False)
+    other = str(tmp_path / "other.lmdb")
+    shutil.copytree(shards[1], other)
+    sources = lambda m: json.dumps([dict(src, sha256="0" * 64) for src in json.loads(m["sources"])])  # noqa: E731
+    _put_entry(shards[0], other, key, lambda f, m: (first, dict(m, sources=sources(m))))
+    with pytest.raises(MergeConflictError, match=r"\(their sources differ\)"):
+        merge_stores(str(tmp_path / "bad2.lmdb"), [shards[0], other], progress=False)
+    assert not os.path.exists(str(tmp_path / "bad1.lmdb")) and not os.path.exists(str(tmp_path / "bad2.lmdb"))
+
+
 @pytest.mark.slow
 def test_compiled_build_pads_the_short_last_batch_and_matches_eager(data_root, tmp_path):
     """--compile: 10 single-frame units in batches of 4 leave a last batch of 2, padded to 4 so

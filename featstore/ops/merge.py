@@ -1,10 +1,14 @@
 """Merge shard stores (one per host, `featstore build --shard I/N`) into one store.
 
 Merged feature set by set (docs/FORMAT.md, "Feature sets"): the shards holding a set must name
-the same encoder spec for it (the fields that differ are named); a key of one set present in
-two shards with different bytes is a conflict and stops the merge before anything is written.
-Identical duplicates are kept once. Merging into an existing store keeps its entries, so a
-rerun, or adding a shard later, is safe.
+the same encoder spec for it (the fields that differ are named). A key of one set in two shards
+is kept once when both entries are one computation: the same bytes, or (`equivalent`) the same
+metadata (frames, encoder, fingerprint, ...; source files by size and sha256) with features within
+the recompute tolerance (`featstore.ops.compare`), as a GPU gives for a unit encoded in batches of
+another size (a build resumed under another split of the plan, or rerun after the data grew);
+the first shard's entry is kept. Anything else is a conflict and stops the merge before
+anything is written. Merging into an existing store keeps its entries, so a rerun, or adding a
+shard later, is safe.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
     Returns:
         the report: ``merged`` (each shard's path and entries), ``read`` (entries read from all
         shards), ``written`` (entries written into `out`), ``identical`` (entries skipped as
-        byte-identical to one already there: a key in two shards, or a rerun), ``entries`` and
-        ``bytes`` of `out` afterwards, all over every set; ``feature_sets`` holds the same per
-        set (each also stored as that set's last build report in `out`).
+        byte-identical to one already there: a key in two shards, or a rerun), ``equivalent``
+        (entries not written because an earlier shard holds the same computation in other bytes,
+        see the module docstring), ``entries`` and ``bytes`` of `out` afterwards, all over every
+        set; ``feature_sets`` holds the same per set (each also stored as that set's last build
+        report in `out`).
     """
     from featstore.store.reader import FeatureStore, feature_set_names  # torch: imported when run, not for `--help`
     from featstore.store.writer import StoreWriter
@@ -48,27 +54,28 @@ def merge_stores(out: str, shards: list[str], *, progress: bool = True) -> dict:
         for path in paths:
             for name in feature_set_names(path):
                 stores.setdefault(name, []).append(FeatureStore(path, feature_set=name))
-        for name in sorted(stores):
-            _check_set(name, stores[name], progress=progress)
+        kept_earlier = {name: _check_set(name, stores[name], progress=progress) for name in sorted(stores)}
         per_set = {}
         for name in sorted(stores):
-            per_set[name] = _merge_set(out, name, stores[name], progress, StoreWriter)
+            per_set[name] = _merge_set(out, name, stores[name], progress, StoreWriter, kept_earlier[name])
     finally:
         for group in stores.values():
             for s in group:
                 s.close()
     if list(per_set) == [PRIMARY_FEATURE_SET]:
         return dict(per_set[PRIMARY_FEATURE_SET], feature_sets=per_set)
-    totals = {k: sum(r[k] for r in per_set.values()) for k in ("read", "written", "identical", "entries", "bytes")}
+    totals = {k: sum(r[k] for r in per_set.values())
+              for k in ("read", "written", "identical", "equivalent", "entries", "bytes")}
     merged = [{"shard": p, "entries": sum(r["entries"] for rep in per_set.values() for r in rep["merged"]
                                           if r["shard"] == p)} for p in paths]
     return {"out": next(iter(per_set.values()))["out"], "merged": merged, **totals, "finished": utc_now(),
             "failed": [], "feature_sets": per_set}
 
 
-def _check_set(name: str, group: list, *, progress: bool = False) -> None:
+def _check_set(name: str, group: list, *, progress: bool = False) -> dict[str, set[str]]:
     """One set across the shards that hold it: the same spec, complete builds, no conflicting key.
-    Reads and checksums every entry (`progress`: shown on stderr)."""
+    Reads and checksums every entry (`progress`: shown on stderr). Returns, per shard path, the
+    keys not to write from it: an earlier shard holds an equivalent entry (module docstring)."""
     from featstore.progress import Progress
     first = group[0].manifest
     for s in group[1:]:
@@ -79,23 +86,73 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> None:
     if incomplete:
         raise FeatstoreError(f"shards whose build did not complete{set_note(name)}: {incomplete}; rerun their builds "
                              "first")
-    # Conflicts are found before writing anything: key -> (checksum, shard) over all shards.
-    seen: dict[str, tuple[str, str]] = {}
+    # Conflicts are found before writing anything: key -> (checksum, shard index) over all shards.
+    seen: dict[str, tuple[str, int]] = {}
+    skip: dict[str, set[str]] = {s.path: set() for s in group}
+    spec = first.get("encoder") or {}
     total = sum(s.manifest.get("entries", 0) for s in group)
     with Progress(total, desc=f"featstore merge: check {name}", unit="entry", enabled=progress) as bar:
-        for s in group:
+        for i, s in enumerate(group):
             for key, value in s.raw_items():
                 checksum = _checksum_of(value, key)
                 prior = seen.get(key)
-                if prior is not None and prior[0] != checksum:
-                    raise MergeConflictError(
-                        f"key {key!r}{set_note(name, ' of feature set {!r}')} differs between shards {prior[1]} and {s.path}; the shards were built "
-                        "from different sources or plans. Rebuild one of them.")
-                seen[key] = (checksum, s.path)
+                if prior is None:
+                    seen[key] = (checksum, i)
+                elif prior[0] != checksum:
+                    why = _not_equivalent(group[prior[1]].get(key, copy=True), s.get(key, copy=True), key, spec)
+                    if why is not None:
+                        raise MergeConflictError(
+                            f"key {key!r}{set_note(name, ' of feature set {!r}')} differs between shards "
+                            f"{group[prior[1]].path} and {s.path} ({why}); the shards were built from different "
+                            "sources or plans. Rebuild one of them.")
+                    skip[s.path].add(key)  # the same computation: the earlier shard's entry is kept
                 bar.update(1)
+    return skip
 
 
-def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter) -> dict:
+# Metadata compared apart from the rest: the blob's own checksum (it differs with the bytes), and
+# the source files, by size and content only (their mtime differs between two copies of the
+# data, which hold the same images).
+_NOT_COMPARED = ("checksum", "sources")
+
+
+def _not_equivalent(a, b, key: str, spec: dict) -> str | None:
+    """None when the entries `a` and `b` (featstore Entries) of `key` are one computation within
+    rounding: the same metadata (frames, encoder, fingerprint, grid, ...; the source files by
+    size and sha256), the same tensors' shapes, and features within the recompute tolerance of
+    the set's storage and compute dtypes; else what differs, in a few words."""
+    from featstore.format.codecs import codec_for
+    from featstore.ops.compare import compare_features
+
+    fields = sorted((set(a.metadata) | set(b.metadata)) - set(_NOT_COMPARED))
+    differ = [f for f in fields if a.metadata.get(f) != b.metadata.get(f)]
+    if _sources(a.metadata) != _sources(b.metadata):
+        differ.append("sources")
+    if differ:
+        return f"their {', '.join(differ)} differ"
+    shapes = {n: tuple(t.shape) for n, t in a.tensors.items()}
+    if shapes != {n: tuple(t.shape) for n, t in b.tensors.items()}:
+        return "their tensors differ in name or shape"
+    import torch
+
+    storage = spec.get("storage_dtype") or "bfloat16"
+    codec = codec_for(storage)
+    fa, fb = (codec.decode(e.tensors, torch.float32, key=key) for e in (a, b))
+    c = compare_features(fa, fb, storage, spec.get("compute_dtype"))
+    if not c["ok"]:
+        return f"features beyond rounding: max relative difference {c['rel_error']:.3g}, cosine {c['cosine']:.6f}"
+    return None
+
+
+def _sources(metadata: dict) -> list | None:
+    """The entry's source files as (size, sha256), without the mtime (None when unreadable)."""
+    try:
+        return [(src.get("size"), src.get("sha256")) for src in json.loads(metadata.get("sources") or "[]")]
+    except (ValueError, AttributeError):
+        return None
+
+
+def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter, kept_earlier: dict[str, set[str]]) -> dict:
     from featstore.build.plan_record import PLAN_FIELD, merge_plan
     from featstore.progress import Progress
 
@@ -105,14 +162,18 @@ def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter) ->
     with StoreWriter(out, spec=first.get("encoder") or None, feature_set=name) as writer:
         with Progress(total, desc=f"featstore merge: write {name}", unit="entry", enabled=progress) as bar:
             for s in group:
+                skip = kept_earlier.get(s.path, set())
                 for key, value in s.raw_items():
-                    writer.put(key, value)
+                    if key not in skip:
+                        writer.put(key, value)
                     bar.update(1)
                 reports.append({"shard": s.path, "entries": s.manifest["entries"]})
         writer.commit()
         read = sum(r["entries"] for r in reports)
+        equivalent = sum(len(keys) for keys in kept_earlier.values())
         report = {"out": writer.path, "merged": reports, "read": read, "written": writer.committed,
-                  "identical": read - writer.committed, "finished": utc_now(), "failed": []}
+                  "identical": read - equivalent - writer.committed, "equivalent": equivalent,
+                  "finished": utc_now(), "failed": []}
         if name != PRIMARY_FEATURE_SET:
             report["feature_set"] = name
         plan = None  # the shards' recorded plans, united (one build split in shards records one plan)
@@ -162,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     per_shard = " + ".join(str(r["entries"]) for r in report["merged"])
+    equivalent = (f", {report['equivalent']} equivalent (in two shards, the same computation within rounding: "
+                  "the first shard's kept)") if report["equivalent"] else ""
     print(f"featstore merge: {len(report['merged'])} shards ({per_shard} entries) -> {out}: {report['written']} "
-          f"written, {report['identical']} identical skipped; {report['entries']} entries, "
+          f"written, {report['identical']} identical skipped{equivalent}; {report['entries']} entries, "
           f"{report['bytes'] / 1e6:.1f} MB in the store", file=sys.stderr)
     return 0
