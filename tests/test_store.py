@@ -158,6 +158,22 @@ def test_store_not_found(tmp_path):
         FeatureStore(tmp_path)
 
 
+def test_a_data_root_holding_only_shard_stores_says_to_merge_them(tmp_path):
+    """After `featstore build --shard I/N` on each host and before `featstore merge`, the data root
+    holds no store but its parts: the error names them and the merge command, whether the data
+    root or the store path beside it (training's --use_vggt_cache) is named."""
+    for i in range(2):
+        with StoreWriter(str(tmp_path / f"vggt_features.shard-{i}-of-2.lmdb"), handle_signals=False):
+            pass
+    (tmp_path / "vggt_features.shard-x-of-2.lmdb").mkdir()  # not a shard's name: not listed
+    want = (", but shard stores of `featstore build --shard`: vggt_features.shard-0-of-2.lmdb, "
+            f"vggt_features.shard-1-of-2.lmdb; merge them into {tmp_path}/vggt_features.lmdb with `featstore merge "
+            f"--data-root {tmp_path} {tmp_path}/vggt_features.shard-*.lmdb`, or name one of them")
+    for named in (tmp_path, tmp_path / "vggt_features.lmdb"):
+        with pytest.raises(StoreNotFoundError, match=re.escape(want)):
+            FeatureStore(named)
+
+
 def test_expected_encoder_mismatch_names_the_field(core_make_store, core_features):
     path = core_make_store(_entries(core_features, 1))  # built with layer 23
     for expected in (core_spec(layer=22), core_spec(layer=22).to_dict()):  # an EncoderSpec, or its dict

@@ -196,10 +196,33 @@ def resolve_store_path(path: str | os.PathLike) -> str:
     for candidate in (path, beside):
         if os.path.isdir(candidate) and not os.access(candidate, os.R_OK | os.X_OK):
             raise permission_error(candidate, "reading a store needs read and enter (r-x) access to its folder")
+    # A data root whose hosts each built a part (`featstore build --shard I/N`), not yet merged;
+    # training names the store itself (DATA_ROOT/vggt_features.lmdb).
+    named_store = os.path.basename(path.rstrip(os.sep)) == DEFAULT_STORE_NAME
+    root = (os.path.dirname(path.rstrip(os.sep)) or ".") if named_store else path
+    shards = shard_stores_in(root)
+    if shards:
+        raise StoreNotFoundError(
+            f"no featstore database at {path} (nor at {beside}), but shard stores of `featstore build --shard`: "
+            f"{', '.join(shards)}; merge them into {os.path.join(root, DEFAULT_STORE_NAME)} with `featstore merge "
+            f"--data-root {root} {os.path.join(root, 'vggt_features.shard-*.lmdb')}`, or name one of them")
     raise StoreNotFoundError(
         f"no featstore database at {path} (nor at {beside}); build one with "
         f"`featstore build --data-root DATA_ROOT`"
     )
+
+
+_SHARD_STORE = re.compile(r"vggt_features\.shard-\d+-of-\d+\.lmdb")  # featstore.build.options.store_path
+
+
+def shard_stores_in(path: str) -> list[str]:
+    """The shard stores `featstore build --shard I/N` made in the folder `path` (sorted names;
+    [] when it is no readable folder)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return sorted(n for n in names if _SHARD_STORE.fullmatch(n) and is_store(os.path.join(path, n)))
 
 
 def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = True,
