@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from _featstore_helpers import make_images, read_store
+from _featstore_helpers import REPO, make_images, read_store
 
 av = pytest.importorskip("av")
 
-VGLLM_SRC = "/work/main/.vendor/vgllm/src"
+VGLLM_SRC = os.path.join(REPO, ".vendor", "vgllm", "src")  # the vendored reference code, git-ignored
 CONV = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A door opens."}]
 
 
