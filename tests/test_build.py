@@ -318,6 +318,11 @@ def test_merge_keeps_one_of_two_entries_that_are_one_computation_and_refuses_oth
     _put_entry(shards[0], other, key, lambda f, m: (first, dict(m, sources=sources(m))))
     with pytest.raises(MergeConflictError, match=r"\(their sources differ\)"):
         merge_stores(str(tmp_path / "bad2.lmdb"), [shards[0], other], progress=False)
+    # Into an existing store, a shard's entry replaces the one there (a part rebuilt since).
+    merge_stores(merged, [other], progress=False)
+    with FeatureStore(merged) as fs:
+        assert {src["sha256"] for src in json.loads(fs.get(key).metadata["sources"])} == {"0" * 64}
+        assert len(fs) == 5
     assert not os.path.exists(str(tmp_path / "bad1.lmdb")) and not os.path.exists(str(tmp_path / "bad2.lmdb"))
 
 

@@ -7,8 +7,9 @@ metadata (frames, encoder, fingerprint, ...; source files by size and sha256) wi
 the recompute tolerance (`featstore.ops.compare`), as a GPU gives for a unit encoded in batches of
 another size (a build resumed under another split of the plan, or rerun after the data grew);
 the first shard's entry is kept. Anything else is a conflict and stops the merge before
-anything is written. Merging into an existing store keeps its entries, so a rerun, or adding a
-shard later, is safe.
+anything is written. Merging into an existing store keeps the entries no shard holds, and a key
+a shard holds takes the shard's entry (a shard rebuilt after its images changed replaces the
+stale one), so a rerun, or adding a shard later, is safe.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ Examples:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_store_arguments(p, "merge into DATA_ROOT/vggt_features.lmdb (the store build names there, where training "
                         "looks) instead of OUT",
-                        paths=("stores", "[OUT] SHARD", "OUT: the merged store (created; existing entries are kept; "
+                        paths=("stores", "[OUT] SHARD", "OUT: the merged store (created; entries no shard holds are kept; "
                                "leave it out with --data-root), then the shard stores to merge"))
     add_output_arguments(p, "print the report (entries per shard, written, identical skipped, per feature set) as one "
                          "JSON object on stdout instead of the summary on stderr")
