@@ -168,7 +168,7 @@ def test_a_data_root_holding_only_shard_stores_says_to_merge_them(tmp_path):
     (tmp_path / "vggt_features.shard-x-of-2.lmdb").mkdir()  # not a shard's name: not listed
     want = (", but shard stores of `featstore build --shard`: vggt_features.shard-0-of-2.lmdb, "
             f"vggt_features.shard-1-of-2.lmdb; merge them into {tmp_path}/vggt_features.lmdb with `featstore merge "
-            f"--data-root {tmp_path} {tmp_path}/vggt_features.shard-*.lmdb`, or name one of them")
+            f"--data-root {tmp_path} {tmp_path}/vggt_features.shard-*-of-*.lmdb`, or name one of them")
     for named in (tmp_path, tmp_path / "vggt_features.lmdb"):
         with pytest.raises(StoreNotFoundError, match=re.escape(want)):
             FeatureStore(named)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from featstore.contract.naming import DEFAULT_STORE_NAME
+from featstore.contract.naming import DEFAULT_STORE_NAME, shard_store_name
 from featstore.contract.spec import EncoderSpec
 
 __all__ = ["BuildOptions", "BuildContext"]
@@ -80,7 +80,7 @@ class BuildOptions:
             return self.store
         name = DEFAULT_STORE_NAME
         if self.shard[1] > 1:
-            name = f"vggt_features.shard-{self.shard[0]}-of-{self.shard[1]}.lmdb"
+            name = shard_store_name(*self.shard)
         return os.path.join(self.data_root, name)
 
 

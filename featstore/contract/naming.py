@@ -15,11 +15,31 @@ from typing import Iterable
 
 from featstore.errors import InvalidFeatureSetError
 
-__all__ = ["labelled", "set_note", "DEFAULT_STORE_NAME", "PRIMARY_FEATURE_SET", "FEATURE_SET_NAME", "check_feature_set", "feature_set_label",
+__all__ = ["labelled", "set_note", "DEFAULT_STORE_NAME", "SHARD_STORES_GLOB", "shard_store_name", "is_shard_store_name",
+           "PRIMARY_FEATURE_SET", "FEATURE_SET_NAME", "check_feature_set", "feature_set_label",
            "register_set_writer", "default_feature_set", "build_command_for_set"]
 
 # The store's folder beside the data (`featstore build --data-root D` writes D/vggt_features.lmdb).
 DEFAULT_STORE_NAME = "vggt_features.lmdb"
+# `featstore build --shard I/N` writes D/vggt_features.shard-I-of-N.lmdb; merge joins them.
+SHARD_STORES_GLOB = "vggt_features.shard-*-of-*.lmdb"
+_SHARD_STORE_NAME = re.compile(r"vggt_features\.shard-(\d+)-of-(\d+)\.lmdb")
+
+
+def shard_store_name(index: int, count: int) -> str:
+    """The folder name of part `index` of `count` beside the data.
+
+    Example:
+        >>> from featstore.contract.naming import is_shard_store_name, shard_store_name
+        >>> shard_store_name(1, 4), is_shard_store_name(shard_store_name(1, 4)), is_shard_store_name("x.lmdb")
+        ('vggt_features.shard-1-of-4.lmdb', True, False)
+    """
+    return f"vggt_features.shard-{index}-of-{count}.lmdb"
+
+
+def is_shard_store_name(name: str) -> bool:
+    """Whether `name` is one `shard_store_name` gives."""
+    return _SHARD_STORE_NAME.fullmatch(name) is not None
 # The feature set VGGT encoders write: the store's original `features` sub-database.
 PRIMARY_FEATURE_SET = "vggt"
 # Feature set names: lower-case letters, digits and '_', 1 to 32 of them, so that the sub-database

@@ -147,10 +147,10 @@ def _not_equivalent(a, b, key: str, spec: dict) -> str | None:
 
 def _sources(metadata: dict) -> list | None:
     """The entry's source files as (size, sha256), without the mtime (None when unreadable)."""
-    try:
-        return [(src.get("size"), src.get("sha256")) for src in json.loads(metadata.get("sources") or "[]")]
-    except (ValueError, AttributeError):
-        return None
+    from featstore.ops.verify.entries import json_list
+
+    sources = json_list(metadata.get("sources"))
+    return None if sources is None else [(s.get("size"), s.get("sha256")) if isinstance(s, dict) else s for s in sources]
 
 
 def _merge_set(out: str, name: str, group: list, progress: bool, StoreWriter, kept_earlier: dict[str, set[str]]) -> dict:

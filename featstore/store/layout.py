@@ -27,7 +27,8 @@ from typing import Any
 import lmdb
 
 from featstore import __version__
-from featstore.contract.naming import (DEFAULT_STORE_NAME, FEATURE_SET_NAME, PRIMARY_FEATURE_SET,
+from featstore.contract.naming import (DEFAULT_STORE_NAME, FEATURE_SET_NAME, PRIMARY_FEATURE_SET, SHARD_STORES_GLOB,
+                                       is_shard_store_name,
                                        build_command_for_set, check_feature_set, default_feature_set,
                                        feature_set_label)
 from featstore.format.codecs import FORMAT_VERSION, FP8_FORMAT_VERSION, codec_for, supported_format_versions
@@ -205,14 +206,11 @@ def resolve_store_path(path: str | os.PathLike) -> str:
         raise StoreNotFoundError(
             f"no featstore database at {path} (nor at {beside}), but shard stores of `featstore build --shard`: "
             f"{', '.join(shards)}; merge them into {os.path.join(root, DEFAULT_STORE_NAME)} with `featstore merge "
-            f"--data-root {root} {os.path.join(root, 'vggt_features.shard-*.lmdb')}`, or name one of them")
+            f"--data-root {root} {os.path.join(root, SHARD_STORES_GLOB)}`, or name one of them")
     raise StoreNotFoundError(
         f"no featstore database at {path} (nor at {beside}); build one with "
         f"`featstore build --data-root DATA_ROOT`"
     )
-
-
-_SHARD_STORE = re.compile(r"vggt_features\.shard-\d+-of-\d+\.lmdb")  # featstore.build.options.store_path
 
 
 def shard_stores_in(path: str) -> list[str]:
@@ -222,7 +220,7 @@ def shard_stores_in(path: str) -> list[str]:
         names = os.listdir(path)
     except OSError:
         return []
-    return sorted(n for n in names if _SHARD_STORE.fullmatch(n) and is_store(os.path.join(path, n)))
+    return sorted(n for n in names if is_shard_store_name(n) and is_store(os.path.join(path, n)))
 
 
 def open_env(path: str, *, readonly: bool, lock: bool = True, readahead: bool = True,

@@ -64,14 +64,10 @@ def check_plan(records: dict[str, Record], present: set[str], data_root: str, an
         units, how = plan_units(data_root, None, unit=unit_kind), "a scan of the data root"
         report.notes.append(NO_RECORD_NOTE)
     planned = {unit.key for unit in units}
-    checked, shard = units, record_shard(record)
-    if shard is not None and not given:
-        # Part I of N (`--shard I/N`): the other parts' units are in other hosts' stores.
-        checked = shard_part(units, *shard)
-        report.notes.append(f"shard {shard[0]}/{shard[1]}: this store holds part of the plan, so coverage is "
-                            f"checked for its {len({u.key for u in checked})} units; verify the merged store "
-                            "(`featstore merge`) for all")
-    elif shard is not None:
+    shard = record_shard(record)
+    # Part I of N (`--shard I/N`): the other parts' units are in other hosts' stores.
+    checked = shard_part(units, *shard) if shard is not None and not given else units
+    if shard is not None and given:
         report.notes.append(f"this store is shard {shard[0]}/{shard[1]} of its recorded plan: with --annotations "
                             "every unit is checked, so the other parts' units are missing here; leave "
                             "--annotations out to check its part")
@@ -88,6 +84,9 @@ def check_plan(records: dict[str, Record], present: set[str], data_root: str, an
         elif rec.frames is not None and rec.frames != list(unit.frames):
             report.add("frames", f"entry {unit.key!r}: stored for frames {rec.frames}, the plan asks "
                                  f"for {list(unit.frames)}", unit.key)
+    if checked is not units:
+        report.notes.append(f"shard {shard[0]}/{shard[1]}: this store holds part of the plan, so coverage is "
+                            f"checked for its {len(seen)} units; verify the merged store (`featstore merge`) for all")
     keep = planned | {u.key for u in recorded_units or []}
     extra = sorted(k for k in records if k not in keep)
     report.unplanned = extra
