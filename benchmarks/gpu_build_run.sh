@@ -15,7 +15,8 @@
 #   vision_attention_bench.py --compile  the tower forward: stock, one_call, compiled blocks
 #   frame_reuse_bench.py --compile  as the first, with the blocks compiled
 #   vision_build_probe.py           where the vision build's time goes: bare forward and builds,
-#                                   compiled and eager, the loader pinning or not, 4 or 8 workers
+#                                   compiled and eager, the loader pinning or not, 4 or 8 workers,
+#                                   and the compiled blocks under CUDA graphs
 # STEPS="vision_build frame_reuse_compiled" runs only the steps named.
 # Results: $OUT/<benchmark>.json (the compiled frame-reuse run in $OUT/compiled/), logs, env.txt.
 set -uo pipefail
@@ -61,7 +62,7 @@ step vision_build 240 "$PY" benchmarks/vision_build_bench.py --out "$OUT" --comp
 step vision_attention 60 "$PY" benchmarks/vision_attention_bench.py --out "$OUT" --compile
 step frame_reuse_compiled 200 "$PY" benchmarks/frame_reuse_bench.py --out "$OUT/compiled" --episodes 3 \
   --batch-frames 72 --repeats 1 --compile
-step vision_build_probe 330 "$PY" benchmarks/vision_build_probe.py --out "$OUT" --images 512 \
-  --steps "bare_c16 build_c16_w4_pin build_c16_w4_nopin same_pin_vs_nopin bare_e16 build_e16_w4_pin build_c16_w8_pin"
+step vision_build_probe 400 "$PY" benchmarks/vision_build_probe.py --out "$OUT" --images 512 \
+  --steps "bare_c16 build_c16_w4_pin build_c16_w4_nopin same_pin_vs_nopin bare_e16 build_e16_w4_pin build_c16_w8_pin bare_c16_graphs"
 echo "done in $(( $(date +%s) - start )) s"; ls -la "$OUT"
 exit $rc

@@ -102,7 +102,11 @@ def parse(argv=None):
                    "shared memory, pinned again by the pin-memory thread, then freed: the loader before slots)")
     p.add_argument("--attention", default=None, help="vision tower attention implementations to time on the "
                    f"cached step (default {','.join(ATTENTION)}; smoke: without flex_attention)")
+    p.add_argument("--no-tower-index", action="store_true", help="the vision tower computes its index itself on "
+                   "the GPU (the collator's tower_windows off), for a run beside one with it")
     a = p.parse_args(argv)
+    global TOWER_INDEX
+    TOWER_INDEX = not a.no_tower_index
     for m in a.modes.split(","):
         if m not in MODES:
             p.error(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
@@ -269,6 +273,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     results["model"] = {"parameters": sum(p.numel() for p in model.parameters()), "trainable": counts,
                         "dtype": str(dtype), "text_attention": model.config.text_config._attn_implementation,
                         "vision_attention": model.model.visual.config._attn_implementation,
+                        "tower_index_from_workers": TOWER_INDEX,
                         "text": {k: getattr(config.text_config, k) for k in ("hidden_size", "num_hidden_layers",
                                                                             "intermediate_size", "vocab_size")},
                         "vision_depth": config.vision_config.depth}
@@ -279,7 +284,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     cached_ds.pixel_dtype = pixel_dtype(model, train_args)  # as training.train sets it
     results["pixel_dtype"] = str(cached_ds.pixel_dtype)
     trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=cached_ds,
-                               data_collator=_collator(tokenizer), processing_class=tokenizer)
+                               data_collator=_collator(tokenizer, model), processing_class=tokenizer)
     optimizer = trainer.create_optimizer()
     results["optimizer"] = type(optimizer).__name__ + f" ({train_args.optim})"
     clock = StepClock(device)
@@ -337,7 +342,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     unpinned_args = dataclasses.replace(blocking_args, dataloader_pin_memory=False, dataloader_batch_slots=False)
     no_slots_args = dataclasses.replace(train_args, dataloader_batch_slots=False)
     blocking = FeatstoreTrainer(model=model, args=blocking_args, train_dataset=cached_ds,
-                                data_collator=_collator(tokenizer), processing_class=tokenizer)
+                                data_collator=_collator(tokenizer, model), processing_class=tokenizer)
     float32_ds = copy.copy(cached_ds)
     float32_ds.pixel_dtype = None
     others = {  # name: (trainer args, dataset) of the loaders --paired-other may run side by side
@@ -373,7 +378,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
     if "cached" in remaining and a.workers > 0:
         results["checks"]["batch_slots"] = record("checks", "batch slots vs the ordinary loader", lambda: _slots_check(
             trainer, FeatstoreTrainer(model=model, args=no_slots_args, train_dataset=cached_ds,
-                                      data_collator=_collator(tokenizer), processing_class=tokenizer), cached_ds))
+                                      data_collator=_collator(tokenizer, model), processing_class=tokenizer), cached_ds))
         save()
     if a.paired and "cached" in remaining and "floor" in remaining:
         pool = _resident(trainer.get_train_dataloader(), len(cached_ds))  # every sample, on the device
@@ -382,7 +387,7 @@ def _run(a, device, dtype, work, results, deadline, log, save) -> None:
                        pairs=a.paired, warmup=a.warmup, deadline=deadline, reserve_s=reserve(), clock=clock, log=log,
                        other_reads={name: loader_batches(others[name][1], FeatstoreTrainer(
                            model=model, args=others[name][0], train_dataset=others[name][1],
-                           data_collator=_collator(tokenizer), processing_class=tokenizer))
+                           data_collator=_collator(tokenizer, model), processing_class=tokenizer))
                            for name in wanted_others}),
             pool_gib=pool.gib, batch=batch_bytes(pool.batches[0])))
         del pool
@@ -574,7 +579,7 @@ def _run_vision_cached(a, inputs, tower, holder, config, device, dtype, tokenize
     vision_store = FeatureStore(inputs.store, feature_set="qwen_vision")
     ds = ConversationDataset([inputs.annotations], inputs.root, tokenizer, processor, spec, store=store,
                              vision_store=vision_store)
-    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=ds, data_collator=_collator(tokenizer),
+    trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=ds, data_collator=_collator(tokenizer, model),
                                processing_class=tokenizer)
     optimizer = trainer.create_optimizer()
     clock = StepClock(device)
@@ -664,10 +669,18 @@ def _pooled(runs: list, **extra) -> dict:
     return dict(out, **extra)
 
 
-def _collator(tokenizer):
+# False (--no-tower-index): the vision tower computes its own index from image_grid_thw on the
+# GPU, as before the collator made it in the workers (training.collate.Collator tower_windows).
+TOWER_INDEX = True
+
+
+def _collator(tokenizer, model):
+    from featstore.encoders.qwen_vision.tower_index import TowerWindows
     from training.data import Collator
 
-    return Collator(tokenizer.pad_token_id)
+    on_pixels = TOWER_INDEX and not model.vision_cached
+    return Collator(tokenizer.pad_token_id,
+                    tower_windows=TowerWindows.of(model.config.vision_config) if on_pixels else None)
 
 
 def _free(device) -> None:

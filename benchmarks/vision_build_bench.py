@@ -96,14 +96,20 @@ def run_build(data: Path, store: Path, ckpt: Path, variant: str, device: str, ba
 
 
 def bare_forward(ckpt: Path, variant: str, device: str, images: list, warmup: int, iters: int,
-                 inputs_on_device: bool = False):
+                 inputs_on_device: bool = False, compile_mode: str | None = None):
     """The encoder alone on `images`: median call time with the GPU's work (batch_ms,
     frames_per_s) and the host's time until `encode` returns (host_ms: what launching costs).
     `inputs_on_device`: the images sit on the device already (else in host memory, the copy
-    counted). Returns (those numbers, the features of the first call)."""
+    counted). `compile_mode`: a "_compiled" variant's blocks compiled with this torch.compile
+    mode (e.g. "reduce-overhead": CUDA graphs) instead of the encoder's own --compile.
+    Returns (those numbers, the features of the first call)."""
     attention, compiled = variant.removesuffix("_compiled"), variant.endswith("_compiled")
     encoder = get_encoder("qwen2.5-vl-vision", weights=str(ckpt), device=device, vision_attention=attention,
-                          **({"compile": True} if compiled else {}))
+                          **({"compile": True} if compiled and compile_mode is None else {}))
+    if compiled and compile_mode is not None:
+        from featstore.encoders.qwen_vision.encoder import compile_tower_blocks
+
+        compile_tower_blocks(encoder.model, mode=compile_mode)
     frames = torch.stack(images).unsqueeze(0)  # [1, B, 3, H, W], as the build batches them
     if inputs_on_device:
         frames = frames.to(device)

@@ -11,6 +11,11 @@ Qwen2.5-VL-3B vision tower), with one-call attention:
                           `encode` returns: what the host spends launching), batch_ms (with the
                           GPU's work), frames_per_s; on a GPU also pipelined_frames_per_s
                           (calls back to back, one sync at the end) and host_syncs_per_call
+  bare_c16_graphs         bare_c16 with the blocks compiled in torch.compile's "reduce-overhead"
+                          mode (CUDA graphs: a block's kernels replayed by one launch), and its
+                          max_rel_diff_vs_eager: whether CUDA graphs would take the launching
+                          off the compiled build's main thread. A failure is recorded as the
+                          step's {"error": ...}; the steps after it still run
   build_<c|e>16_w<N>_pin  the build (in a child process, through featstore.build.runner.build),
                           compiled (c) or eager (e), 16 frames a forward, N decode workers, the
                           loader's pin-memory thread receiving the units (the default on CUDA)
@@ -60,13 +65,23 @@ STAGES = ("frames", "pipeline_s", "steady_frames_per_s", "decode_wait_s", "encod
           "commit_s")
 
 
-def bare(ckpt: Path, data: Path, device: str, batch: int, compiled: bool, iters: int) -> dict:
-    """`vision_build_bench.bare_forward` on `batch` of the images, already on the device."""
+def bare(ckpt: Path, data: Path, device: str, batch: int, compiled: bool, iters: int,
+         compile_mode: str | None = None) -> dict:
+    """`vision_build_bench.bare_forward` on `batch` of the images, already on the device.
+
+    With `compile_mode` (the blocks compiled in that torch.compile mode), the features are also
+    compared with the eager one-call forward's on the same images (max_rel_diff_vs_eager: the
+    largest difference over the largest magnitude)."""
     spec = resolve_spec("qwen2.5-vl-vision", weights=str(ckpt))  # no model: the images as the build reads them
     images = [preprocess_frame(str(data / f"img_{i:05d}.jpg"), spec, int(spec.config["patch_size"]))
               for i in range(batch)]
     variant = "one_call_compiled" if compiled else "one_call"
-    return bare_forward(ckpt, variant, device, images, warmup=3, iters=iters, inputs_on_device=True)[0]
+    numbers, feats = bare_forward(ckpt, variant, device, images, warmup=3, iters=iters, inputs_on_device=True,
+                                  compile_mode=compile_mode)
+    if compile_mode is not None:
+        eager = bare_forward(ckpt, "one_call", device, images, warmup=0, iters=1, inputs_on_device=True)[1]
+        numbers["max_rel_diff_vs_eager"] = float((feats - eager).abs().max() / eager.abs().max().clamp_min(1e-12))
+    return numbers
 
 
 def build(options: dict, spy: Path | None = None) -> dict:
@@ -137,7 +152,8 @@ def main(argv=None) -> int:
                  ("build_c16_w8_pin", build_step("c16_w8_pin", 8, True, True)),
                  ("build_e16_w4_nopin", build_step("e16_w4_nopin", 4, False, False)),
                  ("same_e16_pin_vs_nopin",
-                  lambda: compare_stores(store("e16_w4_pin"), store("e16_w4_nopin"), storage, feature_set))]
+                  lambda: compare_stores(store("e16_w4_pin"), store("e16_w4_nopin"), storage, feature_set)),
+                 ("bare_c16_graphs", lambda: bare(ckpt, data, device, batch, True, iters, compile_mode="reduce-overhead"))]
         only = set(a.steps.split()) or {name for name, _ in steps}
         if a.smoke:  # compiling on CPU takes minutes: one bare forward, the eager builds and their comparison
             only = {"bare_e16", "build_e16_w4_pin", "build_e16_w4_nopin", "same_e16_pin_vs_nopin"}
@@ -145,7 +161,10 @@ def main(argv=None) -> int:
             if name not in only:
                 continue
             t = time.perf_counter()
-            report[name] = step()
+            try:
+                report[name] = step()
+            except Exception as e:  # a probe: record it, and go on with the other steps
+                report[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(name, f"{time.perf_counter() - t:.1f} s", json.dumps(report[name]), flush=True)
             write_report(a.out, "vision_build_probe.json", report)
         for tag in ("c16_w4", "c16_w8", "e16_w4"):

@@ -23,7 +23,8 @@ from typing import TypedDict
 
 from torch import Tensor
 
-__all__ = ["ModelInputs", "GEOMETRY_KEYS", "SOURCE_NONE", "SOURCE_FEATURES", "SOURCE_FRAMES"]
+__all__ = ["ModelInputs", "GEOMETRY_KEYS", "TOWER_INDEX_KEYS", "TOWER_MAXIMA_KEY", "SOURCE_NONE", "SOURCE_FEATURES",
+           "SOURCE_FRAMES"]
 
 # `vggt_source` values: where a sample's geometry comes from.
 SOURCE_NONE, SOURCE_FEATURES, SOURCE_FRAMES = 0, 1, 2
@@ -40,6 +41,13 @@ class ModelInputs(TypedDict, total=False):
 
     Cached vision tower (`--use_vision_cache`, instead of pixel_values):
         vision_features [P, C_vis]: the tower's output per patch, in the store's read dtype.
+
+    The vision tower's index, with pixel_values when the collator knows the tower's windows
+    (`Collator(..., tower_windows=...)`; featstore.encoders.qwen_vision.tower_index): made in
+    the worker, so the tower's forward computes none of it and never waits for the GPU:
+        vision_position_ids [P, 2] int64; vision_cu_seqlens [I + 1] int32;
+        vision_window_index [P / 4] int64; vision_cu_window_seqlens [W + 1] int32;
+        vision_max_seqlens [2] int64, kept on the host (the longest image, the longest window).
 
     Geometry (per sample, batch order):
         vggt_source [B] int64: SOURCE_NONE (no image), SOURCE_FEATURES (rows in
@@ -64,6 +72,11 @@ class ModelInputs(TypedDict, total=False):
     pixel_values: Tensor
     image_grid_thw: Tensor
     vision_features: Tensor
+    vision_position_ids: Tensor
+    vision_cu_seqlens: Tensor
+    vision_window_index: Tensor
+    vision_cu_window_seqlens: Tensor
+    vision_max_seqlens: Tensor
     vggt_source: Tensor
     vggt_grid: Tensor
     vggt_images: Tensor
@@ -79,3 +92,7 @@ class ModelInputs(TypedDict, total=False):
 # The geometry keys: a batch carries all of them or none.
 GEOMETRY_KEYS = ("vggt_source", "vggt_grid", "vggt_images", "vggt_features", "vggt_feature_frames", "vggt_frames",
                  "vggt_frame_count")
+
+# The vision tower's index (tower_index's tensors, in its order) and its maxima: all or none.
+TOWER_INDEX_KEYS = ("vision_position_ids", "vision_cu_seqlens", "vision_window_index", "vision_cu_window_seqlens")
+TOWER_MAXIMA_KEY = "vision_max_seqlens"

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from training.batch import SOURCE_NONE, ModelInputs
+from featstore.encoders.qwen_vision.tower_index import INDEX_MAXIMA, INDEX_TENSORS, TowerWindows, tower_index
+from training.batch import SOURCE_NONE, TOWER_INDEX_KEYS, TOWER_MAXIMA_KEY, ModelInputs
 from training.merger import merger_rows
 
 __all__ = ["Collator", "Layout", "allocate"]
@@ -43,14 +44,19 @@ class Collator:
 
     Args:
         pad_token_id: the id `input_ids` are padded with (the tokenizer's pad token).
+        tower_windows: the Qwen vision tower's merge/window/patch sizes (`TowerWindows.of(
+            model.config.vision_config)`). Given, a batch with pixel_values also carries the
+            tower's index (`training.batch.TOWER_INDEX_KEYS`), made here in the worker, so that
+            the model's tower computes none of it on the GPU's time.
 
     Example:
         >>> batch = Collator(tokenizer.pad_token_id)(items)            # plain tensors
         >>> batch = Collator(tokenizer.pad_token_id).collate_into(items, slot_allocator)
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, tower_windows: TowerWindows | None = None):
         self.pad_token_id = int(pad_token_id)
+        self.tower_windows = tower_windows
 
     def __call__(self, items: List[Dict[str, Any]]) -> ModelInputs:
         return self.collate_into(items, allocate)
@@ -92,6 +98,12 @@ class Collator:
                            (sum(_rows(p) for p in pieces), _width(pieces[0]))))
             parts[key] = pieces
             layout.append(("image_grid_thw", long, (sum(len(it["image_grid_thw"]) for it in with_images), 3)))
+            if key == "pixel_values" and self.tower_windows is not None:
+                index = tower_index(torch.cat([it["image_grid_thw"] for it in with_images]), self.tower_windows)
+                layout += [(k, index[name].dtype, tuple(index[name].shape))
+                           for k, name in zip(TOWER_INDEX_KEYS, INDEX_TENSORS)]
+                layout.append((TOWER_MAXIMA_KEY, long, (len(INDEX_MAXIMA),)))
+                parts["tower_index"] = index
         layout += [("vggt_source", long, (n,)), ("vggt_grid", long, (n, 2)), ("vggt_images", long, (n,))]
         feats = [(it, _feature_piece(it)) for it in items if "feature_read" in it or it["features"] is not None]
         if feats:
@@ -130,6 +142,11 @@ class Collator:
                                                                                                         out[key], at)
         if "image_grid_thw" in out:
             torch.cat([it["image_grid_thw"] for it in items if it["source"] != SOURCE_NONE], out=out["image_grid_thw"])
+        if "tower_index" in parts:
+            index = parts["tower_index"]
+            for k, name in zip(TOWER_INDEX_KEYS, INDEX_TENSORS):
+                out[k].copy_(index[name])
+            out[TOWER_MAXIMA_KEY].copy_(torch.tensor([index[name] for name in INDEX_MAXIMA]))
         out["vggt_source"].copy_(torch.tensor([it["source"] for it in items]))
         out["vggt_grid"].copy_(torch.tensor([it["grid"] for it in items]).reshape(len(items), 2))
         out["vggt_images"].copy_(torch.tensor([it["images"] for it in items]))

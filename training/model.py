@@ -46,7 +46,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
                                              register_checkpoint_conversion_mapping)
 
-from training.batch import GEOMETRY_KEYS, SOURCE_FEATURES, SOURCE_FRAMES, ModelInputs
+from training.batch import (GEOMETRY_KEYS, SOURCE_FEATURES, SOURCE_FRAMES, TOWER_INDEX_KEYS, TOWER_MAXIMA_KEY,
+                            ModelInputs)
 from training.merger import GeometryMerger, merged_grid, merger_rows
 
 __all__ = ["Qwen2_5_VLWithGeometry", "GEOMETRY_CONFIG_KEY", "VISION_CACHED_CONFIG_KEY", "geometry_config",
@@ -205,6 +206,33 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
         merged = visual.merger(vision_features.to(visual.merger.mlp[0].weight.dtype))
         return list(merged.split([n // visual.spatial_merge_size ** 2 for n in sizes]))
 
+    def tower_image_features(self, pixel_values: Tensor, image_grid_thw: Tensor, index: Dict[str, Tensor]) -> Tensor:
+        """The vision tower (and `visual.merger`) on pixel_values -> [sum N_i / 4, LLM hidden], the
+        images' tokens in batch order: `get_image_features`' output, concatenated.
+
+        `index`: the tower's index from the batch (`training.batch.TOWER_INDEX_KEYS` and
+        `TOWER_MAXIMA_KEY`, made by the collator in the worker; the maxima on the host). Given,
+        the tower takes it instead of computing it from image_grid_thw, which on a GPU waits for
+        the GPU several times per forward; the same integers, so the same features. Empty: the
+        stock `get_image_features`."""
+        if not index:
+            return torch.cat(list(self.model.get_image_features(pixel_values, image_grid_thw,
+                                                                 return_dict=True).pooler_output))
+        if len(index) != len(TOWER_INDEX_KEYS) + 1:
+            raise ValueError(f"the batch has the vision tower index keys {sorted(index)} but not "
+                             f"{sorted(set(TOWER_INDEX_KEYS + (TOWER_MAXIMA_KEY,)) - set(index))}; "
+                             "training.batch.ModelInputs has all or none")
+        visual = self.model.visual
+        if index["vision_position_ids"].shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"vision_position_ids has {index['vision_position_ids'].shape[0]} rows but pixel_values "
+                             f"{pixel_values.shape[0]}: the tower index was made for other images")
+        max_seqlen, max_window_seqlen = index[TOWER_MAXIMA_KEY].tolist()  # a host tensor: no GPU sync
+        out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw,
+                     position_ids=index["vision_position_ids"], cu_seqlens=index["vision_cu_seqlens"],
+                     window_index=index["vision_window_index"], cu_window_seqlens=index["vision_cu_window_seqlens"],
+                     max_seqlen=max_seqlen, max_window_seqlen=max_window_seqlen)
+        return out.pooler_output
+
     # ---- forward --------------------------------------------------------------------------
 
     def forward(self, **inputs: Unpack[ModelInputs]):
@@ -224,6 +252,7 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
                              f"{sorted(set(GEOMETRY_KEYS) - set(geometry))}; training.batch.ModelInputs has all or none")
         for key in GEOMETRY_KEYS:
             inputs.pop(key, None)
+        tower_index = {key: inputs.pop(key) for key in (*TOWER_INDEX_KEYS, TOWER_MAXIMA_KEY) if key in inputs}
         if pixel_values is not None and (self.vision_cached or vision_features is not None):
             raise ValueError("pixel_values given, but " + (
                 "this model holds no vision blocks (built for cached vision features): pass vision_features"
@@ -234,10 +263,9 @@ class Qwen2_5_VLWithGeometry(Qwen2_5_VLForConditionalGeneration):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, **inputs)
         embeds = self.get_input_embeddings()(input_ids)
         if vision_features is not None:
-            image_feats = self.cached_image_features(vision_features, image_grid_thw)
+            fused = torch.cat(self.cached_image_features(vision_features, image_grid_thw))
         else:
-            image_feats = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-        fused = torch.cat(list(image_feats))
+            fused = self.tower_image_features(pixel_values, image_grid_thw, tower_index)
         if geometry:
             fused = fused + self.geometry_offsets(dict(geometry, image_grid_thw=image_grid_thw)).to(fused.dtype)
         fused = fused.to(embeds.device, embeds.dtype)

@@ -24,6 +24,7 @@ from typing import List, Optional
 import torch
 
 from featstore.encoders import stored_channels
+from featstore.encoders.qwen_vision.tower_index import TowerWindows
 from featstore.errors import FeatstoreError
 from training.args import ArgumentError, parse_args, resolve_vggt
 from training.data import Collator, ConversationDataset, DataError
@@ -361,13 +362,16 @@ def run(argv: Optional[List[str]] = None, *, vision_store=None):
     logger.info("VGGT mode %s (encoder %s, fingerprint %s), fusion %s, scale %g; %d samples; trainable "
                 "parameters %s", settings.mode, settings.encoder, spec.fingerprint()[:16], settings.fusion,
                 settings.scale, len(dataset), counts)
+    # A tower that runs on pixels gets its index from the workers (training.collate.Collator).
+    tower_windows = None if settings.vision_cached else TowerWindows.of(model.config.vision_config)
     if train_args.label_names is None:
         train_args.label_names = ["labels"]
     # SIGINT/SIGTERM while training: a checkpoint at the next step boundary, then stop (training.preempt).
     preemption = Preemption()
     # processing_class: checkpoints then hold the tokenizer, so --model_name_or_path can resume from them.
     trainer = FeatstoreTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
-                               data_collator=Collator(tokenizer.pad_token_id), callbacks=[preemption])
+                               data_collator=Collator(tokenizer.pad_token_id, tower_windows=tower_windows),
+                               callbacks=[preemption])
     trainer.preemption = preemption
     with preemption.handling_signals():  # also over the final save: a signal then must not cut it short
         # --resume_from_checkpoint DIR continues from a checkpoint-N folder (model, optimizer, RNG, data position)

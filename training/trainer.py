@@ -58,6 +58,7 @@ import transformers
 
 from featstore.interrupt import signals_blocked
 from training.args import ArgumentError
+from training.batch import TOWER_MAXIMA_KEY
 from training.batch_slots import SlotBatch, SlotCollator
 
 __all__ = ["STAT_KEYS", "FeatstoreTrainer", "metrics_path"]
@@ -93,9 +94,11 @@ class FeatstoreTrainer(transformers.Trainer):
         if getattr(self.args, "dataloader_batch_slots", False) and self.args.dataloader_num_workers > 0 \
                 and self.data_collator is not None and not isinstance(self.data_collator, SlotCollator):
             # Workers hand batches over in shared-memory slots (training.batch_slots); the
-            # counters stay CPU tensors, so reading them below costs no GPU sync.
+            # counters and the vision tower's longest segments stay CPU tensors, so reading them
+            # (below, and in the model's forward) costs no GPU sync.
             prefetch = self.args.dataloader_prefetch_factor or 2
-            self.data_collator = SlotCollator(self.data_collator, slots_per_worker=prefetch + 3, host_keys=STAT_KEYS)
+            self.data_collator = SlotCollator(self.data_collator, slots_per_worker=prefetch + 3,
+                                              host_keys=STAT_KEYS + (TOWER_MAXIMA_KEY,))
         # Per-rank running totals since start (summed over ranks only when logged).
         self._cache_totals = [0, 0, 0]
         self._saw_cache_stats = False

@@ -21,7 +21,7 @@ __all__ = ["CODE_VERSION", "IMAGE_MEAN", "IMAGE_STD", "TOKEN_ORDER", "TINY_VISIO
            "TINY_SEED", "TINY_TARGET_SIZE", "DEFAULT_TARGET_SIZE", "VISION_ATTENTION_CHOICES",
            "DEFAULT_VISION_ATTENTION", "spec_config"]
 
-# Version of how featstore runs the tower (qwen_vision.py: patchify, the merger-less forward, the
+# Version of how featstore runs the tower (encoder.py: patchify, the merger-less forward, the
 # un-permutation); enters the spec. Bump it when a change alters outputs beyond rounding.
 CODE_VERSION = "qwen-vision-1"
 

@@ -189,32 +189,19 @@ class QwenVisionEncoder:
         return x.reshape(n * gh * gw, 3 * t * p * p)
 
     def _tower_inputs(self, grids: Tuple[Tuple[int, int, int], ...]) -> dict:
-        """The forward's index tensors for images of these grids, as keyword arguments it takes
-        precomputed (transformers' `vision_utils`: position ids, cu_seqlens, the window index and
-        the longest segments).
-
-        Left to the forward, they are computed from grid_thw on the device on every call, with
-        several host syncs (`.tolist()`, a host-made index copied over, `.item()`), each of which
-        idles the GPU until the host has launched the next kernels. Here they are computed once
-        per distinct list of grids by the same functions, on the host, and kept on the device:
-        the same integers, so the features do not change, and a call never makes the host wait
-        for the GPU. The dict is passed as `**` (grid_thw included): the forward pops from its
-        own copy, so the cached dict stays whole."""
+        """The forward's index tensors for images of these grids (`tower_index`: position ids,
+        cu_seqlens, the window index and the longest segments), made on the host once per
+        distinct list of grids and kept on the device: the forward then computes none of them,
+        so a call never makes the host wait for the GPU, and the integers are the forward's own.
+        The dict is passed as `**` (grid_thw included): the forward pops from its own copy, so
+        the cached dict stays whole."""
         inputs = self._layouts.get(grids)
         if inputs is None:
-            from transformers import vision_utils
+            from featstore.encoders.qwen_vision.tower_index import TowerWindows, tower_index
 
-            cfg = self.model.config
-            grid = torch.tensor(grids, dtype=torch.int64)
-            cu = vision_utils.get_vision_cu_seqlens(grid)
-            window_index, cu_window = vision_utils.get_vision_window_index(
-                grid, spatial_merge_size=cfg.spatial_merge_size, window_size=cfg.window_size, patch_size=cfg.patch_size)
-            position_ids = vision_utils.get_vision_position_ids(grid, cfg.spatial_merge_size)
-            inputs = {"grid_thw": grid, "position_ids": position_ids, "cu_seqlens": cu, "window_index": window_index,
-                      "cu_window_seqlens": cu_window}
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            inputs["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
-            inputs["max_window_seqlen"] = int((cu_window[1:] - cu_window[:-1]).max())
+            inputs = tower_index(grids, TowerWindows.of(self.model.config))
+            inputs = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+            inputs["grid_thw"] = torch.tensor(grids, dtype=torch.int64, device=self.device)
             if len(self._layouts) >= 8:  # a build has one or a few; verify --recompute of mixed sizes more
                 self._layouts.pop(next(iter(self._layouts)))
             self._layouts[grids] = inputs
