@@ -101,6 +101,7 @@ def test_train_bench_smoke_runs_every_mode(work, tmp_path):
     with open(os.path.join(out, "train_bench.json")) as f:
         r = json.load(f)
     assert r["complete"] and r["smoke"] and r["notes"] == []
+    assert r["model"]["tower_index_from_workers"] is True  # the collator makes the tower index, as training's does
     assert list(r["modes"]) == ["floor", "cached", "cached_blocking", "online_full", "online_causal_stream",
                                 "vision_floor", "vision_cached"]
     for name, m in r["modes"].items():
