@@ -27,11 +27,12 @@ WRITER = textwrap.dedent("""
     with StoreWriter(path, batch_entries={batch}) as w:
         for i in range(total):
             if i == pause_at:
-                print("paused", w.manifest["entries"], flush=True)
+                print(f"paused {{w.manifest['entries']}}", flush=True)
                 time.sleep(60)
             w.put(f"k{{i:04d}}", {{"features": torch.full((1, 64, 64), float(i))}})  # f32: exact indices
             if (i + 1) % {batch} == 0:
-                print("committed", i + 1, flush=True)
+                print(f"committed {{i + 1}}", flush=True)  # one write: under PYTHONUNBUFFERED print's
+                                                           # pieces are separate writes a kill can split
         w.finish()
 """).format(batch=BATCH)
 
@@ -89,7 +90,9 @@ def test_sigkill_at_random_instants(tmp_path):
         time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
         proc.wait(10)
-        printed = [int(l.split()[1]) for l in proc.stdout.read().splitlines() if l.startswith("committed")]
+        # Complete lines only: the kill may land while a line is being written.
+        printed = [int(l.split()[1]) for l in proc.stdout.read().splitlines(keepends=True)
+                   if l.startswith("committed") and l.endswith("\n")]
         store = FeatureStore(path, verify_checksums=True)
         n = len(store)
         store.close()
