@@ -283,15 +283,18 @@ def _put_entry(src: str, dst: str, key: str, change) -> None:
         w.finish()  # a complete build, as merge requires
 
 
-def test_merge_keeps_one_of_two_entries_that_are_one_computation_and_refuses_others(data_root, tmp_path):
+@pytest.mark.parametrize("storage", ["bfloat16", "float8_e4m3fn"])
+def test_merge_keeps_one_of_two_entries_that_are_one_computation_and_refuses_others(data_root, tmp_path, storage):
     """Two shards holding one key (a part built under another split, or after the data grew):
     entries of the same frames and source files whose features differ only in rounding (a GPU
     encoding the unit in a batch of another size) are kept once, the first shard's; other
-    sources, or features beyond rounding, are a conflict and nothing is written."""
+    sources, or features beyond rounding, are a conflict and nothing is written. An fp8 store's
+    entries are compared dequantised, as they are read."""
     ann = [os.path.join(data_root, ANNOTATIONS)]
     shards = [str(tmp_path / f"shard{i}.lmdb") for i in range(2)]
+    overrides = {"storage_dtype": storage}
     for i, path in enumerate(shards):
-        build(options(data_root, store=path, shard=(i, 2), annotations=ann))
+        build(options(data_root, store=path, shard=(i, 2), annotations=ann, spec_overrides=overrides))
     key = next(iter(store_contents(shards[0])))
     rounded = str(tmp_path / "rounded.lmdb")  # shard 1, also holding `key` computed in other batches
     shutil.copytree(shards[1], rounded)
@@ -303,7 +306,7 @@ def test_merge_keeps_one_of_two_entries_that_are_one_computation_and_refuses_oth
     assert report["equivalent"] == 1 and report["written"] == 5
     assert torch.equal(store_contents(merged)[key][0], first)  # the first shard's entry
     single = str(tmp_path / "single.lmdb")
-    build(options(data_root, store=single, annotations=ann))
+    build(options(data_root, store=single, annotations=ann, spec_overrides=overrides))
     assert_same_contents(store_contents(single), store_contents(merged))
 
     far = str(tmp_path / "far.lmdb")

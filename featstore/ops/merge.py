@@ -90,7 +90,6 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> dict[str, s
     # Conflicts are found before writing anything: key -> (checksum, shard index) over all shards.
     seen: dict[str, tuple[str, int]] = {}
     skip: dict[str, set[str]] = {s.path: set() for s in group}
-    spec = first.get("encoder") or {}
     total = sum(s.manifest.get("entries", 0) for s in group)
     with Progress(total, desc=f"featstore merge: check {name}", unit="entry", enabled=progress) as bar:
         for i, s in enumerate(group):
@@ -100,7 +99,7 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> dict[str, s
                 if prior is None:
                     seen[key] = (checksum, i)
                 elif prior[0] != checksum:
-                    why = _not_equivalent(group[prior[1]].get(key, copy=True), s.get(key, copy=True), key, spec)
+                    why = _not_equivalent(group[prior[1]].get(key, copy=True), s.get(key, copy=True), key, first)
                     if why is not None:
                         raise MergeConflictError(
                             f"key {key!r}{set_note(name, ' of feature set {!r}')} differs between shards "
@@ -117,13 +116,15 @@ def _check_set(name: str, group: list, *, progress: bool = False) -> dict[str, s
 _NOT_COMPARED = ("checksum", "sources")
 
 
-def _not_equivalent(a, b, key: str, spec: dict) -> str | None:
-    """None when the entries `a` and `b` (featstore Entries) of `key` are one computation within
-    rounding: the same metadata (frames, encoder, fingerprint, grid, ...; the source files by
-    size and sha256), the same tensors' shapes, and features within the recompute tolerance of
-    the set's storage and compute dtypes; else what differs, in a few words."""
-    from featstore.format.codecs import codec_for
+def _not_equivalent(a, b, key: str, manifest: dict) -> str | None:
+    """None when the entries `a` and `b` of `key` (featstore Entries as `FeatureStore.get` gives
+    them: an fp8 store's features dequantised) are one computation within rounding: the same
+    metadata (frames, encoder, fingerprint, grid, ...; the source files by size and sha256), the
+    same tensors' shapes, and features within the recompute tolerance of the set's storage and
+    compute dtypes (`compare_features`, as verify --recompute compares); else what differs, in a
+    few words."""
     from featstore.ops.compare import compare_features
+    from featstore.store.layout import storage_dtype_of
 
     fields = sorted((set(a.metadata) | set(b.metadata)) - set(_NOT_COMPARED))
     differ = [f for f in fields if a.metadata.get(f) != b.metadata.get(f)]
@@ -134,12 +135,8 @@ def _not_equivalent(a, b, key: str, spec: dict) -> str | None:
     shapes = {n: tuple(t.shape) for n, t in a.tensors.items()}
     if shapes != {n: tuple(t.shape) for n, t in b.tensors.items()}:
         return "their tensors differ in name or shape"
-    import torch
-
-    storage = spec.get("storage_dtype") or "bfloat16"
-    codec = codec_for(storage)
-    fa, fb = (codec.decode(e.tensors, torch.float32, key=key) for e in (a, b))
-    c = compare_features(fa, fb, storage, spec.get("compute_dtype"))
+    c = compare_features(a.features, b.features, storage_dtype_of(manifest) or "bfloat16",
+                         (manifest.get("encoder") or {}).get("compute_dtype"))
     if not c["ok"]:
         return f"features beyond rounding: max relative difference {c['rel_error']:.3g}, cosine {c['cosine']:.6f}"
     return None
